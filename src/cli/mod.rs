@@ -1,0 +1,154 @@
+//! The command line: clap definitions, and `run`, which either starts the
+//! daemon or sends one request to it and prints the answer.
+//!
+//! - [`static_nat`]: `dnat`, `snat`, `hairpin`.
+//! - [`ops`]: `daemon`, `ls`, `fwd`, `clear`, `ping`.
+//! - [`output`]: tables and JSON.
+
+mod ops;
+mod output;
+mod static_nat;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use color_eyre::eyre::Result;
+
+use crate::client;
+use crate::proto::Request;
+
+pub use ops::DaemonArgs;
+
+/// Exit code when the daemon answered with an error.
+pub const EXIT_REQUEST_FAILED: u8 = 1;
+/// Exit code for a command line clap rejects (clap's own).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code when the daemon could not be reached or understood.
+pub const EXIT_UNREACHABLE: u8 = 3;
+
+/// lab-ops: tools for running a homelab or small server.
+#[derive(Debug, Parser)]
+#[command(name = "lab-ops", version, propagate_version = true)]
+pub struct Opts {
+    /// More log output: -v, -vv, -vvv.
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: TopCommand,
+}
+
+/// The tool groups of lab-ops.
+#[derive(Debug, Subcommand)]
+pub enum TopCommand {
+    /// NAT rules owned by one daemon: port forwards, SNAT, hairpin, Docker ports.
+    Natmap(NatmapOpts),
+}
+
+/// Options shared by every natmap command.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  lab-ops natmap dnat --ext-ip 203.0.113.10 --int-ip 10.0.0.25 --ports 25,465,587
+  lab-ops natmap snat --int-ip 10.0.0.0/24 --ext-if eth0 --ext-ip 203.0.113.10
+  lab-ops natmap hairpin --ext-ip 203.0.113.10 --int-ip 10.0.0.80 --ports 80,443
+  lab-ops natmap ls
+  lab-ops natmap --json ls")]
+pub struct NatmapOpts {
+    /// The daemon's control socket.
+    #[arg(
+        long,
+        global = true,
+        env = "NATMAP_SOCKET",
+        default_value = "/run/natmap.sock"
+    )]
+    pub socket: PathBuf,
+
+    /// Print machine-readable JSON (results and errors) instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// Colour in tables.
+    #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto)]
+    pub color: ColorChoice,
+
+    #[command(subcommand)]
+    pub command: NatmapCommand,
+}
+
+/// When to use colour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ColorChoice {
+    /// When stdout is a terminal and NO_COLOR is not set.
+    Auto,
+    /// Always.
+    Always,
+    /// Never.
+    Never,
+}
+
+/// natmap's commands.
+#[derive(Debug, Subcommand)]
+pub enum NatmapCommand {
+    /// Run the daemon (as root): owns the rules, listens on the socket.
+    Daemon(DaemonArgs),
+    /// Forward ports of an external address to an internal host (DNAT).
+    Dnat(static_nat::DnatArgs),
+    /// Rewrite the source of traffic leaving an interface (SNAT).
+    Snat(static_nat::SnatArgs),
+    /// Forward ports so internal hosts can use the external address too.
+    Hairpin(static_nat::HairpinArgs),
+    /// List rules, optionally those matching FILTER.
+    Ls(ops::LsArgs),
+    /// Enable IP forwarding (IPv4, and IPv6 unless --no-ipv6).
+    Fwd(ops::FwdArgs),
+    /// Remove every natmap rule and reservation and reset the state.
+    Clear,
+    /// Check that the daemon answers.
+    Ping,
+}
+
+/// Runs the parsed command line.
+pub fn run(opts: Opts) -> Result<ExitCode> {
+    let TopCommand::Natmap(natmap) = opts.command;
+    if let NatmapCommand::Daemon(args) = natmap.command {
+        init_logging(opts.verbose, true);
+        return ops::run_daemon(args);
+    }
+    init_logging(opts.verbose, false);
+    let request = match natmap.command {
+        NatmapCommand::Daemon(_) => unreachable!("handled above"),
+        NatmapCommand::Dnat(a) => Request::Dnat(a.into_request()),
+        NatmapCommand::Snat(a) => Request::Snat(a.into_request()),
+        NatmapCommand::Hairpin(a) => Request::Hairpin(a.into_request()),
+        NatmapCommand::Ls(a) => Request::Ls(a.into_request()),
+        NatmapCommand::Fwd(a) => Request::Fwd(a.into_request()),
+        NatmapCommand::Clear => Request::Clear(Default::default()),
+        NatmapCommand::Ping => Request::Ping(Default::default()),
+    };
+    let printer = output::Printer::new(natmap.json, natmap.color);
+    let response = client::call(&natmap.socket, request.clone());
+    Ok(ExitCode::from(printer.print(&request, &response)))
+}
+
+fn init_logging(verbose: u8, daemon: bool) {
+    use tracing_subscriber::EnvFilter;
+    let base = if daemon { 2 } else { 1 };
+    let level = match base + verbose {
+        0 | 1 => "warn",
+        2 => "info",
+        3 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    // Under systemd the journal stamps every line itself.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,114 @@
+//! `daemon`, `ls`, `fwd`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use color_eyre::eyre::{eyre, Result};
+
+use crate::daemon::{self, DaemonConfig};
+use crate::proto::{FwdRequest, LsRequest};
+
+/// `daemon`: run natmap's daemon in the foreground.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  sudo lab-ops natmap daemon
+  sudo lab-ops -vv natmap daemon --state /tmp/natmap/state.json --socket /tmp/natmap.sock")]
+pub struct DaemonArgs {
+    /// State file: the rules natmap restores at start.
+    #[arg(
+        long = "state",
+        value_name = "FILE",
+        default_value = "/var/lib/natmap/state.json"
+    )]
+    pub state_path: PathBuf,
+    /// Control socket to listen on (the client's --socket).
+    #[arg(
+        long = "socket",
+        value_name = "PATH",
+        default_value = "/run/natmap.sock"
+    )]
+    pub socket_path: PathBuf,
+    /// Group allowed to use the socket (mode 0660).
+    #[arg(long, value_name = "GROUP", default_value = "natmap")]
+    pub socket_group: String,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run_daemon(args: DaemonArgs) -> Result<ExitCode> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(eyre!(
+            "the natmap daemon must run as root (it changes iptables rules): sudo lab-ops natmap daemon"
+        ));
+    }
+    let config = DaemonConfig {
+        state_path: args.state_path,
+        socket_path: args.socket_path,
+        socket_group: args.socket_group,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime
+        .block_on(daemon::run(config, shutdown_signal()))
+        .map_err(|e| eyre!(e))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+/// `ls`: list rules.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  lab-ops natmap ls
+  lab-ops natmap ls dnat
+  lab-ops natmap ls 10.0.0.25
+  lab-ops natmap --json ls")]
+pub struct LsArgs {
+    /// Only rules whose id, kind, address or interface matches.
+    pub filter: Option<String>,
+}
+
+impl LsArgs {
+    /// The request these arguments make.
+    pub fn into_request(self) -> LsRequest {
+        LsRequest {
+            filter: self.filter,
+        }
+    }
+}
+
+/// `fwd`: enable IP forwarding.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "IPv6 forwarding makes the kernel ignore router advertisements on interfaces
+with accept_ra=1; use --no-ipv6 on hosts that get their IPv6 address by SLAAC."
+)]
+pub struct FwdArgs {
+    /// Leave IPv6 forwarding alone.
+    #[arg(long)]
+    pub no_ipv6: bool,
+}
+
+impl FwdArgs {
+    /// The request these arguments make.
+    pub fn into_request(self) -> FwdRequest {
+        FwdRequest {
+            ipv6: !self.no_ipv6,
+        }
+    }
+}

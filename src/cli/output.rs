@@ -1,0 +1,205 @@
+//! Printing responses: comfy-table tables for people, the response line
+//! itself for `--json`.
+
+use std::io::IsTerminal;
+use std::net::IpAddr;
+
+use comfy_table::{presets, Attribute, Cell, Color, ContentArrangement, Table};
+use serde::de::DeserializeOwned;
+
+use crate::model::{PortList, RuleSpec};
+use crate::proto::{
+    ChangeKind, ChangeResult, ClearReport, ErrorCode, ForwardingReport, Pong, Request, Response,
+    RuleList, RuleStatus, RuleView,
+};
+
+use super::{ColorChoice, EXIT_REQUEST_FAILED, EXIT_UNREACHABLE};
+
+/// Prints responses in the chosen format.
+pub struct Printer {
+    json: bool,
+    color: bool,
+}
+
+impl Printer {
+    /// A printer for `--json` or tables, with colour resolved from the choice.
+    pub fn new(json: bool, color: ColorChoice) -> Printer {
+        let color = match color {
+            ColorChoice::Always => true,
+            ColorChoice::Never => false,
+            ColorChoice::Auto => {
+                std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+            }
+        };
+        Printer { json, color }
+    }
+
+    /// Prints the response to `request` and returns the exit code.
+    pub fn print(&self, request: &Request, response: &Response) -> u8 {
+        let code = match &response.error {
+            None => 0,
+            Some(e)
+                if matches!(
+                    e.code,
+                    ErrorCode::DaemonUnreachable | ErrorCode::BadResponse
+                ) =>
+            {
+                EXIT_UNREACHABLE
+            }
+            Some(_) => EXIT_REQUEST_FAILED,
+        };
+        if self.json {
+            println!(
+                "{}",
+                serde_json::to_string(response).expect("response serializes")
+            );
+            return code;
+        }
+        if let Some(e) = &response.error {
+            eprintln!("error: {} [{}]", e.message, e.code);
+            return code;
+        }
+        let data = response.data.clone().unwrap_or_default();
+        match request {
+            Request::Dnat(_) | Request::Snat(_) | Request::Hairpin(_) => {
+                self.with(data, |c: ChangeResult| self.change(&c))
+            }
+            Request::Ls(_) => self.with(data, |l: RuleList| self.list(&l.rules)),
+            Request::Fwd(_) => self.with(data, |f: ForwardingReport| self.forwarding(&f)),
+            Request::Clear(_) => self.with(data, |c: ClearReport| {
+                println!(
+                    "removed {} rule(s); natmap's chains are gone until the next change",
+                    c.removed
+                )
+            }),
+            Request::Ping(_) => self.with(data, |p: Pong| {
+                println!("natmap daemon {} is running", p.daemon_version)
+            }),
+        }
+    }
+
+    fn with<T: DeserializeOwned>(&self, data: serde_json::Value, show: impl FnOnce(T)) -> u8 {
+        match serde_json::from_value::<T>(data) {
+            Ok(v) => {
+                show(v);
+                0
+            }
+            Err(e) => {
+                eprintln!("error: unexpected answer from the daemon: {e}");
+                EXIT_UNREACHABLE
+            }
+        }
+    }
+
+    fn change(&self, c: &ChangeResult) {
+        let (id, kind) = (c.rule.rule.id, c.rule.rule.spec.kind());
+        match c.result {
+            ChangeKind::Added => println!("added {kind} rule #{id}"),
+            ChangeKind::AlreadyPresent => {
+                println!("{kind} rule #{id} is already present; nothing changed")
+            }
+            ChangeKind::Deleted => println!("deleted {kind} rule #{id}"),
+        }
+        self.list(std::slice::from_ref(&c.rule));
+    }
+
+    fn table(&self, headers: &[&str]) -> Table {
+        let mut table = Table::new();
+        table
+            .load_preset(presets::UTF8_BORDERS_ONLY)
+            .set_content_arrangement(ContentArrangement::Dynamic);
+        if self.color {
+            table.enforce_styling();
+        } else {
+            table.force_no_tty();
+        }
+        table.set_header(headers.iter().map(|h| {
+            let cell = Cell::new(h);
+            if self.color {
+                cell.fg(Color::Cyan).add_attribute(Attribute::Bold)
+            } else {
+                cell
+            }
+        }));
+        table
+    }
+
+    fn list(&self, rules: &[RuleView]) {
+        if rules.is_empty() {
+            println!("no rules");
+            return;
+        }
+        let mut table = self.table(&["ID", "KIND", "MATCH", "TARGET", "PROTO", "STATUS"]);
+        for view in rules {
+            let (matches, target, proto) = describe(&view.rule.spec);
+            let status = match view.status {
+                RuleStatus::Active => "active",
+                RuleStatus::PortConflict => "port conflict",
+                RuleStatus::Unavailable => "unavailable",
+            };
+            let mut status_cell = Cell::new(match &view.detail {
+                Some(d) => format!("{status}: {d}"),
+                None => status.to_owned(),
+            });
+            if self.color {
+                status_cell = status_cell.fg(if view.status == RuleStatus::Active {
+                    Color::Green
+                } else {
+                    Color::Red
+                });
+            }
+            table.add_row(vec![
+                Cell::new(view.rule.id),
+                Cell::new(view.rule.spec.kind()),
+                Cell::new(matches),
+                Cell::new(target),
+                Cell::new(proto),
+                status_cell,
+            ]);
+        }
+        println!("{table}");
+    }
+
+    fn forwarding(&self, f: &ForwardingReport) {
+        let mut table = self.table(&["SYSCTL", "BEFORE", "AFTER"]);
+        for s in &f.sysctls {
+            table.add_row(vec![s.name.as_str(), s.before.as_str(), s.after.as_str()]);
+        }
+        println!("{table}");
+    }
+}
+
+fn host_ports(ip: IpAddr, ports: &PortList) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("{v4}:{ports}"),
+        IpAddr::V6(v6) => format!("[{v6}]:{ports}"),
+    }
+}
+
+/// MATCH, TARGET and PROTO columns of a rule.
+fn describe(spec: &RuleSpec) -> (String, String, String) {
+    match spec {
+        RuleSpec::Dnat(r) => (
+            match &r.ext_if {
+                Some(i) => format!("{} in {i}", host_ports(r.ext_ip.ip(), &r.ports)),
+                None => host_ports(r.ext_ip.ip(), &r.ports),
+            },
+            host_ports(r.int_ip.ip(), &r.ports),
+            r.proto.to_string(),
+        ),
+        RuleSpec::Hairpin(r) => (
+            host_ports(r.ext_ip.ip(), &r.ports),
+            format!(
+                "{} (masquerade {})",
+                host_ports(r.int_ip.ip(), &r.ports),
+                r.int_net
+            ),
+            r.proto.to_string(),
+        ),
+        RuleSpec::Snat(r) => (
+            format!("from {} out {}", r.source, r.ext_if),
+            format!("source {}", r.ext_ip),
+            "all".to_owned(),
+        ),
+    }
+}

@@ -1,0 +1,154 @@
+//! `dnat`, `snat`, `hairpin`: static rules.
+
+use clap::Args;
+
+use crate::model::{HostIp, IfName, Network, PortList, Proto};
+use crate::proto::{DnatRequest, HairpinRequest, SnatRequest};
+
+fn ext_ip(s: &str) -> Result<HostIp, String> {
+    HostIp::parse_field("--ext-ip", s).map_err(|e| e.to_string())
+}
+
+fn int_ip(s: &str) -> Result<HostIp, String> {
+    HostIp::parse_field("--int-ip", s).map_err(|e| e.to_string())
+}
+
+fn int_net(s: &str) -> Result<Network, String> {
+    Network::parse_field("--int-ip", s).map_err(|e| e.to_string())
+}
+
+fn ports(s: &str) -> Result<PortList, String> {
+    s.parse::<PortList>()
+        .map_err(|e| e.with_field("--ports").to_string())
+}
+
+fn iface(s: &str) -> Result<IfName, String> {
+    s.parse::<IfName>().map_err(|e| e.to_string())
+}
+
+fn proto(s: &str) -> Result<Proto, String> {
+    s.parse::<Proto>()
+        .map_err(|e| e.with_field("--proto").to_string())
+}
+
+/// `dnat`: forward ports of an external address to an internal host.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  # mail server behind the router
+  lab-ops natmap dnat --ext-ip 203.0.113.10 --int-ip 10.0.0.25 --ports 25,465,587
+  # DNS over UDP, only from the WAN interface
+  lab-ops natmap dnat --ext-ip 203.0.113.10 --int-ip 10.0.0.53 --ports 53 --proto udp --ext-if eth0
+  # remove it again
+  lab-ops natmap dnat --ext-ip 203.0.113.10 --int-ip 10.0.0.25 --ports 25,465,587 --delete")]
+pub struct DnatArgs {
+    /// External address the traffic arrives for.
+    #[arg(long, value_name = "IP", value_parser = ext_ip)]
+    pub ext_ip: HostIp,
+    /// Internal host to forward to (ports stay the same).
+    #[arg(long, value_name = "IP", value_parser = int_ip)]
+    pub int_ip: HostIp,
+    /// Ports: 25,465 or ranges 8000-8010.
+    #[arg(long, value_name = "LIST", value_parser = ports)]
+    pub ports: PortList,
+    /// Protocol.
+    #[arg(long, value_name = "tcp|udp", default_value = "tcp", value_parser = proto)]
+    pub proto: Proto,
+    /// Only traffic arriving on this interface.
+    #[arg(long, value_name = "IF", value_parser = iface)]
+    pub ext_if: Option<IfName>,
+    /// Delete the rule instead of adding it.
+    #[arg(long)]
+    pub delete: bool,
+}
+
+impl DnatArgs {
+    /// The request these arguments make.
+    pub fn into_request(self) -> DnatRequest {
+        DnatRequest {
+            ext_ip: self.ext_ip,
+            int_ip: self.int_ip,
+            ports: self.ports,
+            proto: self.proto,
+            ext_if: self.ext_if,
+            delete: self.delete,
+        }
+    }
+}
+
+/// `snat`: rewrite the source of traffic leaving an interface.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:
+  lab-ops natmap snat --int-ip 10.0.0.0/24 --ext-if eth0 --ext-ip 203.0.113.10
+  lab-ops natmap snat --int-ip 10.0.0.5 --ext-if wg0 --ext-ip 100.64.0.1 --delete")]
+pub struct SnatArgs {
+    /// Source address or network (CIDR) to rewrite.
+    #[arg(long, value_name = "IP|CIDR", value_parser = int_net)]
+    pub int_ip: Network,
+    /// Interface the traffic leaves by.
+    #[arg(long, value_name = "IF", value_parser = iface)]
+    pub ext_if: IfName,
+    /// New source address.
+    #[arg(long, value_name = "IP", value_parser = ext_ip)]
+    pub ext_ip: HostIp,
+    /// Delete the rule instead of adding it.
+    #[arg(long)]
+    pub delete: bool,
+}
+
+impl SnatArgs {
+    /// The request these arguments make.
+    pub fn into_request(self) -> SnatRequest {
+        SnatRequest {
+            int_ip: self.int_ip,
+            ext_if: self.ext_if,
+            ext_ip: self.ext_ip,
+            delete: self.delete,
+        }
+    }
+}
+
+/// `hairpin`: a forward that internal hosts can use through the external address.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Internal clients (on --int-net, by default the network the host reaches
+--int-ip through) are masqueraded so replies return through the host;
+clients from outside keep their own address.
+
+Examples:
+  lab-ops natmap hairpin --ext-ip 203.0.113.10 --int-ip 10.0.0.80 --ports 80,443
+  lab-ops natmap hairpin --ext-ip 203.0.113.10 --int-ip 10.0.0.80 --ports 80 --int-net 10.0.0.0/24"
+)]
+pub struct HairpinArgs {
+    /// External address clients use.
+    #[arg(long, value_name = "IP", value_parser = ext_ip)]
+    pub ext_ip: HostIp,
+    /// Internal host serving it (ports stay the same).
+    #[arg(long, value_name = "IP", value_parser = int_ip)]
+    pub int_ip: HostIp,
+    /// Ports: 80,443 or ranges.
+    #[arg(long, value_name = "LIST", value_parser = ports)]
+    pub ports: PortList,
+    /// Protocol.
+    #[arg(long, value_name = "tcp|udp", default_value = "tcp", value_parser = proto)]
+    pub proto: Proto,
+    /// Internal network whose clients are masqueraded.
+    #[arg(long, value_name = "CIDR", value_parser = |s: &str| Network::parse_field("--int-net", s).map_err(|e| e.to_string()))]
+    pub int_net: Option<Network>,
+    /// Delete the rule instead of adding it.
+    #[arg(long)]
+    pub delete: bool,
+}
+
+impl HairpinArgs {
+    /// The request these arguments make.
+    pub fn into_request(self) -> HairpinRequest {
+        HairpinRequest {
+            ext_ip: self.ext_ip,
+            int_ip: self.int_ip,
+            ports: self.ports,
+            proto: self.proto,
+            int_net: self.int_net,
+            delete: self.delete,
+        }
+    }
+}

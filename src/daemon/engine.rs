@@ -1,0 +1,651 @@
+//! The single owner of natmap's state, rules and reservations.
+//!
+//! Requests are applied one at a time, each through the same pipeline:
+//! validate → reserve ports → new state → desired ruleset → one
+//! `iptables-restore` per changed family → persist → listen → answer.
+//! A failure at any step undoes the steps before it, so nothing is ever
+//! half-applied.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::model::{DnatRule, Family, HairpinRule, PortClaim, Rule, RuleId, RuleSpec, SnatRule};
+use crate::netfilter::Netfilter;
+use crate::proto::{
+    ChangeKind, ChangeResult, ClearReport, ErrorCode, ForwardingReport, LsRequest, Pong, Request,
+    Response, RuleList, RuleStatus, RuleView,
+};
+use crate::rules::saved::SavedTables;
+use crate::rules::{render, restore, Ruleset};
+use crate::state::{self, Loaded, State};
+
+use super::host;
+use super::relay::Relays;
+use super::reserve::{self, Reservation};
+
+/// Who sent a request (from `SO_PEERCRED`), for the change log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// User id.
+    pub uid: u32,
+    /// Process id, when known.
+    pub pid: Option<i32>,
+}
+
+/// A failed request: its stable code and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// Stable code.
+    pub code: ErrorCode,
+    /// What went wrong and what to do.
+    pub message: String,
+}
+
+impl Failure {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+type Outcome<T> = Result<T, Failure>;
+
+/// Why a stored rule is not installed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Inactive {
+    status: RuleStatus,
+    reason: String,
+}
+
+/// The state owner. Not `Sync`: one thread drives it.
+pub struct Engine {
+    state: State,
+    state_path: PathBuf,
+    nf: Arc<dyn Netfilter>,
+    /// Reserved sockets of active rules.
+    held: BTreeMap<RuleId, Vec<Reservation>>,
+    /// Rules kept in state but not installed, and why.
+    inactive: BTreeMap<RuleId, Inactive>,
+    /// What the kernel holds in natmap's chains, as far as natmap knows.
+    applied: Ruleset,
+    /// Per family: hooks verified in place since the last full apply.
+    hooks_ok: [bool; 2],
+    /// Whether IPv6 NAT works here.
+    v6_nat: bool,
+    relays: Relays,
+}
+
+fn family_index(f: Family) -> usize {
+    match f {
+        Family::V4 => 0,
+        Family::V6 => 1,
+    }
+}
+
+impl Engine {
+    /// Loads the state and rebuilds exactly its rules: reserves ports (rules
+    /// whose ports are taken are kept but skipped, with a warning), rewrites
+    /// natmap's chains and hooks in one transaction per family, then listens.
+    /// Fails when IPv4 rules cannot be applied at all or the state cannot be read.
+    pub fn open(
+        state_path: PathBuf,
+        nf: Arc<dyn Netfilter>,
+        relays: Relays,
+    ) -> Result<Engine, String> {
+        let state = match state::load(&state_path).map_err(|e| e.to_string())? {
+            Loaded::Fresh(s) => {
+                tracing::info!(path = %state_path.display(), "no state file yet, starting empty");
+                s
+            }
+            Loaded::Existing(s) => {
+                tracing::info!(path = %state_path.display(), rules = s.rules.len(), "state loaded");
+                s
+            }
+            Loaded::Corrupt {
+                state,
+                moved_to,
+                error,
+            } => {
+                tracing::error!(
+                    path = %state_path.display(),
+                    moved_to = %moved_to.display(),
+                    %error,
+                    "STATE FILE IS CORRUPT: it was moved aside and natmap starts with NO rules; \
+                     inspect the moved file and re-add the rules"
+                );
+                state
+            }
+        };
+        let mut engine = Engine {
+            state,
+            state_path,
+            nf,
+            held: BTreeMap::new(),
+            inactive: BTreeMap::new(),
+            applied: Ruleset::default(),
+            hooks_ok: [false; 2],
+            v6_nat: true,
+            relays,
+        };
+        if engine.state.forwarding {
+            match host::enable_forwarding(true) {
+                Ok(changes) => {
+                    for c in changes.iter().filter(|c| c.before != c.after) {
+                        tracing::info!(sysctl = %c.name, "forwarding re-enabled from state");
+                    }
+                }
+                Err(e) => tracing::warn!("cannot re-enable forwarding: {e}"),
+            }
+        }
+        engine.recover()?;
+        Ok(engine)
+    }
+
+    fn recover(&mut self) -> Result<(), String> {
+        // IPv6 first: if its NAT table is missing, v6 rules become inactive and
+        // IPv4 carries on.
+        let empty_v6 = Ruleset::default();
+        if let Err(e) = self.full_apply(Family::V6, &empty_v6) {
+            tracing::warn!("IPv6 NAT is unavailable, IPv6 rules stay inactive: {e}");
+            self.v6_nat = false;
+        }
+        let rules = self.state.rules.clone();
+        for rule in &rules {
+            if rule.spec.family() == Family::V6 && !self.v6_nat {
+                self.inactive.insert(
+                    rule.id,
+                    Inactive {
+                        status: RuleStatus::Unavailable,
+                        reason: "IPv6 NAT is not available in this kernel (ip6table_nat)".into(),
+                    },
+                );
+                continue;
+            }
+            match reserve::bind_all(&rule.spec.port_claims()) {
+                Ok(held) => {
+                    self.held.insert(rule.id, held);
+                }
+                Err(busy) => {
+                    tracing::warn!(rule = rule.id, "rule skipped: {busy}");
+                    self.inactive.insert(
+                        rule.id,
+                        Inactive {
+                            status: RuleStatus::PortConflict,
+                            reason: busy.message,
+                        },
+                    );
+                }
+            }
+        }
+        let desired = self.desired(&self.state);
+        for family in self.families() {
+            self.full_apply(family, &desired)
+                .map_err(|e| format!("cannot install natmap's {family} rules: {e}"))?;
+        }
+        for id in rules.iter().map(|r| r.id) {
+            self.start_listening(id).map_err(|f| f.message)?;
+        }
+        tracing::info!(
+            active = self.held.len(),
+            inactive = self.inactive.len(),
+            "rules restored from state"
+        );
+        Ok(())
+    }
+
+    fn families(&self) -> Vec<Family> {
+        if self.v6_nat {
+            Family::ALL.to_vec()
+        } else {
+            vec![Family::V4]
+        }
+    }
+
+    /// The ruleset of the active rules of `state`.
+    fn desired(&self, state: &State) -> Ruleset {
+        render::desired(
+            state
+                .rules
+                .iter()
+                .filter(|r| !self.inactive.contains_key(&r.id)),
+        )
+    }
+
+    /// Rewrites the family's chains and repairs its hooks, from a fresh
+    /// `iptables-save`.
+    fn full_apply(&mut self, family: Family, desired: &Ruleset) -> Result<(), String> {
+        let saved = self.nf.save(family).map_err(|e| e.to_string())?;
+        let text = restore::full(desired.family(family), &SavedTables::parse(&saved));
+        self.nf.restore(family, &text).map_err(|e| e.to_string())?;
+        *self.applied.family_mut(family) = desired.family(family).clone();
+        self.hooks_ok[family_index(family)] = true;
+        Ok(())
+    }
+
+    /// Brings the kernel to `desired` in one transaction per family that
+    /// differs. If the second family fails, the first is put back.
+    fn apply(&mut self, desired: &Ruleset) -> Result<(), String> {
+        let mut done: Vec<(Family, Ruleset)> = Vec::new();
+        for family in self.families() {
+            let ok = self.hooks_ok[family_index(family)];
+            if ok && self.applied.family(family) == desired.family(family) {
+                continue;
+            }
+            let before = self.applied.clone();
+            let result = if ok {
+                let text = restore::rewrite_chains(desired.family(family));
+                self.nf
+                    .restore(family, &text)
+                    .map(|()| *self.applied.family_mut(family) = desired.family(family).clone())
+                    .map_err(|e| e.to_string())
+            } else {
+                self.full_apply(family, desired)
+            };
+            if let Err(e) = result {
+                for (f, previous) in done.into_iter().rev() {
+                    if let Err(again) = self.full_apply(f, &previous) {
+                        tracing::error!("rollback of {f} rules failed: {again}");
+                        self.hooks_ok[family_index(f)] = false;
+                    }
+                }
+                return Err(e);
+            }
+            done.push((family, before));
+        }
+        Ok(())
+    }
+
+    /// Applies `next` and persists it; on a failed write puts the previous
+    /// rules back. On success `next` becomes the state.
+    fn commit(&mut self, next: State) -> Outcome<()> {
+        let desired = self.desired(&next);
+        self.apply(&desired).map_err(|e| {
+            Failure::new(
+                ErrorCode::ApplyFailed,
+                format!("iptables refused the change, nothing was changed: {e}"),
+            )
+        })?;
+        if let Err(e) = state::save(&self.state_path, &next) {
+            let previous = self.desired(&self.state);
+            if let Err(again) = self.apply(&previous) {
+                tracing::error!(
+                    "rolling back rules after a failed state write failed too: {again}"
+                );
+                self.hooks_ok = [false; 2];
+            }
+            return Err(Failure::new(
+                ErrorCode::StateWriteFailed,
+                format!("cannot save state, the change was rolled back: {e}"),
+            ));
+        }
+        self.state = next;
+        Ok(())
+    }
+
+    /// Handles one request and answers it.
+    pub fn handle(&mut self, request: Request, peer: Peer) -> Response {
+        if request.is_change() {
+            tracing::info!(
+                uid = peer.uid,
+                pid = peer.pid.unwrap_or(-1),
+                cmd = request.name(),
+                "change requested"
+            );
+        }
+        let result = match request {
+            Request::Ping(_) => Ok(Response::ok(Pong {
+                daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+            })),
+            Request::Ls(ls) => Ok(Response::ok(self.list(&ls))),
+            Request::Dnat(r) => self.add_or_delete(
+                RuleSpec::Dnat(DnatRule {
+                    ext_ip: r.ext_ip,
+                    int_ip: r.int_ip,
+                    ports: r.ports,
+                    proto: r.proto,
+                    ext_if: r.ext_if,
+                }),
+                r.delete,
+            ),
+            Request::Snat(r) => self.add_or_delete(
+                RuleSpec::Snat(SnatRule {
+                    source: r.int_ip,
+                    ext_if: r.ext_if,
+                    ext_ip: r.ext_ip,
+                }),
+                r.delete,
+            ),
+            Request::Hairpin(r) => {
+                let int_net = match r.int_net {
+                    Some(net) => Ok(net),
+                    // A delete matches without the derived network.
+                    None if r.delete => {
+                        crate::model::Network::new(r.int_ip.ip(), r.int_ip.family().host_prefix())
+                            .ok_or_else(|| Failure::new(ErrorCode::Internal, "bad host prefix"))
+                    }
+                    None => host::connected_network(r.int_ip.ip()).map_err(|e| {
+                        Failure::new(
+                            ErrorCode::InvalidArgument,
+                            format!(
+                                "cannot find the internal network of --int-ip {}: {e}; \
+                                 give it with --int-net CIDR",
+                                r.int_ip
+                            ),
+                        )
+                    }),
+                };
+                int_net.and_then(|int_net| {
+                    self.add_or_delete(
+                        RuleSpec::Hairpin(HairpinRule {
+                            ext_ip: r.ext_ip,
+                            int_ip: r.int_ip,
+                            ports: r.ports,
+                            proto: r.proto,
+                            int_net,
+                        }),
+                        r.delete,
+                    )
+                })
+            }
+            Request::Fwd(f) => self.forwarding(f.ipv6),
+            Request::Clear(_) => self.clear(),
+        };
+        result.unwrap_or_else(|f| {
+            tracing::info!(code = %f.code, "request failed: {}", f.message);
+            Response::err(f.code, f.message)
+        })
+    }
+
+    fn view(&self, rule: &Rule) -> RuleView {
+        let inactive = self.inactive.get(&rule.id);
+        RuleView {
+            rule: rule.clone(),
+            status: inactive.map_or(RuleStatus::Active, |i| i.status),
+            detail: inactive.map(|i| i.reason.clone()),
+        }
+    }
+
+    fn list(&self, ls: &LsRequest) -> RuleList {
+        let filter = ls.filter.as_deref().map(str::to_ascii_lowercase);
+        let rules = self
+            .state
+            .rules
+            .iter()
+            .filter(|r| filter.as_deref().is_none_or(|f| rule_matches(r, f)))
+            .map(|r| self.view(r))
+            .collect();
+        RuleList { rules }
+    }
+
+    fn add_or_delete(&mut self, spec: RuleSpec, delete: bool) -> Outcome<Response> {
+        if delete {
+            self.delete(&spec)
+        } else {
+            self.add(spec)
+        }
+    }
+
+    fn add(&mut self, spec: RuleSpec) -> Outcome<Response> {
+        spec.check_consistent()
+            .map_err(|m| Failure::new(ErrorCode::InvalidArgument, m))?;
+        if spec.family() == Family::V6 && !self.v6_nat {
+            return Err(Failure::new(
+                ErrorCode::Ipv6Unavailable,
+                "IPv6 NAT is not available in this kernel (load ip6table_nat); IPv4 rules keep working",
+            ));
+        }
+        if let Some(existing) = self.state.rules.iter().find(|r| r.spec.same_rule(&spec)) {
+            return Ok(Response::ok(ChangeResult {
+                result: ChangeKind::AlreadyPresent,
+                rule: self.view(existing),
+            }));
+        }
+        let claims = spec.port_claims();
+        self.check_own_claims(&claims)?;
+        let held = reserve::bind_all(&claims)
+            .map_err(|busy| Failure::new(ErrorCode::PortInUse, busy.message))?;
+        let mut next = self.state.clone();
+        let id = next.next_id;
+        next.next_id += 1;
+        let rule = Rule { id, spec };
+        next.rules.push(rule.clone());
+        // On failure `held` is dropped here and the ports are free again.
+        self.commit(next)?;
+        self.held.insert(id, held);
+        if let Err(f) = self.start_listening(id) {
+            self.remove_rule_after_failure(id);
+            return Err(f);
+        }
+        tracing::info!(rule = id, kind = rule.spec.kind(), "rule added");
+        Ok(Response::ok(ChangeResult {
+            result: ChangeKind::Added,
+            rule: self.view(&rule),
+        }))
+    }
+
+    /// A port natmap already holds for another rule gets a message naming that rule.
+    fn check_own_claims(&self, claims: &[PortClaim]) -> Outcome<()> {
+        for (id, held) in &self.held {
+            for r in held {
+                if let Some(c) = claims.iter().find(|c| reserve::claims_collide(c, &r.claim)) {
+                    return Err(Failure::new(
+                        ErrorCode::PortInUse,
+                        format!(
+                            "port {} is already forwarded by natmap rule #{id}; delete that rule first",
+                            reserve::describe(c)
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn start_listening(&mut self, id: RuleId) -> Outcome<()> {
+        let Some(held) = self.held.get_mut(&id) else {
+            return Ok(());
+        };
+        for r in held.iter_mut() {
+            r.listen().map_err(|e| {
+                Failure::new(
+                    ErrorCode::PortInUse,
+                    format!("cannot listen on port {}: {e}", reserve::describe(&r.claim)),
+                )
+            })?;
+        }
+        self.relays.start(id, held);
+        Ok(())
+    }
+
+    /// Undoes an add whose last step failed: rules and state go back.
+    fn remove_rule_after_failure(&mut self, id: RuleId) {
+        let mut next = self.state.clone();
+        next.rules.retain(|r| r.id != id);
+        if let Err(f) = self.commit(next) {
+            tracing::error!(rule = id, "could not undo a failed add: {}", f.message);
+        }
+        self.release(id);
+    }
+
+    fn release(&mut self, id: RuleId) {
+        self.relays.stop(id);
+        self.held.remove(&id);
+        self.inactive.remove(&id);
+    }
+
+    fn delete(&mut self, spec: &RuleSpec) -> Outcome<Response> {
+        let Some(rule) = self
+            .state
+            .rules
+            .iter()
+            .find(|r| r.spec.same_rule(spec))
+            .cloned()
+        else {
+            return Err(Failure::new(
+                ErrorCode::NotFound,
+                format!(
+                    "no such {} rule; `lab-ops natmap ls` lists the rules natmap has",
+                    spec.kind()
+                ),
+            ));
+        };
+        let view = self.view(&rule);
+        let mut next = self.state.clone();
+        next.rules.retain(|r| r.id != rule.id);
+        self.commit(next)?;
+        self.release(rule.id);
+        forget_flows(&rule.spec);
+        tracing::info!(rule = rule.id, kind = rule.spec.kind(), "rule deleted");
+        Ok(Response::ok(ChangeResult {
+            result: ChangeKind::Deleted,
+            rule: view,
+        }))
+    }
+
+    fn forwarding(&mut self, ipv6: bool) -> Outcome<Response> {
+        let sysctls =
+            host::enable_forwarding(ipv6).map_err(|e| Failure::new(ErrorCode::SysctlFailed, e))?;
+        if !self.state.forwarding {
+            let mut next = self.state.clone();
+            next.forwarding = true;
+            state::save(&self.state_path, &next).map_err(|e| {
+                Failure::new(
+                    ErrorCode::StateWriteFailed,
+                    format!("cannot save state: {e}"),
+                )
+            })?;
+            self.state = next;
+        }
+        Ok(Response::ok(ForwardingReport { sysctls }))
+    }
+
+    /// Removes natmap's chains and hooks from both families (never anyone else's).
+    fn teardown(&mut self) -> Result<(), String> {
+        for family in self.families() {
+            let saved = self.nf.save(family).map_err(|e| e.to_string())?;
+            let text = restore::teardown(&SavedTables::parse(&saved));
+            if !text.is_empty() {
+                self.nf.restore(family, &text).map_err(|e| e.to_string())?;
+            }
+            *self.applied.family_mut(family) = Default::default();
+            self.hooks_ok[family_index(family)] = false;
+        }
+        Ok(())
+    }
+
+    fn clear(&mut self) -> Outcome<Response> {
+        let removed = self.state.rules.len();
+        let next = State {
+            rules: Vec::new(),
+            ..self.state.clone()
+        };
+        if let Err(e) = self.teardown() {
+            // Put back whatever part of the teardown went through.
+            let previous = self.desired(&self.state);
+            let _ = self.apply(&previous);
+            return Err(Failure::new(
+                ErrorCode::ApplyFailed,
+                format!("cannot remove natmap's rules: {e}"),
+            ));
+        }
+        if let Err(e) = state::save(&self.state_path, &next) {
+            let previous = self.desired(&self.state);
+            let _ = self.apply(&previous);
+            return Err(Failure::new(
+                ErrorCode::StateWriteFailed,
+                format!("cannot save state, the rules were put back: {e}"),
+            ));
+        }
+        let old = std::mem::replace(&mut self.state, next);
+        for rule in &old.rules {
+            self.release(rule.id);
+            forget_flows(&rule.spec);
+        }
+        tracing::info!(removed, "all rules cleared");
+        Ok(Response::ok(ClearReport { removed }))
+    }
+
+    /// Periodic work: install rules whose ports were busy and are free now.
+    pub fn tick(&mut self) {
+        let waiting: Vec<RuleId> = self
+            .inactive
+            .iter()
+            .filter(|(_, i)| i.status == RuleStatus::PortConflict)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in waiting {
+            let Some(rule) = self.state.rules.iter().find(|r| r.id == id).cloned() else {
+                continue;
+            };
+            let Ok(held) = reserve::bind_all(&rule.spec.port_claims()) else {
+                continue;
+            };
+            let stashed = self.inactive.remove(&id);
+            let desired = self.desired(&self.state);
+            match self.apply(&desired) {
+                Ok(()) => {
+                    self.held.insert(id, held);
+                    if let Err(f) = self.start_listening(id) {
+                        tracing::warn!(rule = id, "{}", f.message);
+                    } else {
+                        tracing::info!(rule = id, "port is free again, rule installed");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(rule = id, "cannot install rule: {e}");
+                    if let Some(s) = stashed {
+                        self.inactive.insert(id, s);
+                    }
+                }
+            }
+        }
+    }
+
+    /// On daemon shutdown: removes natmap's rules and releases every port.
+    /// The state stays, so the next start restores everything.
+    pub fn shutdown(&mut self) {
+        if let Err(e) = self.teardown() {
+            tracing::error!("removing natmap's rules at shutdown failed: {e}");
+        }
+        let ids: Vec<RuleId> = self.held.keys().copied().collect();
+        for id in ids {
+            self.release(id);
+        }
+        tracing::info!("natmap rules removed, ports released; state kept for the next start");
+    }
+}
+
+/// Cuts conntrack entries of connections the rule forwarded.
+fn forget_flows(spec: &RuleSpec) {
+    match spec {
+        RuleSpec::Dnat(r) => host::forget_connections(r.proto, r.ext_ip.ip(), r.int_ip.ip()),
+        RuleSpec::Hairpin(r) => host::forget_connections(r.proto, r.ext_ip.ip(), r.int_ip.ip()),
+        RuleSpec::Snat(_) => {}
+    }
+}
+
+/// `ls FILTER`: an id, a kind, or a piece of an address or interface.
+fn rule_matches(rule: &Rule, filter: &str) -> bool {
+    if filter.parse::<RuleId>().ok() == Some(rule.id) || rule.spec.kind() == filter {
+        return true;
+    }
+    let fields: Vec<String> = match &rule.spec {
+        RuleSpec::Dnat(r) => vec![
+            r.ext_ip.to_string(),
+            r.int_ip.to_string(),
+            r.ext_if.as_ref().map(|i| i.to_string()).unwrap_or_default(),
+        ],
+        RuleSpec::Snat(r) => vec![
+            r.source.to_string(),
+            r.ext_if.to_string(),
+            r.ext_ip.to_string(),
+        ],
+        RuleSpec::Hairpin(r) => vec![r.ext_ip.to_string(), r.int_ip.to_string()],
+    };
+    fields
+        .iter()
+        .any(|f| f.to_ascii_lowercase().contains(filter))
+}

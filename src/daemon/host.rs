@@ -1,0 +1,119 @@
+//! Small host facts and actions: sysctls, the connected network of an
+//! address, and conntrack cleanup. Each runs a fixed program with typed
+//! arguments, never a shell.
+
+use std::fs;
+use std::net::IpAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use crate::model::{Network, Proto};
+use crate::proto::SysctlChange;
+
+const IPV4_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+const IPV6_FORWARD: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+
+/// Reads IPv4 forwarding (`None` if the sysctl cannot be read).
+pub fn ipv4_forwarding() -> Option<bool> {
+    fs::read_to_string(IPV4_FORWARD)
+        .ok()
+        .map(|v| v.trim() == "1")
+}
+
+/// Turns on IPv4 forwarding, and IPv6 forwarding when asked and present.
+/// Returns every sysctl looked at with its value before and after.
+pub fn enable_forwarding(ipv6: bool) -> Result<Vec<SysctlChange>, String> {
+    let mut changes = vec![set_sysctl(IPV4_FORWARD, "net.ipv4.ip_forward")?];
+    if ipv6 && Path::new(IPV6_FORWARD).exists() {
+        changes.push(set_sysctl(IPV6_FORWARD, "net.ipv6.conf.all.forwarding")?);
+    }
+    Ok(changes)
+}
+
+fn set_sysctl(path: &str, name: &str) -> Result<SysctlChange, String> {
+    let before = fs::read_to_string(path)
+        .map_err(|e| format!("reading {name}: {e}"))?
+        .trim()
+        .to_owned();
+    if before != "1" {
+        fs::write(path, "1\n").map_err(|e| format!("setting {name}=1: {e}"))?;
+    }
+    Ok(SysctlChange {
+        name: name.to_owned(),
+        before,
+        after: "1".to_owned(),
+    })
+}
+
+/// The connected network through which the host reaches `ip`: the prefix of
+/// the address on the outgoing interface that contains `ip`.
+pub fn connected_network(ip: IpAddr) -> Result<Network, String> {
+    let target = ip.to_string();
+    let route = run_json("ip", &["-j", "route", "get", &target])?;
+    let dev = route
+        .get(0)
+        .and_then(|r| r.get("dev"))
+        .and_then(|d| d.as_str())
+        .ok_or_else(|| format!("no route to {ip}"))?
+        .to_owned();
+    let addrs = run_json("ip", &["-j", "addr", "show", "dev", &dev])?;
+    let infos = addrs
+        .get(0)
+        .and_then(|a| a.get("addr_info"))
+        .and_then(|a| a.as_array())
+        .cloned()
+        .unwrap_or_default();
+    for info in infos {
+        let (Some(local), Some(prefix)) = (
+            info.get("local").and_then(|l| l.as_str()),
+            info.get("prefixlen").and_then(|p| p.as_u64()),
+        ) else {
+            continue;
+        };
+        let (Ok(local), Ok(prefix)) = (local.parse::<IpAddr>(), u8::try_from(prefix)) else {
+            continue;
+        };
+        if let Some(net) = Network::new(local, prefix) {
+            if net.contains(&ip) {
+                return Ok(net);
+            }
+        }
+    }
+    Err(format!("{ip} is not on a network connected to {dev}"))
+}
+
+fn run_json(program: &str, args: &[&str]) -> Result<serde_json::Value, String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running {program}: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("reading {program} output: {e}"))
+}
+
+/// Deletes conntrack entries of connections that were DNATed from
+/// `orig_dst` to `reply_src`, so flows (UDP above all) stop going to a target
+/// that is no longer forwarded. Best effort: logs and carries on when the
+/// `conntrack` tool is missing.
+pub fn forget_connections(proto: Proto, orig_dst: IpAddr, reply_src: IpAddr) {
+    let family = if orig_dst.is_ipv4() { "ipv4" } else { "ipv6" };
+    let result = Command::new("conntrack")
+        .args(["-D", "-f", family, "-p", proto.as_str()])
+        .args(["--orig-dst", &orig_dst.to_string()])
+        .args(["--reply-src", &reply_src.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    match result {
+        // conntrack exits 1 when nothing matched: that is fine.
+        Ok(_) => {}
+        Err(e) => tracing::warn!(
+            "cannot run conntrack ({e}); existing connections to {reply_src} are not cut \
+             (install the conntrack package)"
+        ),
+    }
+}

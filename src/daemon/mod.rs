@@ -1,0 +1,162 @@
+//! The daemon: `lab-ops natmap daemon`.
+//!
+//! - [`server`]: the Unix socket, peer credentials, one task per connection.
+//! - [`engine`]: the single owner of state, rules and reservations.
+//! - [`reserve`]: sockets that hold forwarded ports.
+//! - [`relay`]: loopback traffic relayed from reserved sockets to targets.
+//! - [`host`]: sysctls, routes and conntrack.
+
+pub mod engine;
+pub mod host;
+pub mod relay;
+pub mod reserve;
+pub mod server;
+
+use std::fs::{self, OpenOptions};
+use std::future::Future;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::netfilter::{IptablesExecutor, Netfilter};
+use crate::proto::Response;
+
+use engine::{Engine, Peer};
+use relay::Relays;
+
+/// Where the daemon keeps its files and who may talk to it.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// `state.json`.
+    pub state_path: PathBuf,
+    /// The control socket.
+    pub socket_path: PathBuf,
+    /// Group that may use the socket (mode 0660).
+    pub socket_group: String,
+}
+
+/// How often the engine does its periodic work (retrying busy ports).
+const TICK: Duration = Duration::from_secs(3);
+
+/// A message to the engine thread.
+pub(crate) enum EngineMsg {
+    /// Handle a request and answer on `reply`.
+    Request {
+        request: crate::proto::Request,
+        peer: Peer,
+        reply: oneshot::Sender<Response>,
+    },
+    /// Remove natmap's rules, release ports, and stop.
+    Shutdown { done: oneshot::Sender<()> },
+}
+
+/// Runs the daemon until `shutdown` completes, then removes natmap's rules
+/// (the state stays for the next start) and the socket.
+pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Result<(), String> {
+    let executor = IptablesExecutor;
+    let backend = executor
+        .backend()
+        .map_err(|e| format!("{e}\nnatmap needs iptables: apt-get install iptables"))?;
+    tracing::info!(?backend, "iptables backend detected");
+    let _lock = lock_state(&config)?;
+    raise_fd_limit();
+
+    let nf: Arc<dyn Netfilter> = Arc::new(executor);
+    let state_path = config.state_path.clone();
+    let relays = Relays::new(tokio::runtime::Handle::current());
+    let engine = tokio::task::spawn_blocking(move || Engine::open(state_path, nf, relays))
+        .await
+        .map_err(|e| format!("engine start panicked: {e}"))??;
+
+    let listener = server::bind(&config.socket_path, &config.socket_group)?;
+    let (tx, rx) = mpsc::channel::<EngineMsg>();
+    let engine_thread = std::thread::Builder::new()
+        .name("natmap-engine".into())
+        .spawn(move || engine_loop(engine, rx))
+        .map_err(|e| format!("cannot start engine thread: {e}"))?;
+    tracing::info!(socket = %config.socket_path.display(), "natmap daemon ready");
+
+    server::serve(listener, tx.clone(), shutdown).await;
+
+    let (done, wait) = oneshot::channel();
+    let _ = tx.send(EngineMsg::Shutdown { done });
+    let _ = wait.await;
+    let _ = engine_thread.join();
+    let _ = fs::remove_file(&config.socket_path);
+    tracing::info!("natmap daemon stopped");
+    Ok(())
+}
+
+fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>) {
+    loop {
+        match rx.recv_timeout(TICK) {
+            Ok(EngineMsg::Request {
+                request,
+                peer,
+                reply,
+            }) => {
+                let response = engine.handle(request, peer);
+                let _ = reply.send(response);
+            }
+            Ok(EngineMsg::Shutdown { done }) => {
+                engine.shutdown();
+                let _ = done.send(());
+                return;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => engine.tick(),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                engine.shutdown();
+                return;
+            }
+        }
+    }
+}
+
+/// One daemon per state file: an exclusive lock beside it, held for life.
+fn lock_state(config: &DaemonConfig) -> Result<fs::File, String> {
+    if let Some(dir) = config
+        .state_path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let mut lock_path = config.state_path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| format!("cannot open {}: {e}", PathBuf::from(&lock_path).display()))?;
+    // SAFETY: flock on a file descriptor we own.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(format!(
+            "another natmap daemon is using {}; stop it first",
+            config.state_path.display()
+        ));
+    }
+    Ok(file)
+}
+
+/// Every reservation is a file descriptor: raise the soft limit to the hard one.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!("cannot raise the open-file limit to {hard}: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! The rules natmap owns, as stored in `state.json`.
+
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Family, HostIp, IfName, Network, PortList, Proto};
+
+/// A rule's id: a small integer, never reused, stable for the life of the rule.
+pub type RuleId = u64;
+
+/// One managed rule: its id and what it does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    /// Stable id, shown by `ls` and used by `rm --id`.
+    pub id: RuleId,
+    /// What the rule does.
+    #[serde(flatten)]
+    pub spec: RuleSpec,
+}
+
+/// What a rule does. The variants are the CLI's rule kinds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RuleSpec {
+    /// Static port forward from an external address to an internal host.
+    Dnat(DnatRule),
+    /// Source NAT of an internal address or network leaving an interface.
+    Snat(SnatRule),
+    /// DNAT that internal hosts can also use through the external address.
+    Hairpin(HairpinRule),
+}
+
+/// `dnat --ext-ip E --int-ip I --ports P [--proto] [--ext-if X]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnatRule {
+    /// Address the traffic arrives for.
+    pub ext_ip: HostIp,
+    /// Address it is forwarded to (same ports).
+    pub int_ip: HostIp,
+    /// Forwarded ports.
+    pub ports: PortList,
+    /// Protocol.
+    pub proto: Proto,
+    /// Only traffic arriving on this interface, when given.
+    pub ext_if: Option<IfName>,
+}
+
+/// `snat --int-ip I|CIDR --ext-if X --ext-ip E`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnatRule {
+    /// Source address or network that is rewritten.
+    pub source: Network,
+    /// Only traffic leaving this interface.
+    pub ext_if: IfName,
+    /// The new source address.
+    pub ext_ip: HostIp,
+}
+
+/// `hairpin --ext-ip E --int-ip I --ports P [--proto]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HairpinRule {
+    /// External address clients use.
+    pub ext_ip: HostIp,
+    /// Internal host serving it (same ports).
+    pub int_ip: HostIp,
+    /// Forwarded ports.
+    pub ports: PortList,
+    /// Protocol.
+    pub proto: Proto,
+    /// The internal network whose clients are masqueraded so the replies come
+    /// back through the router; clients from elsewhere keep their address.
+    pub int_net: Network,
+}
+
+/// A host port natmap holds a socket on while the rule exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortClaim {
+    /// Protocol of the socket.
+    pub proto: Proto,
+    /// Address and port the socket is bound to.
+    pub bind: SocketAddr,
+    /// Where a connection that reaches the socket itself (loopback) is relayed.
+    pub target: SocketAddr,
+}
+
+impl RuleSpec {
+    /// The kind's name, as in the CLI and the rule comments.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RuleSpec::Dnat(_) => "dnat",
+            RuleSpec::Snat(_) => "snat",
+            RuleSpec::Hairpin(_) => "hairpin",
+        }
+    }
+
+    /// The address family the rule lives in.
+    pub fn family(&self) -> Family {
+        match self {
+            RuleSpec::Dnat(r) => r.ext_ip.family(),
+            RuleSpec::Snat(r) => r.ext_ip.family(),
+            RuleSpec::Hairpin(r) => r.ext_ip.family(),
+        }
+    }
+
+    /// Checks what single fields cannot: that the addresses are of one family
+    /// and fit together. The error names the fields.
+    pub fn check_consistent(&self) -> Result<(), String> {
+        let mixed = |a: &str, b: &str| {
+            format!("--{a} and --{b} must both be IPv4 or both be IPv6 (use one rule per family)")
+        };
+        match self {
+            RuleSpec::Dnat(r) if r.ext_ip.family() != r.int_ip.family() => {
+                Err(mixed("ext-ip", "int-ip"))
+            }
+            RuleSpec::Snat(r) if r.source.family() != r.ext_ip.family() => {
+                Err(mixed("int-ip", "ext-ip"))
+            }
+            RuleSpec::Hairpin(r) if r.ext_ip.family() != r.int_ip.family() => {
+                Err(mixed("ext-ip", "int-ip"))
+            }
+            RuleSpec::Hairpin(r) if !r.int_net.contains(&r.int_ip.ip()) => Err(format!(
+                "--int-net {} does not contain --int-ip {}",
+                r.int_net, r.int_ip
+            )),
+            RuleSpec::Dnat(r) if r.ext_ip == r.int_ip => {
+                Err("--ext-ip and --int-ip are the same address".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether `other` is the same rule, so adding it again changes nothing.
+    /// A hairpin's internal network is derived, so it does not make a rule different.
+    pub fn same_rule(&self, other: &RuleSpec) -> bool {
+        match (self, other) {
+            (RuleSpec::Hairpin(a), RuleSpec::Hairpin(b)) => {
+                a.ext_ip == b.ext_ip
+                    && a.int_ip == b.int_ip
+                    && a.ports == b.ports
+                    && a.proto == b.proto
+            }
+            _ => self == other,
+        }
+    }
+
+    /// The host ports this rule forwards, each of which natmap reserves.
+    pub fn port_claims(&self) -> Vec<PortClaim> {
+        let forward = |ext: &HostIp, int: &HostIp, ports: &PortList, proto: Proto| {
+            ports
+                .iter()
+                .map(|p| PortClaim {
+                    proto,
+                    bind: SocketAddr::new(ext.ip(), p),
+                    target: SocketAddr::new(int.ip(), p),
+                })
+                .collect()
+        };
+        match self {
+            RuleSpec::Dnat(r) => forward(&r.ext_ip, &r.int_ip, &r.ports, r.proto),
+            RuleSpec::Hairpin(r) => forward(&r.ext_ip, &r.int_ip, &r.ports, r.proto),
+            RuleSpec::Snat(_) => Vec::new(),
+        }
+    }
+
+    /// The address traffic is sent to, for rules that forward.
+    pub fn target_ip(&self) -> Option<IpAddr> {
+        match self {
+            RuleSpec::Dnat(r) => Some(r.int_ip.ip()),
+            RuleSpec::Hairpin(r) => Some(r.int_ip.ip()),
+            RuleSpec::Snat(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dnat(ext: &str, int: &str, ports: &str) -> RuleSpec {
+        RuleSpec::Dnat(DnatRule {
+            ext_ip: ext.parse().unwrap(),
+            int_ip: int.parse().unwrap(),
+            ports: ports.parse().unwrap(),
+            proto: Proto::Tcp,
+            ext_if: None,
+        })
+    }
+
+    #[test]
+    fn mixed_families_are_refused_with_the_flags_named() {
+        let err = dnat("192.0.2.1", "2001:db8::2", "25")
+            .check_consistent()
+            .unwrap_err();
+        assert!(err.contains("--ext-ip and --int-ip"), "{err}");
+        assert!(dnat("192.0.2.1", "198.51.100.2", "25")
+            .check_consistent()
+            .is_ok());
+    }
+
+    #[test]
+    fn claims_one_socket_per_port() {
+        let claims = dnat("192.0.2.1", "198.51.100.2", "25,465").port_claims();
+        assert_eq!(claims.len(), 2);
+        assert_eq!(claims[1].bind, "192.0.2.1:465".parse().unwrap());
+        assert_eq!(claims[1].target, "198.51.100.2:465".parse().unwrap());
+    }
+
+    #[test]
+    fn stored_form_round_trips() {
+        let rule = Rule {
+            id: 7,
+            spec: dnat("192.0.2.1", "198.51.100.2", "25,465"),
+        };
+        let json = serde_json::to_string(&rule).unwrap();
+        assert_eq!(
+            json,
+            r#"{"id":7,"kind":"dnat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2","ports":"25,465","proto":"tcp","ext_if":null}"#
+        );
+        assert_eq!(serde_json::from_str::<Rule>(&json).unwrap(), rule);
+    }
+}

@@ -1,0 +1,96 @@
+//! The real executor: `iptables-restore` / `iptables-save` processes.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use crate::model::Family;
+
+use super::{Netfilter, NetfilterError};
+
+/// How long an iptables process waits for the xtables lock held by another
+/// tool (Docker, firewalld) before it gives up: a bounded wait, never a hang.
+pub const LOCK_WAIT_SECS: u32 = 10;
+
+/// The kernel interface an iptables binary drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// `iptables-nft`, the nf_tables compatibility layer.
+    Nft,
+    /// `iptables-legacy`, the old xtables interface.
+    Legacy,
+}
+
+/// Runs the iptables binaries found on `PATH`.
+#[derive(Debug, Clone, Default)]
+pub struct IptablesExecutor;
+
+impl IptablesExecutor {
+    /// Detects which backend `iptables` on PATH uses, from `iptables --version`.
+    pub fn backend(&self) -> Result<Backend, NetfilterError> {
+        let out = run("iptables", &["--version"], None)?;
+        if out.contains("nf_tables") {
+            Ok(Backend::Nft)
+        } else {
+            Ok(Backend::Legacy)
+        }
+    }
+}
+
+fn tool(family: Family, base: &str) -> String {
+    match family {
+        Family::V4 => format!("ip{base}"),
+        Family::V6 => format!("ip6{base}"),
+    }
+}
+
+fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, NetfilterError> {
+    let fail = |message: String| NetfilterError {
+        program: program.to_owned(),
+        message,
+    };
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            fail(format!(
+                "cannot run it: {e} (is the iptables package installed?)"
+            ))
+        })?;
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin was piped");
+        pipe.write_all(input.as_bytes())
+            .map_err(|e| fail(format!("writing its input: {e}")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| fail(format!("waiting for it: {e}")))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        Err(fail(format!("{} ({})", stderr.trim(), out.status)))
+    }
+}
+
+impl Netfilter for IptablesExecutor {
+    fn restore(&self, family: Family, payload: &str) -> Result<(), NetfilterError> {
+        let wait = LOCK_WAIT_SECS.to_string();
+        run(
+            &tool(family, "tables-restore"),
+            &["--noflush", "-w", &wait],
+            Some(payload),
+        )
+        .map(drop)
+    }
+
+    fn save(&self, family: Family) -> Result<String, NetfilterError> {
+        run(&tool(family, "tables-save"), &[], None)
+    }
+}

@@ -1,0 +1,39 @@
+//! A fake executor that records every transaction, for tests of the engine.
+
+use std::sync::Mutex;
+
+use crate::model::Family;
+
+use super::{Netfilter, NetfilterError};
+
+/// Records restore payloads and answers `save` with a fixed dump. Can be told
+/// to fail the next restore, to test rollback.
+#[derive(Debug, Default)]
+pub struct RecordingExecutor {
+    /// Every `(family, payload)` passed to `restore`, in order.
+    pub restores: Mutex<Vec<(Family, String)>>,
+    /// What `save` returns.
+    pub saved: Mutex<String>,
+    /// When set, the next `restore` fails with this message.
+    pub fail_next: Mutex<Option<String>>,
+}
+
+impl Netfilter for RecordingExecutor {
+    fn restore(&self, family: Family, payload: &str) -> Result<(), NetfilterError> {
+        if let Some(message) = self.fail_next.lock().expect("lock").take() {
+            return Err(NetfilterError {
+                program: "iptables-restore".into(),
+                message,
+            });
+        }
+        self.restores
+            .lock()
+            .expect("lock")
+            .push((family, payload.to_owned()));
+        Ok(())
+    }
+
+    fn save(&self, _family: Family) -> Result<String, NetfilterError> {
+        Ok(self.saved.lock().expect("lock").clone())
+    }
+}

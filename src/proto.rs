@@ -1,0 +1,491 @@
+//! The wire protocol between `lab-ops natmap` clients and the daemon.
+//!
+//! One JSON object per line each way. A request is
+//! `{"version":1,"request":{"cmd":"dnat",…}}`; a response is
+//! `{"version":1,"ok":true,"data":…}` or
+//! `{"version":1,"ok":false,"error":{"code":"…","message":"…"}}`.
+//! Request fields are typed values, so parsing a request validates it, and
+//! unknown fields are refused.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{HostIp, IfName, Network, PortList, Proto, Rule};
+
+/// Version of this protocol; the daemon refuses requests of another version.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest request line the daemon reads; a longer one closes the connection.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+
+/// Longest `ls` filter accepted.
+pub const MAX_FILTER_LEN: usize = 128;
+
+/// A request with its protocol version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    /// Must equal [`PROTOCOL_VERSION`].
+    pub version: u32,
+    /// What is asked.
+    pub request: Request,
+}
+
+/// Every request a client can make, tagged by `cmd`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Is the daemon there? Answers its version.
+    Ping(Empty),
+    /// Add or delete a static DNAT rule.
+    Dnat(DnatRequest),
+    /// Add or delete a SNAT rule.
+    Snat(SnatRequest),
+    /// Add or delete a hairpin NAT rule.
+    Hairpin(HairpinRequest),
+    /// List rules.
+    Ls(LsRequest),
+    /// Enable IP forwarding.
+    Fwd(FwdRequest),
+    /// Remove every rule and reservation and reset state.
+    Clear(Empty),
+}
+
+impl Request {
+    /// Parses the `request` object of an envelope. The `cmd` tag is taken out
+    /// first and the rest is read as that command's arguments, so an error
+    /// names the exact field (`ext_if: invalid interface …`), which serde's
+    /// buffered tagged-enum parsing cannot do.
+    pub fn from_value(value: serde_json::Value) -> Result<Request, String> {
+        fn args<T: serde::de::DeserializeOwned>(rest: serde_json::Value) -> Result<T, String> {
+            serde_path_to_error::deserialize(rest).map_err(|e| {
+                match e.path().to_string().as_str() {
+                    "." => e.inner().to_string(),
+                    path => format!("{path}: {}", e.inner()),
+                }
+            })
+        }
+        let serde_json::Value::Object(mut map) = value else {
+            return Err("request must be a JSON object".into());
+        };
+        let cmd = match map.remove("cmd") {
+            Some(serde_json::Value::String(c)) => c,
+            _ => {
+                return Err(
+                    "cmd: missing; expected one of ping, dnat, snat, hairpin, ls, fwd, clear"
+                        .into(),
+                )
+            }
+        };
+        let rest = serde_json::Value::Object(map);
+        Ok(match cmd.as_str() {
+            "ping" => Request::Ping(args(rest)?),
+            "dnat" => Request::Dnat(args(rest)?),
+            "snat" => Request::Snat(args(rest)?),
+            "hairpin" => Request::Hairpin(args(rest)?),
+            "ls" => Request::Ls(args(rest)?),
+            "fwd" => Request::Fwd(args(rest)?),
+            "clear" => Request::Clear(args(rest)?),
+            _ => {
+                return Err(format!(
+                    "cmd: unknown command {:?}; expected one of ping, dnat, snat, hairpin, ls, fwd, clear",
+                    cmd.escape_debug().to_string()
+                ))
+            }
+        })
+    }
+
+    /// Whether the request changes rules or state (these are logged with the peer).
+    pub fn is_change(&self) -> bool {
+        !matches!(self, Request::Ping(_) | Request::Ls(_))
+    }
+
+    /// The command's name, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Ping(_) => "ping",
+            Request::Dnat(_) => "dnat",
+            Request::Snat(_) => "snat",
+            Request::Hairpin(_) => "hairpin",
+            Request::Ls(_) => "ls",
+            Request::Fwd(_) => "fwd",
+            Request::Clear(_) => "clear",
+        }
+    }
+}
+
+/// No arguments.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}
+
+/// `dnat` arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnatRequest {
+    /// External address.
+    pub ext_ip: HostIp,
+    /// Internal target.
+    pub int_ip: HostIp,
+    /// Ports, kept the same on the target.
+    pub ports: PortList,
+    /// Protocol (default tcp).
+    #[serde(default)]
+    pub proto: Proto,
+    /// Ingress interface, optional.
+    #[serde(default)]
+    pub ext_if: Option<IfName>,
+    /// Delete instead of add.
+    #[serde(default)]
+    pub delete: bool,
+}
+
+/// `snat` arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnatRequest {
+    /// Source address or CIDR to rewrite.
+    pub int_ip: Network,
+    /// Egress interface.
+    pub ext_if: IfName,
+    /// New source address.
+    pub ext_ip: HostIp,
+    /// Delete instead of add.
+    #[serde(default)]
+    pub delete: bool,
+}
+
+/// `hairpin` arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HairpinRequest {
+    /// External address.
+    pub ext_ip: HostIp,
+    /// Internal target.
+    pub int_ip: HostIp,
+    /// Ports.
+    pub ports: PortList,
+    /// Protocol (default tcp).
+    #[serde(default)]
+    pub proto: Proto,
+    /// Internal network whose clients are masqueraded; by default the
+    /// connected network the host routes `int_ip` through.
+    #[serde(default)]
+    pub int_net: Option<Network>,
+    /// Delete instead of add.
+    #[serde(default)]
+    pub delete: bool,
+}
+
+/// `ls` arguments.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LsRequest {
+    /// Only rules whose kind, addresses, interface or (later) container match.
+    #[serde(default)]
+    pub filter: Option<String>,
+}
+
+/// `fwd` arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FwdRequest {
+    /// Also enable IPv6 forwarding where the kernel has IPv6.
+    #[serde(default = "yes")]
+    pub ipv6: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A response line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Response {
+    /// The daemon's protocol version.
+    pub version: u32,
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// The result, on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+    /// The error, on failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+impl Response {
+    /// A success carrying `data`.
+    pub fn ok(data: impl Serialize) -> Response {
+        Response {
+            version: PROTOCOL_VERSION,
+            ok: true,
+            data: Some(serde_json::to_value(data).expect("response data serializes")),
+            error: None,
+        }
+    }
+
+    /// A failure.
+    pub fn err(code: ErrorCode, message: impl Into<String>) -> Response {
+        Response {
+            version: PROTOCOL_VERSION,
+            ok: false,
+            data: None,
+            error: Some(ErrorBody {
+                code,
+                message: message.into(),
+            }),
+        }
+    }
+}
+
+/// An error's stable code and human message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorBody {
+    /// Stable, machine-readable code.
+    pub code: ErrorCode,
+    /// What went wrong and what to do.
+    pub message: String,
+}
+
+/// Stable error codes. Scripts match on these; messages may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The line was not a valid request (JSON, fields, values).
+    InvalidRequest,
+    /// A value was well-formed but not acceptable (mixed families, …).
+    InvalidArgument,
+    /// The client speaks another protocol version.
+    VersionMismatch,
+    /// The request line exceeded [`MAX_LINE_BYTES`].
+    LineTooLong,
+    /// The rule to delete does not exist.
+    NotFound,
+    /// A port to forward is held by another process or another natmap rule.
+    PortInUse,
+    /// iptables refused the transaction; nothing changed.
+    ApplyFailed,
+    /// The state could not be written; the change was rolled back.
+    StateWriteFailed,
+    /// IPv6 NAT is not available in this kernel.
+    Ipv6Unavailable,
+    /// A sysctl could not be written.
+    SysctlFailed,
+    /// The client could not reach the daemon (client-side only).
+    DaemonUnreachable,
+    /// The daemon answered something the client could not read (client-side only).
+    BadResponse,
+    /// A bug: the daemon could not handle the request.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::InvalidArgument => "invalid_argument",
+            ErrorCode::VersionMismatch => "version_mismatch",
+            ErrorCode::LineTooLong => "line_too_long",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::PortInUse => "port_in_use",
+            ErrorCode::ApplyFailed => "apply_failed",
+            ErrorCode::StateWriteFailed => "state_write_failed",
+            ErrorCode::Ipv6Unavailable => "ipv6_unavailable",
+            ErrorCode::SysctlFailed => "sysctl_failed",
+            ErrorCode::DaemonUnreachable => "daemon_unreachable",
+            ErrorCode::BadResponse => "bad_response",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A rule as shown by `ls` and in change results.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleView {
+    /// The stored rule.
+    #[serde(flatten)]
+    pub rule: Rule,
+    /// Whether it is in force.
+    pub status: RuleStatus,
+    /// Why not, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Whether a rule is in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleStatus {
+    /// Installed, ports reserved.
+    Active,
+    /// Kept in state but not installed: another process holds one of its ports.
+    /// natmap retries every few seconds and installs it once the port is free.
+    PortConflict,
+    /// Kept in state but not installed: its family cannot be NATed here
+    /// (IPv6 without `ip6table_nat`).
+    Unavailable,
+}
+
+/// What a change did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    /// The rule was added.
+    Added,
+    /// The same rule already existed; nothing changed.
+    AlreadyPresent,
+    /// The rule was deleted.
+    Deleted,
+}
+
+/// Result of an add or delete.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeResult {
+    /// What happened.
+    pub result: ChangeKind,
+    /// The rule concerned.
+    pub rule: RuleView,
+}
+
+/// Result of `ls`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleList {
+    /// Matching rules, in id order.
+    pub rules: Vec<RuleView>,
+}
+
+/// One sysctl `fwd` looked at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SysctlChange {
+    /// The sysctl, e.g. `net.ipv4.ip_forward`.
+    pub name: String,
+    /// Value before.
+    pub before: String,
+    /// Value after.
+    pub after: String,
+}
+
+/// Result of `fwd`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardingReport {
+    /// Every sysctl looked at, changed or not.
+    pub sysctls: Vec<SysctlChange>,
+}
+
+/// Result of `clear`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClearReport {
+    /// How many rules were removed.
+    pub removed: usize,
+}
+
+/// Result of `ping`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pong {
+    /// The daemon's version.
+    pub daemon_version: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(line: &str) -> Result<Envelope, String> {
+        let mut value: serde_json::Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
+        let request = value
+            .as_object_mut()
+            .and_then(|m| m.remove("request"))
+            .unwrap_or_default();
+        if value
+            .as_object()
+            .is_some_and(|m| m.keys().any(|k| k != "version"))
+        {
+            return Err(format!("unknown field in {value}"));
+        }
+        Ok(Envelope {
+            version: PROTOCOL_VERSION,
+            request: Request::from_value(request)?,
+        })
+    }
+
+    #[test]
+    fn request_round_trips() {
+        let env = Envelope {
+            version: PROTOCOL_VERSION,
+            request: Request::Dnat(DnatRequest {
+                ext_ip: "192.0.2.1".parse().unwrap(),
+                int_ip: "198.51.100.2".parse().unwrap(),
+                ports: "25,465".parse().unwrap(),
+                proto: Proto::Udp,
+                ext_if: Some("eth0".parse().unwrap()),
+                delete: false,
+            }),
+        };
+        let line = serde_json::to_string(&env).unwrap();
+        assert_eq!(
+            line,
+            r#"{"version":1,"request":{"cmd":"dnat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2","ports":"25,465","proto":"udp","ext_if":"eth0","delete":false}}"#
+        );
+        assert_eq!(parse(&line).unwrap(), env);
+        let clear = r#"{"version":1,"request":{"cmd":"clear"}}"#;
+        assert_eq!(parse(clear).unwrap().request, Request::Clear(Empty {}));
+    }
+
+    #[test]
+    fn bad_requests_name_the_field() {
+        let cases = [
+            (
+                r#"{"version":1,"request":{"cmd":"dnat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2","ports":"0"}}"#,
+                "ports",
+            ),
+            (
+                r#"{"version":1,"request":{"cmd":"dnat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2","ports":"25","ext_if":"eth0\n-A X"}}"#,
+                "ext_if",
+            ),
+            (
+                r#"{"version":1,"request":{"cmd":"dnat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2","ports":"25","color":"red"}}"#,
+                "color",
+            ),
+            (r#"{"version":1,"request":{"cmd":"clear","x":1}}"#, "x"),
+            (r#"{"version":1,"request":{"cmd":"rm -rf"}}"#, "cmd"),
+            (
+                r#"{"version":1,"extra":true,"request":{"cmd":"clear"}}"#,
+                "extra",
+            ),
+        ];
+        for (line, field) in cases {
+            let err = parse(line).unwrap_err();
+            assert!(err.contains(field), "{line}: {err}");
+        }
+    }
+
+    #[test]
+    fn responses_have_the_documented_shape() {
+        let ok = serde_json::to_string(&Response::ok(ClearReport { removed: 2 })).unwrap();
+        assert_eq!(ok, r#"{"version":1,"ok":true,"data":{"removed":2}}"#);
+        let err =
+            serde_json::to_string(&Response::err(ErrorCode::PortInUse, "port 25/tcp")).unwrap();
+        assert_eq!(
+            err,
+            r#"{"version":1,"ok":false,"error":{"code":"port_in_use","message":"port 25/tcp"}}"#
+        );
+        for code in [
+            ErrorCode::PortInUse,
+            ErrorCode::Ipv6Unavailable,
+            ErrorCode::DaemonUnreachable,
+        ] {
+            assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+        }
+    }
+}

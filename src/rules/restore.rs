@@ -1,0 +1,112 @@
+//! `iptables-restore --noflush` transactions.
+//!
+//! Declaring a chain (`:NAME - [0:0]`) in `--noflush` input creates it or
+//! flushes it, and the whole input commits atomically, on iptables-nft and
+//! iptables-legacy alike. So rewriting natmap's chains is one transaction, and
+//! nothing outside them is flushed, reordered or looked up by line number.
+
+use std::fmt::Write;
+
+use super::saved::{jump_line, SavedTables};
+use super::{Chain, FamilyRules, DOCKER_USER, TABLES};
+
+/// Rewrites natmap's chains with `rules`, leaving hooks as they are.
+/// The steady-state path once the hooks are known to be in place.
+pub fn rewrite_chains(rules: &FamilyRules) -> String {
+    build(rules, None)
+}
+
+/// Rewrites natmap's chains and puts every hook jump back in place: exactly one,
+/// first in its hook chain. `saved` is what `iptables-save` showed just before.
+/// Used at start, for recovery and for drift repair.
+pub fn full(rules: &FamilyRules, saved: &SavedTables) -> String {
+    build(rules, Some(saved))
+}
+
+fn build(rules: &FamilyRules, saved: Option<&SavedTables>) -> String {
+    let mut out = String::new();
+    for table in TABLES {
+        let chains: Vec<Chain> = Chain::ALL
+            .into_iter()
+            .filter(|c| c.table() == table)
+            .collect();
+        let _ = writeln!(out, "*{table}");
+        for chain in &chains {
+            let _ = writeln!(out, ":{} - [0:0]", chain.name());
+        }
+        let docker_user_missing =
+            table == "filter" && saved.is_some_and(|s| !s.has_chain("filter", DOCKER_USER));
+        if docker_user_missing {
+            // Docker is absent: create its user chain ourselves so the layout is
+            // the same on every host. Docker adopts an existing DOCKER-USER.
+            let _ = writeln!(out, ":{DOCKER_USER} - [0:0]");
+        }
+        for chain in &chains {
+            for line in rules.chain(*chain) {
+                let _ = writeln!(out, "-A {} {line}", chain.name());
+            }
+        }
+        if let Some(saved) = saved {
+            for chain in &chains {
+                fix_jump(&mut out, saved, table, chain.hook(), chain.name());
+            }
+            if table == "filter" {
+                fix_docker_user_hook(&mut out, saved);
+            }
+        }
+        out.push_str("COMMIT\n");
+    }
+    out
+}
+
+/// Makes `hook` jump to `target` exactly once, as its first rule.
+fn fix_jump(out: &mut String, saved: &SavedTables, table: &str, hook: &str, target: &str) {
+    let state = saved.jump_state(table, hook, target);
+    if state.first && state.count == 1 {
+        return;
+    }
+    let jump = jump_line(target);
+    // `-D` by full spec deletes the first match: once per copy.
+    for _ in 0..state.count {
+        let _ = writeln!(out, "-D {hook} {jump}");
+    }
+    let _ = writeln!(out, "-I {hook} 1 {jump}");
+}
+
+/// FORWARD must reach DOCKER-USER. Docker keeps this jump itself; natmap only
+/// adds it when nobody has, and never moves Docker's.
+fn fix_docker_user_hook(out: &mut String, saved: &SavedTables) {
+    if saved.jump_state("filter", "FORWARD", DOCKER_USER).count == 0 {
+        let _ = writeln!(out, "-I FORWARD 1 {}", jump_line(DOCKER_USER));
+    }
+}
+
+/// Removes natmap's hooks and chains, and nothing else. DOCKER-USER stays:
+/// Docker may own it, and an empty user chain changes nothing.
+pub fn teardown(saved: &SavedTables) -> String {
+    let mut out = String::new();
+    for table in TABLES {
+        if !saved.has_table(table) {
+            continue;
+        }
+        let chains: Vec<Chain> = Chain::ALL
+            .into_iter()
+            .filter(|c| c.table() == table)
+            .collect();
+        let _ = writeln!(out, "*{table}");
+        for chain in &chains {
+            let _ = writeln!(out, ":{} - [0:0]", chain.name());
+        }
+        for chain in &chains {
+            let state = saved.jump_state(table, chain.hook(), chain.name());
+            for _ in 0..state.count {
+                let _ = writeln!(out, "-D {} {}", chain.hook(), jump_line(chain.name()));
+            }
+        }
+        for chain in &chains {
+            let _ = writeln!(out, "-X {}", chain.name());
+        }
+        out.push_str("COMMIT\n");
+    }
+    out
+}

@@ -1,0 +1,147 @@
+//! What `iptables-save` showed: parsed just enough to find natmap's chains and
+//! the jumps to them, never to edit anyone else's rules.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{Chain, FamilyRules, DOCKER_USER};
+
+/// One table of an `iptables-save` dump.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SavedTable {
+    /// Every chain declared in the table.
+    pub chains: BTreeSet<String>,
+    /// The lines of each chain (what follows `-A <chain> `), in order.
+    pub rules: BTreeMap<String, Vec<String>>,
+}
+
+/// A parsed `iptables-save` (or `ip6tables-save`) dump of every table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SavedTables {
+    tables: BTreeMap<String, SavedTable>,
+}
+
+impl SavedTables {
+    /// Parses `iptables-save` output. Unknown lines are ignored: this reads
+    /// iptables' own output, and only natmap's chains and hooks matter.
+    pub fn parse(text: &str) -> SavedTables {
+        let mut tables: BTreeMap<String, SavedTable> = BTreeMap::new();
+        let mut current: Option<String> = None;
+        for line in text.lines() {
+            let line = line.trim_end();
+            if let Some(name) = line.strip_prefix('*') {
+                current = Some(name.to_owned());
+                tables.entry(name.to_owned()).or_default();
+                continue;
+            }
+            let Some(table) = current.as_ref().and_then(|t| tables.get_mut(t)) else {
+                continue;
+            };
+            if let Some(decl) = line.strip_prefix(':') {
+                if let Some(chain) = decl.split_whitespace().next() {
+                    table.chains.insert(chain.to_owned());
+                }
+            } else if let Some(rest) = line.strip_prefix("-A ") {
+                let (chain, args) = rest.split_once(' ').unwrap_or((rest, ""));
+                table
+                    .rules
+                    .entry(chain.to_owned())
+                    .or_default()
+                    .push(normalize(args));
+            } else if line == "COMMIT" {
+                current = None;
+            }
+        }
+        SavedTables { tables }
+    }
+
+    /// Whether the table exists in the dump (IPv6 `nat` may be missing).
+    pub fn has_table(&self, table: &str) -> bool {
+        self.tables.contains_key(table)
+    }
+
+    /// Whether `chain` exists in `table`.
+    pub fn has_chain(&self, table: &str, chain: &str) -> bool {
+        self.tables
+            .get(table)
+            .is_some_and(|t| t.chains.contains(chain))
+    }
+
+    /// The lines of `chain` in `table` (empty if it has none or does not exist).
+    pub fn chain_rules(&self, table: &str, chain: &str) -> &[String] {
+        self.tables
+            .get(table)
+            .and_then(|t| t.rules.get(chain))
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// How many times `hook` jumps to `target`, and whether the first line of
+    /// `hook` is such a jump.
+    pub fn jump_state(&self, table: &str, hook: &str, target: &str) -> JumpState {
+        let jump = jump_line(target);
+        let lines = self.chain_rules(table, hook);
+        JumpState {
+            count: lines.iter().filter(|l| **l == jump).count(),
+            first: lines.first().is_some_and(|l| *l == jump),
+        }
+    }
+
+    /// Why the kernel's natmap chains differ from `expected`, one reason a
+    /// line; empty when they match exactly (rules, order, hooks).
+    pub fn drift(&self, expected: &FamilyRules) -> Vec<String> {
+        let mut reasons = Vec::new();
+        for chain in Chain::ALL {
+            let (table, name) = (chain.table(), chain.name());
+            if !self.has_chain(table, name) {
+                reasons.push(format!("{table} chain {name} is missing"));
+                continue;
+            }
+            if self.chain_rules(table, name) != expected.chain(chain) {
+                reasons.push(format!("{table} chain {name} differs from natmap's rules"));
+            }
+            let hook = chain.hook();
+            let jump = self.jump_state(table, hook, name);
+            if !jump.first || jump.count != 1 {
+                reasons.push(format!(
+                    "{table} {hook} has {} jump(s) to {name}{}",
+                    jump.count,
+                    if jump.first {
+                        ""
+                    } else {
+                        ", not as its first rule"
+                    }
+                ));
+            }
+        }
+        if self.has_chain("filter", DOCKER_USER)
+            && self.jump_state("filter", "FORWARD", DOCKER_USER).count == 0
+        {
+            reasons.push("filter FORWARD does not jump to DOCKER-USER".into());
+        }
+        reasons
+    }
+}
+
+/// Where a hook's jump stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JumpState {
+    /// Number of identical jumps in the hook chain.
+    pub count: usize,
+    /// Whether the hook's first line is the jump.
+    pub first: bool,
+}
+
+/// The line of a plain jump to `target`.
+pub fn jump_line(target: &str) -> String {
+    format!("-j {target}")
+}
+
+/// iptables quotes a comment in some versions and not in others; natmap's
+/// comments never contain spaces, so dropping quotes makes them comparable.
+fn normalize(args: &str) -> String {
+    if args.contains("--comment \"natmap:") {
+        args.replace('"', "")
+    } else {
+        args.to_owned()
+    }
+}

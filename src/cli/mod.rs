@@ -55,7 +55,7 @@ pub enum TopCommand {
   lab-ops natmap ls
   lab-ops natmap --json ls")]
 pub struct NatmapOpts {
-    /// The daemon's control socket.
+    /// The daemon's control socket (where `daemon` listens and clients connect).
     #[arg(
         long,
         global = true,
@@ -113,7 +113,7 @@ pub fn run(opts: Opts) -> Result<ExitCode> {
     let TopCommand::Natmap(natmap) = opts.command;
     if let NatmapCommand::Daemon(args) = natmap.command {
         init_logging(opts.verbose, true);
-        return ops::run_daemon(args);
+        return ops::run_daemon(args, natmap.socket);
     }
     init_logging(opts.verbose, false);
     let request = match natmap.command {
@@ -150,5 +150,58 @@ fn init_logging(verbose: u8, daemon: bool) {
         builder.without_time().init();
     } else {
         builder.init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        Opts::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_are_validated_and_named_before_anything_is_sent() {
+        let err = Opts::try_parse_from([
+            "lab-ops",
+            "natmap",
+            "dnat",
+            "--ext-ip",
+            "192.0.2.1",
+            "--int-ip",
+            "127.0.0.1",
+            "--ports",
+            "25",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--int-ip"), "{err}");
+        let err = Opts::try_parse_from([
+            "lab-ops",
+            "natmap",
+            "dnat",
+            "--ext-ip",
+            "192.0.2.1",
+            "--int-ip",
+            "10.0.0.2",
+            "--ports",
+            "0",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--ports"), "{err}");
+        let ok = Opts::try_parse_from([
+            "lab-ops",
+            "natmap",
+            "--socket",
+            "/tmp/x.sock",
+            "daemon",
+            "--state",
+            "/tmp/s.json",
+        ]);
+        assert!(ok.is_ok());
     }
 }

@@ -22,20 +22,14 @@ pub struct DaemonArgs {
         default_value = "/var/lib/natmap/state.json"
     )]
     pub state_path: PathBuf,
-    /// Control socket to listen on (the client's --socket).
-    #[arg(
-        long = "socket",
-        value_name = "PATH",
-        default_value = "/run/natmap.sock"
-    )]
-    pub socket_path: PathBuf,
     /// Group allowed to use the socket (mode 0660).
     #[arg(long, value_name = "GROUP", default_value = "natmap")]
     pub socket_group: String,
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub fn run_daemon(args: DaemonArgs) -> Result<ExitCode> {
+/// Runs the daemon until SIGTERM or SIGINT, listening on `socket_path`
+/// (the global `--socket`).
+pub fn run_daemon(args: DaemonArgs, socket_path: PathBuf) -> Result<ExitCode> {
     if !nix::unistd::geteuid().is_root() {
         return Err(eyre!(
             "the natmap daemon must run as root (it changes iptables rules): sudo lab-ops natmap daemon"
@@ -43,7 +37,7 @@ pub fn run_daemon(args: DaemonArgs) -> Result<ExitCode> {
     }
     let config = DaemonConfig {
         state_path: args.state_path,
-        socket_path: args.socket_path,
+        socket_path,
         socket_group: args.socket_group,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

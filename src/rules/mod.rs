@@ -125,3 +125,6 @@ impl Ruleset {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,221 @@
+//! Golden-file tests of rendering and of the restore transactions.
+//!
+//! Set `NATMAP_BLESS=1` to rewrite the golden files after an intended change,
+//! then review the diff.
+
+use std::path::PathBuf;
+
+use crate::model::{DnatRule, Family, HairpinRule, Rule, RuleSpec, SnatRule};
+
+use super::saved::SavedTables;
+use super::{render, restore};
+
+fn golden(name: &str, actual: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("src/rules/testdata")
+        .join(name);
+    if std::env::var_os("NATMAP_BLESS").is_some() {
+        std::fs::write(&path, actual).unwrap();
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with NATMAP_BLESS=1 to create it)",
+            path.display()
+        )
+    });
+    assert_eq!(
+        actual, expected,
+        "golden file {name} differs (NATMAP_BLESS=1 rewrites it)"
+    );
+}
+
+fn sample_rules() -> Vec<Rule> {
+    vec![
+        Rule {
+            id: 1,
+            spec: RuleSpec::Dnat(DnatRule {
+                ext_ip: "203.0.113.10".parse().unwrap(),
+                int_ip: "10.0.0.25".parse().unwrap(),
+                ports: "25,465,587".parse().unwrap(),
+                proto: "tcp".parse().unwrap(),
+                ext_if: None,
+            }),
+        },
+        Rule {
+            id: 2,
+            spec: RuleSpec::Dnat(DnatRule {
+                ext_ip: "203.0.113.10".parse().unwrap(),
+                int_ip: "10.0.0.53".parse().unwrap(),
+                ports: "53".parse().unwrap(),
+                proto: "udp".parse().unwrap(),
+                ext_if: Some("eth0".parse().unwrap()),
+            }),
+        },
+        Rule {
+            id: 3,
+            spec: RuleSpec::Snat(SnatRule {
+                source: "10.0.0.0/24".parse().unwrap(),
+                ext_if: "eth0".parse().unwrap(),
+                ext_ip: "203.0.113.10".parse().unwrap(),
+            }),
+        },
+        Rule {
+            id: 4,
+            spec: RuleSpec::Hairpin(HairpinRule {
+                ext_ip: "203.0.113.10".parse().unwrap(),
+                int_ip: "10.0.0.80".parse().unwrap(),
+                ports: "80,443".parse().unwrap(),
+                proto: "tcp".parse().unwrap(),
+                int_net: "10.0.0.0/24".parse().unwrap(),
+            }),
+        },
+        Rule {
+            id: 5,
+            spec: RuleSpec::Dnat(DnatRule {
+                ext_ip: "2001:db8:1::1".parse().unwrap(),
+                int_ip: "2001:db8:2::2".parse().unwrap(),
+                ports: "8000-8010".parse().unwrap(),
+                proto: "tcp".parse().unwrap(),
+                ext_if: None,
+            }),
+        },
+    ]
+}
+
+#[test]
+fn rewrite_of_both_families_matches_golden() {
+    let set = render::desired(&sample_rules());
+    golden(
+        "rewrite-v4.rules",
+        &restore::rewrite_chains(set.family(Family::V4)),
+    );
+    golden(
+        "rewrite-v6.rules",
+        &restore::rewrite_chains(set.family(Family::V6)),
+    );
+}
+
+/// A Docker host whose hooks are out of place: PREROUTING's jump is second,
+/// OUTPUT has two, POSTROUTING none; DOCKER-USER exists.
+const DOCKER_HOST_SAVE: &str = "\
+*nat
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:DOCKER - [0:0]
+:NATMAP - [0:0]
+:NATMAP-OUTPUT - [0:0]
+-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
+-A PREROUTING -j NATMAP
+-A OUTPUT -j NATMAP-OUTPUT
+-A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER
+-A OUTPUT -j NATMAP-OUTPUT
+-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE
+-A NATMAP -d 203.0.113.10/32 -p tcp -m tcp --dport 25 -m comment --comment \"natmap:dnat:1\" -j DNAT --to-destination 10.0.0.25
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+:DOCKER-USER - [0:0]
+-A FORWARD -j DOCKER-USER
+-A FORWARD -j DOCKER-FORWARD
+-A DOCKER-USER -j RETURN
+COMMIT
+";
+
+#[test]
+fn full_apply_repairs_hooks_without_touching_other_rules() {
+    let set = render::desired(&sample_rules()[..1]);
+    let saved = SavedTables::parse(DOCKER_HOST_SAVE);
+    let text = restore::full(set.family(Family::V4), &saved);
+    golden("full-docker-host-v4.rules", &text);
+    // Nothing but natmap's chains is declared (declaring flushes).
+    for line in text.lines().filter(|l| l.starts_with(':')) {
+        assert!(line.starts_with(":NATMAP"), "{line}");
+    }
+}
+
+#[test]
+fn full_apply_on_an_empty_host_creates_docker_user_and_its_hook() {
+    let set = render::desired(&sample_rules()[..1]);
+    let saved = SavedTables::parse(
+        "*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n*filter\n:FORWARD ACCEPT [0:0]\nCOMMIT\n",
+    );
+    golden(
+        "full-empty-host-v4.rules",
+        &restore::full(set.family(Family::V4), &saved),
+    );
+}
+
+#[test]
+fn teardown_removes_only_natmap() {
+    let saved = SavedTables::parse(DOCKER_HOST_SAVE);
+    let text = restore::teardown(&saved);
+    golden("teardown-v4.rules", &text);
+    assert!(!text.contains("DOCKER-USER -j RETURN"));
+    assert!(!text.contains(":DOCKER"));
+}
+
+#[test]
+fn drift_is_detected_and_an_applied_state_has_none() {
+    let set = render::desired(&sample_rules()[..1]);
+    let rules = set.family(Family::V4);
+    let saved = SavedTables::parse(DOCKER_HOST_SAVE);
+    let reasons = saved.drift(rules);
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("PREROUTING has 1 jump(s) to NATMAP, not as its first rule")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("OUTPUT has 2 jump(s)")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("chain NATMAP-POSTROUTING is missing")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("nat chain NATMAP differs")),
+        "{reasons:?}"
+    );
+
+    // What iptables-save shows after the full apply has no drift.
+    let mut after = String::from(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n",
+    );
+    after.push_str(":NATMAP - [0:0]\n:NATMAP-OUTPUT - [0:0]\n:NATMAP-POSTROUTING - [0:0]\n");
+    after.push_str("-A PREROUTING -j NATMAP\n-A OUTPUT -j NATMAP-OUTPUT\n-A POSTROUTING -j NATMAP-POSTROUTING\n");
+    for chain in [
+        super::Chain::NatPrerouting,
+        super::Chain::NatOutput,
+        super::Chain::NatPostrouting,
+    ] {
+        for line in rules.chain(chain) {
+            // iptables-nft quotes comments; parsing must not care.
+            after.push_str(&format!(
+                "-A {} {}\n",
+                chain.name(),
+                line.replace("natmap:dnat:1", "\"natmap:dnat:1\"")
+            ));
+        }
+    }
+    after.push_str("COMMIT\n*filter\n:FORWARD DROP [0:0]\n:DOCKER-USER - [0:0]\n:NATMAP - [0:0]\n");
+    after.push_str(
+        "-A FORWARD -j DOCKER-USER\n-A DOCKER-USER -j NATMAP\n-A DOCKER-USER -j RETURN\n",
+    );
+    for line in rules.chain(super::Chain::FilterForward) {
+        after.push_str(&format!("-A NATMAP {line}\n"));
+    }
+    after.push_str("COMMIT\n");
+    assert_eq!(
+        SavedTables::parse(&after).drift(rules),
+        Vec::<String>::new()
+    );
+}

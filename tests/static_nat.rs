@@ -1,0 +1,890 @@
+//! Static DNAT, SNAT and hairpin on a real kernel: a client ─ router ─ server
+//! topology per test, the real daemon in the router namespace, real TCP and
+//! UDP traffic, and the exact rules in natmap's chains.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+
+use common::*;
+
+fn v4(ip: std::net::Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(ip), port)
+}
+
+fn v6(ip: std::net::Ipv6Addr, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V6(ip), port)
+}
+
+/// natmap's rules as `iptables -S` prints them (only the `-A` lines).
+fn natmap_rules(topo: &Topology, v6: bool) -> Vec<String> {
+    let mut lines = Vec::new();
+    for (table, chain) in [
+        ("nat", "NATMAP"),
+        ("nat", "NATMAP-OUTPUT"),
+        ("nat", "NATMAP-POSTROUTING"),
+        ("filter", "NATMAP"),
+    ] {
+        for line in try_iptables_rules(&topo.router, v6, table, chain).unwrap_or_default() {
+            if line.starts_with("-A ") {
+                lines.push(format!("{table} {line}"));
+            }
+        }
+    }
+    lines
+}
+
+fn dnat_mail(d: &Daemon) -> serde_json::Value {
+    d.cli_json(&[
+        "dnat",
+        "--ext-ip",
+        "192.0.2.1",
+        "--int-ip",
+        "198.51.100.2",
+        "--ports",
+        "25,465",
+    ])
+}
+
+#[test]
+fn multiport_dnat_forwards_tcp_and_keeps_the_client_address() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::new();
+    let _smtp = TcpEcho::start(&topo.server, v4(SERVER_V4, 25));
+    let _smtps = TcpEcho::start(&topo.server, v4(SERVER_V4, 465));
+    let d = Daemon::start(&topo.router);
+    // FORWARD policy is DROP: nothing passes before natmap's rule.
+    expect_no_tcp(&topo.client, v4(ROUTER_EXT_V4, 25));
+
+    let added = dnat_mail(&d);
+    assert_eq!(added["ok"], true, "{added}");
+    assert_eq!(added["data"]["result"], "added");
+    assert_eq!(added["data"]["rule"]["id"], 1);
+
+    expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
+    expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 465), CLIENT_V4, 465);
+    // The router's own traffic to its external address is forwarded too.
+    expect_tcp(&topo.router, v4(ROUTER_EXT_V4, 25), ROUTER_EXT_V4, 25);
+
+    assert_eq!(
+        natmap_rules(&topo, false),
+        [
+            "nat -A NATMAP -d 192.0.2.1/32 -p tcp -m multiport --dports 25,465 -m comment --comment \"natmap:dnat:1\" -j DNAT --to-destination 198.51.100.2",
+            "nat -A NATMAP-OUTPUT -d 192.0.2.1/32 -p tcp -m multiport --dports 25,465 -m comment --comment \"natmap:dnat:1\" -j DNAT --to-destination 198.51.100.2",
+            "filter -A NATMAP -d 198.51.100.2/32 -p tcp -m multiport --dports 25,465 -m conntrack --ctstate DNAT -m comment --comment \"natmap:dnat:1\" -j ACCEPT",
+            "filter -A NATMAP -s 198.51.100.2/32 -p tcp -m multiport --sports 25,465 -m conntrack --ctstate DNAT -m comment --comment \"natmap:dnat:1\" -j ACCEPT",
+        ]
+    );
+    // One jump each, first in its hook chain.
+    for (table, hook, target) in [
+        ("nat", "PREROUTING", "NATMAP"),
+        ("nat", "OUTPUT", "NATMAP-OUTPUT"),
+        ("nat", "POSTROUTING", "NATMAP-POSTROUTING"),
+        ("filter", "DOCKER-USER", "NATMAP"),
+        ("filter", "FORWARD", "DOCKER-USER"),
+    ] {
+        let lines = iptables_rules(&topo.router, false, table, hook);
+        let jump = format!("-A {hook} -j {target}");
+        assert_eq!(
+            lines.iter().filter(|l| **l == jump).count(),
+            1,
+            "{table} {hook}: {lines:?}"
+        );
+        assert_eq!(
+            lines.iter().find(|l| l.starts_with("-A ")),
+            Some(&jump),
+            "{lines:?}"
+        );
+    }
+}
+
+#[test]
+fn udp_dnat_with_ingress_interface() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::new();
+    let _dns = UdpEcho::start(&topo.server, v4(SERVER_V4, 5353));
+    let d = Daemon::start(&topo.router);
+    d.cli_ok(&[
+        "dnat",
+        "--ext-ip",
+        "192.0.2.1",
+        "--int-ip",
+        "198.51.100.2",
+        "--ports",
+        "5353",
+        "--proto",
+        "udp",
+        "--ext-if",
+        topo.router_ext_if(),
+    ]);
+    expect_udp(&topo.client, v4(ROUTER_EXT_V4, 5353), CLIENT_V4, 5353);
+    let rules = natmap_rules(&topo, false);
+    assert_eq!(
+        rules[0],
+        format!(
+            "nat -A NATMAP -d 192.0.2.1/32 -i {} -p udp -m udp --dport 5353 -m comment --comment \"natmap:dnat:1\" -j DNAT --to-destination 198.51.100.2",
+            topo.router_ext_if()
+        )
+    );
+    // Bound to an interface: no OUTPUT rule for the host's own traffic.
+    assert!(
+        !rules.iter().any(|r| r.contains("NATMAP-OUTPUT")),
+        "{rules:?}"
+    );
+}
+
+#[test]
+fn ipv6_dnat_and_mixed_families_are_refused() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::new();
+    let _web = TcpEcho::start(&topo.server, v6(SERVER_V6, 8080));
+    let d = Daemon::start(&topo.router);
+    d.cli_ok(&[
+        "dnat",
+        "--ext-ip",
+        "2001:db8:1::1",
+        "--int-ip",
+        "2001:db8:2::2",
+        "--ports",
+        "8080",
+    ]);
+    expect_tcp(&topo.client, v6(ROUTER_EXT_V6, 8080), CLIENT_V6, 8080);
+    assert_eq!(natmap_rules(&topo, true).len(), 4);
+    assert!(natmap_rules(&topo, false).is_empty());
+
+    let (status, mixed) = d.cli_json_output(&[
+        "dnat",
+        "--ext-ip",
+        "192.0.2.1",
+        "--int-ip",
+        "2001:db8:2::2",
+        "--ports",
+        "8081",
+    ]);
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(mixed["error"]["code"], "invalid_argument", "{mixed}");
+    assert!(mixed["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("--ext-ip and --int-ip"));
+}
+
+#[test]
+fn hairpin_masquerades_only_internal_clients() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::new();
+    let _web = TcpEcho::start(&topo.server, v4(SERVER_V4, 80));
+    let d = Daemon::start(&topo.router);
+    let out = d.cli_json(&[
+        "hairpin",
+        "--ext-ip",
+        "192.0.2.1",
+        "--int-ip",
+        "198.51.100.2",
+        "--ports",
+        "80",
+    ]);
+    assert_eq!(out["data"]["rule"]["int_net"], "198.51.100.0/24", "{out}");
+    // An outside client keeps its own address…
+    expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 80), CLIENT_V4, 80);
+    // …an internal neighbour is masqueraded, so the reply comes back via the router…
+    expect_tcp(&topo.server2, v4(ROUTER_EXT_V4, 80), ROUTER_INT_V4, 80);
+    // …and so is the server reaching itself through the external address.
+    expect_tcp(&topo.server, v4(ROUTER_EXT_V4, 80), ROUTER_INT_V4, 80);
+}
+
+#[test]
+fn snat_rewrites_only_the_given_source_on_the_given_interface() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::new();
+    let _outside = TcpEcho::start(&topo.client, v4(CLIENT_V4, 7000));
+    // Let the servers' own connections out (this is not natmap's business).
+    iptables(&topo.router, false, &["-A", "FORWARD", "-j", "ACCEPT"]);
+    let d = Daemon::start(&topo.router);
+    expect_tcp(&topo.server, v4(CLIENT_V4, 7000), SERVER_V4, 7000);
+    d.cli_ok(&[
+        "snat",
+        "--int-ip",
+        "198.51.100.2",
+        "--ext-if",
+        topo.router_ext_if(),
+        "--ext-ip",
+        "192.0.2.1",
+    ]);
+    expect_tcp(&topo.server, v4(CLIENT_V4, 7000), ROUTER_EXT_V4, 7000);
+    // Another source is left alone.
+    expect_tcp(&topo.server2, v4(CLIENT_V4, 7000), SERVER2_V4, 7000);
+    assert_eq!(
+        natmap_rules(&topo, false),
+        [format!(
+            "nat -A NATMAP-POSTROUTING -s 198.51.100.2/32 -o {} -m comment --comment \"natmap:snat:1\" -j SNAT --to-source 192.0.2.1",
+            topo.router_ext_if()
+        )]
+    );
+    d.cli_ok(&[
+        "snat",
+        "--int-ip",
+        "198.51.100.2",
+        "--ext-if",
+        topo.router_ext_if(),
+        "--ext-ip",
+        "192.0.2.1",
+        "--delete",
+    ]);
+    expect_tcp(&topo.server, v4(CLIENT_V4, 7000), SERVER_V4, 7000);
+}
+
+#[test]
+fn delete_stops_traffic_releases_ports_and_readd_is_idempotent() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::new();
+    let _smtp = TcpEcho::start(&topo.server, v4(SERVER_V4, 25));
+    let d = Daemon::start(&topo.router);
+    dnat_mail(&d);
+    let before = natmap_rules(&topo, false);
+    let again = dnat_mail(&d);
+    assert_eq!(again["data"]["result"], "already_present", "{again}");
+    // Same ports in another order are the same rule.
+    let reordered = d.cli_json(&[
+        "dnat",
+        "--ext-ip",
+        "192.0.2.1",
+        "--int-ip",
+        "198.51.100.2",
+        "--ports",
+        "465,25",
+    ]);
+    assert_eq!(reordered["data"]["result"], "already_present");
+    assert_eq!(natmap_rules(&topo, false), before, "no duplicate rules");
+
+    // The port is held while the rule exists.
+    let bind = || {
+        in_netns(&topo.router, || {
+            std::net::TcpListener::bind(v4(ROUTER_EXT_V4, 25)).is_ok()
+        })
+    };
+    assert!(!bind(), "port 25 must be reserved by natmap");
+
+    let deleted = d.cli_json(&[
+        "dnat",
+        "--ext-ip",
+        "192.0.2.1",
+        "--int-ip",
+        "198.51.100.2",
+        "--ports",
+        "25,465",
+        "--delete",
+    ]);
+    assert_eq!(deleted["data"]["result"], "deleted", "{deleted}");
+    expect_no_tcp(&topo.client, v4(ROUTER_EXT_V4, 25));
+    assert!(natmap_rules(&topo, false).is_empty());
+    assert!(bind(), "port 25 released after delete");
+
+    let (status, missing) = d.cli_json_output(&[
+        "dnat",
+        "--ext-ip",
+        "192.0.2.1",
+        "--int-ip",
+        "198.51.100.2",
+        "--ports",
+        "25,465",
+        "--delete",
+    ]);
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(missing["error"]["code"], "not_found", "{missing}");
+}
+
+#[test]
+fn kill9_and_restart_rebuild_exactly_the_same_rules() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::new();
+    let _smtp = TcpEcho::start(&topo.server, v4(SERVER_V4, 25));
+    let _dns = UdpEcho::start(&topo.server, v4(SERVER_V4, 53));
+    let mut d = Daemon::start(&topo.router);
+    dnat_mail(&d);
+    d.cli_ok(&[
+        "dnat",
+        "--ext-ip",
+        "192.0.2.1",
+        "--int-ip",
+        "198.51.100.2",
+        "--ports",
+        "53",
+        "--proto",
+        "udp",
+    ]);
+    d.cli_ok(&[
+        "hairpin",
+        "--ext-ip",
+        "192.0.2.1",
+        "--int-ip",
+        "198.51.100.3",
+        "--ports",
+        "80",
+    ]);
+    let rules = natmap_rules(&topo, false);
+    let save_before = iptables_save(&topo.router, false);
+
+    d.kill9();
+    // The kernel keeps forwarding while the daemon is down.
+    expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
+    d.respawn();
+    assert_eq!(
+        natmap_rules(&topo, false),
+        rules,
+        "restart with old rules present: no duplicates"
+    );
+    let jumps = |s: &str| {
+        s.lines()
+            .filter(|l| l.contains("-j NATMAP") || l.contains("-j DOCKER-USER"))
+            .count()
+    };
+    assert_eq!(
+        jumps(&iptables_save(&topo.router, false)),
+        jumps(&save_before)
+    );
+    expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
+    expect_udp(&topo.client, v4(ROUTER_EXT_V4, 53), CLIENT_V4, 53);
+
+    // A reboot: the daemon is gone and the tables are empty.
+    d.kill9();
+    for table in ["nat", "filter"] {
+        iptables(&topo.router, false, &["-t", table, "-F"]);
+        iptables(&topo.router, false, &["-t", table, "-X"]);
+    }
+    expect_no_tcp(&topo.client, v4(ROUTER_EXT_V4, 25));
+    d.respawn();
+    assert_eq!(
+        natmap_rules(&topo, false),
+        rules,
+        "recovery into empty tables"
+    );
+    expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
+    expect_udp(&topo.client, v4(ROUTER_EXT_V4, 53), CLIENT_V4, 53);
+    let ls = d.cli_json(&["ls"]);
+    assert_eq!(ls["data"]["rules"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn busy_port_fails_whole_request_and_nothing_is_installed() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::new();
+    let d = Daemon::start(&topo.router);
+    let blocker = in_netns(&topo.router, || {
+        std::net::TcpListener::bind(v4(ROUTER_EXT_V4, 2525)).unwrap()
+    });
+    let state_before = std::fs::read(d.state_path()).ok();
+    let (status, out) = d.cli_json_output(&[
+        "dnat",
+        "--ext-ip",
+        "192.0.2.1",
+        "--int-ip",
+        "198.51.100.2",
+        "--ports",
+        "2524,2525",
+    ]);
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(out["error"]["code"], "port_in_use", "{out}");
+    let message = out["error"]["message"].as_str().unwrap();
+    assert!(message.contains("2525/tcp"), "{message}");
+    assert!(
+        message.contains(&format!("pid {}", std::process::id())),
+        "owner named: {message}"
+    );
+    assert!(natmap_rules(&topo, false).is_empty());
+    assert_eq!(
+        std::fs::read(d.state_path()).ok(),
+        state_before,
+        "state untouched"
+    );
+    // 2524 was bound first and released again.
+    assert!(in_netns(&topo.router, || std::net::TcpListener::bind(v4(
+        ROUTER_EXT_V4,
+        2524
+    ))
+    .is_ok()));
+
+    drop(blocker);
+    let ok = d.cli_json(&[
+        "dnat",
+        "--ext-ip",
+        "192.0.2.1",
+        "--int-ip",
+        "198.51.100.2",
+        "--ports",
+        "2524,2525",
+    ]);
+    assert_eq!(ok["data"]["result"], "added", "{ok}");
+    // A second natmap rule on the same port names the rule that holds it.
+    let (_, clash) = d.cli_json_output(&[
+        "dnat",
+        "--ext-ip",
+        "192.0.2.1",
+        "--int-ip",
+        "198.51.100.3",
+        "--ports",
+        "2525",
+    ]);
+    assert_eq!(clash["error"]["code"], "port_in_use");
+    assert!(
+        clash["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("rule #1"),
+        "{clash}"
+    );
+}
+
+#[test]
+fn restart_skips_rules_whose_port_was_taken_and_installs_them_when_free() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::new();
+    let _web = TcpEcho::start(&topo.server, v4(SERVER_V4, 8080));
+    let mut d = Daemon::start(&topo.router);
+    d.cli_ok(&[
+        "dnat",
+        "--ext-ip",
+        "192.0.2.1",
+        "--int-ip",
+        "198.51.100.2",
+        "--ports",
+        "8080",
+    ]);
+    d.cli_ok(&[
+        "dnat",
+        "--ext-ip",
+        "192.0.2.1",
+        "--int-ip",
+        "198.51.100.2",
+        "--ports",
+        "8443",
+    ]);
+    d.kill9();
+    let squatter = in_netns(&topo.router, || {
+        std::net::TcpListener::bind(v4(ROUTER_EXT_V4, 8080)).unwrap()
+    });
+    d.respawn();
+    let ls = d.cli_json(&["ls"]);
+    let rules = ls["data"]["rules"].as_array().unwrap();
+    assert_eq!(rules[0]["status"], "port_conflict", "{ls}");
+    assert!(rules[0]["detail"].as_str().unwrap().contains("8080/tcp"));
+    assert_eq!(rules[1]["status"], "active");
+    assert!(d.log().contains("rule skipped"), "warning logged");
+    let installed = natmap_rules(&topo, false);
+    assert!(
+        !installed.iter().any(|r| r.contains("8080")),
+        "{installed:?}"
+    );
+    assert!(installed.iter().any(|r| r.contains("8443")));
+
+    drop(squatter);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while natmap_rules(&topo, false)
+        .iter()
+        .all(|r| !r.contains("8080"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rule not installed after the port was freed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 8080), CLIENT_V4, 8080);
+}
+
+#[test]
+fn twenty_concurrent_clients_all_land_and_survive_a_crash() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::new();
+    let mut d = Daemon::start(&topo.router);
+    let results: Vec<serde_json::Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..20u16)
+            .map(|i| {
+                let d = &d;
+                s.spawn(move || {
+                    let port = (10000 + i).to_string();
+                    d.cli_json(&[
+                        "dnat",
+                        "--ext-ip",
+                        "192.0.2.1",
+                        "--int-ip",
+                        "198.51.100.2",
+                        "--ports",
+                        &port,
+                    ])
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in &results {
+        assert_eq!(r["data"]["result"], "added", "{r}");
+    }
+    let mut ids: Vec<u64> = results
+        .iter()
+        .map(|r| r["data"]["rule"]["id"].as_u64().unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        (1..=20).collect::<Vec<_>>(),
+        "every request got its own id"
+    );
+    assert_eq!(
+        iptables_rules(&topo.router, false, "nat", "NATMAP").len(),
+        21
+    );
+    d.kill9();
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.state_path()).unwrap()).unwrap();
+    assert_eq!(
+        state["rules"].as_array().unwrap().len(),
+        20,
+        "every acknowledged change is on disk"
+    );
+    d.respawn();
+    assert_eq!(
+        iptables_rules(&topo.router, false, "nat", "NATMAP").len(),
+        21
+    );
+}
+
+#[test]
+fn bad_input_is_refused_and_leaves_rules_and_state_byte_identical() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::new();
+    let d = Daemon::start(&topo.router);
+    dnat_mail(&d);
+    let state_before = std::fs::read(d.state_path()).unwrap();
+    let rules_before = iptables_save(&topo.router, false);
+    let cli_cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "dnat",
+                "--ext-ip",
+                "192.0.2.1",
+                "--int-ip",
+                "198.51.100.2",
+                "--ports",
+                "0",
+            ],
+            "--ports",
+        ),
+        (
+            &[
+                "dnat",
+                "--ext-ip",
+                "192.0.2.1",
+                "--int-ip",
+                "198.51.100.2",
+                "--ports",
+                "70000",
+            ],
+            "--ports",
+        ),
+        (
+            &[
+                "dnat",
+                "--ext-ip",
+                "192.0.2.1",
+                "--int-ip",
+                "198.51.100.2",
+                "--ports",
+                "25;reboot",
+            ],
+            "--ports",
+        ),
+        (
+            &[
+                "dnat",
+                "--ext-ip",
+                "192.0.2.300",
+                "--int-ip",
+                "198.51.100.2",
+                "--ports",
+                "25",
+            ],
+            "--ext-ip",
+        ),
+        (
+            &[
+                "dnat",
+                "--ext-ip",
+                "192.0.2.1",
+                "--int-ip",
+                "127.0.0.1",
+                "--ports",
+                "25",
+            ],
+            "--int-ip",
+        ),
+        (
+            &[
+                "dnat",
+                "--ext-ip",
+                "192.0.2.1",
+                "--int-ip",
+                "198.51.100.2",
+                "--ports",
+                "25",
+                "--proto",
+                "icmp",
+            ],
+            "--proto",
+        ),
+        (
+            &[
+                "dnat",
+                "--ext-ip",
+                "192.0.2.1",
+                "--int-ip",
+                "198.51.100.2",
+                "--ports",
+                "25",
+                "--ext-if",
+                "eth0\n-A INPUT -j DROP",
+            ],
+            "interface",
+        ),
+        (
+            &[
+                "dnat",
+                "--ext-ip",
+                "192.0.2.1",
+                "--int-ip",
+                "198.51.100.2",
+                "--ports",
+                "25",
+                "--ext-if",
+                "averyveryverylongname",
+            ],
+            "interface",
+        ),
+        (
+            &[
+                "snat",
+                "--int-ip",
+                "10.0.0.0/40",
+                "--ext-if",
+                "eth0",
+                "--ext-ip",
+                "192.0.2.1",
+            ],
+            "--int-ip",
+        ),
+        (
+            &[
+                "snat",
+                "--int-ip",
+                "10.0.0.0/24",
+                "--ext-if",
+                "../x",
+                "--ext-ip",
+                "192.0.2.1",
+            ],
+            "interface",
+        ),
+    ];
+    for (args, field) in cli_cases {
+        let out = d.cli(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?} must be a usage error");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(field),
+            "{args:?}: error must name {field}: {stderr}"
+        );
+    }
+    // The same and worse, straight onto the socket, past the CLI's checks.
+    let raw_cases = [
+        r#"{"version":1,"request":{"cmd":"dnat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2","ports":"25","ext_if":"x\n-A INPUT -j DROP"}}"#,
+        r#"{"version":1,"request":{"cmd":"snat","int_ip":"10.0.0.0/24","ext_if":"eth0","ext_ip":"192.0.2.1 -j ACCEPT"}}"#,
+        r#"{"version":1,"request":{"cmd":"dnat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2","ports":"25","delete":"yes"}}"#,
+        r#"{"version":1,"request":{"cmd":"dnat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2","ports":"25","comment":"x"}}"#,
+        r#"{"version":1,"request":{"cmd":"flush"}}"#,
+        r#"{"version":7,"request":{"cmd":"clear"}}"#,
+        r#"{"version":1,"request":{"cmd":"dnat","ext_ip":"192.0.2.1","int_ip":"2001:db8::2","ports":"26"}}"#,
+        "\u{0}\u{1}garbage",
+        "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[",
+    ];
+    let sock = d.socket_path();
+    let answers = in_netns(&topo.router, move || {
+        use std::io::{BufRead, BufReader, Write};
+        let mut stream = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        raw_cases
+            .iter()
+            .map(|line| {
+                stream.write_all(line.as_bytes()).unwrap();
+                stream.write_all(b"\n").unwrap();
+                let mut answer = String::new();
+                reader.read_line(&mut answer).unwrap();
+                serde_json::from_str::<serde_json::Value>(&answer).unwrap()
+            })
+            .collect::<Vec<_>>()
+    });
+    for (line, answer) in raw_cases.iter().zip(&answers) {
+        assert_eq!(answer["ok"], false, "{line} → {answer}");
+        assert!(answer["error"]["code"].is_string(), "{answer}");
+    }
+    assert!(
+        answers[0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ext_if"),
+        "{}",
+        answers[0]
+    );
+    assert_eq!(answers[5]["error"]["code"], "version_mismatch");
+    assert_eq!(
+        std::fs::read(d.state_path()).unwrap(),
+        state_before,
+        "state byte-identical"
+    );
+    let strip = |s: &str| {
+        s.lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        strip(&iptables_save(&topo.router, false)),
+        strip(&rules_before),
+        "rules identical"
+    );
+}
+
+#[test]
+fn fwd_enables_forwarding_and_reports_the_change() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::new();
+    topo.router.sysctl_set("net.ipv4.ip_forward", "0");
+    let d = Daemon::start(&topo.router);
+    let out = d.cli_json(&["fwd"]);
+    let sysctls = out["data"]["sysctls"].as_array().unwrap();
+    assert_eq!(sysctls[0]["name"], "net.ipv4.ip_forward");
+    assert_eq!(sysctls[0]["before"], "0");
+    assert_eq!(sysctls[0]["after"], "1");
+    assert_eq!(
+        topo.router.sysctl_get("net.ipv4.ip_forward").as_deref(),
+        Some("1")
+    );
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.state_path()).unwrap()).unwrap();
+    assert_eq!(state["forwarding"], true, "remembered for the next start");
+}
+
+#[test]
+fn clear_removes_every_rule_chain_and_reservation() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::new();
+    let d = Daemon::start(&topo.router);
+    dnat_mail(&d);
+    d.cli_ok(&[
+        "dnat",
+        "--ext-ip",
+        "2001:db8:1::1",
+        "--int-ip",
+        "2001:db8:2::2",
+        "--ports",
+        "25",
+    ]);
+    d.cli_ok(&[
+        "snat",
+        "--int-ip",
+        "198.51.100.0/24",
+        "--ext-if",
+        "ext0",
+        "--ext-ip",
+        "192.0.2.1",
+    ]);
+    let out = d.cli_json(&["clear"]);
+    assert_eq!(out["data"]["removed"], 3, "{out}");
+    for v6 in [false, true] {
+        let save = iptables_save(&topo.router, v6);
+        assert!(
+            !save.contains("NATMAP"),
+            "natmap left something behind:\n{save}"
+        );
+    }
+    assert!(in_netns(&topo.router, || std::net::TcpListener::bind(v4(
+        ROUTER_EXT_V4,
+        25
+    ))
+    .is_ok()));
+    assert_eq!(
+        d.cli_json(&["ls"])["data"]["rules"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    // natmap works again after a clear.
+    assert_eq!(dnat_mail(&d)["data"]["result"], "added");
+    assert_eq!(natmap_rules(&topo, false).len(), 4);
+}
+
+#[test]
+fn socket_is_group_only_and_corrupt_state_is_moved_aside() {
+    if !privileged() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let topo = Topology::new();
+    let dir = StateDir::new();
+    std::fs::write(dir.state_path(), b"{\"schema_version\":1,\"rules\":[tru").unwrap();
+    let d = Daemon::start_with_state_dir(&topo.router, &dir);
+    let mode = std::fs::metadata(d.socket_path())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o660);
+    assert!(d.log().contains("STATE FILE IS CORRUPT"), "{}", d.log());
+    let moved: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("state.json.corrupt-")
+        })
+        .collect();
+    assert_eq!(moved.len(), 1, "corrupt file kept for inspection");
+    assert_eq!(
+        std::fs::read(moved[0].path()).unwrap(),
+        b"{\"schema_version\":1,\"rules\":[tru"
+    );
+    assert_eq!(
+        d.cli_json(&["ls"])["data"]["rules"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+}

@@ -19,6 +19,7 @@
 pub mod cli;
 pub mod client;
 pub mod daemon;
+pub mod docker;
 pub mod model;
 pub mod netfilter;
 pub mod proto;

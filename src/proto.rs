@@ -11,7 +11,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{HostIp, IfName, Network, PortList, Proto, Rule};
+use crate::model::{ContainerRef, HostIp, IfName, Network, PortList, PortSpec, Proto, Rule};
 
 /// Version of this protocol; the daemon refuses requests of another version.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -50,6 +50,12 @@ pub enum Request {
     Fwd(FwdRequest),
     /// Remove every rule and reservation and reset state.
     Clear(Empty),
+    /// Publish a port of a container (or of a fixed non-Docker target).
+    DockerAdd(DockerAddRequest),
+    /// Remove a Docker mapping.
+    DockerRm(DockerRmRequest),
+    /// Move a Docker mapping to another host port.
+    DockerRemap(DockerRemapRequest),
 }
 
 impl Request {
@@ -73,7 +79,7 @@ impl Request {
             Some(serde_json::Value::String(c)) => c,
             _ => {
                 return Err(
-                    "cmd: missing; expected one of ping, dnat, snat, hairpin, ls, fwd, clear"
+                    "cmd: missing; expected one of ping, dnat, snat, hairpin, ls, fwd, clear, docker_add, docker_rm, docker_remap"
                         .into(),
                 )
             }
@@ -87,9 +93,12 @@ impl Request {
             "ls" => Request::Ls(args(rest)?),
             "fwd" => Request::Fwd(args(rest)?),
             "clear" => Request::Clear(args(rest)?),
+            "docker_add" => Request::DockerAdd(args(rest)?),
+            "docker_rm" => Request::DockerRm(args(rest)?),
+            "docker_remap" => Request::DockerRemap(args(rest)?),
             _ => {
                 return Err(format!(
-                    "cmd: unknown command {:?}; expected one of ping, dnat, snat, hairpin, ls, fwd, clear",
+                    "cmd: unknown command {:?}; expected one of ping, dnat, snat, hairpin, ls, fwd, clear, docker_add, docker_rm, docker_remap",
                     cmd.escape_debug().to_string()
                 ))
             }
@@ -111,6 +120,9 @@ impl Request {
             Request::Ls(_) => "ls",
             Request::Fwd(_) => "fwd",
             Request::Clear(_) => "clear",
+            Request::DockerAdd(_) => "docker_add",
+            Request::DockerRm(_) => "docker_rm",
+            Request::DockerRemap(_) => "docker_remap",
         }
     }
 }
@@ -176,6 +188,59 @@ pub struct HairpinRequest {
     /// Delete instead of add.
     #[serde(default)]
     pub delete: bool,
+}
+
+/// `docker add` arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerAddRequest {
+    /// Container by id, id prefix or name.
+    #[serde(default)]
+    pub container: Option<ContainerRef>,
+    /// `--name`: the container, or the label of a non-Docker target.
+    #[serde(default)]
+    pub name: Option<ContainerRef>,
+    /// The port mapping.
+    pub mapping: PortSpec,
+    /// Docker network to take the address from, when the container has several.
+    #[serde(default)]
+    pub network: Option<ContainerRef>,
+}
+
+/// `docker rm` arguments: a container (or `--name`) and host port, or an id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerRmRequest {
+    /// Container by name or id prefix.
+    #[serde(default)]
+    pub container: Option<ContainerRef>,
+    /// `--name`.
+    #[serde(default)]
+    pub name: Option<ContainerRef>,
+    /// Host port of the mapping.
+    #[serde(default)]
+    pub host_port: Option<u16>,
+    /// Protocol, when the port is mapped for both.
+    #[serde(default)]
+    pub proto: Option<Proto>,
+    /// Mapping id (`--id`).
+    #[serde(default)]
+    pub id: Option<u64>,
+}
+
+/// `docker remap` arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DockerRemapRequest {
+    /// Container by name or id prefix.
+    pub container: ContainerRef,
+    /// Current host port.
+    pub old_port: u16,
+    /// New host port.
+    pub new_port: u16,
+    /// Protocol, when the port is mapped for both.
+    #[serde(default)]
+    pub proto: Option<Proto>,
 }
 
 /// `ls` arguments.
@@ -275,6 +340,10 @@ pub enum ErrorCode {
     Ipv6Unavailable,
     /// A sysctl could not be written.
     SysctlFailed,
+    /// Docker cannot be reached; static rules keep working.
+    DockerUnavailable,
+    /// No container by that id or name.
+    ContainerNotFound,
     /// The client could not reach the daemon (client-side only).
     DaemonUnreachable,
     /// The daemon answered something the client could not read (client-side only).
@@ -297,6 +366,8 @@ impl ErrorCode {
             ErrorCode::StateWriteFailed => "state_write_failed",
             ErrorCode::Ipv6Unavailable => "ipv6_unavailable",
             ErrorCode::SysctlFailed => "sysctl_failed",
+            ErrorCode::DockerUnavailable => "docker_unavailable",
+            ErrorCode::ContainerNotFound => "container_not_found",
             ErrorCode::DaemonUnreachable => "daemon_unreachable",
             ErrorCode::BadResponse => "bad_response",
             ErrorCode::Internal => "internal",
@@ -335,6 +406,9 @@ pub enum RuleStatus {
     /// Kept in state but not installed: its family cannot be NATed here
     /// (IPv6 without `ip6table_nat`).
     Unavailable,
+    /// A Docker mapping whose container is stopped or gone: no rules, the
+    /// port stays reserved, and it comes back when the container does.
+    Down,
 }
 
 /// What a change did.
@@ -347,6 +421,8 @@ pub enum ChangeKind {
     AlreadyPresent,
     /// The rule was deleted.
     Deleted,
+    /// The mapping moved to another host port.
+    Remapped,
 }
 
 /// Result of an add or delete.

@@ -5,6 +5,7 @@
 //! - [`ops`]: `daemon`, `ls`, `fwd`, `clear`, `ping`.
 //! - [`output`]: tables and JSON.
 
+mod docker;
 mod ops;
 mod output;
 mod static_nat;
@@ -104,6 +105,9 @@ pub enum NatmapCommand {
     Fwd(ops::FwdArgs),
     /// Remove every natmap rule and reservation and reset the state.
     Clear,
+    /// Publish ports of running containers: add, rm, remap.
+    #[command(subcommand)]
+    Docker(docker::DockerCommand),
     /// Check that the daemon answers.
     Ping,
 }
@@ -125,10 +129,28 @@ pub fn run(opts: Opts) -> Result<ExitCode> {
         NatmapCommand::Fwd(a) => Request::Fwd(a.into_request()),
         NatmapCommand::Clear => Request::Clear(Default::default()),
         NatmapCommand::Ping => Request::Ping(Default::default()),
+        NatmapCommand::Docker(d) => match d.into_request() {
+            Ok(r) => r,
+            Err(message) => {
+                return Ok(usage_error(natmap.json, &message));
+            }
+        },
     };
     let printer = output::Printer::new(natmap.json, natmap.color);
     let response = client::call(&natmap.socket, request.clone());
     Ok(ExitCode::from(printer.print(&request, &response)))
+}
+
+/// Prints a usage error (as JSON under `--json`) and returns exit code 2.
+pub fn usage_error(json: bool, message: &str) -> ExitCode {
+    if json {
+        let response =
+            crate::proto::Response::err(crate::proto::ErrorCode::InvalidArgument, message);
+        println!("{}", serde_json::to_string(&response).expect("serializes"));
+    } else {
+        eprintln!("error: {message}");
+    }
+    ExitCode::from(EXIT_USAGE)
 }
 
 fn init_logging(verbose: u8, daemon: bool) {
@@ -140,7 +162,9 @@ fn init_logging(verbose: u8, daemon: bool) {
         3 => "debug",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    // Verbosity is natmap's own; libraries (bollard, hyper) stay at warn.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("warn,natmap={level},lab_ops={level}")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -25,6 +25,9 @@ pub struct DaemonArgs {
     /// Group allowed to use the socket (mode 0660).
     #[arg(long, value_name = "GROUP", default_value = "natmap")]
     pub socket_group: String,
+    /// Docker's API socket (unix:// prefix accepted).
+    #[arg(long, value_name = "PATH", default_value = crate::docker::DEFAULT_SOCKET)]
+    pub docker_socket: String,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT, listening on `socket_path`
@@ -39,6 +42,7 @@ pub fn run_daemon(args: DaemonArgs, socket_path: PathBuf) -> Result<ExitCode> {
         state_path: args.state_path,
         socket_path,
         socket_group: args.socket_group,
+        docker_socket: crate::docker::socket_path(&args.docker_socket),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

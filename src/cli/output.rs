@@ -61,9 +61,12 @@ impl Printer {
         }
         let data = response.data.clone().unwrap_or_default();
         match request {
-            Request::Dnat(_) | Request::Snat(_) | Request::Hairpin(_) => {
-                self.with(data, |c: ChangeResult| self.change(&c))
-            }
+            Request::Dnat(_)
+            | Request::Snat(_)
+            | Request::Hairpin(_)
+            | Request::DockerAdd(_)
+            | Request::DockerRm(_)
+            | Request::DockerRemap(_) => self.with(data, |c: ChangeResult| self.change(&c)),
             Request::Ls(_) => self.with(data, |l: RuleList| self.list(&l.rules)),
             Request::Fwd(_) => self.with(data, |f: ForwardingReport| self.forwarding(&f)),
             Request::Clear(_) => self.with(data, |c: ClearReport| {
@@ -99,6 +102,7 @@ impl Printer {
                 println!("{kind} rule #{id} is already present; nothing changed")
             }
             ChangeKind::Deleted => println!("deleted {kind} rule #{id}"),
+            ChangeKind::Remapped => println!("remapped {kind} rule #{id}"),
         }
         self.list(std::slice::from_ref(&c.rule));
     }
@@ -136,6 +140,7 @@ impl Printer {
                 RuleStatus::Active => "active",
                 RuleStatus::PortConflict => "port conflict",
                 RuleStatus::Unavailable => "unavailable",
+                RuleStatus::Down => "down",
             };
             let mut status_cell = Cell::new(match &view.detail {
                 Some(d) => format!("{status}: {d}"),
@@ -201,5 +206,21 @@ fn describe(spec: &RuleSpec) -> (String, String, String) {
             format!("source {}", r.ext_ip),
             "all".to_owned(),
         ),
+        RuleSpec::Docker(r) => {
+            let host = match r.host_ip {
+                Some(h) => host_ports(h.ip(), &PortList::single(r.host_port)),
+                None => format!("*:{}", r.host_port),
+            };
+            let who = match (&r.container_id, r.external) {
+                (_, true) => r.name.clone(),
+                (Some(id), false) => format!("{} ({})", r.name, &id[..id.len().min(12)]),
+                (None, false) => r.name.clone(),
+            };
+            let addr = match r.target_v4.or(r.target_v6) {
+                Some(t) => host_ports(t.ip.ip(), &PortList::single(r.container_port)),
+                None => format!("-:{}", r.container_port),
+            };
+            (host, format!("{who} {addr}"), r.proto.to_string())
+        }
     }
 }

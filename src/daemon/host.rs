@@ -94,15 +94,39 @@ fn run_json(program: &str, args: &[&str]) -> Result<serde_json::Value, String> {
     serde_json::from_slice(&out.stdout).map_err(|e| format!("reading {program} output: {e}"))
 }
 
-/// Deletes conntrack entries of connections that were DNATed from
-/// `orig_dst` to `reply_src`, so flows (UDP above all) stop going to a target
-/// that is no longer forwarded. Best effort: logs and carries on when the
-/// `conntrack` tool is missing.
-pub fn forget_connections(proto: Proto, orig_dst: IpAddr, reply_src: IpAddr) {
-    let family = if orig_dst.is_ipv4() { "ipv4" } else { "ipv6" };
-    let result = Command::new("conntrack")
-        .args(["-D", "-f", family, "-p", proto.as_str()])
-        .args(["--orig-dst", &orig_dst.to_string()])
+/// Which conntrack entries to delete: connections a rule DNATed to `reply_src`.
+#[derive(Debug, Clone, Copy)]
+pub struct Flows {
+    /// Protocol.
+    pub proto: Proto,
+    /// Original destination address, when the rule had one.
+    pub orig_dst: Option<IpAddr>,
+    /// Original destination port, when the rule matched one port.
+    pub orig_port: Option<u16>,
+    /// The target the connections were sent to.
+    pub reply_src: IpAddr,
+}
+
+/// Deletes conntrack entries of connections that were DNATed to a target
+/// that is no longer forwarded (or moved), so flows (UDP above all) stop
+/// going there. Best effort: logs and carries on when the `conntrack` tool
+/// is missing.
+pub fn forget_connections(flows: Flows) {
+    let family = if flows.reply_src.is_ipv4() {
+        "ipv4"
+    } else {
+        "ipv6"
+    };
+    let mut cmd = Command::new("conntrack");
+    cmd.args(["-D", "-f", family, "-p", flows.proto.as_str()]);
+    if let Some(dst) = flows.orig_dst {
+        cmd.args(["--orig-dst", &dst.to_string()]);
+    }
+    if let Some(port) = flows.orig_port {
+        cmd.args(["--orig-port-dst", &port.to_string()]);
+    }
+    let reply_src = flows.reply_src;
+    let result = cmd
         .args(["--reply-src", &reply_src.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use crate::docker::{self, DockerClient};
 use crate::netfilter::{IptablesExecutor, Netfilter};
 use crate::proto::Response;
 
@@ -38,6 +39,8 @@ pub struct DaemonConfig {
     pub socket_path: PathBuf,
     /// Group that may use the socket (mode 0660).
     pub socket_group: String,
+    /// Docker's API socket.
+    pub docker_socket: PathBuf,
 }
 
 /// How often the engine does its periodic work (retrying busy ports).
@@ -53,6 +56,12 @@ pub(crate) enum EngineMsg {
     },
     /// Remove natmap's rules, release ports, and stop.
     Shutdown { done: oneshot::Sender<()> },
+    /// Docker answers (again).
+    DockerUp(DockerClient),
+    /// Docker stopped answering.
+    DockerDown(String),
+    /// Something happened to a container.
+    DockerEvent(docker::Event),
 }
 
 /// Runs the daemon until `shutdown` completes, then removes natmap's rules
@@ -80,8 +89,10 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
         .spawn(move || engine_loop(engine, rx))
         .map_err(|e| format!("cannot start engine thread: {e}"))?;
     tracing::info!(socket = %config.socket_path.display(), "natmap daemon ready");
+    let watcher = tokio::spawn(watch_docker(config.docker_socket.clone(), tx.clone()));
 
     server::serve(listener, tx.clone(), shutdown).await;
+    watcher.abort();
 
     let (done, wait) = oneshot::channel();
     let _ = tx.send(EngineMsg::Shutdown { done });
@@ -108,12 +119,55 @@ fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>) {
                 let _ = done.send(());
                 return;
             }
+            Ok(EngineMsg::DockerUp(client)) => engine.docker_connected(client),
+            Ok(EngineMsg::DockerDown(reason)) => engine.docker_lost(reason),
+            Ok(EngineMsg::DockerEvent(event)) => engine.docker_event(&event),
             Err(mpsc::RecvTimeoutError::Timeout) => engine.tick(),
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 engine.shutdown();
                 return;
             }
         }
+    }
+}
+
+/// Keeps a connection to Docker: connect, report it to the engine, forward
+/// container events; on failure report it and retry with backoff (1 s up to
+/// 10 s). Docker being away never blocks static rules.
+async fn watch_docker(socket: PathBuf, engine: mpsc::Sender<EngineMsg>) {
+    use futures_util::StreamExt;
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match DockerClient::connect(&socket).await {
+            Ok(client) => {
+                backoff = Duration::from_secs(1);
+                let mut events = Box::pin(client.events());
+                if engine.send(EngineMsg::DockerUp(client)).is_err() {
+                    return;
+                }
+                let reason = loop {
+                    match events.next().await {
+                        Some(Ok(event)) => {
+                            if engine.send(EngineMsg::DockerEvent(event)).is_err() {
+                                return;
+                            }
+                        }
+                        Some(Err(e)) => break format!("Docker events stream failed: {e}"),
+                        None => break "Docker closed the events stream".to_owned(),
+                    }
+                };
+                if engine.send(EngineMsg::DockerDown(reason)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                if engine.send(EngineMsg::DockerDown(e)).is_err() {
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
 

@@ -9,8 +9,8 @@
 //! and UDP datagrams (one upstream socket per client, closed when idle).
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -31,10 +31,13 @@ const MAX_TCP_PER_PORT: usize = 512;
 /// Bound on concurrent UDP clients per port.
 const MAX_UDP_CLIENTS: usize = 1024;
 
+/// Where a rule's relays send traffic; changes when a container moves.
+type TargetCell = Arc<RwLock<Option<IpAddr>>>;
+
 /// The relay tasks of every active rule.
 pub struct Relays {
     runtime: Option<Handle>,
-    tasks: BTreeMap<RuleId, Vec<AbortHandle>>,
+    tasks: BTreeMap<RuleId, (Vec<AbortHandle>, TargetCell)>,
 }
 
 impl Relays {
@@ -54,27 +57,33 @@ impl Relays {
         }
     }
 
-    /// Starts relaying on the rule's listening sockets.
-    pub fn start(&mut self, id: RuleId, held: &[Reservation]) {
+    /// Starts relaying on the rule's listening sockets to `target` (the
+    /// port of each socket's claim); `None` refuses connections.
+    pub fn start(&mut self, id: RuleId, held: &[Reservation], target: Option<IpAddr>) {
         let Some(rt) = self.runtime.clone() else {
             return;
         };
         let _guard = rt.enter();
+        let cell: TargetCell = Arc::new(RwLock::new(target));
         let mut handles = Vec::new();
         for r in held {
-            let target = r.claim.target;
+            let port = r.claim.target.port();
+            let to = Target {
+                cell: cell.clone(),
+                port,
+            };
             let task = match &r.socket {
                 HeldSocket::TcpListening(l) => l
                     .try_clone()
                     .and_then(TcpListener::from_std)
-                    .map(|l| rt.spawn(relay_tcp(l, target)).abort_handle()),
+                    .map(|l| rt.spawn(relay_tcp(l, to)).abort_handle()),
                 HeldSocket::Udp(s) => s
                     .try_clone()
                     .and_then(|s| {
                         s.set_nonblocking(true)?;
                         UdpSocket::from_std(s)
                     })
-                    .map(|s| rt.spawn(relay_udp(Arc::new(s), target)).abort_handle()),
+                    .map(|s| rt.spawn(relay_udp(Arc::new(s), to)).abort_handle()),
                 HeldSocket::TcpBound(_) => continue,
             };
             match task {
@@ -83,18 +92,41 @@ impl Relays {
             }
         }
         self.stop(id);
-        self.tasks.insert(id, handles);
+        self.tasks.insert(id, (handles, cell));
+    }
+
+    /// Points the rule's relays at a new address (a container moved).
+    pub fn retarget(&mut self, id: RuleId, target: Option<IpAddr>) {
+        if let Some((_, cell)) = self.tasks.get(&id) {
+            *cell.write().unwrap_or_else(|e| e.into_inner()) = target;
+        }
     }
 
     /// Stops the rule's relays (their socket copies close with them).
     pub fn stop(&mut self, id: RuleId) {
-        for h in self.tasks.remove(&id).unwrap_or_default() {
-            h.abort();
+        if let Some((handles, _)) = self.tasks.remove(&id) {
+            for h in handles {
+                h.abort();
+            }
         }
     }
 }
 
-async fn relay_tcp(listener: TcpListener, target: SocketAddr) {
+/// A relay's destination: the rule's current address and this socket's port.
+#[derive(Clone)]
+struct Target {
+    cell: TargetCell,
+    port: u16,
+}
+
+impl Target {
+    fn get(&self) -> Option<SocketAddr> {
+        let ip = *self.cell.read().unwrap_or_else(|e| e.into_inner());
+        ip.map(|ip| SocketAddr::new(ip, self.port))
+    }
+}
+
+async fn relay_tcp(listener: TcpListener, to: Target) {
     let limit = Arc::new(Semaphore::new(MAX_TCP_PER_PORT));
     loop {
         let Ok((mut client, _)) = listener.accept().await else {
@@ -103,6 +135,9 @@ async fn relay_tcp(listener: TcpListener, target: SocketAddr) {
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             continue; // over the bound: drop the connection
+        };
+        let Some(target) = to.get() else {
+            continue; // the target is down: refuse by closing
         };
         tokio::spawn(async move {
             let _permit = permit;
@@ -117,7 +152,7 @@ async fn relay_tcp(listener: TcpListener, target: SocketAddr) {
     }
 }
 
-async fn relay_udp(socket: Arc<UdpSocket>, target: SocketAddr) {
+async fn relay_udp(socket: Arc<UdpSocket>, to: Target) {
     let mut clients: HashMap<SocketAddr, (Arc<UdpSocket>, AbortHandle)> = HashMap::new();
     let mut buf = vec![0u8; 65536];
     loop {
@@ -125,6 +160,18 @@ async fn relay_udp(socket: Arc<UdpSocket>, target: SocketAddr) {
             continue;
         };
         clients.retain(|_, (_, task)| !task.is_finished());
+        let Some(target) = to.get() else {
+            continue;
+        };
+        if clients
+            .get(&client)
+            .is_some_and(|(up, _)| up.peer_addr().ok() != Some(target))
+        {
+            // The target moved: this client gets a fresh upstream socket.
+            if let Some((_, task)) = clients.remove(&client) {
+                task.abort();
+            }
+        }
         if !clients.contains_key(&client) {
             if clients.len() >= MAX_UDP_CLIENTS {
                 continue;

@@ -2,12 +2,14 @@
 //! before it is used, so nothing unvalidated reaches an iptables line or a socket.
 
 mod addr;
+mod docker;
 mod ifname;
 mod ports;
 mod proto;
 mod rule;
 
 pub use addr::{Family, HostIp, Network};
+pub use docker::{ContainerRef, DockerRule, Endpoint, PortSpec};
 pub use ifname::{IfName, IFNAME_MAX};
 pub use ports::{parse_port, PortDirection, PortList, PortRange, MAX_PORTS_PER_RULE};
 pub use proto::Proto;

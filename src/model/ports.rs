@@ -15,7 +15,7 @@ const MULTIPORT_SLOTS: usize = 15;
 
 /// Parses one port number, 1–65535.
 pub fn parse_port(field: &'static str, s: &str) -> Result<u16, ParseError> {
-    match s.trim().parse::<u32>() {
+    match s.parse::<u32>() {
         Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
         _ => Err(ParseError::new(field, s, "a port number from 1 to 65535")),
     }

@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Family, HostIp, IfName, Network, PortList, Proto};
+use super::{DockerRule, Family, HostIp, IfName, Network, PortList, Proto};
 
 /// A rule's id: a small integer, never reused, stable for the life of the rule.
 pub type RuleId = u64;
@@ -29,6 +29,8 @@ pub enum RuleSpec {
     Snat(SnatRule),
     /// DNAT that internal hosts can also use through the external address.
     Hairpin(HairpinRule),
+    /// A published port of a running container (or a fixed non-Docker target).
+    Docker(DockerRule),
 }
 
 /// `dnat --ext-ip E --int-ip I --ports P [--proto] [--ext-if X]`.
@@ -91,6 +93,7 @@ impl RuleSpec {
             RuleSpec::Dnat(_) => "dnat",
             RuleSpec::Snat(_) => "snat",
             RuleSpec::Hairpin(_) => "hairpin",
+            RuleSpec::Docker(_) => "docker",
         }
     }
 
@@ -100,6 +103,7 @@ impl RuleSpec {
             RuleSpec::Dnat(r) => r.ext_ip.family(),
             RuleSpec::Snat(r) => r.ext_ip.family(),
             RuleSpec::Hairpin(r) => r.ext_ip.family(),
+            RuleSpec::Docker(r) => r.host_ip.map_or(Family::V4, |h| h.family()),
         }
     }
 
@@ -134,6 +138,15 @@ impl RuleSpec {
     /// A hairpin's internal network is derived, so it does not make a rule different.
     pub fn same_rule(&self, other: &RuleSpec) -> bool {
         match (self, other) {
+            (RuleSpec::Docker(a), RuleSpec::Docker(b)) => {
+                a.name == b.name
+                    && a.host_ip == b.host_ip
+                    && a.host_port == b.host_port
+                    && a.container_port == b.container_port
+                    && a.proto == b.proto
+                    && a.external == b.external
+                    && (!a.external || a.target_v4 == b.target_v4 && a.target_v6 == b.target_v6)
+            }
             (RuleSpec::Hairpin(a), RuleSpec::Hairpin(b)) => {
                 a.ext_ip == b.ext_ip
                     && a.int_ip == b.int_ip
@@ -160,15 +173,36 @@ impl RuleSpec {
             RuleSpec::Dnat(r) => forward(&r.ext_ip, &r.int_ip, &r.ports, r.proto),
             RuleSpec::Hairpin(r) => forward(&r.ext_ip, &r.int_ip, &r.ports, r.proto),
             RuleSpec::Snat(_) => Vec::new(),
+            RuleSpec::Docker(r) => {
+                let bind_ip = r
+                    .host_ip
+                    .map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |h| h.ip());
+                let target_ip = match bind_ip {
+                    IpAddr::V4(_) => r.target_v4,
+                    IpAddr::V6(_) => r.target_v6,
+                }
+                .map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |e| e.ip.ip());
+                vec![PortClaim {
+                    proto: r.proto,
+                    bind: SocketAddr::new(bind_ip, r.host_port),
+                    target: SocketAddr::new(target_ip, r.container_port),
+                }]
+            }
         }
     }
 
-    /// The address traffic is sent to, for rules that forward.
-    pub fn target_ip(&self) -> Option<IpAddr> {
+    /// The address loopback traffic on the rule's reserved sockets is relayed
+    /// to, if the rule forwards anywhere right now.
+    pub fn relay_target(&self) -> Option<IpAddr> {
         match self {
             RuleSpec::Dnat(r) => Some(r.int_ip.ip()),
             RuleSpec::Hairpin(r) => Some(r.int_ip.ip()),
             RuleSpec::Snat(_) => None,
+            RuleSpec::Docker(r) => match r.host_ip.map(|h| h.family()) {
+                Some(Family::V6) => r.target_v6.or(r.target_v4),
+                _ => r.target_v4.or(r.target_v6),
+            }
+            .map(|e| e.ip.ip()),
         }
     }
 }

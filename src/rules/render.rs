@@ -1,15 +1,19 @@
 //! Rules to chain lines: the single place that decides what natmap installs.
 
+use std::net::IpAddr;
+
 use crate::model::{
-    Family, HostIp, IfName, Network, PortDirection, PortList, Proto, Rule, RuleSpec,
+    DockerRule, Endpoint, Family, HostIp, IfName, Network, PortDirection, PortList, Proto, Rule,
+    RuleSpec,
 };
 
-use super::{Chain, Ruleset};
+use super::{Chain, FamilyRules, Ruleset};
 
 /// Renders the desired ruleset of the given rules, in id order.
 ///
 /// Rules that cannot be active (their ports are held by someone else) must
-/// already be left out by the caller.
+/// already be left out by the caller. A Docker mapping whose container is
+/// down renders nothing.
 pub fn desired<'a>(rules: impl IntoIterator<Item = &'a Rule>) -> Ruleset {
     let mut rules: Vec<&Rule> = rules.into_iter().collect();
     rules.sort_by_key(|r| r.id);
@@ -27,53 +31,43 @@ pub fn comment(kind: &str, id: u64) -> String {
 }
 
 fn render_rule(rule: &Rule, set: &mut Ruleset) {
-    let family = rule.spec.family();
-    let out = set.family_mut(family);
     let tag = comment(rule.spec.kind(), rule.id);
     match &rule.spec {
         RuleSpec::Dnat(r) => {
-            let inbound = Forward {
-                ext_ip: &r.ext_ip,
-                int_ip: &r.int_ip,
-                ports: &r.ports,
-                proto: r.proto,
-                tag: &tag,
-            };
-            for line in inbound.dnat_lines(r.ext_if.as_ref()) {
-                out.push(Chain::NatPrerouting, line);
-            }
+            let out = set.family_mut(r.ext_ip.family());
+            let ext = dnat_lines(
+                &r.ext_ip,
+                r.ext_if.as_ref(),
+                &r.int_ip,
+                &r.ports,
+                r.proto,
+                &tag,
+            );
             // Traffic the host itself sends to the external address has no
             // ingress interface, so an interface-bound forward does not cover it.
             if r.ext_if.is_none() {
-                for line in inbound.dnat_lines(None) {
-                    out.push(Chain::NatOutput, line);
+                for line in &ext {
+                    out.push(Chain::NatOutput, line.clone());
                 }
             }
-            for line in inbound.accept_lines() {
-                out.push(Chain::FilterForward, line);
+            for line in ext {
+                out.push(Chain::NatPrerouting, line);
             }
+            push_accepts(out, &r.int_ip, &r.ports, r.proto, &tag);
         }
         RuleSpec::Hairpin(r) => {
-            let inbound = Forward {
-                ext_ip: &r.ext_ip,
-                int_ip: &r.int_ip,
-                ports: &r.ports,
-                proto: r.proto,
-                tag: &tag,
-            };
-            for line in inbound.dnat_lines(None) {
+            let out = set.family_mut(r.ext_ip.family());
+            for line in dnat_lines(&r.ext_ip, None, &r.int_ip, &r.ports, r.proto, &tag) {
                 out.push(Chain::NatPrerouting, line.clone());
                 out.push(Chain::NatOutput, line);
             }
-            for line in inbound.masquerade_lines(&r.int_net) {
+            for line in masquerade_lines(&r.int_net, &r.int_ip, &r.ports, r.proto, &tag) {
                 out.push(Chain::NatPostrouting, line);
             }
-            for line in inbound.accept_lines() {
-                out.push(Chain::FilterForward, line);
-            }
+            push_accepts(out, &r.int_ip, &r.ports, r.proto, &tag);
         }
         RuleSpec::Snat(r) => {
-            out.push(
+            set.family_mut(r.ext_ip.family()).push(
                 Chain::NatPostrouting,
                 format!(
                     "-s {} -o {} {tag} -j SNAT --to-source {}",
@@ -81,76 +75,123 @@ fn render_rule(rule: &Rule, set: &mut Ruleset) {
                 ),
             );
         }
-    }
-    debug_assert!(family == Family::V4 || family == Family::V6);
-}
-
-/// The pieces shared by every rule that forwards ports to an internal host.
-struct Forward<'a> {
-    ext_ip: &'a HostIp,
-    int_ip: &'a HostIp,
-    ports: &'a PortList,
-    proto: Proto,
-    tag: &'a str,
-}
-
-impl Forward<'_> {
-    /// `-d E -p P <ports> -j DNAT --to-destination I` (the port is kept).
-    fn dnat_lines(&self, ext_if: Option<&IfName>) -> Vec<String> {
-        let iface = ext_if.map(|i| format!(" -i {i}")).unwrap_or_default();
-        self.ports
-            .match_args(self.proto.as_str(), PortDirection::Destination)
-            .into_iter()
-            .map(|ports| {
-                format!(
-                    "-d {}{iface} -p {} {ports} {} -j DNAT --to-destination {}",
-                    self.ext_ip.as_match(),
-                    self.proto,
-                    self.tag,
-                    self.int_ip
-                )
-            })
-            .collect()
-    }
-
-    /// FORWARD ACCEPT for both directions of DNATed connections to the target,
-    /// so forwarding works on hosts whose FORWARD policy is DROP (every Docker
-    /// host). `--ctstate DNAT` keeps it from opening the target to anything
-    /// that natmap did not forward.
-    fn accept_lines(&self) -> Vec<String> {
-        let proto = self.proto.as_str();
-        let mut lines = Vec::new();
-        for (addr, dir) in [
-            ("-d", PortDirection::Destination),
-            ("-s", PortDirection::Source),
-        ] {
-            for ports in self.ports.match_args(proto, dir) {
-                lines.push(format!(
-                    "{addr} {} -p {proto} {ports} -m conntrack --ctstate DNAT {} -j ACCEPT",
-                    self.int_ip.as_match(),
-                    self.tag
-                ));
+        RuleSpec::Docker(r) => {
+            for (family, target) in [(Family::V4, r.target_v4), (Family::V6, r.target_v6)] {
+                let Some(target) = target else { continue };
+                if r.host_ip.is_some_and(|h| h.family() != family) || target.ip.family() != family {
+                    continue;
+                }
+                render_docker(r, &target, &tag, set.family_mut(family));
             }
         }
-        lines
     }
+}
 
-    /// Hairpin: clients on the internal network reach the target through the
-    /// external address, so the target's reply must come back through the
-    /// router to be un-DNATed; masquerading only that network's clients keeps
-    /// outside clients' addresses intact.
-    fn masquerade_lines(&self, int_net: &Network) -> Vec<String> {
-        self.ports
-            .match_args(self.proto.as_str(), PortDirection::Destination)
-            .into_iter()
-            .map(|ports| {
+/// `-d E [-i X] -p P <ports> -j DNAT --to-destination I` (the port is kept).
+fn dnat_lines(
+    ext_ip: &HostIp,
+    ext_if: Option<&IfName>,
+    int_ip: &HostIp,
+    ports: &PortList,
+    proto: Proto,
+    tag: &str,
+) -> Vec<String> {
+    let iface = ext_if.map(|i| format!(" -i {i}")).unwrap_or_default();
+    ports
+        .match_args(proto.as_str(), PortDirection::Destination)
+        .into_iter()
+        .map(|ports| {
+            format!(
+                "-d {}{iface} -p {proto} {ports} {tag} -j DNAT --to-destination {int_ip}",
+                ext_ip.as_match(),
+            )
+        })
+        .collect()
+}
+
+/// FORWARD ACCEPT for both directions of DNATed connections to the target,
+/// so forwarding works on hosts whose FORWARD policy is DROP (every Docker
+/// host). `--ctstate DNAT` keeps it from opening the target to anything that
+/// natmap did not forward.
+fn push_accepts(out: &mut FamilyRules, target: &HostIp, ports: &PortList, proto: Proto, tag: &str) {
+    let p = proto.as_str();
+    for (addr, dir) in [
+        ("-d", PortDirection::Destination),
+        ("-s", PortDirection::Source),
+    ] {
+        for ports in ports.match_args(p, dir) {
+            out.push(
+                Chain::FilterForward,
                 format!(
-                    "-s {int_net} -d {} -p {} {ports} -m conntrack --ctstate DNAT {} -j MASQUERADE",
-                    self.int_ip.as_match(),
-                    self.proto,
-                    self.tag
-                )
-            })
-            .collect()
+                    "{addr} {} -p {p} {ports} -m conntrack --ctstate DNAT {tag} -j ACCEPT",
+                    target.as_match()
+                ),
+            );
+        }
     }
+}
+
+/// Clients on `net` reach the target through the host's address, so the
+/// target's reply must come back through the host to be un-DNATed;
+/// masquerading only that network's clients keeps outside clients' addresses.
+fn masquerade_lines(
+    net: &Network,
+    target: &HostIp,
+    ports: &PortList,
+    proto: Proto,
+    tag: &str,
+) -> Vec<String> {
+    ports
+        .match_args(proto.as_str(), PortDirection::Destination)
+        .into_iter()
+        .map(|ports| {
+            format!(
+                "-s {net} -d {} -p {proto} {ports} -m conntrack --ctstate DNAT {tag} -j MASQUERADE",
+                target.as_match()
+            )
+        })
+        .collect()
+}
+
+/// A published container port: traffic for the host port on the given host
+/// address, or on any local address (`addrtype LOCAL`, as Docker does), goes
+/// to the container port. The host's own traffic to loopback is left to the
+/// relay on the reserved socket (see `daemon::relay`).
+fn render_docker(r: &DockerRule, target: &Endpoint, tag: &str, out: &mut FamilyRules) {
+    let p = r.proto.as_str();
+    let to = match target.ip.ip() {
+        IpAddr::V4(a) => format!("{a}:{}", r.container_port),
+        IpAddr::V6(a) => format!("[{a}]:{}", r.container_port),
+    };
+    let dport = format!("-p {p} -m {p} --dport {}", r.host_port);
+    let (inbound, local) = match &r.host_ip {
+        Some(h) => {
+            let line = format!(
+                "-d {} {dport} {tag} -j DNAT --to-destination {to}",
+                h.as_match()
+            );
+            (line.clone(), line)
+        }
+        None => {
+            let loopback = match target.ip.family() {
+                Family::V4 => "127.0.0.0/8",
+                Family::V6 => "::1/128",
+            };
+            (
+                format!("{dport} -m addrtype --dst-type LOCAL {tag} -j DNAT --to-destination {to}"),
+                format!(
+                    "! -d {loopback} {dport} -m addrtype --dst-type LOCAL {tag} -j DNAT --to-destination {to}"
+                ),
+            )
+        }
+    };
+    out.push(Chain::NatPrerouting, inbound);
+    out.push(Chain::NatOutput, local);
+    let port = PortList::single(r.container_port);
+    if let Some(subnet) = &target.subnet {
+        for line in masquerade_lines(subnet, &target.ip, &port, r.proto, tag) {
+            out.push(Chain::NatPostrouting, line);
+        }
+    }
+    push_accepts(out, &target.ip, &port, r.proto, tag);
 }

@@ -7,9 +7,13 @@
 //! half-applied.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+mod docker;
+
+use crate::docker::DockerClient;
 use crate::model::{DnatRule, Family, HairpinRule, PortClaim, Rule, RuleId, RuleSpec, SnatRule};
 use crate::netfilter::Netfilter;
 use crate::proto::{
@@ -76,6 +80,12 @@ pub struct Engine {
     /// Whether IPv6 NAT works here.
     v6_nat: bool,
     relays: Relays,
+    /// Docker, while it answers.
+    docker: Option<DockerClient>,
+    /// Why Docker is not connected.
+    docker_error: String,
+    /// Why a Docker mapping is down, as last seen.
+    down_reason: BTreeMap<RuleId, String>,
 }
 
 fn family_index(f: Family) -> usize {
@@ -129,6 +139,9 @@ impl Engine {
             hooks_ok: [false; 2],
             v6_nat: true,
             relays,
+            docker: None,
+            docker_error: "not connected to Docker yet".into(),
+            down_reason: BTreeMap::new(),
         };
         if engine.state.forwarding {
             match host::enable_forwarding(true) {
@@ -352,6 +365,9 @@ impl Engine {
             }
             Request::Fwd(f) => self.forwarding(f.ipv6),
             Request::Clear(_) => self.clear(),
+            Request::DockerAdd(r) => self.docker_add(r),
+            Request::DockerRm(r) => self.docker_rm(r),
+            Request::DockerRemap(r) => self.docker_remap(r),
         };
         result.unwrap_or_else(|f| {
             tracing::info!(code = %f.code, "request failed: {}", f.message);
@@ -360,11 +376,29 @@ impl Engine {
     }
 
     fn view(&self, rule: &Rule) -> RuleView {
-        let inactive = self.inactive.get(&rule.id);
-        RuleView {
-            rule: rule.clone(),
-            status: inactive.map_or(RuleStatus::Active, |i| i.status),
-            detail: inactive.map(|i| i.reason.clone()),
+        if let Some(i) = self.inactive.get(&rule.id) {
+            return RuleView {
+                rule: rule.clone(),
+                status: i.status,
+                detail: Some(i.reason.clone()),
+            };
+        }
+        match &rule.spec {
+            RuleSpec::Docker(d) if !d.is_up() => RuleView {
+                rule: rule.clone(),
+                status: RuleStatus::Down,
+                detail: Some(
+                    self.down_reason
+                        .get(&rule.id)
+                        .cloned()
+                        .unwrap_or_else(|| "container is not running".into()),
+                ),
+            },
+            _ => RuleView {
+                rule: rule.clone(),
+                status: RuleStatus::Active,
+                detail: None,
+            },
         }
     }
 
@@ -428,7 +462,12 @@ impl Engine {
 
     /// A port natmap already holds for another rule gets a message naming that rule.
     fn check_own_claims(&self, claims: &[PortClaim]) -> Outcome<()> {
-        for (id, held) in &self.held {
+        self.check_own_claims_except(claims, RuleId::MAX)
+    }
+
+    /// [`Self::check_own_claims`], ignoring the ports of rule `except`.
+    fn check_own_claims_except(&self, claims: &[PortClaim], except: RuleId) -> Outcome<()> {
+        for (id, held) in self.held.iter().filter(|(id, _)| **id != except) {
             for r in held {
                 if let Some(c) = claims.iter().find(|c| reserve::claims_collide(c, &r.claim)) {
                     return Err(Failure::new(
@@ -456,7 +495,13 @@ impl Engine {
                 )
             })?;
         }
-        self.relays.start(id, held);
+        let target = self
+            .state
+            .rules
+            .iter()
+            .find(|r| r.id == id)
+            .and_then(|r| r.spec.relay_target());
+        self.relays.start(id, held, target);
         Ok(())
     }
 
@@ -474,6 +519,7 @@ impl Engine {
         self.relays.stop(id);
         self.held.remove(&id);
         self.inactive.remove(&id);
+        self.down_reason.remove(&id);
     }
 
     fn delete(&mut self, spec: &RuleSpec) -> Outcome<Response> {
@@ -492,6 +538,11 @@ impl Engine {
                 ),
             ));
         };
+        self.delete_rule(rule)
+    }
+
+    /// Removes one stored rule: rules, state, reservation, tracked flows.
+    fn delete_rule(&mut self, rule: Rule) -> Outcome<Response> {
         let view = self.view(&rule);
         let mut next = self.state.clone();
         next.rules.retain(|r| r.id != rule.id);
@@ -620,10 +671,28 @@ impl Engine {
 
 /// Cuts conntrack entries of connections the rule forwarded.
 fn forget_flows(spec: &RuleSpec) {
+    let flows = |proto, orig_dst: IpAddr, reply_src: IpAddr| host::Flows {
+        proto,
+        orig_dst: Some(orig_dst),
+        orig_port: None,
+        reply_src,
+    };
     match spec {
-        RuleSpec::Dnat(r) => host::forget_connections(r.proto, r.ext_ip.ip(), r.int_ip.ip()),
-        RuleSpec::Hairpin(r) => host::forget_connections(r.proto, r.ext_ip.ip(), r.int_ip.ip()),
+        RuleSpec::Dnat(r) => host::forget_connections(flows(r.proto, r.ext_ip.ip(), r.int_ip.ip())),
+        RuleSpec::Hairpin(r) => {
+            host::forget_connections(flows(r.proto, r.ext_ip.ip(), r.int_ip.ip()))
+        }
         RuleSpec::Snat(_) => {}
+        RuleSpec::Docker(r) => {
+            for target in [r.target_v4, r.target_v6].into_iter().flatten() {
+                host::forget_connections(host::Flows {
+                    proto: r.proto,
+                    orig_dst: r.host_ip.map(|h| h.ip()),
+                    orig_port: Some(r.host_port),
+                    reply_src: target.ip.ip(),
+                });
+            }
+        }
     }
 }
 
@@ -644,6 +713,16 @@ fn rule_matches(rule: &Rule, filter: &str) -> bool {
             r.ext_ip.to_string(),
         ],
         RuleSpec::Hairpin(r) => vec![r.ext_ip.to_string(), r.int_ip.to_string()],
+        RuleSpec::Docker(r) => {
+            if r.refers_to(filter) {
+                return true;
+            }
+            vec![
+                r.name.clone(),
+                r.host_port.to_string(),
+                r.target_v4.map(|t| t.ip.to_string()).unwrap_or_default(),
+            ]
+        }
     };
     fields
         .iter()

@@ -888,3 +888,90 @@ fn socket_is_group_only_and_corrupt_state_is_moved_aside() {
         0
     );
 }
+
+/// Waits (≤ 6 s) until `check` holds, returning how long it took.
+fn wait_for(what: &str, check: impl Fn() -> bool) -> std::time::Duration {
+    let start = std::time::Instant::now();
+    while !check() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(6),
+            "{what}: not within 6 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    start.elapsed()
+}
+
+#[test]
+fn external_changes_to_natmap_rules_are_repaired() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::new();
+    let _smtp = TcpEcho::start(&topo.server, v4(SERVER_V4, 25));
+    let d = Daemon::start(&topo.router);
+    dnat_mail(&d);
+    d.cli_ok(&[
+        "snat",
+        "--int-ip",
+        "198.51.100.0/24",
+        "--ext-if",
+        "ext0",
+        "--ext-ip",
+        "192.0.2.1",
+    ]);
+    d.cli_ok(&[
+        "hairpin",
+        "--ext-ip",
+        "192.0.2.1",
+        "--int-ip",
+        "198.51.100.3",
+        "--ports",
+        "80",
+    ]);
+    let good = natmap_rules(&topo, false);
+    // A quiet period first: correct rules are never "repaired".
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert!(
+        !d.log().contains("changed from outside"),
+        "false drift:\n{}",
+        d.log()
+    );
+
+    let sabotage: &[&[&str]] = &[
+        &["-t", "nat", "-F", "NATMAP"],
+        &["-t", "nat", "-D", "PREROUTING", "-j", "NATMAP"],
+        &["-t", "filter", "-D", "DOCKER-USER", "-j", "NATMAP"],
+        &["-t", "nat", "-I", "POSTROUTING", "1", "-j", "RETURN"],
+    ];
+    for (i, args) in sabotage.iter().enumerate() {
+        iptables(&topo.router, false, args);
+        let took = wait_for(&format!("repair after iptables {args:?}"), || {
+            d.log().matches("changed from outside").count() > i
+        });
+        eprintln!("repair after {args:?}: {took:?}");
+        assert_eq!(natmap_rules(&topo, false), good);
+        expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
+    }
+    // The foreign rule stays, behind natmap's jump.
+    let post = iptables_rules(&topo.router, false, "nat", "POSTROUTING");
+    assert_eq!(post[1], "-A POSTROUTING -j NATMAP-POSTROUTING", "{post:?}");
+    assert!(
+        post.contains(&"-A POSTROUTING -j RETURN".to_string()),
+        "{post:?}"
+    );
+
+    // A restore of a baseline without natmap (what a firewall reload does).
+    let baseline = "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n";
+    let path = d.dir().join("baseline.rules");
+    std::fs::write(&path, baseline).unwrap();
+    topo.router
+        .run_ok(&["iptables-restore", path.to_str().unwrap()]);
+    // (Until the repair, connections reach natmap's reserved socket and are
+    // relayed without the client's address; the repair restores kernel DNAT.)
+    wait_for("repair after a baseline restore", || {
+        d.log().matches("changed from outside").count() > sabotage.len()
+    });
+    assert_eq!(natmap_rules(&topo, false), good);
+    expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
+}

@@ -43,8 +43,9 @@ pub struct DaemonConfig {
     pub docker_socket: PathBuf,
 }
 
-/// How often the engine does its periodic work (retrying busy ports).
-const TICK: Duration = Duration::from_secs(3);
+/// How often the engine does its periodic work: drift check and repair,
+/// forwarding check, retrying busy ports. Bounds the repair delay.
+const TICK: Duration = Duration::from_secs(2);
 
 /// A message to the engine thread.
 pub(crate) enum EngineMsg {
@@ -104,8 +105,15 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
 }
 
 fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>) {
+    // Periodic work runs on a fixed schedule even while requests keep coming.
+    let mut next_tick = std::time::Instant::now() + TICK;
     loop {
-        match rx.recv_timeout(TICK) {
+        let now = std::time::Instant::now();
+        if now >= next_tick {
+            engine.tick();
+            next_tick = now + TICK;
+        }
+        match rx.recv_timeout(next_tick.saturating_duration_since(now)) {
             Ok(EngineMsg::Request {
                 request,
                 peer,
@@ -122,7 +130,7 @@ fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>) {
             Ok(EngineMsg::DockerUp(client)) => engine.docker_connected(client),
             Ok(EngineMsg::DockerDown(reason)) => engine.docker_lost(reason),
             Ok(EngineMsg::DockerEvent(event)) => engine.docker_event(&event),
-            Err(mpsc::RecvTimeoutError::Timeout) => engine.tick(),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 engine.shutdown();
                 return;

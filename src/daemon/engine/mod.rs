@@ -86,6 +86,10 @@ pub struct Engine {
     docker_error: String,
     /// Why a Docker mapping is down, as last seen.
     down_reason: BTreeMap<RuleId, String>,
+    /// Whether natmap's chains should exist (false after `clear` until the next change).
+    installed: bool,
+    /// Drift repairs done since start.
+    repairs: u64,
 }
 
 fn family_index(f: Family) -> usize {
@@ -142,6 +146,8 @@ impl Engine {
             docker: None,
             docker_error: "not connected to Docker yet".into(),
             down_reason: BTreeMap::new(),
+            installed: false,
+            repairs: 0,
         };
         if engine.state.forwarding {
             match host::enable_forwarding(true) {
@@ -235,6 +241,7 @@ impl Engine {
         self.nf.restore(family, &text).map_err(|e| e.to_string())?;
         *self.applied.family_mut(family) = desired.family(family).clone();
         self.hooks_ok[family_index(family)] = true;
+        self.installed = true;
         Ok(())
     }
 
@@ -584,6 +591,7 @@ impl Engine {
             *self.applied.family_mut(family) = Default::default();
             self.hooks_ok[family_index(family)] = false;
         }
+        self.installed = false;
         Ok(())
     }
 
@@ -619,8 +627,59 @@ impl Engine {
         Ok(Response::ok(ClearReport { removed }))
     }
 
-    /// Periodic work: install rules whose ports were busy and are free now.
+    /// Periodic work: repair drift, re-enable forwarding that someone reset,
+    /// and install rules whose ports were busy and are free now.
     pub fn tick(&mut self) {
+        self.repair_drift();
+        if self.state.forwarding && host::ipv4_forwarding() == Some(false) {
+            tracing::warn!(
+                "net.ipv4.ip_forward was reset to 0 by something else; setting it back to 1"
+            );
+            if let Err(e) = host::enable_forwarding(true) {
+                tracing::error!("cannot re-enable forwarding: {e}");
+            }
+        }
+        self.retry_conflicts();
+    }
+
+    /// Compares natmap's chains and hooks in the kernel with what natmap
+    /// applied (someone's `iptables -F`, a firewalld reload, a Docker
+    /// restart reordering hooks) and rewrites them in one transaction if
+    /// they differ.
+    fn repair_drift(&mut self) {
+        if !self.installed {
+            return;
+        }
+        for family in self.families() {
+            let saved = match self.nf.save(family) {
+                Ok(s) => SavedTables::parse(&s),
+                Err(e) => {
+                    tracing::warn!("drift check of {family} rules failed: {e}");
+                    continue;
+                }
+            };
+            let reasons = saved.drift(self.applied.family(family));
+            if reasons.is_empty() {
+                continue;
+            }
+            let desired = self.applied.clone();
+            let text = restore::full(desired.family(family), &saved);
+            match self.nf.restore(family, &text) {
+                Ok(()) => {
+                    self.repairs += 1;
+                    self.hooks_ok[family_index(family)] = true;
+                    tracing::warn!(
+                        repairs = self.repairs,
+                        "natmap's {family} rules were changed from outside ({}); repaired",
+                        reasons.join("; ")
+                    );
+                }
+                Err(e) => tracing::error!("cannot repair natmap's {family} rules: {e}"),
+            }
+        }
+    }
+
+    fn retry_conflicts(&mut self) {
         let waiting: Vec<RuleId> = self
             .inactive
             .iter()

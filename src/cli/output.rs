@@ -101,7 +101,10 @@ impl Printer {
             ChangeKind::AlreadyPresent => {
                 println!("{kind} rule #{id} is already present; nothing changed")
             }
-            ChangeKind::Deleted => println!("deleted {kind} rule #{id}"),
+            ChangeKind::Deleted => {
+                println!("deleted {kind} rule #{id}");
+                return;
+            }
             ChangeKind::Remapped => println!("remapped {kind} rule #{id}"),
         }
         self.list(std::slice::from_ref(&c.rule));

@@ -14,16 +14,18 @@ pub struct RecordingExecutor {
     pub restores: Mutex<Vec<(Family, String)>>,
     /// What `save` returns.
     pub saved: Mutex<String>,
-    /// When set, the next `restore` fails with this message.
-    pub fail_next: Mutex<Option<String>>,
+    /// How many of the next `restore` calls fail.
+    pub fail_next: Mutex<u32>,
 }
 
 impl Netfilter for RecordingExecutor {
     fn restore(&self, family: Family, payload: &str) -> Result<(), NetfilterError> {
-        if let Some(message) = self.fail_next.lock().expect("lock").take() {
+        let mut failing = self.fail_next.lock().expect("lock");
+        if *failing > 0 {
+            *failing -= 1;
             return Err(NetfilterError {
                 program: "iptables-restore".into(),
-                message,
+                message: "injected failure".into(),
             });
         }
         self.restores

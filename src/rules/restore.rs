@@ -110,3 +110,84 @@ pub fn teardown(saved: &SavedTables) -> String {
     }
     out
 }
+
+/// The smallest transaction that turns natmap's chains from `applied` into
+/// `desired`, keeping `desired`'s order: `-D` by full spec for every line
+/// that goes, then `-I CHAIN POS` for every line that comes, in ascending
+/// position. Lines that stay are not touched, so a change costs O(change)
+/// in the kernel instead of a rewrite of every chain. `None` when nothing
+/// differs.
+///
+/// Hooks are not touched: the caller uses this only while it knows they are
+/// in place, and falls back to [`full`] if the transaction fails (someone
+/// changed the chains under natmap).
+pub fn diff(applied: &FamilyRules, desired: &FamilyRules) -> Option<String> {
+    let mut out = String::new();
+    for table in TABLES {
+        let mut body = String::new();
+        for chain in Chain::ALL.into_iter().filter(|c| c.table() == table) {
+            chain_diff(
+                &mut body,
+                chain.name(),
+                applied.chain(chain),
+                desired.chain(chain),
+            );
+        }
+        if !body.is_empty() {
+            let _ = write!(out, "*{table}\n{body}COMMIT\n");
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+fn chain_diff(out: &mut String, name: &str, applied: &[String], desired: &[String]) {
+    use std::collections::HashMap;
+    // Multiset of desired lines, to tell which applied lines stay.
+    let mut wanted: HashMap<&str, usize> = HashMap::new();
+    for line in desired {
+        *wanted.entry(line).or_default() += 1;
+    }
+    let mut kept: Vec<&str> = Vec::with_capacity(applied.len());
+    for line in applied {
+        match wanted.get_mut(line.as_str()) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                kept.push(line);
+            }
+            _ => {
+                let _ = writeln!(out, "-D {name} {line}");
+            }
+        }
+    }
+    // `kept` is a subsequence of `desired` only if the order agrees; if a
+    // kept line is out of order, delete and re-insert the lines from the
+    // first disagreement on (rare: ids only grow, so new lines go last).
+    let mut k = 0;
+    let mut inserts: Vec<(usize, &str)> = Vec::new();
+    for (pos, line) in desired.iter().enumerate() {
+        if k < kept.len() && kept[k] == line {
+            k += 1;
+        } else {
+            inserts.push((pos, line));
+        }
+    }
+    if k < kept.len() {
+        // Order disagrees: fall back to delete-all-kept-after-k and insert.
+        for line in &kept[k..] {
+            let _ = writeln!(out, "-D {name} {line}");
+        }
+        let kept_set: Vec<&str> = kept[..k].to_vec();
+        inserts.clear();
+        let mut j = 0;
+        for (pos, line) in desired.iter().enumerate() {
+            if j < kept_set.len() && kept_set[j] == line {
+                j += 1;
+            } else {
+                inserts.push((pos, line));
+            }
+        }
+    }
+    for (pos, line) in inserts {
+        let _ = writeln!(out, "-I {name} {} {line}", pos + 1);
+    }
+}

@@ -219,3 +219,50 @@ fn drift_is_detected_and_an_applied_state_has_none() {
         Vec::<String>::new()
     );
 }
+
+#[test]
+fn diff_sends_only_the_change_in_order() {
+    let rules = sample_rules();
+    let before = render::desired(&rules[..3]);
+    // Rule 2 goes, rule 4 comes: deletes by spec, inserts at their positions.
+    let after = render::desired(rules.iter().filter(|r| r.id != 2 && r.id != 5));
+    let text = restore::diff(before.family(Family::V4), after.family(Family::V4)).unwrap();
+    golden("diff-v4.rules", &text);
+    assert!(
+        !text.contains(":NATMAP"),
+        "a diff never re-declares (flushes) a chain"
+    );
+    assert_eq!(
+        restore::diff(after.family(Family::V4), after.family(Family::V4)),
+        None
+    );
+}
+
+#[test]
+fn diff_reorders_when_a_kept_line_is_out_of_place() {
+    use super::{Chain, FamilyRules};
+    let mut applied = FamilyRules::default();
+    let mut desired = FamilyRules::default();
+    for l in ["b", "a", "c"] {
+        applied.push(Chain::NatPrerouting, l.into());
+    }
+    for l in ["a", "b", "c", "d"] {
+        desired.push(Chain::NatPrerouting, l.into());
+    }
+    let text = restore::diff(&applied, &desired).unwrap();
+    // Simulate the transaction on a list and check the result is `desired`.
+    let mut chain: Vec<String> = applied.chain(Chain::NatPrerouting).to_vec();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("-D NATMAP ") {
+            let i = chain
+                .iter()
+                .position(|l| l == rest)
+                .expect("deleted line exists");
+            chain.remove(i);
+        } else if let Some(rest) = line.strip_prefix("-I NATMAP ") {
+            let (pos, l) = rest.split_once(' ').unwrap();
+            chain.insert(pos.parse::<usize>().unwrap() - 1, l.to_owned());
+        }
+    }
+    assert_eq!(chain, desired.chain(Chain::NatPrerouting));
+}

@@ -201,6 +201,12 @@ impl Engine {
         }
         let desired = self.desired(&self.state);
         for family in self.families() {
+            // The IPv6 probe above already installed an empty v6 ruleset.
+            if self.hooks_ok[family_index(family)]
+                && self.applied.family(family) == desired.family(family)
+            {
+                continue;
+            }
             self.full_apply(family, &desired)
                 .map_err(|e| format!("cannot install natmap's {family} rules: {e}"))?;
         }
@@ -245,6 +251,27 @@ impl Engine {
         Ok(())
     }
 
+    /// Sends only the difference between what natmap applied and `desired`
+    /// (one transaction). If the kernel refuses it, someone changed natmap's
+    /// chains under it: fall back to a full rewrite from a fresh save.
+    fn diff_apply(&mut self, family: Family, desired: &Ruleset) -> Result<(), String> {
+        let Some(text) = restore::diff(self.applied.family(family), desired.family(family)) else {
+            return Ok(());
+        };
+        match self.nf.restore(family, &text) {
+            Ok(()) => {
+                *self.applied.family_mut(family) = desired.family(family).clone();
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "incremental {family} update refused ({e}); rewriting natmap's chains"
+                );
+                self.full_apply(family, desired)
+            }
+        }
+    }
+
     /// Brings the kernel to `desired` in one transaction per family that
     /// differs. If the second family fails, the first is put back.
     fn apply(&mut self, desired: &Ruleset) -> Result<(), String> {
@@ -256,11 +283,7 @@ impl Engine {
             }
             let before = self.applied.clone();
             let result = if ok {
-                let text = restore::rewrite_chains(desired.family(family));
-                self.nf
-                    .restore(family, &text)
-                    .map(|()| *self.applied.family_mut(family) = desired.family(family).clone())
-                    .map_err(|e| e.to_string())
+                self.diff_apply(family, desired)
             } else {
                 self.full_apply(family, desired)
             };
@@ -787,3 +810,6 @@ fn rule_matches(rule: &Rule, filter: &str) -> bool {
         .iter()
         .any(|f| f.to_ascii_lowercase().contains(filter))
 }
+
+#[cfg(test)]
+mod tests;

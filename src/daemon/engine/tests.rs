@@ -1,0 +1,112 @@
+//! Engine tests against the recording executor: which transactions a change
+//! sends, the fallback to a full rewrite, and rollback on failure.
+
+use std::sync::Arc;
+
+use crate::netfilter::RecordingExecutor;
+use crate::proto::{DnatRequest, Request};
+
+use super::super::relay::Relays;
+use super::{Engine, Peer};
+
+fn dnat(port: u16) -> Request {
+    Request::Dnat(DnatRequest {
+        ext_ip: "192.0.2.1".parse().unwrap(),
+        int_ip: "198.51.100.2".parse().unwrap(),
+        ports: crate::model::PortList::single(port),
+        proto: Default::default(),
+        ext_if: None,
+        delete: false,
+    })
+}
+
+fn engine(dir: &tempfile::TempDir) -> (Engine, Arc<RecordingExecutor>) {
+    let nf = Arc::new(RecordingExecutor::default());
+    let engine = Engine::open(
+        dir.path().join("state.json"),
+        nf.clone(),
+        Relays::disabled(),
+    )
+    .unwrap();
+    (engine, nf)
+}
+
+fn payloads(nf: &RecordingExecutor) -> Vec<String> {
+    nf.restores
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, p)| p.clone())
+        .collect()
+}
+
+#[test]
+fn a_change_sends_one_incremental_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut engine, nf) = engine(&dir);
+    let at_start = payloads(&nf).len();
+    assert_eq!(at_start, 2, "one full apply per family at start");
+    let response = engine.handle(dnat(47011), Peer::default());
+    assert!(response.ok, "{response:?}");
+    let sent = payloads(&nf);
+    assert_eq!(sent.len(), at_start + 1, "one transaction for the change");
+    let last = sent.last().unwrap();
+    assert!(last.contains("-I NATMAP 1 -d 192.0.2.1/32"), "{last}");
+    assert!(!last.contains(":NATMAP"), "no chain rewrite: {last}");
+}
+
+#[test]
+fn a_refused_diff_falls_back_to_a_full_rewrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut engine, nf) = engine(&dir);
+    *nf.fail_next.lock().unwrap() = 1;
+    let response = engine.handle(dnat(47012), Peer::default());
+    assert!(response.ok, "{response:?}");
+    let last = payloads(&nf).pop().unwrap();
+    assert!(
+        last.contains(":NATMAP - [0:0]"),
+        "full rewrite after the failed diff: {last}"
+    );
+    assert!(last.contains("--dport 47012"), "{last}");
+}
+
+#[test]
+fn a_failed_apply_changes_nothing_and_frees_the_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut engine, nf) = engine(&dir);
+    let state_before = std::fs::read(dir.path().join("state.json")).ok();
+    *nf.fail_next.lock().unwrap() = 2;
+    let response = engine.handle(dnat(47013), Peer::default());
+    let error = response.error.expect("the change fails");
+    assert_eq!(error.code, crate::proto::ErrorCode::ApplyFailed);
+    assert_eq!(
+        std::fs::read(dir.path().join("state.json")).ok(),
+        state_before
+    );
+    // The reserved port was released again.
+    std::net::TcpListener::bind("0.0.0.0:47013").expect("port free after the failure");
+    // And the next change works and gets the next id, not a skipped one.
+    let ok = engine.handle(dnat(47014), Peer::default());
+    assert_eq!(ok.data.unwrap()["rule"]["id"], 1);
+}
+
+#[test]
+fn an_unwritable_state_rolls_the_rules_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut engine, nf) = engine(&dir);
+    // Make the state file's directory unwritable by replacing the temp path
+    // with a directory: the write fails, the rules must be put back.
+    std::fs::create_dir(dir.path().join("state.json.tmp")).unwrap();
+    let response = engine.handle(dnat(47015), Peer::default());
+    assert_eq!(
+        response.error.unwrap().code,
+        crate::proto::ErrorCode::StateWriteFailed
+    );
+    let sent = payloads(&nf);
+    let (add, undo) = (&sent[sent.len() - 2], &sent[sent.len() - 1]);
+    assert!(add.contains("-I NATMAP 1"), "{add}");
+    assert!(
+        undo.contains("-D NATMAP"),
+        "the rule is taken out again: {undo}"
+    );
+}

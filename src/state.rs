@@ -140,8 +140,21 @@ pub fn load(path: &Path) -> Result<Loaded, StateError> {
     }
 }
 
+/// Crash injection for tests of crash consistency: with
+/// `NATMAP_CRASH_AT=before-write|after-write|after-rename` in the daemon's
+/// environment, the process aborts at that point of the next state write,
+/// as a power cut or `kill -9` would stop it there.
+fn crash_point(point: &str) {
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT.get_or_init(|| std::env::var("NATMAP_CRASH_AT").ok()).as_deref() == Some(point) {
+        eprintln!("NATMAP_CRASH_AT={point}: aborting");
+        std::process::abort();
+    }
+}
+
 /// Writes `state` to `path` atomically and durably.
 pub fn save(path: &Path, state: &State) -> Result<(), StateError> {
+    crash_point("before-write");
     let mut json = serde_json::to_vec_pretty(state).expect("state serializes");
     json.push(b'\n');
     let dir = match path.parent() {
@@ -165,7 +178,9 @@ pub fn save(path: &Path, state: &State) -> Result<(), StateError> {
         let _ = fs::remove_file(&tmp);
         return Err(io_err("writing", &tmp)(e));
     }
+    crash_point("after-write");
     fs::rename(&tmp, path).map_err(io_err("renaming into place", path))?;
+    crash_point("after-rename");
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err("syncing directory", dir))

@@ -11,13 +11,20 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{ContainerRef, HostIp, IfName, Network, PortList, PortSpec, Proto, Rule};
+use crate::model::{
+    ContainerRef, HostIp, IfName, Network, PortList, PortSpec, Proto, Rule, RuleSpec,
+};
 
 /// Version of this protocol; the daemon refuses requests of another version.
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Longest request line the daemon reads; a longer one closes the connection.
-pub const MAX_LINE_BYTES: usize = 64 * 1024;
+/// Large enough for an `apply` document of ~25,000 rules; the buffer only
+/// grows with what a client actually sends.
+pub const MAX_LINE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Schema version of `apply`/`export` documents.
+pub const DOCUMENT_VERSION: u32 = 1;
 
 /// Longest `ls` filter accepted.
 pub const MAX_FILTER_LEN: usize = 128;
@@ -56,6 +63,10 @@ pub enum Request {
     DockerRm(DockerRmRequest),
     /// Move a Docker mapping to another host port.
     DockerRemap(DockerRemapRequest),
+    /// Make the rules equal to a declarative document, in one transaction.
+    Apply(ApplyRequest),
+    /// The current rules as a declarative document.
+    Export(Empty),
 }
 
 impl Request {
@@ -79,7 +90,7 @@ impl Request {
             Some(serde_json::Value::String(c)) => c,
             _ => {
                 return Err(
-                    "cmd: missing; expected one of ping, dnat, snat, hairpin, ls, fwd, clear, docker_add, docker_rm, docker_remap"
+                    "cmd: missing; expected one of ping, dnat, snat, hairpin, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export"
                         .into(),
                 )
             }
@@ -96,9 +107,11 @@ impl Request {
             "docker_add" => Request::DockerAdd(args(rest)?),
             "docker_rm" => Request::DockerRm(args(rest)?),
             "docker_remap" => Request::DockerRemap(args(rest)?),
+            "apply" => Request::Apply(args(rest)?),
+            "export" => Request::Export(args(rest)?),
             _ => {
                 return Err(format!(
-                    "cmd: unknown command {:?}; expected one of ping, dnat, snat, hairpin, ls, fwd, clear, docker_add, docker_rm, docker_remap",
+                    "cmd: unknown command {:?}; expected one of ping, dnat, snat, hairpin, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export",
                     cmd.escape_debug().to_string()
                 ))
             }
@@ -107,7 +120,11 @@ impl Request {
 
     /// Whether the request changes rules or state (these are logged with the peer).
     pub fn is_change(&self) -> bool {
-        !matches!(self, Request::Ping(_) | Request::Ls(_))
+        match self {
+            Request::Ping(_) | Request::Ls(_) | Request::Export(_) => false,
+            Request::Apply(a) => !a.dry_run,
+            _ => true,
+        }
     }
 
     /// The command's name, for logs.
@@ -123,6 +140,9 @@ impl Request {
             Request::DockerAdd(_) => "docker_add",
             Request::DockerRm(_) => "docker_rm",
             Request::DockerRemap(_) => "docker_remap",
+            Request::Apply(a) if a.dry_run => "apply --dry-run",
+            Request::Apply(_) => "apply",
+            Request::Export(_) => "export",
         }
     }
 }
@@ -241,6 +261,43 @@ pub struct DockerRemapRequest {
     /// Protocol, when the port is mapped for both.
     #[serde(default)]
     pub proto: Option<Proto>,
+}
+
+/// A declarative description of every rule natmap should have: what
+/// `export` prints and `apply` takes. Rules are the objects `ls --json`
+/// shows, without `id` and `status`; Docker mappings name their container
+/// (its address is looked up when applied).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Document {
+    /// Must be [`DOCUMENT_VERSION`].
+    pub schema_version: u32,
+    /// The rules.
+    pub rules: Vec<RuleSpec>,
+}
+
+/// `apply` arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyRequest {
+    /// The desired rules.
+    pub document: Document,
+    /// Only show the plan.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// What `apply` did (or would do, with `dry_run`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyReport {
+    /// Whether this was only a plan.
+    pub dry_run: bool,
+    /// Rules added (with their new ids; 0 in a dry run).
+    pub added: Vec<RuleView>,
+    /// Rules removed.
+    pub removed: Vec<RuleView>,
+    /// How many rules stayed as they were.
+    pub kept: usize,
 }
 
 /// `ls` arguments.
@@ -563,5 +620,29 @@ mod tests {
         ] {
             assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
         }
+    }
+}
+
+#[cfg(test)]
+mod document_tests {
+    use super::*;
+
+    #[test]
+    fn documents_refuse_misspelled_rule_fields_and_views_round_trip() {
+        let good = r#"{"schema_version":1,"rules":[{"kind":"dnat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2","ports":"25","proto":"tcp","ext_if":null}]}"#;
+        let doc: Document = serde_json::from_str(good).unwrap();
+        assert_eq!(doc.rules.len(), 1);
+        let typo = good.replace("ext_if", "ext_iff");
+        assert!(serde_json::from_str::<Document>(&typo).is_err());
+        let view = RuleView {
+            rule: Rule {
+                id: 3,
+                spec: doc.rules[0].clone(),
+            },
+            status: RuleStatus::Active,
+            detail: Some("x".into()),
+        };
+        let json = serde_json::to_string(&view).unwrap();
+        assert_eq!(serde_json::from_str::<RuleView>(&json).unwrap(), view);
     }
 }

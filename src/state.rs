@@ -146,7 +146,11 @@ pub fn load(path: &Path) -> Result<Loaded, StateError> {
 /// as a power cut or `kill -9` would stop it there.
 fn crash_point(point: &str) {
     static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    if AT.get_or_init(|| std::env::var("NATMAP_CRASH_AT").ok()).as_deref() == Some(point) {
+    if AT
+        .get_or_init(|| std::env::var("NATMAP_CRASH_AT").ok())
+        .as_deref()
+        == Some(point)
+    {
         eprintln!("NATMAP_CRASH_AT={point}: aborting");
         std::process::abort();
     }

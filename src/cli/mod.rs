@@ -4,8 +4,12 @@
 //! - [`static_nat`]: `dnat`, `snat`, `hairpin`.
 //! - [`ops`]: `daemon`, `ls`, `fwd`, `clear`, `ping`.
 //! - [`output`]: tables and JSON.
+//! - [`install`]: `install`, `uninstall` and the systemd unit (local, no daemon).
+//! - [`completions`]: `completions` and `man`, generated from these definitions.
 
+mod completions;
 mod docker;
+mod install;
 mod ops;
 mod output;
 mod static_nat;
@@ -45,6 +49,10 @@ pub struct Opts {
 pub enum TopCommand {
     /// NAT rules owned by one daemon: port forwards, SNAT, hairpin, Docker ports.
     Natmap(NatmapOpts),
+    /// Print a shell completion script (bash, zsh, fish, ...).
+    Completions(completions::CompletionsArgs),
+    /// Print the manual page (roff), or write one per command with --dir.
+    Man(completions::ManArgs),
 }
 
 /// Options shared by every natmap command.
@@ -105,23 +113,42 @@ pub enum NatmapCommand {
     Fwd(ops::FwdArgs),
     /// Remove every natmap rule and reservation and reset the state.
     Clear,
+    /// Make natmap's rules equal to a declarative file, in one transaction.
+    Apply(ops::ApplyArgs),
+    /// Print natmap's rules as a document for `apply`.
+    Export,
     /// Publish ports of running containers: add, rm, remap.
     #[command(subcommand)]
     Docker(docker::DockerCommand),
     /// Check that the daemon answers.
     Ping,
+    /// Install natmap as a systemd service (binary, group, unit), as root.
+    Install(install::InstallArgs),
+    /// Stop the service and remove what `install` put in place.
+    Uninstall(install::UninstallArgs),
 }
 
 /// Runs the parsed command line.
 pub fn run(opts: Opts) -> Result<ExitCode> {
-    let TopCommand::Natmap(natmap) = opts.command;
+    let natmap = match opts.command {
+        TopCommand::Natmap(natmap) => natmap,
+        TopCommand::Completions(a) => return completions::run_completions(a),
+        TopCommand::Man(a) => return completions::run_man(a),
+    };
+    match natmap.command {
+        NatmapCommand::Install(a) => return install::run_install(a),
+        NatmapCommand::Uninstall(a) => return install::run_uninstall(a),
+        _ => {}
+    }
     if let NatmapCommand::Daemon(args) = natmap.command {
         init_logging(opts.verbose, true);
         return ops::run_daemon(args, natmap.socket);
     }
     init_logging(opts.verbose, false);
     let request = match natmap.command {
-        NatmapCommand::Daemon(_) => unreachable!("handled above"),
+        NatmapCommand::Daemon(_) | NatmapCommand::Install(_) | NatmapCommand::Uninstall(_) => {
+            unreachable!("handled above")
+        }
         NatmapCommand::Dnat(a) => Request::Dnat(a.into_request()),
         NatmapCommand::Snat(a) => Request::Snat(a.into_request()),
         NatmapCommand::Hairpin(a) => Request::Hairpin(a.into_request()),
@@ -129,6 +156,11 @@ pub fn run(opts: Opts) -> Result<ExitCode> {
         NatmapCommand::Fwd(a) => Request::Fwd(a.into_request()),
         NatmapCommand::Clear => Request::Clear(Default::default()),
         NatmapCommand::Ping => Request::Ping(Default::default()),
+        NatmapCommand::Apply(a) => match a.into_request() {
+            Ok(r) => Request::Apply(r),
+            Err(message) => return Ok(usage_error(natmap.json, &message)),
+        },
+        NatmapCommand::Export => Request::Export(Default::default()),
         NatmapCommand::Docker(d) => match d.into_request() {
             Ok(r) => r,
             Err(message) => {

@@ -7,7 +7,7 @@ use clap::Args;
 use color_eyre::eyre::{eyre, Result};
 
 use crate::daemon::{self, DaemonConfig};
-use crate::proto::{FwdRequest, LsRequest};
+use crate::proto::{ApplyRequest, Document, FwdRequest, LsRequest};
 
 /// `daemon`: run natmap's daemon in the foreground.
 #[derive(Debug, Args)]
@@ -108,5 +108,49 @@ impl FwdArgs {
         FwdRequest {
             ipv6: !self.no_ipv6,
         }
+    }
+}
+
+/// `apply`: make natmap's rules equal to a document.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "The document is what `export` prints: {\"schema_version\":1,\"rules\":[…]},
+each rule an object as `ls --json` shows it without id and status.
+Rules in the file and not in natmap are added, rules in natmap and not in the
+file are removed, the rest are kept (same ids), in one transaction.
+
+Examples:
+  lab-ops natmap export > natmap.json      # edit, ship with Ansible/NixOS …
+  lab-ops natmap apply --dry-run natmap.json
+  lab-ops natmap apply natmap.json"
+)]
+pub struct ApplyArgs {
+    /// The document (JSON), or - for standard input.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Show what would change and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+impl ApplyArgs {
+    /// Reads and parses the document; errors name the file and the field.
+    pub fn into_request(self) -> std::result::Result<ApplyRequest, String> {
+        let text = if self.file.as_os_str() == "-" {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .map_err(|e| format!("reading standard input: {e}"))?;
+            s
+        } else {
+            std::fs::read_to_string(&self.file)
+                .map_err(|e| format!("reading {}: {e}", self.file.display()))?
+        };
+        let de = &mut serde_json::Deserializer::from_str(&text);
+        let document: Document = serde_path_to_error::deserialize(de)
+            .map_err(|e| format!("{}: {}: {}", self.file.display(), e.path(), e.inner()))?;
+        Ok(ApplyRequest {
+            document,
+            dry_run: self.dry_run,
+        })
     }
 }

@@ -9,8 +9,8 @@ use serde::de::DeserializeOwned;
 
 use crate::model::{PortList, RuleSpec};
 use crate::proto::{
-    ChangeKind, ChangeResult, ClearReport, ErrorCode, ForwardingReport, Pong, Request, Response,
-    RuleList, RuleStatus, RuleView,
+    ApplyReport, ChangeKind, ChangeResult, ClearReport, Document, ErrorCode, ForwardingReport,
+    Pong, Request, Response, RuleList, RuleStatus, RuleView,
 };
 
 use super::{ColorChoice, EXIT_REQUEST_FAILED, EXIT_UNREACHABLE};
@@ -73,6 +73,13 @@ impl Printer {
                 println!(
                     "removed {} rule(s); natmap's chains are gone until the next change",
                     c.removed
+                )
+            }),
+            Request::Apply(_) => self.with(data, |r: ApplyReport| self.applied(&r)),
+            Request::Export(_) => self.with(data, |d: Document| {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&d).expect("document serializes")
                 )
             }),
             Request::Ping(_) => self.with(data, |p: Pong| {
@@ -166,6 +173,29 @@ impl Printer {
             ]);
         }
         println!("{table}");
+    }
+
+    fn applied(&self, r: &ApplyReport) {
+        let verb = if r.dry_run { "would" } else { "did" };
+        println!(
+            "{verb} add {}, remove {}, keep {} rule(s){}",
+            r.added.len(),
+            r.removed.len(),
+            r.kept,
+            if r.dry_run {
+                " (dry run: nothing changed)"
+            } else {
+                ""
+            }
+        );
+        if !r.added.is_empty() {
+            println!("add:");
+            self.list(&r.added);
+        }
+        if !r.removed.is_empty() {
+            println!("remove:");
+            self.list(&r.removed);
+        }
     }
 
     fn forwarding(&self, f: &ForwardingReport) {

@@ -20,7 +20,8 @@ use super::engine::Peer;
 use super::EngineMsg;
 
 /// Bound on simultaneous client connections.
-const MAX_CONNECTIONS: usize = 256;
+/// With [`MAX_LINE_BYTES`], bounds what clients can make the daemon buffer.
+const MAX_CONNECTIONS: usize = 64;
 /// A connection idle this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 

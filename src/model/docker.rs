@@ -210,6 +210,7 @@ pub struct Endpoint {
 
 /// A published port of a container (or of a fixed non-Docker target).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DockerRule {
     /// Container name (without Docker's leading `/`), or the label of a
     /// non-Docker target. The mapping follows the name: a container

@@ -35,6 +35,7 @@ pub enum RuleSpec {
 
 /// `dnat --ext-ip E --int-ip I --ports P [--proto] [--ext-if X]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DnatRule {
     /// Address the traffic arrives for.
     pub ext_ip: HostIp,
@@ -50,6 +51,7 @@ pub struct DnatRule {
 
 /// `snat --int-ip I|CIDR --ext-if X --ext-ip E`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SnatRule {
     /// Source address or network that is rewritten.
     pub source: Network,
@@ -61,6 +63,7 @@ pub struct SnatRule {
 
 /// `hairpin --ext-ip E --int-ip I --ports P [--proto]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HairpinRule {
     /// External address clients use.
     pub ext_ip: HostIp,

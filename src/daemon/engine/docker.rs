@@ -203,48 +203,18 @@ impl Engine {
                     return Err(invalid("name the container: docker add CONTAINER MAPPING"))
                 }
             };
-            let client = self.docker_client()?;
-            let info = match client
-                .inspect_blocking(reference.as_str())
-                .map_err(|e| Failure::new(ErrorCode::DockerUnavailable, e))?
-            {
-                Lookup::Found(info) => info,
-                Lookup::NotFound => {
-                    return Err(Failure::new(
-                        ErrorCode::ContainerNotFound,
-                        format!("no container {reference}; `docker ps -a` lists them"),
-                    ))
-                }
-            };
-            let net = info
-                .pick_network(req.network.as_ref().map(|n| n.as_str()))
-                .map_err(|e| invalid(&e))?;
-            let (v4, v6) = if info.running {
-                (net.v4, net.v6)
-            } else {
-                (None, None)
-            };
-            if info.running
-                && mapping.host_ip.is_some_and(|h| h.family() == Family::V6)
-                && v6.is_none()
-            {
-                return Err(invalid(&format!(
-                    "container {} has no IPv6 address on network {}",
-                    info.name, net.network
-                )));
-            }
-            DockerRule {
-                name: info.name.clone(),
-                container_id: Some(info.id.clone()),
-                network: Some(net.network.clone()),
+            self.resolve_container(DockerRule {
+                name: reference.to_string(),
+                container_id: None,
+                network: req.network.map(|n| n.to_string()),
                 host_ip: mapping.host_ip,
                 host_port: mapping.host_port,
                 container_port: mapping.target_port,
                 proto: mapping.proto,
                 external: false,
-                target_v4: v4,
-                target_v6: v6,
-            }
+                target_v4: None,
+                target_v6: None,
+            })?
         };
         let name = rule.name.clone();
         let response = self.add(RuleSpec::Docker(rule))?;
@@ -263,6 +233,45 @@ impl Engine {
             }
         }
         Ok(response)
+    }
+
+    /// Looks the mapping's container up (by the reference in `rule.name`) and
+    /// fills in its canonical name, id, network and current addresses.
+    pub(super) fn resolve_container(&self, mut rule: DockerRule) -> Outcome<DockerRule> {
+        let invalid = |m: &str| Failure::new(ErrorCode::InvalidArgument, m);
+        let client = self.docker_client()?;
+        let info = match client
+            .inspect_blocking(&rule.name)
+            .map_err(|e| Failure::new(ErrorCode::DockerUnavailable, e))?
+        {
+            Lookup::Found(info) => info,
+            Lookup::NotFound => {
+                return Err(Failure::new(
+                    ErrorCode::ContainerNotFound,
+                    format!("no container {}; `docker ps -a` lists them", rule.name),
+                ))
+            }
+        };
+        let net = info
+            .pick_network(rule.network.as_deref())
+            .map_err(|e| invalid(&e))?;
+        let (v4, v6) = if info.running {
+            (net.v4, net.v6)
+        } else {
+            (None, None)
+        };
+        if info.running && rule.host_ip.is_some_and(|h| h.family() == Family::V6) && v6.is_none() {
+            return Err(invalid(&format!(
+                "container {} has no IPv6 address on network {}",
+                info.name, net.network
+            )));
+        }
+        rule.name = info.name.clone();
+        rule.container_id = Some(info.id.clone());
+        rule.network = Some(net.network.clone());
+        rule.target_v4 = v4;
+        rule.target_v6 = v6;
+        Ok(rule)
     }
 
     /// The one Docker mapping of `reference` on `host_port` (and `proto`).

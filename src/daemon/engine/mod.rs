@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+mod apply;
 mod docker;
 
 use crate::docker::DockerClient;
@@ -398,6 +399,8 @@ impl Engine {
             Request::DockerAdd(r) => self.docker_add(r),
             Request::DockerRm(r) => self.docker_rm(r),
             Request::DockerRemap(r) => self.docker_remap(r),
+            Request::Apply(r) => self.apply_document(r),
+            Request::Export(_) => Ok(Response::ok(self.export())),
         };
         result.unwrap_or_else(|f| {
             tracing::info!(code = %f.code, "request failed: {}", f.message);

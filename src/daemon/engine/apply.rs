@@ -1,0 +1,197 @@
+//! `apply` and `export`: the whole rule set as one declarative document.
+//!
+//! `apply` computes keep / add / remove against the current rules, reserves
+//! every new port (all or nothing), then commits the new state with one
+//! transaction per family and one state write, whatever the number of rules.
+
+use crate::model::{Family, PortClaim, Rule, RuleSpec};
+use crate::proto::{
+    ApplyReport, ApplyRequest, Document, ErrorCode, Response, RuleStatus, RuleView,
+    DOCUMENT_VERSION,
+};
+
+use super::super::reserve::{self, Reservation};
+use super::{forget_flows, Engine, Failure, Outcome};
+
+impl Engine {
+    pub(super) fn export(&self) -> Document {
+        let rules = self
+            .state
+            .rules
+            .iter()
+            .map(|r| match &r.spec {
+                // A container's id and address are looked up when applied.
+                RuleSpec::Docker(d) if !d.external => {
+                    let mut d = d.clone();
+                    d.container_id = None;
+                    d.target_v4 = None;
+                    d.target_v6 = None;
+                    RuleSpec::Docker(d)
+                }
+                other => other.clone(),
+            })
+            .collect();
+        Document {
+            schema_version: DOCUMENT_VERSION,
+            rules,
+        }
+    }
+
+    pub(super) fn apply_document(&mut self, req: ApplyRequest) -> Outcome<Response> {
+        let invalid = |m: String| Failure::new(ErrorCode::InvalidArgument, m);
+        let doc = req.document;
+        if doc.schema_version != DOCUMENT_VERSION {
+            return Err(invalid(format!(
+                "document schema_version {} is not supported; this natmap reads {DOCUMENT_VERSION}",
+                doc.schema_version
+            )));
+        }
+        // Validate and resolve every rule before touching anything.
+        let mut wanted: Vec<RuleSpec> = Vec::with_capacity(doc.rules.len());
+        for (i, spec) in doc.rules.into_iter().enumerate() {
+            spec.check_consistent()
+                .map_err(|m| invalid(format!("rules[{i}]: {m}")))?;
+            if spec.family() == Family::V6 && !self.v6_nat {
+                return Err(Failure::new(
+                    ErrorCode::Ipv6Unavailable,
+                    format!("rules[{i}]: IPv6 NAT is not available in this kernel"),
+                ));
+            }
+            if let Some(j) = wanted.iter().position(|w| w.same_rule(&spec)) {
+                return Err(invalid(format!(
+                    "rules[{i}] is the same rule as rules[{j}]"
+                )));
+            }
+            let spec = match spec {
+                RuleSpec::Docker(d) if !d.external => RuleSpec::Docker(
+                    self.resolve_container(d)
+                        .map_err(|f| Failure::new(f.code, format!("rules[{i}]: {}", f.message)))?,
+                ),
+                other => other,
+            };
+            wanted.push(spec);
+        }
+        // Plan.
+        let mut kept: Vec<Rule> = Vec::new();
+        let mut removed: Vec<Rule> = Vec::new();
+        for rule in &self.state.rules {
+            match wanted.iter().position(|w| w.same_rule(&rule.spec)) {
+                Some(_) => kept.push(rule.clone()),
+                None => removed.push(rule.clone()),
+            }
+        }
+        let added: Vec<RuleSpec> = wanted
+            .into_iter()
+            .filter(|w| !kept.iter().any(|k| k.spec.same_rule(w)))
+            .collect();
+        // New ports must not collide with each other or with kept rules' ports.
+        let mut claims: Vec<PortClaim> = Vec::new();
+        for spec in &added {
+            for c in spec.port_claims() {
+                if let Some(other) = claims.iter().find(|o| reserve::claims_collide(o, &c)) {
+                    return Err(Failure::new(
+                        ErrorCode::PortInUse,
+                        format!(
+                            "port {} is forwarded twice in the document (also {})",
+                            reserve::describe(&c),
+                            reserve::describe(other)
+                        ),
+                    ));
+                }
+                claims.push(c);
+            }
+        }
+        for (id, held) in self
+            .held
+            .iter()
+            .filter(|(id, _)| !removed.iter().any(|r| r.id == **id))
+        {
+            for r in held {
+                if let Some(c) = claims.iter().find(|c| reserve::claims_collide(c, &r.claim)) {
+                    return Err(Failure::new(
+                        ErrorCode::PortInUse,
+                        format!(
+                            "port {} is already forwarded by kept rule #{id}",
+                            reserve::describe(c)
+                        ),
+                    ));
+                }
+            }
+        }
+        let view = |rule: &Rule| RuleView {
+            rule: rule.clone(),
+            status: RuleStatus::Active,
+            detail: None,
+        };
+        if req.dry_run {
+            return Ok(Response::ok(ApplyReport {
+                dry_run: true,
+                added: added
+                    .iter()
+                    .map(|s| {
+                        view(&Rule {
+                            id: 0,
+                            spec: s.clone(),
+                        })
+                    })
+                    .collect(),
+                removed: removed.iter().map(|r| self.view(r)).collect(),
+                kept: kept.len(),
+            }));
+        }
+        if added.is_empty() && removed.is_empty() {
+            return Ok(Response::ok(ApplyReport {
+                dry_run: false,
+                added: Vec::new(),
+                removed: Vec::new(),
+                kept: kept.len(),
+            }));
+        }
+        // Reserve every new port first (all or nothing); ports of removed
+        // rules are still held, so a document may not move a port from one
+        // rule to another in one step (remove, then add).
+        let mut held_new: Vec<(usize, Vec<Reservation>)> = Vec::new();
+        for (i, spec) in added.iter().enumerate() {
+            let held = reserve::bind_all(&spec.port_claims())
+                .map_err(|busy| Failure::new(ErrorCode::PortInUse, busy.message))?;
+            held_new.push((i, held));
+        }
+        let mut next = self.state.clone();
+        next.rules.retain(|r| !removed.iter().any(|x| x.id == r.id));
+        let mut new_rules = Vec::with_capacity(added.len());
+        for spec in added {
+            let rule = Rule {
+                id: next.next_id,
+                spec,
+            };
+            next.next_id += 1;
+            new_rules.push(rule.clone());
+            next.rules.push(rule);
+        }
+        self.commit(next)?;
+        for (i, held) in held_new {
+            let id = new_rules[i].id;
+            self.held.insert(id, held);
+            if let Err(f) = self.start_listening(id) {
+                tracing::error!(rule = id, "applied, but {}", f.message);
+            }
+        }
+        let removed_views: Vec<RuleView> = removed.iter().map(view).collect();
+        for rule in &removed {
+            self.release(rule.id);
+            forget_flows(&rule.spec);
+        }
+        tracing::info!(
+            added = new_rules.len(),
+            removed = removed.len(),
+            kept = kept.len(),
+            "document applied"
+        );
+        Ok(Response::ok(ApplyReport {
+            dry_run: false,
+            added: new_rules.iter().map(|r| self.view(r)).collect(),
+            removed: removed_views,
+            kept: kept.len(),
+        }))
+    }
+}

@@ -171,11 +171,13 @@ fn chain_diff(out: &mut String, name: &str, applied: &[String], desired: &[Strin
             inserts.push((pos, line));
         }
     }
+    let mut len = kept.len();
     if k < kept.len() {
         // Order disagrees: fall back to delete-all-kept-after-k and insert.
         for line in &kept[k..] {
             let _ = writeln!(out, "-D {name} {line}");
         }
+        len = k;
         let kept_set: Vec<&str> = kept[..k].to_vec();
         inserts.clear();
         let mut j = 0;
@@ -188,6 +190,14 @@ fn chain_diff(out: &mut String, name: &str, applied: &[String], desired: &[Strin
         }
     }
     for (pos, line) in inserts {
-        let _ = writeln!(out, "-I {name} {} {line}", pos + 1);
+        // Appending is cheaper than inserting at a position (iptables-nft
+        // need not look up the rule at that position), and new rules, whose
+        // ids are the highest, always go last.
+        if pos == len {
+            let _ = writeln!(out, "-A {name} {line}");
+        } else {
+            let _ = writeln!(out, "-I {name} {} {line}", pos + 1);
+        }
+        len += 1;
     }
 }

@@ -262,6 +262,8 @@ fn diff_reorders_when_a_kept_line_is_out_of_place() {
         } else if let Some(rest) = line.strip_prefix("-I NATMAP ") {
             let (pos, l) = rest.split_once(' ').unwrap();
             chain.insert(pos.parse::<usize>().unwrap() - 1, l.to_owned());
+        } else if let Some(rest) = line.strip_prefix("-A NATMAP ") {
+            chain.push(rest.to_owned());
         }
     }
     assert_eq!(chain, desired.chain(Chain::NatPrerouting));

@@ -51,7 +51,7 @@ fn a_change_sends_one_incremental_transaction() {
     let sent = payloads(&nf);
     assert_eq!(sent.len(), at_start + 1, "one transaction for the change");
     let last = sent.last().unwrap();
-    assert!(last.contains("-I NATMAP 1 -d 192.0.2.1/32"), "{last}");
+    assert!(last.contains("-A NATMAP -d 192.0.2.1/32"), "{last}");
     assert!(!last.contains(":NATMAP"), "no chain rewrite: {last}");
 }
 
@@ -104,7 +104,7 @@ fn an_unwritable_state_rolls_the_rules_back() {
     );
     let sent = payloads(&nf);
     let (add, undo) = (&sent[sent.len() - 2], &sent[sent.len() - 1]);
-    assert!(add.contains("-I NATMAP 1"), "{add}");
+    assert!(add.contains("-A NATMAP -d 192.0.2.1/32"), "{add}");
     assert!(
         undo.contains("-D NATMAP"),
         "the rule is taken out again: {undo}"

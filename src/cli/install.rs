@@ -440,7 +440,7 @@ impl Steps {
         match (self.dry_run, self.changes) {
             (true, 0) => say!("dry run: nothing would change; natmap {what} has nothing to do"),
             (true, n) => say!("dry run: {n} change(s) would be made; nothing was changed"),
-            (false, 0) => say!("nothing changed: everything was already in place"),
+            (false, 0) => say!("nothing changed: natmap was already {what}ed"),
             (false, n) => say!("done: {n} change(s)"),
         }
     }

@@ -19,7 +19,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -106,35 +106,70 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
 
 fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>) {
     // Periodic work runs on a fixed schedule even while requests keep coming.
-    let mut next_tick = std::time::Instant::now() + TICK;
+    let mut next_tick = Instant::now() + TICK;
+    let mut stashed: Option<EngineMsg> = None;
     loop {
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         if now >= next_tick {
             engine.tick();
             next_tick = now + TICK;
         }
-        match rx.recv_timeout(next_tick.saturating_duration_since(now)) {
-            Ok(EngineMsg::Request {
+        let msg = match stashed.take() {
+            Some(msg) => msg,
+            None => match rx.recv_timeout(next_tick.saturating_duration_since(now)) {
+                Ok(msg) => msg,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    engine.shutdown();
+                    return;
+                }
+            },
+        };
+        match msg {
+            EngineMsg::Request {
                 request,
                 peer,
                 reply,
-            }) => {
-                let response = engine.handle(request, peer);
-                let _ = reply.send(response);
+            } if Engine::batchable(&request) => {
+                // Fold every rule change already queued into one transaction.
+                let mut batch = vec![(request, peer, reply)];
+                while batch.len() < engine::MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(EngineMsg::Request {
+                            request,
+                            peer,
+                            reply,
+                        }) if Engine::batchable(&request) => batch.push((request, peer, reply)),
+                        Ok(other) => {
+                            stashed = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let (requests, replies): (Vec<_>, Vec<_>) = batch
+                    .into_iter()
+                    .map(|(r, p, reply)| ((r, p), reply))
+                    .unzip();
+                for (reply, response) in replies.into_iter().zip(engine.handle_batch(requests)) {
+                    let _ = reply.send(response);
+                }
             }
-            Ok(EngineMsg::Shutdown { done }) => {
+            EngineMsg::Request {
+                request,
+                peer,
+                reply,
+            } => {
+                let _ = reply.send(engine.handle(request, peer));
+            }
+            EngineMsg::Shutdown { done } => {
                 engine.shutdown();
                 let _ = done.send(());
                 return;
             }
-            Ok(EngineMsg::DockerUp(client)) => engine.docker_connected(client),
-            Ok(EngineMsg::DockerDown(reason)) => engine.docker_lost(reason),
-            Ok(EngineMsg::DockerEvent(event)) => engine.docker_event(&event),
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                engine.shutdown();
-                return;
-            }
+            EngineMsg::DockerUp(client) => engine.docker_connected(client),
+            EngineMsg::DockerDown(reason) => engine.docker_lost(reason),
+            EngineMsg::DockerEvent(event) => engine.docker_event(&event),
         }
     }
 }

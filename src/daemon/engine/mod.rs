@@ -12,14 +12,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 mod apply;
+mod batch;
 mod docker;
 
 use crate::docker::DockerClient;
 use crate::model::{DnatRule, Family, HairpinRule, PortClaim, Rule, RuleId, RuleSpec, SnatRule};
 use crate::netfilter::Netfilter;
 use crate::proto::{
-    ChangeKind, ChangeResult, ClearReport, ErrorCode, ForwardingReport, LsRequest, Pong, Request,
-    Response, RuleList, RuleStatus, RuleView,
+    ClearReport, ErrorCode, ForwardingReport, LsRequest, Pong, Request, Response, RuleList,
+    RuleStatus, RuleView,
 };
 use crate::rules::saved::SavedTables;
 use crate::rules::{render, restore, Ruleset};
@@ -28,6 +29,8 @@ use crate::state::{self, Loaded, State};
 use super::host;
 use super::relay::Relays;
 use super::reserve::{self, Reservation};
+use batch::Change;
+pub use batch::MAX_BATCH;
 
 /// Who sent a request (from `SO_PEERCRED`), for the change log.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -330,7 +333,35 @@ impl Engine {
     }
 
     /// Handles one request and answers it.
+    /// Handles one request and answers it.
     pub fn handle(&mut self, request: Request, peer: Peer) -> Response {
+        if Engine::batchable(&request) {
+            return self
+                .handle_batch(vec![(request, peer)])
+                .pop()
+                .expect("one request, one response");
+        }
+        self.log_change(&request, peer);
+        let result = match request {
+            Request::Ping(_) => Ok(Response::ok(Pong {
+                daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+            })),
+            Request::Ls(ls) => Ok(Response::ok(self.list(&ls))),
+            Request::Dnat(_) | Request::Snat(_) | Request::Hairpin(_) => {
+                unreachable!("batched above")
+            }
+            Request::Fwd(f) => self.forwarding(f.ipv6),
+            Request::Clear(_) => self.clear(),
+            Request::DockerAdd(r) => self.docker_add(r),
+            Request::DockerRm(r) => self.docker_rm(r),
+            Request::DockerRemap(r) => self.docker_remap(r),
+            Request::Apply(r) => self.apply_document(r),
+            Request::Export(_) => Ok(Response::ok(self.export())),
+        };
+        respond(result)
+    }
+
+    fn log_change(&self, request: &Request, peer: Peer) {
         if request.is_change() {
             tracing::info!(
                 uid = peer.uid,
@@ -339,12 +370,12 @@ impl Engine {
                 "change requested"
             );
         }
-        let result = match request {
-            Request::Ping(_) => Ok(Response::ok(Pong {
-                daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
-            })),
-            Request::Ls(ls) => Ok(Response::ok(self.list(&ls))),
-            Request::Dnat(r) => self.add_or_delete(
+    }
+
+    /// The rule change a `dnat`, `snat` or `hairpin` request asks for.
+    fn static_change(&self, request: Request) -> Outcome<Change> {
+        let (spec, delete) = match request {
+            Request::Dnat(r) => (
                 RuleSpec::Dnat(DnatRule {
                     ext_ip: r.ext_ip,
                     int_ip: r.int_ip,
@@ -354,7 +385,7 @@ impl Engine {
                 }),
                 r.delete,
             ),
-            Request::Snat(r) => self.add_or_delete(
+            Request::Snat(r) => (
                 RuleSpec::Snat(SnatRule {
                     source: r.int_ip,
                     ext_if: r.ext_if,
@@ -364,11 +395,11 @@ impl Engine {
             ),
             Request::Hairpin(r) => {
                 let int_net = match r.int_net {
-                    Some(net) => Ok(net),
+                    Some(net) => net,
                     // A delete matches without the derived network.
                     None if r.delete => {
                         crate::model::Network::new(r.int_ip.ip(), r.int_ip.family().host_prefix())
-                            .ok_or_else(|| Failure::new(ErrorCode::Internal, "bad host prefix"))
+                            .ok_or_else(|| Failure::new(ErrorCode::Internal, "bad host prefix"))?
                     }
                     None => host::connected_network(r.int_ip.ip()).map_err(|e| {
                         Failure::new(
@@ -379,32 +410,30 @@ impl Engine {
                                 r.int_ip
                             ),
                         )
-                    }),
+                    })?,
                 };
-                int_net.and_then(|int_net| {
-                    self.add_or_delete(
-                        RuleSpec::Hairpin(HairpinRule {
-                            ext_ip: r.ext_ip,
-                            int_ip: r.int_ip,
-                            ports: r.ports,
-                            proto: r.proto,
-                            int_net,
-                        }),
-                        r.delete,
-                    )
-                })
+                (
+                    RuleSpec::Hairpin(HairpinRule {
+                        ext_ip: r.ext_ip,
+                        int_ip: r.int_ip,
+                        ports: r.ports,
+                        proto: r.proto,
+                        int_net,
+                    }),
+                    r.delete,
+                )
             }
-            Request::Fwd(f) => self.forwarding(f.ipv6),
-            Request::Clear(_) => self.clear(),
-            Request::DockerAdd(r) => self.docker_add(r),
-            Request::DockerRm(r) => self.docker_rm(r),
-            Request::DockerRemap(r) => self.docker_remap(r),
-            Request::Apply(r) => self.apply_document(r),
-            Request::Export(_) => Ok(Response::ok(self.export())),
+            other => {
+                return Err(Failure::new(
+                    ErrorCode::Internal,
+                    format!("{} is not a rule change", other.name()),
+                ))
+            }
         };
-        result.unwrap_or_else(|f| {
-            tracing::info!(code = %f.code, "request failed: {}", f.message);
-            Response::err(f.code, f.message)
+        Ok(if delete {
+            Change::Delete(spec)
+        } else {
+            Change::Add(spec)
         })
     }
 
@@ -447,50 +476,11 @@ impl Engine {
         RuleList { rules }
     }
 
-    fn add_or_delete(&mut self, spec: RuleSpec, delete: bool) -> Outcome<Response> {
-        if delete {
-            self.delete(&spec)
-        } else {
-            self.add(spec)
-        }
-    }
-
+    /// Adds one rule (through the same path as a batch of one).
     fn add(&mut self, spec: RuleSpec) -> Outcome<Response> {
-        spec.check_consistent()
-            .map_err(|m| Failure::new(ErrorCode::InvalidArgument, m))?;
-        if spec.family() == Family::V6 && !self.v6_nat {
-            return Err(Failure::new(
-                ErrorCode::Ipv6Unavailable,
-                "IPv6 NAT is not available in this kernel (load ip6table_nat); IPv4 rules keep working",
-            ));
-        }
-        if let Some(existing) = self.state.rules.iter().find(|r| r.spec.same_rule(&spec)) {
-            return Ok(Response::ok(ChangeResult {
-                result: ChangeKind::AlreadyPresent,
-                rule: self.view(existing),
-            }));
-        }
-        let claims = spec.port_claims();
-        self.check_own_claims(&claims)?;
-        let held = reserve::bind_all(&claims)
-            .map_err(|busy| Failure::new(ErrorCode::PortInUse, busy.message))?;
-        let mut next = self.state.clone();
-        let id = next.next_id;
-        next.next_id += 1;
-        let rule = Rule { id, spec };
-        next.rules.push(rule.clone());
-        // On failure `held` is dropped here and the ports are free again.
-        self.commit(next)?;
-        self.held.insert(id, held);
-        if let Err(f) = self.start_listening(id) {
-            self.remove_rule_after_failure(id);
-            return Err(f);
-        }
-        tracing::info!(rule = id, kind = rule.spec.kind(), "rule added");
-        Ok(Response::ok(ChangeResult {
-            result: ChangeKind::Added,
-            rule: self.view(&rule),
-        }))
+        self.apply_changes(vec![Change::Add(spec)])
+            .pop()
+            .expect("one change, one outcome")
     }
 
     /// A port natmap already holds for another rule gets a message naming that rule.
@@ -503,13 +493,7 @@ impl Engine {
         for (id, held) in self.held.iter().filter(|(id, _)| **id != except) {
             for r in held {
                 if let Some(c) = claims.iter().find(|c| reserve::claims_collide(c, &r.claim)) {
-                    return Err(Failure::new(
-                        ErrorCode::PortInUse,
-                        format!(
-                            "port {} is already forwarded by natmap rule #{id}; delete that rule first",
-                            reserve::describe(c)
-                        ),
-                    ));
+                    return Err(batch::port_taken(c, *id));
                 }
             }
         }
@@ -555,38 +539,11 @@ impl Engine {
         self.down_reason.remove(&id);
     }
 
-    fn delete(&mut self, spec: &RuleSpec) -> Outcome<Response> {
-        let Some(rule) = self
-            .state
-            .rules
-            .iter()
-            .find(|r| r.spec.same_rule(spec))
-            .cloned()
-        else {
-            return Err(Failure::new(
-                ErrorCode::NotFound,
-                format!(
-                    "no such {} rule; `lab-ops natmap ls` lists the rules natmap has",
-                    spec.kind()
-                ),
-            ));
-        };
-        self.delete_rule(rule)
-    }
-
     /// Removes one stored rule: rules, state, reservation, tracked flows.
     fn delete_rule(&mut self, rule: Rule) -> Outcome<Response> {
-        let view = self.view(&rule);
-        let mut next = self.state.clone();
-        next.rules.retain(|r| r.id != rule.id);
-        self.commit(next)?;
-        self.release(rule.id);
-        forget_flows(&rule.spec);
-        tracing::info!(rule = rule.id, kind = rule.spec.kind(), "rule deleted");
-        Ok(Response::ok(ChangeResult {
-            result: ChangeKind::Deleted,
-            rule: view,
-        }))
+        self.apply_changes(vec![Change::DeleteId(rule.id)])
+            .pop()
+            .expect("one change, one outcome")
     }
 
     fn forwarding(&mut self, ipv6: bool) -> Outcome<Response> {
@@ -752,6 +709,14 @@ impl Engine {
         }
         tracing::info!("natmap rules removed, ports released; state kept for the next start");
     }
+}
+
+/// Turns an outcome into the response line, logging failures.
+fn respond(result: Outcome<Response>) -> Response {
+    result.unwrap_or_else(|f| {
+        tracing::info!(code = %f.code, "request failed: {}", f.message);
+        Response::err(f.code, f.message)
+    })
 }
 
 /// Cuts conntrack entries of connections the rule forwarded.

@@ -110,3 +110,54 @@ fn an_unwritable_state_rolls_the_rules_back() {
         "the rule is taken out again: {undo}"
     );
 }
+
+#[test]
+fn queued_changes_share_one_transaction_and_one_state_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut engine, nf) = engine(&dir);
+    let before = payloads(&nf).len();
+    let peer = Peer::default();
+    let mut delete = dnat(47021);
+    if let Request::Dnat(d) = &mut delete {
+        d.delete = true;
+    }
+    let responses = engine.handle_batch(vec![
+        (dnat(47021), peer),
+        (dnat(47022), peer),
+        (dnat(47021), peer), // same rule again in the same batch
+        (delete, peer),      // and gone again
+        (dnat(47023), peer),
+    ]);
+    let results: Vec<String> = responses
+        .iter()
+        .map(|r| {
+            r.data
+                .as_ref()
+                .map_or("error".into(), |d| d["result"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(
+        results,
+        ["added", "added", "already_present", "deleted", "added"]
+    );
+    assert_eq!(
+        payloads(&nf).len(),
+        before + 1,
+        "one transaction for the batch"
+    );
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("state.json")).unwrap()).unwrap();
+    let ports: Vec<&str> = state["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["ports"].as_str().unwrap())
+        .collect();
+    assert_eq!(ports, ["47022", "47023"]);
+    // The deleted rule's port is free, the others are held.
+    assert!(
+        std::net::TcpListener::bind("192.0.2.1:47021").is_ok()
+            || std::net::TcpListener::bind("0.0.0.0:47021").is_ok()
+    );
+    assert!(std::net::TcpListener::bind("0.0.0.0:47022").is_err());
+}

@@ -67,6 +67,9 @@ pub enum Request {
     Apply(ApplyRequest),
     /// The current rules as a declarative document.
     Export(Empty),
+    /// Validate the inner change and show the exact rule changes it would
+    /// make, changing nothing (`--dry-run`).
+    DryRun(DryRunRequest),
 }
 
 impl Request {
@@ -90,7 +93,7 @@ impl Request {
             Some(serde_json::Value::String(c)) => c,
             _ => {
                 return Err(
-                    "cmd: missing; expected one of ping, dnat, snat, hairpin, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export"
+                    "cmd: missing; expected one of ping, dnat, snat, hairpin, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export, dry_run"
                         .into(),
                 )
             }
@@ -109,9 +112,17 @@ impl Request {
             "docker_remap" => Request::DockerRemap(args(rest)?),
             "apply" => Request::Apply(args(rest)?),
             "export" => Request::Export(args(rest)?),
+            "dry_run" => {
+                let wrapped: DryRunValue = args(rest)?;
+                let inner = Request::from_value(wrapped.request).map_err(|m| format!("request.{m}"))?;
+                if matches!(inner, Request::DryRun(_)) || !inner.is_change() {
+                    return Err(format!("request: {} has no dry run (it changes nothing)", inner.name()));
+                }
+                Request::DryRun(DryRunRequest { request: Box::new(inner) })
+            }
             _ => {
                 return Err(format!(
-                    "cmd: unknown command {:?}; expected one of ping, dnat, snat, hairpin, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export",
+                    "cmd: unknown command {:?}; expected one of ping, dnat, snat, hairpin, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export, dry_run",
                     cmd.escape_debug().to_string()
                 ))
             }
@@ -121,7 +132,7 @@ impl Request {
     /// Whether the request changes rules or state (these are logged with the peer).
     pub fn is_change(&self) -> bool {
         match self {
-            Request::Ping(_) | Request::Ls(_) | Request::Export(_) => false,
+            Request::Ping(_) | Request::Ls(_) | Request::Export(_) | Request::DryRun(_) => false,
             Request::Apply(a) => !a.dry_run,
             _ => true,
         }
@@ -143,6 +154,7 @@ impl Request {
             Request::Apply(a) if a.dry_run => "apply --dry-run",
             Request::Apply(_) => "apply",
             Request::Export(_) => "export",
+            Request::DryRun(_) => "dry_run",
         }
     }
 }
@@ -298,6 +310,40 @@ pub struct ApplyReport {
     pub removed: Vec<RuleView>,
     /// How many rules stayed as they were.
     pub kept: usize,
+}
+
+/// `dry_run` arguments: the change to simulate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DryRunRequest {
+    /// The change.
+    pub request: Box<Request>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DryRunValue {
+    request: serde_json::Value,
+}
+
+/// What a `--dry-run` change would do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DryRunReport {
+    /// The iptables-restore transactions (per family) it would send; empty
+    /// when nothing would change.
+    pub transactions: Vec<Transaction>,
+    /// Other effects (sysctls, routes) it would have.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub effects: Vec<String>,
+}
+
+/// One `iptables-restore --noflush` input.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transaction {
+    /// `ipv4` or `ipv6`.
+    pub family: crate::model::Family,
+    /// The exact input.
+    pub restore: String,
 }
 
 /// `ls` arguments.

@@ -975,3 +975,101 @@ fn external_changes_to_natmap_rules_are_repaired() {
     assert_eq!(natmap_rules(&topo, false), good);
     expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
 }
+
+#[test]
+fn dry_run_changes_nothing_and_shows_the_exact_transaction() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::new();
+    let d = Daemon::start(&topo.router);
+    d.cli_ok(&[
+        "dnat",
+        "--ext-ip",
+        "192.0.2.1",
+        "--int-ip",
+        "198.51.100.2",
+        "--ports",
+        "25",
+    ]);
+    let rules_before = natmap_rules(&topo, false);
+    let state_before = std::fs::read(d.state_path()).unwrap();
+    let add = [
+        "--dry-run",
+        "hairpin",
+        "--ext-ip",
+        "192.0.2.1",
+        "--int-ip",
+        "198.51.100.3",
+        "--ports",
+        "80,443",
+    ];
+    let plan = d.cli_json(&add);
+    assert_eq!(plan["ok"], true, "{plan}");
+    let transactions = plan["data"]["transactions"].as_array().unwrap();
+    assert_eq!(transactions.len(), 1, "{plan}");
+    assert_eq!(
+        natmap_rules(&topo, false),
+        rules_before,
+        "a dry run changes no rule"
+    );
+    assert_eq!(
+        std::fs::read(d.state_path()).unwrap(),
+        state_before,
+        "nor the state"
+    );
+    assert!(
+        in_netns(&topo.router, || std::net::TcpListener::bind("192.0.2.1:80")
+            .is_ok()),
+        "nor reserves ports"
+    );
+
+    // The shown transaction is exactly what the real change does.
+    let path = d.dir().join("plan.rules");
+    std::fs::write(&path, transactions[0]["restore"].as_str().unwrap()).unwrap();
+    topo.router
+        .run_ok(&["iptables-restore", "--noflush", path.to_str().unwrap()]);
+    let by_hand = natmap_rules(&topo, false);
+    // Undo by hand: the same transaction with every -A turned into -D.
+    let undo = transactions[0]["restore"]
+        .as_str()
+        .unwrap()
+        .replace("\n-A ", "\n-D ");
+    std::fs::write(&path, undo).unwrap();
+    topo.router
+        .run_ok(&["iptables-restore", "--noflush", path.to_str().unwrap()]);
+    assert_eq!(natmap_rules(&topo, false), rules_before);
+    let real = d.cli_json(&add[1..]);
+    assert_eq!(real["data"]["result"], "added", "{real}");
+    assert_eq!(natmap_rules(&topo, false), by_hand);
+
+    // Errors are the real errors; read-only commands have no dry run.
+    let (status, busy) = d.cli_json_output(&[
+        "--dry-run",
+        "dnat",
+        "--ext-ip",
+        "192.0.2.1",
+        "--int-ip",
+        "198.51.100.4",
+        "--ports",
+        "25",
+    ]);
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(busy["error"]["code"], "port_in_use");
+    assert_eq!(d.cli(&["--dry-run", "ls"]).status.code(), Some(2));
+    let clear = d.cli_json(&["--dry-run", "clear"]);
+    assert!(
+        clear["data"]["transactions"][0]["restore"]
+            .as_str()
+            .unwrap()
+            .contains("-X NATMAP"),
+        "{clear}"
+    );
+    assert_eq!(
+        d.cli_json(&["ls"])["data"]["rules"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}

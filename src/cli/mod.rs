@@ -77,6 +77,11 @@ pub struct NatmapOpts {
     #[arg(long, global = true)]
     pub json: bool,
 
+    /// Validate a change and show the exact iptables transactions it would
+    /// run, changing nothing.
+    #[arg(long, global = true)]
+    pub dry_run: bool,
+
     /// Colour in tables.
     #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto)]
     pub color: ColorChoice,
@@ -167,6 +172,26 @@ pub fn run(opts: Opts) -> Result<ExitCode> {
                 return Ok(usage_error(natmap.json, &message));
             }
         },
+    };
+    let request = if natmap.dry_run {
+        if !request.is_change() {
+            return Ok(usage_error(
+                natmap.json,
+                &format!("--dry-run: `{}` changes nothing", request.name()),
+            ));
+        }
+        match request {
+            // apply has its own plan output.
+            Request::Apply(mut a) => {
+                a.dry_run = true;
+                Request::Apply(a)
+            }
+            other => Request::DryRun(crate::proto::DryRunRequest {
+                request: Box::new(other),
+            }),
+        }
+    } else {
+        request
     };
     let printer = output::Printer::new(natmap.json, natmap.color);
     let response = client::call(&natmap.socket, request.clone());

@@ -128,9 +128,6 @@ pub struct ApplyArgs {
     /// The document (JSON), or - for standard input.
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
-    /// Show what would change and change nothing.
-    #[arg(long)]
-    pub dry_run: bool,
 }
 
 impl ApplyArgs {
@@ -150,7 +147,7 @@ impl ApplyArgs {
             .map_err(|e| format!("{}: {}: {}", self.file.display(), e.path(), e.inner()))?;
         Ok(ApplyRequest {
             document,
-            dry_run: self.dry_run,
+            dry_run: false,
         })
     }
 }

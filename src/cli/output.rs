@@ -9,8 +9,8 @@ use serde::de::DeserializeOwned;
 
 use crate::model::{PortList, RuleSpec};
 use crate::proto::{
-    ApplyReport, ChangeKind, ChangeResult, ClearReport, Document, ErrorCode, ForwardingReport,
-    Pong, Request, Response, RuleList, RuleStatus, RuleView,
+    ApplyReport, ChangeKind, ChangeResult, ClearReport, Document, DryRunReport, ErrorCode,
+    ForwardingReport, Pong, Request, Response, RuleList, RuleStatus, RuleView,
 };
 
 use super::{ColorChoice, EXIT_REQUEST_FAILED, EXIT_UNREACHABLE};
@@ -76,6 +76,14 @@ impl Printer {
                 )
             }),
             Request::Apply(_) => self.with(data, |r: ApplyReport| self.applied(&r)),
+            Request::DryRun(_) => {
+                if data.get("transactions").is_some() {
+                    self.with(data, |r: DryRunReport| dry_run(&r))
+                } else {
+                    // Nothing to change (e.g. the rule is already present).
+                    self.with(data, |c: ChangeResult| self.change(&c))
+                }
+            }
             Request::Export(_) => self.with(data, |d: Document| {
                 println!(
                     "{}",
@@ -204,6 +212,27 @@ impl Printer {
             table.add_row(vec![s.name.as_str(), s.before.as_str(), s.after.as_str()]);
         }
         println!("{table}");
+    }
+}
+
+fn dry_run(r: &DryRunReport) {
+    println!("dry run: nothing was changed.");
+    for effect in &r.effects {
+        println!("sysctl {effect}");
+    }
+    if r.transactions.is_empty() && r.effects.is_empty() {
+        println!("no rule would change");
+    }
+    for t in &r.transactions {
+        println!(
+            "would run `{}-restore --noflush` with:",
+            if t.family == crate::model::Family::V4 {
+                "iptables"
+            } else {
+                "ip6tables"
+            }
+        );
+        print!("{}", t.restore);
     }
 }
 

@@ -30,6 +30,21 @@ pub fn enable_forwarding(ipv6: bool) -> Result<Vec<SysctlChange>, String> {
     Ok(changes)
 }
 
+/// What [`enable_forwarding`] would change, one line per sysctl.
+pub fn forwarding_plan(ipv6: bool) -> Vec<String> {
+    let mut plan = Vec::new();
+    let mut look = |path: &str, name: &str| match fs::read_to_string(path) {
+        Ok(v) if v.trim() == "1" => plan.push(format!("{name}: already 1")),
+        Ok(v) => plan.push(format!("{name}: {} -> 1", v.trim())),
+        Err(e) => plan.push(format!("{name}: cannot read ({e})")),
+    };
+    look(IPV4_FORWARD, "net.ipv4.ip_forward");
+    if ipv6 && Path::new(IPV6_FORWARD).exists() {
+        look(IPV6_FORWARD, "net.ipv6.conf.all.forwarding");
+    }
+    plan
+}
+
 fn set_sysctl(path: &str, name: &str) -> Result<SysctlChange, String> {
     let before = fs::read_to_string(path)
         .map_err(|e| format!("reading {name}: {e}"))?

@@ -19,8 +19,8 @@ use crate::docker::DockerClient;
 use crate::model::{DnatRule, Family, HairpinRule, PortClaim, Rule, RuleId, RuleSpec, SnatRule};
 use crate::netfilter::Netfilter;
 use crate::proto::{
-    ClearReport, ErrorCode, ForwardingReport, LsRequest, Pong, Request, Response, RuleList,
-    RuleStatus, RuleView,
+    ClearReport, DryRunReport, ErrorCode, ForwardingReport, LsRequest, Pong, Request, Response,
+    RuleList, RuleStatus, RuleView, Transaction,
 };
 use crate::rules::saved::SavedTables;
 use crate::rules::{render, restore, Ruleset};
@@ -94,7 +94,12 @@ pub struct Engine {
     installed: bool,
     /// Drift repairs done since start.
     repairs: u64,
+    /// While handling a `--dry-run` request: what the change would have done.
+    simulated: Option<DryRunReport>,
 }
+
+/// The message of the internal failure that stops a dry run at the commit.
+const DRY_RUN_STOP: &str = "dry run: stopped before changing anything";
 
 fn family_index(f: Family) -> usize {
     match f {
@@ -152,6 +157,7 @@ impl Engine {
             down_reason: BTreeMap::new(),
             installed: false,
             repairs: 0,
+            simulated: None,
         };
         if engine.state.forwarding {
             match host::enable_forwarding(true) {
@@ -309,6 +315,23 @@ impl Engine {
     /// rules back. On success `next` becomes the state.
     fn commit(&mut self, next: State) -> Outcome<()> {
         let desired = self.desired(&next);
+        if let Some(report) = self.simulated.as_mut() {
+            // A dry run ends here: record the transactions and unwind like a
+            // failure, so reservations taken on the way are released.
+            for family in Family::ALL {
+                let text = if self.hooks_ok[family_index(family)] {
+                    restore::diff(self.applied.family(family), desired.family(family))
+                } else if self.applied.family(family) != desired.family(family) || !self.installed {
+                    Some(restore::rewrite_chains(desired.family(family)))
+                } else {
+                    None
+                };
+                if let Some(restore) = text {
+                    report.transactions.push(Transaction { family, restore });
+                }
+            }
+            return Err(Failure::new(ErrorCode::Internal, DRY_RUN_STOP));
+        }
         self.apply(&desired).map_err(|e| {
             Failure::new(
                 ErrorCode::ApplyFailed,
@@ -357,8 +380,37 @@ impl Engine {
             Request::DockerRemap(r) => self.docker_remap(r),
             Request::Apply(r) => self.apply_document(r),
             Request::Export(_) => Ok(Response::ok(self.export())),
+            Request::DryRun(d) => self.dry_run(*d.request, peer),
         };
         respond(result)
+    }
+
+    /// Runs a change up to its commit, then reports what it would have sent.
+    fn dry_run(&mut self, request: Request, peer: Peer) -> Outcome<Response> {
+        self.simulated = Some(DryRunReport {
+            transactions: Vec::new(),
+            effects: Vec::new(),
+        });
+        let response = if Engine::batchable(&request) {
+            let change = self.static_change(request);
+            change.and_then(|c| self.apply_changes(vec![c]).pop().expect("one outcome"))
+        } else {
+            let r = self.handle(request, peer);
+            if r.ok {
+                Ok(r)
+            } else {
+                let e = r.error.expect("failed response has an error");
+                Err(Failure::new(e.code, e.message))
+            }
+        };
+        let report = self.simulated.take().expect("set above");
+        match response {
+            Err(f) if f.message == DRY_RUN_STOP => Ok(Response::ok(report)),
+            Err(f) => Err(f),
+            // Nothing to commit (already present, …): the answer says so.
+            Ok(r) if report.transactions.is_empty() && report.effects.is_empty() => Ok(r),
+            Ok(_) => Ok(Response::ok(report)),
+        }
     }
 
     fn log_change(&self, request: &Request, peer: Peer) {
@@ -547,6 +599,10 @@ impl Engine {
     }
 
     fn forwarding(&mut self, ipv6: bool) -> Outcome<Response> {
+        if let Some(report) = self.simulated.as_mut() {
+            report.effects = host::forwarding_plan(ipv6);
+            return Err(Failure::new(ErrorCode::Internal, DRY_RUN_STOP));
+        }
         let sysctls =
             host::enable_forwarding(ipv6).map_err(|e| Failure::new(ErrorCode::SysctlFailed, e))?;
         if !self.state.forwarding {
@@ -579,6 +635,19 @@ impl Engine {
     }
 
     fn clear(&mut self) -> Outcome<Response> {
+        if self.simulated.is_some() {
+            for family in self.families() {
+                let saved = self
+                    .nf
+                    .save(family)
+                    .map_err(|e| Failure::new(ErrorCode::ApplyFailed, e.to_string()))?;
+                let restore = restore::teardown(&SavedTables::parse(&saved));
+                if let Some(report) = self.simulated.as_mut() {
+                    report.transactions.push(Transaction { family, restore });
+                }
+            }
+            return Err(Failure::new(ErrorCode::Internal, DRY_RUN_STOP));
+        }
         let removed = self.state.rules.len();
         let next = State {
             rules: Vec::new(),

@@ -67,6 +67,8 @@ pub enum Request {
     Apply(ApplyRequest),
     /// The current rules as a declarative document.
     Export(Empty),
+    /// Health of the daemon and the host (`status`, `doctor`).
+    Status(Empty),
     /// Validate the inner change and show the exact rule changes it would
     /// make, changing nothing (`--dry-run`).
     DryRun(DryRunRequest),
@@ -93,7 +95,7 @@ impl Request {
             Some(serde_json::Value::String(c)) => c,
             _ => {
                 return Err(
-                    "cmd: missing; expected one of ping, dnat, snat, hairpin, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export, dry_run"
+                    "cmd: missing; expected one of ping, dnat, snat, hairpin, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export, status, dry_run"
                         .into(),
                 )
             }
@@ -112,6 +114,7 @@ impl Request {
             "docker_remap" => Request::DockerRemap(args(rest)?),
             "apply" => Request::Apply(args(rest)?),
             "export" => Request::Export(args(rest)?),
+            "status" => Request::Status(args(rest)?),
             "dry_run" => {
                 let wrapped: DryRunValue = args(rest)?;
                 let inner = Request::from_value(wrapped.request).map_err(|m| format!("request.{m}"))?;
@@ -122,7 +125,7 @@ impl Request {
             }
             _ => {
                 return Err(format!(
-                    "cmd: unknown command {:?}; expected one of ping, dnat, snat, hairpin, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export, dry_run",
+                    "cmd: unknown command {:?}; expected one of ping, dnat, snat, hairpin, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export, status, dry_run",
                     cmd.escape_debug().to_string()
                 ))
             }
@@ -132,7 +135,11 @@ impl Request {
     /// Whether the request changes rules or state (these are logged with the peer).
     pub fn is_change(&self) -> bool {
         match self {
-            Request::Ping(_) | Request::Ls(_) | Request::Export(_) | Request::DryRun(_) => false,
+            Request::Ping(_)
+            | Request::Ls(_)
+            | Request::Export(_)
+            | Request::Status(_)
+            | Request::DryRun(_) => false,
             Request::Apply(a) => !a.dry_run,
             _ => true,
         }
@@ -154,6 +161,7 @@ impl Request {
             Request::Apply(a) if a.dry_run => "apply --dry-run",
             Request::Apply(_) => "apply",
             Request::Export(_) => "export",
+            Request::Status(_) => "status",
             Request::DryRun(_) => "dry_run",
         }
     }
@@ -346,13 +354,63 @@ pub struct Transaction {
     pub restore: String,
 }
 
+/// `status`: what an operator (or a monitor) needs to know.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Daemon version.
+    pub daemon_version: String,
+    /// Seconds since the daemon started.
+    pub uptime_secs: u64,
+    /// `nft` or `legacy`.
+    pub backend: String,
+    /// Whether IPv6 NAT works here.
+    pub ipv6_nat: bool,
+    /// `net.ipv4.ip_forward`.
+    pub ipv4_forwarding: Option<bool>,
+    /// Whether Docker answers, and where.
+    pub docker: DockerStatus,
+    /// Rules by kind and by status.
+    pub rules: std::collections::BTreeMap<String, std::collections::BTreeMap<String, usize>>,
+    /// Drift repairs since start.
+    pub repairs: u64,
+    /// The last repair: seconds ago and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_repair: Option<LastRepair>,
+    /// Ports natmap forwards that something else also claims.
+    pub conflicts: Vec<String>,
+    /// Everything that needs attention; empty when all is well.
+    pub problems: Vec<String>,
+}
+
+/// Docker's state as the daemon sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DockerStatus {
+    /// Whether Docker answers.
+    pub reachable: bool,
+    /// Why not, when it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// When and why natmap last repaired its rules.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastRepair {
+    /// Seconds ago.
+    pub secs_ago: u64,
+    /// What was wrong.
+    pub reasons: Vec<String>,
+}
+
 /// `ls` arguments.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LsRequest {
-    /// Only rules whose kind, addresses, interface or (later) container match.
+    /// Only rules whose id, kind, address, interface or container match.
     #[serde(default)]
     pub filter: Option<String>,
+    /// Include per-rule counters from the kernel.
+    #[serde(default)]
+    pub counters: bool,
 }
 
 /// `fwd` arguments.
@@ -495,6 +553,20 @@ pub struct RuleView {
     /// Why not, when it is not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Kernel counters, when asked for (`ls -v`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters: Option<Counters>,
+}
+
+/// How much a rule is used, from its iptables counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Connections NATed (only a connection's first packet passes the nat table).
+    pub connections: u64,
+    /// Packets forwarded (both directions, filter table).
+    pub packets: u64,
+    /// Bytes forwarded (both directions, filter table).
+    pub bytes: u64,
 }
 
 /// Whether a rule is in force.

@@ -1073,3 +1073,72 @@ fn dry_run_changes_nothing_and_shows_the_exact_transaction() {
         2
     );
 }
+
+#[test]
+fn status_reports_health_and_ls_v_shows_counters() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::new();
+    let _smtp = TcpEcho::start(&topo.server, v4(SERVER_V4, 25));
+    let d = Daemon::start(&topo.router);
+    d.cli_ok(&[
+        "dnat",
+        "--ext-ip",
+        "192.0.2.1",
+        "--int-ip",
+        "198.51.100.2",
+        "--ports",
+        "25",
+    ]);
+    let (status, report) = d.cli_json_output(&["status"]);
+    assert_eq!(status.code(), Some(0), "{report}");
+    let s = &report["data"];
+    assert_eq!(s["backend"], "nft");
+    assert_eq!(s["ipv6_nat"], true);
+    assert_eq!(s["ipv4_forwarding"], true);
+    assert_eq!(s["rules"]["dnat"]["active"], 1);
+    assert_eq!(s["problems"].as_array().unwrap().len(), 0, "{report}");
+
+    for _ in 0..3 {
+        expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
+    }
+    let ls = d.cli_json(&["ls", "--counters"]);
+    let c = &ls["data"]["rules"][0]["counters"];
+    assert_eq!(c["connections"], 3, "{ls}");
+    assert!(
+        c["packets"].as_u64().unwrap() >= 12,
+        "both directions of 3 connections: {ls}"
+    );
+    assert!(c["bytes"].as_u64().unwrap() > 0);
+    let table = d.cli_ok(&["ls", "-v"]);
+    assert!(
+        table.contains("CONNS") && table.contains("BYTES"),
+        "{table}"
+    );
+
+    // Something that needs attention: forwarding off → exit code 4 and a reason.
+    topo.router.sysctl_set("net.ipv4.ip_forward", "0");
+    let (status, report) = d.cli_json_output(&["doctor"]);
+    assert_eq!(status.code(), Some(4), "{report}");
+    assert!(
+        report["data"]["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("ip_forward"),
+        "{report}"
+    );
+    // A process also using the port on another address is a conflict.
+    let other = in_netns(&topo.router, || {
+        std::net::TcpListener::bind("[2001:db8:1::1]:25").unwrap()
+    });
+    let report = d.cli_json(&["status"]);
+    let conflicts = report["data"]["conflicts"].as_array().unwrap();
+    assert!(
+        conflicts
+            .iter()
+            .any(|c| c.as_str().unwrap().contains("25/tcp")),
+        "{report}"
+    );
+    drop(other);
+}

@@ -31,6 +31,8 @@ pub const EXIT_REQUEST_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 /// Exit code when the daemon could not be reached or understood.
 pub const EXIT_UNREACHABLE: u8 = 3;
+/// Exit code of `status` when something needs attention.
+pub const EXIT_ATTENTION: u8 = 4;
 
 /// lab-ops: tools for running a homelab or small server.
 #[derive(Debug, Parser)]
@@ -125,6 +127,10 @@ pub enum NatmapCommand {
     /// Publish ports of running containers: add, rm, remap.
     #[command(subcommand)]
     Docker(docker::DockerCommand),
+    /// Health: backend, IPv6 NAT, forwarding, Docker, rules, repairs,
+    /// conflicts. Exits 4 when something needs attention.
+    #[command(visible_alias = "doctor")]
+    Status,
     /// Check that the daemon answers.
     Ping,
     /// Install natmap as a systemd service (binary, group, unit), as root.
@@ -141,8 +147,8 @@ pub fn run(opts: Opts) -> Result<ExitCode> {
         TopCommand::Man(a) => return completions::run_man(a),
     };
     match natmap.command {
-        NatmapCommand::Install(a) => return install::run_install(a),
-        NatmapCommand::Uninstall(a) => return install::run_uninstall(a),
+        NatmapCommand::Install(a) => return install::run_install(a, natmap.dry_run),
+        NatmapCommand::Uninstall(a) => return install::run_uninstall(a, natmap.dry_run),
         _ => {}
     }
     if let NatmapCommand::Daemon(args) = natmap.command {
@@ -157,7 +163,8 @@ pub fn run(opts: Opts) -> Result<ExitCode> {
         NatmapCommand::Dnat(a) => Request::Dnat(a.into_request()),
         NatmapCommand::Snat(a) => Request::Snat(a.into_request()),
         NatmapCommand::Hairpin(a) => Request::Hairpin(a.into_request()),
-        NatmapCommand::Ls(a) => Request::Ls(a.into_request()),
+        NatmapCommand::Ls(a) => Request::Ls(a.into_request(opts.verbose > 0)),
+        NatmapCommand::Status => Request::Status(Default::default()),
         NatmapCommand::Fwd(a) => Request::Fwd(a.into_request()),
         NatmapCommand::Clear => Request::Clear(Default::default()),
         NatmapCommand::Ping => Request::Ping(Default::default()),

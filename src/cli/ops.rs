@@ -75,17 +75,23 @@ async fn shutdown_signal() {
   lab-ops natmap ls
   lab-ops natmap ls dnat
   lab-ops natmap ls 10.0.0.25
+  lab-ops natmap ls -v            # with connections, packets and bytes
   lab-ops natmap --json ls")]
 pub struct LsArgs {
-    /// Only rules whose id, kind, address or interface matches.
+    /// Only rules whose id, kind, address, interface or container (name or
+    /// id prefix) matches.
     pub filter: Option<String>,
+    /// Show connections, packets and bytes per rule (also with -v).
+    #[arg(long)]
+    pub counters: bool,
 }
 
 impl LsArgs {
-    /// The request these arguments make.
-    pub fn into_request(self) -> LsRequest {
+    /// The request these arguments make; `verbose` (-v) asks for counters too.
+    pub fn into_request(self, verbose: bool) -> LsRequest {
         LsRequest {
             filter: self.filter,
+            counters: self.counters || verbose,
         }
     }
 }

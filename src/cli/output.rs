@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use crate::model::{PortList, RuleSpec};
 use crate::proto::{
     ApplyReport, ChangeKind, ChangeResult, ClearReport, Document, DryRunReport, ErrorCode,
-    ForwardingReport, Pong, Request, Response, RuleList, RuleStatus, RuleView,
+    ForwardingReport, Pong, Request, Response, RuleList, RuleStatus, RuleView, StatusReport,
 };
 
 use super::{ColorChoice, EXIT_REQUEST_FAILED, EXIT_UNREACHABLE};
@@ -48,12 +48,23 @@ impl Printer {
             }
             Some(_) => EXIT_REQUEST_FAILED,
         };
+        let attention = matches!(request, Request::Status(_))
+            && response
+                .data
+                .as_ref()
+                .and_then(|d| d.get("problems"))
+                .and_then(|p| p.as_array())
+                .is_some_and(|p| !p.is_empty());
         if self.json {
             println!(
                 "{}",
                 serde_json::to_string(response).expect("response serializes")
             );
-            return code;
+            return if code == 0 && attention {
+                super::EXIT_ATTENTION
+            } else {
+                code
+            };
         }
         if let Some(e) = &response.error {
             eprintln!("error: {} [{}]", e.message, e.code);
@@ -90,6 +101,14 @@ impl Printer {
                     serde_json::to_string_pretty(&d).expect("document serializes")
                 )
             }),
+            Request::Status(_) => {
+                let code = self.with(data, |s: StatusReport| self.status(&s));
+                if code == 0 && attention {
+                    super::EXIT_ATTENTION
+                } else {
+                    code
+                }
+            }
             Request::Ping(_) => self.with(data, |p: Pong| {
                 println!("natmap daemon {} is running", p.daemon_version)
             }),
@@ -151,7 +170,12 @@ impl Printer {
             println!("no rules");
             return;
         }
-        let mut table = self.table(&["ID", "KIND", "MATCH", "TARGET", "PROTO", "STATUS"]);
+        let with_counters = rules.iter().any(|r| r.counters.is_some());
+        let mut headers = vec!["ID", "KIND", "MATCH", "TARGET", "PROTO", "STATUS"];
+        if with_counters {
+            headers.extend(["CONNS", "PKTS", "BYTES"]);
+        }
+        let mut table = self.table(&headers);
         for view in rules {
             let (matches, target, proto) = describe(&view.rule.spec);
             let status = match view.status {
@@ -171,14 +195,22 @@ impl Printer {
                     Color::Red
                 });
             }
-            table.add_row(vec![
+            let mut row = vec![
                 Cell::new(view.rule.id),
                 Cell::new(view.rule.spec.kind()),
                 Cell::new(matches),
                 Cell::new(target),
                 Cell::new(proto),
                 status_cell,
-            ]);
+            ];
+            if let Some(c) = view.counters {
+                row.extend([
+                    Cell::new(c.connections),
+                    Cell::new(c.packets),
+                    Cell::new(c.bytes),
+                ]);
+            }
+            table.add_row(row);
         }
         println!("{table}");
     }
@@ -203,6 +235,67 @@ impl Printer {
         if !r.removed.is_empty() {
             println!("remove:");
             self.list(&r.removed);
+        }
+    }
+
+    fn status(&self, s: &StatusReport) {
+        let mut table = self.table(&["CHECK", "STATE"]);
+        let yes_no = |b: bool| if b { "yes" } else { "no" };
+        table.add_row(vec![
+            "daemon".to_owned(),
+            format!("natmap {}, up {}s", s.daemon_version, s.uptime_secs),
+        ]);
+        table.add_row(vec!["iptables backend".to_owned(), s.backend.clone()]);
+        table.add_row(vec!["IPv6 NAT".to_owned(), yes_no(s.ipv6_nat).to_owned()]);
+        table.add_row(vec![
+            "ip_forward".to_owned(),
+            s.ipv4_forwarding.map_or("unknown", yes_no).to_owned(),
+        ]);
+        table.add_row(vec![
+            "Docker".to_owned(),
+            match &s.docker.error {
+                None => "reachable".to_owned(),
+                Some(e) => format!("unreachable: {e}"),
+            },
+        ]);
+        let rules: Vec<String> = s
+            .rules
+            .iter()
+            .map(|(kind, by)| {
+                let parts: Vec<String> = by.iter().map(|(st, n)| format!("{n} {st}")).collect();
+                format!("{kind}: {}", parts.join(", "))
+            })
+            .collect();
+        table.add_row(vec![
+            "rules".to_owned(),
+            if rules.is_empty() {
+                "none".to_owned()
+            } else {
+                rules.join("; ")
+            },
+        ]);
+        table.add_row(vec![
+            "repairs".to_owned(),
+            match &s.last_repair {
+                None => s.repairs.to_string(),
+                Some(l) => format!(
+                    "{} (last {}s ago: {})",
+                    s.repairs,
+                    l.secs_ago,
+                    l.reasons.join("; ")
+                ),
+            },
+        ]);
+        for c in &s.conflicts {
+            table.add_row(vec!["conflict".to_owned(), c.clone()]);
+        }
+        println!("{table}");
+        if s.problems.is_empty() {
+            println!("all good");
+        } else {
+            for p in &s.problems {
+                println!("needs attention: {p}");
+            }
         }
     }
 

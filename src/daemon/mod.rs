@@ -72,16 +72,20 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     let backend = executor
         .backend()
         .map_err(|e| format!("{e}\nnatmap needs iptables: apt-get install iptables"))?;
-    tracing::info!(?backend, "iptables backend detected");
+    tracing::info!(backend = backend.name(), "iptables backend detected");
+    if let Some(mismatch) = executor.docker_backend_mismatch(backend) {
+        return Err(mismatch);
+    }
     let _lock = lock_state(&config)?;
     raise_fd_limit();
 
     let nf: Arc<dyn Netfilter> = Arc::new(executor);
     let state_path = config.state_path.clone();
     let relays = Relays::new(tokio::runtime::Handle::current());
-    let engine = tokio::task::spawn_blocking(move || Engine::open(state_path, nf, relays))
+    let mut engine = tokio::task::spawn_blocking(move || Engine::open(state_path, nf, relays))
         .await
         .map_err(|e| format!("engine start panicked: {e}"))??;
+    engine.set_backend(backend.name(), None);
 
     let listener = server::bind(&config.socket_path, &config.socket_group)?;
     let (tx, rx) = mpsc::channel::<EngineMsg>();

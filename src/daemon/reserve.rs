@@ -154,6 +154,16 @@ impl Reservation {
 /// Finds which process holds `port` for `proto` (any address), from
 /// `/proc/net/*` and `/proc/*/fd`: `pid 123 (nginx)`. Best effort.
 pub fn find_owner(proto: Proto, port: u16) -> Option<String> {
+    let inodes = socket_inodes(proto, port);
+    if inodes.is_empty() {
+        return None;
+    }
+    owner_of(&inodes).or_else(|| Some("another process".into()))
+}
+
+/// `socket:[inode]` names of sockets holding `port` for `proto`: TCP
+/// listeners (only they keep binders out) and bound UDP sockets.
+fn socket_inodes(proto: Proto, port: u16) -> Vec<String> {
     let tables: &[&str] = match proto {
         Proto::Tcp => &["/proc/net/tcp", "/proc/net/tcp6"],
         Proto::Udp => &["/proc/net/udp", "/proc/net/udp6"],
@@ -172,16 +182,17 @@ pub fn find_owner(proto: Proto, port: u16) -> Option<String> {
             let Some(hex_port) = local.rsplit(':').next() else {
                 continue;
             };
-            // TCP: only listeners (state 0A) hold a port against binders.
             let holds = proto == Proto::Udp || *state == "0A";
             if holds && u16::from_str_radix(hex_port, 16).ok() == Some(port) && *inode != "0" {
                 inodes.push(format!("socket:[{inode}]"));
             }
         }
     }
-    if inodes.is_empty() {
-        return None;
-    }
+    inodes
+}
+
+/// The process holding one of `inodes`, from `/proc/*/fd`.
+fn owner_of(inodes: &[String]) -> Option<String> {
     for proc_entry in fs::read_dir("/proc").ok()?.flatten() {
         let pid = proc_entry.file_name().to_string_lossy().into_owned();
         if !pid.bytes().all(|b| b.is_ascii_digit()) {
@@ -200,7 +211,24 @@ pub fn find_owner(proto: Proto, port: u16) -> Option<String> {
             }
         }
     }
-    Some("another process".into())
+    None
+}
+
+/// Another process's socket on `port` (any address, either family), not
+/// one of `own` (socket inodes of this process): `pid 123 (nginx)`.
+pub fn other_holder(
+    proto: Proto,
+    port: u16,
+    own: &std::collections::HashSet<String>,
+) -> Option<String> {
+    let inodes: Vec<String> = socket_inodes(proto, port)
+        .into_iter()
+        .filter(|i| !own.contains(i))
+        .collect();
+    if inodes.is_empty() {
+        return None;
+    }
+    owner_of(&inodes).or_else(|| Some("another process".into()))
 }
 
 /// Whether two claims would fight over the same port: same protocol and

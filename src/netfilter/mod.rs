@@ -26,4 +26,9 @@ pub trait Netfilter: Send + Sync {
 
     /// Returns `iptables-save` output of every table of the family.
     fn save(&self, family: Family) -> Result<String, NetfilterError>;
+
+    /// Returns `iptables-save -c` output (with `[packets:bytes]` counters).
+    fn save_counters(&self, family: Family) -> Result<String, NetfilterError> {
+        self.save(family)
+    }
 }

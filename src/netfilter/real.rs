@@ -34,6 +34,37 @@ impl IptablesExecutor {
             Ok(Backend::Legacy)
         }
     }
+
+    /// If Docker's chains exist only in the backend natmap does not use,
+    /// natmap's rules would never see Docker's traffic: says so. `None` when
+    /// Docker's rules are in natmap's backend, absent, or the other backend
+    /// cannot be read.
+    pub fn docker_backend_mismatch(&self, backend: Backend) -> Option<String> {
+        let (other, other_name, this_name) = match backend {
+            Backend::Nft => ("iptables-legacy-save", "iptables-legacy", "iptables-nft"),
+            Backend::Legacy => ("iptables-nft-save", "iptables-nft", "iptables-legacy"),
+        };
+        let has_docker = |text: &str| text.lines().any(|l| l.starts_with(":DOCKER "));
+        let theirs = run(other, &["-t", "nat"], None).ok()?;
+        let ours = run("iptables-save", &["-t", "nat"], None).unwrap_or_default();
+        (has_docker(&theirs) && !has_docker(&ours)).then(|| {
+            format!(
+                "Docker's rules are in {other_name} but `iptables` is {this_name}: natmap's rules would never \
+                 match Docker's traffic. Point iptables at the same backend as Docker \
+                 (update-alternatives --set iptables /usr/sbin/{other_name}) and restart Docker and natmap"
+            )
+        })
+    }
+}
+
+impl Backend {
+    /// `nft` or `legacy`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Nft => "nft",
+            Backend::Legacy => "legacy",
+        }
+    }
 }
 
 fn tool(family: Family, base: &str) -> String {
@@ -92,5 +123,9 @@ impl Netfilter for IptablesExecutor {
 
     fn save(&self, family: Family) -> Result<String, NetfilterError> {
         run(&tool(family, "tables-save"), &[], None)
+    }
+
+    fn save_counters(&self, family: Family) -> Result<String, NetfilterError> {
+        run(&tool(family, "tables-save"), &["-c"], None)
     }
 }

@@ -122,6 +122,7 @@ impl Engine {
             rule: rule.clone(),
             status: RuleStatus::Active,
             detail: None,
+            counters: None,
         };
         if req.dry_run {
             return Ok(Response::ok(ApplyReport {

@@ -14,6 +14,7 @@ use std::sync::Arc;
 mod apply;
 mod batch;
 mod docker;
+mod status;
 
 use crate::docker::DockerClient;
 use crate::model::{DnatRule, Family, HairpinRule, PortClaim, Rule, RuleId, RuleSpec, SnatRule};
@@ -96,6 +97,14 @@ pub struct Engine {
     repairs: u64,
     /// While handling a `--dry-run` request: what the change would have done.
     simulated: Option<DryRunReport>,
+    /// When the daemon started.
+    started: std::time::Instant,
+    /// The iptables backend (`nft` or `legacy`).
+    backend: String,
+    /// Set when Docker's rules seem to live in the other backend.
+    backend_warning: Option<String>,
+    /// The last drift repair: when and why.
+    last_repair: Option<(std::time::Instant, Vec<String>)>,
 }
 
 /// The message of the internal failure that stops a dry run at the commit.
@@ -158,6 +167,10 @@ impl Engine {
             installed: false,
             repairs: 0,
             simulated: None,
+            started: std::time::Instant::now(),
+            backend: String::from("unknown"),
+            backend_warning: None,
+            last_repair: None,
         };
         if engine.state.forwarding {
             match host::enable_forwarding(true) {
@@ -380,6 +393,7 @@ impl Engine {
             Request::DockerRemap(r) => self.docker_remap(r),
             Request::Apply(r) => self.apply_document(r),
             Request::Export(_) => Ok(Response::ok(self.export())),
+            Request::Status(_) => Ok(Response::ok(self.status())),
             Request::DryRun(d) => self.dry_run(*d.request, peer),
         };
         respond(result)
@@ -495,6 +509,7 @@ impl Engine {
                 rule: rule.clone(),
                 status: i.status,
                 detail: Some(i.reason.clone()),
+                counters: None,
             };
         }
         match &rule.spec {
@@ -507,25 +522,45 @@ impl Engine {
                         .cloned()
                         .unwrap_or_else(|| "container is not running".into()),
                 ),
+                counters: None,
             },
             _ => RuleView {
                 rule: rule.clone(),
                 status: RuleStatus::Active,
                 detail: None,
+                counters: None,
             },
         }
     }
 
     fn list(&self, ls: &LsRequest) -> RuleList {
         let filter = ls.filter.as_deref().map(str::to_ascii_lowercase);
+        let counters = if ls.counters {
+            Some(self.counters())
+        } else {
+            None
+        };
         let rules = self
             .state
             .rules
             .iter()
             .filter(|r| filter.as_deref().is_none_or(|f| rule_matches(r, f)))
-            .map(|r| self.view(r))
+            .map(|r| {
+                let mut view = self.view(r);
+                if let Some(c) = &counters {
+                    view.counters = Some(c.get(&r.id).copied().unwrap_or_default());
+                }
+                view
+            })
             .collect();
         RuleList { rules }
+    }
+
+    /// Records the iptables backend and, if Docker's rules seem to live in
+    /// the other one, why natmap's rules would never match.
+    pub fn set_backend(&mut self, backend: &str, warning: Option<String>) {
+        self.backend = backend.to_owned();
+        self.backend_warning = warning;
     }
 
     /// Adds one rule (through the same path as a batch of one).
@@ -719,6 +754,7 @@ impl Engine {
             match self.nf.restore(family, &text) {
                 Ok(()) => {
                     self.repairs += 1;
+                    self.last_repair = Some((std::time::Instant::now(), reasons.clone()));
                     self.hooks_ok[family_index(family)] = true;
                     tracing::warn!(
                         repairs = self.repairs,

@@ -1,0 +1,229 @@
+//! `status` and per-rule counters: reading the kernel and the host, never
+//! changing them.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs;
+
+use crate::model::{Family, Proto, RuleId, RuleSpec};
+use crate::proto::{Counters, DockerStatus, LastRepair, RuleStatus, StatusReport};
+use crate::rules::saved::SavedTables;
+
+use super::super::{host, reserve};
+use super::Engine;
+
+impl Engine {
+    pub(super) fn status(&self) -> StatusReport {
+        let mut rules: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+        let mut inactive = 0;
+        for rule in &self.state.rules {
+            let view = self.view(rule);
+            let status = match view.status {
+                RuleStatus::Active => "active",
+                RuleStatus::PortConflict => "port_conflict",
+                RuleStatus::Unavailable => "unavailable",
+                RuleStatus::Down => "down",
+            };
+            if view.status != RuleStatus::Active {
+                inactive += 1;
+            }
+            *rules
+                .entry(rule.spec.kind().to_owned())
+                .or_default()
+                .entry(status.to_owned())
+                .or_default() += 1;
+        }
+        let mut problems = Vec::new();
+        let forwarding = host::ipv4_forwarding();
+        let forwards = self
+            .state
+            .rules
+            .iter()
+            .any(|r| !matches!(r.spec, RuleSpec::Snat(_)));
+        if forwards && forwarding == Some(false) {
+            problems.push(
+                "net.ipv4.ip_forward is 0: forwarded traffic is dropped (run `lab-ops natmap fwd`)"
+                    .into(),
+            );
+        }
+        if inactive > 0 {
+            problems.push(format!(
+                "{inactive} rule(s) are not active (see `lab-ops natmap ls`)"
+            ));
+        }
+        let has_docker_rules = self
+            .state
+            .rules
+            .iter()
+            .any(|r| matches!(&r.spec, RuleSpec::Docker(d) if !d.external));
+        if has_docker_rules && self.docker.is_none() {
+            problems.push(format!(
+                "Docker is unreachable ({}); mappings keep their last targets",
+                self.docker_error
+            ));
+        }
+        if let Some(mismatch) = &self.backend_warning {
+            problems.push(mismatch.clone());
+        }
+        let conflicts = self.conflicts();
+        if !conflicts.is_empty() {
+            problems.push(format!("{} port conflict(s)", conflicts.len()));
+        }
+        StatusReport {
+            daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            backend: self.backend.clone(),
+            ipv6_nat: self.v6_nat,
+            ipv4_forwarding: forwarding,
+            docker: DockerStatus {
+                reachable: self.docker.is_some(),
+                error: self.docker.is_none().then(|| self.docker_error.clone()),
+            },
+            rules,
+            repairs: self.repairs,
+            last_repair: self.last_repair.as_ref().map(|(at, reasons)| LastRepair {
+                secs_ago: at.elapsed().as_secs(),
+                reasons: reasons.clone(),
+            }),
+            conflicts,
+            problems,
+        }
+    }
+
+    /// Ports natmap forwards that another tool also claims: Docker's own
+    /// `-p` publishing (a DNAT in Docker's chain; natmap's jump comes first,
+    /// so natmap wins) and other processes listening on the port.
+    fn conflicts(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        let mut claims: Vec<(Proto, u16)> = Vec::new();
+        for held in self.held.values() {
+            for r in held {
+                claims.push((r.claim.proto, r.claim.bind.port()));
+            }
+        }
+        if claims.is_empty() {
+            return found;
+        }
+        if let Ok(saved) = self.nf.save(Family::V4) {
+            let saved = SavedTables::parse(&saved);
+            for line in saved.chain_rules("nat", "DOCKER") {
+                for (proto, port) in &claims {
+                    let needle = format!("-p {proto} -m {proto} --dport {port} ");
+                    if line.contains(&needle) && line.contains("-j DNAT") {
+                        found.push(format!(
+                            "port {port}/{proto} is also published by Docker (`docker run -p`); natmap's rule wins, remove one of them"
+                        ));
+                    }
+                }
+            }
+        }
+        let mine = own_socket_inodes();
+        for (proto, port) in claims.iter().collect::<HashSet<_>>() {
+            if let Some(owner) = reserve::other_holder(*proto, *port, &mine) {
+                found.push(format!(
+                    "port {port}/{proto} is also open in {owner} on another address"
+                ));
+            }
+        }
+        found.sort();
+        found.dedup();
+        found
+    }
+
+    /// Adds kernel counters to the views of `ls -v`: one `iptables-save -c`
+    /// per family, matched to rules by their comment.
+    pub(super) fn counters(&self) -> HashMap<RuleId, Counters> {
+        let mut out: HashMap<RuleId, Counters> = HashMap::new();
+        for family in self.families() {
+            let Ok(text) = self.nf.save_counters(family) else {
+                continue;
+            };
+            let mut table = "";
+            for line in text.lines() {
+                if let Some(t) = line.strip_prefix('*') {
+                    table = if t == "nat" {
+                        "nat"
+                    } else if t == "filter" {
+                        "filter"
+                    } else {
+                        ""
+                    };
+                    continue;
+                }
+                let Some((pkts, bytes, rest)) = parse_counted(line) else {
+                    continue;
+                };
+                let Some(id) = natmap_id(rest) else {
+                    continue;
+                };
+                let c = out.entry(id).or_default();
+                match table {
+                    "nat"
+                        if !rest.starts_with("-A NATMAP-OUTPUT ") || !rest.contains("-j DNAT") =>
+                    {
+                        c.connections += pkts
+                    }
+                    "nat" => c.connections += pkts,
+                    "filter" => {
+                        c.packets += pkts;
+                        c.bytes += bytes;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+}
+
+/// `[12:720] -A CHAIN …` → (12, 720, "-A CHAIN …").
+fn parse_counted(line: &str) -> Option<(u64, u64, &str)> {
+    let rest = line.strip_prefix('[')?;
+    let (counts, rest) = rest.split_once("] ")?;
+    let (p, b) = counts.split_once(':')?;
+    Some((p.parse().ok()?, b.parse().ok()?, rest))
+}
+
+/// The rule id in a natmap comment (`natmap:dnat:12`, quoted or not).
+fn natmap_id(line: &str) -> Option<RuleId> {
+    let at = line.find("natmap:")?;
+    let tail = &line[at + "natmap:".len()..];
+    let (_, rest) = tail.split_once(':')?;
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
+
+/// Inodes of the sockets this process holds (its reservations).
+fn own_socket_inodes() -> HashSet<String> {
+    let mut inodes = HashSet::new();
+    if let Ok(fds) = fs::read_dir("/proc/self/fd") {
+        for fd in fds.flatten() {
+            if let Ok(link) = fs::read_link(fd.path()) {
+                let link = link.to_string_lossy().into_owned();
+                if link.starts_with("socket:[") {
+                    inodes.insert(link);
+                }
+            }
+        }
+    }
+    inodes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_lines_are_read_with_or_without_quotes() {
+        let (p, b, rest) =
+            parse_counted("[12:720] -A NATMAP -m comment --comment \"natmap:dnat:7\" -j DNAT")
+                .unwrap();
+        assert_eq!((p, b), (12, 720));
+        assert_eq!(natmap_id(rest), Some(7));
+        assert_eq!(
+            natmap_id("-m comment --comment natmap:docker:31 -j ACCEPT"),
+            Some(31)
+        );
+        assert_eq!(natmap_id("-j DOCKER"), None);
+        assert!(parse_counted(":NATMAP - [0:0]").is_none());
+    }
+}

@@ -759,6 +759,11 @@ mod document_tests {
             },
             status: RuleStatus::Active,
             detail: Some("x".into()),
+            counters: Some(Counters {
+                connections: 1,
+                packets: 2,
+                bytes: 3,
+            }),
         };
         let json = serde_json::to_string(&view).unwrap();
         assert_eq!(serde_json::from_str::<RuleView>(&json).unwrap(), view);

@@ -51,6 +51,8 @@ pub enum Request {
     Snat(SnatRequest),
     /// Add or delete a hairpin NAT rule.
     Hairpin(HairpinRequest),
+    /// Add or delete a policy route.
+    PolicyRoute(PolicyRouteRequest),
     /// List rules.
     Ls(LsRequest),
     /// Enable IP forwarding.
@@ -95,7 +97,7 @@ impl Request {
             Some(serde_json::Value::String(c)) => c,
             _ => {
                 return Err(
-                    "cmd: missing; expected one of ping, dnat, snat, hairpin, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export, status, dry_run"
+                    "cmd: missing; expected one of ping, dnat, snat, hairpin, policy_route, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export, status, dry_run"
                         .into(),
                 )
             }
@@ -106,6 +108,7 @@ impl Request {
             "dnat" => Request::Dnat(args(rest)?),
             "snat" => Request::Snat(args(rest)?),
             "hairpin" => Request::Hairpin(args(rest)?),
+            "policy_route" => Request::PolicyRoute(args(rest)?),
             "ls" => Request::Ls(args(rest)?),
             "fwd" => Request::Fwd(args(rest)?),
             "clear" => Request::Clear(args(rest)?),
@@ -125,7 +128,7 @@ impl Request {
             }
             _ => {
                 return Err(format!(
-                    "cmd: unknown command {:?}; expected one of ping, dnat, snat, hairpin, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export, status, dry_run",
+                    "cmd: unknown command {:?}; expected one of ping, dnat, snat, hairpin, policy_route, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export, status, dry_run",
                     cmd.escape_debug().to_string()
                 ))
             }
@@ -152,6 +155,7 @@ impl Request {
             Request::Dnat(_) => "dnat",
             Request::Snat(_) => "snat",
             Request::Hairpin(_) => "hairpin",
+            Request::PolicyRoute(_) => "policy_route",
             Request::Ls(_) => "ls",
             Request::Fwd(_) => "fwd",
             Request::Clear(_) => "clear",
@@ -399,6 +403,21 @@ pub struct LastRepair {
     pub secs_ago: u64,
     /// What was wrong.
     pub reasons: Vec<String>,
+}
+
+/// `policy-route` arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRouteRequest {
+    /// Source address whose traffic is routed.
+    pub src_ip: HostIp,
+    /// Gateway.
+    pub via: HostIp,
+    /// Routing table.
+    pub table: u32,
+    /// Delete instead of add.
+    #[serde(default)]
+    pub delete: bool,
 }
 
 /// `ls` arguments.

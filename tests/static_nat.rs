@@ -1142,3 +1142,133 @@ fn status_reports_health_and_ls_v_shows_counters() {
     );
     drop(other);
 }
+
+#[test]
+fn policy_route_sends_replies_through_the_given_gateway() {
+    if !privileged() {
+        return;
+    }
+    // natmap runs on the service node (server); server2 is a second gateway
+    // on the same segment that forwards to the router.
+    let topo = Topology::new();
+    iptables(&topo.router, false, &["-A", "FORWARD", "-j", "ACCEPT"]);
+    topo.server2.sysctl_set("net.ipv4.ip_forward", "1");
+    topo.server2
+        .sysctl_set("net.ipv4.conf.all.send_redirects", "0");
+    topo.server2
+        .sysctl_set("net.ipv4.conf.eth0.send_redirects", "0");
+    iptables(
+        &topo.server2,
+        false,
+        &["-A", "FORWARD", "-s", "198.51.100.2", "-j", "ACCEPT"],
+    );
+    let via_server2 = || -> u64 {
+        let out = topo.server2.run_ok(&[
+            "iptables", "-w", "-t", "filter", "-L", "FORWARD", "-v", "-x", "-n",
+        ]);
+        out.lines()
+            .find(|l| l.contains("198.51.100.2"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0)
+    };
+    let _svc = TcpEcho::start(&topo.server, v4(SERVER_V4, 7000));
+    let mut d = Daemon::start(&topo.server);
+    expect_tcp(&topo.client, v4(SERVER_V4, 7000), CLIENT_V4, 7000);
+    assert_eq!(
+        via_server2(),
+        0,
+        "without the policy route replies go straight to the router"
+    );
+
+    let out = d.cli_json(&[
+        "policy-route",
+        "--src-ip",
+        "198.51.100.2",
+        "--via",
+        "198.51.100.3",
+        "--table",
+        "100",
+    ]);
+    assert_eq!(out["data"]["result"], "added", "{out}");
+    let rules = topo.server.run_ok(&["ip", "rule", "show"]);
+    assert_eq!(
+        rules.matches("from 198.51.100.2 lookup 100").count(),
+        1,
+        "{rules}"
+    );
+    let table = topo.server.run_ok(&["ip", "route", "show", "table", "100"]);
+    assert!(table.contains("default via 198.51.100.3"), "{table}");
+    expect_tcp(&topo.client, v4(SERVER_V4, 7000), CLIENT_V4, 7000);
+    assert!(via_server2() > 0, "replies now leave through server2");
+
+    // Restored after a crash without duplicates, and after a "reboot".
+    d.kill9();
+    d.respawn();
+    let rules = topo.server.run_ok(&["ip", "rule", "show"]);
+    assert_eq!(
+        rules.matches("from 198.51.100.2 lookup 100").count(),
+        1,
+        "{rules}"
+    );
+    d.stop();
+    assert!(
+        !topo
+            .server
+            .run_ok(&["ip", "rule", "show"])
+            .contains("lookup 100"),
+        "shutdown removes it"
+    );
+    d.respawn();
+    assert!(
+        topo.server
+            .run_ok(&["ip", "rule", "show"])
+            .contains("lookup 100"),
+        "start restores it"
+    );
+
+    // Reserved tables are refused; delete removes rule and route.
+    let (status, bad) = d.cli_json_output(&[
+        "policy-route",
+        "--src-ip",
+        "198.51.100.2",
+        "--via",
+        "198.51.100.3",
+        "--table",
+        "254",
+    ]);
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        bad["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("reserved"),
+        "{bad}"
+    );
+    d.cli_ok(&[
+        "policy-route",
+        "--src-ip",
+        "198.51.100.2",
+        "--via",
+        "198.51.100.3",
+        "--table",
+        "100",
+        "--delete",
+    ]);
+    assert!(!topo
+        .server
+        .run_ok(&["ip", "rule", "show"])
+        .contains("lookup 100"));
+    assert!(topo
+        .server
+        .run_ok(&["ip", "route", "show", "table", "100"])
+        .trim()
+        .is_empty());
+    let before = via_server2();
+    expect_tcp(&topo.client, v4(SERVER_V4, 7000), CLIENT_V4, 7000);
+    assert_eq!(
+        via_server2(),
+        before,
+        "replies go straight to the router again"
+    );
+}

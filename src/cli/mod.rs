@@ -114,6 +114,8 @@ pub enum NatmapCommand {
     Snat(static_nat::SnatArgs),
     /// Forward ports so internal hosts can use the external address too.
     Hairpin(static_nat::HairpinArgs),
+    /// Route replies from a source address through a gateway (ip rule + table).
+    PolicyRoute(static_nat::PolicyRouteArgs),
     /// List rules, optionally those matching FILTER.
     Ls(ops::LsArgs),
     /// Enable IP forwarding (IPv4, and IPv6 unless --no-ipv6).
@@ -163,6 +165,7 @@ pub fn run(opts: Opts) -> Result<ExitCode> {
         NatmapCommand::Dnat(a) => Request::Dnat(a.into_request()),
         NatmapCommand::Snat(a) => Request::Snat(a.into_request()),
         NatmapCommand::Hairpin(a) => Request::Hairpin(a.into_request()),
+        NatmapCommand::PolicyRoute(a) => Request::PolicyRoute(a.into_request()),
         NatmapCommand::Ls(a) => Request::Ls(a.into_request(opts.verbose > 0)),
         NatmapCommand::Status => Request::Status(Default::default()),
         NatmapCommand::Fwd(a) => Request::Fwd(a.into_request()),

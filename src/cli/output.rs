@@ -75,6 +75,7 @@ impl Printer {
             Request::Dnat(_)
             | Request::Snat(_)
             | Request::Hairpin(_)
+            | Request::PolicyRoute(_)
             | Request::DockerAdd(_)
             | Request::DockerRm(_)
             | Request::DockerRemap(_) => self.with(data, |c: ChangeResult| self.change(&c)),
@@ -359,6 +360,11 @@ fn describe(spec: &RuleSpec) -> (String, String, String) {
         RuleSpec::Snat(r) => (
             format!("from {} out {}", r.source, r.ext_if),
             format!("source {}", r.ext_ip),
+            "all".to_owned(),
+        ),
+        RuleSpec::PolicyRoute(r) => (
+            format!("from {}", r.src_ip),
+            format!("via {} (table {})", r.via, r.table),
             "all".to_owned(),
         ),
         RuleSpec::Docker(r) => {

@@ -152,3 +152,42 @@ impl HairpinArgs {
         }
     }
 }
+
+/// `policy-route`: replies from a source address leave through a gateway.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Installs `ip rule from SRC lookup TABLE` and `default via GW` in TABLE, owned
+by natmap like every other rule (restored at start, removed on --delete and by clear).
+Use it on a service node behind a gateway that preserves client addresses, so
+replies go back through that gateway.
+
+Examples:
+  lab-ops natmap policy-route --src-ip 10.0.0.25 --via 10.0.0.1 --table 100
+  lab-ops natmap policy-route --src-ip 10.0.0.25 --via 10.0.0.1 --table 100 --delete"
+)]
+pub struct PolicyRouteArgs {
+    /// Source address whose traffic is routed.
+    #[arg(long, value_name = "IP", value_parser = |s: &str| HostIp::parse_field("--src-ip", s).map_err(|e| e.to_string()))]
+    pub src_ip: HostIp,
+    /// The gateway.
+    #[arg(long, value_name = "GW", value_parser = |s: &str| HostIp::parse_field("--via", s).map_err(|e| e.to_string()))]
+    pub via: HostIp,
+    /// Routing table number (1-252, or above 255).
+    #[arg(long, value_name = "N")]
+    pub table: u32,
+    /// Delete the route instead of adding it.
+    #[arg(long)]
+    pub delete: bool,
+}
+
+impl PolicyRouteArgs {
+    /// The request these arguments make.
+    pub fn into_request(self) -> crate::proto::PolicyRouteRequest {
+        crate::proto::PolicyRouteRequest {
+            src_ip: self.src_ip,
+            via: self.via,
+            table: self.table,
+            delete: self.delete,
+        }
+    }
+}

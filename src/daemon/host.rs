@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use crate::model::{Network, Proto};
+use crate::model::{Family, Network, PolicyRouteRule, Proto};
 use crate::proto::SysctlChange;
 
 const IPV4_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
@@ -154,5 +154,92 @@ pub fn forget_connections(flows: Flows) {
             "cannot run conntrack ({e}); existing connections to {reply_src} are not cut \
              (install the conntrack package)"
         ),
+    }
+}
+
+/// `ip -4` or `ip -6` for an address family.
+fn ip_family(rule: &PolicyRouteRule) -> &'static str {
+    match rule.src_ip.family() {
+        Family::V4 => "-4",
+        Family::V6 => "-6",
+    }
+}
+
+fn run_ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running ip: {e} (install iproute2)"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Installs a policy route: exactly one `ip rule from SRC lookup TABLE` (any
+/// copies left by a crash are removed first) and `default via GW` in the table.
+pub fn route_add(rule: &PolicyRouteRule) -> Result<(), String> {
+    let (fam, src, via, table) = (
+        ip_family(rule),
+        rule.src_ip.as_match(),
+        rule.via.to_string(),
+        rule.table.to_string(),
+    );
+    run_ip(&[
+        fam, "route", "replace", "default", "via", &via, "table", &table,
+    ])?;
+    // `ip rule del` removes one matching rule per call; bounded.
+    for _ in 0..16 {
+        if run_ip(&[fam, "rule", "del", "from", &src, "lookup", &table]).is_err() {
+            break;
+        }
+    }
+    run_ip(&[fam, "rule", "add", "from", &src, "lookup", &table])
+}
+
+/// Removes a policy route (both the rule and the table's default route).
+pub fn route_del(rule: &PolicyRouteRule) -> Result<(), String> {
+    let (fam, src, via, table) = (
+        ip_family(rule),
+        rule.src_ip.as_match(),
+        rule.via.to_string(),
+        rule.table.to_string(),
+    );
+    let mut result = Ok(());
+    for _ in 0..16 {
+        if run_ip(&[fam, "rule", "del", "from", &src, "lookup", &table]).is_err() {
+            break;
+        }
+    }
+    if let Err(e) = run_ip(&[fam, "route", "del", "default", "via", &via, "table", &table]) {
+        result = Err(e);
+    }
+    result
+}
+
+/// The commands [`route_add`] runs, for `--dry-run`.
+pub fn route_plan(rule: &PolicyRouteRule, add: bool) -> Vec<String> {
+    let (fam, src, via, table) = (
+        ip_family(rule),
+        rule.src_ip.as_match(),
+        rule.via,
+        rule.table,
+    );
+    if add {
+        vec![
+            format!("ip {fam} route replace default via {via} table {table}"),
+            format!("ip {fam} rule add from {src} lookup {table}"),
+        ]
+    } else {
+        vec![
+            format!("ip {fam} rule del from {src} lookup {table}"),
+            format!("ip {fam} route del default via {via} table {table}"),
+        ]
     }
 }

@@ -91,7 +91,16 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     let (tx, rx) = mpsc::channel::<EngineMsg>();
     let engine_thread = std::thread::Builder::new()
         .name("natmap-engine".into())
-        .spawn(move || engine_loop(engine, rx))
+        .spawn(move || {
+            // A bug must not leave a daemon that accepts requests nobody
+            // handles: abort, so the service manager restarts natmap, which
+            // rebuilds its rules from the state on disk.
+            let run = std::panic::AssertUnwindSafe(|| engine_loop(engine, rx));
+            if std::panic::catch_unwind(run).is_err() {
+                tracing::error!("the engine panicked; aborting so natmap restarts from its state");
+                std::process::abort();
+            }
+        })
         .map_err(|e| format!("cannot start engine thread: {e}"))?;
     tracing::info!(socket = %config.socket_path.display(), "natmap daemon ready");
     let watcher = tokio::spawn(watch_docker(config.docker_socket.clone(), tx.clone()));

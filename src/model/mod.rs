@@ -13,7 +13,9 @@ pub use docker::{ContainerRef, DockerRule, Endpoint, PortSpec};
 pub use ifname::{IfName, IFNAME_MAX};
 pub use ports::{parse_port, PortDirection, PortList, PortRange, MAX_PORTS_PER_RULE};
 pub use proto::Proto;
-pub use rule::{DnatRule, HairpinRule, PortClaim, Rule, RuleId, RuleSpec, SnatRule};
+pub use rule::{
+    DnatRule, HairpinRule, PolicyRouteRule, PortClaim, Rule, RuleId, RuleSpec, SnatRule,
+};
 
 use std::fmt;
 

@@ -31,6 +31,22 @@ pub enum RuleSpec {
     Hairpin(HairpinRule),
     /// A published port of a running container (or a fixed non-Docker target).
     Docker(DockerRule),
+    /// Replies from a source address leave through a given gateway.
+    PolicyRoute(PolicyRouteRule),
+}
+
+/// `policy-route --src-ip S --via G --table N`: `ip rule from S lookup N`
+/// plus `default via G` in table N, so a service behind a gateway that
+/// preserves client addresses answers through that gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRouteRule {
+    /// Source address whose traffic is routed.
+    pub src_ip: HostIp,
+    /// The gateway.
+    pub via: HostIp,
+    /// Routing table number.
+    pub table: u32,
 }
 
 /// `dnat --ext-ip E --int-ip I --ports P [--proto] [--ext-if X]`.
@@ -97,6 +113,7 @@ impl RuleSpec {
             RuleSpec::Snat(_) => "snat",
             RuleSpec::Hairpin(_) => "hairpin",
             RuleSpec::Docker(_) => "docker",
+            RuleSpec::PolicyRoute(_) => "policy_route",
         }
     }
 
@@ -107,6 +124,7 @@ impl RuleSpec {
             RuleSpec::Snat(r) => r.ext_ip.family(),
             RuleSpec::Hairpin(r) => r.ext_ip.family(),
             RuleSpec::Docker(r) => r.host_ip.map_or(Family::V4, |h| h.family()),
+            RuleSpec::PolicyRoute(r) => r.src_ip.family(),
         }
     }
 
@@ -133,6 +151,13 @@ impl RuleSpec {
             RuleSpec::Dnat(r) if r.ext_ip == r.int_ip => {
                 Err("--ext-ip and --int-ip are the same address".into())
             }
+            RuleSpec::PolicyRoute(r) if r.src_ip.family() != r.via.family() => {
+                Err(mixed("src-ip", "via"))
+            }
+            RuleSpec::PolicyRoute(r) if matches!(r.table, 0 | 253 | 254 | 255) => Err(format!(
+                "--table {} is reserved (0 unspec, 253 default, 254 main, 255 local); use 1-252 or above 255",
+                r.table
+            )),
             _ => Ok(()),
         }
     }
@@ -175,7 +200,7 @@ impl RuleSpec {
         match self {
             RuleSpec::Dnat(r) => forward(&r.ext_ip, &r.int_ip, &r.ports, r.proto),
             RuleSpec::Hairpin(r) => forward(&r.ext_ip, &r.int_ip, &r.ports, r.proto),
-            RuleSpec::Snat(_) => Vec::new(),
+            RuleSpec::Snat(_) | RuleSpec::PolicyRoute(_) => Vec::new(),
             RuleSpec::Docker(r) => {
                 let bind_ip = r
                     .host_ip
@@ -200,7 +225,7 @@ impl RuleSpec {
         match self {
             RuleSpec::Dnat(r) => Some(r.int_ip.ip()),
             RuleSpec::Hairpin(r) => Some(r.int_ip.ip()),
-            RuleSpec::Snat(_) => None,
+            RuleSpec::Snat(_) | RuleSpec::PolicyRoute(_) => None,
             RuleSpec::Docker(r) => match r.host_ip.map(|h| h.family()) {
                 Some(Family::V6) => r.target_v6.or(r.target_v4),
                 _ => r.target_v4.or(r.target_v6),

@@ -75,6 +75,8 @@ fn render_rule(rule: &Rule, set: &mut Ruleset) {
                 ),
             );
         }
+        // Routing, not netfilter: applied by the engine's route sync.
+        RuleSpec::PolicyRoute(_) => {}
         RuleSpec::Docker(r) => {
             for (family, target) in [(Family::V4, r.target_v4), (Family::V6, r.target_v6)] {
                 let Some(target) = target else { continue };

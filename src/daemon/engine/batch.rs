@@ -37,7 +37,7 @@ impl Engine {
     pub fn batchable(request: &Request) -> bool {
         matches!(
             request,
-            Request::Dnat(_) | Request::Snat(_) | Request::Hairpin(_)
+            Request::Dnat(_) | Request::Snat(_) | Request::Hairpin(_) | Request::PolicyRoute(_)
         )
     }
 

@@ -17,7 +17,9 @@ mod docker;
 mod status;
 
 use crate::docker::DockerClient;
-use crate::model::{DnatRule, Family, HairpinRule, PortClaim, Rule, RuleId, RuleSpec, SnatRule};
+use crate::model::{
+    DnatRule, Family, HairpinRule, PolicyRouteRule, PortClaim, Rule, RuleId, RuleSpec, SnatRule,
+};
 use crate::netfilter::Netfilter;
 use crate::proto::{
     ClearReport, DryRunReport, ErrorCode, ForwardingReport, LsRequest, Pong, Request, Response,
@@ -105,6 +107,8 @@ pub struct Engine {
     backend_warning: Option<String>,
     /// The last drift repair: when and why.
     last_repair: Option<(std::time::Instant, Vec<String>)>,
+    /// Policy routes natmap has installed.
+    routes: std::collections::BTreeSet<PolicyRouteRule>,
 }
 
 /// The message of the internal failure that stops a dry run at the commit.
@@ -171,6 +175,7 @@ impl Engine {
             backend: String::from("unknown"),
             backend_warning: None,
             last_repair: None,
+            routes: Default::default(),
         };
         if engine.state.forwarding {
             match host::enable_forwarding(true) {
@@ -235,6 +240,10 @@ impl Engine {
         }
         for id in rules.iter().map(|r| r.id) {
             self.start_listening(id).map_err(|f| f.message)?;
+        }
+        let state = self.state.clone();
+        if let Err(e) = self.sync_routes(&state) {
+            tracing::warn!("cannot restore policy routes: {e}");
         }
         tracing::info!(
             active = self.held.len(),
@@ -343,6 +352,14 @@ impl Engine {
                     report.transactions.push(Transaction { family, restore });
                 }
             }
+            let (add, del) = route_changes(&self.routes, &next);
+            let report = self.simulated.as_mut().expect("checked above");
+            for r in &del {
+                report.effects.extend(host::route_plan(r, false));
+            }
+            for r in &add {
+                report.effects.extend(host::route_plan(r, true));
+            }
             return Err(Failure::new(ErrorCode::Internal, DRY_RUN_STOP));
         }
         self.apply(&desired).map_err(|e| {
@@ -351,6 +368,17 @@ impl Engine {
                 format!("iptables refused the change, nothing was changed: {e}"),
             )
         })?;
+        let routes_before = self.routes.clone();
+        if let Err(e) = self.sync_routes(&next) {
+            let previous = self.desired(&self.state);
+            let _ = self.apply(&previous);
+            let old = self.state.clone();
+            let _ = self.sync_routes(&old);
+            return Err(Failure::new(
+                ErrorCode::ApplyFailed,
+                format!("routing refused the change, nothing was changed: {e}"),
+            ));
+        }
         if let Err(e) = state::save(&self.state_path, &next) {
             let previous = self.desired(&self.state);
             if let Err(again) = self.apply(&previous) {
@@ -358,6 +386,10 @@ impl Engine {
                     "rolling back rules after a failed state write failed too: {again}"
                 );
                 self.hooks_ok = [false; 2];
+            }
+            if self.routes != routes_before {
+                let old = self.state.clone();
+                let _ = self.sync_routes(&old);
             }
             return Err(Failure::new(
                 ErrorCode::StateWriteFailed,
@@ -368,7 +400,20 @@ impl Engine {
         Ok(())
     }
 
-    /// Handles one request and answers it.
+    /// Brings the kernel's policy routes to those of `state`.
+    fn sync_routes(&mut self, state: &State) -> Result<(), String> {
+        let (add, del) = route_changes(&self.routes, state);
+        for r in del {
+            host::route_del(&r)?;
+            self.routes.remove(&r);
+        }
+        for r in add {
+            host::route_add(&r)?;
+            self.routes.insert(r);
+        }
+        Ok(())
+    }
+
     /// Handles one request and answers it.
     pub fn handle(&mut self, request: Request, peer: Peer) -> Response {
         if Engine::batchable(&request) {
@@ -383,8 +428,16 @@ impl Engine {
                 daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
             })),
             Request::Ls(ls) => Ok(Response::ok(self.list(&ls))),
-            Request::Dnat(_) | Request::Snat(_) | Request::Hairpin(_) => {
-                unreachable!("batched above")
+            request @ (Request::Dnat(_)
+            | Request::Snat(_)
+            | Request::Hairpin(_)
+            | Request::PolicyRoute(_)) => {
+                // `handle` sends these through the batch path first; kept total for safety.
+                self.static_change(request).and_then(|c| {
+                    self.apply_changes(vec![c])
+                        .pop()
+                        .expect("one change, one outcome")
+                })
             }
             Request::Fwd(f) => self.forwarding(f.ipv6),
             Request::Clear(_) => self.clear(),
@@ -489,6 +542,14 @@ impl Engine {
                     r.delete,
                 )
             }
+            Request::PolicyRoute(r) => (
+                RuleSpec::PolicyRoute(PolicyRouteRule {
+                    src_ip: r.src_ip,
+                    via: r.via,
+                    table: r.table,
+                }),
+                r.delete,
+            ),
             other => {
                 return Err(Failure::new(
                     ErrorCode::Internal,
@@ -666,7 +727,19 @@ impl Engine {
             self.hooks_ok[family_index(family)] = false;
         }
         self.installed = false;
-        Ok(())
+        self.sync_routes(&State::default())
+    }
+
+    /// Re-installs the current state's rules and routes after a failed clear.
+    fn put_back(&mut self) {
+        let previous = self.desired(&self.state);
+        if let Err(e) = self.apply(&previous) {
+            tracing::error!("putting natmap's rules back failed: {e}");
+        }
+        let state = self.state.clone();
+        if let Err(e) = self.sync_routes(&state) {
+            tracing::error!("putting policy routes back failed: {e}");
+        }
     }
 
     fn clear(&mut self) -> Outcome<Response> {
@@ -690,16 +763,14 @@ impl Engine {
         };
         if let Err(e) = self.teardown() {
             // Put back whatever part of the teardown went through.
-            let previous = self.desired(&self.state);
-            let _ = self.apply(&previous);
+            self.put_back();
             return Err(Failure::new(
                 ErrorCode::ApplyFailed,
                 format!("cannot remove natmap's rules: {e}"),
             ));
         }
         if let Err(e) = state::save(&self.state_path, &next) {
-            let previous = self.desired(&self.state);
-            let _ = self.apply(&previous);
+            self.put_back();
             return Err(Failure::new(
                 ErrorCode::StateWriteFailed,
                 format!("cannot save state, the rules were put back: {e}"),
@@ -816,6 +887,25 @@ impl Engine {
     }
 }
 
+/// Policy routes to add and to remove to get from `applied` to `state`'s.
+fn route_changes(
+    applied: &std::collections::BTreeSet<PolicyRouteRule>,
+    state: &State,
+) -> (Vec<PolicyRouteRule>, Vec<PolicyRouteRule>) {
+    let wanted: std::collections::BTreeSet<PolicyRouteRule> = state
+        .rules
+        .iter()
+        .filter_map(|r| match &r.spec {
+            RuleSpec::PolicyRoute(p) => Some(*p),
+            _ => None,
+        })
+        .collect();
+    (
+        wanted.difference(applied).copied().collect(),
+        applied.difference(&wanted).copied().collect(),
+    )
+}
+
 /// Turns an outcome into the response line, logging failures.
 fn respond(result: Outcome<Response>) -> Response {
     result.unwrap_or_else(|f| {
@@ -837,7 +927,7 @@ fn forget_flows(spec: &RuleSpec) {
         RuleSpec::Hairpin(r) => {
             host::forget_connections(flows(r.proto, r.ext_ip.ip(), r.int_ip.ip()))
         }
-        RuleSpec::Snat(_) => {}
+        RuleSpec::Snat(_) | RuleSpec::PolicyRoute(_) => {}
         RuleSpec::Docker(r) => {
             for target in [r.target_v4, r.target_v6].into_iter().flatten() {
                 host::forget_connections(host::Flows {
@@ -868,6 +958,9 @@ fn rule_matches(rule: &Rule, filter: &str) -> bool {
             r.ext_ip.to_string(),
         ],
         RuleSpec::Hairpin(r) => vec![r.ext_ip.to_string(), r.int_ip.to_string()],
+        RuleSpec::PolicyRoute(r) => {
+            vec![r.src_ip.to_string(), r.via.to_string(), r.table.to_string()]
+        }
         RuleSpec::Docker(r) => {
             if r.refers_to(filter) {
                 return true;

@@ -71,6 +71,8 @@ pub enum Request {
     Export(Empty),
     /// Health of the daemon and the host (`status`, `doctor`).
     Status(Empty),
+    /// Make the current rules durable and return the boot fragments.
+    Save(Empty),
     /// Validate the inner change and show the exact rule changes it would
     /// make, changing nothing (`--dry-run`).
     DryRun(DryRunRequest),
@@ -97,7 +99,7 @@ impl Request {
             Some(serde_json::Value::String(c)) => c,
             _ => {
                 return Err(
-                    "cmd: missing; expected one of ping, dnat, snat, hairpin, policy_route, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export, status, dry_run"
+                    "cmd: missing; expected one of ping, dnat, snat, hairpin, policy_route, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export, status, save, dry_run"
                         .into(),
                 )
             }
@@ -118,6 +120,7 @@ impl Request {
             "apply" => Request::Apply(args(rest)?),
             "export" => Request::Export(args(rest)?),
             "status" => Request::Status(args(rest)?),
+            "save" => Request::Save(args(rest)?),
             "dry_run" => {
                 let wrapped: DryRunValue = args(rest)?;
                 let inner = Request::from_value(wrapped.request).map_err(|m| format!("request.{m}"))?;
@@ -128,7 +131,7 @@ impl Request {
             }
             _ => {
                 return Err(format!(
-                    "cmd: unknown command {:?}; expected one of ping, dnat, snat, hairpin, policy_route, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export, status, dry_run",
+                    "cmd: unknown command {:?}; expected one of ping, dnat, snat, hairpin, policy_route, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export, status, save, dry_run",
                     cmd.escape_debug().to_string()
                 ))
             }
@@ -142,6 +145,7 @@ impl Request {
             | Request::Ls(_)
             | Request::Export(_)
             | Request::Status(_)
+            | Request::Save(_)
             | Request::DryRun(_) => false,
             Request::Apply(a) => !a.dry_run,
             _ => true,
@@ -166,6 +170,7 @@ impl Request {
             Request::Apply(_) => "apply",
             Request::Export(_) => "export",
             Request::Status(_) => "status",
+            Request::Save(_) => "save",
             Request::DryRun(_) => "dry_run",
         }
     }
@@ -403,6 +408,18 @@ pub struct LastRepair {
     pub secs_ago: u64,
     /// What was wrong.
     pub reasons: Vec<String>,
+}
+
+/// What `save` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SaveReport {
+    /// The state file, now fsynced: the daemon restores from it at boot.
+    pub state_path: String,
+    /// Rules in it.
+    pub rules: usize,
+    /// `iptables-restore --noflush` fragments of natmap's chains and hooks
+    /// only, per family, for hosts that restore rules without the daemon.
+    pub fragments: Vec<Transaction>,
 }
 
 /// `policy-route` arguments.

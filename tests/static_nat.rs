@@ -1272,3 +1272,124 @@ fn policy_route_sends_replies_through_the_given_gateway() {
         "replies go straight to the router again"
     );
 }
+
+#[test]
+fn save_export_fragment_restores_cleanly_and_holds_only_natmap() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::new();
+    let d = Daemon::start(&topo.router);
+    dnat_mail(&d);
+    d.cli_ok(&[
+        "hairpin",
+        "--ext-ip",
+        "192.0.2.1",
+        "--int-ip",
+        "198.51.100.3",
+        "--ports",
+        "80",
+    ]);
+    d.cli_ok(&[
+        "dnat",
+        "--ext-ip",
+        "2001:db8:1::1",
+        "--int-ip",
+        "2001:db8:2::2",
+        "--ports",
+        "25",
+    ]);
+    let file = d.dir().join("etc/natmap.rules");
+    let out = d.cli(&["save", "--export", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let text4 = std::fs::read_to_string(&file).unwrap();
+    let text6 = std::fs::read_to_string(d.dir().join("etc/natmap6.rules")).unwrap();
+    assert!(text6.contains("2001:db8:2::2"), "{text6}");
+    for line in text4.lines().chain(text6.lines()) {
+        let ours = line.starts_with('*') || line == "COMMIT" || line.contains("NATMAP");
+        assert!(ours, "not natmap's: {line}");
+    }
+    let expected = natmap_rules(&topo, false);
+
+    // A host that restores rules at boot without the daemon (FORWARD DROP).
+    let fresh = Topology::new();
+    let _smtp = TcpEcho::start(&fresh.server, v4(SERVER_V4, 25));
+    fresh
+        .router
+        .run_ok(&["iptables-restore", "--noflush", file.to_str().unwrap()]);
+    fresh.router.run_ok(&[
+        "ip6tables-restore",
+        "--noflush",
+        d.dir().join("etc/natmap6.rules").to_str().unwrap(),
+    ]);
+    assert_eq!(natmap_rules(&fresh, false), expected);
+    expect_tcp(&fresh.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
+    // When the daemon starts there, its own hooks replace the boot hook.
+    let d2 = Daemon::start(&fresh.router);
+    d2.cli_ok(&[
+        "dnat",
+        "--ext-ip",
+        "192.0.2.1",
+        "--int-ip",
+        "198.51.100.2",
+        "--ports",
+        "25,465",
+    ]);
+    let forward = iptables_rules(&fresh.router, false, "filter", "FORWARD");
+    assert!(
+        !forward.iter().any(|l| l == "-A FORWARD -j NATMAP"),
+        "{forward:?}"
+    );
+    drop(d2);
+
+    // A host with Docker's chains: they are left exactly as they were.
+    let docker = Topology::new();
+    for args in [
+        &["-N", "DOCKER-USER"][..],
+        &["-A", "DOCKER-USER", "-s", "203.0.113.7", "-j", "DROP"],
+        &["-A", "DOCKER-USER", "-j", "RETURN"],
+        &["-I", "FORWARD", "1", "-j", "DOCKER-USER"],
+        &["-t", "nat", "-N", "DOCKER"],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "DOCKER",
+            "-p",
+            "tcp",
+            "--dport",
+            "8080",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "172.17.0.2:80",
+        ],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-m",
+            "addrtype",
+            "--dst-type",
+            "LOCAL",
+            "-j",
+            "DOCKER",
+        ],
+    ] {
+        iptables(&docker.router, false, args);
+    }
+    let docker_lines = |t: &Topology| -> Vec<String> {
+        iptables_save(&t.router, false)
+            .lines()
+            .filter(|l| l.contains("DOCKER") && !l.contains("NATMAP"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let before = docker_lines(&docker);
+    docker
+        .router
+        .run_ok(&["iptables-restore", "--noflush", file.to_str().unwrap()]);
+    assert_eq!(docker_lines(&docker), before);
+    assert_eq!(natmap_rules(&docker, false), expected);
+}

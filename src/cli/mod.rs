@@ -126,6 +126,8 @@ pub enum NatmapCommand {
     Apply(ops::ApplyArgs),
     /// Print natmap's rules as a document for `apply`.
     Export,
+    /// Make the current rules survive reboot (and export boot fragments).
+    Save(ops::SaveArgs),
     /// Publish ports of running containers: add, rm, remap.
     #[command(subcommand)]
     Docker(docker::DockerCommand),
@@ -158,6 +160,7 @@ pub fn run(opts: Opts) -> Result<ExitCode> {
         return ops::run_daemon(args, natmap.socket);
     }
     init_logging(opts.verbose, false);
+    let mut export_to = None;
     let request = match natmap.command {
         NatmapCommand::Daemon(_) | NatmapCommand::Install(_) | NatmapCommand::Uninstall(_) => {
             unreachable!("handled above")
@@ -176,6 +179,10 @@ pub fn run(opts: Opts) -> Result<ExitCode> {
             Err(message) => return Ok(usage_error(natmap.json, &message)),
         },
         NatmapCommand::Export => Request::Export(Default::default()),
+        NatmapCommand::Save(ref a) => {
+            export_to = a.export.clone();
+            Request::Save(Default::default())
+        }
         NatmapCommand::Docker(d) => match d.into_request() {
             Ok(r) => r,
             Err(message) => {
@@ -204,8 +211,34 @@ pub fn run(opts: Opts) -> Result<ExitCode> {
         request
     };
     let printer = output::Printer::new(natmap.json, natmap.color);
-    let response = client::call(&natmap.socket, request.clone());
+    let mut response = client::call(&natmap.socket, request.clone());
+    if let (Some(path), true) = (&export_to, response.ok) {
+        if let Err(message) = write_fragments(path, &response) {
+            response =
+                crate::proto::Response::err(crate::proto::ErrorCode::InvalidArgument, message);
+        }
+    }
     Ok(ExitCode::from(printer.print(&request, &response)))
+}
+
+/// `save --export`: writes the daemon's fragments next to each other.
+fn write_fragments(
+    path: &std::path::Path,
+    response: &crate::proto::Response,
+) -> Result<(), String> {
+    let report: crate::proto::SaveReport =
+        serde_json::from_value(response.data.clone().unwrap_or_default())
+            .map_err(|e| format!("unexpected answer from the daemon: {e}"))?;
+    for t in report.fragments {
+        let target = match t.family {
+            crate::model::Family::V4 => path.to_path_buf(),
+            crate::model::Family::V6 => ops::v6_path(path),
+        };
+        ops::write_fragment(&target, &t.restore)
+            .map_err(|e| format!("writing {}: {e}", target.display()))?;
+        eprintln!("wrote {}", target.display());
+    }
+    Ok(())
 }
 
 /// Prints a usage error (as JSON under `--json`) and returns exit code 2.

@@ -157,3 +157,57 @@ impl ApplyArgs {
         })
     }
 }
+
+/// `save`: make the current rules survive reboot.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "natmap's rules survive reboot because the daemon restores them from its
+state at start; `save` makes that explicit (the state is written and fsynced).
+With --export it also writes natmap's own chains and hooks, and nothing else
+(never Docker's), as iptables-restore --noflush fragments for hosts that
+restore rules at boot without the daemon. Do not use `netfilter-persistent
+save` on a Docker host: it saves Docker's transient rules too.
+
+Examples:
+  lab-ops natmap save
+  lab-ops natmap save --export                    # /etc/iptables/natmap.rules (+ natmap6.rules)
+  lab-ops natmap save --export /root/natmap.rules"
+)]
+pub struct SaveArgs {
+    /// Also write the fragment (IPv6: the same name with 6 before the extension).
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "/etc/iptables/natmap.rules")]
+    pub export: Option<PathBuf>,
+}
+
+/// Where the IPv6 fragment of `path` goes: `natmap.rules` → `natmap6.rules`.
+pub fn v6_path(path: &std::path::Path) -> PathBuf {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = match path.extension() {
+        Some(ext) => format!("{stem}6.{}", ext.to_string_lossy()),
+        None => format!("{stem}6"),
+    };
+    path.with_file_name(name)
+}
+
+/// Writes a fragment atomically (temp file, fsync, rename), mode 0600.
+pub fn write_fragment(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

@@ -10,7 +10,8 @@ use serde::de::DeserializeOwned;
 use crate::model::{PortList, RuleSpec};
 use crate::proto::{
     ApplyReport, ChangeKind, ChangeResult, ClearReport, Document, DryRunReport, ErrorCode,
-    ForwardingReport, Pong, Request, Response, RuleList, RuleStatus, RuleView, StatusReport,
+    ForwardingReport, Pong, Request, Response, RuleList, RuleStatus, RuleView, SaveReport,
+    StatusReport,
 };
 
 use super::{ColorChoice, EXIT_REQUEST_FAILED, EXIT_UNREACHABLE};
@@ -110,6 +111,12 @@ impl Printer {
                     code
                 }
             }
+            Request::Save(_) => self.with(data, |r: SaveReport| {
+                println!(
+                    "saved {} rule(s) to {} (fsynced); the daemon restores them at boot",
+                    r.rules, r.state_path
+                )
+            }),
             Request::Ping(_) => self.with(data, |p: Pong| {
                 println!("natmap daemon {} is running", p.daemon_version)
             }),

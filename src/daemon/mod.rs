@@ -43,6 +43,9 @@ pub struct DaemonConfig {
     pub docker_socket: PathBuf,
 }
 
+/// How long the daemon waits for Docker before it starts serving.
+const FIRST_DOCKER_WAIT: Duration = Duration::from_secs(3);
+
 /// How often the engine does its periodic work: drift check and repair,
 /// forwarding check, retrying busy ports. Bounds the repair delay.
 const TICK: Duration = Duration::from_secs(2);
@@ -103,7 +106,29 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
         })
         .map_err(|e| format!("cannot start engine thread: {e}"))?;
     tracing::info!(socket = %config.socket_path.display(), "natmap daemon ready");
-    let watcher = tokio::spawn(watch_docker(config.docker_socket.clone(), tx.clone()));
+    // One bounded attempt before serving, so the first `docker add` after a
+    // start does not race the connection; the watcher takes over from there.
+    let first = match tokio::time::timeout(
+        FIRST_DOCKER_WAIT,
+        DockerClient::connect(&config.docker_socket),
+    )
+    .await
+    {
+        Ok(Ok(client)) => {
+            let _ = tx.send(EngineMsg::DockerUp(client.clone()));
+            Some(client)
+        }
+        Ok(Err(e)) => {
+            let _ = tx.send(EngineMsg::DockerDown(e));
+            None
+        }
+        Err(_) => None,
+    };
+    let watcher = tokio::spawn(watch_docker(
+        config.docker_socket.clone(),
+        tx.clone(),
+        first,
+    ));
 
     server::serve(listener, tx.clone(), shutdown).await;
     watcher.abort();
@@ -190,15 +215,23 @@ fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>) {
 /// Keeps a connection to Docker: connect, report it to the engine, forward
 /// container events; on failure report it and retry with backoff (1 s up to
 /// 10 s). Docker being away never blocks static rules.
-async fn watch_docker(socket: PathBuf, engine: mpsc::Sender<EngineMsg>) {
+async fn watch_docker(
+    socket: PathBuf,
+    engine: mpsc::Sender<EngineMsg>,
+    mut first: Option<DockerClient>,
+) {
     use futures_util::StreamExt;
     let mut backoff = Duration::from_secs(1);
     loop {
-        match DockerClient::connect(&socket).await {
-            Ok(client) => {
+        let connected = match first.take() {
+            Some(client) => Ok((client, true)),
+            None => DockerClient::connect(&socket).await.map(|c| (c, false)),
+        };
+        match connected {
+            Ok((client, announced)) => {
                 backoff = Duration::from_secs(1);
                 let mut events = Box::pin(client.events());
-                if engine.send(EngineMsg::DockerUp(client)).is_err() {
+                if !announced && engine.send(EngineMsg::DockerUp(client)).is_err() {
                     return;
                 }
                 let reason = loop {

@@ -152,14 +152,24 @@ async fn relay_tcp(listener: TcpListener, to: Target) {
     }
 }
 
+/// Aborts its task when dropped: a UDP relay's per-client tasks hold the
+/// reserved socket, so they must end with the relay, not when they idle out.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn relay_udp(socket: Arc<UdpSocket>, to: Target) {
-    let mut clients: HashMap<SocketAddr, (Arc<UdpSocket>, AbortHandle)> = HashMap::new();
+    let mut clients: HashMap<SocketAddr, (Arc<UdpSocket>, AbortOnDrop)> = HashMap::new();
     let mut buf = vec![0u8; 65536];
     loop {
         let Ok((n, client)) = socket.recv_from(&mut buf).await else {
             continue;
         };
-        clients.retain(|_, (_, task)| !task.is_finished());
+        clients.retain(|_, (_, task)| !task.0.is_finished());
         let Some(target) = to.get() else {
             continue;
         };
@@ -168,9 +178,7 @@ async fn relay_udp(socket: Arc<UdpSocket>, to: Target) {
             .is_some_and(|(up, _)| up.peer_addr().ok() != Some(target))
         {
             // The target moved: this client gets a fresh upstream socket.
-            if let Some((_, task)) = clients.remove(&client) {
-                task.abort();
-            }
+            clients.remove(&client);
         }
         if !clients.contains_key(&client) {
             if clients.len() >= MAX_UDP_CLIENTS {
@@ -189,7 +197,7 @@ async fn relay_udp(socket: Arc<UdpSocket>, to: Target) {
             }
             let upstream = Arc::new(upstream);
             let task = tokio::spawn(udp_replies(upstream.clone(), socket.clone(), client));
-            clients.insert(client, (upstream, task.abort_handle()));
+            clients.insert(client, (upstream, AbortOnDrop(task)));
         }
         if let Some((upstream, _)) = clients.get(&client) {
             let _ = upstream.send(&buf[..n]).await;

@@ -4,7 +4,11 @@
 //! Order matters (design §4): bind before the rules go in, listen only after
 //! they are in and the state is on disk. TCP sockets are listening while
 //! reserved because a merely bound socket does not stop another process that
-//! sets `SO_REUSEADDR`; neither kind sets `SO_REUSEADDR` itself.
+//! sets `SO_REUSEADDR`. TCP reservations set `SO_REUSEADDR` themselves so a
+//! port whose relayed loopback connections linger in TIME-WAIT can be
+//! reserved again at once; a listening socket still keeps every other binder
+//! out. UDP reservations do not set it: for UDP it would let others share
+//! the port.
 
 use std::fs;
 use std::io;
@@ -104,6 +108,9 @@ fn bind_one(claim: &PortClaim) -> io::Result<HeldSocket> {
         Proto::Udp => SockType::Datagram,
     };
     let fd = socket::socket(family, kind, SockFlag::SOCK_CLOEXEC, None)?;
+    if claim.proto == Proto::Tcp {
+        set_int_option(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    }
     if v6 {
         set_int_option(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
         // The external address of a rule may be a routed, non-local one.

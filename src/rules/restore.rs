@@ -74,11 +74,46 @@ fn fix_jump(out: &mut String, saved: &SavedTables, table: &str, hook: &str, targ
 }
 
 /// FORWARD must reach DOCKER-USER. Docker keeps this jump itself; natmap only
-/// adds it when nobody has, and never moves Docker's.
+/// adds it when nobody has, and never moves Docker's. A direct
+/// `FORWARD -j NATMAP` left by an [`export`] fragment restored at boot is
+/// replaced by the hook in DOCKER-USER.
 fn fix_docker_user_hook(out: &mut String, saved: &SavedTables) {
     if saved.jump_state("filter", "FORWARD", DOCKER_USER).count == 0 {
         let _ = writeln!(out, "-I FORWARD 1 {}", jump_line(DOCKER_USER));
     }
+    remove_boot_hook(out, saved);
+}
+
+/// Deletes every `FORWARD -j NATMAP` (the boot fragment's filter hook).
+fn remove_boot_hook(out: &mut String, saved: &SavedTables) {
+    let filter = Chain::FilterForward.name();
+    for _ in 0..saved.jump_state("filter", "FORWARD", filter).count {
+        let _ = writeln!(out, "-D FORWARD {}", jump_line(filter));
+    }
+}
+
+/// A fragment for hosts that restore rules at boot without the daemon
+/// (`iptables-restore --noflush < natmap.rules`): natmap's chains, their
+/// rules and their hooks, and nothing else. DOCKER-USER may not exist yet
+/// at boot (and declaring it would flush Docker's), so the filter chain is
+/// hooked from FORWARD; the daemon moves that hook under DOCKER-USER when it
+/// starts. Meant to be restored once, into tables without natmap's hooks.
+pub fn export(rules: &FamilyRules) -> String {
+    let mut out = build(rules, None);
+    for chain in Chain::ALL {
+        let hook = match chain {
+            Chain::FilterForward => "FORWARD",
+            other => other.hook(),
+        };
+        let line = format!("-I {hook} 1 {}\n", jump_line(chain.name()));
+        // Insert before the COMMIT of the chain's table.
+        let table_start = out
+            .find(&format!("*{}\n", chain.table()))
+            .expect("table written");
+        let commit = table_start + out[table_start..].find("COMMIT\n").expect("commit written");
+        out.insert_str(commit, &line);
+    }
+    out
 }
 
 /// Removes natmap's hooks and chains, and nothing else. DOCKER-USER stays:
@@ -102,6 +137,9 @@ pub fn teardown(saved: &SavedTables) -> String {
             for _ in 0..state.count {
                 let _ = writeln!(out, "-D {} {}", chain.hook(), jump_line(chain.name()));
             }
+        }
+        if table == "filter" {
+            remove_boot_hook(&mut out, saved);
         }
         for chain in &chains {
             let _ = writeln!(out, "-X {}", chain.name());

@@ -118,6 +118,13 @@ impl SavedTables {
         {
             reasons.push("filter FORWARD does not jump to DOCKER-USER".into());
         }
+        if self
+            .jump_state("filter", "FORWARD", Chain::FilterForward.name())
+            .count
+            > 0
+        {
+            reasons.push("filter FORWARD jumps to NATMAP directly (a boot fragment)".into());
+        }
         reasons
     }
 }

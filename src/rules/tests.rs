@@ -268,3 +268,25 @@ fn diff_reorders_when_a_kept_line_is_out_of_place() {
     }
     assert_eq!(chain, desired.chain(Chain::NatPrerouting));
 }
+
+#[test]
+fn export_fragment_holds_only_natmap_and_its_hooks() {
+    let set = render::desired(&sample_rules()[..4]);
+    let text = restore::export(set.family(Family::V4));
+    golden("export-v4.rules", &text);
+    for line in text.lines() {
+        let ours = line.starts_with('*')
+            || line == "COMMIT"
+            || line.starts_with(":NATMAP")
+            || line.starts_with("-A NATMAP")
+            || (line.starts_with("-I ") && line.contains(" -j NATMAP"));
+        assert!(ours, "not natmap's: {line}");
+    }
+    // The daemon replaces the boot hook with its DOCKER-USER hook.
+    let booted = SavedTables::parse(
+        "*filter\n:FORWARD ACCEPT [0:0]\n:NATMAP - [0:0]\n-A FORWARD -j NATMAP\nCOMMIT\n",
+    );
+    let full = restore::full(set.family(Family::V4), &booted);
+    assert!(full.contains("-D FORWARD -j NATMAP"), "{full}");
+    assert!(restore::teardown(&booted).contains("-D FORWARD -j NATMAP"));
+}

@@ -23,7 +23,7 @@ use crate::model::{
 use crate::netfilter::Netfilter;
 use crate::proto::{
     ClearReport, DryRunReport, ErrorCode, ForwardingReport, LsRequest, Pong, Request, Response,
-    RuleList, RuleStatus, RuleView, Transaction,
+    RuleList, RuleStatus, RuleView, SaveReport, Transaction,
 };
 use crate::rules::saved::SavedTables;
 use crate::rules::{render, restore, Ruleset};
@@ -109,7 +109,13 @@ pub struct Engine {
     last_repair: Option<(std::time::Instant, Vec<String>)>,
     /// Policy routes natmap has installed.
     routes: std::collections::BTreeSet<PolicyRouteRule>,
+    /// Periodic ticks so far.
+    ticks: u64,
 }
+
+/// Every this many ticks, every Docker mapping is checked against Docker
+/// even without an event.
+const DOCKER_RESYNC_TICKS: u64 = 15;
 
 /// The message of the internal failure that stops a dry run at the commit.
 const DRY_RUN_STOP: &str = "dry run: stopped before changing anything";
@@ -176,6 +182,7 @@ impl Engine {
             backend_warning: None,
             last_repair: None,
             routes: Default::default(),
+            ticks: 0,
         };
         if engine.state.forwarding {
             match host::enable_forwarding(true) {
@@ -447,6 +454,7 @@ impl Engine {
             Request::Apply(r) => self.apply_document(r),
             Request::Export(_) => Ok(Response::ok(self.export())),
             Request::Status(_) => Ok(Response::ok(self.status())),
+            Request::Save(_) => self.save(),
             Request::DryRun(d) => self.dry_run(*d.request, peer),
         };
         respond(result)
@@ -730,6 +738,30 @@ impl Engine {
         self.sync_routes(&State::default())
     }
 
+    /// `save`: writes and fsyncs the state again (every change already is
+    /// durable; this makes it explicit) and returns the boot fragments.
+    fn save(&mut self) -> Outcome<Response> {
+        state::save(&self.state_path, &self.state).map_err(|e| {
+            Failure::new(
+                ErrorCode::StateWriteFailed,
+                format!("cannot save state: {e}"),
+            )
+        })?;
+        let fragments = self
+            .families()
+            .into_iter()
+            .map(|family| Transaction {
+                family,
+                restore: restore::export(self.applied.family(family)),
+            })
+            .collect();
+        Ok(Response::ok(SaveReport {
+            state_path: self.state_path.display().to_string(),
+            rules: self.state.rules.len(),
+            fragments,
+        }))
+    }
+
     /// Re-installs the current state's rules and routes after a failed clear.
     fn put_back(&mut self) {
         let previous = self.desired(&self.state);
@@ -789,6 +821,11 @@ impl Engine {
     /// and install rules whose ports were busy and are free now.
     pub fn tick(&mut self) {
         self.repair_drift();
+        // A safety net for Docker events lost in a reconnect window.
+        self.ticks += 1;
+        if self.ticks % DOCKER_RESYNC_TICKS == 0 {
+            self.refresh_docker(|_| true);
+        }
         if self.state.forwarding && host::ipv4_forwarding() == Some(false) {
             tracing::warn!(
                 "net.ipv4.ip_forward was reset to 0 by something else; setting it back to 1"

@@ -29,6 +29,9 @@
 //! ([`COMMAND_TIMEOUT`]), so a broken test fails instead of hanging.
 #![allow(dead_code)]
 
+/// Fixtures for the Docker tests (root namespace, real engine).
+pub mod docker;
+
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
@@ -1259,6 +1262,11 @@ impl StateDir {
 /// daemon behind): start it from the test's own thread, not from a
 /// short-lived helper thread.
 ///
+/// [`Daemon::start_in_root_ns`] runs it in the namespace the test process
+/// itself runs in instead (no `ip netns exec`), for tests that need the
+/// host's real Docker engine; see `common::docker::RootDaemon` for the guard
+/// that also removes its chains from the host.
+///
 /// Restart on the same state (crash recovery tests):
 ///
 /// ```ignore
@@ -1268,9 +1276,15 @@ impl StateDir {
 /// d.respawn();            // or Daemon::start_with_state_dir(&topo.router, &d.state_dir())
 /// ```
 pub struct Daemon {
-    ns_name: String,
+    /// `None`: the namespace of the test process (the host's root namespace).
+    ns_name: Option<String>,
+    /// Extra daemon arguments after `daemon --state … --socket …`.
+    extra_args: Vec<std::ffi::OsString>,
     dir: StateDir,
     child: Option<Child>,
+    /// Socket group, environment, state path and allowed log lines
+    /// ([`Daemon::start_with_options`], [`Daemon::allow_log`]).
+    opts: DaemonOptions,
 }
 
 impl Daemon {
@@ -1284,12 +1298,55 @@ impl Daemon {
     /// daemon that was killed), waits until its socket accepts.
     pub fn start_with_state_dir(ns: &Netns, dir: &StateDir) -> Daemon {
         let mut d = Daemon {
-            ns_name: ns.name.clone(),
+            ns_name: Some(ns.name.clone()),
+            extra_args: Vec::new(),
             dir: dir.clone(),
             child: None,
+            opts: DaemonOptions::default(),
         };
         d.respawn();
         d
+    }
+
+    /// Starts a daemon in the test process's own network namespace (the
+    /// host's root namespace, where Docker lives) on `dir`, with
+    /// `extra_args` appended to the daemon command line (e.g.
+    /// `--docker-socket PATH`), and waits until its socket accepts.
+    ///
+    /// It changes the HOST's iptables: callers must serialise such tests and
+    /// remove natmap's chains afterwards even if the daemon was killed (see
+    /// `common::docker::RootDaemon`).
+    pub fn start_in_root_ns<S: AsRef<OsStr>>(dir: &StateDir, extra_args: &[S]) -> Daemon {
+        let mut d = Daemon {
+            ns_name: None,
+            extra_args: extra_args.iter().map(|a| a.as_ref().to_owned()).collect(),
+            dir: dir.clone(),
+            child: None,
+            opts: DaemonOptions::default(),
+        };
+        d.respawn();
+        d
+    }
+
+    /// The command that runs `argv` in this daemon's namespace: `ip netns
+    /// exec NS argv…`, or `argv…` directly for the root namespace.
+    fn command_in_ns(&self, program: &str) -> Command {
+        match &self.ns_name {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns, program]);
+                cmd
+            }
+            None => Command::new(program),
+        }
+    }
+
+    /// Human-readable place of the daemon for log lines.
+    fn where_(&self) -> String {
+        match &self.ns_name {
+            Some(ns) => format!("netns {ns}"),
+            None => "the root network namespace".to_string(),
+        }
     }
 
     /// Starts a new daemon process on this daemon's namespace and state dir.
@@ -1308,23 +1365,18 @@ impl Daemon {
             .append(true)
             .open(&log_path)
             .unwrap_or_else(|e| panic!("open {}: {e}", log_path.display()));
-        let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            &self.ns_name,
-            LAB_OPS_BIN,
-            "-vv",
-            "natmap",
-            "daemon",
-        ])
-        .arg("--state")
-        .arg(self.dir.state_path())
-        .arg("--socket")
-        .arg(self.dir.socket_path())
-        .args(["--socket-group", "root"])
-        .env("NO_COLOR", "1")
-        .env("RUST_BACKTRACE", "1");
+        let mut cmd = self.command_in_ns(LAB_OPS_BIN);
+        cmd.args(["-vv", "natmap", "daemon"])
+            .arg("--state")
+            .arg(self.state_path())
+            .arg("--socket")
+            .arg(self.dir.socket_path())
+            .arg("--socket-group")
+            .arg(self.opts.socket_group.as_deref().unwrap_or("root"))
+            .args(&self.extra_args)
+            .env("NO_COLOR", "1")
+            .env("RUST_BACKTRACE", "1")
+            .envs(self.opts.env.iter().map(|(k, v)| (k, v)));
         // If the test process dies (Ctrl-C, a harness timeout), take the
         // daemon with it instead of leaving it running in a deleted namespace.
         // SAFETY: prctl is async-signal-safe; nothing else runs before exec.
@@ -1339,8 +1391,8 @@ impl Daemon {
         }
         let _ = writeln!(
             log,
-            "=== harness: starting daemon in netns {}: {cmd:?}",
-            self.ns_name
+            "=== harness: starting daemon in {}: {cmd:?}",
+            self.where_()
         );
         let child = cmd
             .stdin(Stdio::null())
@@ -1389,15 +1441,8 @@ impl Daemon {
 
     fn cli_with(&self, global: &[&str], args: &[&str]) -> Output {
         run_with_timeout(
-            Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &self.ns_name,
-                    LAB_OPS_BIN,
-                    "natmap",
-                    "--socket",
-                ])
+            self.command_in_ns(LAB_OPS_BIN)
+                .args(["natmap", "--socket"])
                 .arg(self.dir.socket_path())
                 .args(global)
                 .args(args)
@@ -1502,6 +1547,36 @@ impl Daemon {
         }
     }
 
+    /// Like [`Daemon::stop`] but never panics (usable from `Drop`): SIGTERM,
+    /// wait up to `timeout`, then SIGKILL. Returns the exit status if the
+    /// daemon exited by itself after SIGTERM, `None` if it was not running
+    /// or had to be killed. The outcome is noted in the daemon log.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        self.note(&format!("SIGTERM to daemon pid {}", child.id()));
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    self.note(&format!("daemon exited after SIGTERM: {status}"));
+                    return Some(status);
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    self.note(&format!(
+                        "daemon did not exit within {timeout:?} after SIGTERM: SIGKILLed"
+                    ));
+                    return None;
+                }
+            }
+        }
+    }
+
     /// Appends a `=== harness: <text>` line to the daemon log, so the log
     /// shows where the test killed, stopped or restarted the daemon.
     pub fn note(&self, text: &str) {
@@ -1525,9 +1600,12 @@ impl Daemon {
         self.dir.path()
     }
 
-    /// `DIR/state.json`.
+    /// `DIR/state.json`, or the path given in [`DaemonOptions::state_path`].
     pub fn state_path(&self) -> PathBuf {
-        self.dir.state_path()
+        self.opts
+            .state_path
+            .clone()
+            .unwrap_or_else(|| self.dir.state_path())
     }
 
     /// `DIR/natmap.sock`.
@@ -1536,8 +1614,9 @@ impl Daemon {
     }
 
     /// Name of the namespace the daemon runs in.
+    /// `""` for a daemon started with [`Daemon::start_in_root_ns`].
     pub fn netns_name(&self) -> &str {
-        &self.ns_name
+        self.ns_name.as_deref().unwrap_or("")
     }
 }
 
@@ -1552,4 +1631,643 @@ impl Drop for Daemon {
             );
         }
     }
+}
+
+// ──────────────────── daemon options, log check, raw socket ────────────────────
+//
+// Added for the reliability suite (tests/reliability.rs, tests/load.rs): a
+// daemon with another socket group, environment or state path; a check that
+// a test's daemon logged no WARN/ERROR it did not declare; a raw socket
+// client; natmap's chains as installed and as the state renders them.
+
+/// Non-default ways to start a [`Daemon`] ([`Daemon::start_with_options`]).
+#[derive(Debug, Clone, Default)]
+pub struct DaemonOptions {
+    /// `--socket-group` (default `root`).
+    pub socket_group: Option<String>,
+    /// Extra daemon arguments, e.g. `--docker-socket /nonexistent`.
+    pub extra_args: Vec<std::ffi::OsString>,
+    /// Extra environment of the daemon process (e.g. `PATH`,
+    /// `NATMAP_CRASH_AT`); see also [`Daemon::set_env`].
+    pub env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+    /// `--state` (default `DIR/state.json`), e.g. on a tiny tmpfs.
+    pub state_path: Option<PathBuf>,
+    /// Substrings of WARN/ERROR log lines the test expects ([`Daemon::allow_log`]).
+    pub allowed_log: Vec<String>,
+}
+
+impl DaemonOptions {
+    /// Options whose daemon does not talk to the host's Docker engine
+    /// (`--docker-socket` pointing nowhere), so a Docker restart by another
+    /// test cannot put a warning into this daemon's log.
+    pub fn isolated() -> DaemonOptions {
+        DaemonOptions {
+            extra_args: vec![
+                "--docker-socket".into(),
+                "/nonexistent/natmap-test-no-docker.sock".into(),
+            ],
+            ..DaemonOptions::default()
+        }
+    }
+}
+
+/// WARN/ERROR lines that come from the host around the test, not from the
+/// test's daemon doing something wrong: a daemon in a namespace still talks
+/// to the host's Docker engine, which another test may restart.
+pub const AMBIENT_LOG_NOISE: &[&str] = &["lost Docker"];
+
+/// The lines of a daemon log that a happy-path test must not see: every
+/// line logged at WARN or ERROR whose text contains none of `allowed` (nor
+/// of [`AMBIENT_LOG_NOISE`]), and every panic (never allowed). Harness lines
+/// (`=== harness: …`) are skipped.
+pub fn log_problems(log: &str, allowed: &[String]) -> Vec<String> {
+    log.lines()
+        .filter(|line| !line.starts_with("=== harness:"))
+        .filter(|line| {
+            if line.contains("panicked at") {
+                return true;
+            }
+            // tracing's fmt layout: `<time>  WARN target: message`, or
+            // `WARN target: message` without time (under systemd).
+            let mut words = line.split_whitespace();
+            let first = words.next().unwrap_or("");
+            let second = words.next().unwrap_or("");
+            let leveled = |w: &str| w == "WARN" || w == "ERROR";
+            (leveled(first) || leveled(second))
+                && !allowed.iter().any(|a| line.contains(a.as_str()))
+                && !AMBIENT_LOG_NOISE.iter().any(|a| line.contains(a))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+impl Daemon {
+    /// Starts a daemon in `ns` on `dir` with `opts`, waits until its socket accepts.
+    pub fn start_with_options(ns: &Netns, dir: &StateDir, opts: DaemonOptions) -> Daemon {
+        let mut d = Daemon {
+            ns_name: Some(ns.name.clone()),
+            extra_args: opts.extra_args.clone(),
+            dir: dir.clone(),
+            child: None,
+            opts,
+        };
+        d.respawn();
+        d
+    }
+
+    /// Sets an environment variable for the next [`Daemon::respawn`].
+    pub fn set_env(&mut self, key: &str, value: impl AsRef<OsStr>) {
+        self.remove_env(key);
+        self.opts
+            .env
+            .push((key.into(), value.as_ref().to_os_string()));
+    }
+
+    /// Removes a variable set with [`Daemon::set_env`] (next respawn).
+    pub fn remove_env(&mut self, key: &str) {
+        self.opts.env.retain(|(k, _)| k != key);
+    }
+
+    /// Declares that WARN/ERROR lines containing `pattern` are expected, so
+    /// [`Daemon::assert_clean_log`] does not fail on them.
+    pub fn allow_log(&mut self, pattern: &str) -> &mut Daemon {
+        self.opts.allowed_log.push(pattern.to_string());
+        self
+    }
+
+    /// WARN/ERROR lines (and panics) in the log that were not declared.
+    pub fn unexpected_log_lines(&self) -> Vec<String> {
+        log_problems(&self.log(), &self.opts.allowed_log)
+    }
+
+    /// Fails the test if the daemon logged a WARN or ERROR the test did not
+    /// declare with [`Daemon::allow_log`], or panicked. Call it at the end of
+    /// every happy-path test (the log covers every start on this state dir).
+    #[track_caller]
+    pub fn assert_clean_log(&self) {
+        let problems = self.unexpected_log_lines();
+        assert!(
+            problems.is_empty(),
+            "the daemon logged {} unexpected WARN/ERROR line(s) (declare expected ones with \
+             Daemon::allow_log):\n{}\n--- full daemon log ---\n{}",
+            problems.len(),
+            problems.join("\n"),
+            self.log()
+        );
+    }
+
+    /// The daemon's `VmRSS` in KiB (from `/proc/PID/status`), if running.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// A raw connection to the daemon's socket ([`SocketClient`]).
+    pub fn connect(&self) -> SocketClient {
+        SocketClient::connect(&self.socket_path())
+            .unwrap_or_else(|e| panic!("connect {}: {e}", self.socket_path().display()))
+    }
+
+    /// One request over a fresh raw connection; `request` is the inner
+    /// object (`{"cmd":"ls"}`). Panics if the daemon does not answer.
+    #[track_caller]
+    pub fn call(&self, request: serde_json::Value) -> serde_json::Value {
+        self.connect()
+            .call(&request)
+            .unwrap_or_else(|e| panic!("request {request}: {e}"))
+    }
+}
+
+/// How long a [`SocketClient`] waits for one response line. Longer than
+/// two xtables lock waits (a change may wait for the lock twice).
+pub const SOCKET_RESPONSE_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// A raw client of the daemon's control socket: sends bytes, reads response
+/// lines. Unix path sockets are reachable from any network namespace.
+pub struct SocketClient {
+    stream: std::os::unix::net::UnixStream,
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+}
+
+impl SocketClient {
+    /// Connects to `path` (read timeout [`SOCKET_RESPONSE_TIMEOUT`]).
+    pub fn connect(path: &Path) -> std::io::Result<SocketClient> {
+        let stream = std::os::unix::net::UnixStream::connect(path)?;
+        stream.set_read_timeout(Some(SOCKET_RESPONSE_TIMEOUT))?;
+        stream.set_write_timeout(Some(SOCKET_RESPONSE_TIMEOUT))?;
+        let reader = std::io::BufReader::new(stream.try_clone()?);
+        Ok(SocketClient { stream, reader })
+    }
+
+    /// Closes the sending side (the daemon then sees end of input).
+    pub fn shutdown_write(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+    }
+
+    /// Writes raw bytes (no newline added).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Reads one response line; `Ok(None)` when the daemon closed the connection.
+    /// A line that is not JSON is an `InvalidData` error.
+    pub fn read_response(&mut self) -> std::io::Result<Option<serde_json::Value>> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Ok(None);
+        }
+        serde_json::from_str(&line)
+            .map(Some)
+            .map_err(|e| std::io::Error::new(ErrorKind::InvalidData, format!("{e}: {line:?}")))
+    }
+
+    /// Sends `{"version":1,"request":REQUEST}` and reads the answer. A closed
+    /// connection is an `UnexpectedEof` error.
+    pub fn call(&mut self, request: &serde_json::Value) -> std::io::Result<serde_json::Value> {
+        let mut line = serde_json::to_vec(&serde_json::json!({"version": 1, "request": request}))
+            .expect("serializes");
+        line.push(b'\n');
+        self.send_raw(&line)?;
+        self.read_response()?.ok_or_else(|| {
+            std::io::Error::new(ErrorKind::UnexpectedEof, "daemon closed the connection")
+        })
+    }
+}
+
+/// The `dnat` request object for the socket (`delete` true: remove it).
+pub fn dnat_request(
+    ext_ip: &str,
+    int_ip: &str,
+    ports: &str,
+    proto: &str,
+    delete: bool,
+) -> serde_json::Value {
+    serde_json::json!({
+        "cmd": "dnat", "ext_ip": ext_ip, "int_ip": int_ip, "ports": ports,
+        "proto": proto, "delete": delete,
+    })
+}
+
+/// natmap's four chains, as `(table, chain)`, in the order the renderer uses.
+pub const NATMAP_TABLE_CHAINS: [(&str, &str); 4] = [
+    ("nat", "NATMAP"),
+    ("nat", "NATMAP-OUTPUT"),
+    ("nat", "NATMAP-POSTROUTING"),
+    ("filter", "NATMAP"),
+];
+
+/// The `-A` lines of natmap's chains in `ns`, each prefixed with its table
+/// (`nat -A NATMAP …`), read with `program` (`iptables`, `ip6tables`,
+/// `iptables-legacy`, …). A missing chain contributes nothing.
+pub fn natmap_lines_with(ns: &Netns, program: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    for (table, chain) in NATMAP_TABLE_CHAINS {
+        let out = ns.exec(&[program, "-w", "10", "-t", table, "-S", chain]);
+        if !out.status.success() {
+            continue;
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if line.starts_with("-A ") {
+                lines.push(format!("{table} {line}"));
+            }
+        }
+    }
+    lines
+}
+
+/// [`natmap_lines_with`] using `iptables` (or `ip6tables` for `v6`).
+pub fn natmap_lines(ns: &Netns, v6: bool) -> Vec<String> {
+    natmap_lines_with(ns, iptables_bin(v6))
+}
+
+/// Reads and parses a state file (panics with the text if it does not parse).
+pub fn read_state(path: &Path) -> natmap::state::State {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+        panic!(
+            "{} does not parse: {e}\n{}",
+            path.display(),
+            String::from_utf8_lossy(&bytes)
+        )
+    })
+}
+
+/// What natmap's chains must hold for `state` when every rule is active,
+/// in the form of [`natmap_lines`]: `(v4 lines, v6 lines)`.
+pub fn rendered_lines(state: &natmap::state::State) -> (Vec<String>, Vec<String>) {
+    use natmap::model::Family;
+    use natmap::rules::{render, Chain};
+    let set = render::desired(&state.rules);
+    let lines = |family| {
+        let rules = set.family(family);
+        Chain::ALL
+            .iter()
+            .flat_map(|c| {
+                rules
+                    .chain(*c)
+                    .iter()
+                    .map(move |l| format!("{} -A {} {l}", c.table(), c.name()))
+            })
+            .collect::<Vec<_>>()
+    };
+    (lines(Family::V4), lines(Family::V6))
+}
+
+/// True if a socket of `proto` ("tcp"/"udp") cannot be bound to `addr` in
+/// `ns` because it is in use (natmap holds it); false if the bind works.
+/// Panics on any other error (e.g. the address does not exist).
+pub fn port_is_held(ns: &Netns, proto: &str, addr: SocketAddr) -> bool {
+    let result = in_netns(ns, || match proto {
+        "udp" => UdpSocket::bind(addr).map(drop),
+        _ => TcpListener::bind(addr).map(drop),
+    });
+    match result {
+        Ok(()) => false,
+        Err(e) if e.kind() == ErrorKind::AddrInUse => true,
+        Err(e) => panic!("[netns {}] bind {proto} {addr}: {e}", ns.name),
+    }
+}
+
+// ───────────────────── seeded randomness, acknowledgement ledger ─────────────────────
+
+/// A small seeded PRNG (SplitMix64) so fault and load tests are repeatable:
+/// the seed is printed, and `NATMAP_TEST_SEED=N` replays a run.
+#[derive(Debug, Clone)]
+pub struct TestRng(u64);
+
+impl TestRng {
+    /// Seeded from `NATMAP_TEST_SEED` if set, else from the clock; prints the
+    /// seed (uncaptured) with `what`.
+    pub fn from_env(what: &str) -> TestRng {
+        let seed = std::env::var("NATMAP_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+            });
+        let _ = writeln!(
+            std::io::stderr(),
+            "{what}: seed {seed} (replay with NATMAP_TEST_SEED={seed})"
+        );
+        TestRng(seed)
+    }
+
+    /// A generator with a fixed seed.
+    pub fn new(seed: u64) -> TestRng {
+        TestRng(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+
+    /// A random element of `items`.
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+
+    /// A generator derived from this one (for a thread).
+    pub fn fork(&mut self) -> TestRng {
+        TestRng(self.next_u64())
+    }
+}
+
+/// What a client may conclude about one of its rules from the answers it got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    /// Acknowledged absent (deleted, never added, or `not_found`).
+    Absent,
+    /// Acknowledged present (`added` or `already_present`).
+    Present,
+    /// A request was sent but never answered (the daemon died): either.
+    Unknown,
+}
+
+/// One client's ledger of acknowledged changes, keyed by `(port, proto)` of
+/// its dnat rules. Every answer is checked against what the earlier answers
+/// imply (a rule acknowledged as added that a later add reports as `added`
+/// again was lost), and [`AckLedger::reconcile`] checks the daemon's state.
+#[derive(Debug, Clone, Default)]
+pub struct AckLedger {
+    rules: std::collections::BTreeMap<(u16, String), Presence>,
+    /// Requests answered ok=true.
+    pub acks: u64,
+    /// Requests answered ok=false.
+    pub refusals: u64,
+    /// Requests sent but not answered.
+    pub unanswered: u64,
+}
+
+impl AckLedger {
+    /// What the answers so far say about the rule (absent if never touched).
+    pub fn expect(&self, port: u16, proto: &str) -> Presence {
+        self.rules
+            .get(&(port, proto.to_string()))
+            .copied()
+            .unwrap_or(Presence::Absent)
+    }
+
+    /// Records the answer to an add (`delete` false) or delete; `answer`
+    /// `None`: sent, but no answer came. Returns a description of any
+    /// contradiction with earlier acknowledgements, or of an error answer
+    /// other than `not_found`.
+    pub fn record(
+        &mut self,
+        port: u16,
+        proto: &str,
+        delete: bool,
+        answer: Option<&serde_json::Value>,
+    ) -> Result<(), String> {
+        let key = (port, proto.to_string());
+        let before = self.expect(port, proto);
+        let what = format!(
+            "{} {port}/{proto} (ledger said {before:?})",
+            if delete { "delete" } else { "add" }
+        );
+        let Some(answer) = answer else {
+            self.unanswered += 1;
+            let unchanged = if delete {
+                Presence::Absent
+            } else {
+                Presence::Present
+            };
+            if before != unchanged {
+                self.rules.insert(key, Presence::Unknown);
+            }
+            return Ok(());
+        };
+        let (after, contradiction) = if answer["ok"] == true {
+            self.acks += 1;
+            match answer["data"]["result"].as_str() {
+                Some("added") if !delete => (Presence::Present, before == Presence::Present),
+                Some("already_present") if !delete => {
+                    (Presence::Present, before == Presence::Absent)
+                }
+                Some("deleted") if delete => (Presence::Absent, before == Presence::Absent),
+                _ => return Err(format!("{what}: unexpected answer {answer}")),
+            }
+        } else {
+            self.refusals += 1;
+            match answer["error"]["code"].as_str() {
+                Some("not_found") if delete => (Presence::Absent, before == Presence::Present),
+                _ => return Err(format!("{what}: unexpected error {answer}")),
+            }
+        };
+        self.rules.insert(key, after);
+        if contradiction {
+            return Err(format!(
+                "{what}: answer {answer} contradicts an earlier acknowledgement"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Compares the ledger with the rules the daemon has (`actual`, the
+    /// `(port, proto)` of this client's rules in state): every rule
+    /// acknowledged present must be there, every one acknowledged absent
+    /// must not. Unknown entries take the actual value. Returns the mismatches.
+    pub fn reconcile(&mut self, actual: &std::collections::BTreeSet<(u16, String)>) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (key, presence) in self.rules.iter_mut() {
+            let there = actual.contains(key);
+            match presence {
+                Presence::Present if !there => problems.push(format!(
+                    "{}/{}: acknowledged as present, missing from state (lost acknowledgement)",
+                    key.0, key.1
+                )),
+                Presence::Absent if there => problems.push(format!(
+                    "{}/{}: acknowledged as absent, but in state",
+                    key.0, key.1
+                )),
+                _ => {}
+            }
+            *presence = if there {
+                Presence::Present
+            } else {
+                Presence::Absent
+            };
+        }
+        for key in actual {
+            if !self.rules.contains_key(key) {
+                problems.push(format!(
+                    "{}/{}: in state, but never requested",
+                    key.0, key.1
+                ));
+            }
+        }
+        problems
+    }
+}
+
+/// Percentile `p` (0–100) of sorted `values` (nearest rank); zero if empty.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+// ───────────────────── consistency checks shared by the reliability tests ─────────────────────
+
+/// The `(port, proto)` of every dnat rule in a state, with its id.
+pub fn state_dnat_keys(
+    state: &natmap::state::State,
+) -> std::collections::BTreeMap<(u16, String), u64> {
+    let mut keys = std::collections::BTreeMap::new();
+    for rule in &state.rules {
+        let natmap::model::RuleSpec::Dnat(r) = &rule.spec else {
+            panic!("unexpected rule kind in state: {rule:?}");
+        };
+        for port in r.ports.iter() {
+            let old = keys.insert((port, r.proto.to_string()), rule.id);
+            assert!(old.is_none(), "two rules forward {port}/{}", r.proto);
+        }
+    }
+    keys
+}
+
+/// The state the daemon last wrote (empty if it never wrote one).
+pub fn state_or_empty(path: &Path) -> natmap::state::State {
+    if path.exists() {
+        read_state(path)
+    } else {
+        natmap::state::State::default()
+    }
+}
+
+/// Checks that the kernel holds exactly what the state renders: natmap's
+/// chains equal the rendering line for line (so every stored rule has its
+/// lines, no line lacks a stored rule, nothing is duplicated), every
+/// `natmap:dnat:<id>` comment names a stored rule and every stored rule has
+/// at least one line, each hook has exactly one jump, `ls` lists exactly
+/// the stored rules as active, and every forwarded port is held.
+#[track_caller]
+pub fn assert_kernel_matches_state(ns: &Netns, d: &Daemon, iptables: &str, ip6tables: &str) {
+    let state = state_or_empty(&d.state_path());
+    let (want4, want6) = rendered_lines(&state);
+    // iptables -S quotes the comment; the rendering does not (natmap's
+    // comments have no spaces): compare without the quotes, as the daemon does.
+    let unquote = |lines: Vec<String>| -> Vec<String> {
+        lines
+            .into_iter()
+            .map(|l| {
+                if l.contains("--comment \"natmap:") {
+                    l.replace('"', "")
+                } else {
+                    l
+                }
+            })
+            .collect()
+    };
+    let got4 = unquote(natmap_lines_with(ns, iptables));
+    let got6 = unquote(natmap_lines_with(ns, ip6tables));
+    assert_eq!(got4, want4, "IPv4 chains differ from the state's rendering");
+    assert_eq!(got6, want6, "IPv6 chains differ from the state's rendering");
+
+    let ids: std::collections::BTreeSet<u64> = state.rules.iter().map(|r| r.id).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut unique = std::collections::BTreeSet::new();
+    for line in &got4 {
+        assert!(unique.insert(line.clone()), "duplicate line: {line}");
+        let id = line
+            .split("natmap:dnat:")
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("line without a natmap:dnat:<id> comment: {line}"));
+        assert!(ids.contains(&id), "line of rule #{id} not in state: {line}");
+        seen.insert(id);
+    }
+    assert_eq!(seen, ids, "every stored rule has its lines");
+
+    let save = String::from_utf8_lossy(&ns.exec(&[format!("{iptables}-save")]).stdout).into_owned();
+    if !state.rules.is_empty() {
+        for (table, hook, target) in [
+            ("nat", "PREROUTING", "NATMAP"),
+            ("nat", "OUTPUT", "NATMAP-OUTPUT"),
+            ("nat", "POSTROUTING", "NATMAP-POSTROUTING"),
+            ("filter", "DOCKER-USER", "NATMAP"),
+        ] {
+            let jump = format!("-A {hook} -j {target}");
+            let count = save.lines().filter(|l| *l == jump).count();
+            assert_eq!(
+                count, 1,
+                "{table} {hook}: {count} jumps to {target}\n{save}"
+            );
+        }
+    }
+
+    let ls = d.call(serde_json::json!({"cmd": "ls"}));
+    let listed: Vec<&serde_json::Value> = ls["data"]["rules"]
+        .as_array()
+        .unwrap_or_else(|| panic!("ls: {ls}"))
+        .iter()
+        .collect();
+    let listed_ids: std::collections::BTreeSet<u64> =
+        listed.iter().filter_map(|r| r["id"].as_u64()).collect();
+    assert_eq!(listed_ids, ids, "ls lists the stored rules");
+    for r in &listed {
+        assert_eq!(r["status"], "active", "{r}");
+    }
+    for ((port, proto), id) in state_dnat_keys(&state) {
+        assert!(
+            port_is_held(ns, &proto, SocketAddr::new(IpAddr::V4(ROUTER_EXT_V4), port)),
+            "port {port}/{proto} of rule #{id} is not held by the daemon"
+        );
+    }
+}
+
+/// Waits (≤ 5 s) until no process runs in `ns` any more: an
+/// `iptables-restore` the killed daemon had started finishes on its own,
+/// as systemd would also have killed it with the daemon's cgroup.
+pub fn wait_namespace_idle(ns: &Netns) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = run_with_timeout(
+            Command::new("ip").args(["netns", "pids", &ns.name]),
+            COMMAND_TIMEOUT,
+        );
+        if String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "processes still running in {}: {}",
+            ns.name,
+            String::from_utf8_lossy(&out.stdout)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A namespace with the router's external address on loopback, enough for
+/// reservations and port checks.
+pub fn bare_router() -> Netns {
+    let ns = Netns::new("router");
+    ns.ip(&["addr", "add", &format!("{ROUTER_EXT_V4}/32"), "dev", "lo"]);
+    ns
 }

@@ -98,7 +98,7 @@ step_packages() {
 	local -A cmd_pkg=(
 		[iptables]=iptables [ip6tables]=iptables [iptables-restore]=iptables
 		[ip]=iproute2 [conntrack]=conntrack [flock]=util-linux [ps]=procps
-		[modprobe]=kmod
+		[modprobe]=kmod [systemd-analyze]=systemd
 	)
 	if ((with_docker)); then
 		cmd_pkg[dockerd]=docker.io

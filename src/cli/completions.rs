@@ -39,6 +39,16 @@ pub struct ManArgs {
 pub fn completion_script(shell: Shell) -> Vec<u8> {
     let mut buf = Vec::new();
     clap_complete::generate(shell, &mut Opts::command(), "lab-ops", &mut buf);
+    if shell == Shell::Bash {
+        // clap_complete's bash script names the states of a hyphenated binary
+        // two ways: the dispatch loop says `lab__ops__subcmd__natmap`, the case
+        // arms `lab__subcmd__ops__subcmd__natmap`, so nothing after the first
+        // word ever completes (clap-rs/clap#6421). Spell the arms the loop's
+        // way; a no-op once clap_complete is fixed. tests/install.rs drives the
+        // script in bash to prove it completes.
+        let text = String::from_utf8(buf).expect("clap_complete writes UTF-8");
+        buf = text.replace("lab__subcmd__ops", "lab__ops").into_bytes();
+    }
     buf
 }
 
@@ -93,7 +103,7 @@ mod tests {
     fn completions_cover_the_natmap_commands() {
         for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
             let script = String::from_utf8(completion_script(shell)).unwrap();
-            for word in ["lab-ops", "natmap", "dnat", "install", "--ext-ip"] {
+            for word in ["lab-ops", "natmap", "dnat", "install", "ext-ip"] {
                 assert!(script.contains(word), "{shell} completions lack {word:?}");
             }
         }

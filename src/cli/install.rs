@@ -55,15 +55,13 @@ pub const SOCKET: &str = "/run/natmap.sock";
   2. create the natmap system group; add $SUDO_USER to it
   3. write /etc/systemd/system/natmap.service
   4. systemctl daemon-reload; systemctl enable --now natmap.service
+With --dry-run: prints every step (file contents, exact commands), changes nothing.
 
 Examples:
   sudo lab-ops natmap install
   lab-ops natmap install --dry-run
   sudo lab-ops natmap install --root /mnt/image --binary target/release/lab-ops")]
 pub struct InstallArgs {
-    /// Print every step (file contents, exact commands) and change nothing.
-    #[arg(long)]
-    pub dry_run: bool,
     /// Install into DIR as if it were / (an image, a test tree): no
     /// systemctl, the group via `groupadd --prefix DIR` (DIR/etc/group must
     /// exist).
@@ -76,23 +74,19 @@ pub struct InstallArgs {
 
 /// `uninstall`: stop natmap and remove what `install` put in place.
 #[derive(Debug, Args)]
-#[command(
-    after_help = "Keeps the saved rules (/var/lib/natmap) and the natmap group unless --purge.
+#[command(after_help = "With --dry-run: prints every step, changes nothing.
+Keeps the saved rules (/var/lib/natmap) and the natmap group unless --purge.
 The rules natmap put in the kernel stay until the next reboot or
 `lab-ops natmap clear` (run that first to remove them now).
 
 Examples:
   sudo lab-ops natmap uninstall
   sudo lab-ops natmap uninstall --purge
-  lab-ops natmap uninstall --dry-run"
-)]
+  lab-ops natmap uninstall --dry-run")]
 pub struct UninstallArgs {
     /// Also remove the state directory (the saved rules) and the natmap group.
     #[arg(long)]
     pub purge: bool,
-    /// Print every step and change nothing.
-    #[arg(long)]
-    pub dry_run: bool,
     /// Uninstall from DIR as if it were / (no systemctl).
     #[arg(long, value_name = "DIR")]
     pub root: Option<PathBuf>,
@@ -154,6 +148,12 @@ LimitNOFILE=65536
 CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE
 AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE
 NoNewPrivileges=yes
+# The daemon gives its socket to the @GROUP@ group. Without CAP_CHOWN a file's
+# owner may only hand it to a group it is a member of, so the daemon must be
+# one (else it stops with "cannot chown ...: EPERM"). The group must exist
+# before the unit starts: `lab-ops natmap install` and the package create it.
+# A drop-in that changes --socket-group must change this line too.
+SupplementaryGroups=@GROUP@
 
 # The whole file system is read-only except:
 # - the state directory (StateDirectory= creates it, 0700, and makes it
@@ -208,11 +208,11 @@ SystemCallArchitectures=native
 WantedBy=multi-user.target
 "#;
 
-/// Runs `install`.
-pub fn run_install(args: InstallArgs) -> Result<ExitCode> {
+/// Runs `install`; `dry_run` is natmap's global `--dry-run`.
+pub fn run_install(args: InstallArgs, dry_run: bool) -> Result<ExitCode> {
     let target = Target::new(args.root.as_deref())?;
-    require_root(args.dry_run, &target, "install")?;
-    let mut out = Steps::new(args.dry_run);
+    require_root(dry_run, &target, "install")?;
+    let mut out = Steps::new(dry_run);
     out.banner("install", &target);
 
     // 1. The binary. Read through /proc/self/exe: it still works when the
@@ -271,14 +271,15 @@ pub fn run_install(args: InstallArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs `uninstall`.
-pub fn run_uninstall(args: UninstallArgs) -> Result<ExitCode> {
+/// Runs `uninstall`; `dry_run` is natmap's global `--dry-run`.
+pub fn run_uninstall(args: UninstallArgs, dry_run: bool) -> Result<ExitCode> {
     let target = Target::new(args.root.as_deref())?;
-    require_root(args.dry_run, &target, "uninstall")?;
-    let mut out = Steps::new(args.dry_run);
+    require_root(dry_run, &target, "uninstall")?;
+    let mut out = Steps::new(dry_run);
     out.banner("uninstall", &target);
 
     let unit = target.path(UNIT_PATH);
+    let packaged = target.join(PACKAGED_UNIT_PATH).exists();
     if target.is_host() {
         out.stop_service()?;
     }
@@ -286,7 +287,7 @@ pub fn run_uninstall(args: UninstallArgs) -> Result<ExitCode> {
     if target.is_host() && unit_removed && systemd_is_pid1() {
         out.run("systemd", &["systemctl", "daemon-reload"])?;
     }
-    if target.join(PACKAGED_UNIT_PATH).exists() {
+    if packaged {
         out.note(&format!(
             "unit: {PACKAGED_UNIT_PATH} from the lab-ops Debian package remains \
              (remove it with: apt remove lab-ops)"
@@ -306,6 +307,9 @@ pub fn run_uninstall(args: UninstallArgs) -> Result<ExitCode> {
 
     match lookup_group(&target)? {
         None => out.note(&format!("group: {GROUP} does not exist")),
+        Some(_) if args.purge && packaged => out.note(&format!(
+            "group: kept {GROUP}: the packaged unit {PACKAGED_UNIT_PATH} needs it              (SupplementaryGroups=)"
+        )),
         Some(_) if args.purge => {
             let mut argv = vec![os("groupdel")];
             argv.extend(target.prefix_args());
@@ -316,7 +320,7 @@ pub fn run_uninstall(args: UninstallArgs) -> Result<ExitCode> {
             "group: kept {GROUP} (files or sudoers rules may refer to it; --purge removes it)"
         )),
     }
-    if target.is_host() && !args.dry_run {
+    if target.is_host() && !dry_run {
         if let Ok(_stream) = std::os::unix::net::UnixStream::connect(SOCKET) {
             out.note(&format!(
                 "warning: a natmap daemon still answers on {SOCKET} (started by hand?); \
@@ -471,7 +475,14 @@ impl Steps {
                     .len();
                 (format!("a copy of {}", shown.display()), len)
             }
-            FileSource::Bytes(b) => ("the text below".to_owned(), b.len() as u64),
+            FileSource::Bytes(b) => {
+                let what = if self.dry_run {
+                    "the text below"
+                } else {
+                    "generated text"
+                };
+                (what.to_owned(), b.len() as u64)
+            }
         };
         if same {
             let have = fs::metadata(dest)?.permissions().mode() & 0o7777;
@@ -497,7 +508,10 @@ impl Steps {
         }
         self.change(
             step,
-            &format!("wrote {} ({len} bytes, mode {mode:04o})", dest.display()),
+            &format!(
+                "wrote {} ({what}, {len} bytes, mode {mode:04o})",
+                dest.display()
+            ),
             &format!(
                 "{verb} {} with {what} ({len} bytes, mode {mode:04o}; via a temporary file \
                  in the same directory and rename)",
@@ -903,6 +917,7 @@ mod tests {
                 "RestrictAddressFamilies",
                 "AF_UNIX AF_NETLINK AF_INET AF_INET6",
             ),
+            ("SupplementaryGroups", "natmap"),
             ("ProtectHome", "yes"),
             ("PrivateTmp", "yes"),
             ("LimitNOFILE", "65536"),

@@ -73,6 +73,8 @@ pub enum Request {
     Status(Empty),
     /// Make the current rules durable and return the boot fragments.
     Save(Empty),
+    /// Read the config file again.
+    Reload(Empty),
     /// Validate the inner change and show the exact rule changes it would
     /// make, changing nothing (`--dry-run`).
     DryRun(DryRunRequest),
@@ -99,7 +101,7 @@ impl Request {
             Some(serde_json::Value::String(c)) => c,
             _ => {
                 return Err(
-                    "cmd: missing; expected one of ping, dnat, snat, hairpin, policy_route, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export, status, save, dry_run"
+                    "cmd: missing; expected one of ping, dnat, snat, hairpin, policy_route, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export, status, save, reload, dry_run"
                         .into(),
                 )
             }
@@ -121,6 +123,7 @@ impl Request {
             "export" => Request::Export(args(rest)?),
             "status" => Request::Status(args(rest)?),
             "save" => Request::Save(args(rest)?),
+            "reload" => Request::Reload(args(rest)?),
             "dry_run" => {
                 let wrapped: DryRunValue = args(rest)?;
                 let inner = Request::from_value(wrapped.request).map_err(|m| format!("request.{m}"))?;
@@ -131,7 +134,7 @@ impl Request {
             }
             _ => {
                 return Err(format!(
-                    "cmd: unknown command {:?}; expected one of ping, dnat, snat, hairpin, policy_route, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export, status, save, dry_run",
+                    "cmd: unknown command {:?}; expected one of ping, dnat, snat, hairpin, policy_route, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export, status, save, reload, dry_run",
                     cmd.escape_debug().to_string()
                 ))
             }
@@ -171,6 +174,7 @@ impl Request {
             Request::Export(_) => "export",
             Request::Status(_) => "status",
             Request::Save(_) => "save",
+            Request::Reload(_) => "reload",
             Request::DryRun(_) => "dry_run",
         }
     }
@@ -389,6 +393,9 @@ pub struct StatusReport {
     pub conflicts: Vec<String>,
     /// Everything that needs attention; empty when all is well.
     pub problems: Vec<String>,
+    /// Things to know that need no action (they do not change the exit code).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// Docker's state as the daemon sees it.
@@ -537,6 +544,8 @@ pub enum ErrorCode {
     Ipv6Unavailable,
     /// A sysctl could not be written.
     SysctlFailed,
+    /// The config file is invalid; the running config stays.
+    InvalidConfig,
     /// Docker cannot be reached; static rules keep working.
     DockerUnavailable,
     /// No container by that id or name.
@@ -563,6 +572,7 @@ impl ErrorCode {
             ErrorCode::StateWriteFailed => "state_write_failed",
             ErrorCode::Ipv6Unavailable => "ipv6_unavailable",
             ErrorCode::SysctlFailed => "sysctl_failed",
+            ErrorCode::InvalidConfig => "invalid_config",
             ErrorCode::DockerUnavailable => "docker_unavailable",
             ErrorCode::ContainerNotFound => "container_not_found",
             ErrorCode::DaemonUnreachable => "daemon_unreachable",
@@ -620,6 +630,9 @@ pub enum RuleStatus {
     /// A Docker mapping whose container is stopped or gone: no rules, the
     /// port stays reserved, and it comes back when the container does.
     Down,
+    /// An auto-discovered mapping whose engine does not answer: its rules
+    /// stay as they were until the engine is back.
+    Stale,
 }
 
 /// What a change did.

@@ -135,6 +135,8 @@ pub enum NatmapCommand {
     /// conflicts. Exits 4 when something needs attention.
     #[command(visible_alias = "doctor")]
     Status,
+    /// Re-read the daemon's config file (as SIGHUP / systemctl reload does).
+    Reload,
     /// Check that the daemon answers.
     Ping,
     /// Install natmap as a systemd service (binary, group, unit), as root.
@@ -171,6 +173,7 @@ pub fn run(opts: Opts) -> Result<ExitCode> {
         NatmapCommand::PolicyRoute(a) => Request::PolicyRoute(a.into_request()),
         NatmapCommand::Ls(a) => Request::Ls(a.into_request(opts.verbose > 0)),
         NatmapCommand::Status => Request::Status(Default::default()),
+        NatmapCommand::Reload => Request::Reload(Default::default()),
         NatmapCommand::Fwd(a) => Request::Fwd(a.into_request()),
         NatmapCommand::Clear => Request::Clear(Default::default()),
         NatmapCommand::Ping => Request::Ping(Default::default()),

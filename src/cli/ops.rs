@@ -25,6 +25,9 @@ pub struct DaemonArgs {
     /// Group allowed to use the socket (mode 0660).
     #[arg(long, value_name = "GROUP", default_value = "natmap")]
     pub socket_group: String,
+    /// Config file (auto-discover); a missing default file means none.
+    #[arg(long = "config", value_name = "PATH")]
+    pub config_path: Option<PathBuf>,
     /// Docker's API socket (unix:// prefix accepted).
     #[arg(long, value_name = "PATH", default_value = crate::docker::DEFAULT_SOCKET)]
     pub docker_socket: String,
@@ -43,29 +46,39 @@ pub fn run_daemon(args: DaemonArgs, socket_path: PathBuf) -> Result<ExitCode> {
         socket_path,
         socket_group: args.socket_group,
         docker_socket: crate::docker::socket_path(&args.docker_socket),
+        config_explicit: args.config_path.is_some(),
+        config_path: args
+            .config_path
+            .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_PATH)),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime
-        .block_on(daemon::run(config, shutdown_signal()))
+        .block_on(async {
+            // Register the handlers before anything else: a SIGTERM that
+            // arrives during start-up must still remove natmap's rules.
+            let shutdown = shutdown_signal();
+            daemon::run(config, shutdown).await
+        })
         .map_err(|e| eyre!(e))?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        let (Ok(mut term), Ok(mut int)) = (term, int) else {
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
     }
 }
 

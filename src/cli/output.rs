@@ -111,6 +111,12 @@ impl Printer {
                     code
                 }
             }
+            Request::Reload(_) => self.with(data, |v: serde_json::Value| {
+                println!(
+                    "config reloaded; auto-discover: {}, engines: {}",
+                    v["auto_discover"], v["engines"]
+                )
+            }),
             Request::Save(_) => self.with(data, |r: SaveReport| {
                 println!(
                     "saved {} rule(s) to {} (fsynced); the daemon restores them at boot",
@@ -191,6 +197,7 @@ impl Printer {
                 RuleStatus::PortConflict => "port conflict",
                 RuleStatus::Unavailable => "unavailable",
                 RuleStatus::Down => "down",
+                RuleStatus::Stale => "stale",
             };
             let mut status_cell = Cell::new(match &view.detail {
                 Some(d) => format!("{status}: {d}"),
@@ -298,6 +305,9 @@ impl Printer {
             table.add_row(vec!["conflict".to_owned(), c.clone()]);
         }
         println!("{table}");
+        for w in &s.warnings {
+            println!("note: {w}");
+        }
         if s.problems.is_empty() {
             println!("all good");
         } else {
@@ -388,7 +398,12 @@ fn describe(spec: &RuleSpec) -> (String, String, String) {
                 Some(t) => host_ports(t.ip.ip(), &PortList::single(r.container_port)),
                 None => format!("-:{}", r.container_port),
             };
-            (host, format!("{who} {addr}"), r.proto.to_string())
+            let source = r
+                .auto
+                .as_ref()
+                .map(|a| format!(" [auto:{}]", a.engine))
+                .unwrap_or_default();
+            (host, format!("{who}{source} {addr}"), r.proto.to_string())
         }
     }
 }

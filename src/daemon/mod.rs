@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use crate::config::{Config, EngineConfig};
 use crate::docker::{self, DockerClient};
 use crate::netfilter::{IptablesExecutor, Netfilter};
 use crate::proto::Response;
@@ -41,6 +42,10 @@ pub struct DaemonConfig {
     pub socket_group: String,
     /// Docker's API socket.
     pub docker_socket: PathBuf,
+    /// The config file, and whether the operator named it (then it must exist).
+    pub config_path: PathBuf,
+    /// See `config_path`.
+    pub config_explicit: bool,
 }
 
 /// How long the daemon waits for Docker before it starts serving.
@@ -66,6 +71,22 @@ pub(crate) enum EngineMsg {
     DockerDown(String),
     /// Something happened to a container.
     DockerEvent(docker::Event),
+    /// An auto-discover engine's labelled containers.
+    AutoSnapshot {
+        /// The engine's name.
+        engine: String,
+        /// Its containers carrying the label.
+        containers: Vec<docker::LabeledContainer>,
+    },
+    /// An auto-discover engine does not answer.
+    AutoEngineDown {
+        /// The engine's name.
+        engine: String,
+        /// Why.
+        reason: String,
+    },
+    /// SIGHUP: read the config again.
+    Reload,
 }
 
 /// Runs the daemon until `shutdown` completes, then removes natmap's rules
@@ -79,6 +100,8 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     if let Some(mismatch) = executor.docker_backend_mismatch(backend) {
         return Err(mismatch);
     }
+    // A broken config stops the start, naming the key and the line.
+    let file_config = Config::load(&config.config_path, config.config_explicit)?;
     let _lock = lock_state(&config)?;
     raise_fd_limit();
 
@@ -89,9 +112,16 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
         .await
         .map_err(|e| format!("engine start panicked: {e}"))??;
     engine.set_backend(backend.name(), None);
+    let (tx, rx) = mpsc::channel::<EngineMsg>();
+    engine.start_discovery(
+        file_config,
+        Some((config.config_path.clone(), config.config_explicit)),
+        tokio::runtime::Handle::current(),
+        tx.clone(),
+    );
 
     let listener = server::bind(&config.socket_path, &config.socket_group)?;
-    let (tx, rx) = mpsc::channel::<EngineMsg>();
+    let hangup = tokio::spawn(reload_on_sighup(tx.clone()));
     let engine_thread = std::thread::Builder::new()
         .name("natmap-engine".into())
         .spawn(move || {
@@ -132,6 +162,7 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
 
     server::serve(listener, tx.clone(), shutdown).await;
     watcher.abort();
+    hangup.abort();
 
     let (done, wait) = oneshot::channel();
     let _ = tx.send(EngineMsg::Shutdown { done });
@@ -208,6 +239,31 @@ fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>) {
             EngineMsg::DockerUp(client) => engine.docker_connected(client),
             EngineMsg::DockerDown(reason) => engine.docker_lost(reason),
             EngineMsg::DockerEvent(event) => engine.docker_event(&event),
+            EngineMsg::AutoSnapshot {
+                engine: name,
+                containers,
+            } => engine.auto_snapshot(name, containers),
+            EngineMsg::AutoEngineDown {
+                engine: name,
+                reason,
+            } => engine.auto_engine_down(name, reason),
+            EngineMsg::Reload => {
+                let _ = engine.reload();
+            }
+        }
+    }
+}
+
+/// SIGHUP (`systemctl reload natmap`) re-reads the config.
+async fn reload_on_sighup(tx: mpsc::Sender<EngineMsg>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the config");
+        if tx.send(EngineMsg::Reload).is_err() {
+            return;
         }
     }
 }
@@ -254,6 +310,62 @@ async fn watch_docker(
                     return;
                 }
             }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Watches one auto-discover engine: a snapshot of its labelled containers
+/// at connect and after every container event; reports when it goes away,
+/// and reconnects with backoff (1 s up to 10 s). Each engine has its own
+/// task, so one failing never blocks the others.
+pub(crate) async fn watch_engine(engine: EngineConfig, label: String, tx: mpsc::Sender<EngineMsg>) {
+    use futures_util::StreamExt;
+    let name = engine.name.to_string();
+    let down = |reason: String| EngineMsg::AutoEngineDown {
+        engine: name.clone(),
+        reason,
+    };
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let reason = match DockerClient::connect_endpoint(&engine.endpoint).await {
+            Ok(client) => {
+                backoff = Duration::from_secs(1);
+                let mut events = Box::pin(client.events());
+                loop {
+                    match client.labeled(&label).await {
+                        Ok(containers) => {
+                            let snapshot = EngineMsg::AutoSnapshot {
+                                engine: name.clone(),
+                                containers,
+                            };
+                            if tx.send(snapshot).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => break e,
+                    }
+                    // Wait for the next event that can change a mapping.
+                    let next = loop {
+                        match events.next().await {
+                            Some(Ok(event)) if event.matters() || event.action == "create" => {
+                                break Ok(())
+                            }
+                            Some(Ok(_)) => continue,
+                            Some(Err(e)) => break Err(format!("events stream failed: {e}")),
+                            None => break Err("the engine closed the events stream".to_owned()),
+                        }
+                    };
+                    if let Err(e) = next {
+                        break e;
+                    }
+                }
+            }
+            Err(e) => e,
+        };
+        if tx.send(down(reason)).is_err() {
+            return;
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(10));

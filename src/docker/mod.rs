@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bollard::query_parameters::{EventsOptions, InspectContainerOptions};
+use bollard::query_parameters::{EventsOptions, InspectContainerOptions, ListContainersOptions};
 use bollard::Docker;
 use futures_util::StreamExt;
 use tokio::runtime::Handle;
@@ -128,6 +128,98 @@ impl DockerClient {
         })
     }
 
+    /// Connects to a configured engine (Unix socket or plain TCP).
+    pub async fn connect_endpoint(
+        endpoint: &crate::config::Endpoint,
+    ) -> Result<DockerClient, String> {
+        match endpoint {
+            crate::config::Endpoint::Unix(path) => DockerClient::connect(path).await,
+            crate::config::Endpoint::Tcp(addr) => {
+                let url = format!("tcp://{addr}");
+                let docker = Docker::connect_with_http(
+                    &url,
+                    CALL_TIMEOUT.as_secs(),
+                    bollard::API_DEFAULT_VERSION,
+                )
+                .map_err(|e| format!("cannot connect to Docker at {url}: {e}"))?;
+                let docker = tokio::time::timeout(CALL_TIMEOUT, docker.negotiate_version())
+                    .await
+                    .map_err(|_| format!("Docker at {url} did not answer"))?
+                    .map_err(|e| format!("cannot reach Docker at {url}: {e}"))?;
+                Ok(DockerClient {
+                    docker,
+                    runtime: Handle::current(),
+                    endpoint: url,
+                })
+            }
+        }
+    }
+
+    /// Every container (running or not) carrying `label`, with its label
+    /// value, address and published ports: one API call.
+    pub async fn labeled(&self, label: &str) -> Result<Vec<LabeledContainer>, String> {
+        let mut filters = HashMap::new();
+        filters.insert("label".to_owned(), vec![label.to_owned()]);
+        let call = self.docker.list_containers(Some(ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }));
+        let list = tokio::time::timeout(CALL_TIMEOUT, call)
+            .await
+            .map_err(|_| "Docker did not answer in time".to_owned())?
+            .map_err(|e| format!("Docker: {e}"))?;
+        Ok(list
+            .into_iter()
+            .map(|c| {
+                let networks: Vec<NetworkAddrs> = c
+                    .network_settings
+                    .and_then(|n| n.networks)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(network, ep)| NetworkAddrs {
+                        v4: endpoint(ep.ip_address, ep.ip_prefix_len),
+                        v6: endpoint(ep.global_ipv6_address, ep.global_ipv6_prefix_len),
+                        network,
+                    })
+                    .collect();
+                let published = c
+                    .ports
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|p| {
+                        let proto = match p.typ.map(|t| t.to_string()).as_deref() {
+                            Some("udp") => crate::model::Proto::Udp,
+                            Some("tcp") | None => crate::model::Proto::Tcp,
+                            Some(_) => return None,
+                        };
+                        // Only IPv4 (or wildcard) bindings: host_ip is the node's address.
+                        if p.ip.as_deref().is_some_and(|ip| ip.contains(':')) {
+                            return None;
+                        }
+                        Some((p.private_port, proto, p.public_port?))
+                    })
+                    .collect();
+                LabeledContainer {
+                    id: c.id.unwrap_or_default(),
+                    name: c
+                        .names
+                        .and_then(|n| n.into_iter().next())
+                        .unwrap_or_default()
+                        .trim_start_matches('/')
+                        .to_owned(),
+                    running: c.state.map(|s| s.to_string() == "running").unwrap_or(false),
+                    label: c
+                        .labels
+                        .and_then(|mut l| l.remove(label))
+                        .unwrap_or_default(),
+                    networks,
+                    published,
+                }
+            })
+            .collect())
+    }
+
     /// Looks a container up by full id, id prefix or name. Blocks: call it
     /// from the engine's thread, never from async code.
     pub fn inspect_blocking(&self, reference: &str) -> Result<Lookup, String> {
@@ -185,6 +277,23 @@ impl DockerClient {
                 })
             })
     }
+}
+
+/// A container carrying the auto-discover label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabeledContainer {
+    /// Full id.
+    pub id: String,
+    /// Name without the leading `/`.
+    pub name: String,
+    /// Whether it runs.
+    pub running: bool,
+    /// The label's value (mapping specs).
+    pub label: String,
+    /// Its addresses.
+    pub networks: Vec<NetworkAddrs>,
+    /// Published ports: (container port, protocol, host port).
+    pub published: Vec<(u16, crate::model::Proto, u16)>,
 }
 
 /// One Docker event about a container.
@@ -256,6 +365,16 @@ fn container_info(c: bollard::models::ContainerInspectResponse) -> ContainerInfo
             .is_some_and(|m| m == "host"),
         networks,
     }
+}
+
+/// A container address and its network, from Docker's strings.
+fn endpoint(addr: Option<String>, prefix: Option<i64>) -> Option<Endpoint> {
+    let ip: IpAddr = addr.filter(|a| !a.is_empty())?.parse().ok()?;
+    let host = HostIp::parse_field("container address", &ip.to_string()).ok()?;
+    let subnet = prefix
+        .and_then(|p| u8::try_from(p).ok())
+        .and_then(|p| Network::new(ip, p));
+    Some(Endpoint { ip: host, subnet })
 }
 
 /// The socket path from a `--docker-socket` value (`unix://` accepted).

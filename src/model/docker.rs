@@ -241,6 +241,20 @@ pub struct DockerRule {
     /// Current IPv6 target, when the container has an IPv6 address.
     #[serde(default)]
     pub target_v6: Option<Endpoint>,
+    /// Set for mappings auto-discovery made from a container label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto: Option<AutoSource>,
+}
+
+/// Where an auto-discovered mapping came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoSource {
+    /// The engine's name from the config.
+    pub engine: String,
+    /// Masquerade forwarded traffic (remote node, `preserve_src_ip = false`),
+    /// so the node's replies come back without a policy route.
+    pub masquerade: bool,
 }
 
 impl DockerRule {

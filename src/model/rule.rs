@@ -174,6 +174,7 @@ impl RuleSpec {
                     && a.proto == b.proto
                     && a.external == b.external
                     && (!a.external || a.target_v4 == b.target_v4 && a.target_v6 == b.target_v6)
+                    && a.auto.as_ref().map(|x| &x.engine) == b.auto.as_ref().map(|x| &x.engine)
             }
             (RuleSpec::Hairpin(a), RuleSpec::Hairpin(b)) => {
                 a.ext_ip == b.ext_ip

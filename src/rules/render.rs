@@ -190,6 +190,17 @@ fn render_docker(r: &DockerRule, target: &Endpoint, tag: &str, out: &mut FamilyR
     out.push(Chain::NatPrerouting, inbound);
     out.push(Chain::NatOutput, local);
     let port = PortList::single(r.container_port);
+    if r.auto.as_ref().is_some_and(|a| a.masquerade) {
+        // A remote node: its replies must come back through this host.
+        out.push(
+            Chain::NatPostrouting,
+            format!(
+                "-d {} -p {p} -m {p} --dport {} -m conntrack --ctstate DNAT {tag} -j MASQUERADE",
+                target.ip.as_match(),
+                r.container_port
+            ),
+        );
+    }
     if let Some(subnet) = &target.subnet {
         for line in masquerade_lines(subnet, &target.ip, &port, r.proto, tag) {
             out.push(Chain::NatPostrouting, line);

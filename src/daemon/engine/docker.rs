@@ -112,7 +112,8 @@ impl Engine {
             let RuleSpec::Docker(d) = &mut rule.spec else {
                 continue;
             };
-            if d.external || !select(d) {
+            // Auto-discovered mappings follow their engine's snapshots instead.
+            if d.external || d.auto.is_some() || !select(d) {
                 continue;
             }
             let seen = match self.observe(&client, d) {
@@ -190,6 +191,7 @@ impl Engine {
                 external: true,
                 target_v4: (target.family() == Family::V4).then_some(endpoint),
                 target_v6: (target.family() == Family::V6).then_some(endpoint),
+                auto: None,
             }
         } else {
             let reference = match (req.container, req.name) {
@@ -214,6 +216,7 @@ impl Engine {
                 external: false,
                 target_v4: None,
                 target_v6: None,
+                auto: None,
             })?
         };
         let name = rule.name.clone();

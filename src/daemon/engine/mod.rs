@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 mod apply;
+mod auto;
 mod batch;
 mod docker;
 mod status;
@@ -111,6 +112,8 @@ pub struct Engine {
     routes: std::collections::BTreeSet<PolicyRouteRule>,
     /// Periodic ticks so far.
     ticks: u64,
+    /// Auto-discovery (config, engine watchers, problems).
+    discovery: auto::Discovery,
 }
 
 /// Every this many ticks, every Docker mapping is checked against Docker
@@ -183,6 +186,7 @@ impl Engine {
             last_repair: None,
             routes: Default::default(),
             ticks: 0,
+            discovery: Default::default(),
         };
         if engine.state.forwarding {
             match host::enable_forwarding(true) {
@@ -455,6 +459,7 @@ impl Engine {
             Request::Export(_) => Ok(Response::ok(self.export())),
             Request::Status(_) => Ok(Response::ok(self.status())),
             Request::Save(_) => self.save(),
+            Request::Reload(_) => self.reload(),
             Request::DryRun(d) => self.dry_run(*d.request, peer),
         };
         respond(result)
@@ -582,6 +587,14 @@ impl Engine {
             };
         }
         match &rule.spec {
+            RuleSpec::Docker(d) if self.is_stale(d).is_some() => RuleView {
+                rule: rule.clone(),
+                status: RuleStatus::Stale,
+                detail: self
+                    .is_stale(d)
+                    .map(|reason| format!("engine unreachable, rules kept: {reason}")),
+                counters: None,
+            },
             RuleSpec::Docker(d) if !d.is_up() => RuleView {
                 rule: rule.clone(),
                 status: RuleStatus::Down,

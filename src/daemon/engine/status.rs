@@ -22,6 +22,7 @@ impl Engine {
                 RuleStatus::PortConflict => "port_conflict",
                 RuleStatus::Unavailable => "unavailable",
                 RuleStatus::Down => "down",
+                RuleStatus::Stale => "stale",
             };
             if view.status != RuleStatus::Active {
                 inactive += 1;
@@ -64,7 +65,14 @@ impl Engine {
         if let Some(mismatch) = &self.backend_warning {
             problems.push(mismatch.clone());
         }
-        let conflicts = self.conflicts();
+        let mut conflicts = self.conflicts();
+        let discovery = self.discovery_problems();
+        conflicts.extend(discovery.iter().filter(|p| p.contains("conflict")).cloned());
+        problems.extend(discovery.into_iter().filter(|p| !p.contains("conflict")));
+        let mut warnings = Vec::new();
+        if self.discovery.config.enabled && self.discovery.config.preserve_src_ip {
+            warnings.push(self.preserve_src_ip_check());
+        }
         if !conflicts.is_empty() {
             problems.push(format!("{} port conflict(s)", conflicts.len()));
         }
@@ -86,7 +94,44 @@ impl Engine {
             }),
             conflicts,
             problems,
+            warnings,
         }
+    }
+
+    /// With `preserve_src_ip`, a service node must route replies back
+    /// through this host. What can be checked from here: whether forwarded
+    /// connections to remote nodes saw replies (conntrack ASSURED).
+    fn preserve_src_ip_check(&self) -> String {
+        let nodes: HashSet<String> = self
+            .state
+            .rules
+            .iter()
+            .filter_map(|r| match &r.spec {
+                RuleSpec::Docker(d)
+                    if d.auto.as_ref().is_some_and(|a| !a.masquerade) && d.external =>
+                {
+                    d.target_v4.map(|t| t.ip.to_string())
+                }
+                _ => None,
+            })
+            .collect();
+        let (mut total, mut assured) = (0, 0);
+        for node in &nodes {
+            if let Ok(out) = std::process::Command::new("conntrack")
+                .args(["-L", "-p", "tcp", "--reply-src", node])
+                .stderr(std::process::Stdio::null())
+                .output()
+            {
+                let text = String::from_utf8_lossy(&out.stdout);
+                total += text.lines().count();
+                assured += text.lines().filter(|l| l.contains("ASSURED")).count();
+            }
+        }
+        format!(
+            "preserve_src_ip is on: service nodes must send replies back through this host \
+             (lab-ops natmap policy-route on each node); {assured} of {total} forwarded connections \
+             to remote nodes saw replies (conntrack ASSURED)"
+        )
     }
 
     /// Ports natmap forwards that another tool also claims: Docker's own

@@ -1,0 +1,251 @@
+//! The daemon's optional config file (`/etc/natmap/config.toml`).
+//!
+//! Without it the daemon behaves exactly as without auto-discovery. Every
+//! value is parsed into a type while the file is read, so an unknown key or
+//! a bad value is reported with its line by the TOML parser.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Deserialize;
+
+use crate::model::{ContainerRef, HostIp, ParseError};
+
+/// Default config path.
+pub const DEFAULT_PATH: &str = "/etc/natmap/config.toml";
+
+/// The whole file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[auto_discover]`.
+    #[serde(default)]
+    pub auto_discover: AutoDiscover,
+}
+
+/// `[auto_discover]`: label-driven mappings from Docker engines.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoDiscover {
+    /// Off unless set.
+    #[serde(default)]
+    pub enabled: bool,
+    /// The container label holding mapping specs.
+    #[serde(default)]
+    pub label: Label,
+    /// Remote mappings install no MASQUERADE, so services see the client's
+    /// address (the service node must route replies back: `policy-route`).
+    #[serde(default)]
+    pub preserve_src_ip: bool,
+    /// Engines to watch; the local socket when empty.
+    #[serde(default)]
+    pub engines: Vec<EngineConfig>,
+}
+
+impl AutoDiscover {
+    /// The engines to watch (the local socket when none is listed).
+    pub fn effective_engines(&self) -> Vec<EngineConfig> {
+        if self.engines.is_empty() {
+            vec![EngineConfig {
+                name: "local".parse().expect("valid name"),
+                endpoint: Endpoint::Unix(PathBuf::from(crate::docker::DEFAULT_SOCKET)),
+                host_ip: None,
+            }]
+        } else {
+            self.engines.clone()
+        }
+    }
+}
+
+/// One Docker engine.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    /// A short name, shown in `ls`.
+    pub name: ContainerRef,
+    /// `unix:///var/run/docker.sock` or `tcp://HOST:PORT`.
+    pub endpoint: Endpoint,
+    /// For a remote engine: the address this host uses to reach that node.
+    /// An engine with `host_ip` is remote: its mappings go to
+    /// `host_ip:<published port>`.
+    #[serde(default)]
+    pub host_ip: Option<HostIp>,
+}
+
+impl EngineConfig {
+    /// Whether the engine's containers live on another node.
+    pub fn is_remote(&self) -> bool {
+        self.host_ip.is_some()
+    }
+}
+
+/// Where an engine's API is.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum Endpoint {
+    /// A Unix socket path.
+    Unix(PathBuf),
+    /// `host:port` over plain HTTP (a TLS-less engine: keep it on a private link).
+    Tcp(String),
+}
+
+impl FromStr for Endpoint {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<Endpoint, ParseError> {
+        const FORM: &str = "unix:///path/to/docker.sock or tcp://HOST:PORT";
+        if let Some(path) = s.strip_prefix("unix://") {
+            if path.starts_with('/') && !path.contains('\0') {
+                return Ok(Endpoint::Unix(PathBuf::from(path)));
+            }
+        } else if let Some(addr) = s.strip_prefix("tcp://") {
+            let ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            }) && addr
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+            if ok {
+                return Ok(Endpoint::Tcp(addr.to_owned()));
+            }
+        }
+        Err(ParseError::new("endpoint", s, FORM))
+    }
+}
+
+impl TryFrom<String> for Endpoint {
+    type Error = ParseError;
+    fn try_from(s: String) -> Result<Endpoint, ParseError> {
+        s.parse()
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "unix://{}", p.display()),
+            Endpoint::Tcp(a) => write!(f, "tcp://{a}"),
+        }
+    }
+}
+
+/// A Docker label key: `natmap.ports` by default.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Label(pub String);
+
+impl Default for Label {
+    fn default() -> Label {
+        Label("natmap.ports".into())
+    }
+}
+
+impl TryFrom<String> for Label {
+    type Error = ParseError;
+    fn try_from(s: String) -> Result<Label, ParseError> {
+        let ok = !s.is_empty()
+            && s.len() <= 128
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b));
+        if ok {
+            Ok(Label(s))
+        } else {
+            Err(ParseError::new(
+                "label",
+                &s,
+                "a Docker label key such as natmap.ports",
+            ))
+        }
+    }
+}
+
+impl Config {
+    /// Reads the config. A missing file at the default path means "no
+    /// config"; a missing file the operator named is an error.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, String> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(Config::default())
+            }
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        Config::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Parses and checks a config text.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
+        let engines = &config.auto_discover.engines;
+        for (i, e) in engines.iter().enumerate() {
+            if engines[..i].iter().any(|o| o.name == e.name) {
+                return Err(format!(
+                    "auto_discover.engines[{i}].name: engine name {:?} is used twice",
+                    e.name.as_str()
+                ));
+            }
+            if matches!(e.endpoint, Endpoint::Tcp(_)) && e.host_ip.is_none() {
+                return Err(format!(
+                    "auto_discover.engines[{i}] ({}): a tcp:// engine is on another node: set host_ip to the address this host reaches it by",
+                    e.name
+                ));
+            }
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_config_parses() {
+        let c = Config::parse(
+            r#"
+[auto_discover]
+enabled = true
+label = "natmap.ports"
+preserve_src_ip = true
+
+[[auto_discover.engines]]
+name = "local"
+endpoint = "unix:///var/run/docker.sock"
+
+[[auto_discover.engines]]
+name = "node2"
+endpoint = "tcp://10.0.0.5:2375"
+host_ip = "10.0.0.5"
+"#,
+        )
+        .unwrap();
+        assert!(c.auto_discover.enabled && c.auto_discover.preserve_src_ip);
+        assert_eq!(c.auto_discover.engines.len(), 2);
+        assert!(c.auto_discover.engines[1].is_remote());
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+        assert_eq!(
+            Config::default().auto_discover.effective_engines()[0]
+                .name
+                .as_str(),
+            "local"
+        );
+    }
+
+    #[test]
+    fn every_bad_key_or_value_names_itself_and_its_line() {
+        let cases = [
+            ("[auto_discover]\nenabeld = true\n", "enabeld"),
+            ("[auto_discover]\nenabled = \"yes\"\n", "line 2"),
+            ("[auto_discover]\nlabel = \"\"\n", "label"),
+            ("[auto_discover]\n\n[[auto_discover.engines]]\nname = \"a\"\nendpoint = \"http://x:1\"\n", "line 5"),
+            ("[auto_discover]\n[[auto_discover.engines]]\nname = \"a\"\nendpoint = \"tcp://x:1\"\nhost_ip = \"10.0.0.300\"\n", "line 5"),
+            ("[auto_discover]\n[[auto_discover.engines]]\nname = \"a\"\nendpoint = \"tcp://x:1\"\n", "host_ip"),
+            ("[auto_discover]\n[[auto_discover.engines]]\nname = \"a\"\nendpoint = \"unix:///a\"\n[[auto_discover.engines]]\nname = \"a\"\nendpoint = \"unix:///b\"\n", "used twice"),
+            ("[other]\n", "other"),
+        ];
+        for (text, needle) in cases {
+            let err = Config::parse(text).unwrap_err();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+}

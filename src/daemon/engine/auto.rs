@@ -1,0 +1,444 @@
+//! Auto-discovery: mappings from container labels on local and remote
+//! Docker engines.
+//!
+//! Each engine's watcher sends a snapshot of its labelled containers (at
+//! connect and after every container event). The engine turns a snapshot
+//! into the mappings that engine should have and reconciles them with the
+//! ones it has, in one commit: add, remove, re-point. Manual mappings always
+//! win a port; an unreachable engine's mappings stay, marked stale.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc;
+
+use tokio::runtime::Handle;
+use tokio::task::AbortHandle;
+
+use crate::config::{AutoDiscover, Config, EngineConfig};
+use crate::docker::{LabeledContainer, NetworkAddrs};
+use crate::model::{AutoSource, DockerRule, Endpoint, PortSpec, Rule, RuleId, RuleSpec};
+use crate::proto::{ErrorCode, Response};
+
+use super::super::{reserve, EngineMsg};
+use super::{forget_flows, Engine, Failure, Outcome};
+
+/// Auto-discovery's runtime state, owned by the engine.
+#[derive(Default)]
+pub struct Discovery {
+    /// The current `[auto_discover]` section.
+    pub config: AutoDiscover,
+    /// Where the config came from, for reloads: the path, and whether the
+    /// operator named it (then it must exist).
+    pub source: Option<(std::path::PathBuf, bool)>,
+    /// Engines that do not answer, and why.
+    pub stale: BTreeMap<String, String>,
+    /// Per engine: what was wrong with its last snapshot (bad labels,
+    /// unpublished ports, conflicts with manual mappings).
+    pub problems: BTreeMap<String, Vec<String>>,
+    /// Running watcher tasks.
+    tasks: Vec<AbortHandle>,
+    /// How to start watchers.
+    spawner: Option<(Handle, mpsc::Sender<EngineMsg>)>,
+}
+
+impl Engine {
+    /// Gives the engine what it needs to start engine watchers, with the
+    /// config loaded at start, and starts them.
+    pub(crate) fn start_discovery(
+        &mut self,
+        config: Config,
+        source: Option<(std::path::PathBuf, bool)>,
+        runtime: Handle,
+        tx: mpsc::Sender<EngineMsg>,
+    ) {
+        self.discovery.spawner = Some((runtime, tx));
+        self.discovery.source = source;
+        self.use_config(config.auto_discover);
+    }
+
+    /// `reload` and SIGHUP: reads the config again; a broken file keeps the
+    /// running config.
+    pub fn reload(&mut self) -> Outcome<Response> {
+        let Some((path, explicit)) = self.discovery.source.clone() else {
+            return Err(Failure::new(
+                ErrorCode::InvalidConfig,
+                "this daemon has no config file to reload",
+            ));
+        };
+        let config = Config::load(&path, explicit).map_err(|e| {
+            tracing::error!("config reload failed, keeping the running config: {e}");
+            Failure::new(ErrorCode::InvalidConfig, e)
+        })?;
+        self.use_config(config.auto_discover);
+        tracing::info!(path = %path.display(), "config reloaded");
+        let engines: Vec<String> = if self.discovery.config.enabled {
+            self.discovery
+                .config
+                .effective_engines()
+                .iter()
+                .map(|e| e.name.to_string())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Response::ok(serde_json::json!({
+            "auto_discover": self.discovery.config.enabled,
+            "engines": engines,
+        })))
+    }
+
+    fn use_config(&mut self, config: AutoDiscover) {
+        for task in self.discovery.tasks.drain(..) {
+            task.abort();
+        }
+        self.discovery.config = config;
+        self.discovery.stale.clear();
+        self.discovery.problems.clear();
+        let engines = if self.discovery.config.enabled {
+            self.discovery.config.effective_engines()
+        } else {
+            Vec::new()
+        };
+        // Mappings of engines no longer configured go; remote mappings
+        // follow a changed preserve_src_ip.
+        let masquerade = !self.discovery.config.preserve_src_ip;
+        let mut next = self.state.clone();
+        let mut removed = Vec::new();
+        let mut changed = false;
+        next.rules.retain(|r| match &r.spec {
+            RuleSpec::Docker(d) => match &d.auto {
+                Some(a) if !engines.iter().any(|e| e.name.as_str() == a.engine) => {
+                    removed.push(r.clone());
+                    false
+                }
+                _ => true,
+            },
+            _ => true,
+        });
+        for rule in next.rules.iter_mut() {
+            if let RuleSpec::Docker(d) = &mut rule.spec {
+                if let Some(a) = d.auto.as_mut() {
+                    let remote = engines
+                        .iter()
+                        .any(|e| e.name.as_str() == a.engine && e.is_remote());
+                    if remote && a.masquerade != masquerade {
+                        a.masquerade = masquerade;
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if !removed.is_empty() || changed {
+            match self.commit(next) {
+                Ok(()) => {
+                    for rule in &removed {
+                        self.release(rule.id);
+                        forget_flows(&rule.spec);
+                    }
+                }
+                Err(f) => {
+                    tracing::error!("cannot apply the new auto-discover config: {}", f.message)
+                }
+            }
+        }
+        let Some((runtime, tx)) = self.discovery.spawner.clone() else {
+            return;
+        };
+        let label = self.discovery.config.label.0.clone();
+        for engine in engines {
+            let task = runtime.spawn(super::super::watch_engine(
+                engine,
+                label.clone(),
+                tx.clone(),
+            ));
+            self.discovery.tasks.push(task.abort_handle());
+        }
+    }
+
+    /// An engine went away: its mappings stay, marked stale.
+    pub fn auto_engine_down(&mut self, engine: String, reason: String) {
+        if !self.discovery.stale.contains_key(&engine) {
+            tracing::warn!(engine = %engine, "engine unreachable, its mappings stay as they are (stale): {reason}");
+        }
+        self.discovery.stale.insert(engine, reason);
+    }
+
+    /// Whether a rule belongs to an unreachable engine.
+    pub(super) fn is_stale(&self, rule: &DockerRule) -> Option<&String> {
+        rule.auto
+            .as_ref()
+            .and_then(|a| self.discovery.stale.get(&a.engine))
+    }
+
+    /// Reconciles one engine's mappings with a snapshot of its containers.
+    pub fn auto_snapshot(&mut self, engine_name: String, containers: Vec<LabeledContainer>) {
+        let Some(engine) = self
+            .discovery
+            .config
+            .effective_engines()
+            .into_iter()
+            .find(|e| e.name.as_str() == engine_name)
+        else {
+            return;
+        };
+        if self.discovery.stale.remove(&engine_name).is_some() {
+            tracing::info!(engine = %engine_name, "engine answers again; refreshing its mappings");
+        }
+        let mut problems = Vec::new();
+        let label = self.discovery.config.label.0.clone();
+        let masquerade = !self.discovery.config.preserve_src_ip;
+        let mut wanted: Vec<DockerRule> = Vec::new();
+        for c in &containers {
+            match desired_for(&engine, c, &label, masquerade) {
+                Ok((rules, notes)) => {
+                    wanted.extend(rules);
+                    problems.extend(notes);
+                }
+                Err(e) => problems.push(e),
+            }
+        }
+        let key = |d: &DockerRule| (d.name.clone(), d.host_ip, d.host_port, d.proto);
+        let mine = |r: &Rule| matches!(&r.spec, RuleSpec::Docker(d) if d.auto.as_ref().is_some_and(|a| a.engine == engine_name));
+        let mut next = self.state.clone();
+        let mut moved: Vec<(RuleId, RuleSpec)> = Vec::new();
+        let mut removed: Vec<Rule> = Vec::new();
+        next.rules.retain(|r| {
+            if !mine(r) {
+                return true;
+            }
+            let RuleSpec::Docker(d) = &r.spec else {
+                return true;
+            };
+            let keep = wanted.iter().any(|w| key(w) == key(d));
+            if !keep {
+                removed.push(r.clone());
+            }
+            keep
+        });
+        for rule in next.rules.iter_mut().filter(|r| mine(r)) {
+            let before = rule.spec.clone();
+            let RuleSpec::Docker(d) = &mut rule.spec else {
+                continue;
+            };
+            if let Some(w) = wanted.iter().find(|w| key(w) == key(d)) {
+                if w != d {
+                    *d = w.clone();
+                    moved.push((rule.id, before));
+                }
+            }
+        }
+        let mut added: Vec<(Rule, Vec<reserve::Reservation>)> = Vec::new();
+        for w in wanted {
+            if next.rules.iter().any(|r| matches!(&r.spec, RuleSpec::Docker(d) if d.auto.is_some() && key(d) == key(&w) && mine(r))) {
+                continue;
+            }
+            let spec = RuleSpec::Docker(w.clone());
+            let claims = spec.port_claims();
+            let owner = next.rules.iter().find(|r| {
+                !mine(r)
+                    && r.spec
+                        .port_claims()
+                        .iter()
+                        .any(|o| claims.iter().any(|c| reserve::claims_collide(c, o)))
+            });
+            if let Some(owner) = owner {
+                let note = format!(
+                    "conflict: {} wants host port {}/{} but natmap rule #{} already forwards it; the existing rule wins",
+                    w.name, w.host_port, w.proto, owner.id
+                );
+                problems.push(note);
+                continue;
+            }
+            if added.iter().any(|(r, _)| {
+                r.spec
+                    .port_claims()
+                    .iter()
+                    .any(|o| claims.iter().any(|c| reserve::claims_collide(c, o)))
+            }) {
+                problems.push(format!(
+                    "conflict: host port {}/{} is in two labels of engine {engine_name}",
+                    w.host_port, w.proto
+                ));
+                continue;
+            }
+            match reserve::bind_all(&claims) {
+                Ok(held) => {
+                    let rule = Rule {
+                        id: next.next_id,
+                        spec,
+                    };
+                    next.next_id += 1;
+                    next.rules.push(rule.clone());
+                    added.push((rule, held));
+                }
+                Err(busy) => problems.push(format!("{}: {}", w.name, busy.message)),
+            }
+        }
+        for p in &problems {
+            if !self
+                .discovery
+                .problems
+                .get(&engine_name)
+                .is_some_and(|old| old.contains(p))
+            {
+                tracing::warn!(engine = %engine_name, "{p}");
+            }
+        }
+        self.discovery
+            .problems
+            .insert(engine_name.clone(), problems);
+        if added.is_empty() && removed.is_empty() && moved.is_empty() {
+            return;
+        }
+        if let Err(f) = self.commit(next) {
+            tracing::error!(engine = %engine_name, "cannot apply auto-discovered mappings: {}", f.message);
+            return;
+        }
+        for (rule, held) in added {
+            self.held.insert(rule.id, held);
+            if let Err(f) = self.start_listening(rule.id) {
+                tracing::error!(rule = rule.id, "{}", f.message);
+            }
+            tracing::info!(rule = rule.id, engine = %engine_name, "auto mapping added");
+        }
+        for rule in &removed {
+            self.release(rule.id);
+            forget_flows(&rule.spec);
+            tracing::info!(rule = rule.id, engine = %engine_name, "auto mapping removed");
+        }
+        for (id, old) in moved {
+            let target = self
+                .state
+                .rules
+                .iter()
+                .find(|r| r.id == id)
+                .and_then(|r| r.spec.relay_target());
+            self.relays.retarget(id, target);
+            forget_flows(&old);
+            tracing::info!(rule = id, engine = %engine_name, "auto mapping updated");
+        }
+    }
+
+    /// Lines for `status`: every engine problem, and stale engines.
+    pub(super) fn discovery_problems(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .discovery
+            .problems
+            .iter()
+            .flat_map(|(engine, ps)| {
+                ps.iter()
+                    .map(move |p| format!("auto-discover ({engine}): {p}"))
+            })
+            .collect();
+        for (engine, reason) in &self.discovery.stale {
+            out.push(format!(
+                "auto-discover engine {engine} is unreachable: {reason}"
+            ));
+        }
+        out
+    }
+}
+
+/// The network an auto mapping uses: the only one, else `bridge`, else the
+/// first by name.
+fn pick(networks: &[NetworkAddrs]) -> Option<&NetworkAddrs> {
+    match networks {
+        [only] => Some(only),
+        many => many
+            .iter()
+            .find(|n| n.network == "bridge")
+            .or_else(|| many.first()),
+    }
+}
+
+/// The mappings a labelled container asks for on `engine`, and notes about
+/// label ports that cannot be mapped.
+fn desired_for(
+    engine: &EngineConfig,
+    c: &LabeledContainer,
+    label: &str,
+    masquerade: bool,
+) -> Result<(Vec<DockerRule>, Vec<String>), String> {
+    let mut specs = Vec::new();
+    for item in c.label.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let spec: PortSpec = item.parse().map_err(|e| {
+            format!(
+                "container {}: invalid label {label}={:?}: {e}",
+                c.name, c.label
+            )
+        })?;
+        if spec.target_ip.is_some() {
+            return Err(format!(
+                "container {}: invalid label {label}={:?}: a label maps the container's own ports, not another address",
+                c.name, c.label
+            ));
+        }
+        specs.push(spec);
+    }
+    if specs.is_empty() {
+        return Err(format!("container {}: label {label} is empty", c.name));
+    }
+    let mut rules = Vec::new();
+    let mut notes = Vec::new();
+    for spec in specs {
+        let rule = match engine.host_ip {
+            None => {
+                let net = pick(&c.networks);
+                DockerRule {
+                    name: c.name.clone(),
+                    container_id: Some(c.id.clone()),
+                    network: net.map(|n| n.network.clone()),
+                    host_ip: spec.host_ip,
+                    host_port: spec.host_port,
+                    container_port: spec.target_port,
+                    proto: spec.proto,
+                    external: false,
+                    target_v4: net.and_then(|n| n.v4).filter(|_| c.running),
+                    target_v6: net.and_then(|n| n.v6).filter(|_| c.running),
+                    auto: Some(AutoSource {
+                        engine: engine.name.to_string(),
+                        masquerade: false,
+                    }),
+                }
+            }
+            Some(node) => {
+                let published = c
+                    .published
+                    .iter()
+                    .find(|(private, proto, _)| {
+                        *private == spec.target_port && *proto == spec.proto
+                    })
+                    .map(|(_, _, public)| *public);
+                let Some(public) = published else {
+                    if c.running {
+                        notes.push(format!(
+                            "container {}: label port {}/{} is not published on node {} (docker run -p); no mapping",
+                            c.name, spec.target_port, spec.proto, engine.name
+                        ));
+                    }
+                    continue;
+                };
+                DockerRule {
+                    name: c.name.clone(),
+                    container_id: Some(c.id.clone()),
+                    network: None,
+                    host_ip: spec.host_ip,
+                    host_port: spec.host_port,
+                    container_port: public,
+                    proto: spec.proto,
+                    external: true,
+                    target_v4: c.running.then_some(Endpoint {
+                        ip: node,
+                        subnet: None,
+                    }),
+                    target_v6: None,
+                    auto: Some(AutoSource {
+                        engine: engine.name.to_string(),
+                        masquerade,
+                    }),
+                }
+            }
+        };
+        rules.push(rule);
+    }
+    Ok((rules, notes))
+}

@@ -1393,3 +1393,38 @@ fn save_export_fragment_restores_cleanly_and_holds_only_natmap() {
     assert_eq!(docker_lines(&docker), before);
     assert_eq!(natmap_rules(&docker, false), expected);
 }
+
+#[test]
+fn daemon_refuses_to_start_when_dockers_rules_are_in_the_other_backend() {
+    if !privileged() {
+        return;
+    }
+    if find_on_path("iptables-legacy").is_none() {
+        panic!("iptables-legacy is missing (Debian's iptables package ships it)");
+    }
+    let topo = Topology::new();
+    // Docker's chains in iptables-legacy while `iptables` is iptables-nft.
+    topo.router
+        .run_ok(&["iptables-legacy", "-w", "-t", "nat", "-N", "DOCKER"]);
+    let dir = StateDir::new();
+    let out = topo.router.exec(&[
+        LAB_OPS_BIN,
+        "natmap",
+        "--socket",
+        dir.socket_path().to_str().unwrap(),
+        "daemon",
+        "--state",
+        dir.state_path().to_str().unwrap(),
+        "--socket-group",
+        "root",
+    ]);
+    assert!(!out.status.success(), "the daemon must refuse to start");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("iptables-legacy") && stderr.contains("update-alternatives"),
+        "{stderr}"
+    );
+    assert!(natmap_rules(&topo, false).is_empty(), "nothing installed");
+    topo.router
+        .run_ok(&["iptables-legacy", "-w", "-t", "nat", "-X", "DOCKER"]);
+}

@@ -6,23 +6,6 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 
-fn natmap_lines(topo: &Topology) -> Vec<String> {
-    let mut lines = Vec::new();
-    for (table, chain) in [
-        ("nat", "NATMAP"),
-        ("nat", "NATMAP-OUTPUT"),
-        ("nat", "NATMAP-POSTROUTING"),
-        ("filter", "NATMAP"),
-    ] {
-        for line in iptables_rules(&topo.router, false, table, chain) {
-            if line.starts_with("-A") {
-                lines.push(format!("{table} {line}"));
-            }
-        }
-    }
-    lines
-}
-
 fn write_doc(d: &Daemon, name: &str, doc: &Value) -> String {
     let path = d.dir().join(name);
     std::fs::write(&path, serde_json::to_vec_pretty(doc).unwrap()).unwrap();
@@ -56,13 +39,17 @@ fn apply_adds_removes_keeps_and_is_idempotent() {
         CLIENT_V4,
         8001,
     );
-    let lines1 = natmap_lines(&topo);
+    let lines1 = natmap_rules(&topo.router, false);
 
     let again = d.cli_json(&["apply", &f1]);
     assert_eq!(again["data"]["added"].as_array().unwrap().len(), 0);
     assert_eq!(again["data"]["removed"].as_array().unwrap().len(), 0);
     assert_eq!(again["data"]["kept"], 3);
-    assert_eq!(natmap_lines(&topo), lines1, "re-applying changes nothing");
+    assert_eq!(
+        natmap_rules(&topo.router, false),
+        lines1,
+        "re-applying changes nothing"
+    );
 
     let doc2 =
         json!({"schema_version":1,"rules":[dnat(8001), dnat(8003), doc1["rules"][2].clone()]});
@@ -72,7 +59,11 @@ fn apply_adds_removes_keeps_and_is_idempotent() {
     assert_eq!(plan["data"]["dry_run"], true);
     assert_eq!(plan["data"]["added"][0]["ports"], "8003", "{plan}");
     assert_eq!(plan["data"]["removed"][0]["ports"], "8002", "{plan}");
-    assert_eq!(natmap_lines(&topo), lines1, "a dry run changes no rule");
+    assert_eq!(
+        natmap_rules(&topo.router, false),
+        lines1,
+        "a dry run changes no rule"
+    );
     assert_eq!(
         std::fs::read(d.state_path()).unwrap(),
         state_before,
@@ -120,7 +111,7 @@ fn bad_documents_change_nothing_and_name_the_problem() {
         "--ports",
         "9000",
     ]);
-    let before = natmap_lines(&topo);
+    let before = natmap_rules(&topo.router, false);
     let cases = [
         (json!({"schema_version":2,"rules":[]}), "schema_version"),
         (
@@ -146,7 +137,7 @@ fn bad_documents_change_nothing_and_name_the_problem() {
         assert_ne!(status.code(), Some(0), "{doc}");
         let message = out["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains(needle), "{doc}: {out}");
-        assert_eq!(natmap_lines(&topo), before);
+        assert_eq!(natmap_rules(&topo.router, false), before);
     }
     // A busy port fails the whole document, with nothing half-applied.
     let blocker = in_netns(&topo.router, || {
@@ -159,7 +150,7 @@ fn bad_documents_change_nothing_and_name_the_problem() {
     );
     let (_, out) = d.cli_json_output(&["apply", &f]);
     assert_eq!(out["error"]["code"], "port_in_use", "{out}");
-    assert_eq!(natmap_lines(&topo), before);
+    assert_eq!(natmap_rules(&topo.router, false), before);
     assert!(in_netns(&topo.router, || std::net::TcpListener::bind(
         "192.0.2.1:9101"
     )
@@ -233,7 +224,10 @@ fn export_then_apply_on_an_empty_daemon_gives_identical_rules() {
     let d2 = Daemon::start(&target.router);
     let f = write_doc(&d2, "exported.json", &doc);
     d2.cli_ok(&["apply", &f]);
-    assert_eq!(natmap_lines(&target), natmap_lines(&source));
+    assert_eq!(
+        natmap_rules(&target.router, false),
+        natmap_rules(&source.router, false)
+    );
     let strip = |s: String| {
         s.lines()
             .filter(|l| l.contains("NATMAP"))

@@ -16,24 +16,6 @@ fn v6(ip: std::net::Ipv6Addr, port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V6(ip), port)
 }
 
-/// natmap's rules as `iptables -S` prints them (only the `-A` lines).
-fn natmap_rules(topo: &Topology, v6: bool) -> Vec<String> {
-    let mut lines = Vec::new();
-    for (table, chain) in [
-        ("nat", "NATMAP"),
-        ("nat", "NATMAP-OUTPUT"),
-        ("nat", "NATMAP-POSTROUTING"),
-        ("filter", "NATMAP"),
-    ] {
-        for line in try_iptables_rules(&topo.router, v6, table, chain).unwrap_or_default() {
-            if line.starts_with("-A ") {
-                lines.push(format!("{table} {line}"));
-            }
-        }
-    }
-    lines
-}
-
 fn dnat_mail(d: &Daemon) -> serde_json::Value {
     d.cli_json(&[
         "dnat",
@@ -69,7 +51,7 @@ fn multiport_dnat_forwards_tcp_and_keeps_the_client_address() {
     expect_tcp(&topo.router, v4(ROUTER_EXT_V4, 25), ROUTER_EXT_V4, 25);
 
     assert_eq!(
-        natmap_rules(&topo, false),
+        natmap_rules(&topo.router, false),
         [
             "nat -A NATMAP -d 192.0.2.1/32 -p tcp -m multiport --dports 25,465 -m comment --comment \"natmap:dnat:1\" -j DNAT --to-destination 198.51.100.2",
             "nat -A NATMAP-OUTPUT -d 192.0.2.1/32 -p tcp -m multiport --dports 25,465 -m comment --comment \"natmap:dnat:1\" -j DNAT --to-destination 198.51.100.2",
@@ -122,7 +104,7 @@ fn udp_dnat_with_ingress_interface() {
         topo.router_ext_if(),
     ]);
     expect_udp(&topo.client, v4(ROUTER_EXT_V4, 5353), CLIENT_V4, 5353);
-    let rules = natmap_rules(&topo, false);
+    let rules = natmap_rules(&topo.router, false);
     assert_eq!(
         rules[0],
         format!(
@@ -155,8 +137,8 @@ fn ipv6_dnat_and_mixed_families_are_refused() {
         "8080",
     ]);
     expect_tcp(&topo.client, v6(ROUTER_EXT_V6, 8080), CLIENT_V6, 8080);
-    assert_eq!(natmap_rules(&topo, true).len(), 4);
-    assert!(natmap_rules(&topo, false).is_empty());
+    assert_eq!(natmap_rules(&topo.router, true).len(), 4);
+    assert!(natmap_rules(&topo.router, false).is_empty());
 
     let (status, mixed) = d.cli_json_output(&[
         "dnat",
@@ -225,7 +207,7 @@ fn snat_rewrites_only_the_given_source_on_the_given_interface() {
     // Another source is left alone.
     expect_tcp(&topo.server2, v4(CLIENT_V4, 7000), SERVER2_V4, 7000);
     assert_eq!(
-        natmap_rules(&topo, false),
+        natmap_rules(&topo.router, false),
         [format!(
             "nat -A NATMAP-POSTROUTING -s 198.51.100.2/32 -o {} -m comment --comment \"natmap:snat:1\" -j SNAT --to-source 192.0.2.1",
             topo.router_ext_if()
@@ -253,7 +235,7 @@ fn delete_stops_traffic_releases_ports_and_readd_is_idempotent() {
     let _smtp = TcpEcho::start(&topo.server, v4(SERVER_V4, 25));
     let d = Daemon::start(&topo.router);
     dnat_mail(&d);
-    let before = natmap_rules(&topo, false);
+    let before = natmap_rules(&topo.router, false);
     let again = dnat_mail(&d);
     assert_eq!(again["data"]["result"], "already_present", "{again}");
     // Same ports in another order are the same rule.
@@ -267,7 +249,11 @@ fn delete_stops_traffic_releases_ports_and_readd_is_idempotent() {
         "465,25",
     ]);
     assert_eq!(reordered["data"]["result"], "already_present");
-    assert_eq!(natmap_rules(&topo, false), before, "no duplicate rules");
+    assert_eq!(
+        natmap_rules(&topo.router, false),
+        before,
+        "no duplicate rules"
+    );
 
     // The port is held while the rule exists.
     let bind = || {
@@ -289,7 +275,7 @@ fn delete_stops_traffic_releases_ports_and_readd_is_idempotent() {
     ]);
     assert_eq!(deleted["data"]["result"], "deleted", "{deleted}");
     expect_no_tcp(&topo.client, v4(ROUTER_EXT_V4, 25));
-    assert!(natmap_rules(&topo, false).is_empty());
+    assert!(natmap_rules(&topo.router, false).is_empty());
     assert!(bind(), "port 25 released after delete");
 
     let (status, missing) = d.cli_json_output(&[
@@ -336,7 +322,7 @@ fn kill9_and_restart_rebuild_exactly_the_same_rules() {
         "--ports",
         "80",
     ]);
-    let rules = natmap_rules(&topo, false);
+    let rules = natmap_rules(&topo.router, false);
     let save_before = iptables_save(&topo.router, false);
 
     d.kill9();
@@ -344,7 +330,7 @@ fn kill9_and_restart_rebuild_exactly_the_same_rules() {
     expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
     d.respawn();
     assert_eq!(
-        natmap_rules(&topo, false),
+        natmap_rules(&topo.router, false),
         rules,
         "restart with old rules present: no duplicates"
     );
@@ -369,7 +355,7 @@ fn kill9_and_restart_rebuild_exactly_the_same_rules() {
     expect_no_tcp(&topo.client, v4(ROUTER_EXT_V4, 25));
     d.respawn();
     assert_eq!(
-        natmap_rules(&topo, false),
+        natmap_rules(&topo.router, false),
         rules,
         "recovery into empty tables"
     );
@@ -407,7 +393,7 @@ fn busy_port_fails_whole_request_and_nothing_is_installed() {
         message.contains(&format!("pid {}", std::process::id())),
         "owner named: {message}"
     );
-    assert!(natmap_rules(&topo, false).is_empty());
+    assert!(natmap_rules(&topo.router, false).is_empty());
     assert_eq!(
         std::fs::read(d.state_path()).ok(),
         state_before,
@@ -488,7 +474,7 @@ fn restart_skips_rules_whose_port_was_taken_and_installs_them_when_free() {
     assert!(rules[0]["detail"].as_str().unwrap().contains("8080/tcp"));
     assert_eq!(rules[1]["status"], "active");
     assert!(d.log().contains("rule skipped"), "warning logged");
-    let installed = natmap_rules(&topo, false);
+    let installed = natmap_rules(&topo.router, false);
     assert!(
         !installed.iter().any(|r| r.contains("8080")),
         "{installed:?}"
@@ -497,7 +483,7 @@ fn restart_skips_rules_whose_port_was_taken_and_installs_them_when_free() {
 
     drop(squatter);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while natmap_rules(&topo, false)
+    while natmap_rules(&topo.router, false)
         .iter()
         .all(|r| !r.contains("8080"))
     {
@@ -846,7 +832,7 @@ fn clear_removes_every_rule_chain_and_reservation() {
     );
     // natmap works again after a clear.
     assert_eq!(dnat_mail(&d)["data"]["result"], "added");
-    assert_eq!(natmap_rules(&topo, false).len(), 4);
+    assert_eq!(natmap_rules(&topo.router, false).len(), 4);
 }
 
 #[test]
@@ -929,7 +915,7 @@ fn external_changes_to_natmap_rules_are_repaired() {
         "--ports",
         "80",
     ]);
-    let good = natmap_rules(&topo, false);
+    let good = natmap_rules(&topo.router, false);
     // A quiet period first: correct rules are never "repaired".
     std::thread::sleep(std::time::Duration::from_millis(2500));
     assert!(
@@ -950,7 +936,7 @@ fn external_changes_to_natmap_rules_are_repaired() {
             d.log().matches("changed from outside").count() > i
         });
         eprintln!("repair after {args:?}: {took:?}");
-        assert_eq!(natmap_rules(&topo, false), good);
+        assert_eq!(natmap_rules(&topo.router, false), good);
         expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
     }
     // The foreign rule stays, behind natmap's jump.
@@ -972,7 +958,7 @@ fn external_changes_to_natmap_rules_are_repaired() {
     wait_for("repair after a baseline restore", || {
         d.log().matches("changed from outside").count() > sabotage.len()
     });
-    assert_eq!(natmap_rules(&topo, false), good);
+    assert_eq!(natmap_rules(&topo.router, false), good);
     expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
 }
 
@@ -992,7 +978,7 @@ fn dry_run_changes_nothing_and_shows_the_exact_transaction() {
         "--ports",
         "25",
     ]);
-    let rules_before = natmap_rules(&topo, false);
+    let rules_before = natmap_rules(&topo.router, false);
     let state_before = std::fs::read(d.state_path()).unwrap();
     let add = [
         "--dry-run",
@@ -1009,7 +995,7 @@ fn dry_run_changes_nothing_and_shows_the_exact_transaction() {
     let transactions = plan["data"]["transactions"].as_array().unwrap();
     assert_eq!(transactions.len(), 1, "{plan}");
     assert_eq!(
-        natmap_rules(&topo, false),
+        natmap_rules(&topo.router, false),
         rules_before,
         "a dry run changes no rule"
     );
@@ -1029,7 +1015,7 @@ fn dry_run_changes_nothing_and_shows_the_exact_transaction() {
     std::fs::write(&path, transactions[0]["restore"].as_str().unwrap()).unwrap();
     topo.router
         .run_ok(&["iptables-restore", "--noflush", path.to_str().unwrap()]);
-    let by_hand = natmap_rules(&topo, false);
+    let by_hand = natmap_rules(&topo.router, false);
     // Undo by hand: the same transaction with every -A turned into -D.
     let undo = transactions[0]["restore"]
         .as_str()
@@ -1038,10 +1024,10 @@ fn dry_run_changes_nothing_and_shows_the_exact_transaction() {
     std::fs::write(&path, undo).unwrap();
     topo.router
         .run_ok(&["iptables-restore", "--noflush", path.to_str().unwrap()]);
-    assert_eq!(natmap_rules(&topo, false), rules_before);
+    assert_eq!(natmap_rules(&topo.router, false), rules_before);
     let real = d.cli_json(&add[1..]);
     assert_eq!(real["data"]["result"], "added", "{real}");
-    assert_eq!(natmap_rules(&topo, false), by_hand);
+    assert_eq!(natmap_rules(&topo.router, false), by_hand);
 
     // Errors are the real errors; read-only commands have no dry run.
     let (status, busy) = d.cli_json_output(&[
@@ -1309,7 +1295,7 @@ fn save_export_fragment_restores_cleanly_and_holds_only_natmap() {
         let ours = line.starts_with('*') || line == "COMMIT" || line.contains("NATMAP");
         assert!(ours, "not natmap's: {line}");
     }
-    let expected = natmap_rules(&topo, false);
+    let expected = natmap_rules(&topo.router, false);
 
     // A host that restores rules at boot without the daemon (FORWARD DROP).
     let fresh = Topology::new();
@@ -1322,7 +1308,7 @@ fn save_export_fragment_restores_cleanly_and_holds_only_natmap() {
         "--noflush",
         d.dir().join("etc/natmap6.rules").to_str().unwrap(),
     ]);
-    assert_eq!(natmap_rules(&fresh, false), expected);
+    assert_eq!(natmap_rules(&fresh.router, false), expected);
     expect_tcp(&fresh.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
     // When the daemon starts there, its own hooks replace the boot hook.
     let d2 = Daemon::start(&fresh.router);
@@ -1391,7 +1377,7 @@ fn save_export_fragment_restores_cleanly_and_holds_only_natmap() {
         .router
         .run_ok(&["iptables-restore", "--noflush", file.to_str().unwrap()]);
     assert_eq!(docker_lines(&docker), before);
-    assert_eq!(natmap_rules(&docker, false), expected);
+    assert_eq!(natmap_rules(&docker.router, false), expected);
 }
 
 #[test]
@@ -1424,7 +1410,10 @@ fn daemon_refuses_to_start_when_dockers_rules_are_in_the_other_backend() {
         stderr.contains("iptables-legacy") && stderr.contains("update-alternatives"),
         "{stderr}"
     );
-    assert!(natmap_rules(&topo, false).is_empty(), "nothing installed");
+    assert!(
+        natmap_rules(&topo.router, false).is_empty(),
+        "nothing installed"
+    );
     topo.router
         .run_ok(&["iptables-legacy", "-w", "-t", "nat", "-X", "DOCKER"]);
 }

@@ -115,17 +115,8 @@ impl DockerClient {
             &endpoint,
             CALL_TIMEOUT.as_secs(),
             bollard::API_DEFAULT_VERSION,
-        )
-        .map_err(|e| format!("cannot connect to Docker at {endpoint}: {e}"))?;
-        let docker = tokio::time::timeout(CALL_TIMEOUT, docker.negotiate_version())
-            .await
-            .map_err(|_| format!("Docker at {endpoint} did not answer"))?
-            .map_err(|e| format!("cannot reach Docker at {endpoint}: {e}"))?;
-        Ok(DockerClient {
-            docker,
-            runtime: Handle::current(),
-            endpoint,
-        })
+        );
+        DockerClient::negotiate(docker, endpoint).await
     }
 
     /// Connects to a configured engine (Unix socket or plain TCP).
@@ -140,19 +131,28 @@ impl DockerClient {
                     &url,
                     CALL_TIMEOUT.as_secs(),
                     bollard::API_DEFAULT_VERSION,
-                )
-                .map_err(|e| format!("cannot connect to Docker at {url}: {e}"))?;
-                let docker = tokio::time::timeout(CALL_TIMEOUT, docker.negotiate_version())
-                    .await
-                    .map_err(|_| format!("Docker at {url} did not answer"))?
-                    .map_err(|e| format!("cannot reach Docker at {url}: {e}"))?;
-                Ok(DockerClient {
-                    docker,
-                    runtime: Handle::current(),
-                    endpoint: url,
-                })
+                );
+                DockerClient::negotiate(docker, url).await
             }
         }
+    }
+
+    /// Negotiates the API version with the engine (Debian's 20.10 speaks
+    /// 1.41; bollard's default is newer), bounded in time.
+    async fn negotiate(
+        docker: Result<Docker, bollard::errors::Error>,
+        endpoint: String,
+    ) -> Result<DockerClient, String> {
+        let docker = docker.map_err(|e| format!("cannot connect to Docker at {endpoint}: {e}"))?;
+        let docker = tokio::time::timeout(CALL_TIMEOUT, docker.negotiate_version())
+            .await
+            .map_err(|_| format!("Docker at {endpoint} did not answer"))?
+            .map_err(|e| format!("cannot reach Docker at {endpoint}: {e}"))?;
+        Ok(DockerClient {
+            docker,
+            runtime: Handle::current(),
+            endpoint,
+        })
     }
 
     /// Every container (running or not) carrying `label`, with its label

@@ -32,6 +32,7 @@
 /// Fixtures for the Docker tests (root namespace, real engine).
 pub mod docker;
 
+
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
@@ -2270,4 +2271,24 @@ pub fn bare_router() -> Netns {
     let ns = Netns::new("router");
     ns.ip(&["addr", "add", &format!("{ROUTER_EXT_V4}/32"), "dev", "lo"]);
     ns
+}
+
+/// natmap's rules in `ns` as `iptables -S` prints them: the `-A` lines of its
+/// four chains, each prefixed with its table (`nat -A NATMAP …`). Chains that
+/// do not exist contribute nothing.
+pub fn natmap_rules(ns: &Netns, v6: bool) -> Vec<String> {
+    let mut lines = Vec::new();
+    for (table, chain) in [
+        ("nat", "NATMAP"),
+        ("nat", "NATMAP-OUTPUT"),
+        ("nat", "NATMAP-POSTROUTING"),
+        ("filter", "NATMAP"),
+    ] {
+        for line in try_iptables_rules(ns, v6, table, chain).unwrap_or_default() {
+            if line.starts_with("-A ") {
+                lines.push(format!("{table} {line}"));
+            }
+        }
+    }
+    lines
 }

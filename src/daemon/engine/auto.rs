@@ -306,14 +306,7 @@ impl Engine {
             tracing::info!(rule = rule.id, engine = %engine_name, "auto mapping removed");
         }
         for (id, old) in moved {
-            let target = self
-                .state
-                .rules
-                .iter()
-                .find(|r| r.id == id)
-                .and_then(|r| r.spec.relay_target());
-            self.relays.retarget(id, target);
-            forget_flows(&old);
+            self.repointed(id, &old);
             tracing::info!(rule = id, engine = %engine_name, "auto mapping updated");
         }
     }

@@ -142,14 +142,7 @@ impl Engine {
             return;
         }
         for (id, old) in moved {
-            let target = self
-                .state
-                .rules
-                .iter()
-                .find(|r| r.id == id)
-                .and_then(|r| r.spec.relay_target());
-            self.relays.retarget(id, target);
-            forget_flows(&old);
+            let target = self.repointed(id, &old);
             match target {
                 Some(ip) => tracing::info!(rule = id, target = %ip, "mapping re-pointed"),
                 None => tracing::info!(
@@ -236,6 +229,20 @@ impl Engine {
             }
         }
         Ok(response)
+    }
+
+    /// After a committed re-point of rule `id` (whose previous form was
+    /// `old`): the relay follows, and flows to the old target are cut.
+    pub(super) fn repointed(&mut self, id: RuleId, old: &RuleSpec) -> Option<std::net::IpAddr> {
+        let target = self
+            .state
+            .rules
+            .iter()
+            .find(|r| r.id == id)
+            .and_then(|r| r.spec.relay_target());
+        self.relays.retarget(id, target);
+        forget_flows(old);
+        target
     }
 
     /// Looks the mapping's container up (by the reference in `rule.name`) and

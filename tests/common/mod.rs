@@ -32,7 +32,6 @@
 /// Fixtures for the Docker tests (root namespace, real engine).
 pub mod docker;
 
-
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};

@@ -51,6 +51,8 @@ pub fn run_daemon(args: DaemonArgs, socket_path: PathBuf) -> Result<ExitCode> {
             .config_path
             .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_PATH)),
     };
+    // Before the runtime starts its threads (see prepare_fd_table).
+    daemon::prepare_fd_table();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -186,6 +186,34 @@ impl RuleSpec {
         }
     }
 
+    /// A key equal for two specs exactly when [`RuleSpec::same_rule`] holds,
+    /// for hash-based matching of large rule sets (`apply`).
+    pub fn identity_key(&self) -> String {
+        match self {
+            RuleSpec::Hairpin(r) => {
+                format!("hairpin|{}|{}|{}|{}", r.ext_ip, r.int_ip, r.ports, r.proto)
+            }
+            RuleSpec::Docker(d) => {
+                let targets = if d.external {
+                    format!("{:?}|{:?}", d.target_v4, d.target_v6)
+                } else {
+                    String::new()
+                };
+                format!(
+                    "docker|{}|{:?}|{}|{}|{}|{}|{targets}|{:?}",
+                    d.name,
+                    d.host_ip,
+                    d.host_port,
+                    d.container_port,
+                    d.proto,
+                    d.external,
+                    d.auto.as_ref().map(|a| &a.engine)
+                )
+            }
+            other => serde_json::to_string(other).expect("rules serialize"),
+        }
+    }
+
     /// The host ports this rule forwards, each of which natmap reserves.
     pub fn port_claims(&self) -> Vec<PortClaim> {
         let forward = |ext: &HostIp, int: &HostIp, ports: &PortList, proto: Proto| {
@@ -267,6 +295,30 @@ mod tests {
         assert_eq!(claims.len(), 2);
         assert_eq!(claims[1].bind, "192.0.2.1:465".parse().unwrap());
         assert_eq!(claims[1].target, "198.51.100.2:465".parse().unwrap());
+    }
+
+    #[test]
+    fn identity_keys_agree_with_same_rule() {
+        let a = dnat("192.0.2.1", "198.51.100.2", "25,465");
+        let b = dnat("192.0.2.1", "198.51.100.2", "465,25");
+        let c = dnat("192.0.2.1", "198.51.100.3", "25,465");
+        let hairpin = |net: &str| {
+            RuleSpec::Hairpin(HairpinRule {
+                ext_ip: "192.0.2.1".parse().unwrap(),
+                int_ip: "198.51.100.2".parse().unwrap(),
+                ports: "80".parse().unwrap(),
+                proto: Proto::Tcp,
+                int_net: net.parse().unwrap(),
+            })
+        };
+        let (h1, h2) = (hairpin("198.51.100.0/24"), hairpin("198.51.100.2/32"));
+        for (x, y) in [(&a, &b), (&a, &c), (&h1, &h2), (&a, &h1)] {
+            assert_eq!(
+                x.same_rule(y),
+                x.identity_key() == y.identity_key(),
+                "{x:?} vs {y:?}"
+            );
+        }
     }
 
     #[test]

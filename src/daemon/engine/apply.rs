@@ -4,7 +4,9 @@
 //! every new port (all or nothing), then commits the new state with one
 //! transaction per family and one state write, whatever the number of rules.
 
-use crate::model::{Family, PortClaim, Rule, RuleSpec};
+use std::collections::{HashMap, HashSet};
+
+use crate::model::{Family, PortClaim, Proto, Rule, RuleId, RuleSpec};
 use crate::proto::{
     ApplyReport, ApplyRequest, Document, ErrorCode, Response, RuleStatus, RuleView,
     DOCUMENT_VERSION,
@@ -46,8 +48,10 @@ impl Engine {
                 doc.schema_version
             )));
         }
-        // Validate and resolve every rule before touching anything.
+        // Validate and resolve every rule before touching anything. Matching
+        // uses identity keys in hash maps: documents hold thousands of rules.
         let mut wanted: Vec<RuleSpec> = Vec::with_capacity(doc.rules.len());
+        let mut wanted_at: HashMap<String, usize> = HashMap::with_capacity(doc.rules.len());
         for (i, spec) in doc.rules.into_iter().enumerate() {
             spec.check_consistent()
                 .map_err(|m| invalid(format!("rules[{i}]: {m}")))?;
@@ -69,26 +73,34 @@ impl Engine {
                 ),
                 other => other,
             };
+            wanted_at.insert(spec.identity_key(), i);
             wanted.push(spec);
         }
         // Plan.
         let mut kept: Vec<Rule> = Vec::new();
         let mut removed: Vec<Rule> = Vec::new();
+        let mut kept_keys: HashSet<String> = HashSet::new();
         for rule in &self.state.rules {
-            match wanted.iter().position(|w| w.same_rule(&rule.spec)) {
-                Some(_) => kept.push(rule.clone()),
-                None => removed.push(rule.clone()),
+            let key = rule.spec.identity_key();
+            if wanted_at.contains_key(&key) {
+                kept_keys.insert(key);
+                kept.push(rule.clone());
+            } else {
+                removed.push(rule.clone());
             }
         }
         let added: Vec<RuleSpec> = wanted
             .into_iter()
-            .filter(|w| !kept.iter().any(|k| k.spec.same_rule(w)))
+            .filter(|w| !kept_keys.contains(&w.identity_key()))
             .collect();
-        // New ports must not collide with each other or with kept rules' ports.
-        let mut claims: Vec<PortClaim> = Vec::new();
+        // New ports must not collide with each other or with kept rules'
+        // ports. Claims collide only on the same protocol and port, so they
+        // are grouped by that.
+        let mut by_port: HashMap<(Proto, u16), Vec<PortClaim>> = HashMap::new();
         for spec in &added {
             for c in spec.port_claims() {
-                if let Some(other) = claims.iter().find(|o| reserve::claims_collide(o, &c)) {
+                let same = by_port.entry((c.proto, c.bind.port())).or_default();
+                if let Some(other) = same.iter().find(|o| reserve::claims_collide(o, &c)) {
                     return Err(Failure::new(
                         ErrorCode::PortInUse,
                         format!(
@@ -98,16 +110,16 @@ impl Engine {
                         ),
                     ));
                 }
-                claims.push(c);
+                same.push(c);
             }
         }
-        for (id, held) in self
-            .held
-            .iter()
-            .filter(|(id, _)| !removed.iter().any(|r| r.id == **id))
-        {
+        let removed_ids: HashSet<RuleId> = removed.iter().map(|r| r.id).collect();
+        for (id, held) in self.held.iter().filter(|(id, _)| !removed_ids.contains(id)) {
             for r in held {
-                if let Some(c) = claims.iter().find(|c| reserve::claims_collide(c, &r.claim)) {
+                let same = by_port.get(&(r.claim.proto, r.claim.bind.port()));
+                if let Some(c) =
+                    same.and_then(|s| s.iter().find(|c| reserve::claims_collide(c, &r.claim)))
+                {
                     return Err(Failure::new(
                         ErrorCode::PortInUse,
                         format!(
@@ -158,7 +170,7 @@ impl Engine {
             held_new.push((i, held));
         }
         let mut next = self.state.clone();
-        next.rules.retain(|r| !removed.iter().any(|x| x.id == r.id));
+        next.rules.retain(|r| !removed_ids.contains(&r.id));
         let mut new_rules = Vec::with_capacity(added.len());
         for spec in added {
             let rule = Rule {

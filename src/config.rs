@@ -10,7 +10,7 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 
-use crate::model::{ContainerRef, HostIp, ParseError};
+use crate::model::{HostIp, ParseError};
 
 /// Default config path.
 pub const DEFAULT_PATH: &str = "/etc/natmap/config.toml";
@@ -63,7 +63,7 @@ impl AutoDiscover {
 #[serde(deny_unknown_fields)]
 pub struct EngineConfig {
     /// A short name, shown in `ls`.
-    pub name: ContainerRef,
+    pub name: EngineName,
     /// `unix:///var/run/docker.sock` or `tcp://HOST:PORT`.
     pub endpoint: Endpoint,
     /// For a remote engine: the address this host uses to reach that node.
@@ -77,6 +77,50 @@ impl EngineConfig {
     /// Whether the engine's containers live on another node.
     pub fn is_remote(&self) -> bool {
         self.host_ip.is_some()
+    }
+}
+
+/// An engine's name: letters, digits, `_ . -`, 1-64 characters.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct EngineName(String);
+
+impl EngineName {
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for EngineName {
+    type Err = ParseError;
+    fn from_str(s: &str) -> Result<EngineName, ParseError> {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if ok {
+            Ok(EngineName(s.to_owned()))
+        } else {
+            Err(ParseError::new(
+                "engine name",
+                s,
+                "1-64 letters, digits, _ . - (e.g. local, node2)",
+            ))
+        }
+    }
+}
+
+impl TryFrom<String> for EngineName {
+    type Error = ParseError;
+    fn try_from(s: String) -> Result<EngineName, ParseError> {
+        s.parse()
+    }
+}
+
+impl fmt::Display for EngineName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -176,17 +220,40 @@ impl Config {
     pub fn parse(text: &str) -> Result<Config, String> {
         let config: Config =
             toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
+        // Checks across keys come after parsing; they name the line of the
+        // key inside the engine's `[[auto_discover.engines]]` block.
+        let lines: Vec<&str> = text.lines().collect();
+        let headers: Vec<usize> = lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.trim_start().starts_with("[[auto_discover.engines]]"))
+            .map(|(n, _)| n)
+            .collect();
+        let at = |i: usize, key: &str| -> String {
+            let Some(&start) = headers.get(i) else {
+                return String::new();
+            };
+            let end = headers.get(i + 1).copied().unwrap_or(lines.len());
+            let found = (start..end).find(|&n| {
+                let l = lines[n].trim_start();
+                l.strip_prefix(key)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+            });
+            format!(" at line {}", found.unwrap_or(start) + 1)
+        };
         let engines = &config.auto_discover.engines;
         for (i, e) in engines.iter().enumerate() {
             if engines[..i].iter().any(|o| o.name == e.name) {
                 return Err(format!(
-                    "auto_discover.engines[{i}].name: engine name {:?} is used twice",
+                    "auto_discover.engines[{i}].name{}: engine name {:?} is used twice",
+                    at(i, "name"),
                     e.name.as_str()
                 ));
             }
             if matches!(e.endpoint, Endpoint::Tcp(_)) && e.host_ip.is_none() {
                 return Err(format!(
-                    "auto_discover.engines[{i}] ({}): a tcp:// engine is on another node: set host_ip to the address this host reaches it by",
+                    "auto_discover.engines[{i}].endpoint{} (engine {}): a tcp:// engine is on another node: set host_ip to the address this host reaches it by",
+                    at(i, "endpoint"),
                     e.name
                 ));
             }

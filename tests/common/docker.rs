@@ -349,6 +349,21 @@ impl Container {
     /// [`Container::web`] with an exact name (e.g. to recreate a container
     /// under the name of a removed one).
     pub fn web_named(name: &str, marker: &str, extra_tcp_ports: &[u16]) -> Container {
+        let c = Self::spawn_web(name, marker, extra_tcp_ports, &[]);
+        c.wait_ready();
+        c
+    }
+
+    /// Runs a web container like [`Container::web_named`] with extra
+    /// `docker run` options before the image (e.g. `--label`, `-p`), and
+    /// returns as soon as `docker run -d` does (the container has started;
+    /// its servers may not answer yet: see [`Container::wait_ready`]).
+    pub fn spawn_web(
+        name: &str,
+        marker: &str,
+        extra_tcp_ports: &[u16],
+        run_args: &[&str],
+    ) -> Container {
         assert!(
             !marker.is_empty()
                 && marker
@@ -369,26 +384,16 @@ exec httpd -f -p 80 -h /www
 "#,
             extra = extra.join(" ")
         );
-        let id = docker_ok(&[
-            "run",
-            "-d",
-            "--name",
-            name,
-            "--label",
-            "org.natmap.test=1",
-            TEST_IMAGE,
-            "sh",
-            "-c",
-            &script,
-        ]);
-        let c = Container {
+        let mut argv = vec!["run", "-d", "--name", name, "--label", "org.natmap.test=1"];
+        argv.extend_from_slice(run_args);
+        argv.extend_from_slice(&[TEST_IMAGE, "sh", "-c", &script]);
+        let id = docker_ok(&argv);
+        Container {
             name: name.to_string(),
             marker: marker.to_string(),
             extra_tcp_ports: extra_tcp_ports.to_vec(),
             id,
-        };
-        c.wait_ready();
-        c
+        }
     }
 
     /// Starts a container running `sleep` only (no servers), e.g. to occupy

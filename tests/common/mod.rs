@@ -32,6 +32,9 @@
 /// Fixtures for the Docker tests (root namespace, real engine).
 pub mod docker;
 
+/// Fixtures for the auto-discover tests (remote engine over TCP, service node, config file).
+pub mod auto_discover;
+
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};

@@ -197,6 +197,23 @@ impl Engine {
             }
         }
         let key = |d: &DockerRule| (d.name.clone(), d.host_ip, d.host_port, d.proto);
+        // A stopped container on a remote node publishes no port, so its
+        // mapping cannot be derived again: keep the known one, down.
+        if engine.is_remote() {
+            for rule in &self.state.rules {
+                let RuleSpec::Docker(d) = &rule.spec else {
+                    continue;
+                };
+                let ours = d.auto.as_ref().is_some_and(|a| a.engine == engine_name);
+                let stopped = containers.iter().any(|c| c.name == d.name && !c.running);
+                if ours && stopped && !wanted.iter().any(|w| key(w) == key(d)) {
+                    let mut down = d.clone();
+                    down.target_v4 = None;
+                    down.target_v6 = None;
+                    wanted.push(down);
+                }
+            }
+        }
         let mine = |r: &Rule| matches!(&r.spec, RuleSpec::Docker(d) if d.auto.as_ref().is_some_and(|a| a.engine == engine_name));
         let mut next = self.state.clone();
         let mut moved: Vec<(RuleId, RuleSpec)> = Vec::new();

@@ -134,8 +134,9 @@ ExecStart=@BINARY@ natmap --socket @SOCKET@ daemon --state @STATE_FILE@ --socket
 Restart=on-failure
 RestartSec=2s
 LimitNOFILE=65536
-# No ExecReload=: the daemon has no configuration to re-read; state changes
-# arrive over the socket.
+# `systemctl reload natmap` re-reads /etc/natmap/config.toml (auto-discover);
+# a broken file keeps the running config. Rules and state are not touched.
+ExecReload=/bin/kill -HUP $MAINPID
 
 # Root, but with only the capabilities it uses. CAP_NET_ADMIN: iptables-restore,
 # ip rule/route, conntrack -D and the net.* sysctls (ip_forward). CAP_NET_RAW:
@@ -926,10 +927,10 @@ mod tests {
             assert_eq!(value(&unit, key), want, "{key}=");
         }
         let keys: Vec<String> = directives(&unit).into_iter().map(|(k, _)| k).collect();
-        // /proc/sys must stay writable for ip_forward; no reload action exists.
+        assert_eq!(value(&unit, "ExecReload"), "/bin/kill -HUP $MAINPID");
+        // /proc/sys must stay writable for ip_forward.
         for absent in [
             "ProtectKernelTunables",
-            "ExecReload",
             "RuntimeDirectory",
             "User",
         ] {

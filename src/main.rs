@@ -9,10 +9,15 @@ fn main() -> ExitCode {
         Ok(opts) => opts,
         // Under --json a bad command line is a JSON error too.
         Err(e) if e.use_stderr() && std::env::args().any(|a| a == "--json") => {
-            let message = e.kind().to_string();
+            // clap's text without the usage and help hints, on one line.
             let detail = e.to_string();
-            let first = detail.lines().next().unwrap_or(&message);
-            return natmap::cli::usage_error(true, first.trim_start_matches("error: "));
+            let message: Vec<&str> = detail
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty())
+                .collect();
+            return natmap::cli::usage_error(true, message.join(" ").trim_start_matches("error: "));
         }
         Err(e) => e.exit(),
     };

@@ -28,6 +28,9 @@ pub struct State {
     /// Whether the operator asked for IP forwarding (`fwd`), so it is set again at start.
     #[serde(default)]
     pub forwarding: bool,
+    /// Whether `fwd` also enabled IPv6 forwarding (not with `--no-ipv6`).
+    #[serde(default = "yes")]
+    pub forwarding_ipv6: bool,
     /// The rules, in id order.
     pub rules: Vec<Rule>,
 }
@@ -38,9 +41,14 @@ impl Default for State {
             schema_version: SCHEMA_VERSION,
             next_id: 1,
             forwarding: false,
+            forwarding_ipv6: true,
             rules: Vec::new(),
         }
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Why the state could not be loaded or saved.

@@ -80,6 +80,7 @@ fn multiport_dnat_forwards_tcp_and_keeps_the_client_address() {
             "{lines:?}"
         );
     }
+    d.assert_clean_log();
 }
 
 #[test]
@@ -117,6 +118,7 @@ fn udp_dnat_with_ingress_interface() {
         !rules.iter().any(|r| r.contains("NATMAP-OUTPUT")),
         "{rules:?}"
     );
+    d.assert_clean_log();
 }
 
 #[test]
@@ -155,6 +157,7 @@ fn ipv6_dnat_and_mixed_families_are_refused() {
         .as_str()
         .unwrap()
         .contains("--ext-ip and --int-ip"));
+    d.assert_clean_log();
 }
 
 #[test]
@@ -181,6 +184,7 @@ fn hairpin_masquerades_only_internal_clients() {
     expect_tcp(&topo.server2, v4(ROUTER_EXT_V4, 80), ROUTER_INT_V4, 80);
     // …and so is the server reaching itself through the external address.
     expect_tcp(&topo.server, v4(ROUTER_EXT_V4, 80), ROUTER_INT_V4, 80);
+    d.assert_clean_log();
 }
 
 #[test]
@@ -224,6 +228,7 @@ fn snat_rewrites_only_the_given_source_on_the_given_interface() {
         "--delete",
     ]);
     expect_tcp(&topo.server, v4(CLIENT_V4, 7000), SERVER_V4, 7000);
+    d.assert_clean_log();
 }
 
 #[test]
@@ -290,6 +295,7 @@ fn delete_stops_traffic_releases_ports_and_readd_is_idempotent() {
     ]);
     assert_eq!(status.code(), Some(1));
     assert_eq!(missing["error"]["code"], "not_found", "{missing}");
+    d.assert_clean_log();
 }
 
 #[test]
@@ -363,6 +369,7 @@ fn kill9_and_restart_rebuild_exactly_the_same_rules() {
     expect_udp(&topo.client, v4(ROUTER_EXT_V4, 53), CLIENT_V4, 53);
     let ls = d.cli_json(&["ls"]);
     assert_eq!(ls["data"]["rules"].as_array().unwrap().len(), 3);
+    d.assert_clean_log();
 }
 
 #[test]
@@ -435,6 +442,7 @@ fn busy_port_fails_whole_request_and_nothing_is_installed() {
             .contains("rule #1"),
         "{clash}"
     );
+    d.assert_clean_log();
 }
 
 #[test]
@@ -494,6 +502,7 @@ fn restart_skips_rules_whose_port_was_taken_and_installs_them_when_free() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
     expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 8080), CLIENT_V4, 8080);
+    d.assert_clean_log_except(&["rule skipped"]);
 }
 
 #[test]
@@ -553,6 +562,7 @@ fn twenty_concurrent_clients_all_land_and_survive_a_crash() {
         iptables_rules(&topo.router, false, "nat", "NATMAP").len(),
         21
     );
+    d.assert_clean_log();
 }
 
 #[test]
@@ -759,6 +769,7 @@ fn bad_input_is_refused_and_leaves_rules_and_state_byte_identical() {
         strip(&rules_before),
         "rules identical"
     );
+    d.assert_clean_log();
 }
 
 #[test]
@@ -781,6 +792,7 @@ fn fwd_enables_forwarding_and_reports_the_change() {
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(d.state_path()).unwrap()).unwrap();
     assert_eq!(state["forwarding"], true, "remembered for the next start");
+    d.assert_clean_log();
 }
 
 #[test]
@@ -833,6 +845,7 @@ fn clear_removes_every_rule_chain_and_reservation() {
     // natmap works again after a clear.
     assert_eq!(dnat_mail(&d)["data"]["result"], "added");
     assert_eq!(natmap_rules(&topo.router, false).len(), 4);
+    d.assert_clean_log();
 }
 
 #[test]
@@ -866,6 +879,19 @@ fn socket_is_group_only_and_corrupt_state_is_moved_aside() {
         std::fs::read(moved[0].path()).unwrap(),
         b"{\"schema_version\":1,\"rules\":[tru"
     );
+    let (status, report) = d.cli_json_output(&["status"]);
+    assert_eq!(
+        status.code(),
+        Some(4),
+        "a corrupt state needs attention: {report}"
+    );
+    assert!(
+        report["data"]["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("corrupt"),
+        "{report}"
+    );
     assert_eq!(
         d.cli_json(&["ls"])["data"]["rules"]
             .as_array()
@@ -873,6 +899,7 @@ fn socket_is_group_only_and_corrupt_state_is_moved_aside() {
             .len(),
         0
     );
+    d.assert_clean_log_except(&["STATE FILE IS CORRUPT"]);
 }
 
 /// Waits (≤ 6 s) until `check` holds, returning how long it took.
@@ -960,6 +987,7 @@ fn external_changes_to_natmap_rules_are_repaired() {
     });
     assert_eq!(natmap_rules(&topo.router, false), good);
     expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
+    d.assert_clean_log_except(&["changed from outside"]);
 }
 
 #[test]
@@ -1058,6 +1086,7 @@ fn dry_run_changes_nothing_and_shows_the_exact_transaction() {
             .len(),
         2
     );
+    d.assert_clean_log();
 }
 
 #[test]
@@ -1127,6 +1156,7 @@ fn status_reports_health_and_ls_v_shows_counters() {
         "{report}"
     );
     drop(other);
+    d.assert_clean_log();
 }
 
 #[test]
@@ -1187,6 +1217,22 @@ fn policy_route_sends_replies_through_the_given_gateway() {
     assert!(table.contains("default via 198.51.100.3"), "{table}");
     expect_tcp(&topo.client, v4(SERVER_V4, 7000), CLIENT_V4, 7000);
     assert!(via_server2() > 0, "replies now leave through server2");
+
+    // Someone deletes the rule: natmap puts it back.
+    topo.server
+        .run_ok(&["ip", "rule", "del", "from", "198.51.100.2", "lookup", "100"]);
+    let start = std::time::Instant::now();
+    while !topo
+        .server
+        .run_ok(&["ip", "rule", "show"])
+        .contains("lookup 100")
+    {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(6),
+            "policy route not repaired"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 
     // Restored after a crash without duplicates, and after a "reboot".
     d.kill9();
@@ -1257,6 +1303,7 @@ fn policy_route_sends_replies_through_the_given_gateway() {
         before,
         "replies go straight to the router again"
     );
+    d.assert_clean_log_except(&["policy route from 198.51.100.2 table 100 was removed; repaired"]);
 }
 
 #[test]
@@ -1326,6 +1373,7 @@ fn save_export_fragment_restores_cleanly_and_holds_only_natmap() {
         !forward.iter().any(|l| l == "-A FORWARD -j NATMAP"),
         "{forward:?}"
     );
+    d2.assert_clean_log();
     drop(d2);
 
     // A host with Docker's chains: they are left exactly as they were.
@@ -1378,6 +1426,7 @@ fn save_export_fragment_restores_cleanly_and_holds_only_natmap() {
         .run_ok(&["iptables-restore", "--noflush", file.to_str().unwrap()]);
     assert_eq!(docker_lines(&docker), before);
     assert_eq!(natmap_rules(&docker.router, false), expected);
+    d.assert_clean_log();
 }
 
 #[test]
@@ -1416,4 +1465,72 @@ fn daemon_refuses_to_start_when_dockers_rules_are_in_the_other_backend() {
     );
     topo.router
         .run_ok(&["iptables-legacy", "-w", "-t", "nat", "-X", "DOCKER"]);
+}
+
+#[test]
+fn one_daemon_per_namespace_and_ls_filters_whole_values() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::new();
+    let d = Daemon::start(&topo.router);
+    let other = StateDir::new();
+    let out = topo.router.exec(&[
+        LAB_OPS_BIN,
+        "natmap",
+        "--socket",
+        other.socket_path().to_str().unwrap(),
+        "daemon",
+        "--state",
+        other.state_path().to_str().unwrap(),
+        "--socket-group",
+        "root",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("another natmap daemon already runs in this network namespace"),
+        "{stderr}"
+    );
+
+    d.cli_ok(&[
+        "dnat",
+        "--ext-ip",
+        "192.0.2.1",
+        "--int-ip",
+        "198.51.100.2",
+        "--ports",
+        "25",
+    ]);
+    d.cli_ok(&[
+        "dnat",
+        "--ext-ip",
+        "192.0.2.1",
+        "--int-ip",
+        "198.51.100.20",
+        "--ports",
+        "26",
+    ]);
+    d.cli_ok(&[
+        "policy-route",
+        "--src-ip",
+        "198.51.100.2",
+        "--via",
+        "198.51.100.1",
+        "--table",
+        "100",
+    ]);
+    let ids = |filter: &str| -> Vec<u64> {
+        d.cli_json(&["ls", filter])["data"]["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(ids("198.51.100.2"), [1, 3], "whole addresses only");
+    assert_eq!(ids("198.51.100.20"), [2]);
+    assert_eq!(ids("2"), [2], "an id");
+    assert_eq!(ids("policy-route"), [3]);
+    assert_eq!(ids("dnat"), [1, 2]);
 }

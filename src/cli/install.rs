@@ -929,11 +929,7 @@ mod tests {
         let keys: Vec<String> = directives(&unit).into_iter().map(|(k, _)| k).collect();
         assert_eq!(value(&unit, "ExecReload"), "/bin/kill -HUP $MAINPID");
         // /proc/sys must stay writable for ip_forward.
-        for absent in [
-            "ProtectKernelTunables",
-            "RuntimeDirectory",
-            "User",
-        ] {
+        for absent in ["ProtectKernelTunables", "RuntimeDirectory", "User"] {
             assert!(
                 !keys.iter().any(|k| k == absent),
                 "{absent}= must not be set"

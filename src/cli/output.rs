@@ -329,7 +329,7 @@ impl Printer {
 fn dry_run(r: &DryRunReport) {
     println!("dry run: nothing was changed.");
     for effect in &r.effects {
-        println!("sysctl {effect}");
+        println!("would: {effect}");
     }
     if r.transactions.is_empty() && r.effects.is_empty() {
         println!("no rule would change");

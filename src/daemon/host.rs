@@ -203,6 +203,30 @@ pub fn route_add(rule: &PolicyRouteRule) -> Result<(), String> {
     run_ip(&[fam, "rule", "add", "from", &src, "lookup", &table])
 }
 
+/// Whether both halves of a policy route are in the kernel.
+pub fn route_present(rule: &PolicyRouteRule) -> bool {
+    let (fam, src, table) = (
+        ip_family(rule),
+        rule.src_ip.as_match(),
+        rule.table.to_string(),
+    );
+    let output = |args: &[&str]| {
+        Command::new("ip")
+            .args(args)
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let rule_there = !output(&[fam, "rule", "list", "from", &src, "lookup", &table])
+        .trim()
+        .is_empty();
+    let route_there =
+        output(&[fam, "route", "show", "table", &table, "default"]).contains(&rule.via.to_string());
+    rule_there && route_there
+}
+
 /// Removes a policy route (both the rule and the table's default route).
 pub fn route_del(rule: &PolicyRouteRule) -> Result<(), String> {
     let (fam, src, via, table) = (

@@ -103,6 +103,7 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     // A broken config stops the start, naming the key and the line.
     let file_config = Config::load(&config.config_path, config.config_explicit)?;
     let _lock = lock_state(&config)?;
+    let _netns_lock = lock_network_namespace()?;
 
     let nf: Arc<dyn Netfilter> = Arc::new(executor);
     let state_path = config.state_path.clone();
@@ -369,6 +370,23 @@ pub(crate) async fn watch_engine(engine: EngineConfig, label: String, tx: mpsc::
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }
+}
+
+/// One daemon per network namespace: two would rewrite each other's chains
+/// every repair cycle. An abstract Unix socket is per network namespace and
+/// vanishes with the process, so it is a lock that a crash cannot leave behind.
+fn lock_network_namespace() -> Result<std::os::unix::net::UnixListener, String> {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(b"natmap-daemon")
+        .map_err(|e| format!("cannot create the namespace lock: {e}"))?;
+    std::os::unix::net::UnixListener::bind_addr(&addr).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            "another natmap daemon already runs in this network namespace \
+             (it owns the NATMAP chains here); stop it first"
+                .to_owned()
+        }
+        _ => format!("cannot create the namespace lock: {e}"),
+    })
 }
 
 /// One daemon per state file: an exclusive lock beside it, held for life.

@@ -85,7 +85,8 @@ pub struct PortSpec {
 
 const PORT_SPEC_FORM: &str =
     "[HOST_IP:]HOST_PORT[:CONTAINER_PORT][/tcp|udp] or HOST_PORT:TARGET_IP:PORT[/tcp|udp], \
-e.g. 8080:80, 127.0.0.1:8080:80/tcp, 5353:53/udp, 8080:192.0.2.10:80 ([v6] in brackets)";
+e.g. 8080:80, 203.0.113.10:8080:80/tcp, 5353:53/udp, 8080:192.0.2.10:80 ([v6] in brackets); \
+HOST_IP is a non-loopback address of this host (127.0.0.1 is always served)";
 
 /// Splits on ':' outside of `[...]`.
 fn split_colons(s: &str) -> Vec<&str> {

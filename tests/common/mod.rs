@@ -1759,6 +1759,23 @@ impl Daemon {
         );
     }
 
+    /// [`Daemon::assert_clean_log`] with `expected` declared as allowed for
+    /// this check (the WARN/ERROR lines the test provokes on purpose).
+    #[track_caller]
+    pub fn assert_clean_log_except(&self, expected: &[&str]) {
+        let mut allowed = self.opts.allowed_log.clone();
+        allowed.extend(expected.iter().map(|e| e.to_string()));
+        let problems = log_problems(&self.log(), &allowed);
+        assert!(
+            problems.is_empty(),
+            "the daemon logged {} unexpected WARN/ERROR line(s) (expected only lines \
+             containing {expected:?}):\n{}\n--- full daemon log ---\n{}",
+            problems.len(),
+            problems.join("\n"),
+            self.log()
+        );
+    }
+
     /// The daemon's `VmRSS` in KiB (from `/proc/PID/status`), if running.
     pub fn rss_kib(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;

@@ -114,6 +114,8 @@ pub struct Engine {
     ticks: u64,
     /// Auto-discovery (config, engine watchers, problems).
     discovery: auto::Discovery,
+    /// Set when the state file was corrupt at start (shown by `status`).
+    state_warning: Option<String>,
 }
 
 /// Every this many ticks, every Docker mapping is checked against Docker
@@ -140,6 +142,7 @@ impl Engine {
         nf: Arc<dyn Netfilter>,
         relays: Relays,
     ) -> Result<Engine, String> {
+        let mut corrupt: Option<String> = None;
         let state = match state::load(&state_path).map_err(|e| e.to_string())? {
             Loaded::Fresh(s) => {
                 tracing::info!(path = %state_path.display(), "no state file yet, starting empty");
@@ -161,6 +164,11 @@ impl Engine {
                     "STATE FILE IS CORRUPT: it was moved aside and natmap starts with NO rules; \
                      inspect the moved file and re-add the rules"
                 );
+                corrupt = Some(format!(
+                    "the state file was corrupt at start and was moved to {}; natmap started with no rules \
+                     (inspect it, re-add the rules; `clear` acknowledges this)",
+                    moved_to.display()
+                ));
                 state
             }
         };
@@ -187,9 +195,10 @@ impl Engine {
             routes: Default::default(),
             ticks: 0,
             discovery: Default::default(),
+            state_warning: corrupt,
         };
         if engine.state.forwarding {
-            match host::enable_forwarding(true) {
+            match host::enable_forwarding(engine.state.forwarding_ipv6) {
                 Ok(changes) => {
                     for c in changes.iter().filter(|c| c.before != c.after) {
                         tracing::info!(sysctl = %c.name, "forwarding re-enabled from state");
@@ -722,9 +731,10 @@ impl Engine {
         }
         let sysctls =
             host::enable_forwarding(ipv6).map_err(|e| Failure::new(ErrorCode::SysctlFailed, e))?;
-        if !self.state.forwarding {
+        if !self.state.forwarding || self.state.forwarding_ipv6 != ipv6 {
             let mut next = self.state.clone();
             next.forwarding = true;
+            next.forwarding_ipv6 = ipv6;
             state::save(&self.state_path, &next).map_err(|e| {
                 Failure::new(
                     ErrorCode::StateWriteFailed,
@@ -826,6 +836,7 @@ impl Engine {
             self.release(rule.id);
             forget_flows(&rule.spec);
         }
+        self.state_warning = None;
         tracing::info!(removed, "all rules cleared");
         Ok(Response::ok(ClearReport { removed }))
     }
@@ -843,11 +854,40 @@ impl Engine {
             tracing::warn!(
                 "net.ipv4.ip_forward was reset to 0 by something else; setting it back to 1"
             );
-            if let Err(e) = host::enable_forwarding(true) {
+            self.repairs += 1;
+            self.last_repair = Some((
+                std::time::Instant::now(),
+                vec!["net.ipv4.ip_forward was reset to 0".into()],
+            ));
+            if let Err(e) = host::enable_forwarding(self.state.forwarding_ipv6) {
                 tracing::error!("cannot re-enable forwarding: {e}");
             }
         }
+        self.repair_routes();
         self.retry_conflicts();
+    }
+
+    /// Puts back policy routes someone removed (`ip rule del`, or a link
+    /// going down, which drops the table's default route).
+    fn repair_routes(&mut self) {
+        let routes: Vec<PolicyRouteRule> = self.routes.iter().copied().collect();
+        for route in routes {
+            if host::route_present(&route) {
+                continue;
+            }
+            match host::route_add(&route) {
+                Ok(()) => {
+                    self.repairs += 1;
+                    let reason = format!(
+                        "policy route from {} table {} was removed",
+                        route.src_ip, route.table
+                    );
+                    tracing::warn!(repairs = self.repairs, "{reason}; repaired");
+                    self.last_repair = Some((std::time::Instant::now(), vec![reason]));
+                }
+                Err(e) => tracing::warn!("cannot repair policy route from {}: {e}", route.src_ip),
+            }
+        }
     }
 
     /// Compares natmap's chains and hooks in the kernel with what natmap
@@ -959,7 +999,9 @@ fn route_changes(
 /// Turns an outcome into the response line, logging failures.
 fn respond(result: Outcome<Response>) -> Response {
     result.unwrap_or_else(|f| {
-        tracing::info!(code = %f.code, "request failed: {}", f.message);
+        if f.message != DRY_RUN_STOP {
+            tracing::info!(code = %f.code, "request failed: {}", f.message);
+        }
         Response::err(f.code, f.message)
     })
 }
@@ -991,40 +1033,53 @@ fn forget_flows(spec: &RuleSpec) {
     }
 }
 
-/// `ls FILTER`: an id, a kind, or a piece of an address or interface.
+/// `ls FILTER`: a rule id, a kind (`policy-route` or `policy_route`), an
+/// address, interface, table or host port of the rule, a container name, a
+/// container id prefix (4+ characters) or an auto-discover engine. Whole
+/// values only: `ls 10.0.0.2` does not match 10.0.0.25. `filter` is lowercase.
 fn rule_matches(rule: &Rule, filter: &str) -> bool {
-    if filter.parse::<RuleId>().ok() == Some(rule.id) || rule.spec.kind() == filter {
+    let kind = rule.spec.kind();
+    if filter.parse::<RuleId>().ok() == Some(rule.id)
+        || kind == filter
+        || kind.replace('_', "-") == filter
+    {
         return true;
     }
-    let fields: Vec<String> = match &rule.spec {
-        RuleSpec::Dnat(r) => vec![
-            r.ext_ip.to_string(),
-            r.int_ip.to_string(),
-            r.ext_if.as_ref().map(|i| i.to_string()).unwrap_or_default(),
-        ],
-        RuleSpec::Snat(r) => vec![
-            r.source.to_string(),
-            r.ext_if.to_string(),
-            r.ext_ip.to_string(),
-        ],
-        RuleSpec::Hairpin(r) => vec![r.ext_ip.to_string(), r.int_ip.to_string()],
+    let is = |value: String| value.to_ascii_lowercase() == filter;
+    match &rule.spec {
+        RuleSpec::Dnat(r) => {
+            is(r.ext_ip.to_string())
+                || is(r.int_ip.to_string())
+                || r.ext_if.as_ref().is_some_and(|i| is(i.to_string()))
+        }
+        RuleSpec::Snat(r) => {
+            is(r.source.to_string())
+                || is(r.ext_if.to_string())
+                || is(r.ext_ip.to_string())
+                || r.source
+                    .to_string()
+                    .split('/')
+                    .next()
+                    .is_some_and(|ip| is(ip.to_owned()))
+        }
+        RuleSpec::Hairpin(r) => {
+            is(r.ext_ip.to_string()) || is(r.int_ip.to_string()) || is(r.int_net.to_string())
+        }
         RuleSpec::PolicyRoute(r) => {
-            vec![r.src_ip.to_string(), r.via.to_string(), r.table.to_string()]
+            is(r.src_ip.to_string()) || is(r.via.to_string()) || is(r.table.to_string())
         }
         RuleSpec::Docker(r) => {
-            if r.refers_to(filter) {
-                return true;
-            }
-            vec![
-                r.name.clone(),
-                r.host_port.to_string(),
-                r.target_v4.map(|t| t.ip.to_string()).unwrap_or_default(),
-            ]
+            is(r.name.clone())
+                || (filter.len() >= 4
+                    && r.container_id
+                        .as_deref()
+                        .is_some_and(|id| id.starts_with(filter)))
+                || is(r.host_port.to_string())
+                || r.host_ip.is_some_and(|h| is(h.to_string()))
+                || r.target_v4.is_some_and(|t| is(t.ip.to_string()))
+                || r.auto.as_ref().is_some_and(|a| is(a.engine.clone()))
         }
-    };
-    fields
-        .iter()
-        .any(|f| f.to_ascii_lowercase().contains(filter))
+    }
 }
 
 #[cfg(test)]

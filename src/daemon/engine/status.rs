@@ -62,6 +62,9 @@ impl Engine {
                 self.docker_error
             ));
         }
+        if let Some(corrupt) = &self.state_warning {
+            problems.push(corrupt.clone());
+        }
         if let Some(mismatch) = &self.backend_warning {
             problems.push(mismatch.clone());
         }
@@ -202,12 +205,12 @@ impl Engine {
                 };
                 let c = out.entry(id).or_default();
                 match table {
-                    "nat"
-                        if !rest.starts_with("-A NATMAP-OUTPUT ") || !rest.contains("-j DNAT") =>
-                    {
+                    // Only a connection's first packet passes the nat table;
+                    // count the DNAT/SNAT lines (a MASQUERADE line of the same
+                    // rule sees the same connection again).
+                    "nat" if rest.contains("-j DNAT") || rest.contains("-j SNAT") => {
                         c.connections += pkts
                     }
-                    "nat" => c.connections += pkts,
                     "filter" => {
                         c.packets += pkts;
                         c.bytes += bytes;

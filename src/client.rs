@@ -29,7 +29,7 @@ fn try_call(socket: &Path, request: Request) -> Result<Response, Response> {
                 "is the daemon running? start it with `lab-ops natmap daemon` or `systemctl start natmap`"
             }
             std::io::ErrorKind::PermissionDenied => {
-                "you need to be root or in the socket's group (natmap)"
+                "you need to be root or in the daemon's socket group (natmap unless the daemon was started with --socket-group)"
             }
             _ => "check --socket",
         };

@@ -1269,7 +1269,7 @@ fn policy_route_sends_replies_through_the_given_gateway() {
         "--table",
         "254",
     ]);
-    assert_eq!(status.code(), Some(1));
+    assert_eq!(status.code(), Some(2));
     assert!(
         bad["error"]["message"]
             .as_str()
@@ -1533,4 +1533,5 @@ fn one_daemon_per_namespace_and_ls_filters_whole_values() {
     assert_eq!(ids("2"), [2], "an id");
     assert_eq!(ids("policy-route"), [3]);
     assert_eq!(ids("dnat"), [1, 2]);
+    d.assert_clean_log();
 }

@@ -98,7 +98,7 @@ pub enum DockerCommand {
 pub struct AddArgs {
     /// CONTAINER MAPPING, or just MAPPING with --name.
     /// MAPPING: [HOST_IP:]HOST_PORT[:CONTAINER_PORT][/tcp|udp] or HOST_PORT:TARGET_IP:PORT[/tcp|udp].
-    #[arg(value_name = "CONTAINER] [MAPPING", num_args = 1..=2, required = true)]
+    #[arg(value_name = "CONTAINER|MAPPING", num_args = 1..=2, required = true)]
     pub args: Vec<String>,
     /// The container (or, with HOST_PORT:TARGET_IP:PORT, a label for the target).
     #[arg(long, value_name = "NAME", value_parser = container)]
@@ -112,7 +112,7 @@ pub struct AddArgs {
 #[derive(Debug, Args)]
 pub struct RmArgs {
     /// CONTAINER HOST_PORT[/proto], or HOST_PORT with --name.
-    #[arg(value_name = "CONTAINER] [HOST_PORT", num_args = 0..=2)]
+    #[arg(value_name = "CONTAINER|HOST_PORT", num_args = 0..=2)]
     pub args: Vec<String>,
     /// The container or label.
     #[arg(long, value_name = "NAME", value_parser = container, conflicts_with = "id")]

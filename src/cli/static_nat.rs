@@ -26,6 +26,16 @@ fn iface(s: &str) -> Result<IfName, String> {
     s.parse::<IfName>().map_err(|e| e.to_string())
 }
 
+fn table(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(t) if !matches!(t, 0 | 253 | 254 | 255) => Ok(t),
+        _ => Err(format!(
+            "invalid --table {s:?}: expected a routing table number 1-252 or above 255 \
+             (0, 253 default, 254 main and 255 local are reserved)"
+        )),
+    }
+}
+
 fn proto(s: &str) -> Result<Proto, String> {
     s.parse::<Proto>()
         .map_err(|e| e.with_field("--proto").to_string())
@@ -173,7 +183,7 @@ pub struct PolicyRouteArgs {
     #[arg(long, value_name = "GW", value_parser = |s: &str| HostIp::parse_field("--via", s).map_err(|e| e.to_string()))]
     pub via: HostIp,
     /// Routing table number (1-252, or above 255).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = table)]
     pub table: u32,
     /// Delete the route instead of adding it.
     #[arg(long)]

@@ -230,7 +230,8 @@ pub struct DockerRule {
     pub host_port: u16,
     /// Container (target) port.
     pub container_port: u16,
-    /// Protocol.
+    /// Protocol (tcp when left out of a document).
+    #[serde(default)]
     pub proto: Proto,
     /// A fixed, non-Docker target: never inspected.
     #[serde(default)]

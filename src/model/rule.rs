@@ -59,9 +59,11 @@ pub struct DnatRule {
     pub int_ip: HostIp,
     /// Forwarded ports.
     pub ports: PortList,
-    /// Protocol.
+    /// Protocol (tcp when left out of a document).
+    #[serde(default)]
     pub proto: Proto,
     /// Only traffic arriving on this interface, when given.
+    #[serde(default)]
     pub ext_if: Option<IfName>,
 }
 
@@ -87,7 +89,8 @@ pub struct HairpinRule {
     pub int_ip: HostIp,
     /// Forwarded ports.
     pub ports: PortList,
-    /// Protocol.
+    /// Protocol (tcp when left out of a document).
+    #[serde(default)]
     pub proto: Proto,
     /// The internal network whose clients are masqueraded so the replies come
     /// back through the router; clients from elsewhere keep their address.

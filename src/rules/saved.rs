@@ -101,16 +101,14 @@ impl SavedTables {
             }
             let hook = chain.hook();
             let jump = self.jump_state(table, hook, name);
-            if !jump.first || jump.count != 1 {
+            if jump.count == 0 {
+                reasons.push(format!("{table} {hook} lost its jump to {name}"));
+            } else if !jump.first {
                 reasons.push(format!(
-                    "{table} {hook} has {} jump(s) to {name}{}",
-                    jump.count,
-                    if jump.first {
-                        ""
-                    } else {
-                        ", not as its first rule"
-                    }
+                    "{table} {hook}'s jump to {name} is no longer its first rule"
                 ));
+            } else if jump.count > 1 {
+                reasons.push(format!("{table} {hook} has {} jumps to {name}", jump.count));
             }
         }
         if self.has_chain("filter", DOCKER_USER)

@@ -166,11 +166,11 @@ fn drift_is_detected_and_an_applied_state_has_none() {
     assert!(
         reasons
             .iter()
-            .any(|r| r.contains("PREROUTING has 1 jump(s) to NATMAP, not as its first rule")),
+            .any(|r| r.contains("PREROUTING's jump to NATMAP is no longer its first rule")),
         "{reasons:?}"
     );
     assert!(
-        reasons.iter().any(|r| r.contains("OUTPUT has 2 jump(s)")),
+        reasons.iter().any(|r| r.contains("OUTPUT has 2 jumps")),
         "{reasons:?}"
     );
     assert!(

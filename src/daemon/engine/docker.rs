@@ -15,6 +15,9 @@ use crate::proto::{
 use super::super::reserve;
 use super::{forget_flows, Engine, Failure, Outcome};
 
+/// `docker_error` before the first connection attempt finished.
+pub(super) const NOT_CONNECTED_YET: &str = "not connected to Docker yet";
+
 /// Where a mapping should point, per Docker.
 struct Observed {
     id: Option<String>,
@@ -36,6 +39,11 @@ impl Engine {
     pub fn docker_lost(&mut self, reason: String) {
         if self.docker.is_some() {
             tracing::warn!("lost Docker: {reason}; mappings keep their last known targets");
+        } else if self.docker_error == NOT_CONNECTED_YET {
+            tracing::info!(
+                "Docker is not reachable ({reason}); static rules work, and Docker commands answer \
+                 docker_unavailable until it is back (natmap keeps trying)"
+            );
         }
         self.docker = None;
         self.docker_error = reason;

@@ -183,7 +183,7 @@ impl Engine {
             v6_nat: true,
             relays,
             docker: None,
-            docker_error: "not connected to Docker yet".into(),
+            docker_error: docker::NOT_CONNECTED_YET.into(),
             down_reason: BTreeMap::new(),
             installed: false,
             repairs: 0,

@@ -200,7 +200,7 @@ impl Printer {
                 RuleStatus::Stale => "stale",
             };
             let mut status_cell = Cell::new(match &view.detail {
-                Some(d) => format!("{status}: {d}"),
+                Some(d) => printable(&format!("{status}: {d}")),
                 None => status.to_owned(),
             });
             if self.color {
@@ -213,8 +213,8 @@ impl Printer {
             let mut row = vec![
                 Cell::new(view.rule.id),
                 Cell::new(view.rule.spec.kind()),
-                Cell::new(matches),
-                Cell::new(target),
+                Cell::new(printable(&matches)),
+                Cell::new(printable(&target)),
                 Cell::new(proto),
                 status_cell,
             ];
@@ -345,6 +345,14 @@ fn dry_run(r: &DryRunReport) {
         );
         print!("{}", t.restore);
     }
+}
+
+/// Text from the daemon never reaches the terminal with control characters
+/// (an escape sequence in a name could rewrite the operator's screen).
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
 }
 
 fn host_ports(ip: IpAddr, ports: &PortList) -> String {

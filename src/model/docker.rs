@@ -260,6 +260,31 @@ pub struct AutoSource {
 }
 
 impl DockerRule {
+    /// Checks what the types cannot: names as Docker spells them, ports
+    /// 1-65535, a target for a fixed one. A rule from an `apply` document
+    /// or a hand-edited state must pass the same checks as `docker add`.
+    pub fn check_fields(&self) -> Result<(), String> {
+        self.name
+            .parse::<ContainerRef>()
+            .map_err(|e| format!("name: {e}"))?;
+        if let Some(net) = &self.network {
+            net.parse::<ContainerRef>()
+                .map_err(|e| format!("network: {}", e.with_field("network")))?;
+        }
+        if let Some(id) = &self.container_id {
+            if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err("container_id: expected a hexadecimal Docker id".into());
+            }
+        }
+        if self.host_port == 0 || self.container_port == 0 {
+            return Err("host_port and container_port: expected ports 1-65535".into());
+        }
+        if self.external && !self.is_up() {
+            return Err("a fixed (external) target needs target_v4 or target_v6".into());
+        }
+        Ok(())
+    }
+
     /// Whether the mapping forwards anywhere right now.
     pub fn is_up(&self) -> bool {
         self.target_v4.is_some() || self.target_v6.is_some()

@@ -154,6 +154,7 @@ impl RuleSpec {
             RuleSpec::Dnat(r) if r.ext_ip == r.int_ip => {
                 Err("--ext-ip and --int-ip are the same address".into())
             }
+            RuleSpec::Docker(d) => d.check_fields(),
             RuleSpec::PolicyRoute(r) if r.src_ip.family() != r.via.family() => {
                 Err(mixed("src-ip", "via"))
             }

@@ -21,6 +21,8 @@ impl Engine {
             .state
             .rules
             .iter()
+            // Auto-discovered mappings follow labels; they are not declared.
+            .filter(|r| !matches!(&r.spec, RuleSpec::Docker(d) if d.auto.is_some()))
             .map(|r| match &r.spec {
                 // A container's id and address are looked up when applied.
                 RuleSpec::Docker(d) if !d.external => {
@@ -55,6 +57,11 @@ impl Engine {
         for (i, spec) in doc.rules.into_iter().enumerate() {
             spec.check_consistent()
                 .map_err(|m| invalid(format!("rules[{i}]: {m}")))?;
+            if matches!(&spec, RuleSpec::Docker(d) if d.auto.is_some()) {
+                return Err(invalid(format!(
+                    "rules[{i}]: auto-discovered mappings come from container labels, not documents"
+                )));
+            }
             if spec.family() == Family::V6 && !self.v6_nat {
                 return Err(Failure::new(
                     ErrorCode::Ipv6Unavailable,

@@ -315,6 +315,8 @@ impl Engine {
                 *self.applied.family_mut(family) = desired.family(family).clone();
                 Ok(())
             }
+            // Waiting for the xtables lock again would only double the wait.
+            Err(e) if e.message.contains("xtables lock") => Err(e.to_string()),
             Err(e) => {
                 tracing::warn!(
                     "incremental {family} update refused ({e}); rewriting natmap's chains"

@@ -7,6 +7,8 @@
 #                   without it natmap serves static rules and its Docker
 #                   commands answer that Docker is unreachable.
 #   --binary PATH   install this prebuilt lab-ops instead of building one.
+#   --restart-only  start the already installed daemon again (used by
+#                   scripts/test.sh after it paused natmap for the tests).
 #
 # Steps: runtime packages (scripts/deps.sh --runtime), `cargo build --release
 # --locked`, then `lab-ops natmap install`, which sets up the systemd service.
@@ -29,14 +31,19 @@ readonly PIDFILE=/run/natmap-install-daemon.pid
 readonly SOCK_WAIT_SECS=10
 
 with_docker=0
+restart_only=0
 binary=""
 orig_args=("$@")
 
-usage() { sed -n '2,17s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+usage() { sed -n '2,19s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 
 while (($#)); do
 	case "$1" in
 	--with-docker) with_docker=1 ;;
+	--restart-only)
+		restart_only=1
+		binary=${DEST}
+		;;
 	--binary)
 		(($# >= 2)) || {
 			usage >&2
@@ -81,7 +88,7 @@ export PATH
 # the test suite. Docker only when asked for.
 deps_args=(--runtime)
 ((with_docker)) || deps_args+=(--no-docker)
-bash "${REPO}/scripts/deps.sh" "${deps_args[@]}"
+((restart_only)) || bash "${REPO}/scripts/deps.sh" "${deps_args[@]}"
 
 # 2. Build. --locked: install exactly the dependency versions that were tested.
 if [[ -z ${binary} ]]; then
@@ -161,8 +168,10 @@ if daemon_answers "${binary}"; then
 	die "a natmap daemon not started by this script is listening on ${SOCK}; stop it first (or use it: lab-ops natmap ls)"
 fi
 
-install -m 0755 "${binary}" "${DEST}"
-log "installed ${DEST}"
+if [[ ${binary} != "${DEST}" ]]; then
+	install -m 0755 "${binary}" "${DEST}"
+	log "installed ${DEST}"
+fi
 
 # The daemon makes its socket 0660 root:natmap by default (DESIGN.md §6) and
 # `natmap install` creates that group on systemd hosts; do the same here so the

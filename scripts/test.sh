@@ -69,6 +69,38 @@ if ! run deps bash "${REPO}/scripts/deps.sh"; then
 	exit 1
 fi
 
+# The Docker tests need the root network namespace, where an installed natmap
+# (scripts/install.sh) owns the NATMAP chains and only one daemon may run. Pause
+# it for the run: on SIGTERM it removes its rules, and on start it restores
+# them from its state, so the host is back as it was afterwards.
+resume_installed=""
+if [[ -S /run/natmap.sock ]]; then
+	if systemd_is_pid1 && systemctl is-active --quiet natmap 2>/dev/null; then
+		printf '\n==> pausing the natmap service for the tests (restarted afterwards)\n'
+		systemctl stop natmap
+		resume_installed="systemd"
+	elif [[ -s /run/natmap-install-daemon.pid ]]; then
+		pid="$(</run/natmap-install-daemon.pid)"
+		if [[ ${pid} =~ ^[0-9]+$ ]] && kill -0 "${pid}" 2>/dev/null; then
+			printf '\n==> pausing the natmap daemon (pid %s) for the tests (restarted afterwards)\n' "${pid}"
+			kill -TERM "${pid}"
+			for ((i = 0; i < 50; i++)); do
+				kill -0 "${pid}" 2>/dev/null || break
+				sleep 0.2
+			done
+			resume_installed="script"
+		fi
+	fi
+fi
+resume() {
+	case "${resume_installed}" in
+	systemd) systemctl start natmap && printf '==> natmap service restarted\n' ;;
+	script) bash "${REPO}/scripts/install.sh" --restart-only && printf '==> natmap daemon restarted\n' ;;
+	esac
+	return_target_to_sudo_user "${REPO}"
+}
+trap resume EXIT
+
 run fmt cargo fmt --all -- --check || true
 run clippy cargo clippy --all-targets -- -D warnings || true
 run test cargo test --all-targets -- --test-threads=4 "$@" || true

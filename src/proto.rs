@@ -127,7 +127,7 @@ impl Request {
             "dry_run" => {
                 let wrapped: DryRunValue = args(rest)?;
                 let inner = Request::from_value(wrapped.request).map_err(|m| format!("request.{m}"))?;
-                if matches!(inner, Request::DryRun(_)) || !inner.is_change() {
+                if !inner.has_dry_run() {
                     return Err(format!("request: {} has no dry run (it changes nothing)", inner.name()));
                 }
                 Request::DryRun(DryRunRequest { request: Box::new(inner) })
@@ -153,6 +153,12 @@ impl Request {
             Request::Apply(a) => !a.dry_run,
             _ => true,
         }
+    }
+
+    /// Whether `--dry-run` can simulate the request: changes of rules and
+    /// state (not `reload`, which reads a file, nor a nested dry run).
+    pub fn has_dry_run(&self) -> bool {
+        self.is_change() && !matches!(self, Request::Reload(_) | Request::DryRun(_))
     }
 
     /// The command's name, for logs.

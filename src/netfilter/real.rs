@@ -45,8 +45,10 @@ impl IptablesExecutor {
             Backend::Legacy => ("iptables-nft-save", "iptables-nft", "iptables-legacy"),
         };
         let has_docker = |text: &str| text.lines().any(|l| l.starts_with(":DOCKER "));
-        let theirs = run(other, &["-t", "nat"], None).ok()?;
-        let ours = run("iptables-save", &["-t", "nat"], None).unwrap_or_default();
+        // Without `-t`: asking for a table would create it (an empty legacy
+        // nat table makes every later `iptables` listing warn about it).
+        let theirs = run(other, &[], None).ok()?;
+        let ours = run("iptables-save", &[], None).unwrap_or_default();
         (has_docker(&theirs) && !has_docker(&ours)).then(|| {
             format!(
                 "Docker's rules are in {other_name} but `iptables` is {this_name}: natmap's rules would never \

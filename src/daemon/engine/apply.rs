@@ -88,6 +88,10 @@ impl Engine {
         let mut removed: Vec<Rule> = Vec::new();
         let mut kept_keys: HashSet<String> = HashSet::new();
         for rule in &self.state.rules {
+            // Auto-discovered mappings follow labels, not documents: kept as they are.
+            if matches!(&rule.spec, RuleSpec::Docker(d) if d.auto.is_some()) {
+                continue;
+            }
             let key = rule.spec.identity_key();
             if wanted_at.contains_key(&key) {
                 kept_keys.insert(key);

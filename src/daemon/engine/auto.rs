@@ -34,6 +34,8 @@ pub struct Discovery {
     /// Per engine: what was wrong with its last snapshot (bad labels,
     /// unpublished ports, conflicts with manual mappings).
     pub problems: BTreeMap<String, Vec<String>>,
+    /// Engines that sent a snapshot since the last (re)configuration.
+    pub connected: BTreeMap<String, bool>,
     /// Running watcher tasks.
     tasks: Vec<AbortHandle>,
     /// How to start watchers.
@@ -69,7 +71,11 @@ impl Engine {
             Failure::new(ErrorCode::InvalidConfig, e)
         })?;
         self.use_config(config.auto_discover);
-        tracing::info!(path = %path.display(), "config reloaded");
+        if path.exists() {
+            tracing::info!(path = %path.display(), "config reloaded");
+        } else {
+            tracing::info!(path = %path.display(), "no config file: auto-discover is off");
+        }
         let engines: Vec<String> = if self.discovery.config.enabled {
             self.discovery
                 .config
@@ -93,6 +99,7 @@ impl Engine {
         self.discovery.config = config;
         self.discovery.stale.clear();
         self.discovery.problems.clear();
+        self.discovery.connected.clear();
         let engines = if self.discovery.config.enabled {
             self.discovery.config.effective_engines()
         } else {
@@ -133,6 +140,10 @@ impl Engine {
                     for rule in &removed {
                         self.release(rule.id);
                         forget_flows(&rule.spec);
+                        tracing::info!(
+                            rule = rule.id,
+                            "auto mapping removed: its engine is no longer configured"
+                        );
                     }
                 }
                 Err(f) => {
@@ -156,6 +167,7 @@ impl Engine {
 
     /// An engine went away: its mappings stay, marked stale.
     pub fn auto_engine_down(&mut self, engine: String, reason: String) {
+        self.discovery.connected.insert(engine.clone(), false);
         if !self.discovery.stale.contains_key(&engine) {
             tracing::warn!(engine = %engine, "engine unreachable, its mappings stay as they are (stale): {reason}");
         }
@@ -182,7 +194,14 @@ impl Engine {
         };
         if self.discovery.stale.remove(&engine_name).is_some() {
             tracing::info!(engine = %engine_name, "engine answers again; refreshing its mappings");
+        } else if !self.discovery.connected.contains_key(&engine_name) {
+            tracing::info!(
+                engine = %engine_name,
+                containers = containers.len(),
+                "auto-discover engine connected"
+            );
         }
+        self.discovery.connected.insert(engine_name.clone(), true);
         let mut problems = Vec::new();
         let label = self.discovery.config.label.0.clone();
         let masquerade = !self.discovery.config.preserve_src_ip;

@@ -66,10 +66,15 @@ impl Engine {
         for (slot, outcome) in slots.into_iter().zip(self.apply_changes(changes)) {
             results[slot] = Some(outcome);
         }
-        results
+        let responses: Vec<Response> = results
             .into_iter()
             .map(|r| super::respond(r.expect("every slot answered")))
-            .collect()
+            .collect();
+        if responses.iter().any(|r| r.ok) {
+            // The operator acted on the state: the corrupt-file warning was seen.
+            self.state_warning = None;
+        }
+        responses
     }
 
     /// Plans every change on one copy of the state, commits once, then

@@ -166,7 +166,7 @@ impl Engine {
                 );
                 corrupt = Some(format!(
                     "the state file was corrupt at start and was moved to {}; natmap started with no rules \
-                     (inspect it, re-add the rules; `clear` acknowledges this)",
+                     (inspect it and re-add the rules; the next change clears this warning)",
                     moved_to.display()
                 ));
                 state
@@ -445,6 +445,7 @@ impl Engine {
                 .expect("one request, one response");
         }
         self.log_change(&request, peer);
+        let change = request.is_change();
         let result = match request {
             Request::Ping(_) => Ok(Response::ok(Pong {
                 daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -473,7 +474,12 @@ impl Engine {
             Request::Reload(_) => self.reload(),
             Request::DryRun(d) => self.dry_run(*d.request, peer),
         };
-        respond(result)
+        let response = respond(result);
+        if change && response.ok {
+            // The operator acted on the state: the corrupt-file warning was seen.
+            self.state_warning = None;
+        }
+        response
     }
 
     /// Runs a change up to its commit, then reports what it would have sent.

@@ -74,7 +74,17 @@ impl Engine {
         problems.extend(discovery.into_iter().filter(|p| !p.contains("conflict")));
         let mut warnings = Vec::new();
         if self.discovery.config.enabled && self.discovery.config.preserve_src_ip {
-            warnings.push(self.preserve_src_ip_check());
+            let (note, no_replies) = self.preserve_src_ip_check();
+            if no_replies {
+                problems.push(format!(
+                    "preserve_src_ip: no forwarded connection to a remote node saw a reply; \
+                     check the service nodes' policy routes ({note})"
+                ));
+            }
+            warnings.push(note);
+        }
+        for (engine, _) in self.discovery.connected.iter().filter(|(_, ok)| **ok) {
+            warnings.push(format!("auto-discover engine {engine} connected"));
         }
         if !conflicts.is_empty() {
             problems.push(format!("{} port conflict(s)", conflicts.len()));
@@ -104,7 +114,7 @@ impl Engine {
     /// With `preserve_src_ip`, a service node must route replies back
     /// through this host. What can be checked from here: whether forwarded
     /// connections to remote nodes saw replies (conntrack ASSURED).
-    fn preserve_src_ip_check(&self) -> String {
+    fn preserve_src_ip_check(&self) -> (String, bool) {
         let nodes: HashSet<String> = self
             .state
             .rules
@@ -130,10 +140,13 @@ impl Engine {
                 assured += text.lines().filter(|l| l.contains("ASSURED")).count();
             }
         }
-        format!(
-            "preserve_src_ip is on: service nodes must send replies back through this host \
-             (lab-ops natmap policy-route on each node); {assured} of {total} forwarded connections \
-             to remote nodes saw replies (conntrack ASSURED)"
+        (
+            format!(
+                "preserve_src_ip is on: service nodes must send replies back through this host \
+                 (lab-ops natmap policy-route on each node); {assured} of {total} forwarded connections \
+                 to remote nodes saw replies (conntrack ASSURED)"
+            ),
+            total > 0 && assured == 0,
         )
     }
 

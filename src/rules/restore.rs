@@ -26,14 +26,7 @@ pub fn full(rules: &FamilyRules, saved: &SavedTables) -> String {
 fn build(rules: &FamilyRules, saved: Option<&SavedTables>) -> String {
     let mut out = String::new();
     for table in TABLES {
-        let chains: Vec<Chain> = Chain::ALL
-            .into_iter()
-            .filter(|c| c.table() == table)
-            .collect();
-        let _ = writeln!(out, "*{table}");
-        for chain in &chains {
-            let _ = writeln!(out, ":{} - [0:0]", chain.name());
-        }
+        let chains = open_table(&mut out, table);
         let docker_user_missing =
             table == "filter" && saved.is_some_and(|s| !s.has_chain("filter", DOCKER_USER));
         if docker_user_missing {
@@ -57,6 +50,20 @@ fn build(rules: &FamilyRules, saved: Option<&SavedTables>) -> String {
         out.push_str("COMMIT\n");
     }
     out
+}
+
+/// Starts a table's section and declares (creates or flushes) natmap's
+/// chains in it; returns them.
+fn open_table(out: &mut String, table: &str) -> Vec<Chain> {
+    let chains: Vec<Chain> = Chain::ALL
+        .into_iter()
+        .filter(|c| c.table() == table)
+        .collect();
+    let _ = writeln!(out, "*{table}");
+    for chain in &chains {
+        let _ = writeln!(out, ":{} - [0:0]", chain.name());
+    }
+    chains
 }
 
 /// Makes `hook` jump to `target` exactly once, as its first rule.
@@ -124,14 +131,7 @@ pub fn teardown(saved: &SavedTables) -> String {
         if !saved.has_table(table) {
             continue;
         }
-        let chains: Vec<Chain> = Chain::ALL
-            .into_iter()
-            .filter(|c| c.table() == table)
-            .collect();
-        let _ = writeln!(out, "*{table}");
-        for chain in &chains {
-            let _ = writeln!(out, ":{} - [0:0]", chain.name());
-        }
+        let chains = open_table(&mut out, table);
         for chain in &chains {
             let state = saved.jump_state(table, chain.hook(), chain.name());
             for _ in 0..state.count {

@@ -1386,3 +1386,121 @@ fn dockers_own_rules_are_untouched() {
     assert!(status.success(), "{status}");
     assert_eq!(docker_rules_snapshot(), before, "after the daemon stopped");
 }
+
+/// Restarts the Docker engine the way this host runs it: systemd, or (CI,
+/// containers) the background dockerd that scripts/deps.sh starts, which
+/// deps.sh starts again when no engine answers.
+fn restart_docker_engine() {
+    let systemd = std::fs::read_to_string("/proc/1/comm").is_ok_and(|c| c.trim() == "systemd");
+    if systemd {
+        let out = run_quiet(
+            std::process::Command::new("systemctl").args(["restart", "docker"]),
+            Duration::from_secs(120),
+        )
+        .expect("systemctl restart docker");
+        assert!(out.status.success(), "systemctl restart docker: {out:?}");
+        return;
+    }
+    let pids = String::from_utf8_lossy(
+        &std::process::Command::new("pidof")
+            .arg("dockerd")
+            .output()
+            .expect("pidof")
+            .stdout,
+    )
+    .into_owned();
+    for pid in pids.split_whitespace() {
+        let pid: i32 = pid.parse().expect("pid");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let start = Instant::now();
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "dockerd {pid} did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let deps = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/deps.sh");
+    let out = run_quiet(
+        std::process::Command::new("bash").arg(&deps),
+        Duration::from_secs(180),
+    )
+    .expect("scripts/deps.sh");
+    assert!(
+        out.status.success(),
+        "restarting dockerd with scripts/deps.sh failed: {out:?}"
+    );
+}
+
+/// Issue 5: the Docker engine restarts while mappings exist. natmap's jump
+/// must be first in DOCKER-USER again within 5 s, and traffic flows again
+/// once the container is back (restart policy) without restarting natmap.
+#[test]
+fn docker_engine_restart_keeps_natmap_first_and_traffic_flowing() {
+    let (_serial, _timer) = setup!();
+    let outside = OutsideHost::new();
+    let web = Container::spawn_web(
+        &unique_name("always"),
+        "survivor",
+        &[],
+        &["--restart", "always"],
+    );
+    web.wait_ready();
+    let d = RootDaemon::start();
+    d.wait_docker_connected(Duration::from_secs(10));
+    let out = outside.client();
+    let hp = free_port();
+    added(&d, &["docker", "add", &web.name, &format!("{hp}:80")]);
+    expect_web(&out, sa(HOST_V4, hp), &web.marker);
+
+    let t = Instant::now();
+    restart_docker_engine();
+    let engine_back = t.elapsed();
+    let root_rules = |chain: &str| -> Vec<String> {
+        let out = std::process::Command::new("iptables")
+            .args(["-w", "10", "-t", "filter", "-S", chain])
+            .output()
+            .expect("iptables");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    let jump_first = || {
+        root_rules("DOCKER-USER")
+            .iter()
+            .find(|l| l.starts_with("-A "))
+            .map(String::as_str)
+            == Some("-A DOCKER-USER -j NATMAP")
+    };
+    let start = Instant::now();
+    while !jump_first() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "natmap's jump is not first in DOCKER-USER 5 s after Docker came back"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let forward = root_rules("FORWARD");
+    assert!(
+        forward.iter().any(|l| l == "-A FORWARD -j DOCKER-USER"),
+        "{forward:?}"
+    );
+    let took = poll_web(
+        &out,
+        sa(HOST_V4, hp),
+        &web.marker,
+        None,
+        Duration::from_secs(20),
+    );
+    report(&format!(
+        "  DOCKER RESTART: engine back after {} ms; jump first {} ms later; traffic flowing {} ms after the engine was back",
+        engine_back.as_millis(),
+        start.elapsed().as_millis(),
+        took.as_millis()
+    ));
+}

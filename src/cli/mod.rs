@@ -1,11 +1,11 @@
 //! The command line: clap definitions, and `run`, which either starts the
 //! daemon or sends one request to it and prints the answer.
 //!
-//! - [`static_nat`]: `dnat`, `snat`, `hairpin`.
-//! - [`ops`]: `daemon`, `ls`, `fwd`, `clear`, `ping`.
-//! - [`output`]: tables and JSON.
-//! - [`install`]: `install`, `uninstall` and the systemd unit (local, no daemon).
-//! - [`completions`]: `completions` and `man`, generated from these definitions.
+//! - `static_nat`: `dnat`, `snat`, `hairpin`.
+//! - `ops`: `daemon`, `ls`, `fwd`, `clear`, `ping`.
+//! - `output`: tables and JSON.
+//! - `install`: `install`, `uninstall` and the systemd unit (local, no daemon).
+//! - `completions`: `completions` and `man`, generated from these definitions.
 
 mod completions;
 mod docker;

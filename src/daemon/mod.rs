@@ -1,10 +1,10 @@
 //! The daemon: `lab-ops natmap daemon`.
 //!
-//! - [`server`]: the Unix socket, peer credentials, one task per connection.
-//! - [`engine`]: the single owner of state, rules and reservations.
-//! - [`reserve`]: sockets that hold forwarded ports.
-//! - [`relay`]: loopback traffic relayed from reserved sockets to targets.
-//! - [`host`]: sysctls, routes and conntrack.
+//! - `server`: the Unix socket, peer credentials, one task per connection.
+//! - `engine`: the single owner of state, rules and reservations.
+//! - `reserve`: sockets that hold forwarded ports.
+//! - `relay`: loopback traffic relayed from reserved sockets to targets.
+//! - `host`: sysctls, routes and conntrack.
 
 pub mod engine;
 pub mod host;

@@ -10,12 +10,12 @@
 //! - this file: the engine's state, recovery at start, applying rulesets
 //!   (diff or full rewrite) and committing states, the request dispatcher,
 //!   `ls`, `fwd`, `save`, `clear`, shutdown;
-//! - [`batch`]: rule changes planned together, one commit per batch;
-//! - [`apply`]: `apply` and `export` documents;
-//! - [`docker`]: `docker add/rm/remap`, following containers;
-//! - [`auto`]: auto-discovery from container labels;
-//! - [`status`]: `status` and per-rule counters;
-//! - [`repair`]: the periodic tick (drift repair, routes, busy ports).
+//! - `batch`: rule changes planned together, one commit per batch;
+//! - `apply`: `apply` and `export` documents;
+//! - `docker`: `docker add/rm/remap`, following containers;
+//! - `auto`: auto-discovery from container labels;
+//! - `status`: `status` and per-rule counters;
+//! - `repair`: the periodic tick (drift repair, routes, busy ports).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -202,19 +202,7 @@ pub fn docker_ready() -> bool {
     });
     match result {
         Ok(()) => true,
-        Err(reason) => {
-            let required = std::env::var("CI").is_ok_and(|v| v == "true")
-                || std::env::var("NATMAP_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1");
-            if required {
-                panic!(
-                    "{reason} (CI=true or NATMAP_REQUIRE_PRIVILEGED=1 is set, so this is an \
-                     error, not a skip)"
-                );
-            }
-            let test = std::thread::current().name().unwrap_or("?").to_string();
-            report(&format!("SKIP: {reason} ({test})"));
-            false
-        }
+        Err(reason) => super::skip_or_fail(reason),
     }
 }
 

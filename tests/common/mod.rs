@@ -149,22 +149,27 @@ pub fn privileged() -> bool {
     });
     match result {
         Ok(()) => true,
-        Err(reason) => {
-            let required = std::env::var("CI").is_ok_and(|v| v == "true")
-                || std::env::var("NATMAP_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1");
-            if required {
-                panic!(
-                    "{reason} (CI=true or NATMAP_REQUIRE_PRIVILEGED=1 is set, so this is an \
-                     error, not a skip)"
-                );
-            }
-            let test = std::thread::current().name().unwrap_or("?").to_string();
-            // Written to the real stderr, not via eprintln!: libtest captures
-            // the print macros of passing tests, and a skip must be visible.
-            let _ = writeln!(std::io::stderr(), "SKIP: {reason} ({test})");
-            false
-        }
+        Err(reason) => skip_or_fail(reason),
     }
+}
+
+/// A test's prerequisites are missing: panics when the environment demands
+/// the test (`CI=true` or `NATMAP_REQUIRE_PRIVILEGED=1`), otherwise prints
+/// `SKIP: <reason> (<test>)` and returns false.
+pub fn skip_or_fail(reason: &str) -> bool {
+    let required = std::env::var("CI").is_ok_and(|v| v == "true")
+        || std::env::var("NATMAP_REQUIRE_PRIVILEGED").is_ok_and(|v| v == "1");
+    if required {
+        panic!(
+            "{reason} (CI=true or NATMAP_REQUIRE_PRIVILEGED=1 is set, so this is an \
+             error, not a skip)"
+        );
+    }
+    let test = std::thread::current().name().unwrap_or("?").to_string();
+    // Written to the real stderr, not via eprintln!: libtest captures
+    // the print macros of passing tests, and a skip must be visible.
+    let _ = writeln!(std::io::stderr(), "SKIP: {reason} ({test})");
+    false
 }
 
 /// Full path of `tool` if it is an executable file in one of `PATH`'s directories.

@@ -111,7 +111,7 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     let mut engine = tokio::task::spawn_blocking(move || Engine::open(state_path, nf, relays))
         .await
         .map_err(|e| format!("engine start panicked: {e}"))??;
-    engine.set_backend(backend.name(), None);
+    engine.set_backend(backend.name());
     let (tx, rx) = mpsc::channel::<EngineMsg>();
     engine.start_discovery(
         file_config,

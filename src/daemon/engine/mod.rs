@@ -116,8 +116,6 @@ pub struct Engine {
     started: std::time::Instant,
     /// The iptables backend (`nft` or `legacy`).
     backend: String,
-    /// Set when Docker's rules seem to live in the other backend.
-    backend_warning: Option<String>,
     /// The last drift repair: when and why.
     last_repair: Option<(std::time::Instant, Vec<String>)>,
     /// Policy routes natmap has installed.
@@ -202,7 +200,6 @@ impl Engine {
             simulated: None,
             started: std::time::Instant::now(),
             backend: String::from("unknown"),
-            backend_warning: None,
             last_repair: None,
             routes: Default::default(),
             ticks: 0,
@@ -667,11 +664,11 @@ impl Engine {
         RuleList { rules }
     }
 
-    /// Records the iptables backend and, if Docker's rules seem to live in
-    /// the other one, why natmap's rules would never match.
-    pub fn set_backend(&mut self, backend: &str, warning: Option<String>) {
+    /// Records the iptables backend for `status`. (A host whose Docker
+    /// rules live in the other backend never gets here: the daemon refuses
+    /// to start.)
+    pub fn set_backend(&mut self, backend: &str) {
         self.backend = backend.to_owned();
-        self.backend_warning = warning;
     }
 
     /// Adds one rule (through the same path as a batch of one).

@@ -65,9 +65,6 @@ impl Engine {
         if let Some(corrupt) = &self.state_warning {
             problems.push(corrupt.clone());
         }
-        if let Some(mismatch) = &self.backend_warning {
-            problems.push(mismatch.clone());
-        }
         let mut conflicts = self.conflicts();
         let discovery = self.discovery_problems();
         conflicts.extend(discovery.iter().filter(|p| p.contains("conflict")).cloned());

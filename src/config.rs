@@ -22,6 +22,48 @@ pub struct Config {
     /// `[auto_discover]`.
     #[serde(default)]
     pub auto_discover: AutoDiscover,
+    /// `[relay]`: bounds of the loopback relay.
+    #[serde(default)]
+    pub relay: RelayConfig,
+}
+
+/// `[relay]`: the loopback relay's bounds (read at start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// A relayed TCP connection idle this long is closed (seconds, ≥ 1).
+    #[serde(default = "RelayConfig::default_idle")]
+    pub idle_timeout_secs: std::num::NonZeroU64,
+    /// Relayed TCP connections and UDP clients at once, across all rules (≥ 1).
+    #[serde(default = "RelayConfig::default_max")]
+    pub max_connections: std::num::NonZeroUsize,
+}
+
+impl RelayConfig {
+    fn default_idle() -> std::num::NonZeroU64 {
+        std::num::NonZeroU64::new(300).expect("non-zero")
+    }
+
+    fn default_max() -> std::num::NonZeroUsize {
+        std::num::NonZeroUsize::new(1024).expect("non-zero")
+    }
+
+    /// The relay's limits.
+    pub fn limits(&self) -> crate::daemon::relay::RelayLimits {
+        crate::daemon::relay::RelayLimits {
+            idle_timeout: std::time::Duration::from_secs(self.idle_timeout_secs.get()),
+            max_connections: self.max_connections.get(),
+        }
+    }
+}
+
+impl Default for RelayConfig {
+    fn default() -> RelayConfig {
+        RelayConfig {
+            idle_timeout_secs: RelayConfig::default_idle(),
+            max_connections: RelayConfig::default_max(),
+        }
+    }
 }
 
 /// `[auto_discover]`: label-driven mappings from Docker engines.

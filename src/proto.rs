@@ -207,6 +207,9 @@ pub struct DnatRequest {
     /// Ingress interface, optional.
     #[serde(default)]
     pub ext_if: Option<IfName>,
+    /// Accept an external address that is not this host's now (a VIP).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_nonlocal: bool,
     /// Delete instead of add.
     #[serde(default)]
     pub delete: bool,
@@ -244,6 +247,9 @@ pub struct HairpinRequest {
     /// connected network the host routes `int_ip` through.
     #[serde(default)]
     pub int_net: Option<Network>,
+    /// Accept an external address that is not this host's now (a VIP).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_nonlocal: bool,
     /// Delete instead of add.
     #[serde(default)]
     pub delete: bool,
@@ -264,6 +270,9 @@ pub struct DockerAddRequest {
     /// Docker network to take the address from, when the container has several.
     #[serde(default)]
     pub network: Option<ContainerRef>,
+    /// Accept a HOST_IP that is not this host's now (a VIP).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_nonlocal: bool,
 }
 
 /// `docker rm` arguments: a container (or `--name`) and host port, or an id.
@@ -556,6 +565,8 @@ pub enum ErrorCode {
     DockerUnavailable,
     /// No container by that id or name.
     ContainerNotFound,
+    /// An external or host address is not an address of this host.
+    AddressNotLocal,
     /// The client could not reach the daemon (client-side only).
     DaemonUnreachable,
     /// The daemon answered something the client could not read (client-side only).
@@ -581,6 +592,7 @@ impl ErrorCode {
             ErrorCode::InvalidConfig => "invalid_config",
             ErrorCode::DockerUnavailable => "docker_unavailable",
             ErrorCode::ContainerNotFound => "container_not_found",
+            ErrorCode::AddressNotLocal => "address_not_local",
             ErrorCode::DaemonUnreachable => "daemon_unreachable",
             ErrorCode::BadResponse => "bad_response",
             ErrorCode::Internal => "internal",
@@ -639,6 +651,14 @@ pub enum RuleStatus {
     /// An auto-discovered mapping whose engine does not answer: its rules
     /// stay as they were until the engine is back.
     Stale,
+    /// The rule's address is not this host's (yet): with `--allow-nonlocal`
+    /// its rules are installed but match only once the address is local;
+    /// without, nothing is installed until the address appears.
+    WaitingForAddress,
+    /// A Docker mapping natmap cannot confirm (Docker unreachable, or not
+    /// asked yet since the daemon started): no rules until Docker confirms
+    /// the container runs with that address.
+    Unknown,
 }
 
 /// What a change did.
@@ -735,6 +755,7 @@ mod tests {
                 ports: "25,465".parse().unwrap(),
                 proto: Proto::Udp,
                 ext_if: Some("eth0".parse().unwrap()),
+                allow_nonlocal: false,
                 delete: false,
             }),
         };

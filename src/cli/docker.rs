@@ -106,6 +106,10 @@ pub struct AddArgs {
     /// Docker network to take the container's address from, when it has several.
     #[arg(long, value_name = "NET", value_parser = container)]
     pub network: Option<ContainerRef>,
+    /// Accept a HOST_IP this host does not have now (a VRRP/keepalived VIP):
+    /// the mapping then matches only while the address is local.
+    #[arg(long)]
+    pub allow_nonlocal: bool,
 }
 
 /// `docker rm` arguments.
@@ -151,6 +155,7 @@ impl DockerCommand {
                     name: a.name,
                     mapping: mapping(spec)?,
                     network: a.network,
+                    allow_nonlocal: a.allow_nonlocal,
                 }))
             }
             DockerCommand::Rm(a) => {

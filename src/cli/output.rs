@@ -198,6 +198,8 @@ impl Printer {
                 RuleStatus::Unavailable => "unavailable",
                 RuleStatus::Down => "down",
                 RuleStatus::Stale => "stale",
+                RuleStatus::WaitingForAddress => "waiting for address",
+                RuleStatus::Unknown => "unknown",
             };
             let mut status_cell = Cell::new(match &view.detail {
                 Some(d) => printable(&format!("{status}: {d}")),

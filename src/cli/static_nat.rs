@@ -48,6 +48,8 @@ fn proto(s: &str) -> Result<Proto, String> {
   lab-ops natmap dnat --ext-ip 203.0.113.10 --int-ip 10.0.0.25 --ports 25,465,587
   # DNS over UDP, only from the WAN interface
   lab-ops natmap dnat --ext-ip 203.0.113.10 --int-ip 10.0.0.53 --ports 53 --proto udp --ext-if eth0
+  # a keepalived VIP: forwards only on the node that holds it now
+  lab-ops natmap dnat --ext-ip 203.0.113.20 --int-ip 10.0.0.25 --ports 443 --allow-nonlocal
   # remove it again
   lab-ops natmap dnat --ext-ip 203.0.113.10 --int-ip 10.0.0.25 --ports 25,465,587 --delete")]
 pub struct DnatArgs {
@@ -66,6 +68,10 @@ pub struct DnatArgs {
     /// Only traffic arriving on this interface.
     #[arg(long, value_name = "IF", value_parser = iface)]
     pub ext_if: Option<IfName>,
+    /// Accept an --ext-ip this host does not have now (a VRRP/keepalived
+    /// VIP): the rule then matches only while the address is local.
+    #[arg(long)]
+    pub allow_nonlocal: bool,
     /// Delete the rule instead of adding it.
     #[arg(long)]
     pub delete: bool,
@@ -80,6 +86,7 @@ impl DnatArgs {
             ports: self.ports,
             proto: self.proto,
             ext_if: self.ext_if,
+            allow_nonlocal: self.allow_nonlocal,
             delete: self.delete,
         }
     }
@@ -144,6 +151,10 @@ pub struct HairpinArgs {
     /// Internal network whose clients are masqueraded.
     #[arg(long, value_name = "CIDR", value_parser = |s: &str| Network::parse_field("--int-net", s).map_err(|e| e.to_string()))]
     pub int_net: Option<Network>,
+    /// Accept an --ext-ip this host does not have now (a VRRP/keepalived
+    /// VIP): the rule then matches only while the address is local.
+    #[arg(long)]
+    pub allow_nonlocal: bool,
     /// Delete the rule instead of adding it.
     #[arg(long)]
     pub delete: bool,
@@ -158,6 +169,7 @@ impl HairpinArgs {
             ports: self.ports,
             proto: self.proto,
             int_net: self.int_net,
+            allow_nonlocal: self.allow_nonlocal,
             delete: self.delete,
         }
     }

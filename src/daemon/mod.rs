@@ -5,9 +5,11 @@
 //! - `reserve`: sockets that hold forwarded ports.
 //! - `relay`: loopback traffic relayed from reserved sockets to targets.
 //! - `host`: sysctls, routes and conntrack.
+//! - `local`: which addresses are this host's right now.
 
 pub mod engine;
 pub mod host;
+pub mod local;
 pub mod relay;
 pub mod reserve;
 pub mod server;
@@ -29,6 +31,7 @@ use crate::netfilter::{IptablesExecutor, Netfilter};
 use crate::proto::Response;
 
 use engine::{Engine, Peer};
+use local::AddressSource;
 use relay::Relays;
 
 /// Where the daemon keeps its files and who may talk to it.
@@ -107,10 +110,15 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
 
     let nf: Arc<dyn Netfilter> = Arc::new(executor);
     let state_path = config.state_path.clone();
-    let relays = Relays::new(tokio::runtime::Handle::current());
-    let mut engine = tokio::task::spawn_blocking(move || Engine::open(state_path, nf, relays))
-        .await
-        .map_err(|e| format!("engine start panicked: {e}"))??;
+    let relays = Relays::new(
+        tokio::runtime::Handle::current(),
+        file_config.relay.limits(),
+    );
+    let mut engine = tokio::task::spawn_blocking(move || {
+        Engine::open(state_path, nf, relays, AddressSource::Kernel)
+    })
+    .await
+    .map_err(|e| format!("engine start panicked: {e}"))??;
     engine.set_backend(backend.name());
     let (tx, rx) = mpsc::channel::<EngineMsg>();
     engine.start_discovery(

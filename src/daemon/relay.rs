@@ -1,50 +1,80 @@
-//! User-space relay on reserved sockets.
+//! The loopback relay: the host's own connections to 127.0.0.1 / ::1 on a
+//! published port, relayed to the mapping's target.
 //!
 //! Kernel DNAT cannot forward a loopback connection to another host: the
 //! kernel drops 127.0.0.0/8-sourced packets on the wire unless
-//! `route_localnet` is on, which re-opens CVE-2020-8558. The daemon already
-//! holds a socket on every forwarded port, and only traffic that no DNAT rule
-//! caught reaches it, which is loopback traffic. So it relays what arrives
-//! there to the rule's target, as Docker's userland proxy does: TCP streams
-//! and UDP datagrams (one upstream socket per client, closed when idle).
+//! `route_localnet` is on, which re-opens CVE-2020-8558. So, as Docker's
+//! userland proxy does, the daemon relays loopback connections itself: TCP
+//! streams and UDP datagrams (one upstream socket per client, closed when
+//! idle).
+//!
+//! The relay serves loopback and nothing else (design §4). Its sockets are
+//! bound to 127.0.0.1 or ::1, beside the port's reservation (see
+//! `daemon::reserve`), and it drops any peer that is not itself on loopback.
+//! Connections to the host's other addresses never reach it: the kernel's
+//! rules translate them, or the reservation refuses them like a closed port.
+//! A mapping without a confirmed target has no relay socket at all, so
+//! loopback gets "connection refused" too.
+//!
+//! Bounds: one cap on relayed connections and UDP clients across all rules
+//! (each costs descriptors), an idle timeout on TCP connections, and
+//! stopping a rule's relay cuts its connections, as a removed or moved
+//! mapping's conntrack entries are cut.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, RwLock};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::runtime::Handle;
-use tokio::sync::Semaphore;
-use tokio::task::AbortHandle;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
 
-use crate::model::RuleId;
+use crate::model::{PortClaim, RuleId};
 
-use super::reserve::{HeldSocket, Reservation};
+use super::reserve::{self, LoopbackSocket};
 
 /// How long connecting to a target may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A UDP client with no traffic for this long loses its upstream socket.
 const UDP_IDLE: Duration = Duration::from_secs(60);
-/// Bound on concurrent relayed TCP connections per port.
-const MAX_TCP_PER_PORT: usize = 512;
-/// Bound on concurrent UDP clients per port.
-const MAX_UDP_CLIENTS: usize = 1024;
 
-/// Where a rule's relays send traffic; changes when a container moves.
-type TargetCell = Arc<RwLock<Option<IpAddr>>>;
+/// The relay's bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayLimits {
+    /// A relayed TCP connection with no traffic either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Relayed TCP connections plus UDP clients, across every rule.
+    pub max_connections: usize,
+}
 
-/// The relay tasks of every active rule.
+impl Default for RelayLimits {
+    fn default() -> RelayLimits {
+        RelayLimits {
+            idle_timeout: Duration::from_secs(300),
+            max_connections: 1024,
+        }
+    }
+}
+
+/// The relay tasks of every rule that serves loopback.
 pub struct Relays {
     runtime: Option<Handle>,
-    tasks: BTreeMap<RuleId, (Vec<AbortHandle>, TargetCell)>,
+    limits: RelayLimits,
+    /// Shared by every rule: the global cap.
+    permits: Arc<Semaphore>,
+    tasks: BTreeMap<RuleId, Vec<JoinHandle<()>>>,
 }
 
 impl Relays {
-    /// Relays run on `runtime`.
-    pub fn new(runtime: Handle) -> Relays {
+    /// Relays run on `runtime`, within `limits`.
+    pub fn new(runtime: Handle, limits: RelayLimits) -> Relays {
         Relays {
             runtime: Some(runtime),
+            limits,
+            permits: Arc::new(Semaphore::new(limits.max_connections)),
             tasks: BTreeMap::new(),
         }
     }
@@ -53,108 +83,192 @@ impl Relays {
     pub fn disabled() -> Relays {
         Relays {
             runtime: None,
+            limits: RelayLimits::default(),
+            permits: Arc::new(Semaphore::new(0)),
             tasks: BTreeMap::new(),
         }
     }
 
-    /// Starts relaying on the rule's listening sockets to `target` (the
-    /// port of each socket's claim); `None` refuses connections.
-    pub fn start(&mut self, id: RuleId, held: &[Reservation], target: Option<IpAddr>) {
-        let Some(rt) = self.runtime.clone() else {
-            return;
+    /// Relayed connections (TCP) and clients (UDP) open now.
+    pub fn in_use(&self) -> usize {
+        self.limits
+            .max_connections
+            .saturating_sub(self.permits.available_permits())
+    }
+
+    /// (Re)starts the rule's relay: the loopback address of each claim that
+    /// covers one (a wildcard or loopback bind) relays to `target` on the
+    /// claim's target port. Existing relayed connections are cut first.
+    /// With no target nothing listens, so loopback is refused too.
+    pub fn serve(
+        &mut self,
+        id: RuleId,
+        claims: &[PortClaim],
+        target: Option<IpAddr>,
+    ) -> std::io::Result<()> {
+        self.stop(id);
+        let (Some(rt), Some(target)) = (self.runtime.clone(), target) else {
+            return Ok(());
         };
         let _guard = rt.enter();
-        let cell: TargetCell = Arc::new(RwLock::new(target));
         let mut handles = Vec::new();
-        for r in held {
-            let port = r.claim.target.port();
-            let to = Target {
-                cell: cell.clone(),
-                port,
+        for claim in claims {
+            let Some(lo) = loopback_of(claim.bind) else {
+                continue;
             };
-            let task = match &r.socket {
-                HeldSocket::TcpListening(l) => l
-                    .try_clone()
-                    .and_then(TcpListener::from_std)
-                    .map(|l| rt.spawn(relay_tcp(l, to)).abort_handle()),
-                HeldSocket::Udp(s) => s
-                    .try_clone()
-                    .and_then(|s| {
-                        s.set_nonblocking(true)?;
-                        UdpSocket::from_std(s)
-                    })
-                    .map(|s| rt.spawn(relay_udp(Arc::new(s), to)).abort_handle()),
-                HeldSocket::TcpBound(_) => continue,
-            };
-            match task {
-                Ok(h) => handles.push(h),
-                Err(e) => tracing::warn!(rule = id, "cannot relay on {}: {e}", r.claim.bind),
+            let to = SocketAddr::new(target, claim.target.port());
+            let bound = reserve::bind_loopback(claim.proto, lo).and_then(|socket| {
+                Ok(match socket {
+                    LoopbackSocket::Tcp(l) => {
+                        let relay = relay_tcp(TcpListener::from_std(l)?, to, self.shared());
+                        rt.spawn(relay)
+                    }
+                    LoopbackSocket::Udp(s) => {
+                        let relay = relay_udp(Arc::new(UdpSocket::from_std(s)?), to, self.shared());
+                        rt.spawn(relay)
+                    }
+                })
+            });
+            match bound {
+                Ok(handle) => handles.push(handle),
+                Err(e) => {
+                    self.tasks.insert(id, handles);
+                    self.stop(id);
+                    return Err(e);
+                }
             }
         }
-        self.stop(id);
-        self.tasks.insert(id, (handles, cell));
+        self.tasks.insert(id, handles);
+        Ok(())
     }
 
-    /// Points the rule's relays at a new address (a container moved).
-    pub fn retarget(&mut self, id: RuleId, target: Option<IpAddr>) {
-        if let Some((_, cell)) = self.tasks.get(&id) {
-            *cell.write().unwrap_or_else(|e| e.into_inner()) = target;
-        }
-    }
-
-    /// Stops the rule's relays (their socket copies close with them).
+    /// Stops the rule's relay and cuts its connections. Returns once its
+    /// sockets are closed, so the port can be bound again right away.
     pub fn stop(&mut self, id: RuleId) {
-        if let Some((handles, _)) = self.tasks.remove(&id) {
-            for h in handles {
-                h.abort();
-            }
+        let Some(handles) = self.tasks.remove(&id) else {
+            return;
+        };
+        for h in &handles {
+            h.abort();
+        }
+        if let Some(rt) = &self.runtime {
+            // The engine runs on its own thread, never inside the runtime.
+            rt.block_on(async {
+                for h in handles {
+                    let _ = h.await;
+                }
+            });
+        }
+    }
+
+    fn shared(&self) -> Shared {
+        Shared {
+            permits: self.permits.clone(),
+            idle: self.limits.idle_timeout,
         }
     }
 }
 
-/// A relay's destination: the rule's current address and this socket's port.
+/// What every relay task of the daemon shares.
 #[derive(Clone)]
-struct Target {
-    cell: TargetCell,
-    port: u16,
+struct Shared {
+    permits: Arc<Semaphore>,
+    idle: Duration,
 }
 
-impl Target {
-    fn get(&self) -> Option<SocketAddr> {
-        let ip = *self.cell.read().unwrap_or_else(|e| e.into_inner());
-        ip.map(|ip| SocketAddr::new(ip, self.port))
+/// The loopback address a claim's relay listens on: the claim's own when it
+/// is loopback, the family's loopback for a wildcard, none otherwise.
+fn loopback_of(bind: SocketAddr) -> Option<SocketAddr> {
+    let ip = bind.ip();
+    if ip.is_loopback() {
+        return Some(bind);
     }
+    if !ip.is_unspecified() {
+        return None;
+    }
+    let lo = match ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+    };
+    Some(SocketAddr::new(lo, bind.port()))
 }
 
-async fn relay_tcp(listener: TcpListener, to: Target) {
-    let limit = Arc::new(Semaphore::new(MAX_TCP_PER_PORT));
+async fn relay_tcp(listener: TcpListener, target: SocketAddr, shared: Shared) {
+    // Dropped with this task when the rule's relay stops: cuts every connection.
+    let mut connections = JoinSet::new();
     loop {
-        let Ok((mut client, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let (client, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors, most likely: back off instead of spinning.
+                tracing::debug!("relay accept on {target}: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Bound to loopback, so only this host can connect; checked anyway.
+        if !peer.ip().is_loopback() {
+            continue;
+        }
+        let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
+            tracing::warn!("relay limit reached; refusing a loopback connection to {target}");
             continue;
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            continue; // over the bound: drop the connection
-        };
-        let Some(target) = to.get() else {
-            continue; // the target is down: refuse by closing
-        };
-        tokio::spawn(async move {
-            let _permit = permit;
-            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
-                Ok(Ok(mut upstream)) => {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                }
-                Ok(Err(e)) => tracing::debug!("relay to {target}: {e}"),
-                Err(_) => tracing::debug!("relay to {target}: connect timed out"),
-            }
-        });
+        connections.spawn(relay_one(client, target, shared.idle, permit));
     }
+}
+
+/// Relays one accepted loopback connection until both sides are done or it
+/// has been idle for `idle`.
+async fn relay_one(
+    client: TcpStream,
+    target: SocketAddr,
+    idle: Duration,
+    _permit: OwnedSemaphorePermit,
+) {
+    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+        Ok(Ok(upstream)) => upstream,
+        Ok(Err(e)) => return tracing::debug!("relay to {target}: {e}"),
+        Err(_) => return tracing::debug!("relay to {target}: connect timed out"),
+    };
+    if let Err(e) = pipe(client, upstream, idle).await {
+        tracing::debug!("relay to {target}: {e}");
+    }
+}
+
+/// Copies both ways, with half-close, until both directions ended; any
+/// stretch of `idle` without a byte either way ends it.
+async fn pipe(mut a: TcpStream, mut b: TcpStream, idle: Duration) -> std::io::Result<()> {
+    let (mut a_read, mut a_write) = a.split();
+    let (mut b_read, mut b_write) = b.split();
+    let (mut a_buf, mut b_buf) = (vec![0u8; 16 * 1024], vec![0u8; 16 * 1024]);
+    let (mut a_open, mut b_open) = (true, true);
+    while a_open || b_open {
+        tokio::select! {
+            n = a_read.read(&mut a_buf), if a_open => match n? {
+                0 => { a_open = false; b_write.shutdown().await?; }
+                n => b_write.write_all(&a_buf[..n]).await?,
+            },
+            n = b_read.read(&mut b_buf), if b_open => match n? {
+                0 => { b_open = false; a_write.shutdown().await?; }
+                n => a_write.write_all(&b_buf[..n]).await?,
+            },
+            _ = tokio::time::sleep(idle) => {
+                tracing::debug!("relayed connection idle for {idle:?}; closed");
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Aborts its task when dropped: a UDP relay's per-client tasks hold the
-/// reserved socket, so they must end with the relay, not when they idle out.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// loopback socket, so they must end with the relay, not when they idle out.
+struct AbortOnDrop(JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -162,47 +276,57 @@ impl Drop for AbortOnDrop {
     }
 }
 
-async fn relay_udp(socket: Arc<UdpSocket>, to: Target) {
-    let mut clients: HashMap<SocketAddr, (Arc<UdpSocket>, AbortOnDrop)> = HashMap::new();
+/// One UDP client of the relay: its upstream socket, reply task and permit.
+struct UdpClient {
+    upstream: Arc<UdpSocket>,
+    replies: AbortOnDrop,
+    _permit: OwnedSemaphorePermit,
+}
+
+async fn relay_udp(socket: Arc<UdpSocket>, target: SocketAddr, shared: Shared) {
+    let mut clients: HashMap<SocketAddr, UdpClient> = HashMap::new();
     let mut buf = vec![0u8; 65536];
     loop {
-        let Ok((n, client)) = socket.recv_from(&mut buf).await else {
-            continue;
+        let (n, client) = match socket.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
-        clients.retain(|_, (_, task)| !task.0.is_finished());
-        let Some(target) = to.get() else {
+        if !client.ip().is_loopback() {
             continue;
-        };
-        if clients
-            .get(&client)
-            .is_some_and(|(up, _)| up.peer_addr().ok() != Some(target))
-        {
-            // The target moved: this client gets a fresh upstream socket.
-            clients.remove(&client);
         }
-        if !clients.contains_key(&client) {
-            if clients.len() >= MAX_UDP_CLIENTS {
-                continue;
-            }
-            let bind: SocketAddr = if target.is_ipv4() {
-                "0.0.0.0:0".parse().expect("literal")
-            } else {
-                "[::]:0".parse().expect("literal")
-            };
-            let Ok(upstream) = UdpSocket::bind(bind).await else {
+        clients.retain(|_, c| !c.replies.0.is_finished());
+        if let std::collections::hash_map::Entry::Vacant(slot) = clients.entry(client) {
+            let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
                 continue;
             };
-            if upstream.connect(target).await.is_err() {
+            let Some(upstream) = connect_udp(target).await else {
                 continue;
-            }
-            let upstream = Arc::new(upstream);
+            };
             let task = tokio::spawn(udp_replies(upstream.clone(), socket.clone(), client));
-            clients.insert(client, (upstream, AbortOnDrop(task)));
+            slot.insert(UdpClient {
+                upstream,
+                replies: AbortOnDrop(task),
+                _permit: permit,
+            });
         }
-        if let Some((upstream, _)) = clients.get(&client) {
-            let _ = upstream.send(&buf[..n]).await;
+        if let Some(c) = clients.get(&client) {
+            let _ = c.upstream.send(&buf[..n]).await;
         }
     }
+}
+
+/// A fresh socket connected to `target`.
+async fn connect_udp(target: SocketAddr) -> Option<Arc<UdpSocket>> {
+    let any: SocketAddr = match target {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let upstream = UdpSocket::bind(any).await.ok()?;
+    upstream.connect(target).await.ok()?;
+    Some(Arc::new(upstream))
 }
 
 /// Sends the target's replies back to one client until it has been idle.

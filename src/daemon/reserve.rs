@@ -1,42 +1,48 @@
 //! Port reservations: a bound socket per forwarded host port, so no other
 //! service can take a port natmap forwards.
 //!
-//! Order matters (design §4): bind before the rules go in, listen only after
-//! they are in and the state is on disk. TCP sockets are listening while
-//! reserved because a merely bound socket does not stop another process that
-//! sets `SO_REUSEADDR`. TCP reservations set `SO_REUSEADDR` themselves so a
-//! port whose relayed loopback connections linger in TIME-WAIT can be
-//! reserved again at once; a listening socket still keeps every other binder
-//! out. UDP reservations do not set it: for UDP it would let others share
-//! the port.
+//! A reservation holds the port and nothing else: it is bound but never
+//! listens (TCP) and drops every datagram it is given (UDP, a socket filter
+//! that accepts nothing). So a connection that reaches the host's address
+//! without being translated by natmap's rules (another ingress interface, a
+//! flushed chain, a down mapping) is refused like a closed port: TCP gets a
+//! reset at the handshake, UDP gets no answer. The daemon never forwards what
+//! the rules would not (design §4).
+//!
+//! Neither `SO_REUSEADDR` nor a listen is needed to keep others out: a bound
+//! socket without `SO_REUSEADDR` conflicts with every later bind of an
+//! overlapping address, whatever its options. Reservations set
+//! `SO_REUSEPORT` only so the daemon's own loopback relay (see
+//! `daemon::relay`) can listen on 127.0.0.1/::1 of a wildcard reservation;
+//! the kernel lets a `SO_REUSEPORT` socket share a port only with sockets of
+//! the same user (root), so other services still get "address in use".
+//!
+//! Order matters: bind before the rules go in, serve loopback only after they
+//! are in and the state is on disk.
 
 use std::fs;
 use std::io;
-use std::net::{TcpListener, UdpSocket};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage};
 
 use crate::model::{PortClaim, Proto};
 
-/// A socket holding one host port.
-#[derive(Debug)]
-pub enum HeldSocket {
-    /// TCP, bound but not yet listening.
-    TcpBound(OwnedFd),
-    /// TCP, listening (connections that reach it are relayed to the target).
-    TcpListening(TcpListener),
-    /// UDP, bound.
-    Udp(UdpSocket),
-}
-
-/// One reserved port and its socket.
+/// One reserved port and the socket holding it.
 #[derive(Debug)]
 pub struct Reservation {
     /// What is reserved.
     pub claim: PortClaim,
-    /// The socket holding it.
-    pub socket: HeldSocket,
+    /// Bound, never listening (TCP) or reading (UDP).
+    socket: OwnedFd,
+}
+
+impl Reservation {
+    /// The reserving socket, e.g. to name its inode.
+    pub fn fd(&self) -> &OwnedFd {
+        &self.socket
+    }
 }
 
 /// Why a port could not be reserved.
@@ -96,32 +102,103 @@ pub fn bind_all(claims: &[PortClaim]) -> Result<Vec<Reservation>, PortBusy> {
     Ok(held)
 }
 
-fn bind_one(claim: &PortClaim) -> io::Result<HeldSocket> {
-    let v6 = claim.bind.is_ipv6();
-    let family = if v6 {
-        AddressFamily::Inet6
-    } else {
-        AddressFamily::Inet
+fn bind_one(claim: &PortClaim) -> io::Result<OwnedFd> {
+    let fd = new_socket(claim.proto, claim.bind)?;
+    set_int_option(&fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    // The address may be one that arrives later (--allow-nonlocal: a VIP);
+    // whether it must be local now is the engine's check, not bind's.
+    match claim.bind {
+        SocketAddr::V4(_) => set_int_option(&fd, libc::IPPROTO_IP, libc::IP_FREEBIND, 1)?,
+        SocketAddr::V6(_) => set_int_option(&fd, libc::IPPROTO_IPV6, libc::IPV6_FREEBIND, 1)?,
+    }
+    if claim.proto == Proto::Udp {
+        drop_every_datagram(&fd)?;
+    }
+    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(claim.bind))?;
+    Ok(fd)
+}
+
+/// A close-on-exec socket of `proto`'s type and `addr`'s family; IPv6
+/// sockets are IPv6-only, so `[::]` never takes the IPv4 port as well.
+fn new_socket(proto: Proto, addr: SocketAddr) -> io::Result<OwnedFd> {
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
     };
-    let kind = match claim.proto {
+    let kind = match proto {
         Proto::Tcp => SockType::Stream,
         Proto::Udp => SockType::Datagram,
     };
     let fd = socket::socket(family, kind, SockFlag::SOCK_CLOEXEC, None)?;
-    if claim.proto == Proto::Tcp {
+    if addr.is_ipv6() {
+        set_int_option(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+    }
+    Ok(fd)
+}
+
+/// Attaches a classic BPF program that accepts no packet: a UDP
+/// reservation then never queues (or answers) what reaches it.
+fn drop_every_datagram(fd: &OwnedFd) -> io::Result<()> {
+    let mut reject_all = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }];
+    let program = libc::sock_fprog {
+        len: 1,
+        filter: reject_all.as_mut_ptr(),
+    };
+    // SAFETY: `program` points at a valid one-instruction filter that lives
+    // across the call; the kernel copies it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&program as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// A loopback socket for the relay on a reserved port: `addr` is 127.0.0.1
+/// or ::1 with the reservation's port. It shares the port with the
+/// reservation (`SO_REUSEPORT`, same user); TCP sets `SO_REUSEADDR` too so
+/// the relayed connections it leaves in TIME-WAIT never keep the port from
+/// being reserved again. Non-blocking, ready for tokio.
+pub enum LoopbackSocket {
+    /// A listening TCP socket.
+    Tcp(TcpListener),
+    /// A bound UDP socket.
+    Udp(UdpSocket),
+}
+
+/// Binds (and for TCP, listens on) the loopback side of a reserved port.
+pub fn bind_loopback(proto: Proto, addr: SocketAddr) -> io::Result<LoopbackSocket> {
+    let fd = new_socket(proto, addr)?;
+    set_int_option(&fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    if proto == Proto::Tcp {
         set_int_option(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
     }
-    if v6 {
-        set_int_option(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
-        // The external address of a rule may be a routed, non-local one.
-        let _ = set_int_option(&fd, libc::IPPROTO_IPV6, libc::IPV6_FREEBIND, 1);
-    } else {
-        let _ = set_int_option(&fd, libc::IPPROTO_IP, libc::IP_FREEBIND, 1);
-    }
-    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(claim.bind))?;
-    Ok(match claim.proto {
-        Proto::Tcp => HeldSocket::TcpBound(fd),
-        Proto::Udp => HeldSocket::Udp(UdpSocket::from(fd)),
+    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    Ok(match proto {
+        Proto::Tcp => {
+            socket::listen(&fd, Backlog::new(128).map_err(io::Error::from)?)?;
+            let listener = TcpListener::from(fd);
+            listener.set_nonblocking(true)?;
+            LoopbackSocket::Tcp(listener)
+        }
+        Proto::Udp => {
+            let socket = UdpSocket::from(fd);
+            socket.set_nonblocking(true)?;
+            LoopbackSocket::Udp(socket)
+        }
     })
 }
 
@@ -140,21 +217,6 @@ fn set_int_option(fd: &OwnedFd, level: i32, name: i32, value: i32) -> io::Result
         Ok(())
     } else {
         Err(io::Error::last_os_error())
-    }
-}
-
-impl Reservation {
-    /// Starts listening (TCP). After this, no process can take the port even
-    /// with `SO_REUSEADDR`.
-    pub fn listen(&mut self) -> io::Result<()> {
-        if let HeldSocket::TcpBound(fd) = &self.socket {
-            socket::listen(fd, Backlog::new(128).map_err(io::Error::from)?)?;
-            let fd = fd.try_clone()?;
-            let listener = TcpListener::from(fd);
-            listener.set_nonblocking(true)?;
-            self.socket = HeldSocket::TcpListening(listener);
-        }
-        Ok(())
     }
 }
 
@@ -286,16 +348,58 @@ mod tests {
         TcpListener::bind(free).expect("free port was released after the failure");
     }
 
+    fn free_port(proto: Proto) -> u16 {
+        match proto {
+            Proto::Tcp => TcpListener::bind("127.0.0.1:0").unwrap().local_addr(),
+            Proto::Udp => UdpSocket::bind("127.0.0.1:0").unwrap().local_addr(),
+        }
+        .unwrap()
+        .port()
+    }
+
     #[test]
-    fn a_listening_reservation_keeps_reuseaddr_binders_out() {
-        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = probe.local_addr().unwrap();
-        drop(probe);
-        let mut held = bind_all(&[claim(&addr.to_string(), Proto::Tcp)]).unwrap();
-        held[0].listen().unwrap();
-        assert!(TcpListener::bind(addr).is_err());
+    fn a_reservation_keeps_binders_out_and_refuses_connections() {
+        let port = free_port(Proto::Tcp);
+        let held = bind_all(&[claim(&format!("0.0.0.0:{port}"), Proto::Tcp)]).unwrap();
+        // std sets SO_REUSEADDR: still refused, on any address of the port.
+        assert!(TcpListener::bind(("0.0.0.0", port)).is_err());
+        assert!(TcpListener::bind(("127.0.0.1", port)).is_err());
+        // Nothing listens: a connection is reset at the handshake.
+        let err = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
         drop(held);
-        TcpListener::bind(addr).expect("released on drop");
+        TcpListener::bind(("0.0.0.0", port)).expect("released on drop");
+    }
+
+    #[test]
+    fn a_udp_reservation_answers_nothing_and_keeps_binders_out() {
+        let port = free_port(Proto::Udp);
+        let held = bind_all(&[claim(&format!("0.0.0.0:{port}"), Proto::Udp)]).unwrap();
+        assert!(UdpSocket::bind(("127.0.0.1", port)).is_err());
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .unwrap();
+        client.send_to(b"ping", ("127.0.0.1", port)).unwrap();
+        let mut buf = [0u8; 16];
+        assert!(client.recv_from(&mut buf).is_err(), "no answer, no echo");
+        drop(held);
+    }
+
+    #[test]
+    fn the_loopback_relay_shares_a_wildcard_reservation_and_others_do_not() {
+        for proto in [Proto::Tcp, Proto::Udp] {
+            let port = free_port(proto);
+            let held = bind_all(&[claim(&format!("0.0.0.0:{port}"), proto)]).unwrap();
+            let lo = bind_loopback(proto, format!("127.0.0.1:{port}").parse().unwrap())
+                .expect("the relay binds loopback beside the reservation");
+            let other = match proto {
+                Proto::Tcp => TcpListener::bind(("127.0.0.2", port)).map(|_| ()),
+                Proto::Udp => UdpSocket::bind(("127.0.0.2", port)).map(|_| ()),
+            };
+            assert!(other.is_err(), "{proto}: another process got the port");
+            drop((lo, held));
+        }
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub struct ContainerInfo {
     pub running: bool,
     /// Uses the host's network stack (no address of its own).
     pub host_network: bool,
+    /// Docker's network mode (`bridge`, `host`, `none`, `container:ID`, a
+    /// network name, …).
+    pub network_mode: String,
     /// Its address on each network it is attached to.
     pub networks: Vec<NetworkAddrs>,
 }
@@ -63,6 +66,19 @@ impl ContainerInfo {
         if self.host_network {
             return Err(format!(
                 "container {} uses the host's network: its ports are already the host's ports",
+                self.name
+            ));
+        }
+        if self.network_mode == "none" {
+            return Err(format!(
+                "container {} has no network (--network none): there is no address to forward to",
+                self.name
+            ));
+        }
+        if let Some(other) = self.network_mode.strip_prefix("container:") {
+            return Err(format!(
+                "container {} shares the network of container {other} (--network container:{other}): \
+                 map that container's port instead",
                 self.name
             ));
         }
@@ -105,6 +121,8 @@ pub enum Lookup {
     Found(ContainerInfo),
     /// No such container.
     NotFound,
+    /// An id prefix that several containers share: their names and short ids.
+    Ambiguous(Vec<String>),
 }
 
 impl DockerClient {
@@ -233,6 +251,12 @@ impl DockerClient {
                     status_code: 404,
                     ..
                 })) => Ok(Lookup::NotFound),
+                // Docker's only signal for an ambiguous prefix is its message.
+                Ok(Err(bollard::errors::Error::DockerResponseServerError { message, .. }))
+                    if message.to_ascii_lowercase().contains("multiple ids") =>
+                {
+                    Ok(Lookup::Ambiguous(candidates(&docker, &reference).await))
+                }
                 Ok(Err(e)) => Err(format!("Docker: {e}")),
                 Ok(Ok(c)) => Ok(Lookup::Found(container_info(c))),
             }
@@ -351,6 +375,10 @@ fn container_info(c: bollard::models::ContainerInspectResponse) -> ContainerInfo
         .collect::<Vec<_>>();
     let mut networks = networks;
     networks.sort_by(|a, b| a.network.cmp(&b.network));
+    let network_mode = c
+        .host_config
+        .and_then(|h| h.network_mode)
+        .unwrap_or_default();
     ContainerInfo {
         id: c.id.unwrap_or_default(),
         name: c
@@ -359,12 +387,39 @@ fn container_info(c: bollard::models::ContainerInspectResponse) -> ContainerInfo
             .trim_start_matches('/')
             .to_owned(),
         running: c.state.and_then(|s| s.running).unwrap_or(false),
-        host_network: c
-            .host_config
-            .and_then(|h| h.network_mode)
-            .is_some_and(|m| m == "host"),
+        host_network: network_mode == "host",
+        network_mode,
         networks,
     }
+}
+
+/// The containers whose id starts with `prefix`: `name (short id)`.
+async fn candidates(docker: &Docker, prefix: &str) -> Vec<String> {
+    let mut filters = HashMap::new();
+    filters.insert("id".to_owned(), vec![prefix.to_owned()]);
+    let options = ListContainersOptions {
+        all: true,
+        filters: Some(filters),
+        ..Default::default()
+    };
+    let Ok(Ok(list)) =
+        tokio::time::timeout(CALL_TIMEOUT, docker.list_containers(Some(options))).await
+    else {
+        return vec!["(Docker did not list them)".to_owned()];
+    };
+    let mut found: Vec<String> = list
+        .into_iter()
+        .map(|c| {
+            let name = c
+                .names
+                .and_then(|n| n.into_iter().next())
+                .unwrap_or_default();
+            let id: String = c.id.unwrap_or_default().chars().take(12).collect();
+            format!("{} ({id})", name.trim_start_matches('/'))
+        })
+        .collect();
+    found.sort();
+    found
 }
 
 /// A container address and its network, from Docker's strings.

@@ -246,6 +246,10 @@ pub struct DockerRule {
     /// Set for mappings auto-discovery made from a container label.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto: Option<AutoSource>,
+    /// Accept an address that is not this host's now (a VRRP/keepalived
+    /// VIP): the mapping then matches only while the address is local.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_nonlocal: bool,
 }
 
 /// Where an auto-discovered mapping came from.

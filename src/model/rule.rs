@@ -65,6 +65,10 @@ pub struct DnatRule {
     /// Only traffic arriving on this interface, when given.
     #[serde(default)]
     pub ext_if: Option<IfName>,
+    /// Accept an address that is not this host's now (a VRRP/keepalived
+    /// VIP): the rule then matches only while the address is local.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_nonlocal: bool,
 }
 
 /// `snat --int-ip I|CIDR --ext-if X --ext-ip E`.
@@ -95,6 +99,10 @@ pub struct HairpinRule {
     /// The internal network whose clients are masqueraded so the replies come
     /// back through the router; clients from elsewhere keep their address.
     pub int_net: Network,
+    /// Accept an address that is not this host's now (a VRRP/keepalived
+    /// VIP): the rule then matches only while the address is local.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_nonlocal: bool,
 }
 
 /// A host port natmap holds a socket on while the rule exists.
@@ -117,6 +125,18 @@ impl RuleSpec {
             RuleSpec::Hairpin(_) => "hairpin",
             RuleSpec::Docker(_) => "docker",
             RuleSpec::PolicyRoute(_) => "policy_route",
+        }
+    }
+
+    /// The address of this host the rule forwards from (the external
+    /// address of dnat and hairpin, a Docker mapping's HOST_IP), and whether
+    /// it may be an address the host does not have now (`--allow-nonlocal`).
+    pub fn ingress_address(&self) -> Option<(IpAddr, bool)> {
+        match self {
+            RuleSpec::Dnat(r) => Some((r.ext_ip.ip(), r.allow_nonlocal)),
+            RuleSpec::Hairpin(r) => Some((r.ext_ip.ip(), r.allow_nonlocal)),
+            RuleSpec::Docker(r) => r.host_ip.map(|h| (h.ip(), r.allow_nonlocal)),
+            RuleSpec::Snat(_) | RuleSpec::PolicyRoute(_) => None,
         }
     }
 
@@ -279,6 +299,7 @@ mod tests {
             ports: ports.parse().unwrap(),
             proto: Proto::Tcp,
             ext_if: None,
+            allow_nonlocal: false,
         })
     }
 
@@ -313,6 +334,7 @@ mod tests {
                 ports: "80".parse().unwrap(),
                 proto: Proto::Tcp,
                 int_net: net.parse().unwrap(),
+                allow_nonlocal: false,
             })
         };
         let (h1, h2) = (hairpin("198.51.100.0/24"), hairpin("198.51.100.2/32"));

@@ -41,7 +41,7 @@ fn render_rule(rule: &Rule, set: &mut Ruleset) {
                 &r.int_ip,
                 &r.ports,
                 r.proto,
-                &tag,
+                &local_guard(r.allow_nonlocal, &tag),
             );
             // Traffic the host itself sends to the external address has no
             // ingress interface, so an interface-bound forward does not cover it.
@@ -57,7 +57,8 @@ fn render_rule(rule: &Rule, set: &mut Ruleset) {
         }
         RuleSpec::Hairpin(r) => {
             let out = set.family_mut(r.ext_ip.family());
-            for line in dnat_lines(&r.ext_ip, None, &r.int_ip, &r.ports, r.proto, &tag) {
+            let guarded = local_guard(r.allow_nonlocal, &tag);
+            for line in dnat_lines(&r.ext_ip, None, &r.int_ip, &r.ports, r.proto, &guarded) {
                 out.push(Chain::NatPrerouting, line.clone());
                 out.push(Chain::NatOutput, line);
             }
@@ -86,6 +87,18 @@ fn render_rule(rule: &Rule, set: &mut Ruleset) {
                 render_docker(r, &target, &tag, set.family_mut(family));
             }
         }
+    }
+}
+
+/// The tag of a DNAT line, behind `-m addrtype --dst-type LOCAL` when the
+/// rule's address may not be this host's (`--allow-nonlocal`, a VIP): the
+/// line then matches only while the address is local, so traffic for the
+/// address while the peer holds it is routed on, never captured.
+fn local_guard(allow_nonlocal: bool, tag: &str) -> String {
+    if allow_nonlocal {
+        format!("-m addrtype --dst-type LOCAL {tag}")
+    } else {
+        tag.to_owned()
     }
 }
 
@@ -169,8 +182,9 @@ fn render_docker(r: &DockerRule, target: &Endpoint, tag: &str, out: &mut FamilyR
     let (inbound, local) = match &r.host_ip {
         Some(h) => {
             let line = format!(
-                "-d {} {dport} {tag} -j DNAT --to-destination {to}",
-                h.as_match()
+                "-d {} {dport} {} -j DNAT --to-destination {to}",
+                h.as_match(),
+                local_guard(r.allow_nonlocal, tag)
             );
             (line.clone(), line)
         }

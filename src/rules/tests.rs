@@ -39,6 +39,7 @@ fn sample_rules() -> Vec<Rule> {
                 ports: "25,465,587".parse().unwrap(),
                 proto: "tcp".parse().unwrap(),
                 ext_if: None,
+                allow_nonlocal: false,
             }),
         },
         Rule {
@@ -49,6 +50,7 @@ fn sample_rules() -> Vec<Rule> {
                 ports: "53".parse().unwrap(),
                 proto: "udp".parse().unwrap(),
                 ext_if: Some("eth0".parse().unwrap()),
+                allow_nonlocal: false,
             }),
         },
         Rule {
@@ -67,6 +69,7 @@ fn sample_rules() -> Vec<Rule> {
                 ports: "80,443".parse().unwrap(),
                 proto: "tcp".parse().unwrap(),
                 int_net: "10.0.0.0/24".parse().unwrap(),
+                allow_nonlocal: false,
             }),
         },
         Rule {
@@ -77,6 +80,7 @@ fn sample_rules() -> Vec<Rule> {
                 ports: "8000-8010".parse().unwrap(),
                 proto: "tcp".parse().unwrap(),
                 ext_if: None,
+                allow_nonlocal: false,
             }),
         },
     ]
@@ -289,4 +293,32 @@ fn export_fragment_holds_only_natmap_and_its_hooks() {
     let full = restore::full(set.family(Family::V4), &booted);
     assert!(full.contains("-D FORWARD -j NATMAP"), "{full}");
     assert!(restore::teardown(&booted).contains("-D FORWARD -j NATMAP"));
+}
+
+#[test]
+fn a_nonlocal_address_matches_only_while_it_is_local() {
+    let mut rules = sample_rules();
+    for rule in &mut rules {
+        match &mut rule.spec {
+            RuleSpec::Dnat(r) => r.allow_nonlocal = true,
+            RuleSpec::Hairpin(r) => r.allow_nonlocal = true,
+            _ => {}
+        }
+    }
+    let set = render::desired(&rules);
+    let text = crate::rules::restore::rewrite_chains(set.family(Family::V4));
+    let dnat: Vec<&str> = text.lines().filter(|l| l.contains("-j DNAT")).collect();
+    assert!(!dnat.is_empty());
+    for line in dnat {
+        assert!(
+            line.contains(" -m addrtype --dst-type LOCAL -m comment"),
+            "unguarded: {line}"
+        );
+    }
+    // The FORWARD accepts and the masquerade need no guard: they match
+    // only connections a guarded DNAT translated.
+    assert!(!text
+        .lines()
+        .filter(|l| !l.contains("-j DNAT"))
+        .any(|l| l.contains("addrtype")));
 }

@@ -104,6 +104,9 @@ impl Engine {
             .into_iter()
             .filter(|w| !kept_keys.contains(&w.identity_key()))
             .collect();
+        for spec in &added {
+            self.check_addresses(spec)?;
+        }
         // New ports must not collide with each other or with kept rules'
         // ports. Claims collide only on the same protocol and port, so they
         // are grouped by that.

@@ -427,6 +427,7 @@ fn desired_for(
                         engine: engine.name.to_string(),
                         masquerade: false,
                     }),
+                    allow_nonlocal: false,
                 }
             }
             Some(node) => {
@@ -464,6 +465,7 @@ fn desired_for(
                         engine: engine.name.to_string(),
                         masquerade,
                     }),
+                    allow_nonlocal: false,
                 }
             }
         };

@@ -43,6 +43,7 @@ impl Engine {
 
     /// Handles queued batchable requests together; answers in order.
     pub fn handle_batch(&mut self, requests: Vec<(Request, Peer)>) -> Vec<Response> {
+        self.refresh_addresses();
         let mut results: Vec<Option<Outcome<Response>>> = Vec::with_capacity(requests.len());
         let mut changes = Vec::new();
         let mut slots = Vec::new();
@@ -169,6 +170,7 @@ impl Engine {
                 rule: self.view(existing),
             }))));
         }
+        self.check_addresses(&spec)?;
         let claims = spec.port_claims();
         self.check_own_claims(&claims)?;
         for p in pending {

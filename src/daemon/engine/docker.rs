@@ -4,6 +4,14 @@
 //! A mapping's current target is part of the state, so the ruleset stays a
 //! pure function of the state and a re-point is an ordinary change: apply,
 //! persist, then point the loopback relay at the new address.
+//!
+//! Fail closed (design §9): a mapping has rules only while Docker has
+//! confirmed that its container runs with that address. Docker hands a
+//! stopped container's address to another container within a second (an
+//! engine restart with restart policies), so a `die`, `kill`, `stop`,
+//! `destroy` or `disconnect` withdraws the rules at once, from the event
+//! alone, before any inspect; losing Docker withdraws every container
+//! mapping; and at start they wait for Docker to confirm them.
 
 use crate::docker::{DockerClient, Event, Lookup};
 use crate::model::{DockerRule, Endpoint, Family, Proto, Rule, RuleId, RuleSpec};
@@ -18,8 +26,15 @@ use super::{forget_flows, Engine, Failure, Outcome};
 /// `docker_error` before the first connection attempt finished.
 pub(super) const NOT_CONNECTED_YET: &str = "not connected to Docker yet";
 
+/// Events after which the container's address may be another's any moment.
+fn ends_confirmation(action: &str) -> bool {
+    matches!(action, "die" | "kill" | "stop" | "destroy" | "disconnect")
+}
+
 /// Where a mapping should point, per Docker.
 struct Observed {
+    /// The container's name now (it follows the container through a rename).
+    name: Option<String>,
     id: Option<String>,
     v4: Option<Endpoint>,
     v6: Option<Endpoint>,
@@ -35,10 +50,13 @@ impl Engine {
         self.refresh_docker(|_| true);
     }
 
-    /// Docker went away: mappings keep their last known targets.
+    /// Docker went away: nothing confirms any container now, so every
+    /// container mapping is withdrawn until Docker answers again.
     pub fn docker_lost(&mut self, reason: String) {
         if self.docker.is_some() {
-            tracing::warn!("lost Docker: {reason}; mappings keep their last known targets");
+            tracing::warn!(
+                "lost Docker: {reason}; container mappings are withdrawn until Docker confirms them again"
+            );
         } else if self.docker_error == NOT_CONNECTED_YET {
             tracing::info!(
                 "Docker is not reachable ({reason}); static rules work, and Docker commands answer \
@@ -47,6 +65,71 @@ impl Engine {
         }
         self.docker = None;
         self.docker_error = reason;
+        self.withdraw(|_| true, "Docker is unreachable");
+    }
+
+    /// Why a container mapping is not confirmed (for `ls`).
+    pub(super) fn unconfirmed_reason(&self) -> String {
+        if self.docker_error == NOT_CONNECTED_YET {
+            "waiting for Docker to confirm the container; no rules until it does".to_owned()
+        } else {
+            format!(
+                "Docker unreachable ({}); no rules until Docker confirms the container",
+                self.docker_error
+            )
+        }
+    }
+
+    /// Whether the mapping is down because Docker cannot confirm it.
+    pub(super) fn unconfirmed(&self, rule: &DockerRule) -> bool {
+        follows_container(rule) && self.docker.is_none()
+    }
+
+    /// At start: container mappings are not rendered before Docker confirms
+    /// them (leftover rules of a killed daemon could reach whichever
+    /// container holds the old address now).
+    pub(super) fn withhold_unconfirmed_containers(&mut self) {
+        for rule in &mut self.state.rules {
+            if let RuleSpec::Docker(d) = &mut rule.spec {
+                if follows_container(d) {
+                    d.target_v4 = None;
+                    d.target_v6 = None;
+                }
+            }
+        }
+    }
+
+    /// Withdraws the rules of the selected container mappings now, without
+    /// asking Docker, and cuts their flows and relayed connections.
+    fn withdraw(&mut self, select: impl Fn(&DockerRule) -> bool, why: &str) {
+        let mut next = self.state.clone();
+        let mut withdrawn: Vec<(RuleId, RuleSpec)> = Vec::new();
+        for rule in next.rules.iter_mut() {
+            let RuleSpec::Docker(d) = &mut rule.spec else {
+                continue;
+            };
+            if !follows_container(d) || !d.is_up() || !select(d) {
+                continue;
+            }
+            withdrawn.push((rule.id, RuleSpec::Docker(d.clone())));
+            d.target_v4 = None;
+            d.target_v6 = None;
+        }
+        if withdrawn.is_empty() {
+            return;
+        }
+        if let Err(f) = self.commit(next) {
+            tracing::error!("cannot withdraw Docker mappings ({why}): {}", f.message);
+            return;
+        }
+        for (id, old) in withdrawn {
+            self.down_reason.insert(
+                id,
+                format!("{why}; waiting for Docker to confirm the container"),
+            );
+            self.repointed(id, &old);
+            tracing::info!(rule = id, "mapping withdrawn: {why}");
+        }
     }
 
     /// A container event: re-check the mappings of that container.
@@ -55,10 +138,15 @@ impl Engine {
             return;
         }
         tracing::debug!(action = %event.action, id = %event.container_id, "docker event");
-        self.refresh_docker(|r| {
+        let concerns = |r: &DockerRule| {
             r.container_id.as_deref() == Some(event.container_id.as_str())
                 || event.name.as_deref() == Some(r.name.as_str())
-        });
+        };
+        if ends_confirmation(&event.action) {
+            let why = format!("container {}", event.action);
+            self.withdraw(concerns, &why);
+        }
+        self.refresh_docker(concerns);
     }
 
     fn docker_client(&self) -> Outcome<DockerClient> {
@@ -74,9 +162,41 @@ impl Engine {
         })
     }
 
+    /// Asks Docker where the mapping should point: its container by id
+    /// (through a rename), else a container under its name (a recreate).
     fn observe(&self, client: &DockerClient, rule: &DockerRule) -> Result<Observed, String> {
-        Ok(match client.inspect_blocking(&rule.name)? {
+        let by_id = match &rule.container_id {
+            Some(id) => client.inspect_blocking(id)?,
+            None => Lookup::NotFound,
+        };
+        let found = match by_id {
+            Lookup::NotFound => client.inspect_blocking(&rule.name)?,
+            found => found,
+        };
+        let name = match &found {
+            Lookup::Found(info) => Some(info.name.clone()),
+            _ => None,
+        };
+        let mut seen = self.observed(found, rule);
+        seen.name = name;
+        Ok(seen)
+    }
+
+    fn observed(&self, found: Lookup, rule: &DockerRule) -> Observed {
+        match found {
+            Lookup::Ambiguous(candidates) => Observed {
+                name: None,
+                id: rule.container_id.clone(),
+                v4: None,
+                v6: None,
+                reason: Some(format!(
+                    "{} names several containers ({}); the mapping waits",
+                    rule.name,
+                    candidates.join(", ")
+                )),
+            },
             Lookup::NotFound => Observed {
+                name: None,
                 id: rule.container_id.clone(),
                 v4: None,
                 v6: None,
@@ -86,6 +206,7 @@ impl Engine {
                 )),
             },
             Lookup::Found(info) if !info.running => Observed {
+                name: None,
                 id: Some(info.id),
                 v4: None,
                 v6: None,
@@ -93,19 +214,21 @@ impl Engine {
             },
             Lookup::Found(info) => match info.pick_network(rule.network.as_deref()) {
                 Ok(net) => Observed {
+                    name: None,
                     id: Some(info.id.clone()),
                     v4: net.v4,
                     v6: net.v6,
                     reason: None,
                 },
                 Err(e) => Observed {
+                    name: None,
                     id: Some(info.id.clone()),
                     v4: None,
                     v6: None,
                     reason: Some(e),
                 },
             },
-        })
+        }
     }
 
     /// Re-inspects the containers of the selected mappings and re-points those
@@ -121,7 +244,7 @@ impl Engine {
                 continue;
             };
             // Auto-discovered mappings follow their engine's snapshots instead.
-            if d.external || d.auto.is_some() || !select(d) {
+            if !follows_container(d) || !select(d) {
                 continue;
             }
             let seen = match self.observe(&client, d) {
@@ -135,11 +258,17 @@ impl Engine {
                 Some(reason) => self.down_reason.insert(rule.id, reason.clone()),
                 None => self.down_reason.remove(&rule.id),
             };
-            if (d.target_v4, d.target_v6, &d.container_id) != (seen.v4, seen.v6, &seen.id) {
+            let renamed = seen.name.as_ref().is_some_and(|n| *n != d.name);
+            if renamed
+                || (d.target_v4, d.target_v6, &d.container_id) != (seen.v4, seen.v6, &seen.id)
+            {
                 moved.push((rule.id, RuleSpec::Docker(d.clone())));
                 d.target_v4 = seen.v4;
                 d.target_v6 = seen.v6;
                 d.container_id = seen.id;
+                if let Some(name) = seen.name {
+                    d.name = name;
+                }
             }
         }
         if moved.is_empty() {
@@ -193,6 +322,7 @@ impl Engine {
                 target_v4: (target.family() == Family::V4).then_some(endpoint),
                 target_v6: (target.family() == Family::V6).then_some(endpoint),
                 auto: None,
+                allow_nonlocal: req.allow_nonlocal,
             }
         } else {
             let reference = match (req.container, req.name) {
@@ -218,6 +348,7 @@ impl Engine {
                 target_v4: None,
                 target_v6: None,
                 auto: None,
+                allow_nonlocal: req.allow_nonlocal,
             })?
         };
         let name = rule.name.clone();
@@ -248,7 +379,11 @@ impl Engine {
             .iter()
             .find(|r| r.id == id)
             .and_then(|r| r.spec.relay_target());
-        self.relays.retarget(id, target);
+        // A new relay: connections to the old target are cut, as the
+        // conntrack entries below are.
+        if let Err(f) = self.start_listening(id) {
+            tracing::warn!(rule = id, "{}", f.message);
+        }
         forget_flows(old);
         target
     }
@@ -268,6 +403,13 @@ impl Engine {
                     ErrorCode::ContainerNotFound,
                     format!("no container {}; `docker ps -a` lists them", rule.name),
                 ))
+            }
+            Lookup::Ambiguous(candidates) => {
+                return Err(invalid(&format!(
+                    "{} matches several containers: {}; give more of the id, or the name",
+                    rule.name,
+                    candidates.join(", ")
+                )))
             }
         };
         let net = info
@@ -394,4 +536,10 @@ impl Engine {
             rule: self.view(&updated),
         }))
     }
+}
+
+/// Whether a mapping points at a container natmap follows through Docker
+/// events (not a fixed target, not an auto-discovered mapping).
+fn follows_container(rule: &DockerRule) -> bool {
+    !rule.external && rule.auto.is_none()
 }

@@ -22,6 +22,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+mod addresses;
 mod apply;
 mod auto;
 mod batch;
@@ -43,6 +44,7 @@ use crate::rules::{render, restore, Ruleset};
 use crate::state::{self, Loaded, State};
 
 use super::host;
+use super::local::{AddressSource, LocalAddresses};
 use super::relay::Relays;
 use super::reserve::{self, Reservation};
 use batch::Change;
@@ -126,6 +128,10 @@ pub struct Engine {
     discovery: auto::Discovery,
     /// Set when the state file was corrupt at start (shown by `status`).
     state_warning: Option<String>,
+    /// Where the host's addresses come from.
+    addresses: AddressSource,
+    /// The host's addresses, as last read (every request and tick).
+    local: LocalAddresses,
 }
 
 /// Every this many ticks, every Docker mapping is checked against Docker
@@ -151,6 +157,7 @@ impl Engine {
         state_path: PathBuf,
         nf: Arc<dyn Netfilter>,
         relays: Relays,
+        addresses: AddressSource,
     ) -> Result<Engine, String> {
         let mut corrupt: Option<String> = None;
         let state = match state::load(&state_path).map_err(|e| e.to_string())? {
@@ -205,6 +212,8 @@ impl Engine {
             ticks: 0,
             discovery: Default::default(),
             state_warning: corrupt,
+            addresses,
+            local: addresses.snapshot(),
         };
         if engine.state.forwarding {
             match host::enable_forwarding(engine.state.forwarding_ipv6) {
@@ -228,8 +237,14 @@ impl Engine {
             tracing::warn!("IPv6 NAT is unavailable, IPv6 rules stay inactive: {e}");
             self.v6_nat = false;
         }
+        self.withhold_unconfirmed_containers();
         let rules = self.state.rules.clone();
         for rule in &rules {
+            if let Some(waiting) = self.missing_address(rule) {
+                tracing::warn!(rule = rule.id, "rule waits: {}", waiting.reason);
+                self.inactive.insert(rule.id, waiting);
+                continue;
+            }
             if rule.spec.family() == Family::V6 && !self.v6_nat {
                 self.inactive.insert(
                     rule.id,
@@ -453,6 +468,7 @@ impl Engine {
                 .pop()
                 .expect("one request, one response");
         }
+        self.refresh_addresses();
         self.log_change(&request, peer);
         let change = request.is_change();
         let result = match request {
@@ -540,6 +556,7 @@ impl Engine {
                     ports: r.ports,
                     proto: r.proto,
                     ext_if: r.ext_if,
+                    allow_nonlocal: r.allow_nonlocal,
                 }),
                 r.delete,
             ),
@@ -577,6 +594,7 @@ impl Engine {
                         ports: r.ports,
                         proto: r.proto,
                         int_net,
+                        allow_nonlocal: r.allow_nonlocal,
                     }),
                     r.delete,
                 )
@@ -621,6 +639,12 @@ impl Engine {
                     .map(|reason| format!("engine unreachable, rules kept: {reason}")),
                 counters: None,
             },
+            RuleSpec::Docker(d) if !d.is_up() && self.unconfirmed(d) => RuleView {
+                rule: rule.clone(),
+                status: RuleStatus::Unknown,
+                detail: Some(self.unconfirmed_reason()),
+                counters: None,
+            },
             RuleSpec::Docker(d) if !d.is_up() => RuleView {
                 rule: rule.clone(),
                 status: RuleStatus::Down,
@@ -632,12 +656,18 @@ impl Engine {
                 ),
                 counters: None,
             },
-            _ => RuleView {
-                rule: rule.clone(),
-                status: RuleStatus::Active,
-                detail: None,
-                counters: None,
-            },
+            _ => {
+                let (status, detail) = match self.address_status(rule) {
+                    Some((status, why)) => (status, Some(why)),
+                    None => (RuleStatus::Active, None),
+                };
+                RuleView {
+                    rule: rule.clone(),
+                    status,
+                    detail,
+                    counters: None,
+                }
+            }
         }
     }
 
@@ -695,26 +725,25 @@ impl Engine {
         Ok(())
     }
 
+    /// Serves loopback for the rule (its relay, see `daemon::relay`), once
+    /// its rules are in and the state is on disk.
     fn start_listening(&mut self, id: RuleId) -> Outcome<()> {
-        let Some(held) = self.held.get_mut(&id) else {
+        let Some(held) = self.held.get(&id) else {
             return Ok(());
         };
-        for r in held.iter_mut() {
-            r.listen().map_err(|e| {
-                Failure::new(
-                    ErrorCode::PortInUse,
-                    format!("cannot listen on port {}: {e}", reserve::describe(&r.claim)),
-                )
-            })?;
-        }
+        let claims: Vec<PortClaim> = held.iter().map(|r| r.claim).collect();
         let target = self
             .state
             .rules
             .iter()
             .find(|r| r.id == id)
             .and_then(|r| r.spec.relay_target());
-        self.relays.start(id, held, target);
-        Ok(())
+        self.relays.serve(id, &claims, target).map_err(|e| {
+            Failure::new(
+                ErrorCode::PortInUse,
+                format!("cannot serve loopback on the ports of rule #{id}: {e}"),
+            )
+        })
     }
 
     /// Undoes an add whose last step failed: rules and state go back.

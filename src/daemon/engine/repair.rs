@@ -36,6 +36,7 @@ impl Engine {
         }
         self.repair_routes();
         self.retry_conflicts();
+        self.follow_addresses();
     }
 
     /// Puts back policy routes someone removed (`ip rule del`, or a link

@@ -23,6 +23,8 @@ impl Engine {
                 RuleStatus::Unavailable => "unavailable",
                 RuleStatus::Down => "down",
                 RuleStatus::Stale => "stale",
+                RuleStatus::WaitingForAddress => "waiting_for_address",
+                RuleStatus::Unknown => "unknown",
             };
             if view.status != RuleStatus::Active {
                 inactive += 1;

@@ -16,6 +16,7 @@ fn dnat(port: u16) -> Request {
         ports: crate::model::PortList::single(port),
         proto: Default::default(),
         ext_if: None,
+        allow_nonlocal: false,
         delete: false,
     })
 }
@@ -26,6 +27,7 @@ fn engine(dir: &tempfile::TempDir) -> (Engine, Arc<RecordingExecutor>) {
         dir.path().join("state.json"),
         nf.clone(),
         Relays::disabled(),
+        crate::daemon::local::AddressSource::AssumeAllLocal,
     )
     .unwrap();
     (engine, nf)

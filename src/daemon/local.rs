@@ -1,0 +1,78 @@
+//! Which addresses are this host's right now.
+//!
+//! natmap forwards traffic for an address only while the host owns it
+//! (design §9): a typo'd `--ext-ip` or a VIP held by the peer must never
+//! capture traffic meant for another machine. The engine asks here at every
+//! request and every tick; one `getifaddrs` costs tens of microseconds,
+//! whatever the number of rules.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+
+/// Where the engine learns the host's addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressSource {
+    /// The kernel, through `getifaddrs` (the daemon).
+    Kernel,
+    /// Every address counts as local (engine unit tests, which use
+    /// documentation addresses the test machine does not have).
+    AssumeAllLocal,
+}
+
+/// The host's addresses at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalAddresses {
+    /// `None`: every address counts as local.
+    addresses: Option<HashSet<IpAddr>>,
+}
+
+impl AddressSource {
+    /// The addresses now. When the kernel cannot be asked, none count as
+    /// local: natmap then installs nothing that depends on one.
+    pub fn snapshot(self) -> LocalAddresses {
+        match self {
+            AddressSource::AssumeAllLocal => LocalAddresses { addresses: None },
+            AddressSource::Kernel => {
+                let addresses = match nix::ifaddrs::getifaddrs() {
+                    Ok(list) => list
+                        .filter_map(|a| a.address)
+                        .filter_map(|a| {
+                            a.as_sockaddr_in()
+                                .map(|v4| IpAddr::V4(v4.ip()))
+                                .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+                        })
+                        .collect(),
+                    Err(e) => {
+                        tracing::warn!("cannot list the host's addresses: {e}");
+                        HashSet::new()
+                    }
+                };
+                LocalAddresses {
+                    addresses: Some(addresses),
+                }
+            }
+        }
+    }
+}
+
+impl LocalAddresses {
+    /// Whether `ip` is an address of this host.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.addresses.as_ref().is_none_or(|a| a.contains(&ip))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_is_local_and_a_documentation_address_is_not() {
+        let now = AddressSource::Kernel.snapshot();
+        assert!(now.contains("127.0.0.1".parse().unwrap()));
+        assert!(!now.contains("198.51.100.77".parse().unwrap()));
+        assert!(AddressSource::AssumeAllLocal
+            .snapshot()
+            .contains("198.51.100.77".parse().unwrap()));
+    }
+}

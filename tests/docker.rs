@@ -1387,55 +1387,6 @@ fn dockers_own_rules_are_untouched() {
     assert_eq!(docker_rules_snapshot(), before, "after the daemon stopped");
 }
 
-/// Restarts the Docker engine the way this host runs it: systemd, or (CI,
-/// containers) the background dockerd that scripts/deps.sh starts, which
-/// deps.sh starts again when no engine answers.
-fn restart_docker_engine() {
-    let systemd = std::fs::read_to_string("/proc/1/comm").is_ok_and(|c| c.trim() == "systemd");
-    if systemd {
-        let out = run_quiet(
-            std::process::Command::new("systemctl").args(["restart", "docker"]),
-            Duration::from_secs(120),
-        )
-        .expect("systemctl restart docker");
-        assert!(out.status.success(), "systemctl restart docker: {out:?}");
-        return;
-    }
-    let pids = String::from_utf8_lossy(
-        &std::process::Command::new("pidof")
-            .arg("dockerd")
-            .output()
-            .expect("pidof")
-            .stdout,
-    )
-    .into_owned();
-    for pid in pids.split_whitespace() {
-        let pid: i32 = pid.parse().expect("pid");
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let start = Instant::now();
-        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            assert!(
-                start.elapsed() < Duration::from_secs(60),
-                "dockerd {pid} did not stop"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-    let deps = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/deps.sh");
-    let out = run_quiet(
-        std::process::Command::new("bash").arg(&deps),
-        Duration::from_secs(180),
-    )
-    .expect("scripts/deps.sh");
-    assert!(
-        out.status.success(),
-        "restarting dockerd with scripts/deps.sh failed: {out:?}"
-    );
-}
-
 /// Issue 5: the Docker engine restarts while mappings exist. natmap's jump
 /// must be first in DOCKER-USER again within 5 s, and traffic flows again
 /// once the container is back (restart policy) without restarting natmap.

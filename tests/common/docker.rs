@@ -1474,3 +1474,80 @@ pub fn root_chain(v6: bool, table: &str, chain: &str) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+// ───────────────────────────── engine restart ─────────────────────────────
+
+/// Restarts the host's Docker engine: `systemctl restart docker` under
+/// systemd, else SIGTERM to dockerd (which stops its containers) and
+/// `scripts/deps.sh` to start it again (containers with a restart policy
+/// come back).
+pub fn restart_docker_engine() {
+    if systemd_runs() {
+        let out = run_quiet(
+            Command::new("systemctl").args(["restart", "docker"]),
+            Duration::from_secs(120),
+        )
+        .expect("systemctl restart docker");
+        assert!(out.status.success(), "systemctl restart docker: {out:?}");
+        return;
+    }
+    stop_docker_engine();
+    start_docker_engine();
+}
+
+fn systemd_runs() -> bool {
+    std::fs::read_to_string("/proc/1/comm").is_ok_and(|c| c.trim() == "systemd")
+}
+
+/// Stops dockerd with SIGTERM (as `systemctl stop` would) and waits until it
+/// is gone (≤ 60 s).
+pub fn stop_docker_engine() {
+    if systemd_runs() {
+        let out = run_quiet(
+            Command::new("systemctl").args(["stop", "docker", "docker.socket"]),
+            Duration::from_secs(120),
+        )
+        .expect("systemctl stop docker");
+        assert!(out.status.success(), "systemctl stop docker: {out:?}");
+        return;
+    }
+    let pids = String::from_utf8_lossy(
+        &Command::new("pidof")
+            .arg("dockerd")
+            .output()
+            .expect("pidof")
+            .stdout,
+    )
+    .into_owned();
+    for pid in pids.split_whitespace() {
+        let pid: i32 = pid.parse().expect("pid");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let start = Instant::now();
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "dockerd {pid} did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Starts dockerd again (`systemctl start docker`, or `scripts/deps.sh`,
+/// which starts it in the background) and waits until it answers.
+pub fn start_docker_engine() {
+    let out = if systemd_runs() {
+        run_quiet(
+            Command::new("systemctl").args(["start", "docker"]),
+            Duration::from_secs(120),
+        )
+    } else {
+        let deps = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/deps.sh");
+        run_quiet(Command::new("bash").arg(&deps), Duration::from_secs(180))
+    }
+    .expect("start dockerd");
+    assert!(out.status.success(), "starting dockerd failed: {out:?}");
+}

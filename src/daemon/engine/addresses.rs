@@ -80,10 +80,7 @@ impl Engine {
         (!self.local.contains(ip)).then(|| {
             (
                 RuleStatus::WaitingForAddress,
-                format!(
-                    "{ip} is not an address of this host now; the rule matches as soon as it is \
-                     (--allow-nonlocal)"
-                ),
+                format!("{ip} is not on this host now; the rule matches once it is"),
             )
         })
     }
@@ -178,9 +175,7 @@ fn relay_target_of(spec: &RuleSpec, target: SocketAddr) -> Option<SocketAddr> {
 fn waiting(ip: IpAddr) -> Inactive {
     Inactive {
         status: RuleStatus::WaitingForAddress,
-        reason: format!(
-            "{ip} is not an address of this host now; the rule is installed when it is back"
-        ),
+        reason: format!("{ip} is not on this host now; the rule is installed when it is"),
     }
 }
 

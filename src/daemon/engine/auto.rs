@@ -166,12 +166,18 @@ impl Engine {
     }
 
     /// An engine went away: its mappings stay, marked stale.
+    ///
+    /// Mappings to a remote node's published ports stay as they are
+    /// (stale); mappings to container addresses on a local engine are
+    /// withdrawn, since nothing confirms those addresses any more.
     pub fn auto_engine_down(&mut self, engine: String, reason: String) {
         self.discovery.connected.insert(engine.clone(), false);
         if !self.discovery.stale.contains_key(&engine) {
-            tracing::warn!(engine = %engine, "engine unreachable, its mappings stay as they are (stale): {reason}");
+            tracing::warn!(engine = %engine, "engine unreachable: mappings to its nodes stay (stale), mappings to its containers are withdrawn: {reason}");
         }
-        self.discovery.stale.insert(engine, reason);
+        self.discovery.stale.insert(engine.clone(), reason);
+        let of_engine = |d: &DockerRule| d.auto.as_ref().is_some_and(|a| a.engine == engine);
+        self.withdraw(of_engine, "its Docker engine is unreachable");
     }
 
     /// Whether a rule belongs to an unreachable engine.
@@ -268,6 +274,10 @@ impl Engine {
                 continue;
             }
             let spec = RuleSpec::Docker(w.clone());
+            if let Err(f) = self.check_addresses(&spec) {
+                problems.push(format!("{}: {}", w.name, f.message));
+                continue;
+            }
             let claims = spec.port_claims();
             let owner = next.rules.iter().find(|r| {
                 !mine(r)

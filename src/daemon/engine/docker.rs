@@ -65,7 +65,7 @@ impl Engine {
         }
         self.docker = None;
         self.docker_error = reason;
-        self.withdraw(|_| true, "Docker is unreachable");
+        self.withdraw(follows_container, "Docker is unreachable");
     }
 
     /// Why a container mapping is not confirmed (for `ls`).
@@ -90,8 +90,10 @@ impl Engine {
     /// container holds the old address now).
     pub(super) fn withhold_unconfirmed_containers(&mut self) {
         for rule in &mut self.state.rules {
+            // Container addresses only: a remote node's published port
+            // (`external`) cannot be handed to another container.
             if let RuleSpec::Docker(d) = &mut rule.spec {
-                if follows_container(d) {
+                if !d.external {
                     d.target_v4 = None;
                     d.target_v6 = None;
                 }
@@ -99,16 +101,17 @@ impl Engine {
         }
     }
 
-    /// Withdraws the rules of the selected container mappings now, without
-    /// asking Docker, and cuts their flows and relayed connections.
-    fn withdraw(&mut self, select: impl Fn(&DockerRule) -> bool, why: &str) {
+    /// Withdraws the rules of the selected mappings that point at a
+    /// container's own address (not a fixed target or a remote node) now,
+    /// without asking Docker, and cuts their flows and relayed connections.
+    pub(super) fn withdraw(&mut self, select: impl Fn(&DockerRule) -> bool, why: &str) {
         let mut next = self.state.clone();
         let mut withdrawn: Vec<(RuleId, RuleSpec)> = Vec::new();
         for rule in next.rules.iter_mut() {
             let RuleSpec::Docker(d) = &mut rule.spec else {
                 continue;
             };
-            if !follows_container(d) || !d.is_up() || !select(d) {
+            if d.external || !d.is_up() || !select(d) {
                 continue;
             }
             withdrawn.push((rule.id, RuleSpec::Docker(d.clone())));

@@ -631,6 +631,16 @@ impl Engine {
             };
         }
         match &rule.spec {
+            RuleSpec::Docker(d) if !d.external && self.is_stale(d).is_some() => RuleView {
+                rule: rule.clone(),
+                status: RuleStatus::Unknown,
+                detail: self.is_stale(d).map(|reason| {
+                    format!(
+                        "engine unreachable ({reason}); no rules until it confirms the container"
+                    )
+                }),
+                counters: None,
+            },
             RuleSpec::Docker(d) if self.is_stale(d).is_some() => RuleView {
                 rule: rule.clone(),
                 status: RuleStatus::Stale,

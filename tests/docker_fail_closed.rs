@@ -362,3 +362,58 @@ impl Drop for RemoveOnDrop {
         }
     }
 }
+
+#[test]
+fn a_hanging_docker_blocks_no_other_client() {
+    let (_serial, _timer) = setup!();
+    let web = Container::web("web", "slow-web", &[]);
+    let other = Container::web("other", "slow-other", &[]);
+    let mut proxy = DockerProxy::new();
+    proxy.start();
+    let d = RootDaemon::start_with_docker_socket(proxy.path());
+    d.wait_docker_connected(Duration::from_secs(5));
+    let hp = free_port();
+    let mapped = add(
+        &d,
+        &["docker", "add", &other.name, &format!("{}:80", free_port())],
+    );
+    // Docker now takes 3 s per request.
+    proxy.set_request_delay(Duration::from_secs(3));
+    std::thread::scope(|s| {
+        let slow = s.spawn(|| {
+            let t = Instant::now();
+            let data = d.ok(&["docker", "add", &web.name, &format!("{hp}:80")]);
+            (t.elapsed(), data)
+        });
+        // A container event makes the engine re-inspect too.
+        docker_ok(&["restart", "-t", "1", &other.name]);
+        std::thread::sleep(Duration::from_millis(300));
+        for cmd in [&["ping"][..], &["ls"][..], &["status"][..]] {
+            let t = Instant::now();
+            let out = d.cli(cmd);
+            let took = t.elapsed();
+            report(&format!(
+                "  {cmd:?} while Docker hangs: {} ms",
+                took.as_millis()
+            ));
+            assert!(
+                took < Duration::from_secs(1),
+                "{cmd:?} waited {took:?} for a hanging Docker ({out:?})"
+            );
+        }
+        let (took, data) = slow.join().unwrap();
+        assert!(
+            took >= Duration::from_secs(3),
+            "the add did not wait for Docker: {took:?}"
+        );
+        assert_eq!(data["result"], "added", "{data}");
+    });
+    proxy.set_request_delay(Duration::ZERO);
+    let (rule, _) = d.wait_rule(
+        mapped,
+        Duration::from_secs(10),
+        "re-pointed",
+        |r: &Value| r["status"] == "active" && r["target_v4"]["ip"] == other.ip4().to_string(),
+    );
+    assert_eq!(rule["status"], "active");
+}

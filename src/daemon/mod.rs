@@ -74,6 +74,10 @@ pub(crate) enum EngineMsg {
     DockerDown(String),
     /// Something happened to a container.
     DockerEvent(docker::Event),
+    /// What Docker answered for mappings the engine asked about.
+    DockerObserved(Vec<engine::Observation>),
+    /// Docker's answer for a `docker add` waiting on it.
+    DockerResolved(Box<engine::PendingAdd>),
     /// An auto-discover engine's labelled containers.
     AutoSnapshot {
         /// The engine's name.
@@ -233,6 +237,11 @@ fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>) {
                 }
             }
             EngineMsg::Request {
+                request: crate::proto::Request::DockerAdd(req),
+                peer,
+                reply,
+            } => engine.docker_add_begin(req, peer, reply),
+            EngineMsg::Request {
                 request,
                 peer,
                 reply,
@@ -247,6 +256,8 @@ fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>) {
             EngineMsg::DockerUp(client) => engine.docker_connected(client),
             EngineMsg::DockerDown(reason) => engine.docker_lost(reason),
             EngineMsg::DockerEvent(event) => engine.docker_event(&event),
+            EngineMsg::DockerObserved(seen) => engine.docker_observed(seen),
+            EngineMsg::DockerResolved(pending) => engine.docker_add_finish(pending),
             EngineMsg::AutoSnapshot {
                 engine: name,
                 containers,

@@ -241,9 +241,14 @@ impl DockerClient {
     /// Looks a container up by full id, id prefix or name. Blocks: call it
     /// from the engine's thread, never from async code.
     pub fn inspect_blocking(&self, reference: &str) -> Result<Lookup, String> {
+        self.runtime.block_on(self.inspect(reference))
+    }
+
+    /// Looks a container up by full id, id prefix or name.
+    pub async fn inspect(&self, reference: &str) -> Result<Lookup, String> {
         let docker = self.docker.clone();
         let reference = reference.to_owned();
-        self.runtime.block_on(async move {
+        {
             let call = docker.inspect_container(&reference, None::<InspectContainerOptions>);
             match tokio::time::timeout(CALL_TIMEOUT, call).await {
                 Err(_) => Err("Docker did not answer in time".to_owned()),
@@ -260,7 +265,12 @@ impl DockerClient {
                 Ok(Err(e)) => Err(format!("Docker: {e}")),
                 Ok(Ok(c)) => Ok(Lookup::Found(container_info(c))),
             }
-        })
+        }
+    }
+
+    /// The runtime the client's calls run on.
+    pub fn runtime(&self) -> &Handle {
+        &self.runtime
     }
 
     /// The container events stream (start, die, destroy, network changes, …).

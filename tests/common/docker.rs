@@ -1260,6 +1260,9 @@ pub struct DockerProxy {
     running: Option<ProxyRun>,
     /// Milliseconds each new connection waits before it is relayed.
     delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// Milliseconds each chunk a client sends (a request, also on a
+    /// kept-alive connection) waits before it reaches Docker.
+    request_delay_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 struct ProxyRun {
@@ -1282,7 +1285,15 @@ impl DockerProxy {
             _dir: dir,
             running: None,
             delay_ms: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            request_delay_ms: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
+    }
+
+    /// Makes every request wait `delay` before it reaches Docker, also on
+    /// connections the client keeps open (a Docker engine that hangs).
+    pub fn set_request_delay(&self, delay: Duration) {
+        self.request_delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Makes every new connection wait `delay` before it is relayed (a slow
@@ -1325,6 +1336,7 @@ impl DockerProxy {
             let (stop, conns, accepted) = (stop.clone(), conns.clone(), accepted.clone());
             let upstream = self.upstream.clone();
             let delay_ms = self.delay_ms.clone();
+            let request_delay = self.request_delay_ms.clone();
             std::thread::Builder::new()
                 .name("docker-proxy".into())
                 .spawn(move || {
@@ -1334,8 +1346,12 @@ impl DockerProxy {
                                 accepted.fetch_add(1, Ordering::Relaxed);
                                 let _ = client.set_nonblocking(false);
                                 let delay = Duration::from_millis(delay_ms.load(Ordering::Relaxed));
-                                let (stop, conns, upstream) =
-                                    (stop.clone(), conns.clone(), upstream.clone());
+                                let (stop, conns, upstream, request_delay) = (
+                                    stop.clone(),
+                                    conns.clone(),
+                                    upstream.clone(),
+                                    request_delay.clone(),
+                                );
                                 std::thread::spawn(move || {
                                     std::thread::sleep(delay);
                                     let Ok(server) = UnixStream::connect(&upstream) else {
@@ -1355,7 +1371,7 @@ impl DockerProxy {
                                             c.push(b);
                                         }
                                     }
-                                    relay(client, server);
+                                    relay(client, server, request_delay);
                                 });
                             }
                             Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -1397,19 +1413,34 @@ impl DockerProxy {
 }
 
 /// Copies both directions between two Unix streams on two threads; when one
-/// direction ends, the other side's write half is shut down.
-fn relay(a: UnixStream, b: UnixStream) {
-    let pipe = |mut from: UnixStream, mut to: UnixStream| {
+/// direction ends, the other side's write half is shut down. What `a` (the
+/// client) sends waits `a_delay` milliseconds per chunk.
+fn relay(a: UnixStream, b: UnixStream, a_delay: Arc<std::sync::atomic::AtomicU64>) {
+    let pipe = |mut from: UnixStream,
+                mut to: UnixStream,
+                delay: Option<Arc<std::sync::atomic::AtomicU64>>| {
         std::thread::spawn(move || {
-            let _ = std::io::copy(&mut from, &mut to);
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = match from.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if let Some(ms) = delay.as_ref().map(|d| d.load(Ordering::Relaxed)) {
+                    std::thread::sleep(Duration::from_millis(ms));
+                }
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
             let _ = to.shutdown(Shutdown::Write);
             let _ = from.shutdown(Shutdown::Read);
         });
     };
     match (a.try_clone(), b.try_clone()) {
         (Ok(a2), Ok(b2)) => {
-            pipe(a, b2);
-            pipe(b, a2);
+            pipe(a, b2, Some(a_delay));
+            pipe(b, a2, None);
         }
         _ => {
             let _ = a.shutdown(Shutdown::Both);

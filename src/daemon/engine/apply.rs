@@ -13,7 +13,7 @@ use crate::proto::{
 };
 
 use super::super::reserve::{self, Reservation};
-use super::{forget_flows, Engine, Failure, Outcome};
+use super::{forget_all_flows, Engine, Failure, Outcome};
 
 impl Engine {
     pub(super) fn export(&self) -> Document {
@@ -206,8 +206,8 @@ impl Engine {
         let removed_views: Vec<RuleView> = removed.iter().map(view).collect();
         for rule in &removed {
             self.release(rule.id);
-            forget_flows(&rule.spec);
         }
+        forget_all_flows(removed.iter().map(|r| &r.spec));
         tracing::info!(
             added = new_rules.len(),
             removed = removed.len(),

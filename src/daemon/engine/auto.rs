@@ -57,6 +57,12 @@ impl Engine {
         self.use_config(config.auto_discover);
     }
 
+    /// The engine's own message channel, for answers of work done off its
+    /// thread (set by [`Engine::start_discovery`]).
+    pub(super) fn messages(&self) -> Option<mpsc::Sender<EngineMsg>> {
+        self.discovery.spawner.as_ref().map(|(_, tx)| tx.clone())
+    }
+
     /// `reload` and SIGHUP: reads the config again; a broken file keeps the
     /// running config.
     pub fn reload(&mut self) -> Outcome<Response> {

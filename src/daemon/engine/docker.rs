@@ -15,13 +15,16 @@
 
 use crate::docker::{DockerClient, Event, Lookup};
 use crate::model::{DockerRule, Endpoint, Family, Proto, Rule, RuleId, RuleSpec};
+use tokio::sync::oneshot;
+
 use crate::proto::{
     ChangeKind, ChangeResult, DockerAddRequest, DockerRemapRequest, DockerRmRequest, ErrorCode,
-    Response,
+    Request, Response,
 };
 
 use super::super::reserve;
-use super::{forget_flows, Engine, Failure, Outcome};
+use super::super::EngineMsg;
+use super::{forget_flows, respond, Engine, Failure, Outcome, Peer};
 
 /// `docker_error` before the first connection attempt finished.
 pub(super) const NOT_CONNECTED_YET: &str = "not connected to Docker yet";
@@ -165,92 +168,76 @@ impl Engine {
         })
     }
 
-    /// Asks Docker where the mapping should point: its container by id
-    /// (through a rename), else a container under its name (a recreate).
-    fn observe(&self, client: &DockerClient, rule: &DockerRule) -> Result<Observed, String> {
-        let by_id = match &rule.container_id {
-            Some(id) => client.inspect_blocking(id)?,
-            None => Lookup::NotFound,
-        };
-        let found = match by_id {
-            Lookup::NotFound => client.inspect_blocking(&rule.name)?,
-            found => found,
-        };
-        let name = match &found {
-            Lookup::Found(info) => Some(info.name.clone()),
-            _ => None,
-        };
-        let mut seen = self.observed(found, rule);
-        seen.name = name;
-        Ok(seen)
-    }
-
-    fn observed(&self, found: Lookup, rule: &DockerRule) -> Observed {
-        match found {
-            Lookup::Ambiguous(candidates) => Observed {
-                name: None,
-                id: rule.container_id.clone(),
-                v4: None,
-                v6: None,
-                reason: Some(format!(
-                    "{} names several containers ({}); the mapping waits",
-                    rule.name,
-                    candidates.join(", ")
-                )),
-            },
-            Lookup::NotFound => Observed {
-                name: None,
-                id: rule.container_id.clone(),
-                v4: None,
-                v6: None,
-                reason: Some(format!(
-                    "container {} does not exist; the mapping waits for a container of that name",
-                    rule.name
-                )),
-            },
-            Lookup::Found(info) if !info.running => Observed {
-                name: None,
-                id: Some(info.id),
-                v4: None,
-                v6: None,
-                reason: Some(format!("container {} is not running", info.name)),
-            },
-            Lookup::Found(info) => match info.pick_network(rule.network.as_deref()) {
-                Ok(net) => Observed {
-                    name: None,
-                    id: Some(info.id.clone()),
-                    v4: net.v4,
-                    v6: net.v6,
-                    reason: None,
-                },
-                Err(e) => Observed {
-                    name: None,
-                    id: Some(info.id.clone()),
-                    v4: None,
-                    v6: None,
-                    reason: Some(e),
-                },
-            },
-        }
-    }
-
-    /// Re-inspects the containers of the selected mappings and re-points those
-    /// that moved, in one transaction.
+    /// Asks Docker, off the engine thread, where the selected container
+    /// mappings should point; the answers come back as one
+    /// `EngineMsg::DockerObserved` and are applied in one transaction. At
+    /// most [`INSPECTS_AT_ONCE`] inspects run at a time, and a slow Docker
+    /// never holds the engine: other clients are served meanwhile.
     pub fn refresh_docker(&mut self, select: impl Fn(&DockerRule) -> bool) {
         let Some(client) = self.docker.clone() else {
             return;
         };
+        let Some(tx) = self.messages() else {
+            return;
+        };
+        let asked: Vec<(RuleId, DockerRule)> = self
+            .state
+            .rules
+            .iter()
+            .filter_map(|r| match &r.spec {
+                // Auto-discovered mappings follow their engine's snapshots instead.
+                RuleSpec::Docker(d) if follows_container(d) && select(d) => Some((r.id, d.clone())),
+                _ => None,
+            })
+            .collect();
+        if asked.is_empty() {
+            return;
+        }
+        let runtime = client.runtime().clone();
+        runtime.spawn(async move {
+            let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(INSPECTS_AT_ONCE));
+            let mut calls = tokio::task::JoinSet::new();
+            for (id, rule) in asked {
+                let (client, limit) = (client.clone(), limit.clone());
+                calls.spawn(async move {
+                    let _permit = limit.acquire_owned().await;
+                    let seen = observe(&client, &rule).await;
+                    Observation {
+                        id,
+                        asked: rule,
+                        seen,
+                    }
+                });
+            }
+            let mut answers = Vec::with_capacity(calls.len());
+            while let Some(done) = calls.join_next().await {
+                if let Ok(answer) = done {
+                    answers.push(answer);
+                }
+            }
+            let _ = tx.send(EngineMsg::DockerObserved(answers));
+        });
+    }
+
+    /// Applies Docker's answers: re-points the mappings that moved (one
+    /// transaction) and records why the others are down. An answer about a
+    /// mapping that changed since it was asked is dropped (a newer one comes).
+    pub fn docker_observed(&mut self, answers: Vec<Observation>) {
         let mut next = self.state.clone();
         let mut moved: Vec<(RuleId, RuleSpec)> = Vec::new();
-        for rule in next.rules.iter_mut() {
+        for answer in answers {
+            let Some(rule) = next.rules.iter_mut().find(|r| r.id == answer.id) else {
+                continue;
+            };
             let RuleSpec::Docker(d) = &mut rule.spec else {
                 continue;
             };
-            // Auto-discovered mappings follow their engine's snapshots instead.
-            if !follows_container(d) || !select(d) {
+            // Changed since (withdrawn by an event, re-pointed by a newer
+            // answer): this answer may be older than what natmap knows.
+            if *d != answer.asked {
                 continue;
             }
-            let seen = match self.observe(&client, d) {
+            let seen = match answer.seen {
                 Ok(seen) => seen,
                 Err(e) => {
                     tracing::warn!(rule = rule.id, "cannot inspect container {}: {e}", d.name);
@@ -262,9 +249,8 @@ impl Engine {
                 None => self.down_reason.remove(&rule.id),
             };
             let renamed = seen.name.as_ref().is_some_and(|n| *n != d.name);
-            if renamed
-                || (d.target_v4, d.target_v6, &d.container_id) != (seen.v4, seen.v6, &seen.id)
-            {
+            let target = (seen.v4, seen.v6, &seen.id);
+            if renamed || (d.target_v4, d.target_v6, &d.container_id) != target {
                 moved.push((rule.id, RuleSpec::Docker(d.clone())));
                 d.target_v4 = seen.v4;
                 d.target_v6 = seen.v6;
@@ -282,8 +268,7 @@ impl Engine {
             return;
         }
         for (id, old) in moved {
-            let target = self.repointed(id, &old);
-            match target {
+            match self.repointed(id, &old) {
                 Some(ip) => tracing::info!(rule = id, target = %ip, "mapping re-pointed"),
                 None => tracing::info!(
                     rule = id,
@@ -294,66 +279,87 @@ impl Engine {
         }
     }
 
+    /// `docker add`, answered at once (dry runs; the daemon's loop uses
+    /// [`Engine::docker_add_begin`] so the inspect runs off this thread).
     pub(super) fn docker_add(&mut self, req: DockerAddRequest) -> Outcome<Response> {
-        let invalid = |m: &str| Failure::new(ErrorCode::InvalidArgument, m);
-        let mapping = req.mapping;
-        let rule = if let Some(target) = mapping.target_ip {
-            // A fixed, non-Docker target: the name is only a label.
-            let Some(label) = req.name else {
-                return Err(invalid(
-                    "a HOST_PORT:TARGET_IP:PORT mapping needs --name LABEL",
-                ));
-            };
-            if req.container.is_some() {
-                return Err(invalid(
-                    "give either a container or a HOST_PORT:TARGET_IP:PORT mapping, not both",
-                ));
+        match add_plan(req)? {
+            AddPlan::Fixed(rule) => self.finish_add(rule),
+            AddPlan::Container(rule) => {
+                let lookup = self.docker_client()?.inspect_blocking(&rule.name);
+                self.finish_add(settle(rule, lookup)?)
             }
-            let endpoint = Endpoint {
-                ip: target,
-                subnet: None,
-            };
-            DockerRule {
-                name: label.to_string(),
-                container_id: None,
-                network: None,
-                host_ip: mapping.host_ip,
-                host_port: mapping.host_port,
-                container_port: mapping.target_port,
-                proto: mapping.proto,
-                external: true,
-                target_v4: (target.family() == Family::V4).then_some(endpoint),
-                target_v6: (target.family() == Family::V6).then_some(endpoint),
-                auto: None,
-                allow_nonlocal: req.allow_nonlocal,
+        }
+    }
+
+    /// `docker add` from a client: a fixed target is added now; a container
+    /// is looked up off the engine thread, and [`Engine::docker_add_finish`]
+    /// adds it and answers once Docker has answered. Other clients are
+    /// served meanwhile.
+    pub(crate) fn docker_add_begin(
+        &mut self,
+        req: DockerAddRequest,
+        peer: Peer,
+        reply: oneshot::Sender<Response>,
+    ) {
+        self.log_change(&Request::DockerAdd(req.clone()), peer);
+        self.refresh_addresses();
+        let rule = match add_plan(req) {
+            Ok(AddPlan::Container(rule)) => rule,
+            Ok(AddPlan::Fixed(rule)) => {
+                let _ = reply.send(respond(self.finish_add(rule)));
+                return;
             }
-        } else {
-            let reference = match (req.container, req.name) {
-                (Some(c), None) | (None, Some(c)) => c,
-                (Some(_), Some(_)) => {
-                    return Err(invalid(
-                        "give the container either as an argument or with --name, not both",
-                    ))
-                }
-                (None, None) => {
-                    return Err(invalid("name the container: docker add CONTAINER MAPPING"))
-                }
-            };
-            self.resolve_container(DockerRule {
-                name: reference.to_string(),
-                container_id: None,
-                network: req.network.map(|n| n.to_string()),
-                host_ip: mapping.host_ip,
-                host_port: mapping.host_port,
-                container_port: mapping.target_port,
-                proto: mapping.proto,
-                external: false,
-                target_v4: None,
-                target_v6: None,
-                auto: None,
-                allow_nonlocal: req.allow_nonlocal,
-            })?
+            Err(f) => {
+                let _ = reply.send(respond(Err(f)));
+                return;
+            }
         };
+        let client = match self.docker_client() {
+            Ok(client) => client,
+            Err(f) => {
+                let _ = reply.send(respond(Err(f)));
+                return;
+            }
+        };
+        let Some(tx) = self.messages() else {
+            let lookup = client.inspect_blocking(&rule.name);
+            let _ = reply.send(respond(
+                settle(rule, lookup).and_then(|r| self.finish_add(r)),
+            ));
+            return;
+        };
+        client.runtime().clone().spawn(async move {
+            let lookup = client.inspect(&rule.name).await;
+            let pending = PendingAdd {
+                rule,
+                lookup,
+                reply,
+            };
+            let _ = tx.send(EngineMsg::DockerResolved(Box::new(pending)));
+        });
+    }
+
+    /// Completes a [`Engine::docker_add_begin`] with Docker's answer.
+    pub(crate) fn docker_add_finish(&mut self, pending: Box<PendingAdd>) {
+        let PendingAdd {
+            rule,
+            lookup,
+            reply,
+        } = *pending;
+        self.refresh_addresses();
+        let outcome = settle(rule, lookup).and_then(|r| self.finish_add(r));
+        let _ = reply.send(respond(outcome));
+    }
+
+    /// Looks the mapping's container up now (by the reference in
+    /// `rule.name`): `apply` documents.
+    pub(super) fn resolve_container(&self, rule: DockerRule) -> Outcome<DockerRule> {
+        let lookup = self.docker_client()?.inspect_blocking(&rule.name);
+        settle(rule, lookup)
+    }
+
+    /// Adds a resolved Docker mapping (the same path as every rule change).
+    fn finish_add(&mut self, rule: DockerRule) -> Outcome<Response> {
         let name = rule.name.clone();
         let response = self.add(RuleSpec::Docker(rule))?;
         if let Some(rule) = self
@@ -389,52 +395,6 @@ impl Engine {
         }
         forget_flows(old);
         target
-    }
-
-    /// Looks the mapping's container up (by the reference in `rule.name`) and
-    /// fills in its canonical name, id, network and current addresses.
-    pub(super) fn resolve_container(&self, mut rule: DockerRule) -> Outcome<DockerRule> {
-        let invalid = |m: &str| Failure::new(ErrorCode::InvalidArgument, m);
-        let client = self.docker_client()?;
-        let info = match client
-            .inspect_blocking(&rule.name)
-            .map_err(|e| Failure::new(ErrorCode::DockerUnavailable, e))?
-        {
-            Lookup::Found(info) => info,
-            Lookup::NotFound => {
-                return Err(Failure::new(
-                    ErrorCode::ContainerNotFound,
-                    format!("no container {}; `docker ps -a` lists them", rule.name),
-                ))
-            }
-            Lookup::Ambiguous(candidates) => {
-                return Err(invalid(&format!(
-                    "{} matches several containers: {}; give more of the id, or the name",
-                    rule.name,
-                    candidates.join(", ")
-                )))
-            }
-        };
-        let net = info
-            .pick_network(rule.network.as_deref())
-            .map_err(|e| invalid(&e))?;
-        let (v4, v6) = if info.running {
-            (net.v4, net.v6)
-        } else {
-            (None, None)
-        };
-        if info.running && rule.host_ip.is_some_and(|h| h.family() == Family::V6) && v6.is_none() {
-            return Err(invalid(&format!(
-                "container {} has no IPv6 address on network {}",
-                info.name, net.network
-            )));
-        }
-        rule.name = info.name.clone();
-        rule.container_id = Some(info.id.clone());
-        rule.network = Some(net.network.clone());
-        rule.target_v4 = v4;
-        rule.target_v6 = v6;
-        Ok(rule)
     }
 
     /// The one Docker mapping of `reference` on `host_port` (and `proto`).
@@ -545,4 +505,210 @@ impl Engine {
 /// events (not a fixed target, not an auto-discovered mapping).
 fn follows_container(rule: &DockerRule) -> bool {
     !rule.external && rule.auto.is_none()
+}
+
+/// Inspects that run at once when the engine re-checks many mappings.
+const INSPECTS_AT_ONCE: usize = 8;
+
+/// Docker's answer about one mapping, for the engine thread.
+pub struct Observation {
+    /// The mapping.
+    id: RuleId,
+    /// The mapping as it was when Docker was asked.
+    asked: DockerRule,
+    /// What Docker said.
+    seen: Result<Observed, String>,
+}
+
+/// Asks Docker where the mapping should point: its container by id
+/// (through a rename), else a container under its name (a recreate).
+async fn observe(client: &DockerClient, rule: &DockerRule) -> Result<Observed, String> {
+    let by_id = match &rule.container_id {
+        Some(id) => client.inspect(id).await?,
+        None => Lookup::NotFound,
+    };
+    let found = match by_id {
+        Lookup::NotFound => client.inspect(&rule.name).await?,
+        found => found,
+    };
+    let name = match &found {
+        Lookup::Found(info) => Some(info.name.clone()),
+        _ => None,
+    };
+    let mut seen = observed(found, rule);
+    seen.name = name;
+    Ok(seen)
+}
+
+/// Where a mapping should point, from Docker's lookup of its container.
+fn observed(found: Lookup, rule: &DockerRule) -> Observed {
+    match found {
+        Lookup::Ambiguous(candidates) => Observed {
+            name: None,
+            id: rule.container_id.clone(),
+            v4: None,
+            v6: None,
+            reason: Some(format!(
+                "{} names several containers ({}); the mapping waits",
+                rule.name,
+                candidates.join(", ")
+            )),
+        },
+        Lookup::NotFound => Observed {
+            name: None,
+            id: rule.container_id.clone(),
+            v4: None,
+            v6: None,
+            reason: Some(format!(
+                "container {} does not exist; the mapping waits for a container of that name",
+                rule.name
+            )),
+        },
+        Lookup::Found(info) if !info.running => Observed {
+            name: None,
+            id: Some(info.id),
+            v4: None,
+            v6: None,
+            reason: Some(format!("container {} is not running", info.name)),
+        },
+        Lookup::Found(info) => match info.pick_network(rule.network.as_deref()) {
+            Ok(net) => Observed {
+                name: None,
+                id: Some(info.id.clone()),
+                v4: net.v4,
+                v6: net.v6,
+                reason: None,
+            },
+            Err(e) => Observed {
+                name: None,
+                id: Some(info.id.clone()),
+                v4: None,
+                v6: None,
+                reason: Some(e),
+            },
+        },
+    }
+}
+
+/// A `docker add` that still needs its container looked up.
+pub struct PendingAdd {
+    /// The mapping, `name` holding the reference the client gave.
+    rule: DockerRule,
+    /// Docker's answer.
+    lookup: Result<Lookup, String>,
+    /// Where the answer goes.
+    reply: oneshot::Sender<Response>,
+}
+
+/// What a `docker add` asks for.
+enum AddPlan {
+    /// A fixed, non-Docker target: nothing to look up.
+    Fixed(DockerRule),
+    /// A container, by the reference in `name`: look it up first.
+    Container(DockerRule),
+}
+
+/// Checks the request's form and builds the mapping it asks for.
+fn add_plan(req: DockerAddRequest) -> Outcome<AddPlan> {
+    let invalid = |m: &str| Failure::new(ErrorCode::InvalidArgument, m);
+    let mapping = req.mapping;
+    Ok(if let Some(target) = mapping.target_ip {
+        // A fixed, non-Docker target: the name is only a label.
+        let Some(label) = req.name else {
+            return Err(invalid(
+                "a HOST_PORT:TARGET_IP:PORT mapping needs --name LABEL",
+            ));
+        };
+        if req.container.is_some() {
+            return Err(invalid(
+                "give either a container or a HOST_PORT:TARGET_IP:PORT mapping, not both",
+            ));
+        }
+        let endpoint = Endpoint {
+            ip: target,
+            subnet: None,
+        };
+        AddPlan::Fixed(DockerRule {
+            name: label.to_string(),
+            container_id: None,
+            network: None,
+            host_ip: mapping.host_ip,
+            host_port: mapping.host_port,
+            container_port: mapping.target_port,
+            proto: mapping.proto,
+            external: true,
+            target_v4: (target.family() == Family::V4).then_some(endpoint),
+            target_v6: (target.family() == Family::V6).then_some(endpoint),
+            auto: None,
+            allow_nonlocal: req.allow_nonlocal,
+        })
+    } else {
+        let reference = match (req.container, req.name) {
+            (Some(c), None) | (None, Some(c)) => c,
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "give the container either as an argument or with --name, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(invalid("name the container: docker add CONTAINER MAPPING"))
+            }
+        };
+        AddPlan::Container(DockerRule {
+            name: reference.to_string(),
+            container_id: None,
+            network: req.network.map(|n| n.to_string()),
+            host_ip: mapping.host_ip,
+            host_port: mapping.host_port,
+            container_port: mapping.target_port,
+            proto: mapping.proto,
+            external: false,
+            target_v4: None,
+            target_v6: None,
+            auto: None,
+            allow_nonlocal: req.allow_nonlocal,
+        })
+    })
+}
+
+/// Fills in the container's canonical name, id, network and current
+/// addresses from Docker's answer about the reference in `rule.name`.
+fn settle(mut rule: DockerRule, lookup: Result<Lookup, String>) -> Outcome<DockerRule> {
+    let invalid = |m: &str| Failure::new(ErrorCode::InvalidArgument, m);
+    let info = match lookup.map_err(|e| Failure::new(ErrorCode::DockerUnavailable, e))? {
+        Lookup::Found(info) => info,
+        Lookup::NotFound => {
+            return Err(Failure::new(
+                ErrorCode::ContainerNotFound,
+                format!("no container {}; `docker ps -a` lists them", rule.name),
+            ))
+        }
+        Lookup::Ambiguous(candidates) => {
+            return Err(invalid(&format!(
+                "{} matches several containers: {}; give more of the id, or the name",
+                rule.name,
+                candidates.join(", ")
+            )))
+        }
+    };
+    let net = info
+        .pick_network(rule.network.as_deref())
+        .map_err(|e| invalid(&e))?;
+    let (v4, v6) = if info.running {
+        (net.v4, net.v6)
+    } else {
+        (None, None)
+    };
+    if info.running && rule.host_ip.is_some_and(|h| h.family() == Family::V6) && v6.is_none() {
+        return Err(invalid(&format!(
+            "container {} has no IPv6 address on network {}",
+            info.name, net.network
+        )));
+    }
+    rule.name = info.name.clone();
+    rule.container_id = Some(info.id.clone());
+    rule.network = Some(net.network.clone());
+    rule.target_v4 = v4;
+    rule.target_v6 = v6;
+    Ok(rule)
 }

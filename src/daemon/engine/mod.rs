@@ -49,6 +49,7 @@ use super::relay::Relays;
 use super::reserve::{self, Reservation};
 use batch::Change;
 pub use batch::MAX_BATCH;
+pub use docker::{Observation, PendingAdd};
 
 /// Who sent a request (from `SO_PEERCRED`), for the change log.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -890,8 +891,8 @@ impl Engine {
         let old = std::mem::replace(&mut self.state, next);
         for rule in &old.rules {
             self.release(rule.id);
-            forget_flows(&rule.spec);
         }
+        forget_all_flows(old.rules.iter().map(|r| &r.spec));
         self.state_warning = None;
         tracing::info!(removed, "all rules cleared");
         Ok(Response::ok(ClearReport { removed }))
@@ -942,6 +943,23 @@ fn respond(result: Outcome<Response>) -> Response {
 
 /// Cuts conntrack entries of connections the rule forwarded.
 fn forget_flows(spec: &RuleSpec) {
+    forget_all_flows([spec]);
+}
+
+/// Cuts conntrack entries of connections the rules forwarded, one
+/// `conntrack` run per distinct filter: a thousand rules of one address
+/// pair cost one run, not a thousand.
+fn forget_all_flows<'a>(specs: impl IntoIterator<Item = &'a RuleSpec>) {
+    let mut seen = std::collections::HashSet::new();
+    for flows in specs.into_iter().flat_map(flows_of) {
+        if seen.insert(format!("{flows:?}")) {
+            host::forget_connections(flows);
+        }
+    }
+}
+
+/// The conntrack filters of connections a rule forwarded.
+fn flows_of(spec: &RuleSpec) -> Vec<host::Flows> {
     let flows = |proto, orig_dst: IpAddr, reply_src: IpAddr| host::Flows {
         proto,
         orig_dst: Some(orig_dst),
@@ -949,21 +967,19 @@ fn forget_flows(spec: &RuleSpec) {
         reply_src,
     };
     match spec {
-        RuleSpec::Dnat(r) => host::forget_connections(flows(r.proto, r.ext_ip.ip(), r.int_ip.ip())),
-        RuleSpec::Hairpin(r) => {
-            host::forget_connections(flows(r.proto, r.ext_ip.ip(), r.int_ip.ip()))
-        }
-        RuleSpec::Snat(_) | RuleSpec::PolicyRoute(_) => {}
-        RuleSpec::Docker(r) => {
-            for target in [r.target_v4, r.target_v6].into_iter().flatten() {
-                host::forget_connections(host::Flows {
-                    proto: r.proto,
-                    orig_dst: r.host_ip.map(|h| h.ip()),
-                    orig_port: Some(r.host_port),
-                    reply_src: target.ip.ip(),
-                });
-            }
-        }
+        RuleSpec::Dnat(r) => vec![flows(r.proto, r.ext_ip.ip(), r.int_ip.ip())],
+        RuleSpec::Hairpin(r) => vec![flows(r.proto, r.ext_ip.ip(), r.int_ip.ip())],
+        RuleSpec::Snat(_) | RuleSpec::PolicyRoute(_) => Vec::new(),
+        RuleSpec::Docker(r) => [r.target_v4, r.target_v6]
+            .into_iter()
+            .flatten()
+            .map(|target| host::Flows {
+                proto: r.proto,
+                orig_dst: r.host_ip.map(|h| h.ip()),
+                orig_port: Some(r.host_port),
+                reply_src: target.ip.ip(),
+            })
+            .collect(),
     }
 }
 

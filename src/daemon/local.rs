@@ -20,37 +20,48 @@ pub enum AddressSource {
 }
 
 /// The host's addresses at one moment.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalAddresses {
     /// `None`: every address counts as local.
     addresses: Option<HashSet<IpAddr>>,
 }
 
 impl AddressSource {
-    /// The addresses now. When the kernel cannot be asked, none count as
-    /// local: natmap then installs nothing that depends on one.
-    pub fn snapshot(self) -> LocalAddresses {
+    /// The addresses now, or `None` when the kernel cannot be asked (out of
+    /// descriptors, say): the caller keeps what it knew, since a failed
+    /// question says nothing about the addresses, and reading it as "none"
+    /// would withdraw every rule.
+    pub fn snapshot(self) -> Option<LocalAddresses> {
         match self {
-            AddressSource::AssumeAllLocal => LocalAddresses { addresses: None },
-            AddressSource::Kernel => {
-                let addresses = match nix::ifaddrs::getifaddrs() {
-                    Ok(list) => list
-                        .filter_map(|a| a.address)
-                        .filter_map(|a| {
-                            a.as_sockaddr_in()
-                                .map(|v4| IpAddr::V4(v4.ip()))
-                                .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
-                        })
-                        .collect(),
-                    Err(e) => {
-                        tracing::warn!("cannot list the host's addresses: {e}");
-                        HashSet::new()
-                    }
-                };
-                LocalAddresses {
-                    addresses: Some(addresses),
+            AddressSource::AssumeAllLocal => Some(LocalAddresses { addresses: None }),
+            AddressSource::Kernel => match nix::ifaddrs::getifaddrs() {
+                Ok(list) => Some(LocalAddresses {
+                    addresses: Some(
+                        list.filter_map(|a| a.address)
+                            .filter_map(|a| {
+                                a.as_sockaddr_in()
+                                    .map(|v4| IpAddr::V4(v4.ip()))
+                                    .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+                            })
+                            .collect::<HashSet<IpAddr>>(),
+                    ),
+                }),
+                Err(e) => {
+                    tracing::warn!(
+                        "cannot list the host's addresses ({e}); keeping the last known ones"
+                    );
+                    None
                 }
-            }
+            },
+        }
+    }
+}
+
+impl Default for LocalAddresses {
+    /// None known: nothing that needs a local address is installed.
+    fn default() -> LocalAddresses {
+        LocalAddresses {
+            addresses: Some(HashSet::new()),
         }
     }
 }
@@ -68,11 +79,12 @@ mod tests {
 
     #[test]
     fn loopback_is_local_and_a_documentation_address_is_not() {
-        let now = AddressSource::Kernel.snapshot();
+        let now = AddressSource::Kernel.snapshot().unwrap();
         assert!(now.contains("127.0.0.1".parse().unwrap()));
         assert!(!now.contains("198.51.100.77".parse().unwrap()));
         assert!(AddressSource::AssumeAllLocal
             .snapshot()
+            .unwrap()
             .contains("198.51.100.77".parse().unwrap()));
     }
 }

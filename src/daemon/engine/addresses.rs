@@ -18,7 +18,9 @@ use super::{Engine, Failure, Inactive, Outcome};
 impl Engine {
     /// Reads the host's addresses again (every request and tick).
     pub(super) fn refresh_addresses(&mut self) {
-        self.local = self.addresses.snapshot();
+        if let Some(now) = self.addresses.snapshot() {
+            self.local = now;
+        }
     }
 
     /// Refuses a rule whose address is not this host's (without

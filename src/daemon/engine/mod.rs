@@ -214,7 +214,7 @@ impl Engine {
             discovery: Default::default(),
             state_warning: corrupt,
             addresses,
-            local: addresses.snapshot(),
+            local: addresses.snapshot().unwrap_or_default(),
         };
         if engine.state.forwarding {
             match host::enable_forwarding(engine.state.forwarding_ipv6) {

@@ -493,7 +493,8 @@ fn local_auto_mapping_follows_restart_stop_and_a_new_address() {
     );
     assert_eq!(rule["target_v4"]["ip"], web.ip4().to_string(), "{rule}");
 
-    // Stop: down, port kept, no DNAT.
+    // Stop: down, no DNAT, and the port is free for others while it is
+    // stopped (`docker start` of a `-p` owner of that port must work).
     web.stop();
     let (rule, took) = wait_auto(&d, h, "tcp", APPEAR_LIMIT, "down", |r| {
         r["status"] == "down"
@@ -508,10 +509,7 @@ fn local_auto_mapping_follows_restart_stop_and_a_new_address() {
         dnat_lines_of(None, id).is_empty(),
         "DNAT kept for a stopped container"
     );
-    assert!(
-        !tcp_port_free(h),
-        "port {h} released while the container is stopped"
-    );
+    wait_port_free(&d, h, false);
     expect_no_web(&out, sa(HOST_V4, h));
 
     // Start at a new address.
@@ -1948,4 +1946,80 @@ fn a_broken_reload_keeps_the_old_config_and_disabling_removes_auto_mappings() {
     d.allow_log("reload");
     d.allow_log("config");
     d.assert_clean_log();
+}
+
+/// Two labels ask for one host port: the first gets it, the second is a
+/// conflict that names the holder and both labels (counted by `status`),
+/// and gets the port within a tick of the first container going away,
+/// without being restarted.
+#[test]
+fn a_label_conflict_names_the_holder_and_resolves_when_the_port_frees() {
+    let (_serial, _timer) = setup!();
+    let cfg = ConfigFile::new(&auto_config(true, false, &[EngineCfg::local()]));
+    let d = root_daemon(&cfg);
+    let h = free_port();
+    let first = labeled_web("first", "first-web", DEFAULT_LABEL, &format!("{h}:80"), &[]);
+    let (rule, _) = wait_auto(&d, h, "tcp", APPEAR_LIMIT, "active", is_active);
+    assert_eq!(rule["name"], first.name.as_str(), "{rule}");
+    let second = labeled_web(
+        "second",
+        "second-web",
+        DEFAULT_LABEL,
+        &format!("{h}:80"),
+        &[],
+    );
+    second.wait_ready();
+    let deadline = Instant::now() + APPEAR_LIMIT * 2;
+    let conflict = loop {
+        let status = d.cli_json(&["status"]);
+        let found = status["data"]["conflicts"]
+            .as_array()
+            .and_then(|c| {
+                c.iter()
+                    .find(|m| m.as_str().unwrap_or("").contains(&second.name))
+            })
+            .cloned();
+        if let Some(found) = found {
+            assert!(
+                status["data"]["problems"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p.as_str().unwrap_or("").contains("port conflict")),
+                "{status}"
+            );
+            break found.as_str().unwrap().to_owned();
+        }
+        assert!(Instant::now() < deadline, "no conflict reported: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        conflict.contains(&first.name),
+        "the holder is not named: {conflict}"
+    );
+    assert!(
+        conflict.contains(&format!("{h}:80")),
+        "the label is not shown: {conflict}"
+    );
+    assert!(
+        !conflict.contains("pid"),
+        "natmap named itself as a process: {conflict}"
+    );
+
+    first.remove();
+    let (rule, took) = wait_auto(&d, h, "tcp", Duration::from_secs(5), "second active", |r| {
+        is_active(r) && r["name"] == second.name.as_str()
+    });
+    report(&format!(
+        "  the port went to the waiting label {} ms after the holder was removed",
+        took.as_millis()
+    ));
+    check_local_rule(&rule, &second, h, 80, "tcp");
+    let status = d.cli_json(&["status"]);
+    assert!(
+        !status["data"]["conflicts"]
+            .to_string()
+            .contains(&second.name),
+        "the conflict message stayed: {status}"
+    );
 }

@@ -36,6 +36,9 @@ pub struct Discovery {
     pub problems: BTreeMap<String, Vec<String>>,
     /// Engines that sent a snapshot since the last (re)configuration.
     pub connected: BTreeMap<String, bool>,
+    /// Each engine's last snapshot, re-read while one of its mappings waits
+    /// for a port held by another mapping (it gets the port once free).
+    last: BTreeMap<String, Vec<LabeledContainer>>,
     /// Running watcher tasks.
     tasks: Vec<AbortHandle>,
     /// How to start watchers.
@@ -55,6 +58,27 @@ impl Engine {
         self.discovery.spawner = Some((runtime, tx));
         self.discovery.source = source;
         self.use_config(config.auto_discover);
+    }
+
+    /// The tick's part: engines with a mapping waiting for a port that
+    /// another mapping held read their last snapshot again, so the mapping
+    /// is installed within a tick of the port coming free.
+    pub(super) fn retry_auto_conflicts(&mut self) {
+        let waiting: Vec<String> = self
+            .discovery
+            .problems
+            .iter()
+            .filter(|(name, problems)| {
+                !self.discovery.stale.contains_key(*name)
+                    && problems.iter().any(|p| p.starts_with("conflict:"))
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in waiting {
+            if let Some(containers) = self.discovery.last.get(&name).cloned() {
+                self.auto_snapshot(name, containers);
+            }
+        }
     }
 
     /// The engine's own message channel, for answers of work done off its
@@ -195,6 +219,9 @@ impl Engine {
 
     /// Reconciles one engine's mappings with a snapshot of its containers.
     pub fn auto_snapshot(&mut self, engine_name: String, containers: Vec<LabeledContainer>) {
+        self.discovery
+            .last
+            .insert(engine_name.clone(), containers.clone());
         let Some(engine) = self
             .discovery
             .config
@@ -286,33 +313,54 @@ impl Engine {
             }
             let claims = spec.port_claims();
             let owner = next.rules.iter().find(|r| {
-                !mine(r)
-                    && r.spec
-                        .port_claims()
-                        .iter()
-                        .any(|o| claims.iter().any(|c| reserve::claims_collide(c, o)))
-            });
-            if let Some(owner) = owner {
-                let note = format!(
-                    "conflict: {} wants host port {}/{} but natmap rule #{} already forwards it; the existing rule wins",
-                    w.name, w.host_port, w.proto, owner.id
-                );
-                problems.push(note);
-                continue;
-            }
-            if added.iter().any(|(r, _)| {
                 r.spec
                     .port_claims()
                     .iter()
                     .any(|o| claims.iter().any(|c| reserve::claims_collide(c, o)))
-            }) {
+            });
+            if let Some(owner) = owner {
                 problems.push(format!(
-                    "conflict: host port {}/{} is in two labels of engine {engine_name}",
-                    w.host_port, w.proto
+                    "conflict: {} ({label}={}) wants host port {}/{}, which {} holds; the \
+                     existing mapping wins, and {} gets the port as soon as it is free",
+                    w.name,
+                    label_of(&containers, &w.name),
+                    w.host_port,
+                    w.proto,
+                    holder(owner),
+                    w.name
                 ));
                 continue;
             }
-            match reserve::bind_all(&claims) {
+            let first = added.iter().find(|(r, _)| {
+                r.spec
+                    .port_claims()
+                    .iter()
+                    .any(|o| claims.iter().any(|c| reserve::claims_collide(c, o)))
+            });
+            if let Some((first, _)) = first {
+                let RuleSpec::Docker(other) = &first.spec else {
+                    continue;
+                };
+                problems.push(format!(
+                    "conflict: {} ({label}={}) and {} ({label}={}) both want host port {}/{} \
+                     on engine {engine_name}; {} has it",
+                    w.name,
+                    label_of(&containers, &w.name),
+                    other.name,
+                    label_of(&containers, &other.name),
+                    w.host_port,
+                    w.proto,
+                    other.name
+                ));
+                continue;
+            }
+            // A stopped local container holds no port (see `hold_while_up`).
+            let reserved = if !w.external && !w.is_up() {
+                Ok(Vec::new())
+            } else {
+                reserve::bind_all(&claims)
+            };
+            match reserved {
                 Ok(held) => {
                     let rule = Rule {
                         id: next.next_id,
@@ -346,7 +394,9 @@ impl Engine {
             return;
         }
         for (rule, held) in added {
-            self.held.insert(rule.id, held);
+            if !held.is_empty() {
+                self.held.insert(rule.id, held);
+            }
             if let Err(f) = self.start_listening(rule.id) {
                 tracing::error!(rule = rule.id, "{}", f.message);
             }
@@ -392,6 +442,29 @@ fn pick(networks: &[NetworkAddrs]) -> Option<&NetworkAddrs> {
             .iter()
             .find(|n| n.network == "bridge")
             .or_else(|| many.first()),
+    }
+}
+
+/// The label value of the container `name` in a snapshot, for messages.
+fn label_of(containers: &[LabeledContainer], name: &str) -> String {
+    containers
+        .iter()
+        .find(|c| c.name == name)
+        .map_or_else(String::new, |c| c.label.clone())
+}
+
+/// Who holds a port, for a conflict message: a labelled container of an
+/// engine, or a manual rule.
+fn holder(rule: &Rule) -> String {
+    match &rule.spec {
+        RuleSpec::Docker(d) => match &d.auto {
+            Some(a) => format!(
+                "container {} of engine {} (natmap rule #{})",
+                d.name, a.engine, rule.id
+            ),
+            None => format!("natmap rule #{} (docker {})", rule.id, d.name),
+        },
+        other => format!("natmap rule #{} ({})", rule.id, other.kind()),
     }
 }
 

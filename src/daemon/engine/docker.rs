@@ -382,12 +382,11 @@ impl Engine {
     /// After a committed re-point of rule `id` (whose previous form was
     /// `old`): the relay follows, and flows to the old target are cut.
     pub(super) fn repointed(&mut self, id: RuleId, old: &RuleSpec) -> Option<std::net::IpAddr> {
-        let target = self
-            .state
-            .rules
-            .iter()
-            .find(|r| r.id == id)
-            .and_then(|r| r.spec.relay_target());
+        let rule = self.state.rules.iter().find(|r| r.id == id).cloned();
+        let target = rule.as_ref().and_then(|r| r.spec.relay_target());
+        if let Some(rule) = rule.filter(holds_port_only_while_up) {
+            self.hold_while_up(&rule);
+        }
         // A new relay: connections to the old target are cut, as the
         // conntrack entries below are.
         if let Err(f) = self.start_listening(id) {
@@ -395,6 +394,42 @@ impl Engine {
         }
         forget_flows(old);
         target
+    }
+
+    /// A labelled local container holds its host port only while it runs
+    /// (so `docker start` of another container publishing that port with
+    /// `-p` works): released when it goes down, reserved again when it comes
+    /// back; if someone took the port meanwhile, the mapping waits as a port
+    /// conflict (retried every tick) and installs nothing.
+    fn hold_while_up(&mut self, rule: &Rule) {
+        let up = matches!(&rule.spec, RuleSpec::Docker(d) if d.is_up());
+        if !up {
+            self.relays.stop(rule.id);
+            self.held.remove(&rule.id);
+            return;
+        }
+        if self.held.contains_key(&rule.id) {
+            return;
+        }
+        match reserve::bind_all(&rule.spec.port_claims()) {
+            Ok(held) => {
+                self.held.insert(rule.id, held);
+            }
+            Err(busy) => {
+                tracing::warn!(rule = rule.id, "mapping waits: {busy}");
+                self.inactive.insert(
+                    rule.id,
+                    super::Inactive {
+                        status: crate::proto::RuleStatus::PortConflict,
+                        reason: busy.message,
+                    },
+                );
+                let desired = self.desired(&self.state);
+                if let Err(e) = self.apply(&desired) {
+                    tracing::error!(rule = rule.id, "cannot withdraw the mapping: {e}");
+                }
+            }
+        }
     }
 
     /// The one Docker mapping of `reference` on `host_port` (and `proto`).
@@ -711,4 +746,10 @@ fn settle(mut rule: DockerRule, lookup: Result<Lookup, String>) -> Outcome<Docke
     rule.target_v4 = v4;
     rule.target_v6 = v6;
     Ok(rule)
+}
+
+/// Whether a mapping holds its port only while its container runs: a
+/// labelled container of a local engine.
+fn holds_port_only_while_up(rule: &Rule) -> bool {
+    matches!(&rule.spec, RuleSpec::Docker(d) if d.auto.is_some() && !d.external)
 }

@@ -256,6 +256,12 @@ impl Engine {
                 );
                 continue;
             }
+            if matches!(&rule.spec, RuleSpec::Docker(d) if d.auto.is_some() && !d.external && !d.is_up())
+            {
+                // A labelled local container, withheld until its engine
+                // confirms it: it reserves its port when it is up.
+                continue;
+            }
             match reserve::bind_all(&rule.spec.port_claims()) {
                 Ok(held) => {
                     self.held.insert(rule.id, held);

@@ -37,6 +37,7 @@ impl Engine {
         self.repair_routes();
         self.retry_conflicts();
         self.follow_addresses();
+        self.retry_auto_conflicts();
     }
 
     /// Puts back policy routes someone removed (`ip rule del`, or a link

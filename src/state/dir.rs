@@ -16,6 +16,7 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
 use nix::fcntl::{openat, renameat, OFlag};
 use nix::sys::stat::Mode;
 use nix::unistd::{unlinkat, UnlinkatFlags};
@@ -83,7 +84,14 @@ impl StateDir {
             name,
             flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::from_bits_truncate(mode),
-        )?;
+        )
+        .map_err(|e| match e {
+            Errno::ELOOP => io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "it is a symbolic link, which natmap never follows beside its state file: remove it",
+            ),
+            other => other.into(),
+        })?;
         // SAFETY: `openat` just returned this descriptor; nothing else owns it.
         Ok(unsafe { File::from_raw_fd(fd) })
     }

@@ -166,4 +166,39 @@ mod tests {
         assert_eq!(v.rules.iter().map(|r| r.id).collect::<Vec<_>>(), [1, 3]);
         assert!(reasons(&v)[0].contains("8080"), "{:?}", reasons(&v));
     }
+
+    /// The figure in docs/reliability.md (debug build): `cargo test --lib
+    /// vetting_20000_rules -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn vetting_20000_rules() {
+        let entries: Vec<Value> = (0..20_000u64)
+            .map(|i| {
+                let ext = format!("192.0.{}.{}", 2 + i / 60_000, 1 + (i / 250) % 250);
+                dnat(i + 1, &ext, "198.51.100.2", &(1024 + i % 250).to_string())
+            })
+            .collect();
+        let text = serde_json::to_vec(&json!({"schema_version": 1, "next_id": 20_001,
+            "rules": entries}))
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        std::fs::write(&path, &text).unwrap();
+        let started = std::time::Instant::now();
+        let loaded = crate::state::load(&path).unwrap();
+        let took = started.elapsed();
+        let crate::state::Loaded::Existing(state) = loaded else {
+            panic!("not loaded")
+        };
+        assert_eq!(state.rules.len(), 20_000, "{:?}", state.quarantined.first());
+        let started = std::time::Instant::now();
+        let typed: crate::state::State = serde_json::from_slice(&text).unwrap();
+        let typed_took = started.elapsed();
+        assert_eq!(typed.rules, state.rules);
+        eprintln!(
+            "[state] 20,000 rules ({} KiB): load + vet {took:?}; typed parse alone (the \
+             unchecked load before) {typed_took:?}",
+            text.len() / 1024
+        );
+    }
 }

@@ -154,6 +154,8 @@ impl Engine {
     /// whose ports are taken are kept but skipped, with a warning), rewrites
     /// natmap's chains and hooks in one transaction per family, then listens.
     /// Fails when IPv4 rules cannot be applied at all or the state cannot be read.
+    /// Entries of the file that fail the checks of a request never get here:
+    /// `state::load` quarantines them (shown by `ls` and `status`).
     pub fn open(
         state_path: PathBuf,
         nf: Arc<dyn Netfilter>,

@@ -659,6 +659,10 @@ pub enum RuleStatus {
     /// asked yet since the daemon started): no rules until Docker confirms
     /// the container runs with that address.
     Unknown,
+    /// Read from the state file but never installed: it fails the checks
+    /// of a request or of the file (a duplicate id, rule or port); the
+    /// detail says which. Kept in the file as it is for the operator to fix.
+    Quarantined,
 }
 
 /// What a change did.
@@ -689,6 +693,22 @@ pub struct ChangeResult {
 pub struct RuleList {
     /// Matching rules, in id order.
     pub rules: Vec<RuleView>,
+    /// State file entries that are not even rules (they do not parse), so
+    /// cannot be listed as one: quarantined like invalid rules.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreadable: Vec<UnreadableEntry>,
+}
+
+/// A quarantined state file entry that does not parse as a rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnreadableEntry {
+    /// Its position in the file's `rules` when the daemon started.
+    pub index: usize,
+    /// Its `id`, if it has a numeric one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<crate::model::RuleId>,
+    /// Why it is quarantined.
+    pub reason: String,
 }
 
 /// One sysctl `fwd` looked at.

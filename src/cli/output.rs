@@ -80,7 +80,13 @@ impl Printer {
             | Request::DockerAdd(_)
             | Request::DockerRm(_)
             | Request::DockerRemap(_) => self.with(data, |c: ChangeResult| self.change(&c)),
-            Request::Ls(_) => self.with(data, |l: RuleList| self.list(&l.rules)),
+            Request::Ls(_) => self.with(data, |l: RuleList| {
+                self.list(&l.rules);
+                for u in &l.unreadable {
+                    let id = u.id.map(|id| format!(" (id {id})")).unwrap_or_default();
+                    println!("quarantined{id}: {}", printable(&u.reason));
+                }
+            }),
             Request::Fwd(_) => self.with(data, |f: ForwardingReport| self.forwarding(&f)),
             Request::Clear(_) => self.with(data, |c: ClearReport| {
                 println!(
@@ -200,6 +206,7 @@ impl Printer {
                 RuleStatus::Stale => "stale",
                 RuleStatus::WaitingForAddress => "waiting for address",
                 RuleStatus::Unknown => "unknown",
+                RuleStatus::Quarantined => "quarantined",
             };
             let mut status_cell = Cell::new(match &view.detail {
                 Some(d) => printable(&format!("{status}: {d}")),

@@ -14,10 +14,8 @@ pub mod relay;
 pub mod reserve;
 pub mod server;
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::future::Future;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -409,35 +407,10 @@ fn lock_network_namespace() -> Result<std::os::unix::net::UnixListener, String> 
 }
 
 /// One daemon per state file: an exclusive lock beside it, held for life.
+/// Also the first check of the state directory (owner, mode), and the lock
+/// file is never opened through a link ([`crate::state::lock`]).
 fn lock_state(config: &DaemonConfig) -> Result<fs::File, String> {
-    if let Some(dir) = config
-        .state_path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-    {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    }
-    let mut lock_path = config.state_path.as_os_str().to_owned();
-    lock_path.push(".lock");
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| format!("cannot open {}: {e}", PathBuf::from(&lock_path).display()))?;
-    // SAFETY: flock on a file descriptor we own.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        return Err(format!(
-            "another natmap daemon is using {}; stop it first",
-            config.state_path.display()
-        ));
-    }
-    Ok(file)
+    crate::state::lock(&config.state_path).map_err(|e| e.to_string())
 }
 
 /// Prepares the process for many reservations; call before any thread starts.

@@ -37,7 +37,7 @@ use crate::model::{
 use crate::netfilter::Netfilter;
 use crate::proto::{
     ClearReport, DryRunReport, ErrorCode, ForwardingReport, LsRequest, Pong, Request, Response,
-    RuleList, RuleStatus, RuleView, SaveReport, Transaction,
+    RuleList, RuleStatus, RuleView, SaveReport, Transaction, UnreadableEntry,
 };
 use crate::rules::saved::SavedTables;
 use crate::rules::{render, restore, Ruleset};
@@ -154,6 +154,8 @@ impl Engine {
     /// whose ports are taken are kept but skipped, with a warning), rewrites
     /// natmap's chains and hooks in one transaction per family, then listens.
     /// Fails when IPv4 rules cannot be applied at all or the state cannot be read.
+    /// Entries of the file that fail the checks of a request never get here:
+    /// `state::load` quarantines them (shown by `ls` and `status`).
     pub fn open(
         state_path: PathBuf,
         nf: Arc<dyn Netfilter>,
@@ -168,6 +170,15 @@ impl Engine {
             }
             Loaded::Existing(s) => {
                 tracing::info!(path = %state_path.display(), rules = s.rules.len(), "state loaded");
+                for q in &s.quarantined {
+                    tracing::error!(
+                        path = %state_path.display(),
+                        entry = q.index,
+                        id = ?q.id,
+                        "state entry QUARANTINED, not installed (kept in the file): {}",
+                        q.reason
+                    );
+                }
                 s
             }
             Loaded::Corrupt {
@@ -708,7 +719,42 @@ impl Engine {
                 view
             })
             .collect();
-        RuleList { rules }
+        let mut list = RuleList {
+            rules,
+            unreadable: Vec::new(),
+        };
+        self.list_quarantined(filter.as_deref(), &mut list);
+        list
+    }
+
+    /// Adds the state file's quarantined entries to `ls`: those that parse
+    /// as rules among the rules (in id order), the others apart.
+    fn list_quarantined(&self, filter: Option<&str>, list: &mut RuleList) {
+        if self.state.quarantined.is_empty() {
+            return;
+        }
+        for q in &self.state.quarantined {
+            match &q.rule {
+                Some(rule) if filter.is_none_or(|f| rule_matches(rule, f)) => {
+                    list.rules.push(RuleView {
+                        rule: rule.clone(),
+                        status: RuleStatus::Quarantined,
+                        detail: Some(quarantine_detail(q)),
+                        counters: None,
+                    });
+                }
+                None if filter.is_none_or(|f| q.id.is_some_and(|id| id.to_string() == f)) => {
+                    list.unreadable.push(UnreadableEntry {
+                        index: q.index,
+                        id: q.id,
+                        reason: quarantine_detail(q),
+                    })
+                }
+                _ => {}
+            }
+        }
+        // Stable: a rule and a quarantined one with the same id keep their order.
+        list.rules.sort_by_key(|v| v.rule.id);
     }
 
     /// Records the iptables backend for `status`. (A host whose Docker
@@ -874,9 +920,11 @@ impl Engine {
             }
             return Err(Failure::new(ErrorCode::Internal, DRY_RUN_STOP));
         }
-        let removed = self.state.rules.len();
+        // `clear` is the operator's explicit reset: quarantined entries go too.
+        let removed = self.state.rules.len() + self.state.quarantined.len();
         let next = State {
             rules: Vec::new(),
+            quarantined: Vec::new(),
             ..self.state.clone()
         };
         if let Err(e) = self.teardown() {
@@ -945,6 +993,15 @@ fn respond(result: Outcome<Response>) -> Response {
         }
         Response::err(f.code, f.message)
     })
+}
+
+/// What `ls` and `status` say about a quarantined state file entry.
+fn quarantine_detail(q: &state::Quarantined) -> String {
+    format!(
+        "state file entry rules[{}] is not installed: {}; kept in the file as it is \
+         (fix or remove it there while natmap is stopped, or `lab-ops natmap clear`)",
+        q.index, q.reason
+    )
 }
 
 /// Cuts conntrack entries of connections the rule forwarded.

@@ -25,6 +25,7 @@ impl Engine {
                 RuleStatus::Stale => "stale",
                 RuleStatus::WaitingForAddress => "waiting_for_address",
                 RuleStatus::Unknown => "unknown",
+                RuleStatus::Quarantined => "quarantined",
             };
             if view.status != RuleStatus::Active {
                 inactive += 1;
@@ -67,6 +68,7 @@ impl Engine {
         if let Some(corrupt) = &self.state_warning {
             problems.push(corrupt.clone());
         }
+        problems.extend(self.quarantine_problems(&mut rules));
         let mut conflicts = self.conflicts();
         let discovery = self.discovery_problems();
         conflicts.extend(discovery.iter().filter(|p| p.contains("conflict")).cloned());
@@ -108,6 +110,39 @@ impl Engine {
             problems,
             warnings,
         }
+    }
+
+    /// One problem per quarantined state file entry (the first few), and
+    /// their count by kind in `rules`.
+    fn quarantine_problems(
+        &self,
+        rules: &mut BTreeMap<String, BTreeMap<String, usize>>,
+    ) -> Vec<String> {
+        const SHOWN: usize = 5;
+        let quarantined = &self.state.quarantined;
+        for q in quarantined {
+            let kind = q.rule.as_ref().map_or("unreadable", |r| r.spec.kind());
+            *rules
+                .entry(kind.to_owned())
+                .or_default()
+                .entry("quarantined".to_owned())
+                .or_default() += 1;
+        }
+        let mut problems: Vec<String> = quarantined
+            .iter()
+            .take(SHOWN)
+            .map(|q| match q.id {
+                Some(id) => format!("rule #{id}: {}", super::quarantine_detail(q)),
+                None => super::quarantine_detail(q),
+            })
+            .collect();
+        if quarantined.len() > SHOWN {
+            problems.push(format!(
+                "{} more quarantined state file entries (see `lab-ops natmap ls`)",
+                quarantined.len() - SHOWN
+            ));
+        }
+        problems
     }
 
     /// With `preserve_src_ip`, a service node must route replies back

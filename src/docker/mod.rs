@@ -227,6 +227,11 @@ impl DockerClient {
                         .trim_start_matches('/')
                         .to_owned(),
                     running: c.state.map(|s| s.to_string() == "running").unwrap_or(false),
+                    allow_nonlocal: c
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(&format!("{label}.allow_nonlocal")))
+                        .is_some_and(|v| v == "true"),
                     label: c
                         .labels
                         .and_then(|mut l| l.remove(label))
@@ -324,6 +329,9 @@ pub struct LabeledContainer {
     pub running: bool,
     /// The label's value (mapping specs).
     pub label: String,
+    /// `LABEL.allow_nonlocal=true`: its HOST_IPs may be addresses that
+    /// arrive later (a VIP), as `docker add --allow-nonlocal`.
+    pub allow_nonlocal: bool,
     /// Its addresses.
     pub networks: Vec<NetworkAddrs>,
     /// Published ports: (container port, protocol, host port).

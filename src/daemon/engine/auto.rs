@@ -516,7 +516,7 @@ fn desired_for(
                         engine: engine.name.to_string(),
                         masquerade: false,
                     }),
-                    allow_nonlocal: false,
+                    allow_nonlocal: c.allow_nonlocal,
                 }
             }
             Some(node) => {
@@ -554,7 +554,7 @@ fn desired_for(
                         engine: engine.name.to_string(),
                         masquerade,
                     }),
-                    allow_nonlocal: false,
+                    allow_nonlocal: c.allow_nonlocal,
                 }
             }
         };

@@ -536,3 +536,42 @@ fn counter_of(ns: &Netns) -> u64 {
 fn report_line(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
+
+#[test]
+fn a_mapping_on_every_address_holds_both_families_and_relays_each_loopback() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::new();
+    let _v4 = TcpEcho::start(&topo.server, v4(SERVER_V4, 9400));
+    let _v6 = TcpEcho::start(&topo.server, SocketAddr::new(SERVER_V6.into(), 9401));
+    let d = Daemon::start_with_options(&topo.router, &StateDir::new(), DaemonOptions::isolated());
+    d.cli_ok(&["docker", "add", "9400:198.51.100.2:9400", "--name", "svc4"]);
+    d.cli_ok(&["docker", "add", "9401:[2001:db8:2::2]:9401", "--name", "svc6"]);
+    let lo6 = |port| SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), port);
+    // Both families' ports are held, also against IPV6_V6ONLY binders.
+    for port in [9400, 9401] {
+        let taken = in_netns(&topo.router, || {
+            let s = nix::sys::socket::socket(
+                nix::sys::socket::AddressFamily::Inet6,
+                nix::sys::socket::SockType::Stream,
+                nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .unwrap();
+            nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv6V6Only, &true).unwrap();
+            let any = SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port);
+            nix::sys::socket::bind(s.as_raw_fd(), &nix::sys::socket::SockaddrStorage::from(any))
+                .is_err()
+        });
+        assert!(taken, "[::]:{port} could be bound by another process");
+    }
+    // Each loopback reaches the target of its family; the other is closed.
+    let reply = tcp_probe(&topo.router, v4(Ipv4Addr::LOCALHOST, 9400)).expect("127.0.0.1 relayed");
+    assert!(reply.ends_with(" 9400"), "{reply}");
+    expect_refused(&topo.router, lo6(9400));
+    let reply = tcp_probe(&topo.router, lo6(9401)).expect("[::1] relayed");
+    assert!(reply.ends_with(" 9401"), "{reply}");
+    expect_refused(&topo.router, v4(Ipv4Addr::LOCALHOST, 9401));
+    d.assert_clean_log();
+}

@@ -97,17 +97,13 @@ impl Relays {
     }
 
     /// (Re)starts the rule's relay: the loopback address of each claim that
-    /// covers one (a wildcard or loopback bind) relays to `target` on the
-    /// claim's target port. Existing relayed connections are cut first.
-    /// With no target nothing listens, so loopback is refused too.
-    pub fn serve(
-        &mut self,
-        id: RuleId,
-        claims: &[PortClaim],
-        target: Option<IpAddr>,
-    ) -> std::io::Result<()> {
+    /// covers one (a wildcard or loopback bind) relays to the claim's
+    /// target. Existing relayed connections are cut first. A claim without
+    /// a target (a down mapping, a container without an address of that
+    /// family) gets no relay, so its loopback is refused too.
+    pub fn serve(&mut self, id: RuleId, claims: &[PortClaim]) -> std::io::Result<()> {
         self.stop(id);
-        let (Some(rt), Some(target)) = (self.runtime.clone(), target) else {
+        let Some(rt) = self.runtime.clone() else {
             return Ok(());
         };
         let _guard = rt.enter();
@@ -116,7 +112,10 @@ impl Relays {
             let Some(lo) = loopback_of(claim.bind) else {
                 continue;
             };
-            let to = SocketAddr::new(target, claim.target.port());
+            if claim.target.ip().is_unspecified() {
+                continue;
+            }
+            let to = claim.target;
             let bound = reserve::bind_loopback(claim.proto, lo).and_then(|socket| {
                 Ok(match socket {
                     LoopbackSocket::Tcp(l) => {

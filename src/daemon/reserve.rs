@@ -80,6 +80,9 @@ pub fn bind_all(claims: &[PortClaim]) -> Result<Vec<Reservation>, PortBusy> {
                 claim: *claim,
                 socket,
             }),
+            // The IPv6 half of a mapping published on every address, on a
+            // host without IPv6: nothing to hold there.
+            Err(e) if is_v6_wildcard(claim) && ipv6_missing(&e) => {}
             Err(e) => {
                 let owner = find_owner(claim.proto, claim.bind.port())
                     .map(|o| format!(" by {o}"))
@@ -100,6 +103,18 @@ pub fn bind_all(claims: &[PortClaim]) -> Result<Vec<Reservation>, PortBusy> {
         }
     }
     Ok(held)
+}
+
+fn is_v6_wildcard(claim: &PortClaim) -> bool {
+    claim.bind.is_ipv6() && claim.bind.ip().is_unspecified()
+}
+
+/// Errors that mean "this host has no IPv6", not "the port is taken".
+fn ipv6_missing(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL) | Some(libc::EPROTONOSUPPORT)
+    )
 }
 
 fn bind_one(claim: &PortClaim) -> io::Result<OwnedFd> {

@@ -255,19 +255,38 @@ impl RuleSpec {
             RuleSpec::Hairpin(r) => forward(&r.ext_ip, &r.int_ip, &r.ports, r.proto),
             RuleSpec::Snat(_) | RuleSpec::PolicyRoute(_) => Vec::new(),
             RuleSpec::Docker(r) => {
-                let bind_ip = r
-                    .host_ip
-                    .map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |h| h.ip());
-                let target_ip = match bind_ip {
-                    IpAddr::V4(_) => r.target_v4,
-                    IpAddr::V6(_) => r.target_v6,
-                }
-                .map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |e| e.ip.ip());
-                vec![PortClaim {
-                    proto: r.proto,
-                    bind: SocketAddr::new(bind_ip, r.host_port),
-                    target: SocketAddr::new(target_ip, r.container_port),
-                }]
+                // Published on every address: the port of both families is
+                // held (another process could bind `[::]:PORT` with
+                // IPV6_V6ONLY otherwise), and each family's loopback is
+                // relayed to the container's address of that family.
+                let binds: Vec<IpAddr> = match r.host_ip {
+                    Some(h) => vec![h.ip()],
+                    None => vec![
+                        IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                    ],
+                };
+                binds
+                    .into_iter()
+                    .map(|bind_ip| {
+                        let (target, none) = match bind_ip {
+                            IpAddr::V4(_) => {
+                                (r.target_v4, IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+                            }
+                            IpAddr::V6(_) => {
+                                (r.target_v6, IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
+                            }
+                        };
+                        PortClaim {
+                            proto: r.proto,
+                            bind: SocketAddr::new(bind_ip, r.host_port),
+                            target: SocketAddr::new(
+                                target.map_or(none, |e| e.ip.ip()),
+                                r.container_port,
+                            ),
+                        }
+                    })
+                    .collect()
             }
         }
     }

@@ -794,14 +794,21 @@ impl Engine {
         let Some(held) = self.held.get(&id) else {
             return Ok(());
         };
-        let claims: Vec<PortClaim> = held.iter().map(|r| r.claim).collect();
-        let target = self
-            .state
-            .rules
-            .iter()
-            .find(|r| r.id == id)
-            .and_then(|r| r.spec.relay_target());
-        self.relays.serve(id, &claims, target).map_err(|e| {
+        // The rule's current targets (held claims keep those of their bind),
+        // for the ports actually held (an IPv6 half may be missing).
+        let Some(rule) = self.state.rules.iter().find(|r| r.id == id) else {
+            return Ok(());
+        };
+        let claims: Vec<PortClaim> = rule
+            .spec
+            .port_claims()
+            .into_iter()
+            .filter(|c| {
+                held.iter()
+                    .any(|h| h.claim.bind == c.bind && h.claim.proto == c.proto)
+            })
+            .collect();
+        self.relays.serve(id, &claims).map_err(|e| {
             Failure::new(
                 ErrorCode::PortInUse,
                 format!("cannot serve loopback on the ports of rule #{id}: {e}"),

@@ -496,7 +496,7 @@ impl Engine {
             Request::Apply(r) => self.apply_document(r),
             Request::Export(_) => Ok(Response::ok(self.export())),
             Request::Status(_) => Ok(Response::ok(self.status())),
-            Request::Save(_) => self.save(),
+            Request::Save(r) => self.save(r.dry_run),
             Request::Reload(_) => self.reload(),
             Request::DryRun(d) => self.dry_run(*d.request, peer),
         };
@@ -511,6 +511,7 @@ impl Engine {
     /// Runs a change up to its commit, then reports what it would have sent.
     fn dry_run(&mut self, request: Request, peer: Peer) -> Outcome<Response> {
         self.simulated = Some(DryRunReport {
+            dry_run: true,
             transactions: Vec::new(),
             effects: Vec::new(),
         });
@@ -820,13 +821,16 @@ impl Engine {
 
     /// `save`: writes and fsyncs the state again (every change already is
     /// durable; this makes it explicit) and returns the boot fragments.
-    fn save(&mut self) -> Outcome<Response> {
-        state::save(&self.state_path, &self.state).map_err(|e| {
-            Failure::new(
-                ErrorCode::StateWriteFailed,
-                format!("cannot save state: {e}"),
-            )
-        })?;
+    /// A dry run only returns the fragments.
+    fn save(&mut self, dry_run: bool) -> Outcome<Response> {
+        if !dry_run {
+            state::save(&self.state_path, &self.state).map_err(|e| {
+                Failure::new(
+                    ErrorCode::StateWriteFailed,
+                    format!("cannot save state: {e}"),
+                )
+            })?;
+        }
         let fragments = self
             .families()
             .into_iter()
@@ -837,8 +841,10 @@ impl Engine {
             .collect();
         Ok(Response::ok(SaveReport {
             state_path: self.state_path.display().to_string(),
-            rules: self.state.rules.len(),
+            rule_count: self.state.rules.len(),
+            dry_run,
             fragments,
+            exported: Vec::new(),
         }))
     }
 

@@ -100,6 +100,9 @@ pub struct Engine {
     applied: Ruleset,
     /// Per family: hooks verified in place since the last full apply.
     hooks_ok: [bool; 2],
+    /// Per family: natmap created DOCKER-USER (Docker had not), so teardown
+    /// may remove it again (see `restore::teardown`).
+    own_docker_user: [bool; 2],
     /// Whether IPv6 NAT works here.
     v6_nat: bool,
     relays: Relays,
@@ -198,6 +201,7 @@ impl Engine {
             inactive: BTreeMap::new(),
             applied: Ruleset::default(),
             hooks_ok: [false; 2],
+            own_docker_user: [false; 2],
             v6_nat: true,
             relays,
             docker: None,
@@ -319,9 +323,10 @@ impl Engine {
     /// Rewrites the family's chains and repairs its hooks, from a fresh
     /// `iptables-save`.
     fn full_apply(&mut self, family: Family, desired: &Ruleset) -> Result<(), String> {
-        let saved = self.nf.save(family).map_err(|e| e.to_string())?;
-        let text = restore::full(desired.family(family), &SavedTables::parse(&saved));
+        let saved = SavedTables::parse(&self.nf.save(family).map_err(|e| e.to_string())?);
+        let text = restore::full(desired.family(family), &saved);
         self.nf.restore(family, &text).map_err(|e| e.to_string())?;
+        self.own_docker_user[family_index(family)] |= restore::creates_docker_user(&saved);
         *self.applied.family_mut(family) = desired.family(family).clone();
         self.hooks_ok[family_index(family)] = true;
         self.installed = true;
@@ -808,10 +813,12 @@ impl Engine {
     fn teardown(&mut self) -> Result<(), String> {
         for family in self.families() {
             let saved = self.nf.save(family).map_err(|e| e.to_string())?;
-            let text = restore::teardown(&SavedTables::parse(&saved));
+            let own = self.own_docker_user[family_index(family)];
+            let text = restore::teardown(&SavedTables::parse(&saved), own);
             if !text.is_empty() {
                 self.nf.restore(family, &text).map_err(|e| e.to_string())?;
             }
+            self.own_docker_user[family_index(family)] = false;
             *self.applied.family_mut(family) = Default::default();
             self.hooks_ok[family_index(family)] = false;
         }
@@ -867,7 +874,8 @@ impl Engine {
                     .nf
                     .save(family)
                     .map_err(|e| Failure::new(ErrorCode::ApplyFailed, e.to_string()))?;
-                let restore = restore::teardown(&SavedTables::parse(&saved));
+                let own = self.own_docker_user[family_index(family)];
+                let restore = restore::teardown(&SavedTables::parse(&saved), own);
                 if let Some(report) = self.simulated.as_mut() {
                     report.transactions.push(Transaction { family, restore });
                 }

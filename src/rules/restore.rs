@@ -120,8 +120,8 @@ pub const HOOK_MARK: &str = "# natmap-hook:";
 /// DOCKER-USER when it starts.
 pub fn export(rules: &FamilyRules) -> String {
     let mut out = String::from(
-        "# natmap's chains, for iptables-restore --noflush (restoring twice changes nothing).\n\
-         # The hooks below are added by natmap's netfilter-persistent plugin, once each.\n",
+        "# natmap: its chains only, for iptables-restore --noflush (restoring twice changes nothing).\n\
+         # natmap: the hooks below are added once each by natmap's netfilter-persistent plugin.\n",
     );
     for chain in Chain::ALL {
         let _ = writeln!(

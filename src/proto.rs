@@ -446,8 +446,8 @@ pub struct SaveRequest {
 
 /// What `save` did.
 ///
-/// Protocol note (version 1): the rule count was called `rules` before
-/// natmap 0.2, a name `ls` uses for a list; it is `rule_count` now, and
+/// Protocol note (version 1): earlier builds called the rule count
+/// `rules`, the name `ls` uses for a list; it is `rule_count` now, and
 /// clients still read the old name from an older daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SaveReport {

@@ -197,25 +197,7 @@ pub fn run(opts: Opts) -> Result<ExitCode, LocalFailure> {
     let g = opts.global;
     let natmap = match opts.command {
         TopCommand::Natmap(natmap) => natmap,
-        TopCommand::Completions(a) => {
-            if g.json {
-                return Ok(no_json("completions"));
-            }
-            return completions::run_completions(a)
-                .map_err(LocalFailure::wrap(ErrorCode::InvalidArgument));
-        }
-        TopCommand::Man(a) => {
-            if g.json {
-                return Ok(no_json("man"));
-            }
-            if g.dry_run && a.dir.is_some() {
-                return Ok(usage_error(
-                    false,
-                    "--dry-run: `man --dir DIR` writes files; `lab-ops man` prints the page instead",
-                ));
-            }
-            return completions::run_man(a).map_err(LocalFailure::wrap(ErrorCode::InvalidArgument));
-        }
+        other => return run_page(other, &g),
     };
     match natmap.command {
         NatmapCommand::Install(a) => install::run_install(a, g.dry_run, g.json)
@@ -239,13 +221,31 @@ pub fn run(opts: Opts) -> Result<ExitCode, LocalFailure> {
     }
 }
 
-/// `completions` and `man` print a script or a page: `--json` has no
-/// meaning there.
-fn no_json(command: &str) -> ExitCode {
-    usage_error(
-        true,
-        &format!("--json: `{command}` prints a script or a page, not data; drop --json"),
-    )
+/// `completions` and `man`: they print a script or a page, so `--json` has
+/// no meaning there, and `--dry-run` refuses `man --dir` (its only write).
+fn run_page(command: TopCommand, g: &GlobalArgs) -> Result<ExitCode, LocalFailure> {
+    let name = match &command {
+        TopCommand::Completions(_) => "completions",
+        _ => "man",
+    };
+    if g.json {
+        return Ok(usage_error(
+            true,
+            &format!("--json: `{name}` prints a script or a page, not data; drop --json"),
+        ));
+    }
+    output::exit_quietly_on_closed_pipe();
+    let result =
+        match command {
+            TopCommand::Completions(a) => completions::run_completions(a),
+            TopCommand::Man(a) if g.dry_run && a.dir.is_some() => return Ok(usage_error(
+                false,
+                "--dry-run: `man --dir DIR` writes files; `lab-ops man` prints the page instead",
+            )),
+            TopCommand::Man(a) => completions::run_man(a),
+            TopCommand::Natmap(_) => unreachable!("handled by run"),
+        };
+    result.map_err(LocalFailure::wrap(ErrorCode::InvalidArgument))
 }
 
 /// Prints a usage error (as JSON under `--json`) and returns exit code 2.

@@ -85,24 +85,29 @@ pub fn plan_daemon(args: DaemonArgs, g: &super::GlobalArgs) -> Result<ExitCode> 
     let desired = render::desired(&state.rules);
     let nf = crate::netfilter::IptablesExecutor;
     let mut transactions = Vec::new();
+    let mut effects = vec![format!(
+        "listen on {} and restore {} rule(s) from {}",
+        g.socket.display(),
+        state.rules.len(),
+        args.state_path.display()
+    )];
     for family in Family::ALL {
-        // What the kernel holds decides which hooks the start would repair;
-        // without IPv6 NAT the daemon would keep its IPv6 rules inactive.
-        let Ok(saved) = nf.save(family) else {
-            continue;
-        };
-        let restore = restore::full(desired.family(family), &SavedTables::parse(&saved));
-        transactions.push(crate::proto::Transaction { family, restore });
+        // What the kernel holds decides which hooks the start would repair.
+        match nf.save(family) {
+            Ok(saved) => {
+                let restore = restore::full(desired.family(family), &SavedTables::parse(&saved));
+                transactions.push(crate::proto::Transaction { family, restore });
+            }
+            Err(e) => effects.push(format!(
+                "cannot read the current {family} rules ({e}); a daemon would fail or keep \
+                 these rules inactive"
+            )),
+        }
     }
     let report = crate::proto::DryRunReport {
         dry_run: true,
         transactions,
-        effects: vec![format!(
-            "listen on {} and restore {} rule(s) from {}",
-            g.socket.display(),
-            state.rules.len(),
-            args.state_path.display()
-        )],
+        effects,
     };
     super::output::Printer::new(g.json, g.color, true).dry_run_report(&report);
     Ok(ExitCode::SUCCESS)

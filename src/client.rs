@@ -15,11 +15,24 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Sends `request` to the daemon at `socket` and returns its response. Failing
 /// to reach or understand the daemon is itself returned as an error response
 /// (`daemon_unreachable`, `bad_response`), so callers print one kind of thing.
+///
+/// With `-vv` the client logs each request and how long the answer took;
+/// with `-vvv` the exact lines sent and received.
 pub fn call(socket: &Path, request: Request) -> Response {
-    match try_call(socket, request) {
+    let started = std::time::Instant::now();
+    let cmd = request.name();
+    tracing::debug!(socket = %socket.display(), cmd, "sending request");
+    let response = match try_call(socket, request) {
         Ok(r) => r,
         Err(r) => r,
-    }
+    };
+    tracing::debug!(
+        cmd,
+        ok = response.ok,
+        elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "answer received"
+    );
+    response
 }
 
 fn try_call(socket: &Path, request: Request) -> Result<Response, Response> {
@@ -47,12 +60,14 @@ fn try_call(socket: &Path, request: Request) -> Result<Response, Response> {
         request,
     })
     .expect("request serializes");
+    tracing::trace!("sent: {}", String::from_utf8_lossy(&line));
     line.push(b'\n');
     stream.write_all(&line).map_err(unreachable)?;
     let mut answer = String::new();
     BufReader::new(&stream)
         .read_line(&mut answer)
         .map_err(unreachable)?;
+    tracing::trace!("received: {}", answer.trim_end());
     serde_json::from_str(&answer).map_err(|e| {
         Response::err(
             ErrorCode::BadResponse,

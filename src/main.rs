@@ -21,11 +21,9 @@ fn main() -> ExitCode {
         }
         Err(e) => e.exit(),
     };
+    let json = opts.global.json;
     match natmap::cli::run(opts) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
+        Err(failure) => failure.report(json),
     }
 }

@@ -72,7 +72,7 @@ pub enum Request {
     /// Health of the daemon and the host (`status`, `doctor`).
     Status(Empty),
     /// Make the current rules durable and return the boot fragments.
-    Save(Empty),
+    Save(SaveRequest),
     /// Read the config file again.
     Reload(Empty),
     /// Validate the inner change and show the exact rule changes it would
@@ -365,6 +365,9 @@ struct DryRunValue {
 /// What a `--dry-run` change would do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DryRunReport {
+    /// Always true: says in the answer itself that nothing was changed.
+    #[serde(default = "yes")]
+    pub dry_run: bool,
     /// The iptables-restore transactions (per family) it would send; empty
     /// when nothing would change.
     pub transactions: Vec<Transaction>,
@@ -432,16 +435,37 @@ pub struct LastRepair {
     pub reasons: Vec<String>,
 }
 
+/// `save` arguments.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaveRequest {
+    /// Only return the fragments: the state file is not written.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
 /// What `save` did.
+///
+/// Protocol note (version 1): earlier builds called the rule count
+/// `rules`, the name `ls` uses for a list; it is `rule_count` now, and
+/// clients still read the old name from an older daemon.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SaveReport {
     /// The state file, now fsynced: the daemon restores from it at boot.
     pub state_path: String,
-    /// Rules in it.
-    pub rules: usize,
+    /// How many rules it holds.
+    #[serde(alias = "rules")]
+    pub rule_count: usize,
+    /// Whether this was a dry run (nothing written).
+    #[serde(default)]
+    pub dry_run: bool,
     /// `iptables-restore --noflush` fragments of natmap's chains and hooks
     /// only, per family, for hosts that restore rules without the daemon.
     pub fragments: Vec<Transaction>,
+    /// The files `save --export` wrote the fragments to (filled in by the
+    /// client; the daemon writes no fragment files).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exported: Vec<String>,
 }
 
 /// `policy-route` arguments.
@@ -573,6 +597,10 @@ pub enum ErrorCode {
     BadResponse,
     /// A bug: the daemon could not handle the request.
     Internal,
+    /// `install` or `uninstall` failed (client-side only).
+    InstallFailed,
+    /// The daemon could not start, or stopped on an error (client-side only).
+    DaemonFailed,
 }
 
 impl ErrorCode {
@@ -596,6 +624,8 @@ impl ErrorCode {
             ErrorCode::DaemonUnreachable => "daemon_unreachable",
             ErrorCode::BadResponse => "bad_response",
             ErrorCode::Internal => "internal",
+            ErrorCode::InstallFailed => "install_failed",
+            ErrorCode::DaemonFailed => "daemon_failed",
         }
     }
 }

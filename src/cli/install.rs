@@ -11,6 +11,7 @@
 //! go under it, the group is edited with `groupadd --prefix DIR`, and nothing
 //! is asked of the running systemd.
 
+use std::cell::RefCell;
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{self, Read, Write};
@@ -21,11 +22,12 @@ use std::process::{Command, ExitCode, Stdio};
 use clap::Args;
 use color_eyre::eyre::{bail, eyre, Result, WrapErr};
 
-/// `println!` that ignores a closed stdout (`| head`): a half-done install
-/// is worse than lost progress lines.
+/// One line of progress, through [`Steps::line`]: printed (ignoring a
+/// closed stdout, `| head`: a half-done install is worse than lost progress
+/// lines), or kept for the JSON report under `--json`.
 macro_rules! say {
-    ($($arg:tt)*) => {{
-        let _ = writeln!(io::stdout(), $($arg)*);
+    ($steps:expr, $($arg:tt)*) => {{
+        $steps.line(format!($($arg)*))
     }};
 }
 
@@ -209,11 +211,11 @@ SystemCallArchitectures=native
 WantedBy=multi-user.target
 "#;
 
-/// Runs `install`; `dry_run` is natmap's global `--dry-run`.
-pub fn run_install(args: InstallArgs, dry_run: bool) -> Result<ExitCode> {
+/// Runs `install`; `dry_run` and `json` are the global `--dry-run` and `--json`.
+pub fn run_install(args: InstallArgs, dry_run: bool, json: bool) -> Result<ExitCode> {
     let target = Target::new(args.root.as_deref())?;
     require_root(dry_run, &target, "install")?;
-    let mut out = Steps::new(dry_run);
+    let mut out = Steps::new(dry_run, json);
     out.banner("install", &target);
 
     // 1. The binary. Read through /proc/self/exe: it still works when the
@@ -269,14 +271,15 @@ pub fn run_install(args: InstallArgs, dry_run: bool) -> Result<ExitCode> {
         ));
     }
     out.summary("install");
+    out.finish("install");
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs `uninstall`; `dry_run` is natmap's global `--dry-run`.
-pub fn run_uninstall(args: UninstallArgs, dry_run: bool) -> Result<ExitCode> {
+/// Runs `uninstall`; `dry_run` and `json` are the global `--dry-run` and `--json`.
+pub fn run_uninstall(args: UninstallArgs, dry_run: bool, json: bool) -> Result<ExitCode> {
     let target = Target::new(args.root.as_deref())?;
     require_root(dry_run, &target, "uninstall")?;
-    let mut out = Steps::new(dry_run);
+    let mut out = Steps::new(dry_run, json);
     out.banner("uninstall", &target);
 
     let unit = target.path(UNIT_PATH);
@@ -330,6 +333,7 @@ pub fn run_uninstall(args: UninstallArgs, dry_run: bool) -> Result<ExitCode> {
         }
     }
     out.summary("uninstall");
+    out.finish("uninstall");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -399,18 +403,58 @@ enum FileSource<'a> {
 }
 
 /// Prints and performs (or, in a dry run, only prints) the steps, counting
-/// the changes.
+/// the changes. Under `--json` nothing is printed as it happens: the lines,
+/// the changes and (in a dry run) the files' text make one JSON report at
+/// the end ([`Steps::finish`]).
 struct Steps {
     dry_run: bool,
+    json: bool,
     changes: usize,
+    /// Under `--json`: every progress line, in order.
+    lines: RefCell<Vec<String>>,
+    /// Under `--json`: each change, as `{"step": …, "action": …}`.
+    changed: Vec<serde_json::Value>,
+    /// Under `--json`, in a dry run: the files that would be written.
+    files: Vec<serde_json::Value>,
 }
 
 impl Steps {
-    fn new(dry_run: bool) -> Steps {
+    fn new(dry_run: bool, json: bool) -> Steps {
         Steps {
             dry_run,
+            json,
             changes: 0,
+            lines: RefCell::new(Vec::new()),
+            changed: Vec::new(),
+            files: Vec::new(),
         }
+    }
+
+    /// One progress line (see [`say!`]).
+    fn line(&self, text: String) {
+        if self.json {
+            self.lines.borrow_mut().push(text);
+        } else {
+            let _ = writeln!(io::stdout(), "{text}");
+        }
+    }
+
+    /// Under `--json`, prints the report of `command` (the text lines were
+    /// printed as they happened otherwise).
+    fn finish(&self, command: &str) {
+        if !self.json {
+            return;
+        }
+        let report = serde_json::json!({
+            "command": command,
+            "dry_run": self.dry_run,
+            "changes": self.changes,
+            "changed": self.changed,
+            "files": self.files,
+            "lines": *self.lines.borrow(),
+        });
+        let line = serde_json::to_string(&crate::proto::Response::ok(report)).expect("serializes");
+        let _ = writeln!(io::stdout(), "{line}");
     }
 
     fn banner(&self, what: &str, target: &Target) {
@@ -420,33 +464,45 @@ impl Steps {
             Some(r) => format!(" from {}", r.display()),
         };
         if self.dry_run {
-            say!("natmap {what}{root}: dry run, nothing will be changed");
+            say!(
+                self,
+                "natmap {what}{root}: dry run, nothing will be changed"
+            );
         } else {
-            say!("natmap {what}{root}");
+            say!(self, "natmap {what}{root}");
         }
     }
 
     fn note(&self, line: &str) {
-        say!("{line}");
+        say!(self, "{line}");
     }
 
     /// Records one change and prints it as done or, in a dry run, as planned.
     /// Called after the change is made (commands: just before they run).
     fn change(&mut self, step: &str, done: &str, planned: &str) {
         self.changes += 1;
+        let action = if self.dry_run { planned } else { done };
+        self.changed
+            .push(serde_json::json!({"step": step, "action": action}));
         if self.dry_run {
-            say!("{step}: would {planned}");
+            say!(self, "{step}: would {planned}");
         } else {
-            say!("{step}: {done}");
+            say!(self, "{step}: {done}");
         }
     }
 
     fn summary(&self, what: &str) {
         match (self.dry_run, self.changes) {
-            (true, 0) => say!("dry run: nothing would change; natmap {what} has nothing to do"),
-            (true, n) => say!("dry run: {n} change(s) would be made; nothing was changed"),
-            (false, 0) => say!("nothing changed: natmap was already {what}ed"),
-            (false, n) => say!("done: {n} change(s)"),
+            (true, 0) => say!(
+                self,
+                "dry run: nothing would change; natmap {what} has nothing to do"
+            ),
+            (true, n) => say!(
+                self,
+                "dry run: {n} change(s) would be made; nothing was changed"
+            ),
+            (false, 0) => say!(self, "nothing changed: natmap was already {what}ed"),
+            (false, n) => say!(self, "done: {n} change(s)"),
         }
     }
 
@@ -488,7 +544,7 @@ impl Steps {
         if same {
             let have = fs::metadata(dest)?.permissions().mode() & 0o7777;
             if have == mode {
-                say!("{step}: {} is up to date", dest.display());
+                say!(self, "{step}: {} is up to date", dest.display());
                 return Ok(false);
             }
             if !self.dry_run {
@@ -520,10 +576,15 @@ impl Steps {
             ),
         );
         if let FileSource::Bytes(b) = &source {
-            if self.dry_run {
-                say!("--- {} ---", dest.display());
+            if self.dry_run && self.json {
+                self.files.push(serde_json::json!({
+                    "path": dest.display().to_string(),
+                    "content": String::from_utf8_lossy(b),
+                }));
+            } else if self.dry_run {
+                say!(self, "--- {} ---", dest.display());
                 let _ = io::stdout().write_all(b);
-                say!("--- end of {} ---", dest.display());
+                say!(self, "--- end of {} ---", dest.display());
             }
         }
         Ok(true)
@@ -534,7 +595,7 @@ impl Steps {
         let meta = match fs::symlink_metadata(path) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                say!("{step}: {} is not there", path.display());
+                say!(self, "{step}: {} is not there", path.display());
                 return Ok(false);
             }
             Err(e) => return Err(e).wrap_err_with(|| format!("{step}: {}", path.display())),
@@ -605,18 +666,19 @@ impl Steps {
             argv.push(os(GROUP));
             self.run("group", &argv)?;
         } else {
-            say!("group: {GROUP} exists");
+            say!(self, "group: {GROUP} exists");
         }
         let user = std::env::var("SUDO_USER")
             .ok()
             .filter(|u| !u.is_empty() && u != "root");
         match user {
             None => say!(
+                self,
                 "group: SUDO_USER is not set (not run via sudo); let a user manage natmap \
                  without sudo with: usermod -aG {GROUP} USER"
             ),
             Some(user) if members.as_ref().is_some_and(|m| m.contains(&user)) => {
-                say!("group: {user} is already a member of {GROUP}")
+                say!(self, "group: {user} is already a member of {GROUP}")
             }
             Some(user) => {
                 let mut argv = vec![os("usermod")];
@@ -625,6 +687,7 @@ impl Steps {
                 self.run("group", &argv)?;
                 if !self.dry_run {
                     say!(
+                        self,
                         "group: {user} can use natmap without sudo after logging in again \
                          (or in a shell started with: newgrp {GROUP})"
                     );
@@ -639,6 +702,7 @@ impl Steps {
         if !systemd_is_pid1() {
             let pid1 = fs::read_to_string("/proc/1/comm").unwrap_or_default();
             say!(
+                self,
                 "systemd: NOT started: systemd is not PID 1 here (PID 1 is {:?}; a container?), \
                  so there is no service manager to hand natmap to. The unit is in place for a \
                  system booted with systemd. Start the daemon by hand instead:\n    \
@@ -658,15 +722,19 @@ impl Steps {
         } else if unit_changed || binary_changed {
             self.run("systemd", &["systemctl", "restart", UNIT_NAME])?;
             say!(
+                self,
                 "systemd: restarted so the new {} takes effect",
                 if binary_changed { "binary" } else { "unit" }
             );
         } else {
-            say!("systemd: {UNIT_NAME} is enabled and running");
+            say!(self, "systemd: {UNIT_NAME} is enabled and running");
             return Ok(());
         }
         if !self.dry_run {
-            say!("systemd: check it with: systemctl status natmap; journalctl -u natmap");
+            say!(
+                self,
+                "systemd: check it with: systemctl status natmap; journalctl -u natmap"
+            );
         }
         Ok(())
     }
@@ -675,6 +743,7 @@ impl Steps {
     fn stop_service(&mut self) -> Result<()> {
         if !systemd_is_pid1() {
             say!(
+                self,
                 "systemd: not PID 1 here, nothing to stop through systemctl (a daemon \
                  started by hand must be stopped by hand)"
             );
@@ -685,7 +754,7 @@ impl Steps {
         if enabled || active {
             self.run("systemd", &["systemctl", "disable", "--now", UNIT_NAME])?;
         } else {
-            say!("systemd: {UNIT_NAME} is neither enabled nor running");
+            say!(self, "systemd: {UNIT_NAME} is neither enabled nor running");
         }
         Ok(())
     }
@@ -941,13 +1010,13 @@ mod tests {
     fn unit_paths_match_the_daemon_defaults() {
         use clap::Parser;
         let opts = crate::cli::Opts::try_parse_from(["lab-ops", "natmap", "daemon"]).unwrap();
+        assert_eq!(opts.global.socket, Path::new(SOCKET));
         let crate::cli::TopCommand::Natmap(natmap) = opts.command else {
             panic!("natmap")
         };
         let crate::cli::NatmapCommand::Daemon(d) = natmap.command else {
             panic!("daemon")
         };
-        assert_eq!(natmap.socket, Path::new(SOCKET));
         assert_eq!(d.state_path, Path::new(STATE_FILE));
         assert_eq!(d.socket_group, GROUP);
         assert_eq!(Path::new(STATE_FILE).parent(), Some(Path::new(STATE_DIR)));

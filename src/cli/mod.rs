@@ -2,7 +2,8 @@
 //! daemon or sends one request to it and prints the answer.
 //!
 //! - `static_nat`: `dnat`, `snat`, `hairpin`.
-//! - `ops`: `daemon`, `ls`, `fwd`, `clear`, `ping`.
+//! - `ops`: `daemon`, `ls`, `fwd`, `apply`, `save`.
+//! - `request`: turns a client command into a request, sends it, prints the answer.
 //! - `output`: tables and JSON.
 //! - `install`: `install`, `uninstall` and the systemd unit (local, no daemon).
 //! - `completions`: `completions` and `man`, generated from these definitions.
@@ -12,20 +13,20 @@ mod docker;
 mod install;
 mod ops;
 mod output;
+mod request;
 mod static_nat;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
-use color_eyre::eyre::Result;
 
-use crate::client;
-use crate::proto::Request;
+use crate::proto::{ErrorCode, Response};
 
 pub use ops::DaemonArgs;
 
-/// Exit code when the daemon answered with an error.
+/// Exit code when the daemon answered with an error, or a local command
+/// (`install`, `uninstall`, `daemon`) failed.
 pub const EXIT_REQUEST_FAILED: u8 = 1;
 /// Exit code for a command line clap rejects (clap's own).
 pub const EXIT_USAGE: u8 = 2;
@@ -34,16 +35,55 @@ pub const EXIT_UNREACHABLE: u8 = 3;
 /// Exit code of `status` when something needs attention.
 pub const EXIT_ATTENTION: u8 = 4;
 
+/// The `--help` heading of the options every command takes.
+const GLOBAL_OPTIONS: &str = "Global options";
+
 /// lab-ops: tools for running a homelab or small server.
 #[derive(Debug, Parser)]
 #[command(name = "lab-ops", version, propagate_version = true)]
 pub struct Opts {
-    /// More log output: -v, -vv, -vvv.
-    #[arg(short, long, action = ArgAction::Count, global = true)]
-    pub verbose: u8,
+    /// Options every command takes, before or after its name.
+    #[command(flatten)]
+    pub global: GlobalArgs,
 
     #[command(subcommand)]
     pub command: TopCommand,
+}
+
+/// The global options. Each is declared once, here, with `global = true`,
+/// so `lab-ops --json natmap ping`, `lab-ops natmap --json ping` and
+/// `lab-ops natmap ping --json` are the same command, and `--help` lists
+/// them under their own heading, apart from each command's own flags.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// More output: -v (ls: counters; the daemon logs at debug), -vv (the
+    /// client logs each request and its timing; the daemon logs at trace),
+    /// -vvv (the client logs the exact protocol lines).
+    #[arg(short, long, action = ArgAction::Count, global = true, help_heading = GLOBAL_OPTIONS)]
+    pub verbose: u8,
+
+    /// The daemon's control socket (where `daemon` listens and clients connect).
+    #[arg(
+        long,
+        global = true,
+        env = "NATMAP_SOCKET",
+        default_value = "/run/natmap.sock",
+        help_heading = GLOBAL_OPTIONS
+    )]
+    pub socket: PathBuf,
+
+    /// Print machine-readable JSON (results and errors) instead of text.
+    #[arg(long, global = true, help_heading = GLOBAL_OPTIONS)]
+    pub json: bool,
+
+    /// Change nothing: show what a command would change (iptables
+    /// transactions, files, commands). Commands that only read run as usual.
+    #[arg(long, global = true, help_heading = GLOBAL_OPTIONS)]
+    pub dry_run: bool,
+
+    /// Colour in tables.
+    #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto, help_heading = GLOBAL_OPTIONS)]
+    pub color: ColorChoice,
 }
 
 /// The tool groups of lab-ops.
@@ -57,7 +97,7 @@ pub enum TopCommand {
     Man(completions::ManArgs),
 }
 
-/// Options shared by every natmap command.
+/// natmap's command (the global options are on [`Opts`]).
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
   lab-ops natmap dnat --ext-ip 203.0.113.10 --int-ip 10.0.0.25 --ports 25,465,587
@@ -66,28 +106,6 @@ pub enum TopCommand {
   lab-ops natmap ls
   lab-ops natmap --json ls")]
 pub struct NatmapOpts {
-    /// The daemon's control socket (where `daemon` listens and clients connect).
-    #[arg(
-        long,
-        global = true,
-        env = "NATMAP_SOCKET",
-        default_value = "/run/natmap.sock"
-    )]
-    pub socket: PathBuf,
-
-    /// Print machine-readable JSON (results and errors) instead of tables.
-    #[arg(long, global = true)]
-    pub json: bool,
-
-    /// Validate a change and show the exact iptables transactions it would
-    /// run, changing nothing.
-    #[arg(long, global = true)]
-    pub dry_run: bool,
-
-    /// Colour in tables.
-    #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto)]
-    pub color: ColorChoice,
-
     #[command(subcommand)]
     pub command: NatmapCommand,
 }
@@ -145,111 +163,96 @@ pub enum NatmapCommand {
     Uninstall(install::UninstallArgs),
 }
 
-/// Runs the parsed command line.
-pub fn run(opts: Opts) -> Result<ExitCode> {
-    let natmap = match opts.command {
-        TopCommand::Natmap(natmap) => natmap,
-        TopCommand::Completions(a) => return completions::run_completions(a),
-        TopCommand::Man(a) => return completions::run_man(a),
-    };
-    match natmap.command {
-        NatmapCommand::Install(a) => return install::run_install(a, natmap.dry_run),
-        NatmapCommand::Uninstall(a) => return install::run_uninstall(a, natmap.dry_run),
-        _ => {}
-    }
-    if let NatmapCommand::Daemon(args) = natmap.command {
-        init_logging(opts.verbose, true);
-        return ops::run_daemon(args, natmap.socket);
-    }
-    init_logging(opts.verbose, false);
-    let mut export_to = None;
-    let request = match natmap.command {
-        NatmapCommand::Daemon(_) | NatmapCommand::Install(_) | NatmapCommand::Uninstall(_) => {
-            unreachable!("handled above")
-        }
-        NatmapCommand::Dnat(a) => Request::Dnat(a.into_request()),
-        NatmapCommand::Snat(a) => Request::Snat(a.into_request()),
-        NatmapCommand::Hairpin(a) => Request::Hairpin(a.into_request()),
-        NatmapCommand::PolicyRoute(a) => Request::PolicyRoute(a.into_request()),
-        NatmapCommand::Ls(a) => Request::Ls(a.into_request(opts.verbose > 0)),
-        NatmapCommand::Status => Request::Status(Default::default()),
-        NatmapCommand::Reload => Request::Reload(Default::default()),
-        NatmapCommand::Fwd(a) => Request::Fwd(a.into_request()),
-        NatmapCommand::Clear => Request::Clear(Default::default()),
-        NatmapCommand::Ping => Request::Ping(Default::default()),
-        NatmapCommand::Apply(a) => match a.into_request() {
-            Ok(r) => Request::Apply(r),
-            Err(message) => return Ok(usage_error(natmap.json, &message)),
-        },
-        NatmapCommand::Export => Request::Export(Default::default()),
-        NatmapCommand::Save(ref a) => {
-            export_to = a.export.clone();
-            Request::Save(Default::default())
-        }
-        NatmapCommand::Docker(d) => match d.into_request() {
-            Ok(r) => r,
-            Err(message) => {
-                return Ok(usage_error(natmap.json, &message));
-            }
-        },
-    };
-    let request = if natmap.dry_run {
-        if !request.is_change() {
-            return Ok(usage_error(
-                natmap.json,
-                &format!("--dry-run: `{}` changes nothing", request.name()),
-            ));
-        }
-        match request {
-            // apply has its own plan output.
-            Request::Apply(mut a) => {
-                a.dry_run = true;
-                Request::Apply(a)
-            }
-            other => Request::DryRun(crate::proto::DryRunRequest {
-                request: Box::new(other),
-            }),
-        }
-    } else {
-        request
-    };
-    let printer = output::Printer::new(natmap.json, natmap.color);
-    let mut response = client::call(&natmap.socket, request.clone());
-    if let (Some(path), true) = (&export_to, response.ok) {
-        if let Err(message) = write_fragments(path, &response) {
-            response =
-                crate::proto::Response::err(crate::proto::ErrorCode::InvalidArgument, message);
-        }
-    }
-    Ok(ExitCode::from(printer.print(&request, &response)))
+/// A command that runs here, without the daemon (`install`, `uninstall`,
+/// `daemon`, `completions`, `man`), failed. Printed once, by `main`, as text
+/// or, under `--json`, as an error response with this code.
+#[derive(Debug)]
+pub struct LocalFailure {
+    /// Stable code for `--json`.
+    pub code: ErrorCode,
+    /// What went wrong, with its causes.
+    pub error: color_eyre::Report,
 }
 
-/// `save --export`: writes the daemon's fragments next to each other.
-fn write_fragments(
-    path: &std::path::Path,
-    response: &crate::proto::Response,
-) -> Result<(), String> {
-    let report: crate::proto::SaveReport =
-        serde_json::from_value(response.data.clone().unwrap_or_default())
-            .map_err(|e| format!("unexpected answer from the daemon: {e}"))?;
-    for t in report.fragments {
-        let target = match t.family {
-            crate::model::Family::V4 => path.to_path_buf(),
-            crate::model::Family::V6 => ops::v6_path(path),
-        };
-        ops::write_fragment(&target, &t.restore)
-            .map_err(|e| format!("writing {}: {e}", target.display()))?;
-        eprintln!("wrote {}", target.display());
+impl LocalFailure {
+    fn wrap(code: ErrorCode) -> impl FnOnce(color_eyre::Report) -> LocalFailure {
+        move |error| LocalFailure { code, error }
     }
-    Ok(())
+
+    /// Prints the failure (text on stderr, or the JSON error line on stdout)
+    /// and returns the exit code.
+    pub fn report(&self, json: bool) -> ExitCode {
+        if json {
+            let response = Response::err(self.code, format!("{:#}", self.error));
+            output::print_line(&serde_json::to_string(&response).expect("serializes"));
+        } else {
+            eprintln!("error: {:#}", self.error);
+        }
+        ExitCode::from(EXIT_REQUEST_FAILED)
+    }
+}
+
+/// Runs the parsed command line.
+pub fn run(opts: Opts) -> Result<ExitCode, LocalFailure> {
+    let g = opts.global;
+    let natmap = match opts.command {
+        TopCommand::Natmap(natmap) => natmap,
+        other => return run_page(other, &g),
+    };
+    match natmap.command {
+        NatmapCommand::Install(a) => install::run_install(a, g.dry_run, g.json)
+            .map_err(LocalFailure::wrap(ErrorCode::InstallFailed)),
+        NatmapCommand::Uninstall(a) => install::run_uninstall(a, g.dry_run, g.json)
+            .map_err(LocalFailure::wrap(ErrorCode::InstallFailed)),
+        NatmapCommand::Daemon(args) if g.dry_run => {
+            ops::plan_daemon(args, &g).map_err(LocalFailure::wrap(ErrorCode::DaemonFailed))
+        }
+        NatmapCommand::Daemon(args) => {
+            init_logging(g.verbose, true);
+            ops::run_daemon(args, g.socket).map_err(LocalFailure::wrap(ErrorCode::DaemonFailed))
+        }
+        command => {
+            // A client writes only to its terminal or a pipe: a reader that
+            // goes away (`ls | head -1`) ends it quietly, as it does `cat`.
+            output::exit_quietly_on_closed_pipe();
+            init_logging(g.verbose, false);
+            Ok(request::send(command, &g))
+        }
+    }
+}
+
+/// `completions` and `man`: they print a script or a page, so `--json` has
+/// no meaning there, and `--dry-run` refuses `man --dir` (its only write).
+fn run_page(command: TopCommand, g: &GlobalArgs) -> Result<ExitCode, LocalFailure> {
+    let name = match &command {
+        TopCommand::Completions(_) => "completions",
+        _ => "man",
+    };
+    if g.json {
+        return Ok(usage_error(
+            true,
+            &format!("--json: `{name}` prints a script or a page, not data; drop --json"),
+        ));
+    }
+    output::exit_quietly_on_closed_pipe();
+    let result =
+        match command {
+            TopCommand::Completions(a) => completions::run_completions(a),
+            TopCommand::Man(a) if g.dry_run && a.dir.is_some() => return Ok(usage_error(
+                false,
+                "--dry-run: `man --dir DIR` writes files; `lab-ops man` prints the page instead",
+            )),
+            TopCommand::Man(a) => completions::run_man(a),
+            TopCommand::Natmap(_) => unreachable!("handled by run"),
+        };
+    result.map_err(LocalFailure::wrap(ErrorCode::InvalidArgument))
 }
 
 /// Prints a usage error (as JSON under `--json`) and returns exit code 2.
 pub fn usage_error(json: bool, message: &str) -> ExitCode {
     if json {
-        let response =
-            crate::proto::Response::err(crate::proto::ErrorCode::InvalidArgument, message);
-        println!("{}", serde_json::to_string(&response).expect("serializes"));
+        let response = Response::err(ErrorCode::InvalidArgument, message);
+        output::print_line(&serde_json::to_string(&response).expect("serializes"));
     } else {
         eprintln!("error: {message}");
     }

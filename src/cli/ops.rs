@@ -1,4 +1,4 @@
-//! `daemon`, `ls`, `fwd`.
+//! `daemon` (and its dry run), `ls`, `fwd`, `apply`, `save`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,6 +66,66 @@ pub fn run_daemon(args: DaemonArgs, socket_path: PathBuf) -> Result<ExitCode> {
         })
         .map_err(|e| eyre!(e))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `daemon --dry-run`: reads the config file and the state file and prints
+/// the transactions a daemon started now would run, then exits. It changes
+/// nothing: no rule, no socket, no state file (a corrupt one is reported,
+/// not moved aside), no reservation.
+pub fn plan_daemon(args: DaemonArgs, g: &super::GlobalArgs) -> Result<ExitCode> {
+    use crate::model::Family;
+    use crate::netfilter::Netfilter;
+    use crate::rules::{render, restore, saved::SavedTables};
+    let config_path = args
+        .config_path
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_PATH));
+    crate::config::Config::load(&config_path, args.config_path.is_some()).map_err(|e| eyre!(e))?;
+    let state = read_state(&args.state_path)?;
+    let desired = render::desired(&state.rules);
+    let nf = crate::netfilter::IptablesExecutor;
+    let mut transactions = Vec::new();
+    let mut effects = vec![format!(
+        "listen on {} and restore {} rule(s) from {}",
+        g.socket.display(),
+        state.rules.len(),
+        args.state_path.display()
+    )];
+    for family in Family::ALL {
+        // What the kernel holds decides which hooks the start would repair.
+        match nf.save(family) {
+            Ok(saved) => {
+                let restore = restore::full(desired.family(family), &SavedTables::parse(&saved));
+                transactions.push(crate::proto::Transaction { family, restore });
+            }
+            Err(e) => effects.push(format!(
+                "cannot read the current {family} rules ({e}); a daemon would fail or keep \
+                 these rules inactive"
+            )),
+        }
+    }
+    let report = crate::proto::DryRunReport {
+        dry_run: true,
+        transactions,
+        effects,
+    };
+    super::output::Printer::new(g.json, g.color, true).dry_run_report(&report);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The state file as the daemon would load it, read-only (a missing file is
+/// an empty state).
+fn read_state(path: &std::path::Path) -> Result<crate::state::State> {
+    match std::fs::read(path) {
+        Ok(text) => serde_json::from_slice(&text).map_err(|e| {
+            eyre!(
+                "{}: {e} (a daemon would move this file aside and start with no rules)",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+        Err(e) => Err(eyre!("reading {}: {e}", path.display())),
+    }
 }
 
 fn shutdown_signal() -> impl std::future::Future<Output = ()> {

@@ -16,15 +16,46 @@ use crate::proto::{
 
 use super::{ColorChoice, EXIT_REQUEST_FAILED, EXIT_UNREACHABLE};
 
+/// Restores the default action of SIGPIPE, which Rust's runtime ignores, so
+/// that writing to a pipe whose reader has gone (`ls | head -1`) ends the
+/// process quietly (status 141 in a shell) instead of a panic in `println!`.
+/// Only for client commands: the daemon must survive a client that hangs up,
+/// and `install` must not stop half-way because nobody reads its progress.
+pub fn exit_quietly_on_closed_pipe() {
+    // SAFETY: setting a signal disposition to its default; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// Prints one line on stdout.
+pub fn print_line(line: &str) {
+    println!("{line}");
+}
+
+/// A rule kind as the command that makes it is spelled (`policy-route`);
+/// JSON keeps the protocol's snake_case (`policy_route`).
+pub fn kind_text(spec: &RuleSpec) -> String {
+    spec.kind().replace('_', "-")
+}
+
+/// A rule status in text, one spelling everywhere (`port conflict`); JSON
+/// keeps the protocol's snake_case (`port_conflict`).
+pub fn status_text(status: &str) -> String {
+    status.replace('_', " ")
+}
+
 /// Prints responses in the chosen format.
 pub struct Printer {
     json: bool,
     color: bool,
+    dry_run: bool,
 }
 
 impl Printer {
-    /// A printer for `--json` or tables, with colour resolved from the choice.
-    pub fn new(json: bool, color: ColorChoice) -> Printer {
+    /// A printer for `--json` or tables, with colour resolved from the
+    /// choice; `dry_run` marks every answer as changing nothing.
+    pub fn new(json: bool, color: ColorChoice, dry_run: bool) -> Printer {
         let color = match color {
             ColorChoice::Always => true,
             ColorChoice::Never => false,
@@ -32,7 +63,11 @@ impl Printer {
                 std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
             }
         };
-        Printer { json, color }
+        Printer {
+            json,
+            color,
+            dry_run,
+        }
     }
 
     /// Prints the response to `request` and returns the exit code.
@@ -57,10 +92,13 @@ impl Printer {
                 .and_then(|p| p.as_array())
                 .is_some_and(|p| !p.is_empty());
         if self.json {
-            println!(
-                "{}",
-                serde_json::to_string(response).expect("response serializes")
-            );
+            let mut response = response.clone();
+            if let Some(serde_json::Value::Object(data)) = response.data.as_mut() {
+                if self.dry_run {
+                    data.insert("dry_run".into(), serde_json::Value::Bool(true));
+                }
+            }
+            print_line(&serde_json::to_string(&response).expect("response serializes"));
             return if code == 0 && attention {
                 super::EXIT_ATTENTION
             } else {
@@ -123,15 +161,19 @@ impl Printer {
                     v["auto_discover"], v["engines"]
                 )
             }),
-            Request::Save(_) => self.with(data, |r: SaveReport| {
-                println!(
-                    "saved {} rule(s) to {} (fsynced); the daemon restores them at boot",
-                    r.rules, r.state_path
-                )
-            }),
+            Request::Save(_) => self.with(data, |r: SaveReport| saved(&r)),
             Request::Ping(_) => self.with(data, |p: Pong| {
                 println!("natmap daemon {} is running", p.daemon_version)
             }),
+        }
+    }
+
+    /// Prints a plan made without the daemon (`daemon --dry-run`).
+    pub fn dry_run_report(&self, report: &DryRunReport) {
+        if self.json {
+            print_line(&serde_json::to_string(&Response::ok(report)).expect("report serializes"));
+        } else {
+            dry_run(report);
         }
     }
 
@@ -149,7 +191,7 @@ impl Printer {
     }
 
     fn change(&self, c: &ChangeResult) {
-        let (id, kind) = (c.rule.rule.id, c.rule.rule.spec.kind());
+        let (id, kind) = (c.rule.rule.id, kind_text(&c.rule.rule.spec));
         match c.result {
             ChangeKind::Added => println!("added {kind} rule #{id}"),
             ChangeKind::AlreadyPresent => {
@@ -198,16 +240,12 @@ impl Printer {
         let mut table = self.table(&headers);
         for view in rules {
             let (matches, target, proto) = describe(&view.rule.spec);
-            let status = match view.status {
-                RuleStatus::Active => "active",
-                RuleStatus::PortConflict => "port conflict",
-                RuleStatus::Unavailable => "unavailable",
-                RuleStatus::Down => "down",
-                RuleStatus::Stale => "stale",
-                RuleStatus::WaitingForAddress => "waiting for address",
-                RuleStatus::Unknown => "unknown",
-                RuleStatus::Quarantined => "quarantined",
-            };
+            let status = status_text(
+                serde_json::to_value(view.status)
+                    .expect("status serializes")
+                    .as_str()
+                    .unwrap_or("?"),
+            );
             let mut status_cell = Cell::new(match &view.detail {
                 Some(d) => printable(&format!("{status}: {d}")),
                 None => status.to_owned(),
@@ -221,7 +259,7 @@ impl Printer {
             }
             let mut row = vec![
                 Cell::new(view.rule.id),
-                Cell::new(view.rule.spec.kind()),
+                Cell::new(kind_text(&view.rule.spec)),
                 Cell::new(printable(&matches)),
                 Cell::new(printable(&target)),
                 Cell::new(proto),
@@ -286,8 +324,11 @@ impl Printer {
             .rules
             .iter()
             .map(|(kind, by)| {
-                let parts: Vec<String> = by.iter().map(|(st, n)| format!("{n} {st}")).collect();
-                format!("{kind}: {}", parts.join(", "))
+                let parts: Vec<String> = by
+                    .iter()
+                    .map(|(st, n)| format!("{n} {}", status_text(st)))
+                    .collect();
+                format!("{}: {}", kind.replace('_', "-"), parts.join(", "))
             })
             .collect();
         table.add_row(vec![
@@ -332,6 +373,29 @@ impl Printer {
             table.add_row(vec![s.name.as_str(), s.before.as_str(), s.after.as_str()]);
         }
         println!("{table}");
+    }
+}
+
+/// `save`: what was made durable, and the fragments written (or, in a dry
+/// run, what would be written where).
+fn saved(r: &SaveReport) {
+    if r.dry_run {
+        println!(
+            "dry run: nothing was changed; {} holds {} rule(s)",
+            r.state_path, r.rule_count
+        );
+        for (path, t) in r.exported.iter().zip(&r.fragments) {
+            println!("would write {path}:");
+            print!("{}", t.restore);
+        }
+        return;
+    }
+    println!(
+        "saved {} rule(s) to {} (fsynced); the daemon restores them at boot",
+        r.rule_count, r.state_path
+    );
+    for path in &r.exported {
+        println!("wrote {path}");
     }
 }
 

@@ -110,6 +110,8 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     let _lock = lock_state(&config)?;
     let _netns_lock = lock_network_namespace()?;
 
+    // Before anything is installed: a daemon that gives up must leave nothing.
+    server::refuse_if_answered(&config.socket_path)?;
     let nf: Arc<dyn Netfilter> = Arc::new(executor);
     let state_path = config.state_path.clone();
     let relays = Relays::new(
@@ -130,7 +132,15 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
         tx.clone(),
     );
 
-    let listener = server::bind(&config.socket_path, &config.socket_group)?;
+    let listener = match server::bind(&config.socket_path, &config.socket_group) {
+        Ok(l) => l,
+        Err(e) => {
+            // Giving up (e.g. another daemon answers on the socket): take
+            // back the chains and reservations `Engine::open` installed.
+            let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+            return Err(e);
+        }
+    };
     let hangup = tokio::spawn(reload_on_sighup(tx.clone()));
     let engine_thread = std::thread::Builder::new()
         .name("natmap-engine".into())

@@ -29,12 +29,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// which anyone else could connect: it is bound inside a private (0700)
 /// directory, given its owner and mode there, then renamed into place.
 pub fn bind(path: &Path, group: &str) -> Result<UnixListener, String> {
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(format!(
-            "a natmap daemon already answers on {}; stop it first",
-            path.display()
-        ));
-    }
+    refuse_if_answered(path)?;
     let parent = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -73,6 +68,18 @@ pub fn bind(path: &Path, group: &str) -> Result<UnixListener, String> {
     })();
     let _ = fs::remove_dir_all(&private);
     result
+}
+
+/// Fails when a daemon already answers on `path`: checked before anything
+/// is installed, and again when binding.
+pub fn refuse_if_answered(path: &Path) -> Result<(), String> {
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(format!(
+            "a natmap daemon already answers on {}; stop it first",
+            path.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Accepts connections until `shutdown` completes.

@@ -27,8 +27,7 @@ fn build(rules: &FamilyRules, saved: Option<&SavedTables>) -> String {
     let mut out = String::new();
     for table in TABLES {
         let chains = open_table(&mut out, table);
-        let docker_user_missing =
-            table == "filter" && saved.is_some_and(|s| !s.has_chain("filter", DOCKER_USER));
+        let docker_user_missing = table == "filter" && saved.is_some_and(creates_docker_user);
         if docker_user_missing {
             // Docker is absent: create its user chain ourselves so the layout is
             // the same on every host. Docker adopts an existing DOCKER-USER.
@@ -99,33 +98,62 @@ fn remove_boot_hook(out: &mut String, saved: &SavedTables) {
     }
 }
 
-/// A fragment for hosts that restore rules at boot without the daemon
-/// (`iptables-restore --noflush < natmap.rules`): natmap's chains, their
-/// rules and their hooks, and nothing else. DOCKER-USER may not exist yet
-/// at boot (and declaring it would flush Docker's), so the filter chain is
-/// hooked from FORWARD; the daemon moves that hook under DOCKER-USER when it
-/// starts. Meant to be restored once, into tables without natmap's hooks.
+/// The line of an [`export`] fragment that names one hook:
+/// `# natmap-hook: TABLE HOOK CHAIN`.
+pub const HOOK_MARK: &str = "# natmap-hook:";
+
+/// A fragment for hosts that restore rules at boot without the daemon:
+/// natmap's chains and their rules, and nothing else. Restoring it any
+/// number of times gives the same tables: every chain it declares is
+/// flushed and refilled by the declaration.
+///
+/// The hooks (one jump per built-in chain) are not restore lines, because
+/// `iptables-restore --noflush` cannot insert a rule only when it is
+/// missing: a built-in chain's declaration does not flush it, `-I` adds a
+/// copy each time, and a `-D` of a missing rule fails the whole
+/// transaction (checked on iptables-nft 1.8.9). So the fragment lists its
+/// hooks as comment lines ([`HOOK_MARK`], ignored by iptables-restore),
+/// and the boot plugin (`packaging/netfilter-persistent/25-natmap`) adds
+/// each one with `iptables -C … || iptables -I … 1 …`. DOCKER-USER may not
+/// exist at boot (and declaring it would flush Docker's), so the filter
+/// chain is hooked from FORWARD; the daemon moves that hook under
+/// DOCKER-USER when it starts.
 pub fn export(rules: &FamilyRules) -> String {
-    let mut out = build(rules, None);
+    let mut out = String::from(
+        "# natmap: its chains only, for iptables-restore --noflush (restoring twice changes nothing).\n\
+         # natmap: the hooks below are added once each by natmap's netfilter-persistent plugin.\n",
+    );
     for chain in Chain::ALL {
-        let hook = match chain {
-            Chain::FilterForward => "FORWARD",
-            other => other.hook(),
-        };
-        let line = format!("-I {hook} 1 {}\n", jump_line(chain.name()));
-        // Insert before the COMMIT of the chain's table.
-        let table_start = out
-            .find(&format!("*{}\n", chain.table()))
-            .expect("table written");
-        let commit = table_start + out[table_start..].find("COMMIT\n").expect("commit written");
-        out.insert_str(commit, &line);
+        let _ = writeln!(
+            out,
+            "{HOOK_MARK} {} {} {}",
+            chain.table(),
+            boot_hook(chain),
+            chain.name()
+        );
     }
+    out.push_str(&build(rules, None));
     out
 }
 
-/// Removes natmap's hooks and chains, and nothing else. DOCKER-USER stays:
-/// Docker may own it, and an empty user chain changes nothing.
-pub fn teardown(saved: &SavedTables) -> String {
+/// The chain that jumps to `chain` on a host restored without the daemon.
+pub fn boot_hook(chain: Chain) -> &'static str {
+    match chain {
+        Chain::FilterForward => "FORWARD",
+        other => other.hook(),
+    }
+}
+
+/// Docker's own filter chains: when one exists, Docker runs here and has
+/// adopted DOCKER-USER, so natmap leaves that chain alone.
+const DOCKER_CHAINS: [&str; 3] = ["DOCKER", "DOCKER-FORWARD", "DOCKER-ISOLATION-STAGE-1"];
+
+/// Removes natmap's hooks and chains, and nothing else. DOCKER-USER and its
+/// FORWARD jump go too only when natmap created them (`own_docker_user`)
+/// and nobody has used them since: no rule in it but natmap's jump, one
+/// jump to it, and no Docker chain beside it (Docker adopts an existing
+/// DOCKER-USER when it starts, and then owns it).
+pub fn teardown(saved: &SavedTables, own_docker_user: bool) -> String {
     let mut out = String::new();
     for table in TABLES {
         if !saved.has_table(table) {
@@ -144,9 +172,32 @@ pub fn teardown(saved: &SavedTables) -> String {
         for chain in &chains {
             let _ = writeln!(out, "-X {}", chain.name());
         }
+        if table == "filter" && own_docker_user && docker_user_unused(saved) {
+            let _ = writeln!(out, "-D FORWARD {}", jump_line(DOCKER_USER));
+            let _ = writeln!(out, "-X {DOCKER_USER}");
+        }
         out.push_str("COMMIT\n");
     }
     out
+}
+
+/// Whether DOCKER-USER holds nothing but natmap's jump, is reached only by
+/// one FORWARD jump, and Docker is absent (see [`teardown`]).
+fn docker_user_unused(saved: &SavedTables) -> bool {
+    let natmap_jump = jump_line(Chain::FilterForward.name());
+    saved.has_chain("filter", DOCKER_USER)
+        && saved
+            .chain_rules("filter", DOCKER_USER)
+            .iter()
+            .all(|l| *l == natmap_jump)
+        && saved.jump_state("filter", "FORWARD", DOCKER_USER).count == 1
+        && saved.references("filter", DOCKER_USER) == 1
+        && !DOCKER_CHAINS.iter().any(|c| saved.has_chain("filter", c))
+}
+
+/// Whether a full apply onto `saved` creates DOCKER-USER (Docker has not).
+pub fn creates_docker_user(saved: &SavedTables) -> bool {
+    !saved.has_chain("filter", DOCKER_USER)
 }
 
 /// The smallest transaction that turns natmap's chains from `applied` into

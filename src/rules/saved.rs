@@ -75,6 +75,18 @@ impl SavedTables {
             .unwrap_or(&[])
     }
 
+    /// How many rules of `table`, in any chain, jump or go to `target`.
+    pub fn references(&self, table: &str, target: &str) -> usize {
+        let (jump, goto) = (format!("-j {target}"), format!("-g {target}"));
+        self.tables.get(table).map_or(0, |t| {
+            t.rules
+                .values()
+                .flatten()
+                .filter(|l| l.ends_with(&jump) || l.ends_with(&goto))
+                .count()
+        })
+    }
+
     /// How many times `hook` jumps to `target`, and whether the first line of
     /// `hook` is such a jump.
     pub fn jump_state(&self, table: &str, hook: &str, target: &str) -> JumpState {

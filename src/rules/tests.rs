@@ -155,7 +155,8 @@ fn full_apply_on_an_empty_host_creates_docker_user_and_its_hook() {
 #[test]
 fn teardown_removes_only_natmap() {
     let saved = SavedTables::parse(DOCKER_HOST_SAVE);
-    let text = restore::teardown(&saved);
+    // Docker's DOCKER-USER stays even if natmap thinks it made it.
+    let text = restore::teardown(&saved, true);
     golden("teardown-v4.rules", &text);
     assert!(!text.contains("DOCKER-USER -j RETURN"));
     assert!(!text.contains(":DOCKER"));
@@ -283,16 +284,48 @@ fn export_fragment_holds_only_natmap_and_its_hooks() {
             || line == "COMMIT"
             || line.starts_with(":NATMAP")
             || line.starts_with("-A NATMAP")
-            || (line.starts_with("-I ") && line.contains(" -j NATMAP"));
+            || line.starts_with('#');
         assert!(ours, "not natmap's: {line}");
     }
+    // No built-in chain is written to: restoring it twice changes nothing.
+    assert!(!text.lines().any(|l| l.starts_with("-I ")), "{text}");
+    let hooks: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(restore::HOOK_MARK))
+        .collect();
+    assert_eq!(
+        hooks,
+        [
+            " nat PREROUTING NATMAP",
+            " nat OUTPUT NATMAP-OUTPUT",
+            " nat POSTROUTING NATMAP-POSTROUTING",
+            " filter FORWARD NATMAP"
+        ]
+    );
     // The daemon replaces the boot hook with its DOCKER-USER hook.
     let booted = SavedTables::parse(
         "*filter\n:FORWARD ACCEPT [0:0]\n:NATMAP - [0:0]\n-A FORWARD -j NATMAP\nCOMMIT\n",
     );
     let full = restore::full(set.family(Family::V4), &booted);
     assert!(full.contains("-D FORWARD -j NATMAP"), "{full}");
-    assert!(restore::teardown(&booted).contains("-D FORWARD -j NATMAP"));
+    assert!(restore::teardown(&booted, false).contains("-D FORWARD -j NATMAP"));
+}
+
+#[test]
+fn teardown_removes_docker_user_only_when_natmap_made_it_and_nobody_uses_it() {
+    let ours = "*filter\n:FORWARD DROP [0:0]\n:DOCKER-USER - [0:0]\n:NATMAP - [0:0]\n\
+                -A FORWARD -j DOCKER-USER\n-A DOCKER-USER -j NATMAP\nCOMMIT\n";
+    let removes = |save: &str, own: bool| {
+        restore::teardown(&SavedTables::parse(save), own).contains("-X DOCKER-USER")
+    };
+    assert!(removes(ours, true));
+    assert!(!removes(ours, false), "not natmap's creation");
+    let with_rule = ours.replace("COMMIT", "-A DOCKER-USER -s 192.0.2.9/32 -j DROP\nCOMMIT");
+    assert!(!removes(&with_rule, true), "someone put a rule in it");
+    let docker = ours.replace(":NATMAP", ":DOCKER-FORWARD - [0:0]\n:NATMAP");
+    assert!(!removes(&docker, true), "Docker has adopted it");
+    let text = restore::teardown(&SavedTables::parse(ours), true);
+    assert!(text.contains("-D FORWARD -j DOCKER-USER\n"), "{text}");
 }
 
 #[test]

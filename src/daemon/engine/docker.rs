@@ -477,6 +477,17 @@ impl Engine {
                 ))
             }
         };
+        // `docker rm` removes Docker mappings only: an id typed from the
+        // wrong line of `ls` must not delete a static rule.
+        if !matches!(rule.spec, RuleSpec::Docker(_)) {
+            let kind = rule.spec.kind().replace('_', "-");
+            return Err(invalid(&format!(
+                "rule #{} is a {kind} rule, not a Docker mapping; remove it with \
+                 `lab-ops natmap {kind} … --delete` (the arguments `lab-ops natmap ls {}` shows) \
+                 or with `apply`",
+                rule.id, rule.id
+            )));
+        }
         self.delete_rule(rule)
     }
 

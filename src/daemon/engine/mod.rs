@@ -100,6 +100,9 @@ pub struct Engine {
     applied: Ruleset,
     /// Per family: hooks verified in place since the last full apply.
     hooks_ok: [bool; 2],
+    /// Per family: natmap created DOCKER-USER (Docker had not), so teardown
+    /// may remove it again (see `restore::teardown`).
+    own_docker_user: [bool; 2],
     /// Whether IPv6 NAT works here.
     v6_nat: bool,
     relays: Relays,
@@ -209,6 +212,7 @@ impl Engine {
             inactive: BTreeMap::new(),
             applied: Ruleset::default(),
             hooks_ok: [false; 2],
+            own_docker_user: [false; 2],
             v6_nat: true,
             relays,
             docker: None,
@@ -336,9 +340,10 @@ impl Engine {
     /// Rewrites the family's chains and repairs its hooks, from a fresh
     /// `iptables-save`.
     fn full_apply(&mut self, family: Family, desired: &Ruleset) -> Result<(), String> {
-        let saved = self.nf.save(family).map_err(|e| e.to_string())?;
-        let text = restore::full(desired.family(family), &SavedTables::parse(&saved));
+        let saved = SavedTables::parse(&self.nf.save(family).map_err(|e| e.to_string())?);
+        let text = restore::full(desired.family(family), &saved);
         self.nf.restore(family, &text).map_err(|e| e.to_string())?;
+        self.own_docker_user[family_index(family)] |= restore::creates_docker_user(&saved);
         *self.applied.family_mut(family) = desired.family(family).clone();
         self.hooks_ok[family_index(family)] = true;
         self.installed = true;
@@ -513,7 +518,7 @@ impl Engine {
             Request::Apply(r) => self.apply_document(r),
             Request::Export(_) => Ok(Response::ok(self.export())),
             Request::Status(_) => Ok(Response::ok(self.status())),
-            Request::Save(_) => self.save(),
+            Request::Save(r) => self.save(r.dry_run),
             Request::Reload(_) => self.reload(),
             Request::DryRun(d) => self.dry_run(*d.request, peer),
         };
@@ -528,6 +533,7 @@ impl Engine {
     /// Runs a change up to its commit, then reports what it would have sent.
     fn dry_run(&mut self, request: Request, peer: Peer) -> Outcome<Response> {
         self.simulated = Some(DryRunReport {
+            dry_run: true,
             transactions: Vec::new(),
             effects: Vec::new(),
         });
@@ -866,10 +872,12 @@ impl Engine {
     fn teardown(&mut self) -> Result<(), String> {
         for family in self.families() {
             let saved = self.nf.save(family).map_err(|e| e.to_string())?;
-            let text = restore::teardown(&SavedTables::parse(&saved));
+            let own = self.own_docker_user[family_index(family)];
+            let text = restore::teardown(&SavedTables::parse(&saved), own);
             if !text.is_empty() {
                 self.nf.restore(family, &text).map_err(|e| e.to_string())?;
             }
+            self.own_docker_user[family_index(family)] = false;
             *self.applied.family_mut(family) = Default::default();
             self.hooks_ok[family_index(family)] = false;
         }
@@ -879,13 +887,16 @@ impl Engine {
 
     /// `save`: writes and fsyncs the state again (every change already is
     /// durable; this makes it explicit) and returns the boot fragments.
-    fn save(&mut self) -> Outcome<Response> {
-        state::save(&self.state_path, &self.state).map_err(|e| {
-            Failure::new(
-                ErrorCode::StateWriteFailed,
-                format!("cannot save state: {e}"),
-            )
-        })?;
+    /// A dry run only returns the fragments.
+    fn save(&mut self, dry_run: bool) -> Outcome<Response> {
+        if !dry_run {
+            state::save(&self.state_path, &self.state).map_err(|e| {
+                Failure::new(
+                    ErrorCode::StateWriteFailed,
+                    format!("cannot save state: {e}"),
+                )
+            })?;
+        }
         let fragments = self
             .families()
             .into_iter()
@@ -896,8 +907,10 @@ impl Engine {
             .collect();
         Ok(Response::ok(SaveReport {
             state_path: self.state_path.display().to_string(),
-            rules: self.state.rules.len(),
+            rule_count: self.state.rules.len(),
+            dry_run,
             fragments,
+            exported: Vec::new(),
         }))
     }
 
@@ -920,7 +933,8 @@ impl Engine {
                     .nf
                     .save(family)
                     .map_err(|e| Failure::new(ErrorCode::ApplyFailed, e.to_string()))?;
-                let restore = restore::teardown(&SavedTables::parse(&saved));
+                let own = self.own_docker_user[family_index(family)];
+                let restore = restore::teardown(&SavedTables::parse(&saved), own);
                 if let Some(report) = self.simulated.as_mut() {
                     report.transactions.push(Transaction { family, restore });
                 }

@@ -547,7 +547,13 @@ fn a_mapping_on_every_address_holds_both_families_and_relays_each_loopback() {
     let _v6 = TcpEcho::start(&topo.server, SocketAddr::new(SERVER_V6.into(), 9401));
     let d = Daemon::start_with_options(&topo.router, &StateDir::new(), DaemonOptions::isolated());
     d.cli_ok(&["docker", "add", "9400:198.51.100.2:9400", "--name", "svc4"]);
-    d.cli_ok(&["docker", "add", "9401:[2001:db8:2::2]:9401", "--name", "svc6"]);
+    d.cli_ok(&[
+        "docker",
+        "add",
+        "9401:[2001:db8:2::2]:9401",
+        "--name",
+        "svc6",
+    ]);
     let lo6 = |port| SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), port);
     // Both families' ports are held, also against IPV6_V6ONLY binders.
     for port in [9400, 9401] {

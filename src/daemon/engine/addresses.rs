@@ -40,6 +40,9 @@ impl Engine {
             let Some(target) = relay_target_of(spec, claim.target) else {
                 continue;
             };
+            if target.ip().is_unspecified() {
+                continue; // no target of this family
+            }
             let own = self
                 .held
                 .iter()

@@ -200,24 +200,29 @@ impl Engine {
         }
         if let Ok(saved) = self.nf.save(Family::V4) {
             let saved = SavedTables::parse(&saved);
+            let claimed: HashSet<(Proto, u16)> = claims.iter().copied().collect();
             for line in saved.chain_rules("nat", "DOCKER") {
-                for (proto, port) in &claims {
-                    let needle = format!("-p {proto} -m {proto} --dport {port} ");
-                    if line.contains(&needle) && line.contains("-j DNAT") {
-                        found.push(format!(
-                            "port {port}/{proto} is also published by Docker (`docker run -p`); natmap's rule wins, remove one of them"
-                        ));
-                    }
+                let Some((proto, port)) = docker_published(line) else {
+                    continue;
+                };
+                if claimed.contains(&(proto, port)) {
+                    found.push(format!(
+                        "port {port}/{proto} is also published by Docker (`docker run -p`); natmap's rule wins, remove one of them"
+                    ));
                 }
             }
         }
         let mine = own_socket_inodes();
-        for (proto, port) in claims.iter().collect::<HashSet<_>>() {
-            if let Some(owner) = reserve::other_holder(*proto, *port, &mine) {
-                found.push(format!(
-                    "port {port}/{proto} is also open in {owner} on another address"
-                ));
-            }
+        let ports: Vec<(Proto, u16)> = claims
+            .iter()
+            .copied()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        for ((proto, port), owner) in reserve::other_holders(&ports, &mine) {
+            found.push(format!(
+                "port {port}/{proto} is also open in {owner} on another address"
+            ));
         }
         found.sort();
         found.dedup();
@@ -270,6 +275,22 @@ impl Engine {
     }
 }
 
+/// The protocol and port a DNAT line of Docker's `DOCKER` chain publishes
+/// (`… -p tcp -m tcp --dport 8080 -j DNAT …`), read token by token.
+fn docker_published(line: &str) -> Option<(Proto, u16)> {
+    let tokens: Vec<&str> = line.split_whitespace().collect();
+    let after = |flag: &str| tokens.windows(2).find(|w| w[0] == flag).map(|w| w[1]);
+    if after("-j") != Some("DNAT") {
+        return None;
+    }
+    let proto = match after("-p")? {
+        "tcp" => Proto::Tcp,
+        "udp" => Proto::Udp,
+        _ => return None,
+    };
+    Some((proto, after("--dport")?.parse().ok()?))
+}
+
 /// `[12:720] -A CHAIN …` → (12, 720, "-A CHAIN …").
 fn parse_counted(line: &str) -> Option<(u64, u64, &str)> {
     let rest = line.strip_prefix('[')?;
@@ -320,5 +341,16 @@ mod tests {
         );
         assert_eq!(natmap_id("-j DOCKER"), None);
         assert!(parse_counted(":NATMAP - [0:0]").is_none());
+    }
+
+    #[test]
+    fn docker_published_ports_are_read_by_token() {
+        let line = "! -i docker0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.2:80";
+        assert_eq!(docker_published(line), Some((Proto::Tcp, 8080)));
+        assert_eq!(docker_published("-i docker0 -j RETURN"), None);
+        assert_eq!(
+            docker_published("-p udp -m udp --dport 53 -j DNAT --to-destination 172.17.0.3:53"),
+            Some((Proto::Udp, 53))
+        );
     }
 }

@@ -136,6 +136,8 @@ pub struct Engine {
     addresses: AddressSource,
     /// The host's addresses, as last read (every request and tick).
     local: LocalAddresses,
+    /// Per family: whether drift repairs take (see `repair`).
+    convergence: [repair::Convergence; 2],
 }
 
 /// Every this many ticks, every Docker mapping is checked against Docker
@@ -230,6 +232,7 @@ impl Engine {
             state_warning: corrupt,
             addresses,
             local: addresses.snapshot().unwrap_or_default(),
+            convergence: Default::default(),
         };
         if engine.state.forwarding {
             match host::enable_forwarding(engine.state.forwarding_ipv6) {

@@ -69,6 +69,11 @@ impl Engine {
             problems.push(corrupt.clone());
         }
         problems.extend(self.quarantine_problems(&mut rules));
+        problems.extend(
+            self.convergence
+                .iter()
+                .filter_map(|c| c.problem().map(str::to_owned)),
+        );
         let mut conflicts = self.conflicts();
         let discovery = self.discovery_problems();
         conflicts.extend(discovery.iter().filter(|p| p.contains("conflict")).cloned());

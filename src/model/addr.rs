@@ -113,8 +113,9 @@ impl TryFrom<String> for HostIp {
 }
 
 impl From<HostIp> for String {
+    /// Stored the way iptables prints it (see [`CanonicalIp`]).
     fn from(h: HostIp) -> String {
-        h.0.to_string()
+        h.to_string()
     }
 }
 

@@ -333,6 +333,201 @@ fn a_repair_that_does_not_take_is_reported_not_repeated() {
 
 // ─────────────────────────── policy routes ───────────────────────────
 
+/// The service node setup of `static_nat.rs`'s policy-route test: natmap
+/// runs on `server`; `server2` is a second gateway that forwards to the
+/// router and counts what it forwards from `src`.
+fn gateway_via_server2(topo: &Topology) {
+    iptables(&topo.router, false, &["-A", "FORWARD", "-j", "ACCEPT"]);
+    topo.server2.sysctl_set("net.ipv4.ip_forward", "1");
+    for key in [
+        "net.ipv4.conf.all.send_redirects",
+        "net.ipv4.conf.eth0.send_redirects",
+    ] {
+        topo.server2.sysctl_set(key, "0");
+    }
+    iptables(&topo.server2, false, &["-A", "FORWARD", "-j", "ACCEPT"]);
+}
+
+/// Packets `server2` forwarded from `src` so far.
+fn forwarded_by_server2(topo: &Topology, src: &str) -> u64 {
+    let out = topo.server2.run_ok(&[
+        "iptables", "-w", "-t", "filter", "-L", "FORWARD", "-v", "-x", "-n",
+    ]);
+    let rule = format!("-A FORWARD -s {src}/32 -j ACCEPT");
+    if !iptables_rules(&topo.server2, false, "filter", "FORWARD").contains(&rule) {
+        iptables(
+            &topo.server2,
+            false,
+            &["-I", "FORWARD", "1", "-s", src, "-j", "ACCEPT"],
+        );
+        return 0;
+    }
+    out.lines()
+        .find(|l| l.split_whitespace().nth(7) == Some(src))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0)
+}
+
+fn policy_route(d: &Daemon, src: &str, via: &str, table: &str, delete: bool) -> (i32, Value) {
+    let mut args = vec![
+        "policy-route",
+        "--src-ip",
+        src,
+        "--via",
+        via,
+        "--table",
+        table,
+    ];
+    if delete {
+        args.push("--delete");
+    }
+    let (status, out) = d.cli_json_output(&args);
+    (status.code().unwrap_or(-1), out)
+}
+
+#[test]
+fn policy_routes_sharing_a_table_keep_each_other_working() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::new();
+    gateway_via_server2(&topo);
+    topo.server
+        .ip(&["addr", "add", "198.51.100.12/24", "dev", HOST_IF]);
+    let _a = TcpEcho::start(&topo.server, "198.51.100.2:7000".parse().unwrap());
+    let _b = TcpEcho::start(&topo.server, "198.51.100.12:7000".parse().unwrap());
+    let d = Daemon::start_with_options(&topo.server, &StateDir::new(), DaemonOptions::isolated());
+    let (code, out) = policy_route(&d, "198.51.100.2", "198.51.100.3", "100", false);
+    assert_eq!(
+        (code, &out["data"]["result"]),
+        (0, &json!("added")),
+        "{out}"
+    );
+    let (code, out) = policy_route(&d, "198.51.100.12", "198.51.100.3", "100", false);
+    assert_eq!(
+        (code, &out["data"]["result"]),
+        (0, &json!("added")),
+        "{out}"
+    );
+    // Another gateway in the same table is refused, naming the rule.
+    let table_before = topo.server.ip(&["route", "show", "table", "100"]);
+    let (code, out) = policy_route(&d, "198.51.100.22", "198.51.100.1", "100", false);
+    assert_ne!(code, 0);
+    assert_eq!(out["error"]["code"], "invalid_argument", "{out}");
+    let message = out["error"]["message"].as_str().unwrap();
+    assert!(message.contains("policy route #1"), "{message}");
+    assert!(message.contains("198.51.100.3"), "{message}");
+    assert_eq!(
+        topo.server.ip(&["route", "show", "table", "100"]),
+        table_before
+    );
+
+    // Deleting one leaves the other's rule, route and replies working.
+    let (code, out) = policy_route(&d, "198.51.100.2", "198.51.100.3", "100", true);
+    assert_eq!(code, 0, "{out}");
+    let rules = topo.server.ip(&["rule", "show"]);
+    assert!(!rules.contains("from 198.51.100.2 "), "{rules}");
+    assert!(rules.contains("from 198.51.100.12 lookup 100"), "{rules}");
+    let table = topo.server.ip(&["route", "show", "table", "100"]);
+    assert!(table.contains("default via 198.51.100.3"), "{table}");
+    let before = forwarded_by_server2(&topo, "198.51.100.12");
+    expect_tcp(
+        &topo.client,
+        "198.51.100.12:7000".parse().unwrap(),
+        CLIENT_V4,
+        7000,
+    );
+    assert!(
+        forwarded_by_server2(&topo, "198.51.100.12") > before,
+        "the remaining route's replies go through its gateway"
+    );
+
+    // Two sharing a table again, then clear: succeeds and removes both.
+    policy_route(&d, "198.51.100.2", "198.51.100.3", "100", false);
+    let (status, out) = d.cli_json_output(&["clear"]);
+    assert_eq!(status.code(), Some(0), "{out}");
+    assert!(!topo.server.ip(&["rule", "show"]).contains("lookup 100"));
+    assert!(topo
+        .server
+        .ip(&["route", "show", "table", "all"])
+        .lines()
+        .all(|l| !l.contains("table 100")));
+    d.assert_clean_log();
+}
+
+#[test]
+fn a_table_the_operator_uses_is_refused_and_their_rules_survive() {
+    if !privileged() {
+        return;
+    }
+    let ns = bare_router();
+    ns.ip(&[
+        "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b",
+    ]);
+    ns.ip(&["addr", "add", "10.9.0.1/24", "dev", "veth-a"]);
+    for dev in ["veth-a", "veth-b"] {
+        ns.ip(&["link", "set", dev, "up"]);
+    }
+    // The operator's table 200 and their own rule for table 100.
+    ns.ip(&[
+        "route",
+        "add",
+        "10.20.0.0/16",
+        "via",
+        "10.9.0.254",
+        "table",
+        "200",
+    ]);
+    ns.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        "10.9.0.253",
+        "table",
+        "200",
+    ]);
+    ns.ip(&["rule", "add", "from", "10.9.0.5", "lookup", "100"]);
+    let operator_rules = ns.ip(&["rule", "show"]);
+    let d = Daemon::start_with_options(&ns, &StateDir::new(), DaemonOptions::isolated());
+
+    let (code, out) = policy_route(&d, "10.9.0.5", "10.9.0.2", "200", false);
+    assert_ne!(code, 0, "{out}");
+    assert_eq!(out["error"]["code"], "invalid_argument", "{out}");
+    let message = out["error"]["message"].as_str().unwrap();
+    for shown in [
+        "10.20.0.0/16 via 10.9.0.254",
+        "default via 10.9.0.253",
+        "table 200",
+    ] {
+        assert!(message.contains(shown), "{shown} not in: {message}");
+    }
+    let table = ns.ip(&["route", "show", "table", "200"]);
+    assert!(
+        table.contains("default via 10.9.0.253"),
+        "untouched: {table}"
+    );
+    assert_eq!(ns.ip(&["rule", "show"]), operator_rules);
+    assert_eq!(d.cli_json(&["ls"])["data"]["rules"], json!([]));
+
+    // natmap's own rule beside the operator's identical one: deleting
+    // natmap's leaves the operator's.
+    let (code, out) = policy_route(&d, "10.9.0.5", "10.9.0.2", "100", false);
+    assert_eq!(code, 0, "{out}");
+    let both = ns.ip(&["rule", "show"]);
+    assert_eq!(
+        both.matches("from 10.9.0.5 lookup 100").count(),
+        2,
+        "{both}"
+    );
+    let (code, out) = policy_route(&d, "10.9.0.5", "10.9.0.2", "100", true);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(ns.ip(&["rule", "show"]), operator_rules);
+    assert!(ns.ip(&["route", "show", "table", "100"]).trim().is_empty());
+    d.assert_clean_log();
+}
+
 // ─────────────────────────── large N ───────────────────────────
 
 fn dnat_doc(ports: std::ops::Range<u32>) -> Value {
@@ -392,4 +587,145 @@ fn status_and_dry_run_apply_do_not_stall_at_a_thousand_rules() {
         "{refused}"
     );
     d.assert_clean_log();
+}
+
+/// Pings the daemon every 10 ms on its own connection and records each
+/// answer's latency, so the longest wait during a window shows how long
+/// the engine was held (every request waits for the one before it).
+struct Pinger {
+    samples: std::sync::Arc<std::sync::Mutex<Vec<(Instant, Duration)>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pinger {
+    fn start(d: &Daemon) -> Pinger {
+        let mut client = d.connect();
+        let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, st) = (samples.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            // Bounded: at most 20 minutes of pings.
+            let deadline = Instant::now() + Duration::from_secs(1200);
+            while !st.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                let at = Instant::now();
+                if client.call(&json!({"cmd":"ping"})).is_err() {
+                    break;
+                }
+                s.lock().unwrap().push((at, at.elapsed()));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        Pinger {
+            samples,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The longest ping answered for a ping sent in `[from, to]`.
+    fn max_between(&self, from: Instant, to: Instant) -> Duration {
+        self.samples
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(at, _)| *at >= from && *at <= to)
+            .map(|(_, took)| *took)
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Pinger {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One request timed, with the longest concurrent ping: `(request, ping)`.
+fn measure(d: &Daemon, pinger: &Pinger, request: Value) -> (Duration, Duration) {
+    let from = Instant::now();
+    let (took, _) = timed(d, request);
+    std::thread::sleep(Duration::from_millis(30));
+    (took, pinger.max_between(from, Instant::now()))
+}
+
+/// Lets the daemon hold 2 × N + slack sockets: N reservations at most
+/// here, plus the files of iptables and the control socket.
+fn raise_fd_limit(n: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let want = (2 * n as u64 + 4096).max(getrlimit(Resource::RLIMIT_NOFILE).unwrap().1);
+    setrlimit(Resource::RLIMIT_NOFILE, want, want).expect("raise RLIMIT_NOFILE (root)");
+}
+
+/// The figures of docs/reliability.md ("One request stalls everyone"),
+/// for a release build:
+///
+/// ```text
+/// cargo test --release --test convergence -- --ignored --nocapture measure_
+/// NATMAP_MEASURE_SIZES=1000,5000 …   # the sizes, 1000,5000,20000 by default
+/// ```
+///
+/// For each N: apply N dnat rules (one port each) to a fresh daemon, then
+/// time `status`, `ls`, `export`, a dry-run `apply` of N other rules, one
+/// add and one delete, and an idle window of drift checks, each with the
+/// longest concurrent `ping` (how long the engine was held).
+#[test]
+#[ignore = "measurement (minutes, large N); run by hand for docs/reliability.md"]
+fn measure_engine_hold_at_large_n() {
+    if !privileged() {
+        return;
+    }
+    let sizes: Vec<usize> = std::env::var("NATMAP_MEASURE_SIZES")
+        .unwrap_or_else(|_| "1000,5000,20000".into())
+        .split(',')
+        .map(|s| s.trim().parse().expect("sizes are numbers"))
+        .collect();
+    for n in sizes {
+        raise_fd_limit(n);
+        let ns = bare_router();
+        let d = Daemon::start_with_options(&ns, &StateDir::new(), DaemonOptions::isolated());
+        let n32 = u32::try_from(n).unwrap();
+        let (bulk, _) = timed(
+            &d,
+            json!({"cmd":"apply","document":dnat_doc(10_000..10_000 + n32)}),
+        );
+        let pinger = Pinger::start(&d);
+        let mut line = format!("[measure] N={n}: bulk apply {:.0} ms", ms(bulk));
+        let requests = [
+            ("status", json!({"cmd":"status"})),
+            ("ls", json!({"cmd":"ls"})),
+            ("export", json!({"cmd":"export"})),
+            (
+                "dry-run apply",
+                json!({"cmd":"apply","dry_run":true,"document":dnat_doc(40_000..40_000 + n32.min(25_000))}),
+            ),
+            (
+                "add",
+                dnat_request("192.0.2.1", "198.51.100.2", "65000", "tcp", false),
+            ),
+            (
+                "delete",
+                dnat_request("192.0.2.1", "198.51.100.2", "65000", "tcp", true),
+            ),
+        ];
+        for (name, request) in requests {
+            let (took, held) = measure(&d, &pinger, request);
+            line += &format!("; {name} {:.0} ms (ping max {:.0} ms)", ms(took), ms(held));
+        }
+        let from = Instant::now();
+        std::thread::sleep(Duration::from_secs(5));
+        let idle = pinger.max_between(from, Instant::now());
+        line += &format!("; idle drift checks: ping max {:.0} ms", ms(idle));
+        drop(pinger);
+        eprintln!("{line}");
+        d.assert_clean_log();
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }

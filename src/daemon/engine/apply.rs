@@ -113,6 +113,16 @@ impl Engine {
         for spec in &added {
             self.check_addresses(spec)?;
         }
+        // Policy routes sharing a table must agree on the gateway, and
+        // tables the operator uses are refused.
+        let mut routes_so_far = super::routes::named_routes(&kept);
+        for spec in &added {
+            if let RuleSpec::PolicyRoute(route) = spec {
+                self.check_policy_route(&routes_so_far, route)?;
+                let who = format!("the document's policy route from {}", route.src_ip);
+                routes_so_far.push((who, *route));
+            }
+        }
         // New ports must not collide with each other or with kept rules'
         // ports. Claims collide only on the same protocol and port, so they
         // are grouped by that.

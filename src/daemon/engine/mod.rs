@@ -28,6 +28,7 @@ mod auto;
 mod batch;
 mod docker;
 mod repair;
+mod routes;
 mod status;
 
 use crate::docker::DockerClient;
@@ -427,10 +428,11 @@ impl Engine {
             let (add, del) = route_changes(&self.routes, &next);
             let report = self.simulated.as_mut().expect("checked above");
             for r in &del {
-                report.effects.extend(host::route_plan(r, false));
+                let keep = routes::table_still_used(&next, r);
+                report.effects.extend(host::route_plan(r, false, keep));
             }
             for r in &add {
-                report.effects.extend(host::route_plan(r, true));
+                report.effects.extend(host::route_plan(r, true, false));
             }
             return Err(Failure::new(ErrorCode::Internal, DRY_RUN_STOP));
         }
@@ -476,7 +478,8 @@ impl Engine {
     fn sync_routes(&mut self, state: &State) -> Result<(), String> {
         let (add, del) = route_changes(&self.routes, state);
         for r in del {
-            host::route_del(&r)?;
+            // A table another policy route still uses keeps its default route.
+            host::route_del(&r, routes::table_still_used(state, &r))?;
             self.routes.remove(&r);
         }
         for r in add {

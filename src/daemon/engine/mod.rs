@@ -139,6 +139,11 @@ pub struct Engine {
     local: LocalAddresses,
     /// Per family: whether drift repairs take (see `repair`).
     convergence: [repair::Convergence; 2],
+    /// Ports Docker publishes itself, as of the last `iptables-save`
+    /// (`status` reads them here instead of running a save of its own).
+    docker_published: Option<std::collections::HashSet<(crate::model::Proto, u16)>>,
+    /// When the last drift check ran and how long it held the engine.
+    last_drift_check: Option<(std::time::Instant, std::time::Duration)>,
 }
 
 /// Every this many ticks, every Docker mapping is checked against Docker
@@ -234,6 +239,8 @@ impl Engine {
             addresses,
             local: addresses.snapshot().unwrap_or_default(),
             convergence: Default::default(),
+            docker_published: None,
+            last_drift_check: None,
         };
         if engine.state.forwarding {
             match host::enable_forwarding(engine.state.forwarding_ipv6) {
@@ -345,6 +352,9 @@ impl Engine {
     /// `iptables-save`.
     fn full_apply(&mut self, family: Family, desired: &Ruleset) -> Result<(), String> {
         let saved = SavedTables::parse(&self.nf.save(family).map_err(|e| e.to_string())?);
+        if family == Family::V4 {
+            self.docker_published = Some(status::docker_published_ports(&saved));
+        }
         let text = restore::full(desired.family(family), &saved);
         self.nf.restore(family, &text).map_err(|e| e.to_string())?;
         self.own_docker_user[family_index(family)] |= restore::creates_docker_user(&saved);

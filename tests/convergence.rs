@@ -171,6 +171,10 @@ fn odd_spellings_through_the_daemon_are_never_repaired() {
     }
     let topo = Topology::new();
     let _echo = TcpEcho::start(&topo.server, v4(SERVER_V4, 8000));
+    // An IPv4-compatible address of the router's (natmap forwards only
+    // addresses the host has).
+    topo.router
+        .ip(&["-6", "addr", "add", "::1.2.3.4/128", "dev", "lo"]);
     let d = Daemon::start_with_options(&topo.router, &StateDir::new(), DaemonOptions::isolated());
     let adds: &[&[&str]] = &[
         &[

@@ -157,6 +157,13 @@ pub fn forget_connections(flows: Flows) {
     }
 }
 
+/// The routing protocol number natmap tags its policy routes and `ip
+/// rule`s with (`proto 157`; unassigned in iproute2's `rt_protos`). The
+/// tag is how natmap tells its own routes and rules from the operator's,
+/// also across a crash: it only ever deletes entries that carry it, and a
+/// table holding routes without it is the operator's.
+pub const RT_PROTO: &str = "157";
+
 /// `ip -4` or `ip -6` for an address family.
 fn ip_family(rule: &PolicyRouteRule) -> &'static str {
     match rule.src_ip.family() {
@@ -182,9 +189,81 @@ fn run_ip(args: &[&str]) -> Result<(), String> {
     }
 }
 
-/// Installs a policy route: exactly one `ip rule from SRC lookup TABLE` (any
-/// copies left by a crash are removed first) and `default via GW` in the table.
+/// The routes of the rule's table in its family, from `ip -j -N route
+/// list table all` (a table that does not exist yet is simply empty).
+fn table_routes(rule: &PolicyRouteRule) -> Result<Vec<serde_json::Value>, String> {
+    let routes = run_json(
+        "ip",
+        &["-j", "-N", ip_family(rule), "route", "list", "table", "all"],
+    )?;
+    let table = rule.table.to_string();
+    Ok(routes
+        .as_array()
+        .map(|all| {
+            all.iter()
+                .filter(|r| r.get("table").and_then(|t| t.as_str()) == Some(table.as_str()))
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+fn field<'a>(entry: &'a serde_json::Value, name: &str) -> &'a str {
+    entry.get(name).and_then(|v| v.as_str()).unwrap_or("")
+}
+
+fn is_natmaps(entry: &serde_json::Value) -> bool {
+    field(entry, "protocol") == RT_PROTO
+}
+
+/// Routes in the rule's table that natmap did not create, as `ip route`
+/// would show them (`10.20.0.0/16 via 192.0.2.254 dev eth0`). natmap
+/// refuses such a table: replacing its default route and emptying it on
+/// delete would break whatever the operator uses it for.
+pub fn foreign_routes(rule: &PolicyRouteRule) -> Result<Vec<String>, String> {
+    Ok(table_routes(rule)?
+        .iter()
+        .filter(|r| !is_natmaps(r))
+        .map(|r| {
+            let mut shown = field(r, "dst").to_owned();
+            for (key, word) in [("gateway", "via"), ("dev", "dev")] {
+                if !field(r, key).is_empty() {
+                    shown += &format!(" {word} {}", field(r, key));
+                }
+            }
+            shown
+        })
+        .collect())
+}
+
+/// natmap's own `ip rule`s from the rule's source to its table.
+fn own_rules(rule: &PolicyRouteRule) -> Result<usize, String> {
+    let (fam, src, table) = (
+        ip_family(rule),
+        rule.src_ip.as_match(),
+        rule.table.to_string(),
+    );
+    let rules = run_json(
+        "ip",
+        &[
+            "-j", "-N", fam, "rule", "list", "from", &src, "lookup", &table,
+        ],
+    )?;
+    Ok(rules
+        .as_array()
+        .map_or(0, |all| all.iter().filter(|r| is_natmaps(r)).count()))
+}
+
+/// Installs a policy route: `default via GW` in the table and exactly one
+/// `ip rule from SRC lookup TABLE`, both tagged [`RT_PROTO`] (copies of
+/// natmap's rule left by a crash are removed first; the operator's rules
+/// are never touched). Refuses a table holding routes natmap did not
+/// create, naming them.
 pub fn route_add(rule: &PolicyRouteRule) -> Result<(), String> {
+    let foreign = foreign_routes(rule)?;
+    if !foreign.is_empty() {
+        return Err(foreign_table_message(rule.table, &foreign));
+    }
     let (fam, src, via, table) = (
         ip_family(rule),
         rule.src_ip.as_match(),
@@ -192,63 +271,82 @@ pub fn route_add(rule: &PolicyRouteRule) -> Result<(), String> {
         rule.table.to_string(),
     );
     run_ip(&[
-        fam, "route", "replace", "default", "via", &via, "table", &table,
+        fam, "route", "replace", "default", "via", &via, "table", &table, "proto", RT_PROTO,
     ])?;
-    // `ip rule del` removes one matching rule per call; bounded.
-    for _ in 0..16 {
-        if run_ip(&[fam, "rule", "del", "from", &src, "lookup", &table]).is_err() {
-            break;
-        }
-    }
-    run_ip(&[fam, "rule", "add", "from", &src, "lookup", &table])
+    del_own_rules(rule)?;
+    run_ip(&[
+        fam, "rule", "add", "from", &src, "lookup", &table, "protocol", RT_PROTO,
+    ])
 }
 
-/// Whether both halves of a policy route are in the kernel.
-pub fn route_present(rule: &PolicyRouteRule) -> bool {
+/// The refusal of a table the operator uses.
+pub fn foreign_table_message(table: u32, foreign: &[String]) -> String {
+    format!(
+        "routing table {table} already holds routes natmap did not create ({}); natmap \
+         would replace its default route and empty it on delete: choose another --table",
+        foreign.join(", ")
+    )
+}
+
+/// Deletes natmap's own `ip rule`s for the route (there is one, unless a
+/// crash left copies); succeeds when none is left, whatever was there.
+fn del_own_rules(rule: &PolicyRouteRule) -> Result<(), String> {
     let (fam, src, table) = (
         ip_family(rule),
         rule.src_ip.as_match(),
         rule.table.to_string(),
     );
-    let output = |args: &[&str]| {
-        Command::new("ip")
-            .args(args)
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
-    };
-    let rule_there = !output(&[fam, "rule", "list", "from", &src, "lookup", &table])
-        .trim()
-        .is_empty();
-    let route_there =
-        output(&[fam, "route", "show", "table", &table, "default"]).contains(&rule.via.to_string());
+    // `ip rule del` removes one matching rule per call; bounded.
+    for _ in 0..16 {
+        if own_rules(rule)? == 0 {
+            return Ok(());
+        }
+        run_ip(&[
+            fam, "rule", "del", "from", &src, "lookup", &table, "protocol", RT_PROTO,
+        ])?;
+    }
+    Err(format!(
+        "ip rule from {src} lookup {table} keeps coming back after 16 deletes"
+    ))
+}
+
+/// Whether both halves of a policy route are in the kernel, as natmap's.
+pub fn route_present(rule: &PolicyRouteRule) -> bool {
+    let rule_there = own_rules(rule).is_ok_and(|n| n > 0);
+    let via = rule.via.to_string();
+    let route_there = table_routes(rule).is_ok_and(|routes| {
+        routes
+            .iter()
+            .any(|r| is_natmaps(r) && field(r, "dst") == "default" && field(r, "gateway") == via)
+    });
     rule_there && route_there
 }
 
-/// Removes a policy route (both the rule and the table's default route).
-pub fn route_del(rule: &PolicyRouteRule) -> Result<(), String> {
-    let (fam, src, via, table) = (
-        ip_family(rule),
-        rule.src_ip.as_match(),
-        rule.via.to_string(),
-        rule.table.to_string(),
-    );
-    let mut result = Ok(());
-    for _ in 0..16 {
-        if run_ip(&[fam, "rule", "del", "from", &src, "lookup", &table]).is_err() {
-            break;
-        }
+/// Removes a policy route: natmap's `ip rule`, and the table's default
+/// route unless `keep_table` (another policy route still uses the table).
+/// Idempotent: what is already gone is not an error, so `clear` always
+/// gets through.
+pub fn route_del(rule: &PolicyRouteRule, keep_table: bool) -> Result<(), String> {
+    del_own_rules(rule)?;
+    if keep_table {
+        return Ok(());
     }
-    if let Err(e) = run_ip(&[fam, "route", "del", "default", "via", &via, "table", &table]) {
-        result = Err(e);
+    let (fam, table) = (ip_family(rule), rule.table.to_string());
+    let own_default = |routes: &[serde_json::Value]| {
+        routes
+            .iter()
+            .any(|r| is_natmaps(r) && field(r, "dst") == "default")
+    };
+    if own_default(&table_routes(rule)?) {
+        run_ip(&[
+            fam, "route", "del", "default", "table", &table, "proto", RT_PROTO,
+        ])?;
     }
-    result
+    Ok(())
 }
 
-/// The commands [`route_add`] runs, for `--dry-run`.
-pub fn route_plan(rule: &PolicyRouteRule, add: bool) -> Vec<String> {
+/// The commands [`route_add`] or [`route_del`] run, for `--dry-run`.
+pub fn route_plan(rule: &PolicyRouteRule, add: bool, keep_table: bool) -> Vec<String> {
     let (fam, src, via, table) = (
         ip_family(rule),
         rule.src_ip.as_match(),
@@ -257,13 +355,18 @@ pub fn route_plan(rule: &PolicyRouteRule, add: bool) -> Vec<String> {
     );
     if add {
         vec![
-            format!("ip {fam} route replace default via {via} table {table}"),
-            format!("ip {fam} rule add from {src} lookup {table}"),
+            format!("ip {fam} route replace default via {via} table {table} proto {RT_PROTO}"),
+            format!("ip {fam} rule add from {src} lookup {table} protocol {RT_PROTO}"),
         ]
     } else {
-        vec![
-            format!("ip {fam} rule del from {src} lookup {table}"),
-            format!("ip {fam} route del default via {via} table {table}"),
-        ]
+        let mut plan = vec![format!(
+            "ip {fam} rule del from {src} lookup {table} protocol {RT_PROTO}"
+        )];
+        if !keep_table {
+            plan.push(format!(
+                "ip {fam} route del default table {table} proto {RT_PROTO}"
+            ));
+        }
+        plan
     }
 }

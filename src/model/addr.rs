@@ -1,7 +1,7 @@
 //! Address families, host addresses and networks.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::str::FromStr;
 
 use ipnet::IpNet;
@@ -94,7 +94,7 @@ impl HostIp {
 
     /// iptables' spelling of the address as a match: `192.0.2.1/32`.
     pub fn as_match(&self) -> String {
-        format!("{}/{}", self.0, self.family().host_prefix())
+        format!("{self}/{}", self.family().host_prefix())
     }
 }
 
@@ -113,15 +113,48 @@ impl TryFrom<String> for HostIp {
 }
 
 impl From<HostIp> for String {
+    /// Stored the way iptables prints it (see [`CanonicalIp`]).
     fn from(h: HostIp) -> String {
-        h.0.to_string()
+        h.to_string()
     }
 }
 
 impl fmt::Display for HostIp {
+    /// The spelling `iptables -S` prints back (see [`CanonicalIp`]).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
+        CanonicalIp(self.0).fmt(f)
     }
+}
+
+/// An address spelled exactly as iptables prints it: glibc's `inet_ntop`.
+///
+/// Rust and glibc agree on every address but one group: glibc writes an
+/// IPv6 address whose first 96 bits are zero and whose last 32 are not
+/// `0.0.0.x` in dotted form (`::1.2.3.4`), where Rust writes `::102:304`.
+/// Rules are compared line by line with what `iptables -S` prints, so a
+/// different spelling would look like drift forever; natmap therefore uses
+/// glibc's spelling everywhere it shows or stores an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CanonicalIp(pub IpAddr);
+
+impl fmt::Display for CanonicalIp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            IpAddr::V6(v6) if ipv4_compatible(&v6) => {
+                let [.., a, b, c, d] = v6.octets();
+                write!(f, "::{a}.{b}.{c}.{d}")
+            }
+            ip => ip.fmt(f),
+        }
+    }
+}
+
+/// glibc's test for the dotted form: the longest run of zero groups starts
+/// at the front and is exactly six groups long (`::a.b.c.d` with `a.b` not
+/// zero). The `::ffff:a.b.c.d` form Rust already writes the same way.
+fn ipv4_compatible(v6: &Ipv6Addr) -> bool {
+    let s = v6.segments();
+    s[..6].iter().all(|g| *g == 0) && s[6] != 0
 }
 
 /// A source network: an address (taken as /32 or /128) or a CIDR, stored with
@@ -187,10 +220,28 @@ impl From<Network> for String {
     }
 }
 
+impl Network {
+    /// Whether the network is every address of its family (`0.0.0.0/0`,
+    /// `::/0`). iptables prints no `-s` match at all for it.
+    pub fn is_everything(&self) -> bool {
+        self.0.prefix_len() == 0
+    }
+
+    /// The `-s`/`-d` match for the network as iptables prints it back,
+    /// with a trailing space, or nothing for the whole address space.
+    pub fn as_match(&self, flag: &str) -> String {
+        if self.is_everything() {
+            String::new()
+        } else {
+            format!("{flag} {self} ")
+        }
+    }
+}
+
 impl fmt::Display for Network {
     /// Always `addr/prefix`, as `iptables -S` prints a source match.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.0.addr(), self.0.prefix_len())
+        write!(f, "{}/{}", CanonicalIp(self.0.addr()), self.0.prefix_len())
     }
 }
 
@@ -230,5 +281,33 @@ mod tests {
             "10.0.0.7/32"
         );
         assert!(Network::parse_field("int-ip", "10.0.0.0/33").is_err());
+    }
+
+    #[test]
+    fn ipv6_is_spelled_like_glibc() {
+        let cases = [
+            ("::1.2.3.4", "::1.2.3.4"),
+            ("::102:304", "::1.2.3.4"),
+            ("::1:2", "::0.1.0.2"),
+            ("::2", "::2"),
+            ("::ffff:1.2.3.4", "::ffff:1.2.3.4"),
+            ("64:ff9b::1.2.3.4", "64:ff9b::102:304"),
+            ("2001:DB8:0:0:1::2", "2001:db8::1:0:0:2"),
+            ("2001:db8:0:1:1:1:1:1", "2001:db8:0:1:1:1:1:1"),
+        ];
+        for (input, printed) in cases {
+            let ip: IpAddr = input.parse().unwrap();
+            assert_eq!(CanonicalIp(ip).to_string(), printed, "{input}");
+        }
+        let net = Network::parse_field("int-ip", "::1.2.3.4/126").unwrap();
+        assert_eq!(net.to_string(), "::1.2.3.4/126");
+        assert_eq!(net, Network::parse_field("x", &net.to_string()).unwrap());
+        assert!(Network::parse_field("x", "::/0").unwrap().is_everything());
+        assert_eq!(
+            Network::parse_field("x", "0.0.0.0/0")
+                .unwrap()
+                .as_match("-s"),
+            ""
+        );
     }
 }

@@ -25,6 +25,23 @@ impl IfName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Whether this is the bare wildcard `+`, which matches every
+    /// interface: iptables stores it as no interface match at all (and
+    /// `iptables -S` prints none), so natmap renders none either.
+    pub fn is_any(&self) -> bool {
+        self.0 == "+"
+    }
+
+    /// The `-i`/`-o` match as iptables prints it back, with a trailing
+    /// space; nothing for the wildcard `+`.
+    pub fn as_match(&self, flag: &str) -> String {
+        if self.is_any() {
+            String::new()
+        } else {
+            format!("{flag} {} ", self.0)
+        }
+    }
 }
 
 impl FromStr for IfName {

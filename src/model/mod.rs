@@ -8,7 +8,7 @@ mod ports;
 mod proto;
 mod rule;
 
-pub use addr::{Family, HostIp, Network};
+pub use addr::{CanonicalIp, Family, HostIp, Network};
 pub use docker::{AutoSource, ContainerRef, DockerRule, Endpoint, PortSpec};
 pub use ifname::{IfName, IFNAME_MAX};
 pub use ports::{parse_port, PortDirection, PortList, PortRange, MAX_PORTS_PER_RULE};

@@ -35,9 +35,12 @@ fn render_rule(rule: &Rule, set: &mut Ruleset) {
     match &rule.spec {
         RuleSpec::Dnat(r) => {
             let out = set.family_mut(r.ext_ip.family());
+            // `--ext-if +` is every interface, the same as none (iptables
+            // keeps no match for it).
+            let ext_if = r.ext_if.as_ref().filter(|i| !i.is_any());
             let ext = dnat_lines(
                 &r.ext_ip,
-                r.ext_if.as_ref(),
+                ext_if,
                 &r.int_ip,
                 &r.ports,
                 r.proto,
@@ -45,7 +48,7 @@ fn render_rule(rule: &Rule, set: &mut Ruleset) {
             );
             // Traffic the host itself sends to the external address has no
             // ingress interface, so an interface-bound forward does not cover it.
-            if r.ext_if.is_none() {
+            if ext_if.is_none() {
                 for line in &ext {
                     out.push(Chain::NatOutput, line.clone());
                 }
@@ -71,8 +74,10 @@ fn render_rule(rule: &Rule, set: &mut Ruleset) {
             set.family_mut(r.ext_ip.family()).push(
                 Chain::NatPostrouting,
                 format!(
-                    "-s {} -o {} {tag} -j SNAT --to-source {}",
-                    r.source, r.ext_if, r.ext_ip
+                    "{}{}{tag} -j SNAT --to-source {}",
+                    r.source.as_match("-s"),
+                    r.ext_if.as_match("-o"),
+                    r.ext_ip
                 ),
             );
         }
@@ -111,7 +116,9 @@ fn dnat_lines(
     proto: Proto,
     tag: &str,
 ) -> Vec<String> {
-    let iface = ext_if.map(|i| format!(" -i {i}")).unwrap_or_default();
+    let iface = ext_if
+        .map(|i| format!(" {}", i.as_match("-i").trim_end()))
+        .unwrap_or_default();
     ports
         .match_args(proto.as_str(), PortDirection::Destination)
         .into_iter()
@@ -161,7 +168,8 @@ fn masquerade_lines(
         .into_iter()
         .map(|ports| {
             format!(
-                "-s {net} -d {} -p {proto} {ports} -m conntrack --ctstate DNAT {tag} -j MASQUERADE",
+                "{}-d {} -p {proto} {ports} -m conntrack --ctstate DNAT {tag} -j MASQUERADE",
+                net.as_match("-s"),
                 target.as_match()
             )
         })
@@ -175,8 +183,8 @@ fn masquerade_lines(
 fn render_docker(r: &DockerRule, target: &Endpoint, tag: &str, out: &mut FamilyRules) {
     let p = r.proto.as_str();
     let to = match target.ip.ip() {
-        IpAddr::V4(a) => format!("{a}:{}", r.container_port),
-        IpAddr::V6(a) => format!("[{a}]:{}", r.container_port),
+        IpAddr::V4(_) => format!("{}:{}", target.ip, r.container_port),
+        IpAddr::V6(_) => format!("[{}]:{}", target.ip, r.container_port),
     };
     let dport = format!("-p {p} -m {p} --dport {}", r.host_port);
     let (inbound, local) = match &r.host_ip {

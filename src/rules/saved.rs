@@ -139,6 +139,56 @@ impl SavedTables {
     }
 }
 
+impl SavedTables {
+    /// What the kernel holds of natmap's chains and of the chains that hook
+    /// them, without counters: two dumps with equal fingerprints show the
+    /// same natmap rules and hooks. Used to tell "nobody changed anything
+    /// since natmap's last repair" from a new outside change.
+    pub fn fingerprint(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut chains: Vec<(&str, &str)> = Vec::new();
+        for chain in Chain::ALL {
+            chains.push((chain.table(), chain.name()));
+            chains.push((chain.table(), chain.hook()));
+        }
+        chains.push(("filter", "FORWARD"));
+        chains.sort_unstable();
+        chains.dedup();
+        for (table, name) in chains {
+            let present = self.has_chain(table, name);
+            out.push(format!("{table} {name} present={present}"));
+            out.extend(self.chain_rules(table, name).iter().cloned());
+        }
+        out
+    }
+
+    /// The first line where natmap's chains in the kernel differ from
+    /// `expected`, for a message an operator can act on: `nat chain
+    /// NATMAP-POSTROUTING line 1: natmap wrote "…", iptables prints "…"`.
+    pub fn first_difference(&self, expected: &FamilyRules) -> Option<String> {
+        for chain in Chain::ALL {
+            let (table, name) = (chain.table(), chain.name());
+            let found = self.chain_rules(table, name);
+            let wanted = expected.chain(chain);
+            let n = found.len().max(wanted.len());
+            for i in 0..n {
+                let (w, f) = (wanted.get(i), found.get(i));
+                if w != f {
+                    let show =
+                        |l: Option<&String>| l.map_or("nothing".to_owned(), |l| format!("\"{l}\""));
+                    return Some(format!(
+                        "{table} chain {name} line {}: natmap wrote {}, iptables prints {}",
+                        i + 1,
+                        show(w),
+                        show(f)
+                    ));
+                }
+            }
+        }
+        None
+    }
+}
+
 /// Where a hook's jump stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JumpState {

@@ -7,13 +7,17 @@
 //! (at boot before the network is up, or later) is withdrawn and shown
 //! `waiting for address`, and comes back when the address does.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
-use crate::model::{Rule, RuleId, RuleSpec};
+use crate::model::{PortClaim, Proto, Rule, RuleId, RuleSpec};
 use crate::proto::{ErrorCode, RuleStatus};
 
 use super::super::reserve;
 use super::{Engine, Failure, Inactive, Outcome};
+
+/// Reserved ports by protocol and port ([`Engine::held_by_port`]).
+pub(super) type HeldByPort = HashMap<(Proto, u16), Vec<(RuleId, PortClaim)>>;
 
 impl Engine {
     /// Reads the host's addresses again (every request and tick).
@@ -27,6 +31,25 @@ impl Engine {
     /// `--allow-nonlocal`), or whose target is one of natmap's own reserved
     /// ports (the relay would forward to itself).
     pub(super) fn check_addresses(&self, spec: &RuleSpec) -> Outcome<()> {
+        self.check_addresses_in(spec, &self.held_by_port())
+    }
+
+    /// natmap's reserved ports by protocol and port, in rule order, so
+    /// checking many rules (an `apply` document) looks up each target's
+    /// port instead of scanning every reservation per rule.
+    pub(super) fn held_by_port(&self) -> HeldByPort {
+        let mut index = HeldByPort::new();
+        for (id, held) in &self.held {
+            for r in held {
+                let key = (r.claim.proto, r.claim.bind.port());
+                index.entry(key).or_default().push((*id, r.claim));
+            }
+        }
+        index
+    }
+
+    /// [`Engine::check_addresses`] against a prepared [`Engine::held_by_port`].
+    pub(super) fn check_addresses_in(&self, spec: &RuleSpec, held: &HeldByPort) -> Outcome<()> {
         if let Some((ip, false)) = spec.ingress_address() {
             if !self.local.contains(ip) {
                 return Err(Failure::new(
@@ -43,10 +66,13 @@ impl Engine {
             if target.ip().is_unspecified() {
                 continue; // no target of this family
             }
-            let own = self
-                .held
+            let same_port = held
+                .get(&(claim.proto, target.port()))
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            let own = same_port
                 .iter()
-                .flat_map(|(id, held)| held.iter().map(move |r| (Some(*id), r.claim)))
+                .map(|(id, c)| (Some(*id), *c))
                 .chain(claims.iter().map(|c| (None, *c)));
             for (id, reserved) in own {
                 if reserved.proto == claim.proto && self.reaches(target, reserved.bind) {

@@ -54,6 +54,7 @@ impl Engine {
         // uses identity keys in hash maps: documents hold thousands of rules.
         let mut wanted: Vec<RuleSpec> = Vec::with_capacity(doc.rules.len());
         let mut wanted_at: HashMap<String, usize> = HashMap::with_capacity(doc.rules.len());
+        let mut seen: HashMap<String, usize> = HashMap::with_capacity(doc.rules.len());
         for (i, spec) in doc.rules.into_iter().enumerate() {
             spec.check_consistent()
                 .map_err(|m| invalid(format!("rules[{i}]: {m}")))?;
@@ -68,7 +69,11 @@ impl Engine {
                     format!("rules[{i}]: IPv6 NAT is not available in this kernel"),
                 ));
             }
-            if let Some(j) = wanted.iter().position(|w| w.same_rule(&spec)) {
+            // Identity keys agree with `same_rule`, so one hash lookup
+            // replaces comparing with every earlier rule (a 54,000-rule
+            // document took 16 s).
+            let key = spec.identity_key();
+            if let Some(j) = seen.get(&key) {
                 return Err(invalid(format!(
                     "rules[{i}] is the same rule as rules[{j}]"
                 )));
@@ -80,6 +85,7 @@ impl Engine {
                 ),
                 other => other,
             };
+            seen.insert(key, i);
             wanted_at.insert(spec.identity_key(), i);
             wanted.push(spec);
         }
@@ -104,8 +110,19 @@ impl Engine {
             .into_iter()
             .filter(|w| !kept_keys.contains(&w.identity_key()))
             .collect();
+        let held = self.held_by_port();
         for spec in &added {
-            self.check_addresses(spec)?;
+            self.check_addresses_in(spec, &held)?;
+        }
+        // Policy routes sharing a table must agree on the gateway, and
+        // tables the operator uses are refused.
+        let mut routes_so_far = super::routes::named_routes(&kept);
+        for spec in &added {
+            if let RuleSpec::PolicyRoute(route) = spec {
+                self.check_policy_route(&routes_so_far, route)?;
+                let who = format!("the document's policy route from {}", route.src_ip);
+                routes_so_far.push((who, *route));
+            }
         }
         // New ports must not collide with each other or with kept rules'
         // ports. Claims collide only on the same protocol and port, so they

@@ -171,6 +171,9 @@ impl Engine {
             }))));
         }
         self.check_addresses(&spec)?;
+        if let RuleSpec::PolicyRoute(route) = &spec {
+            self.check_policy_route(&super::routes::named_routes(&next.rules), route)?;
+        }
         let claims = spec.port_claims();
         self.check_own_claims(&claims)?;
         for p in pending {

@@ -28,6 +28,7 @@ mod auto;
 mod batch;
 mod docker;
 mod repair;
+mod routes;
 mod status;
 
 use crate::docker::DockerClient;
@@ -136,6 +137,13 @@ pub struct Engine {
     addresses: AddressSource,
     /// The host's addresses, as last read (every request and tick).
     local: LocalAddresses,
+    /// Per family: whether drift repairs take (see `repair`).
+    convergence: [repair::Convergence; 2],
+    /// Ports Docker publishes itself, as of the last `iptables-save`
+    /// (`status` reads them here instead of running a save of its own).
+    docker_published: Option<std::collections::HashSet<(crate::model::Proto, u16)>>,
+    /// When the last drift check ran and how long it held the engine.
+    last_drift_check: Option<(std::time::Instant, std::time::Duration)>,
 }
 
 /// Every this many ticks, every Docker mapping is checked against Docker
@@ -230,6 +238,9 @@ impl Engine {
             state_warning: corrupt,
             addresses,
             local: addresses.snapshot().unwrap_or_default(),
+            convergence: Default::default(),
+            docker_published: None,
+            last_drift_check: None,
         };
         if engine.state.forwarding {
             match host::enable_forwarding(engine.state.forwarding_ipv6) {
@@ -341,6 +352,9 @@ impl Engine {
     /// `iptables-save`.
     fn full_apply(&mut self, family: Family, desired: &Ruleset) -> Result<(), String> {
         let saved = SavedTables::parse(&self.nf.save(family).map_err(|e| e.to_string())?);
+        if family == Family::V4 {
+            self.docker_published = Some(status::docker_published_ports(&saved));
+        }
         let text = restore::full(desired.family(family), &saved);
         self.nf.restore(family, &text).map_err(|e| e.to_string())?;
         self.own_docker_user[family_index(family)] |= restore::creates_docker_user(&saved);
@@ -424,10 +438,11 @@ impl Engine {
             let (add, del) = route_changes(&self.routes, &next);
             let report = self.simulated.as_mut().expect("checked above");
             for r in &del {
-                report.effects.extend(host::route_plan(r, false));
+                let keep = routes::table_still_used(&next, r);
+                report.effects.extend(host::route_plan(r, false, keep));
             }
             for r in &add {
-                report.effects.extend(host::route_plan(r, true));
+                report.effects.extend(host::route_plan(r, true, false));
             }
             return Err(Failure::new(ErrorCode::Internal, DRY_RUN_STOP));
         }
@@ -473,7 +488,8 @@ impl Engine {
     fn sync_routes(&mut self, state: &State) -> Result<(), String> {
         let (add, del) = route_changes(&self.routes, state);
         for r in del {
-            host::route_del(&r)?;
+            // A table another policy route still uses keeps its default route.
+            host::route_del(&r, routes::table_still_used(state, &r))?;
             self.routes.remove(&r);
         }
         for r in add {

@@ -225,6 +225,10 @@ pub struct SnatRequest {
     pub ext_if: IfName,
     /// New source address.
     pub ext_ip: HostIp,
+    /// Also accept the traffic (and its replies) in natmap's filter chain,
+    /// for hosts whose `FORWARD` policy is `DROP`.
+    #[serde(default)]
+    pub forward: bool,
     /// Delete instead of add.
     #[serde(default)]
     pub delete: bool,
@@ -595,6 +599,9 @@ pub enum ErrorCode {
     DaemonUnreachable,
     /// The daemon answered something the client could not read (client-side only).
     BadResponse,
+    /// The rule contradicts an existing rule (named in the message), e.g. a
+    /// second `snat` of the same source out of the same interface.
+    RuleConflict,
     /// A bug: the daemon could not handle the request.
     Internal,
     /// `install` or `uninstall` failed (client-side only).
@@ -623,6 +630,7 @@ impl ErrorCode {
             ErrorCode::AddressNotLocal => "address_not_local",
             ErrorCode::DaemonUnreachable => "daemon_unreachable",
             ErrorCode::BadResponse => "bad_response",
+            ErrorCode::RuleConflict => "rule_conflict",
             ErrorCode::Internal => "internal",
             ErrorCode::InstallFailed => "install_failed",
             ErrorCode::DaemonFailed => "daemon_failed",
@@ -693,6 +701,9 @@ pub enum RuleStatus {
     /// of a request or of the file (a duplicate id, rule or port); the
     /// detail says which. Kept in the file as it is for the operator to fix.
     Quarantined,
+    /// Installed, but the interface it names does not exist (yet): it
+    /// starts matching when the interface appears.
+    WaitingForInterface,
 }
 
 /// What a change did.
@@ -707,6 +718,9 @@ pub enum ChangeKind {
     Deleted,
     /// The mapping moved to another host port.
     Remapped,
+    /// A `dnat` rule became a `hairpin` of the same ports and target: same
+    /// id, same reservations, now masquerading internal clients too.
+    Upgraded,
 }
 
 /// Result of an add or delete.
@@ -716,6 +730,10 @@ pub struct ChangeResult {
     pub result: ChangeKind,
     /// The rule concerned.
     pub rule: RuleView,
+    /// What the operator should know about the change (e.g. traffic that
+    /// will be dropped); empty when there is nothing to say.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// Result of `ls`.

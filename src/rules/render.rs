@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use crate::model::{
     DockerRule, Endpoint, Family, HostIp, IfName, Network, PortDirection, PortList, Proto, Rule,
-    RuleSpec,
+    RuleSpec, SnatRule,
 };
 
 use super::{Chain, FamilyRules, Ruleset};
@@ -67,15 +67,7 @@ fn render_rule(rule: &Rule, set: &mut Ruleset) {
             }
             push_accepts(out, &r.int_ip, &r.ports, r.proto, &tag);
         }
-        RuleSpec::Snat(r) => {
-            set.family_mut(r.ext_ip.family()).push(
-                Chain::NatPostrouting,
-                format!(
-                    "-s {} -o {} {tag} -j SNAT --to-source {}",
-                    r.source, r.ext_if, r.ext_ip
-                ),
-            );
-        }
+        RuleSpec::Snat(r) => render_snat(r, &tag, set.family_mut(r.ext_ip.family())),
         // Routing, not netfilter: applied by the engine's route sync.
         RuleSpec::PolicyRoute(_) => {}
         RuleSpec::Docker(r) => {
@@ -99,6 +91,33 @@ fn local_guard(allow_nonlocal: bool, tag: &str) -> String {
         format!("-m addrtype --dst-type LOCAL {tag}")
     } else {
         tag.to_owned()
+    }
+}
+
+/// The SNAT line and, with `--forward`, the FORWARD accepts: the source's
+/// traffic out of the interface, and only replies (conntrack
+/// RELATED,ESTABLISHED) back in, so the rule opens nothing towards the
+/// source that it did not start.
+fn render_snat(r: &SnatRule, tag: &str, out: &mut FamilyRules) {
+    let (source, iface) = (&r.source, &r.ext_if);
+    out.push(
+        Chain::NatPostrouting,
+        format!(
+            "-s {source} -o {iface} {tag} -j SNAT --to-source {}",
+            r.ext_ip
+        ),
+    );
+    if r.forward {
+        out.push(
+            Chain::FilterForward,
+            format!("-s {source} -o {iface} {tag} -j ACCEPT"),
+        );
+        out.push(
+            Chain::FilterForward,
+            format!(
+                "-d {source} -i {iface} -m conntrack --ctstate RELATED,ESTABLISHED {tag} -j ACCEPT"
+            ),
+        );
     }
 }
 

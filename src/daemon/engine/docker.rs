@@ -506,6 +506,7 @@ impl Engine {
             return Ok(Response::ok(ChangeResult {
                 result: ChangeKind::AlreadyPresent,
                 rule: self.view(&rule),
+                notes: Vec::new(),
             }));
         }
         let mut moved = old.clone();
@@ -543,6 +544,7 @@ impl Engine {
         Ok(Response::ok(ChangeResult {
             result: ChangeKind::Remapped,
             rule: self.view(&updated),
+            notes: Vec::new(),
         }))
     }
 }

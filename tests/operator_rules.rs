@@ -289,6 +289,15 @@ fn a_second_snat_of_the_same_traffic_is_a_conflict() {
         message.contains("snat rule #1") && message.contains("192.0.2.9"),
         "{message}"
     );
+    // The same pair in an `apply` document is refused as well.
+    let snat_doc = |ext_ip: &str| {
+        serde_json::json!({"kind": "snat", "source": "198.51.100.2/32", "ext_if": ext,
+                           "ext_ip": ext_ip, "forward": true})
+    };
+    let applied = d.call(serde_json::json!({"cmd": "apply", "document": {
+        "schema_version": 1, "rules": [snat_doc("192.0.2.1"), snat_doc("192.0.2.9")]}}));
+    assert_eq!(applied["error"]["code"], "rule_conflict", "{applied}");
+    assert!(error_message(&applied).contains("rules[1]"), "{applied}");
     let ls = d.cli_json(&["ls"]);
     assert_eq!(ls["data"]["rules"].as_array().unwrap().len(), 1, "{ls}");
     assert_eq!(natmap_rules(&topo.router, false), before);

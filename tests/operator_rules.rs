@@ -32,11 +32,21 @@ fn mail(d: &Daemon, kind: &str, int_ip: &str, ports: &str, extra: &[&str]) -> se
     d.cli_json(&args)
 }
 
+/// The error message of a JSON answer, checked to read as one sentence
+/// (no runs of spaces from a broken string continuation).
+#[track_caller]
 fn error_message(v: &serde_json::Value) -> String {
-    v["error"]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(!message.contains("  "), "{message:?}");
+    message.to_owned()
+}
+
+/// The first note of a change answer, checked like [`error_message`].
+#[track_caller]
+fn first_note(v: &serde_json::Value) -> String {
+    let note = v["data"]["notes"][0].as_str().unwrap_or_default();
+    assert!(!note.contains("  "), "{note:?}");
+    note.to_owned()
 }
 
 /// `dnat` the mail ports, then `hairpin` the same ports to the same host:
@@ -94,9 +104,7 @@ fn mail_script_dnat_then_hairpin_upgrades_the_rule_in_place() {
     // Running the script again: both steps are already done.
     let again = mail(&d, "dnat", "198.51.100.2", MAIL_PORTS, &[]);
     assert_eq!(again["data"]["result"], "already_present", "{again}");
-    assert!(again["data"]["notes"][0]
-        .as_str()
-        .is_some_and(|n| n.contains("hairpin rule #1")));
+    assert!(first_note(&again).contains("hairpin rule #1"), "{again}");
     let again = mail(&d, "hairpin", "198.51.100.2", MAIL_PORTS, &[]);
     assert_eq!(again["data"]["result"], "already_present", "{again}");
     assert_eq!(natmap_rules(&topo.router, false), installed);
@@ -215,6 +223,7 @@ fn snat_forward_passes_what_a_drop_policy_stops() {
         stderr.contains("note: the FORWARD policy is DROP") && stderr.contains("--forward"),
         "{stderr}"
     );
+    assert!(!stderr.contains("  "), "{stderr}");
     expect_no_tcp(&topo.server, v4(CLIENT_V4, 7000));
     let problems = status_problems(&d);
     assert!(

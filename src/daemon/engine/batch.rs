@@ -223,7 +223,8 @@ impl Engine {
                 .find(|r| matches!(&r.spec, RuleSpec::Hairpin(h) if h.includes(d)))
                 .map(|r| {
                     let note = format!(
-                        "hairpin rule #{} already forwards these ports to {} (a hairpin includes                          the dnat); nothing was added",
+                        "hairpin rule #{} already forwards these ports to {} (a hairpin includes \
+                         the dnat); nothing was added",
                         r.id, d.int_ip
                     );
                     self.already_present(r, vec![note])
@@ -249,7 +250,8 @@ impl Engine {
 /// Why the traffic of a `snat` without `--forward` goes nowhere here.
 pub(super) fn snat_dropped_note(s: &SnatRule) -> String {
     format!(
-        "the FORWARD policy is DROP: traffic from {} out of {} is dropped unless another          firewall rule accepts it; add --forward to let natmap accept it and its replies",
+        "the FORWARD policy is DROP: traffic from {} out of {} is dropped unless another \
+         firewall rule accepts it; add --forward to let natmap accept it and its replies",
         s.source, s.ext_if
     )
 }
@@ -282,7 +284,8 @@ fn upgrade_dnat(next: &mut State, h: &HairpinRule) -> Outcome<Option<Planned>> {
         return Err(Failure::new(
             ErrorCode::PortInUse,
             format!(
-                "dnat rule #{id} forwards ports {} of {} to {}; a hairpin upgrades it only                  for exactly its ports (--ports {}); otherwise delete rule #{id} first",
+                "dnat rule #{id} forwards ports {} of {} to {}; a hairpin upgrades it only \
+                 for exactly its ports (--ports {}); otherwise delete rule #{id} first",
                 d.ports, d.ext_ip, d.int_ip, d.ports
             ),
         ));
@@ -291,7 +294,9 @@ fn upgrade_dnat(next: &mut State, h: &HairpinRule) -> Outcome<Option<Planned>> {
         return Err(Failure::new(
             ErrorCode::PortInUse,
             format!(
-                "dnat rule #{id} forwards these ports only from interface {iface}; a hairpin                  forwards them from every interface, so it does not upgrade that rule:                  delete rule #{id} first"
+                "dnat rule #{id} forwards these ports only from interface {iface}; a hairpin \
+                 forwards them from every interface, so it does not upgrade that rule: \
+                 delete rule #{id} first"
             ),
         ));
     }
@@ -316,12 +321,14 @@ fn snat_conflict(next: &State, s: &SnatRule) -> Outcome<()> {
     };
     let message = if first.ext_ip != s.ext_ip {
         format!(
-            "snat rule #{id} already rewrites traffic from {} out of {} to {}; a second snat of              the same traffic to {} could never match. Delete rule #{id} first to change the address",
+            "snat rule #{id} already rewrites traffic from {} out of {} to {}; a second snat of \
+             the same traffic to {} could never match. Delete rule #{id} first to change the address",
             s.source, s.ext_if, first.ext_ip, s.ext_ip
         )
     } else {
         format!(
-            "snat rule #{id} already rewrites traffic from {} out of {} to {} {} --forward;              delete rule #{id} first to change --forward",
+            "snat rule #{id} already rewrites traffic from {} out of {} to {} {} --forward; \
+             delete rule #{id} first to change --forward",
             s.source,
             s.ext_if,
             s.ext_ip,
@@ -348,7 +355,8 @@ fn plan_delete(next: &mut State, spec: &RuleSpec) -> Planned {
     });
     let message = match hairpin {
         Some(id) => format!(
-            "no such dnat rule: hairpin rule #{id} forwards these ports (a hairpin includes the              dnat; a dnat upgraded to hairpin is deleted with `lab-ops natmap hairpin --delete`)"
+            "no such dnat rule: hairpin rule #{id} forwards these ports (a hairpin includes the \
+             dnat; a dnat upgraded to hairpin is deleted with `lab-ops natmap hairpin --delete`)"
         ),
         None => format!(
             "no such {} rule; `lab-ops natmap ls` lists the rules natmap has",

@@ -120,44 +120,43 @@ impl Engine {
                     .collect();
             }
         }
-        plans
-            .into_iter()
-            .map(|p| match p {
-                Planned::Done(r) => r,
-                Planned::Added { rule, held } => {
-                    self.held.insert(rule.id, held);
-                    if let Err(f) = self.start_listening(rule.id) {
-                        self.remove_rule_after_failure(rule.id);
-                        return Err(f);
-                    }
-                    tracing::info!(rule = rule.id, kind = rule.spec.kind(), "rule added");
-                    Ok(Response::ok(ChangeResult {
-                        result: ChangeKind::Added,
-                        rule: self.view(&rule),
-                        notes: self.change_notes(&rule.spec),
-                    }))
+        plans.into_iter().map(|p| self.finish(p)).collect()
+    }
+
+    /// The last steps of one committed change (listen on an added rule's
+    /// ports, release a deleted one's) and its answer.
+    fn finish(&mut self, planned: Planned) -> Outcome<Response> {
+        let answer = |result, rule, notes| {
+            Ok(Response::ok(ChangeResult {
+                result,
+                rule,
+                notes,
+            }))
+        };
+        match planned {
+            Planned::Done(r) => r,
+            Planned::Added { rule, held } => {
+                self.held.insert(rule.id, held);
+                if let Err(f) = self.start_listening(rule.id) {
+                    self.remove_rule_after_failure(rule.id);
+                    return Err(f);
                 }
-                Planned::Upgraded(rule) => {
-                    tracing::info!(rule = rule.id, "dnat rule upgraded to hairpin");
-                    Ok(Response::ok(ChangeResult {
-                        result: ChangeKind::Upgraded,
-                        rule: self.view(&rule),
-                        notes: Vec::new(),
-                    }))
-                }
-                Planned::Deleted(rule) => {
-                    let view = self.view(&rule);
-                    self.release(rule.id);
-                    forget_flows(&rule.spec);
-                    tracing::info!(rule = rule.id, kind = rule.spec.kind(), "rule deleted");
-                    Ok(Response::ok(ChangeResult {
-                        result: ChangeKind::Deleted,
-                        rule: view,
-                        notes: Vec::new(),
-                    }))
-                }
-            })
-            .collect()
+                tracing::info!(rule = rule.id, kind = rule.spec.kind(), "rule added");
+                let notes = self.change_notes(&rule.spec);
+                answer(ChangeKind::Added, self.view(&rule), notes)
+            }
+            Planned::Upgraded(rule) => {
+                tracing::info!(rule = rule.id, "dnat rule upgraded to hairpin");
+                answer(ChangeKind::Upgraded, self.view(&rule), Vec::new())
+            }
+            Planned::Deleted(rule) => {
+                let view = self.view(&rule);
+                self.release(rule.id);
+                forget_flows(&rule.spec);
+                tracing::info!(rule = rule.id, kind = rule.spec.kind(), "rule deleted");
+                answer(ChangeKind::Deleted, view, Vec::new())
+            }
+        }
     }
 
     fn plan_add(&self, next: &mut State, pending: &[Planned], spec: RuleSpec) -> Outcome<Planned> {

@@ -433,3 +433,36 @@ fn docker_add_of_a_loopback_target_is_refused_naming_the_target() {
     assert!(!port_is_held(&ns, "tcp", v4(Ipv4Addr::UNSPECIFIED, 8080)));
     d.assert_clean_log();
 }
+
+/// A `dnat --allow-nonlocal` (a VIP) keeps its guard when a hairpin without
+/// the flag upgrades it: the rule still matches only while the address is
+/// this host's.
+#[test]
+fn an_upgraded_vip_dnat_keeps_its_guard() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::new();
+    let _web = TcpEcho::start(&topo.server, v4(SERVER_V4, 80));
+    let d = Daemon::start(&topo.router);
+    mail(&d, "dnat", "198.51.100.2", "80", &["--allow-nonlocal"]);
+    let upgraded = mail(&d, "hairpin", "198.51.100.2", "80", &[]);
+    assert_eq!(upgraded["data"]["result"], "upgraded", "{upgraded}");
+    assert_eq!(
+        upgraded["data"]["rule"]["allow_nonlocal"], true,
+        "{upgraded}"
+    );
+    let dnat_lines: Vec<String> = natmap_rules(&topo.router, false)
+        .into_iter()
+        .filter(|l| l.contains("-j DNAT"))
+        .collect();
+    assert_eq!(dnat_lines.len(), 2, "{dnat_lines:?}");
+    assert!(
+        dnat_lines
+            .iter()
+            .all(|l| l.contains("-m addrtype --dst-type LOCAL")),
+        "{dnat_lines:?}"
+    );
+    expect_tcp(&topo.server2, v4(ROUTER_EXT_V4, 80), ROUTER_INT_V4, 80);
+    d.assert_clean_log();
+}

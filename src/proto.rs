@@ -259,6 +259,10 @@ pub struct SnatRequest {
     pub ext_if: IfName,
     /// New source address.
     pub ext_ip: HostIp,
+    /// Also accept the traffic (and its replies) in natmap's filter chain,
+    /// for hosts whose `FORWARD` policy is `DROP`.
+    #[serde(default)]
+    pub forward: bool,
     /// Delete instead of add.
     #[serde(default)]
     pub delete: bool,
@@ -684,6 +688,9 @@ pub enum ErrorCode {
     /// reserved port: the socket and its loopback relay) too close to its open-file
     /// limit (`LimitNOFILE`); nothing changed.
     FdLimit,
+    /// The rule contradicts an existing rule (named in the message), e.g. a
+    /// second `snat` of the same source out of the same interface.
+    RuleConflict,
     /// A bug: the daemon could not handle the request.
     Internal,
     /// `install` or `uninstall` failed (client-side only).
@@ -713,6 +720,7 @@ impl ErrorCode {
             ErrorCode::DaemonUnreachable => "daemon_unreachable",
             ErrorCode::BadResponse => "bad_response",
             ErrorCode::FdLimit => "fd_limit",
+            ErrorCode::RuleConflict => "rule_conflict",
             ErrorCode::Internal => "internal",
             ErrorCode::InstallFailed => "install_failed",
             ErrorCode::DaemonFailed => "daemon_failed",
@@ -783,6 +791,9 @@ pub enum RuleStatus {
     /// of a request or of the file (a duplicate id, rule or port); the
     /// detail says which. Kept in the file as it is for the operator to fix.
     Quarantined,
+    /// Installed, but the interface it names does not exist (yet): it
+    /// starts matching when the interface appears.
+    WaitingForInterface,
 }
 
 /// What a change did.
@@ -797,6 +808,9 @@ pub enum ChangeKind {
     Deleted,
     /// The mapping moved to another host port.
     Remapped,
+    /// A `dnat` rule became a `hairpin` of the same ports and target: same
+    /// id, same reservations, now masquerading internal clients too.
+    Upgraded,
 }
 
 /// Result of an add or delete.
@@ -806,6 +820,10 @@ pub struct ChangeResult {
     pub result: ChangeKind,
     /// The rule concerned.
     pub rule: RuleView,
+    /// What the operator should know about the change (e.g. traffic that
+    /// will be dropped); empty when there is nothing to say.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// Result of `ls`.

@@ -202,8 +202,13 @@ impl Printer {
                 return;
             }
             ChangeKind::Remapped => println!("remapped {kind} rule #{id}"),
+            ChangeKind::Upgraded => println!("upgraded dnat rule #{id} to {kind}"),
         }
         self.list(std::slice::from_ref(&c.rule));
+        // After the table, on stderr: what needs the operator's attention.
+        for note in &c.notes {
+            eprintln!("note: {}", printable(note));
+        }
     }
 
     fn table(&self, headers: &[&str]) -> Table {

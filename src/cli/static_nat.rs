@@ -94,9 +94,16 @@ impl DnatArgs {
 
 /// `snat`: rewrite the source of traffic leaving an interface.
 #[derive(Debug, Args)]
-#[command(after_help = "Examples:
+#[command(
+    after_help = "On a host whose FORWARD policy is DROP (every Docker host) the rewritten
+traffic is dropped before it leaves unless something accepts it: --forward
+makes natmap accept it (the source out of --ext-if, and the replies back).
+
+Examples:
   lab-ops natmap snat --int-ip 10.0.0.0/24 --ext-if eth0 --ext-ip 203.0.113.10
-  lab-ops natmap snat --int-ip 10.0.0.5 --ext-if wg0 --ext-ip 100.64.0.1 --delete")]
+  lab-ops natmap snat --int-ip 10.0.0.0/24 --ext-if eth0 --ext-ip 203.0.113.10 --forward
+  lab-ops natmap snat --int-ip 10.0.0.5 --ext-if wg0 --ext-ip 100.64.0.1 --delete"
+)]
 pub struct SnatArgs {
     /// Source address or network (CIDR) to rewrite.
     #[arg(long, value_name = "IP|CIDR", value_parser = int_net)]
@@ -107,6 +114,9 @@ pub struct SnatArgs {
     /// New source address.
     #[arg(long, value_name = "IP", value_parser = ext_ip)]
     pub ext_ip: HostIp,
+    /// Also accept this traffic and its replies in natmap's FORWARD chain.
+    #[arg(long)]
+    pub forward: bool,
     /// Delete the rule instead of adding it.
     #[arg(long)]
     pub delete: bool,
@@ -119,6 +129,7 @@ impl SnatArgs {
             int_ip: self.int_ip,
             ext_if: self.ext_if,
             ext_ip: self.ext_ip,
+            forward: self.forward,
             delete: self.delete,
         }
     }

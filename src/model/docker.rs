@@ -115,6 +115,31 @@ fn parse_addr(field: &'static str, s: &str) -> Result<HostIp, ParseError> {
     HostIp::parse_field(field, inner)
 }
 
+/// Why a loopback target is refused, and what to use instead.
+const LOOPBACK_TARGET: &str =
+    "a target this host can forward to from other hosts, not loopback: kernel DNAT cannot \
+send other hosts' traffic to 127.0.0.0/8 or ::1 (the packet is dropped). Make the service \
+listen on this host's address and map to that (e.g. 8080:192.0.2.1:80), or map to the \
+service's own host";
+
+/// The TARGET_IP of `HOST_PORT:TARGET_IP:PORT`. A loopback target gets an
+/// error of its own (`Some`), about the target; any other bad address gets
+/// the general form (`None`).
+fn parse_target(addr: &str) -> Result<HostIp, Option<ParseError>> {
+    let inner = addr
+        .strip_prefix('[')
+        .and_then(|x| x.strip_suffix(']'))
+        .unwrap_or(addr);
+    if inner.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback()) {
+        return Err(Some(ParseError::new(
+            "mapping target address",
+            inner,
+            LOOPBACK_TARGET,
+        )));
+    }
+    parse_addr("mapping target address", addr).map_err(|_| None)
+}
+
 impl FromStr for PortSpec {
     type Err = ParseError;
 
@@ -152,7 +177,7 @@ impl FromStr for PortSpec {
             [a, b, c] if looks_like_ip(b) => PortSpec {
                 host_ip: None,
                 host_port: port(a)?,
-                target_ip: Some(parse_addr("mapping target address", b).map_err(|_| bad())?),
+                target_ip: Some(parse_target(b).map_err(|e| e.unwrap_or_else(bad))?),
                 target_port: port(c)?,
                 proto,
             },
@@ -346,6 +371,21 @@ mod tests {
         ] {
             let err = bad.parse::<PortSpec>().unwrap_err().to_string();
             assert!(err.contains("HOST_PORT"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_loopback_target_is_refused_with_a_message_about_the_target() {
+        for spec in [
+            "8080:127.0.0.1:80",
+            "8080:[::1]:80/udp",
+            "8080:127.0.0.2:80",
+        ] {
+            let err = spec.parse::<PortSpec>().unwrap_err();
+            assert_eq!(err.field, "mapping target address", "{spec}: {err}");
+            let text = err.to_string();
+            assert!(text.contains("not loopback"), "{spec}: {text}");
+            assert!(!text.contains("HOST_IP"), "{spec}: {text}");
         }
     }
 

@@ -71,7 +71,7 @@ pub struct DnatRule {
     pub allow_nonlocal: bool,
 }
 
-/// `snat --int-ip I|CIDR --ext-if X --ext-ip E`.
+/// `snat --int-ip I|CIDR --ext-if X --ext-ip E [--forward]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnatRule {
@@ -81,6 +81,32 @@ pub struct SnatRule {
     pub ext_if: IfName,
     /// The new source address.
     pub ext_ip: HostIp,
+    /// Also accept the traffic in natmap's filter chain (the source's
+    /// traffic out of `ext_if` and the replies back), for hosts whose
+    /// `FORWARD` policy is `DROP`. Absent in state files written before the
+    /// flag existed, hence the default.
+    #[serde(default)]
+    pub forward: bool,
+}
+
+impl SnatRule {
+    /// Whether `other` rewrites the same traffic (same source leaving the
+    /// same interface). Of two such rules only the first ever matches, so
+    /// natmap keeps one.
+    pub fn same_traffic(&self, other: &SnatRule) -> bool {
+        self.source == other.source && self.ext_if == other.ext_if
+    }
+}
+
+impl HairpinRule {
+    /// Whether this hairpin forwards exactly what `dnat` forwards (same
+    /// addresses, protocol and ports): it then includes that rule.
+    pub fn includes(&self, dnat: &DnatRule) -> bool {
+        self.ext_ip == dnat.ext_ip
+            && self.int_ip == dnat.int_ip
+            && self.proto == dnat.proto
+            && self.ports == dnat.ports
+    }
 }
 
 /// `hairpin --ext-ip E --int-ip I --ports P [--proto]`.
@@ -364,6 +390,17 @@ mod tests {
                 "{x:?} vs {y:?}"
             );
         }
+    }
+
+    #[test]
+    fn an_snat_stored_before_forward_existed_loads_without_it() {
+        let old =
+            r#"{"id":3,"kind":"snat","source":"10.0.0.0/24","ext_if":"eth0","ext_ip":"192.0.2.1"}"#;
+        let rule: Rule = serde_json::from_str(old).unwrap();
+        let RuleSpec::Snat(s) = &rule.spec else {
+            panic!("{rule:?}")
+        };
+        assert!(!s.forward);
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use crate::model::{
     DockerRule, Endpoint, Family, HostIp, IfName, Network, PortDirection, PortList, Proto, Rule,
-    RuleSpec,
+    RuleSpec, SnatRule,
 };
 
 use super::{Chain, FamilyRules, Ruleset};
@@ -70,17 +70,7 @@ fn render_rule(rule: &Rule, set: &mut Ruleset) {
             }
             push_accepts(out, &r.int_ip, &r.ports, r.proto, &tag);
         }
-        RuleSpec::Snat(r) => {
-            set.family_mut(r.ext_ip.family()).push(
-                Chain::NatPostrouting,
-                format!(
-                    "{}{}{tag} -j SNAT --to-source {}",
-                    r.source.as_match("-s"),
-                    r.ext_if.as_match("-o"),
-                    r.ext_ip
-                ),
-            );
-        }
+        RuleSpec::Snat(r) => render_snat(r, &tag, set.family_mut(r.ext_ip.family())),
         // Routing, not netfilter: applied by the engine's route sync.
         RuleSpec::PolicyRoute(_) => {}
         RuleSpec::Docker(r) => {
@@ -104,6 +94,30 @@ fn local_guard(allow_nonlocal: bool, tag: &str) -> String {
         format!("-m addrtype --dst-type LOCAL {tag}")
     } else {
         tag.to_owned()
+    }
+}
+
+/// The SNAT line and, with `--forward`, the FORWARD accepts: the source's
+/// traffic out of the interface, and only replies (conntrack
+/// RELATED,ESTABLISHED) back in, so the rule opens nothing towards the
+/// source that it did not start.
+fn render_snat(r: &SnatRule, tag: &str, out: &mut FamilyRules) {
+    // Spelled as iptables prints them back (no `-s 0.0.0.0/0`, no `-o +`).
+    let (src, dst) = (r.source.as_match("-s"), r.source.as_match("-d"));
+    let (out_if, in_if) = (r.ext_if.as_match("-o"), r.ext_if.as_match("-i"));
+    out.push(
+        Chain::NatPostrouting,
+        format!("{src}{out_if}{tag} -j SNAT --to-source {}", r.ext_ip),
+    );
+    if r.forward {
+        out.push(
+            Chain::FilterForward,
+            format!("{src}{out_if}{tag} -j ACCEPT"),
+        );
+        out.push(
+            Chain::FilterForward,
+            format!("{dst}{in_if}-m conntrack --ctstate RELATED,ESTABLISHED {tag} -j ACCEPT"),
+        );
     }
 }
 

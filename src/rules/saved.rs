@@ -10,6 +10,8 @@ use super::{Chain, FamilyRules, DOCKER_USER};
 pub struct SavedTable {
     /// Every chain declared in the table.
     pub chains: BTreeSet<String>,
+    /// The policy of each built-in chain (`ACCEPT`, `DROP`).
+    pub policies: BTreeMap<String, String>,
     /// The lines of each chain (what follows `-A <chain> `), in order.
     pub rules: BTreeMap<String, Vec<String>>,
 }
@@ -37,8 +39,12 @@ impl SavedTables {
                 continue;
             };
             if let Some(decl) = line.strip_prefix(':') {
-                if let Some(chain) = decl.split_whitespace().next() {
+                let mut words = decl.split_whitespace();
+                if let Some(chain) = words.next() {
                     table.chains.insert(chain.to_owned());
+                    if let Some(policy) = words.next().filter(|p| *p != "-") {
+                        table.policies.insert(chain.to_owned(), policy.to_owned());
+                    }
                 }
             } else if let Some(rest) = line.strip_prefix("-A ") {
                 let (chain, args) = rest.split_once(' ').unwrap_or((rest, ""));
@@ -57,6 +63,15 @@ impl SavedTables {
     /// Whether the table exists in the dump (IPv6 `nat` may be missing).
     pub fn has_table(&self, table: &str) -> bool {
         self.tables.contains_key(table)
+    }
+
+    /// The policy of built-in `chain` in `table` (`ACCEPT`, `DROP`), if
+    /// the dump shows one.
+    pub fn policy(&self, table: &str, chain: &str) -> Option<&str> {
+        self.tables
+            .get(table)
+            .and_then(|t| t.policies.get(chain))
+            .map(String::as_str)
     }
 
     /// Whether `chain` exists in `table`.

@@ -59,6 +59,7 @@ fn sample_rules() -> Vec<Rule> {
                 source: "10.0.0.0/24".parse().unwrap(),
                 ext_if: "eth0".parse().unwrap(),
                 ext_ip: "203.0.113.10".parse().unwrap(),
+                forward: false,
             }),
         },
         Rule {
@@ -354,4 +355,24 @@ fn a_nonlocal_address_matches_only_while_it_is_local() {
         .lines()
         .filter(|l| !l.contains("-j DNAT"))
         .any(|l| l.contains("addrtype")));
+}
+
+/// `snat --forward` adds the accepts of the source's traffic out of the
+/// interface and of the replies back in; without it, only the SNAT line.
+#[test]
+fn snat_forward_accepts_the_traffic_and_its_replies() {
+    let snat = |id, source: &str, forward| Rule {
+        id,
+        spec: RuleSpec::Snat(SnatRule {
+            source: source.parse().unwrap(),
+            ext_if: "eth0".parse().unwrap(),
+            ext_ip: "203.0.113.10".parse().unwrap(),
+            forward,
+        }),
+    };
+    let set = render::desired(&[snat(1, "10.0.0.0/24", true), snat(2, "10.0.1.7", false)]);
+    golden(
+        "snat-forward-v4.rules",
+        &restore::rewrite_chains(set.family(Family::V4)),
+    );
 }

@@ -78,6 +78,22 @@ impl Engine {
                     "rules[{i}] is the same rule as rules[{j}]"
                 )));
             }
+            if let RuleSpec::Snat(s) = &spec {
+                // Only the first of two snat rules of the same traffic matches.
+                let first = wanted
+                    .iter()
+                    .position(|w| matches!(w, RuleSpec::Snat(o) if o.same_traffic(s)));
+                if let Some(j) = first {
+                    return Err(Failure::new(
+                        ErrorCode::RuleConflict,
+                        format!(
+                            "rules[{i}] rewrites the same traffic as rules[{j}] (snat of {} out of {}); \
+                             only the first could ever match",
+                            s.source, s.ext_if
+                        ),
+                    ));
+                }
+            }
             let spec = match spec {
                 RuleSpec::Docker(d) if !d.external => RuleSpec::Docker(
                     self.resolve_container(d)

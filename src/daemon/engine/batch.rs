@@ -5,7 +5,7 @@
 //! not per request (kube-proxy's min-sync-period idea, without the delay:
 //! a batch is whatever queued while the previous one was being applied).
 
-use crate::model::{Family, PortClaim, Rule, RuleId, RuleSpec};
+use crate::model::{DnatRule, Family, HairpinRule, PortClaim, Rule, RuleId, RuleSpec, SnatRule};
 use crate::proto::{ChangeKind, ChangeResult, ErrorCode, Request, Response};
 use crate::state::State;
 
@@ -24,7 +24,13 @@ pub(crate) enum Change {
 
 /// A change, planned against the working copy of the state.
 enum Planned {
-    Added { rule: Rule, held: Vec<Reservation> },
+    Added {
+        rule: Rule,
+        held: Vec<Reservation>,
+    },
+    /// A `dnat` rule that became a `hairpin` in place: same id, same ports,
+    /// so its reservations stay as they are.
+    Upgraded(Rule),
     Deleted(Rule),
     Done(Outcome<Response>),
 }
@@ -88,18 +94,7 @@ impl Engine {
                 Change::Add(spec) => self
                     .plan_add(&mut next, &plans, spec)
                     .unwrap_or_else(|f| Planned::Done(Err(f))),
-                Change::Delete(spec) => {
-                    let kind = spec.kind();
-                    take_rule(&mut next, |r| r.spec.same_rule(&spec)).map_or_else(
-                        || {
-                            Planned::Done(Err(Failure::new(
-                                ErrorCode::NotFound,
-                                format!("no such {kind} rule; `lab-ops natmap ls` lists the rules natmap has"),
-                            )))
-                        },
-                        Planned::Deleted,
-                    )
-                }
+                Change::Delete(spec) => plan_delete(&mut next, &spec),
                 Change::DeleteId(id) => take_rule(&mut next, |r| r.id == id).map_or_else(
                     || {
                         Planned::Done(Err(Failure::new(
@@ -125,34 +120,43 @@ impl Engine {
                     .collect();
             }
         }
-        plans
-            .into_iter()
-            .map(|p| match p {
-                Planned::Done(r) => r,
-                Planned::Added { rule, held } => {
-                    self.held.insert(rule.id, held);
-                    if let Err(f) = self.start_listening(rule.id) {
-                        self.remove_rule_after_failure(rule.id);
-                        return Err(f);
-                    }
-                    tracing::info!(rule = rule.id, kind = rule.spec.kind(), "rule added");
-                    Ok(Response::ok(ChangeResult {
-                        result: ChangeKind::Added,
-                        rule: self.view(&rule),
-                    }))
+        plans.into_iter().map(|p| self.finish(p)).collect()
+    }
+
+    /// The last steps of one committed change (listen on an added rule's
+    /// ports, release a deleted one's) and its answer.
+    fn finish(&mut self, planned: Planned) -> Outcome<Response> {
+        let answer = |result, rule, notes| {
+            Ok(Response::ok(ChangeResult {
+                result,
+                rule,
+                notes,
+            }))
+        };
+        match planned {
+            Planned::Done(r) => r,
+            Planned::Added { rule, held } => {
+                self.held.insert(rule.id, held);
+                if let Err(f) = self.start_listening(rule.id) {
+                    self.remove_rule_after_failure(rule.id);
+                    return Err(f);
                 }
-                Planned::Deleted(rule) => {
-                    let view = self.view(&rule);
-                    self.release(rule.id);
-                    forget_flows(&rule.spec);
-                    tracing::info!(rule = rule.id, kind = rule.spec.kind(), "rule deleted");
-                    Ok(Response::ok(ChangeResult {
-                        result: ChangeKind::Deleted,
-                        rule: view,
-                    }))
-                }
-            })
-            .collect()
+                tracing::info!(rule = rule.id, kind = rule.spec.kind(), "rule added");
+                let notes = self.change_notes(&rule.spec);
+                answer(ChangeKind::Added, self.view(&rule), notes)
+            }
+            Planned::Upgraded(rule) => {
+                tracing::info!(rule = rule.id, "dnat rule upgraded to hairpin");
+                answer(ChangeKind::Upgraded, self.view(&rule), Vec::new())
+            }
+            Planned::Deleted(rule) => {
+                let view = self.view(&rule);
+                self.release(rule.id);
+                forget_flows(&rule.spec);
+                tracing::info!(rule = rule.id, kind = rule.spec.kind(), "rule deleted");
+                answer(ChangeKind::Deleted, view, Vec::new())
+            }
+        }
     }
 
     fn plan_add(&self, next: &mut State, pending: &[Planned], spec: RuleSpec) -> Outcome<Planned> {
@@ -165,14 +169,14 @@ impl Engine {
             ));
         }
         if let Some(existing) = next.rules.iter().find(|r| r.spec.same_rule(&spec)) {
-            return Ok(Planned::Done(Ok(Response::ok(ChangeResult {
-                result: ChangeKind::AlreadyPresent,
-                rule: self.view(existing),
-            }))));
+            return Ok(self.already_present(existing, self.change_notes(&spec)));
         }
         self.check_addresses(&spec)?;
         if let RuleSpec::PolicyRoute(route) = &spec {
             self.check_policy_route(&super::routes::named_routes(&next.rules), route)?;
+        }
+        if let Some(planned) = self.plan_overlap(next, &spec)? {
+            return Ok(planned);
         }
         let claims = spec.port_claims();
         self.check_own_claims(&claims)?;
@@ -197,6 +201,172 @@ impl Engine {
         next.rules.push(rule.clone());
         Ok(Planned::Added { rule, held })
     }
+}
+
+impl Engine {
+    /// A change that needs nothing done: `rule` already does it.
+    fn already_present(&self, rule: &Rule, notes: Vec<String>) -> Planned {
+        Planned::Done(Ok(Response::ok(ChangeResult {
+            result: ChangeKind::AlreadyPresent,
+            rule: self.view(rule),
+            notes,
+        })))
+    }
+
+    /// Rules that overlap without being the same rule: a `hairpin` upgrades
+    /// the `dnat` of exactly its ports and target; a `dnat` that a `hairpin`
+    /// already includes is present; a second `snat` of the same traffic is
+    /// a conflict. `None`: no such overlap, plan the add as usual.
+    fn plan_overlap(&self, next: &mut State, spec: &RuleSpec) -> Outcome<Option<Planned>> {
+        match spec {
+            RuleSpec::Hairpin(h) => upgrade_dnat(next, h),
+            RuleSpec::Dnat(d) => Ok(next
+                .rules
+                .iter()
+                .find(|r| matches!(&r.spec, RuleSpec::Hairpin(h) if h.includes(d)))
+                .map(|r| {
+                    let note = format!(
+                        "hairpin rule #{} already forwards these ports to {} (a hairpin includes \
+                         the dnat); nothing was added",
+                        r.id, d.int_ip
+                    );
+                    self.already_present(r, vec![note])
+                })),
+            RuleSpec::Snat(s) => snat_conflict(next, s).map(|()| None),
+            _ => Ok(None),
+        }
+    }
+
+    /// What the operator should know about adding `spec`: today, that a
+    /// `snat` without `--forward` on a host that drops forwarded traffic
+    /// changes addresses of packets that never leave.
+    fn change_notes(&self, spec: &RuleSpec) -> Vec<String> {
+        match spec {
+            RuleSpec::Snat(s) if !s.forward && self.forward_drops(s.ext_ip.family()) => {
+                vec![snat_dropped_note(s)]
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Why the traffic of a `snat` without `--forward` goes nowhere here.
+pub(super) fn snat_dropped_note(s: &SnatRule) -> String {
+    format!(
+        "the FORWARD policy is DROP: traffic from {} out of {} is dropped unless another \
+         firewall rule accepts it; add --forward to let natmap accept it and its replies",
+        s.source, s.ext_if
+    )
+}
+
+/// A `hairpin` whose ports a `dnat` to the same host already forwards.
+/// Exactly the same ports (and no `--ext-if` on the dnat): the dnat becomes
+/// the hairpin, keeping its id. Only some of them: refused, naming the
+/// ports that would upgrade it, because turning the whole rule into a
+/// hairpin would masquerade ports the operator did not name, and splitting
+/// it would change ids. Another target: left to the port check (a conflict).
+fn upgrade_dnat(next: &mut State, h: &HairpinRule) -> Outcome<Option<Planned>> {
+    let same_host = |d: &DnatRule| {
+        d.ext_ip == h.ext_ip
+            && d.int_ip == h.int_ip
+            && d.proto == h.proto
+            && d.ports.overlaps(&h.ports)
+    };
+    let Some(rule) = next
+        .rules
+        .iter_mut()
+        .find(|r| matches!(&r.spec, RuleSpec::Dnat(d) if same_host(d)))
+    else {
+        return Ok(None);
+    };
+    let RuleSpec::Dnat(d) = &rule.spec else {
+        unreachable!("found as a dnat rule")
+    };
+    let id = rule.id;
+    if !h.includes(d) {
+        return Err(Failure::new(
+            ErrorCode::PortInUse,
+            format!(
+                "dnat rule #{id} forwards ports {} of {} to {}; a hairpin upgrades it only \
+                 for exactly its ports (--ports {}); otherwise delete rule #{id} first",
+                d.ports, d.ext_ip, d.int_ip, d.ports
+            ),
+        ));
+    }
+    if let Some(iface) = &d.ext_if {
+        return Err(Failure::new(
+            ErrorCode::PortInUse,
+            format!(
+                "dnat rule #{id} forwards these ports only from interface {iface}; a hairpin \
+                 forwards them from every interface, so it does not upgrade that rule: \
+                 delete rule #{id} first"
+            ),
+        ));
+    }
+    // A VIP guard on the dnat stays on the hairpin that replaces it.
+    let allow_nonlocal = h.allow_nonlocal || d.allow_nonlocal;
+    rule.spec = RuleSpec::Hairpin(HairpinRule {
+        allow_nonlocal,
+        ..h.clone()
+    });
+    Ok(Some(Planned::Upgraded(rule.clone())))
+}
+
+/// Of two `snat` rules for the same source out of the same interface only
+/// the first ever matches: a second one (another address, or the same one
+/// with `--forward` changed) is refused, naming the first.
+fn snat_conflict(next: &State, s: &SnatRule) -> Outcome<()> {
+    let Some((id, first)) = next.rules.iter().find_map(|r| match &r.spec {
+        RuleSpec::Snat(o) if o.same_traffic(s) => Some((r.id, o)),
+        _ => None,
+    }) else {
+        return Ok(());
+    };
+    let message = if first.ext_ip != s.ext_ip {
+        format!(
+            "snat rule #{id} already rewrites traffic from {} out of {} to {}; a second snat of \
+             the same traffic to {} could never match. Delete rule #{id} first to change the address",
+            s.source, s.ext_if, first.ext_ip, s.ext_ip
+        )
+    } else {
+        format!(
+            "snat rule #{id} already rewrites traffic from {} out of {} to {} {} --forward; \
+             delete rule #{id} first to change --forward",
+            s.source,
+            s.ext_if,
+            s.ext_ip,
+            if first.forward { "with" } else { "without" }
+        )
+    };
+    Err(Failure::new(ErrorCode::RuleConflict, message))
+}
+
+/// Takes out the rule a `--delete` names. A `snat` is named by its source,
+/// interface and address (`--forward` is one of its settings, not part of
+/// its name). A `dnat --delete` of a dnat that became a hairpin says so.
+fn plan_delete(next: &mut State, spec: &RuleSpec) -> Planned {
+    let names = |r: &Rule| match (&r.spec, spec) {
+        (RuleSpec::Snat(a), RuleSpec::Snat(b)) => a.same_traffic(b) && a.ext_ip == b.ext_ip,
+        (other, _) => other.same_rule(spec),
+    };
+    if let Some(rule) = take_rule(next, names) {
+        return Planned::Deleted(rule);
+    }
+    let hairpin = next.rules.iter().find_map(|r| match (&r.spec, spec) {
+        (RuleSpec::Hairpin(h), RuleSpec::Dnat(d)) if h.includes(d) => Some(r.id),
+        _ => None,
+    });
+    let message = match hairpin {
+        Some(id) => format!(
+            "no such dnat rule: hairpin rule #{id} forwards these ports (a hairpin includes the \
+             dnat; a dnat upgraded to hairpin is deleted with `lab-ops natmap hairpin --delete`)"
+        ),
+        None => format!(
+            "no such {} rule; `lab-ops natmap ls` lists the rules natmap has",
+            spec.kind()
+        ),
+    };
+    Planned::Done(Err(Failure::new(ErrorCode::NotFound, message)))
 }
 
 /// The error for a port another natmap rule holds.

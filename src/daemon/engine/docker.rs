@@ -171,7 +171,7 @@ impl Engine {
     /// Asks Docker, off the engine thread, where the selected container
     /// mappings should point; the answers come back as one
     /// `EngineMsg::DockerObserved` and are applied in one transaction. At
-    /// most [`INSPECTS_AT_ONCE`] inspects run at a time, and a slow Docker
+    /// most `INSPECTS_AT_ONCE` inspects run at a time, and a slow Docker
     /// never holds the engine: other clients are served meanwhile.
     pub fn refresh_docker(&mut self, select: impl Fn(&DockerRule) -> bool) {
         let Some(client) = self.docker.clone() else {
@@ -506,6 +506,7 @@ impl Engine {
             return Ok(Response::ok(ChangeResult {
                 result: ChangeKind::AlreadyPresent,
                 rule: self.view(&rule),
+                notes: Vec::new(),
             }));
         }
         let mut moved = old.clone();
@@ -543,6 +544,7 @@ impl Engine {
         Ok(Response::ok(ChangeResult {
             result: ChangeKind::Remapped,
             rule: self.view(&updated),
+            notes: Vec::new(),
         }))
     }
 }

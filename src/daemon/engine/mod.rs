@@ -605,6 +605,7 @@ impl Engine {
                     source: r.int_ip,
                     ext_if: r.ext_if,
                     ext_ip: r.ext_ip,
+                    forward: r.forward,
                 }),
                 r.delete,
             ),
@@ -667,6 +668,16 @@ impl Engine {
                 rule: rule.clone(),
                 status: i.status,
                 detail: Some(i.reason.clone()),
+                counters: None,
+            };
+        }
+        if let Some(iface) = missing_interface(&rule.spec) {
+            return RuleView {
+                rule: rule.clone(),
+                status: RuleStatus::WaitingForInterface,
+                detail: Some(format!(
+                    "{iface} does not exist; the rule is installed and matches once it appears"
+                )),
                 counters: None,
             };
         }
@@ -1081,6 +1092,23 @@ fn flows_of(spec: &RuleSpec) -> Vec<host::Flows> {
             })
             .collect(),
     }
+}
+
+/// The interface a `snat` (or an interface-bound `dnat`) names, when no
+/// such interface exists in the daemon's network namespace. iptables takes
+/// any name, so the rule stays installed and starts matching when the
+/// interface appears (a WireGuard or PPP link that comes up later); this
+/// only tells the operator why nothing matches yet. A wildcard (`ppp+`)
+/// always counts as present.
+fn missing_interface(spec: &RuleSpec) -> Option<&crate::model::IfName> {
+    let iface = match spec {
+        RuleSpec::Snat(r) => &r.ext_if,
+        RuleSpec::Dnat(r) => r.ext_if.as_ref()?,
+        _ => return None,
+    };
+    let name = iface.as_str();
+    let exists = name.ends_with('+') || nix::net::if_::if_nametoindex(name).is_ok();
+    (!exists).then_some(iface)
 }
 
 /// `ls FILTER`: a rule id, a kind (`policy-route` or `policy_route`), an

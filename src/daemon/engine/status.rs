@@ -26,8 +26,13 @@ impl Engine {
                 RuleStatus::WaitingForAddress => "waiting_for_address",
                 RuleStatus::Unknown => "unknown",
                 RuleStatus::Quarantined => "quarantined",
+                RuleStatus::WaitingForInterface => "waiting_for_interface",
             };
-            if view.status != RuleStatus::Active {
+            // Installed, waiting for its interface: said below, not inactive.
+            if !matches!(
+                view.status,
+                RuleStatus::Active | RuleStatus::WaitingForInterface
+            ) {
                 inactive += 1;
             }
             *rules
@@ -74,6 +79,7 @@ impl Engine {
                 .iter()
                 .filter_map(|c| c.problem().map(str::to_owned)),
         );
+        problems.extend(self.dropped_snat_problems());
         let mut conflicts = self.conflicts();
         let discovery = self.discovery_problems();
         conflicts.extend(discovery.iter().filter(|p| p.contains("conflict")).cloned());
@@ -89,6 +95,7 @@ impl Engine {
             }
             warnings.push(note);
         }
+        warnings.extend(self.waiting_warnings());
         for (engine, _) in self.discovery.connected.iter().filter(|(_, ok)| **ok) {
             warnings.push(format!("auto-discover engine {engine} connected"));
         }
@@ -150,6 +157,62 @@ impl Engine {
             ));
         }
         problems
+    }
+
+    /// Whether forwarded traffic of `family` is dropped unless a rule
+    /// accepts it: the `FORWARD` policy is `DROP` and `FORWARD` has no
+    /// unconditional `-j ACCEPT`. Unknown (no dump) counts as not dropped.
+    pub(super) fn forward_drops(&self, family: Family) -> bool {
+        let Ok(text) = self.nf.save(family) else {
+            return false;
+        };
+        let saved = SavedTables::parse(&text);
+        saved.policy("filter", "FORWARD") == Some("DROP")
+            && !saved
+                .chain_rules("filter", "FORWARD")
+                .iter()
+                .any(|l| l == "-j ACCEPT")
+    }
+
+    /// `snat` rules without `--forward` on a host that drops forwarded
+    /// traffic: their traffic never leaves (one `iptables-save` per family).
+    fn dropped_snat_problems(&self) -> Vec<String> {
+        let mut drops: HashMap<Family, bool> = HashMap::new();
+        let mut found = Vec::new();
+        for rule in &self.state.rules {
+            let RuleSpec::Snat(s) = &rule.spec else {
+                continue;
+            };
+            let family = s.ext_ip.family();
+            if !s.forward
+                && *drops
+                    .entry(family)
+                    .or_insert_with(|| self.forward_drops(family))
+            {
+                found.push(format!(
+                    "snat rule #{}: {}",
+                    rule.id,
+                    super::batch::snat_dropped_note(s)
+                ));
+            }
+        }
+        found
+    }
+
+    /// Installed rules whose interface does not exist yet.
+    fn waiting_warnings(&self) -> Vec<String> {
+        self.state
+            .rules
+            .iter()
+            .map(|r| (r.id, self.view(r)))
+            .filter(|(_, v)| v.status == RuleStatus::WaitingForInterface)
+            .map(|(id, v)| {
+                format!(
+                    "rule #{id} is waiting for its interface: {}",
+                    v.detail.unwrap_or_default()
+                )
+            })
+            .collect()
     }
 
     /// With `preserve_src_ip`, a service node must route replies back

@@ -10,10 +10,13 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use crate::model::{
     ContainerRef, HostIp, IfName, Network, PortList, PortSpec, Proto, Rule, RuleSpec,
 };
+
+pub mod strict;
 
 /// Version of this protocol; the daemon refuses requests of another version.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -37,6 +40,44 @@ pub struct Envelope {
     pub version: u32,
     /// What is asked.
     pub request: Request,
+}
+
+impl Envelope {
+    /// Parses one request line (its trailing line break allowed) into the
+    /// request, checking the version first: a client of another version gets
+    /// `version_mismatch` whatever else its line holds. Straight into typed
+    /// values, duplicate keys refused ([`strict`]); a bad line yields the
+    /// error to answer.
+    pub fn parse_line(line: &[u8]) -> Result<Request, ErrorBody> {
+        let invalid = |message: String| ErrorBody {
+            code: ErrorCode::InvalidRequest,
+            message,
+        };
+        let text = std::str::from_utf8(line)
+            .map_err(|_| invalid("request is not valid UTF-8".into()))?
+            .trim_end_matches(['\n', '\r']);
+        let env: strict::RawEnvelope = serde_json::from_str(text)
+            .map_err(|e| invalid(format!("request is not a JSON object: {e}")))?;
+        match env.version.map(|v| v.get().parse::<u64>()) {
+            Some(Ok(v)) if v == u64::from(PROTOCOL_VERSION) => {}
+            Some(Ok(v)) => {
+                return Err(ErrorBody {
+                    code: ErrorCode::VersionMismatch,
+                    message: format!("protocol version {v} is not supported, this daemon speaks {PROTOCOL_VERSION}: use a matching lab-ops"),
+                })
+            }
+            _ => return Err(invalid("request needs a numeric \"version\" field".into())),
+        }
+        let request = env
+            .request
+            .ok_or_else(|| invalid("missing field \"request\"".into()))?;
+        if let Some(unknown) = env.unknown {
+            return Err(invalid(format!(
+                "unknown field {unknown:?}; expected version and request"
+            )));
+        }
+        Request::from_raw(request).map_err(|m| invalid(format!("request.{m}")))
+    }
 }
 
 /// Every request a client can make, tagged by `cmd`.
@@ -81,60 +122,53 @@ pub enum Request {
 }
 
 impl Request {
-    /// Parses the `request` object of an envelope. The `cmd` tag is taken out
-    /// first and the rest is read as that command's arguments, so an error
-    /// names the exact field (`ext_if: invalid interface …`), which serde's
-    /// buffered tagged-enum parsing cannot do.
-    pub fn from_value(value: serde_json::Value) -> Result<Request, String> {
-        fn args<T: serde::de::DeserializeOwned>(rest: serde_json::Value) -> Result<T, String> {
-            serde_path_to_error::deserialize(rest).map_err(|e| {
-                match e.path().to_string().as_str() {
-                    "." => e.inner().to_string(),
-                    path => format!("{path}: {}", e.inner()),
-                }
-            })
-        }
-        let serde_json::Value::Object(mut map) = value else {
-            return Err("request must be a JSON object".into());
+    /// Parses the `request` object of an envelope, straight into its typed
+    /// arguments (see [`strict`]). The `cmd` tag is read first and the rest
+    /// as that command's arguments, so an error names the exact field
+    /// (`ext_if: invalid interface …`), which serde's buffered tagged-enum
+    /// parsing cannot do. A key given twice is refused.
+    pub fn from_raw(raw: &RawValue) -> Result<Request, String> {
+        use strict::arguments as args;
+        const COMMANDS: &str = "ping, dnat, snat, hairpin, policy_route, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export, status, save, reload, dry_run";
+        let cmd = match strict::command(raw) {
+            Ok(Some(c)) => c,
+            Ok(None) => return Err(format!("cmd: missing; expected one of {COMMANDS}")),
+            Err(e) => return Err(format!("cmd: {e}; expected one of {COMMANDS}")),
         };
-        let cmd = match map.remove("cmd") {
-            Some(serde_json::Value::String(c)) => c,
-            _ => {
-                return Err(
-                    "cmd: missing; expected one of ping, dnat, snat, hairpin, policy_route, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export, status, save, reload, dry_run"
-                        .into(),
-                )
-            }
-        };
-        let rest = serde_json::Value::Object(map);
         Ok(match cmd.as_str() {
-            "ping" => Request::Ping(args(rest)?),
-            "dnat" => Request::Dnat(args(rest)?),
-            "snat" => Request::Snat(args(rest)?),
-            "hairpin" => Request::Hairpin(args(rest)?),
-            "policy_route" => Request::PolicyRoute(args(rest)?),
-            "ls" => Request::Ls(args(rest)?),
-            "fwd" => Request::Fwd(args(rest)?),
-            "clear" => Request::Clear(args(rest)?),
-            "docker_add" => Request::DockerAdd(args(rest)?),
-            "docker_rm" => Request::DockerRm(args(rest)?),
-            "docker_remap" => Request::DockerRemap(args(rest)?),
-            "apply" => Request::Apply(args(rest)?),
-            "export" => Request::Export(args(rest)?),
-            "status" => Request::Status(args(rest)?),
-            "save" => Request::Save(args(rest)?),
-            "reload" => Request::Reload(args(rest)?),
+            "ping" => Request::Ping(args(raw)?),
+            "dnat" => Request::Dnat(args(raw)?),
+            "snat" => Request::Snat(args(raw)?),
+            "hairpin" => Request::Hairpin(args(raw)?),
+            "policy_route" => Request::PolicyRoute(args(raw)?),
+            "ls" => Request::Ls(args(raw)?),
+            "fwd" => Request::Fwd(args(raw)?),
+            "clear" => Request::Clear(args(raw)?),
+            "docker_add" => Request::DockerAdd(args(raw)?),
+            "docker_rm" => Request::DockerRm(args(raw)?),
+            "docker_remap" => Request::DockerRemap(args(raw)?),
+            "apply" => Request::Apply(args(raw)?),
+            "export" => Request::Export(args(raw)?),
+            "status" => Request::Status(args(raw)?),
+            "save" => Request::Save(args(raw)?),
+            "reload" => Request::Reload(args(raw)?),
             "dry_run" => {
-                let wrapped: DryRunValue = args(rest)?;
-                let inner = Request::from_value(wrapped.request).map_err(|m| format!("request.{m}"))?;
+                let wrapped: DryRunRaw = args(raw)?;
+                let inner =
+                    Request::from_raw(wrapped.request).map_err(|m| format!("request.{m}"))?;
                 if !inner.has_dry_run() {
-                    return Err(format!("request: {} has no dry run (it changes nothing)", inner.name()));
+                    return Err(format!(
+                        "request: {} has no dry run (it changes nothing)",
+                        inner.name()
+                    ));
                 }
-                Request::DryRun(DryRunRequest { request: Box::new(inner) })
+                Request::DryRun(DryRunRequest {
+                    request: Box::new(inner),
+                })
             }
             _ => {
                 return Err(format!(
-                    "cmd: unknown command {:?}; expected one of ping, dnat, snat, hairpin, policy_route, ls, fwd, clear, docker_add, docker_rm, docker_remap, apply, export, status, save, reload, dry_run",
+                    "cmd: unknown command {:?}; expected one of {COMMANDS}",
                     cmd.escape_debug().to_string()
                 ))
             }
@@ -358,8 +392,9 @@ pub struct DryRunRequest {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DryRunValue {
-    request: serde_json::Value,
+struct DryRunRaw<'a> {
+    #[serde(borrow)]
+    request: &'a RawValue,
 }
 
 /// What a `--dry-run` change would do.
@@ -778,20 +813,9 @@ mod tests {
     use super::*;
 
     fn parse(line: &str) -> Result<Envelope, String> {
-        let mut value: serde_json::Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
-        let request = value
-            .as_object_mut()
-            .and_then(|m| m.remove("request"))
-            .unwrap_or_default();
-        if value
-            .as_object()
-            .is_some_and(|m| m.keys().any(|k| k != "version"))
-        {
-            return Err(format!("unknown field in {value}"));
-        }
         Ok(Envelope {
             version: PROTOCOL_VERSION,
-            request: Request::from_value(request)?,
+            request: Envelope::parse_line(line.as_bytes()).map_err(|e| e.message)?,
         })
     }
 
@@ -845,6 +869,64 @@ mod tests {
             let err = parse(line).unwrap_err();
             assert!(err.contains(field), "{line}: {err}");
         }
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_at_every_level() {
+        let cases = [
+            (
+                r#"{"version":1,"request":{"cmd":"ping","cmd":"clear"}}"#,
+                "cmd",
+            ),
+            (
+                r#"{"version":1,"version":1,"request":{"cmd":"ping"}}"#,
+                "version",
+            ),
+            (
+                r#"{"version":1,"request":{"cmd":"ping"},"request":{"cmd":"clear"}}"#,
+                "request",
+            ),
+            (
+                r#"{"version":1,"request":{"cmd":"dnat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2","ports":"25","ports":"26"}}"#,
+                "ports",
+            ),
+            (
+                r#"{"version":1,"request":{"cmd":"dry_run","request":{"cmd":"clear","cmd":"clear"}}}"#,
+                "cmd",
+            ),
+            (
+                r#"{"version":1,"request":{"cmd":"apply","document":{"schema_version":1,"schema_version":1,"rules":[]}}}"#,
+                "schema_version",
+            ),
+            (
+                r#"{"version":1,"request":{"cmd":"apply","document":{"schema_version":1,"rules":[{"kind":"dnat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2","int_ip":"198.51.100.3","ports":"25","proto":"tcp"}]}}}"#,
+                "int_ip",
+            ),
+            (
+                r#"{"version":1,"request":{"cmd":"apply","document":{"schema_version":1,"rules":[{"kind":"dnat","kind":"snat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2","ports":"25","proto":"tcp"}]}}}"#,
+                "kind",
+            ),
+        ];
+        for (line, key) in cases {
+            let err = parse(line).unwrap_err();
+            assert!(
+                err.contains("duplicate") && err.contains(key),
+                "{line}: {err}"
+            );
+        }
+        // The same keys once each are fine, in any order.
+        let reordered = r#"{"request":{"ports":"25","int_ip":"198.51.100.2","cmd":"dnat","ext_ip":"192.0.2.1"},"version":1}"#;
+        assert!(matches!(
+            parse(reordered).unwrap().request,
+            Request::Dnat(_)
+        ));
+    }
+
+    #[test]
+    fn the_version_is_checked_before_anything_else() {
+        let err =
+            Envelope::parse_line(br#"{"request":{"cmd":"nope"},"x":1,"version":2}"#).unwrap_err();
+        assert_eq!(err.code, ErrorCode::VersionMismatch, "{}", err.message);
     }
 
     #[test]

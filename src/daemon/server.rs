@@ -12,9 +12,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{oneshot, Semaphore};
 
-use crate::proto::{
-    ErrorCode, Request, Response, MAX_FILTER_LEN, MAX_LINE_BYTES, PROTOCOL_VERSION,
-};
+use crate::proto::{Envelope, ErrorCode, Request, Response, MAX_FILTER_LEN, MAX_LINE_BYTES};
 
 use super::engine::Peer;
 use super::EngineMsg;
@@ -178,33 +176,7 @@ async fn ask_engine(engine: &mpsc::Sender<EngineMsg>, request: Request, peer: Pe
 
 /// Parses and validates one request line; a bad line yields the error response.
 pub fn parse_request(line: &[u8]) -> Result<Request, Response> {
-    let invalid = |m: String| Response::err(ErrorCode::InvalidRequest, m);
-    let text =
-        std::str::from_utf8(line).map_err(|_| invalid("request is not valid UTF-8".into()))?;
-    let value: serde_json::Value = serde_json::from_str(text.trim_end_matches(['\n', '\r']))
-        .map_err(|e| invalid(format!("request is not a JSON object: {e}")))?;
-    match value.get("version").and_then(|v| v.as_u64()) {
-        Some(v) if v == u64::from(PROTOCOL_VERSION) => {}
-        Some(v) => {
-            return Err(Response::err(
-                ErrorCode::VersionMismatch,
-                format!("protocol version {v} is not supported, this daemon speaks {PROTOCOL_VERSION}: use a matching lab-ops"),
-            ))
-        }
-        None => return Err(invalid("request needs a numeric \"version\" field".into())),
-    }
-    let serde_json::Value::Object(mut envelope) = value else {
-        return Err(invalid("request line must be a JSON object".into()));
-    };
-    let request = envelope
-        .remove("request")
-        .ok_or_else(|| invalid("missing field \"request\"".into()))?;
-    if let Some(unknown) = envelope.keys().find(|k| *k != "version") {
-        return Err(invalid(format!(
-            "unknown field {unknown:?}; expected version and request"
-        )));
-    }
-    let request = Request::from_value(request).map_err(|m| invalid(format!("request.{m}")))?;
+    let request = Envelope::parse_line(line).map_err(|e| Response::err(e.code, e.message))?;
     if let Request::Ls(ls) = &request {
         if let Some(f) = &ls.filter {
             if f.len() > MAX_FILTER_LEN || f.chars().any(char::is_control) {

@@ -240,14 +240,14 @@ pub fn load(path: &Path) -> Result<Loaded, StateError> {
     {
         check_version(path, found)?;
     }
-    match serde_json::from_slice::<StoredState>(&text) {
+    match crate::proto::strict::from_slice::<StoredState>(&text) {
         Ok(stored) => Ok(Loaded::Existing(vetted(path, stored))),
         Err(parse) => {
             let moved_to = move_aside(&dir, path, &text)?;
             Ok(Loaded::Corrupt {
                 state: State::default(),
                 moved_to,
-                error: parse.to_string(),
+                error: parse,
             })
         }
     }

@@ -55,6 +55,11 @@ fn try_call(socket: &Path, request: Request) -> Result<Response, Response> {
     stream
         .set_read_timeout(Some(RESPONSE_TIMEOUT))
         .map_err(unreachable)?;
+    // A daemon that stops reading (stuck, or a server that is not natmap)
+    // must not hang the CLI either.
+    stream
+        .set_write_timeout(Some(RESPONSE_TIMEOUT))
+        .map_err(unreachable)?;
     let mut line = serde_json::to_vec(&Envelope {
         version: PROTOCOL_VERSION,
         request,

@@ -6,8 +6,10 @@
 //! - `relay`: loopback traffic relayed from reserved sockets to targets.
 //! - `host`: sysctls, routes and conntrack.
 //! - `local`: which addresses are this host's right now.
+//! - `fds`: the file-descriptor budget of reservations.
 
 pub mod engine;
+pub mod fds;
 pub mod host;
 pub mod local;
 pub mod relay;
@@ -17,6 +19,7 @@ pub mod server;
 use std::fs;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -142,13 +145,15 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
         }
     };
     let hangup = tokio::spawn(reload_on_sighup(tx.clone()));
+    let stopping = Arc::new(AtomicBool::new(false));
+    let engine_stopping = stopping.clone();
     let engine_thread = std::thread::Builder::new()
         .name("natmap-engine".into())
         .spawn(move || {
             // A bug must not leave a daemon that accepts requests nobody
             // handles: abort, so the service manager restarts natmap, which
             // rebuilds its rules from the state on disk.
-            let run = std::panic::AssertUnwindSafe(|| engine_loop(engine, rx));
+            let run = std::panic::AssertUnwindSafe(|| engine_loop(engine, rx, &engine_stopping));
             if std::panic::catch_unwind(run).is_err() {
                 tracing::error!("the engine panicked; aborting so natmap restarts from its state");
                 std::process::abort();
@@ -181,6 +186,10 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     ));
 
     server::serve(listener, tx.clone(), shutdown).await;
+    // Requests still queued are answered "shutting down" instead of being
+    // handled, so the rules come down within the unit's TimeoutStopSec
+    // however many clients were waiting.
+    stopping.store(true, Ordering::Relaxed);
     watcher.abort();
     hangup.abort();
 
@@ -193,7 +202,7 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     Ok(())
 }
 
-fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>) {
+fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>, stopping: &AtomicBool) {
     // Periodic work runs on a fixed schedule even while requests keep coming.
     let mut next_tick = Instant::now() + TICK;
     let mut stashed: Option<EngineMsg> = None;
@@ -215,6 +224,12 @@ fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>) {
             },
         };
         match msg {
+            EngineMsg::Request { reply, .. } if stopping.load(Ordering::Relaxed) => {
+                let _ = reply.send(Response::err(
+                    crate::proto::ErrorCode::Internal,
+                    "the daemon is shutting down",
+                ));
+            }
             EngineMsg::Request {
                 request,
                 peer,

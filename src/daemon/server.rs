@@ -1,27 +1,41 @@
 //! The control socket: a Unix stream socket speaking one JSON line per
 //! request and per response (see [`crate::proto`]).
 
+use std::collections::HashMap;
 use std::fs;
 use std::future::Future;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
-use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::proto::{Envelope, ErrorCode, Request, Response, MAX_FILTER_LEN, MAX_LINE_BYTES};
 
 use super::engine::Peer;
 use super::EngineMsg;
 
-/// Bound on simultaneous client connections.
-/// With [`MAX_LINE_BYTES`], bounds what clients can make the daemon buffer.
-const MAX_CONNECTIONS: usize = 64;
-/// A connection idle this long is closed.
+/// Bound on simultaneous client connections (each holds a socket and up to
+/// [`MAX_LINE_BYTES`] of buffer). When all are taken, a new client takes the
+/// slot of the one that has waited on its peer the longest ([`Slots`]).
+pub const MAX_CONNECTIONS: usize = 64;
+/// A connection that starts no request for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// A request line that has begun must be complete within this time.
+const LINE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An answer the client does not take within this time closes the connection.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Answers a client may leave unread while it sends more requests: then
+/// the daemon reads no more of its requests until it has read them.
+const MAX_UNREAD_ANSWERS: usize = 32;
+/// A connection waiting on its peer this long may lose its slot to a new
+/// client; shorter waits are the normal gap between connect and request.
+const EVICTABLE_AFTER: Duration = Duration::from_millis(250);
+/// Longest pause of the accept loop after an error (e.g. out of fds).
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Creates the socket with mode 0660 and group `group` without a moment in
 /// which anyone else could connect: it is bound inside a private (0700)
@@ -80,34 +94,69 @@ pub fn refuse_if_answered(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Accepts connections until `shutdown` completes.
+/// Accepts connections until `shutdown` completes, then closes them.
+///
+/// Neither waiting for a slot nor an accept error keeps SIGTERM waiting:
+/// both are raced against `shutdown`. Accept errors (EMFILE at the fd
+/// limit leaves the connection queued, so the socket stays readable) back
+/// off from 10 ms to [`MAX_ACCEPT_BACKOFF`] instead of spinning.
 pub(crate) async fn serve(
     listener: UnixListener,
     engine: mpsc::Sender<EngineMsg>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Slots::new();
     tokio::pin!(shutdown);
+    let mut backoff = Duration::ZERO;
     loop {
-        tokio::select! {
-            _ = &mut shutdown => return,
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let Ok(permit) = limit.clone().acquire_owned().await else { return };
-                let engine = engine.clone();
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    if let Err(e) = connection(stream, engine).await {
-                        tracing::debug!("connection ended: {e}");
+        let stream = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    backoff = accept_backoff(backoff, &e);
+                    tokio::select! {
+                        _ = &mut shutdown => break,
+                        _ = tokio::time::sleep(backoff) => continue,
                     }
-                });
+                }
+            },
+        };
+        backoff = Duration::ZERO;
+        let slot = tokio::select! {
+            _ = &mut shutdown => break,
+            slot = slots.admit() => slot,
+        };
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(stream, slot, engine).await {
+                tracing::debug!("connection ended: {e}");
             }
-        }
+        });
+    }
+    slots.close_all();
+}
+
+/// The next pause after a failed `accept`; the first failure of a run is
+/// logged as a warning, the rest at debug level.
+fn accept_backoff(previous: Duration, e: &std::io::Error) -> Duration {
+    if previous.is_zero() {
+        tracing::warn!("cannot accept a client connection: {e}; retrying with backoff");
+        Duration::from_millis(10)
+    } else {
+        tracing::debug!("accept: {e}");
+        (previous * 2).min(MAX_ACCEPT_BACKOFF)
     }
 }
 
 /// Serves one client: any number of request lines, one response line each.
-async fn connection(stream: UnixStream, engine: mpsc::Sender<EngineMsg>) -> std::io::Result<()> {
+/// Every wait on the client is bounded ([`IDLE_TIMEOUT`], [`LINE_TIMEOUT`],
+/// [`WRITE_TIMEOUT`]) and gives the slot up to a new client when asked.
+async fn connection(
+    stream: UnixStream,
+    slot: Slot,
+    engine: mpsc::Sender<EngineMsg>,
+) -> std::io::Result<()> {
     let peer = stream
         .peer_cred()
         .map(|c| Peer {
@@ -117,44 +166,220 @@ async fn connection(stream: UnixStream, engine: mpsc::Sender<EngineMsg>) -> std:
         .unwrap_or_default();
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
+    let mut unread = 0;
     loop {
+        // Wait for the start of a request, then for the whole line.
+        match slot.on_peer(IDLE_TIMEOUT, reader.fill_buf()).await {
+            Some(Ok([])) | None => return Ok(()),
+            Some(r) => r.map(|_| ())?,
+        }
         let mut line = Vec::new();
         let limit = MAX_LINE_BYTES as u64 + 1;
-        let n = match tokio::time::timeout(
-            IDLE_TIMEOUT,
-            (&mut reader).take(limit).read_until(b'\n', &mut line),
-        )
-        .await
-        {
-            Ok(r) => r?,
-            Err(_) => return Ok(()),
-        };
-        if n == 0 {
+        let mut bounded = (&mut reader).take(limit);
+        let read_line = bounded.read_until(b'\n', &mut line);
+        let Some(read) = slot.on_peer(LINE_TIMEOUT, read_line).await else {
             return Ok(());
-        }
+        };
+        read?;
         if line.last() != Some(&b'\n') && line.len() > MAX_LINE_BYTES {
             let response = Response::err(
                 ErrorCode::LineTooLong,
                 format!("request line longer than {MAX_LINE_BYTES} bytes; connection closed"),
             );
-            send(&mut write, &response).await?;
+            send(&slot, &mut write, &response).await?;
             return Ok(());
         }
         let response = match parse_request(&line) {
-            Ok(request) => ask_engine(&engine, request, peer).await,
+            Ok(request) => {
+                drop(line);
+                ask_engine(&engine, request, peer).await
+            }
             Err(response) => response,
         };
-        send(&mut write, &response).await?;
+        send(&slot, &mut write, &response).await?;
+        unread = if unread_bytes(&write) > 0 {
+            unread + 1
+        } else {
+            0
+        };
+        if unread >= MAX_UNREAD_ANSWERS {
+            // Pipelining is bounded: read nothing more until the client
+            // has taken its answers (or drop it, if it never does).
+            if slot
+                .on_peer(WRITE_TIMEOUT, answers_read(&write))
+                .await
+                .is_none()
+            {
+                tracing::debug!(?peer, "client does not read its answers; closed");
+                return Ok(());
+            }
+            unread = 0;
+        }
     }
 }
 
+/// Writes one response line within [`WRITE_TIMEOUT`]; a client that does
+/// not read is a `TimedOut` error (the connection is then closed).
 async fn send(
+    slot: &Slot,
     write: &mut tokio::net::unix::OwnedWriteHalf,
     response: &Response,
 ) -> std::io::Result<()> {
     let mut out = serde_json::to_vec(response).expect("response serializes");
     out.push(b'\n');
-    write.write_all(&out).await
+    match slot.on_peer(WRITE_TIMEOUT, write.write_all(&out)).await {
+        Some(r) => r,
+        None => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client did not read its answer",
+        )),
+    }
+}
+
+/// Bytes written to the client that it has not read yet (`SIOCOUTQ`).
+fn unread_bytes(write: &tokio::net::unix::OwnedWriteHalf) -> libc::c_int {
+    use std::os::fd::AsRawFd;
+    let stream: &UnixStream = write.as_ref();
+    let mut queued: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (== SIOCOUTQ) writes one c_int; the fd is open.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    if rc == 0 {
+        queued
+    } else {
+        0
+    }
+}
+
+/// Completes once the client has read every answer. The kernel has no
+/// wake-up for "the peer read", so this polls (only while a client is
+/// [`MAX_UNREAD_ANSWERS`] behind).
+async fn answers_read(write: &tokio::net::unix::OwnedWriteHalf) {
+    while unread_bytes(write) > 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The connection slots. A connection is either busy (its request is
+/// being parsed or handled) or waiting on its peer (for a request, for the
+/// rest of a line, for the client to take an answer). When all slots are
+/// taken, a new client evicts the connection that has waited on its peer
+/// the longest (at least [`EVICTABLE_AFTER`]): idle, half-sent or unread
+/// connections then cannot lock clients out, and no request that reached
+/// the daemon is cut off.
+struct Slots {
+    free: Arc<Semaphore>,
+    table: Arc<Mutex<SlotTable>>,
+}
+
+#[derive(Default)]
+struct SlotTable {
+    next_id: u64,
+    /// Per connection: since when it waits on its peer, and how to stop it.
+    waiting: HashMap<u64, (Option<Instant>, Arc<Notify>)>,
+}
+
+/// One connection's slot; freed when dropped.
+struct Slot {
+    id: u64,
+    table: Arc<Mutex<SlotTable>>,
+    evicted: Arc<Notify>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Slots {
+    fn new() -> Slots {
+        Slots {
+            free: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            table: Arc::default(),
+        }
+    }
+
+    /// A slot for a new connection: a free one, else the slot of the
+    /// connection that has waited on its peer the longest, else the first
+    /// that frees up.
+    async fn admit(&self) -> Slot {
+        loop {
+            if let Ok(permit) = self.free.clone().try_acquire_owned() {
+                return self.slot(permit);
+            }
+            self.evict_longest_waiting();
+            tokio::select! {
+                permit = self.free.clone().acquire_owned() => {
+                    return self.slot(permit.expect("the semaphore is never closed"));
+                }
+                _ = tokio::time::sleep(EVICTABLE_AFTER) => {}
+            }
+        }
+    }
+
+    fn slot(&self, permit: OwnedSemaphorePermit) -> Slot {
+        let mut table = lock(&self.table);
+        let id = table.next_id;
+        table.next_id += 1;
+        let evicted = Arc::new(Notify::new());
+        table.waiting.insert(id, (None, evicted.clone()));
+        Slot {
+            id,
+            table: self.table.clone(),
+            evicted,
+            _permit: permit,
+        }
+    }
+
+    fn evict_longest_waiting(&self) {
+        let mut table = lock(&self.table);
+        let now = Instant::now();
+        let victim = table
+            .waiting
+            .iter_mut()
+            .filter_map(|(_, (since, stop))| since.map(|t| (t, since, stop)))
+            .filter(|(t, _, _)| now.duration_since(*t) >= EVICTABLE_AFTER)
+            .min_by_key(|(t, _, _)| *t);
+        if let Some((_, since, stop)) = victim {
+            // Not waiting any more as far as eviction goes: picked once.
+            *since = None;
+            stop.notify_one();
+            tracing::debug!("all connection slots taken: closing the longest-waiting one");
+        }
+    }
+
+    /// Closes every connection (shutdown).
+    fn close_all(&self) {
+        for (_, stop) in lock(&self.table).waiting.values() {
+            stop.notify_one();
+        }
+    }
+}
+
+impl Slot {
+    /// Runs `wait`, a wait on the client, bounded by `timeout` and ended
+    /// early if the slot is taken for a new client or the daemon stops;
+    /// `None` then (the caller closes the connection).
+    async fn on_peer<F: Future>(&self, timeout: Duration, wait: F) -> Option<F::Output> {
+        self.mark(Some(Instant::now()));
+        let out = tokio::select! {
+            r = tokio::time::timeout(timeout, wait) => r.ok(),
+            _ = self.evicted.notified() => None,
+        };
+        self.mark(None);
+        out
+    }
+
+    fn mark(&self, since: Option<Instant>) {
+        if let Some(entry) = lock(&self.table).waiting.get_mut(&self.id) {
+            entry.0 = since;
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        lock(&self.table).waiting.remove(&self.id);
+    }
+}
+
+fn lock(table: &Mutex<SlotTable>) -> std::sync::MutexGuard<'_, SlotTable> {
+    table.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 async fn ask_engine(engine: &mpsc::Sender<EngineMsg>, request: Request, peer: Peer) -> Response {

@@ -147,7 +147,7 @@ impl Request {
             "docker_add" => Request::DockerAdd(args(raw)?),
             "docker_rm" => Request::DockerRm(args(raw)?),
             "docker_remap" => Request::DockerRemap(args(raw)?),
-            "apply" => Request::Apply(args(raw)?),
+            "apply" => Request::Apply(apply_arguments(raw)?),
             "export" => Request::Export(args(raw)?),
             "status" => Request::Status(args(raw)?),
             "save" => Request::Save(args(raw)?),
@@ -390,6 +390,40 @@ pub struct DryRunRequest {
     pub request: Box<Request>,
 }
 
+/// `apply` arguments with the document's rules still as text, so they can
+/// be read into a `Vec` of their exact length ([`strict::exact_vec`]).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyRaw<'a> {
+    #[serde(borrow)]
+    document: &'a RawValue,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DocumentRaw<'a> {
+    schema_version: u32,
+    #[serde(borrow)]
+    rules: &'a RawValue,
+}
+
+/// Reads `apply` arguments; errors name the path (`document.rules[3].ports`).
+fn apply_arguments(raw: &RawValue) -> Result<ApplyRequest, String> {
+    let apply: ApplyRaw = strict::arguments(raw)?;
+    let document: DocumentRaw =
+        strict::from_str(apply.document.get()).map_err(|m| format!("document.{m}"))?;
+    let rules = strict::exact_vec(document.rules).map_err(|m| format!("document.rules{m}"))?;
+    Ok(ApplyRequest {
+        document: Document {
+            schema_version: document.schema_version,
+            rules,
+        },
+        dry_run: apply.dry_run,
+    })
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DryRunRaw<'a> {
@@ -449,6 +483,22 @@ pub struct StatusReport {
     /// Things to know that need no action (they do not change the exit code).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// The daemon's file descriptors against its limit (absent from older
+    /// daemons, or if `/proc` cannot tell).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_files: Option<OpenFiles>,
+}
+
+/// File descriptors: what reservations may still use before the daemon
+/// refuses changes with `fd_limit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenFiles {
+    /// Open now.
+    pub open: usize,
+    /// The open-file limit (`LimitNOFILE`).
+    pub limit: usize,
+    /// Kept free for clients, iptables and the state file.
+    pub reserve: usize,
 }
 
 /// Docker's state as the daemon sees it.
@@ -630,6 +680,10 @@ pub enum ErrorCode {
     DaemonUnreachable,
     /// The daemon answered something the client could not read (client-side only).
     BadResponse,
+    /// The change would take the daemon's file descriptors (one socket
+    /// and one relay copy per reserved port) too close to its open-file
+    /// limit (`LimitNOFILE`); nothing changed.
+    FdLimit,
     /// A bug: the daemon could not handle the request.
     Internal,
     /// `install` or `uninstall` failed (client-side only).
@@ -658,6 +712,7 @@ impl ErrorCode {
             ErrorCode::AddressNotLocal => "address_not_local",
             ErrorCode::DaemonUnreachable => "daemon_unreachable",
             ErrorCode::BadResponse => "bad_response",
+            ErrorCode::FdLimit => "fd_limit",
             ErrorCode::Internal => "internal",
             ErrorCode::InstallFailed => "install_failed",
             ErrorCode::DaemonFailed => "daemon_failed",

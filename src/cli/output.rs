@@ -351,6 +351,15 @@ impl Printer {
                 ),
             },
         ]);
+        if let Some(f) = &s.open_files {
+            table.add_row(vec![
+                "open files".to_owned(),
+                format!(
+                    "{} of {} (LimitNOFILE; {} kept free for clients and iptables)",
+                    f.open, f.limit, f.reserve
+                ),
+            ]);
+        }
         for c in &s.conflicts {
             table.add_row(vec!["conflict".to_owned(), c.clone()]);
         }

@@ -32,6 +32,14 @@ pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     Ok(value)
 }
 
+/// [`from_slice`] for a borrowing `T` (e.g. one holding [`RawValue`]s).
+pub(crate) fn from_str<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, String> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(with_path)?;
+    de.end().map_err(|e| e.to_string())?;
+    Ok(value)
+}
+
 /// `path: message`, or the message alone for an error at the top.
 fn with_path(e: serde_path_to_error::Error<serde_json::Error>) -> String {
     match e.path().to_string().as_str() {
@@ -183,5 +191,69 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for SkipCmdMap<A> {
         seed: S,
     ) -> Result<S::Value, A::Error> {
         self.0.next_value_seed(seed)
+    }
+}
+
+/// Reads a JSON array as `Vec<T>` allocated once at its exact length (a
+/// first pass counts the elements without allocating): a growing `Vec`
+/// can hold twice the room it needs, and a rule is 200 bytes typed. Errors
+/// start with the element's path (`[3].ports: …`, or `: …` for the array).
+pub(crate) fn exact_vec<'a, T: Deserialize<'a>>(raw: &'a RawValue) -> Result<Vec<T>, String> {
+    let len = count_elements(raw)?;
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    let mut track = serde_path_to_error::Track::new();
+    let seed = ExactVec::<T>(len, std::marker::PhantomData);
+    let result = de::DeserializeSeed::deserialize(
+        seed,
+        serde_path_to_error::Deserializer::new(&mut de, &mut track),
+    );
+    match result {
+        Ok(v) => Ok(v),
+        Err(e) => Err(match track.path().to_string().as_str() {
+            "." => format!(": {e}"),
+            path => format!("{path}: {e}"),
+        }),
+    }
+}
+
+fn count_elements(raw: &RawValue) -> Result<usize, String> {
+    struct Count;
+    impl<'de> Visitor<'de> for Count {
+        type Value = usize;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON array")
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+            let mut n = 0;
+            while seq.next_element::<IgnoredAny>()?.is_some() {
+                n += 1;
+            }
+            Ok(n)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    de::Deserializer::deserialize_seq(&mut de, Count).map_err(|e| e.to_string())
+}
+
+struct ExactVec<T>(usize, std::marker::PhantomData<T>);
+
+impl<'de, T: Deserialize<'de>> de::DeserializeSeed<'de> for ExactVec<T> {
+    type Value = Vec<T>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Vec<T>, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for ExactVec<T> {
+    type Value = Vec<T>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON array")
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+        let mut out = Vec::with_capacity(self.0);
+        while let Some(item) = seq.next_element()? {
+            out.push(item);
+        }
+        Ok(out)
     }
 }

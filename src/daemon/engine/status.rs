@@ -5,10 +5,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 
 use crate::model::{Family, Proto, RuleId, RuleSpec};
-use crate::proto::{Counters, DockerStatus, LastRepair, RuleStatus, StatusReport};
+use crate::proto::{Counters, DockerStatus, LastRepair, OpenFiles, RuleStatus, StatusReport};
 use crate::rules::saved::SavedTables;
 
-use super::super::{host, reserve};
+use super::super::{fds, host, reserve};
 use super::Engine;
 
 impl Engine {
@@ -90,6 +90,7 @@ impl Engine {
         if !conflicts.is_empty() {
             problems.push(format!("{} port conflict(s)", conflicts.len()));
         }
+        let open_files = open_files(&mut problems);
         StatusReport {
             daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_secs: self.started.elapsed().as_secs(),
@@ -109,6 +110,7 @@ impl Engine {
             conflicts,
             problems,
             warnings,
+            open_files,
         }
     }
 
@@ -271,6 +273,23 @@ impl Engine {
 }
 
 /// `[12:720] -A CHAIN …` → (12, 720, "-A CHAIN …").
+/// The daemon's descriptors against its limit; a problem once the reserve
+/// is being used (changes that reserve ports are then refused).
+fn open_files(problems: &mut Vec<String>) -> Option<OpenFiles> {
+    let now = fds::usage().ok()?;
+    if now.open + fds::RESERVE > now.limit {
+        problems.push(format!(
+            "{} of {} open files used (LimitNOFILE): new ports are refused; raise the limit",
+            now.open, now.limit
+        ));
+    }
+    Some(OpenFiles {
+        open: now.open,
+        limit: now.limit,
+        reserve: fds::RESERVE,
+    })
+}
+
 fn parse_counted(line: &str) -> Option<(u64, u64, &str)> {
     let rest = line.strip_prefix('[')?;
     let (counts, rest) = rest.split_once("] ")?;

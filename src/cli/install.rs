@@ -135,6 +135,13 @@ Type=simple
 ExecStart=@BINARY@ natmap --socket @SOCKET@ daemon --state @STATE_FILE@ --socket-group @GROUP@
 Restart=on-failure
 RestartSec=2s
+# SIGTERM removes natmap's rules (the state stays for the next start) before
+# the daemon exits: at most a change in flight (two iptables-restore runs of
+# up to 10 s xtables-lock wait each, and their rollback) plus the removal
+# (two more), 60 s in the worst case, well under 1 s without lock contention,
+# also with every connection slot taken by hostile clients. A SIGKILL after
+# the timeout would leave DNAT rules in the kernel with no ports held.
+TimeoutStopSec=90s
 LimitNOFILE=65536
 # `systemctl reload natmap` re-reads /etc/natmap/config.toml (auto-discover);
 # a broken file keeps the running config. Rules and state are not touched.
@@ -991,6 +998,7 @@ mod tests {
             ("ProtectHome", "yes"),
             ("PrivateTmp", "yes"),
             ("LimitNOFILE", "65536"),
+            ("TimeoutStopSec", "90s"),
             ("WantedBy", "multi-user.target"),
         ] {
             assert_eq!(value(&unit, key), want, "{key}=");

@@ -168,19 +168,9 @@ async fn connection(
     let mut reader = BufReader::new(read);
     let mut unread = 0;
     loop {
-        // Wait for the start of a request, then for the whole line.
-        match slot.on_peer(IDLE_TIMEOUT, reader.fill_buf()).await {
-            Some(Ok([])) | None => return Ok(()),
-            Some(r) => r.map(|_| ())?,
-        }
-        let mut line = Vec::new();
-        let limit = MAX_LINE_BYTES as u64 + 1;
-        let mut bounded = (&mut reader).take(limit);
-        let read_line = bounded.read_until(b'\n', &mut line);
-        let Some(read) = slot.on_peer(LINE_TIMEOUT, read_line).await else {
+        let Some(line) = read_line(&slot, &mut reader).await? else {
             return Ok(());
         };
-        read?;
         if line.last() != Some(&b'\n') && line.len() > MAX_LINE_BYTES {
             let response = Response::err(
                 ErrorCode::LineTooLong,
@@ -196,12 +186,14 @@ async fn connection(
             }
             Err(response) => response,
         };
-        send(&slot, &mut write, &response).await?;
+        // Answers the client may not have read, this one included: counted
+        // before writing, as right after it even a prompt reader is behind.
         unread = if unread_bytes(&write) > 0 {
             unread + 1
         } else {
-            0
+            1
         };
+        send(&slot, &mut write, &response).await?;
         if unread >= MAX_UNREAD_ANSWERS {
             // Pipelining is bounded: read nothing more until the client
             // has taken its answers (or drop it, if it never does).
@@ -215,6 +207,27 @@ async fn connection(
             }
             unread = 0;
         }
+    }
+}
+
+/// The next request line (at most [`MAX_LINE_BYTES`] + 1 bytes, so an
+/// overlong one is seen as such); `None` when the client closed, sent
+/// nothing for [`IDLE_TIMEOUT`], did not finish its line within
+/// [`LINE_TIMEOUT`], or lost its slot.
+async fn read_line(
+    slot: &Slot,
+    reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+) -> std::io::Result<Option<Vec<u8>>> {
+    match slot.on_peer(IDLE_TIMEOUT, reader.fill_buf()).await {
+        Some(Ok([])) | None => return Ok(None),
+        Some(r) => r.map(|_| ())?,
+    }
+    let mut line = Vec::new();
+    let mut bounded = reader.take(MAX_LINE_BYTES as u64 + 1);
+    let read = bounded.read_until(b'\n', &mut line);
+    match slot.on_peer(LINE_TIMEOUT, read).await {
+        Some(r) => r.map(|_| Some(line)),
+        None => Ok(None),
     }
 }
 

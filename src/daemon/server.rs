@@ -6,6 +6,7 @@ use std::fs;
 use std::future::Future;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -288,14 +289,30 @@ struct Slots {
 struct SlotTable {
     next_id: u64,
     /// Per connection: since when it waits on its peer, and how to stop it.
-    waiting: HashMap<u64, (Option<Instant>, Arc<Notify>)>,
+    waiting: HashMap<u64, (Option<Instant>, Arc<Stop>)>,
+}
+
+/// Tells a connection to give up its slot. The flag makes it final: a
+/// connection told while its wait was completing closes all the same
+/// (before handling anything more), and never on a stale wake-up later.
+#[derive(Default)]
+struct Stop {
+    wake: Notify,
+    stopped: AtomicBool,
+}
+
+impl Stop {
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+    }
 }
 
 /// One connection's slot; freed when dropped.
 struct Slot {
     id: u64,
     table: Arc<Mutex<SlotTable>>,
-    evicted: Arc<Notify>,
+    stop: Arc<Stop>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -329,12 +346,12 @@ impl Slots {
         let mut table = lock(&self.table);
         let id = table.next_id;
         table.next_id += 1;
-        let evicted = Arc::new(Notify::new());
-        table.waiting.insert(id, (None, evicted.clone()));
+        let stop = Arc::new(Stop::default());
+        table.waiting.insert(id, (None, stop.clone()));
         Slot {
             id,
             table: self.table.clone(),
-            evicted,
+            stop,
             _permit: permit,
         }
     }
@@ -351,7 +368,7 @@ impl Slots {
         if let Some((_, since, stop)) = victim {
             // Not waiting any more as far as eviction goes: picked once.
             *since = None;
-            stop.notify_one();
+            stop.stop();
             tracing::debug!("all connection slots taken: closing the longest-waiting one");
         }
     }
@@ -359,7 +376,7 @@ impl Slots {
     /// Closes every connection (shutdown).
     fn close_all(&self) {
         for (_, stop) in lock(&self.table).waiting.values() {
-            stop.notify_one();
+            stop.stop();
         }
     }
 }
@@ -372,10 +389,12 @@ impl Slot {
         self.mark(Some(Instant::now()));
         let out = tokio::select! {
             r = tokio::time::timeout(timeout, wait) => r.ok(),
-            _ = self.evicted.notified() => None,
+            _ = self.stop.wake.notified() => None,
         };
         self.mark(None);
-        out
+        // Told to stop while the wait completed: stop all the same. Only
+        // waits on the peer end here, so no handled request is cut off.
+        out.filter(|_| !self.stop.stopped.load(Ordering::Relaxed))
     }
 
     fn mark(&self, since: Option<Instant>) {

@@ -680,8 +680,8 @@ pub enum ErrorCode {
     DaemonUnreachable,
     /// The daemon answered something the client could not read (client-side only).
     BadResponse,
-    /// The change would take the daemon's file descriptors (one socket
-    /// and one relay copy per reserved port) too close to its open-file
+    /// The change would take the daemon's file descriptors (up to two per
+    /// reserved port: the socket and its loopback relay) too close to its open-file
     /// limit (`LimitNOFILE`); nothing changed.
     FdLimit,
     /// A bug: the daemon could not handle the request.

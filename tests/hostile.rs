@@ -278,10 +278,11 @@ fn at_the_fd_limit_accept_backs_off_and_changes_get_fd_limit() {
     let ns = bare_router();
     let d = isolated_daemon(&ns);
     let pid = d.pid().unwrap();
-    const LIMIT: u64 = 500;
+    // The reserve is 193 + 2 x 1024 relayed connections = 2241.
+    const LIMIT: u64 = 3000;
     set_nofile(pid, LIMIT, LIMIT);
 
-    // 200 ports need 400 descriptors: over the budget of a 500 limit.
+    // 600 ports need 1200 descriptors: over the budget of a 3000 limit.
     let (status, out) = d.cli_json_output(&[
         "dnat",
         "--ext-ip",
@@ -289,13 +290,13 @@ fn at_the_fd_limit_accept_backs_off_and_changes_get_fd_limit() {
         "--int-ip",
         INT,
         "--ports",
-        "20000-20199",
+        "20000-20599",
     ]);
     assert!(!status.success(), "{out}");
     assert_eq!(out["error"]["code"], "fd_limit", "{out}");
     let message = out["error"]["message"].as_str().unwrap().to_string();
     assert!(
-        message.contains("500") && message.contains("LimitNOFILE"),
+        message.contains("3000") && message.contains("LimitNOFILE"),
         "{message}"
     );
     assert!(natmap_lines(&ns, false).is_empty(), "rules changed");
@@ -307,7 +308,7 @@ fn at_the_fd_limit_accept_backs_off_and_changes_get_fd_limit() {
     assert!(!port_is_held(&ns, "tcp", port), "a port stayed reserved");
     // An apply document is held to the same budget.
     let doc = json!({"schema_version": 1, "rules": [{"kind": "dnat", "ext_ip": EXT,
-        "int_ip": INT, "ports": "21000-21199", "proto": "udp", "ext_if": null}]});
+        "int_ip": INT, "ports": "21000-21599", "proto": "udp", "ext_if": null}]});
     let answer = d.call(json!({"cmd": "apply", "document": doc}));
     assert_eq!(answer["error"]["code"], "fd_limit", "{answer}");
 
@@ -324,11 +325,11 @@ fn at_the_fd_limit_accept_backs_off_and_changes_get_fd_limit() {
     let s = d.cli_json(&["status"]);
     let files = s["data"]["open_files"].clone();
     assert_eq!(files["limit"], LIMIT, "{s}");
-    assert!(files["open"].as_u64().unwrap() >= 100, "{s}");
+    assert!(files["open"].as_u64().unwrap() >= 50, "{s}");
     // (status exits 4 here: ip_forward is off in the namespace.)
     let text = String::from_utf8_lossy(&d.cli(&["status"]).stdout).into_owned();
     assert!(
-        text.contains("open files") && text.contains("of 500"),
+        text.contains("open files") && text.contains("of 3000"),
         "{text}"
     );
 
@@ -352,7 +353,7 @@ fn at_the_fd_limit_accept_backs_off_and_changes_get_fd_limit() {
     BufReader::new(&waiting).read_line(&mut answer).unwrap();
     assert!(answer.contains("\"ok\":true"), "{answer:?}");
     report(&format!(
-        "fd limit {LIMIT}: 200 ports refused with fd_limit ({message}), 50 accepted; status \
+        "fd limit {LIMIT}: 600 ports refused with fd_limit ({message}), 50 accepted; status \
          {files}; at EMFILE the daemon used {:.0} ms CPU in 2 s",
         spent.as_secs_f64() * 1e3
     ));
@@ -360,7 +361,13 @@ fn at_the_fd_limit_accept_backs_off_and_changes_get_fd_limit() {
         spent < Duration::from_millis(300),
         "accept spins: {spent:?} CPU in 2 s"
     );
-    d.assert_clean_log_except(&["cannot accept", "Too many open files"]);
+    // At EMFILE the address check cannot read the host's addresses and
+    // withdraws the rule (fail closed; see docs/reliability.md, Findings).
+    d.assert_clean_log_except(&[
+        "cannot accept",
+        "Too many open files",
+        "address left this host",
+    ]);
 }
 
 // ───────────────────────────── 3. duplicate keys ─────────────────────────────

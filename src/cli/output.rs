@@ -355,7 +355,7 @@ impl Printer {
             table.add_row(vec![
                 "open files".to_owned(),
                 format!(
-                    "{} of {} (LimitNOFILE; {} kept free for clients and iptables)",
+                    "{} of {} (LimitNOFILE; {} kept free for clients, relays and iptables)",
                     f.open, f.limit, f.reserve
                 ),
             ]);

@@ -1,14 +1,15 @@
 //! The file-descriptor budget.
 //!
-//! Every reserved port is a socket, and its relay holds a copy (`dup`), so
-//! a rule of 1,024 ports costs 2,048 descriptors. Left unchecked, rules
+//! Every reserved port is a socket, and its loopback relay another, so a
+//! rule of 1,024 ports costs up to 2,048 descriptors. Left unchecked, rules
 //! could take every descriptor up to the limit: then the control socket
 //! cannot accept, `iptables-restore` cannot be started (drift repair fails
-//! every tick) and the state file cannot be written. So a [`RESERVE`] is
+//! every tick) and the state file cannot be written. So a [`reserve`] is
 //! kept for those, and a change whose ports would eat into it is refused
 //! with `fd_limit`, naming the limit and how to raise it.
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 #[cfg(doc)]
 use crate::proto::ErrorCode;
@@ -18,14 +19,29 @@ use super::server::MAX_CONNECTIONS;
 /// Descriptors kept free for the daemon's own work: every control
 /// connection and the listener, two `iptables-restore` runs (three pipes
 /// each, plus the exec check), the state file, its temporary file, its
-/// directory and lock, `/proc` reads, Docker connections and the relayed
-/// loopback connections in flight, with room to spare.
-pub const RESERVE: usize = MAX_CONNECTIONS + 1 + 128;
+/// directory and lock, `/proc` reads and Docker connections, with room to
+/// spare. Relayed connections come on top ([`reserve`]).
+pub const BASE_RESERVE: usize = MAX_CONNECTIONS + 1 + 128;
 
-/// Descriptors one reserved port costs: the socket and the relay's copy.
-/// Counted for TCP and UDP alike (conservative: a UDP relay's per-client
-/// sockets and a TCP relay's connections come out of [`RESERVE`]).
+/// Descriptors one reserved port costs, at most: the reservation and the
+/// relay's loopback socket beside it (only for a wildcard or loopback bind;
+/// counted for every port, to be safe).
 pub const PER_PORT: usize = 2;
+
+/// Two descriptors per relayed connection the relay may hold (client and
+/// upstream; one for a UDP client): the relay's global cap, doubled.
+static RELAYED: AtomicUsize = AtomicUsize::new(2 * 1024);
+
+/// Sets the relay's cap on connections (`[relay] max_connections`), whose
+/// descriptors the reserve keeps free.
+pub fn set_relayed_connections(max: usize) {
+    RELAYED.store(max.saturating_mul(2), Ordering::Relaxed);
+}
+
+/// Descriptors kept free: [`BASE_RESERVE`] plus the relay's connections.
+pub fn reserve() -> usize {
+    BASE_RESERVE.saturating_add(RELAYED.load(Ordering::Relaxed))
+}
 
 /// How many descriptors the daemon has open, and its limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +66,7 @@ pub fn usage() -> io::Result<FdUse> {
     })
 }
 
-/// Whether reserving `new_ports` more ports keeps [`RESERVE`] descriptors
+/// Whether reserving `new_ports` more ports keeps [`reserve`] descriptors
 /// free; if not, the message for [`ErrorCode::FdLimit`], naming the limit
 /// and how to raise it. If the count cannot be read, the change goes ahead
 /// (binding then fails by itself with the OS error).
@@ -60,14 +76,16 @@ pub fn check(new_ports: usize) -> Result<(), String> {
     }
     let Ok(now) = usage() else { return Ok(()) };
     let needed = new_ports * PER_PORT;
-    if now.open + needed + RESERVE <= now.limit {
+    let reserve = reserve();
+    if now.open + needed + reserve <= now.limit {
         return Ok(());
     }
-    let free = now.limit.saturating_sub(now.open + RESERVE);
+    let free = now.limit.saturating_sub(now.open + reserve);
     Err(format!(
         "{new_ports} more port(s) need {needed} file descriptors, but only {free} of the \
-             daemon's open-file limit of {} are free ({} open, {RESERVE} kept for clients, \
-             iptables and the state file; {PER_PORT} per port): nothing was changed. Raise \
+             daemon's open-file limit of {} are free ({} open, {reserve} kept for clients, \
+             relayed connections, iptables and the state file; {PER_PORT} per port): nothing \
+             was changed. Raise \
              LimitNOFILE in the natmap unit (`systemctl edit natmap`, then restart), or \
              `ulimit -n` before starting the daemon by hand",
         now.limit, now.open

@@ -117,6 +117,7 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     server::refuse_if_answered(&config.socket_path)?;
     let nf: Arc<dyn Netfilter> = Arc::new(executor);
     let state_path = config.state_path.clone();
+    fds::set_relayed_connections(file_config.relay.limits().max_connections);
     let relays = Relays::new(
         tokio::runtime::Handle::current(),
         file_config.relay.limits(),

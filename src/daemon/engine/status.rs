@@ -277,7 +277,7 @@ impl Engine {
 /// is being used (changes that reserve ports are then refused).
 fn open_files(problems: &mut Vec<String>) -> Option<OpenFiles> {
     let now = fds::usage().ok()?;
-    if now.open + fds::RESERVE > now.limit {
+    if now.open + fds::reserve() > now.limit {
         problems.push(format!(
             "{} of {} open files used (LimitNOFILE): new ports are refused; raise the limit",
             now.open, now.limit
@@ -286,7 +286,7 @@ fn open_files(problems: &mut Vec<String>) -> Option<OpenFiles> {
     Some(OpenFiles {
         open: now.open,
         limit: now.limit,
-        reserve: fds::RESERVE,
+        reserve: fds::reserve(),
     })
 }
 

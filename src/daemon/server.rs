@@ -21,7 +21,7 @@ use super::EngineMsg;
 
 /// Bound on simultaneous client connections (each holds a socket and up to
 /// [`MAX_LINE_BYTES`] of buffer). When all are taken, a new client takes the
-/// slot of the one that has waited on its peer the longest ([`Slots`]).
+/// slot of the one that has waited on its peer the longest.
 pub const MAX_CONNECTIONS: usize = 64;
 /// A connection that starts no request for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);

@@ -419,7 +419,7 @@ fn duplicate_keys_are_refused_on_the_socket_in_documents_and_in_state() {
     d.respawn();
     let s = d.cli_json(&["status"]);
     assert!(s["data"]["problems"].to_string().contains("corrupt"), "{s}");
-    assert!(d.log().contains("duplicate field `ports`"), "{}", d.log());
+    assert!(d.log().contains("duplicate key \"ports\""), "{}", d.log());
     d.assert_clean_log_except(&["STATE FILE IS CORRUPT"]);
 }
 

@@ -24,8 +24,11 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// Parses `bytes` as one JSON document into `T`, refusing duplicate keys
-/// and naming the path of a bad field (`rules[3].ports: …`).
+/// anywhere (also inside parts `T` keeps as `serde_json::Value`, which the
+/// state file does with its rules until each is vetted) and naming the
+/// path of a bad field (`rules[3].ports: …`).
 pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    check_unique_keys(bytes)?;
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(with_path)?;
     de.end().map_err(|e| e.to_string())?;
@@ -255,5 +258,85 @@ impl<'de, T: Deserialize<'de>> Visitor<'de> for ExactVec<T> {
             out.push(item);
         }
         Ok(out)
+    }
+}
+
+/// Refuses a JSON document in which any object has a key twice: a pass
+/// over the text that keeps only the keys of the objects it is inside.
+pub fn check_unique_keys(bytes: &[u8]) -> Result<(), String> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    de::DeserializeSeed::deserialize(Unique, &mut de)
+        .and_then(|()| de.end())
+        .map_err(|e| e.to_string())
+}
+
+/// [`check_unique_keys`]' visitor: accepts any value, refuses a repeated key.
+struct Unique;
+
+impl<'de> de::DeserializeSeed<'de> for Unique {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Unique {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Unique)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            map.next_value_seed(Unique)?;
+            if let Some(key) = seen.replace(key) {
+                return Err(duplicate(&key));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duplicate_keys_are_found_at_any_depth() {
+        assert_eq!(
+            check_unique_keys(br#"{"a":[{"b":1,"c":{"d":null}}],"e":"x"}"#),
+            Ok(())
+        );
+        for doc in [
+            r#"{"a":1,"a":2}"#,
+            r#"{"rules":[{"id":1},{"id":2,"ports":"1","ports":"2"}]}"#,
+            r#"[[{"x":{"y":true,"y":false}}]]"#,
+        ] {
+            let err = check_unique_keys(doc.as_bytes()).unwrap_err();
+            assert!(err.contains("duplicate key"), "{doc}: {err}");
+        }
+        assert!(check_unique_keys(b"{\"a\":1} x").is_err(), "trailing text");
     }
 }

@@ -185,6 +185,9 @@ fn odd_spellings_through_the_daemon_are_never_repaired() {
             "ext0",
             "--ext-ip",
             "192.0.2.1",
+            // With the accepts, so the odd spellings reach the filter table
+            // too (and the FORWARD DROP note does not make status exit 4).
+            "--forward",
         ],
         &[
             "snat",
@@ -194,6 +197,7 @@ fn odd_spellings_through_the_daemon_are_never_repaired() {
             "+",
             "--ext-ip",
             "2001:db8:1::1",
+            "--forward",
         ],
         &[
             "hairpin",

@@ -375,20 +375,10 @@ fn container_info(c: bollard::models::ContainerInspectResponse) -> ContainerInfo
         .and_then(|s| s.networks)
         .unwrap_or_default()
         .into_iter()
-        .map(|(network, ep)| {
-            let endpoint = |addr: Option<String>, prefix: Option<i64>| {
-                let ip: IpAddr = addr.filter(|a| !a.is_empty())?.parse().ok()?;
-                let host = HostIp::parse_field("container address", &ip.to_string()).ok()?;
-                let subnet = prefix
-                    .and_then(|p| u8::try_from(p).ok())
-                    .and_then(|p| Network::new(ip, p));
-                Some(Endpoint { ip: host, subnet })
-            };
-            NetworkAddrs {
-                v4: endpoint(ep.ip_address, ep.ip_prefix_len),
-                v6: endpoint(ep.global_ipv6_address, ep.global_ipv6_prefix_len),
-                network,
-            }
+        .map(|(network, ep)| NetworkAddrs {
+            v4: endpoint(ep.ip_address, ep.ip_prefix_len),
+            v6: endpoint(ep.global_ipv6_address, ep.global_ipv6_prefix_len),
+            network,
         })
         .collect::<Vec<_>>();
     let mut networks = networks;

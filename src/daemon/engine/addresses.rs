@@ -139,22 +139,11 @@ impl Engine {
         }
         let mut installed = Vec::new();
         for id in back {
-            let Some(rule) = self.state.rules.iter().find(|r| r.id == id) else {
+            let Some(rule) = self.state.rules.iter().find(|r| r.id == id).cloned() else {
                 continue;
             };
-            match reserve::bind_all(&rule.spec.port_claims()) {
-                Ok(held) => {
-                    self.inactive.remove(&id);
-                    self.held.insert(id, held);
-                    installed.push(id);
-                }
-                Err(busy) => {
-                    let conflict = Inactive {
-                        status: RuleStatus::PortConflict,
-                        reason: busy.message,
-                    };
-                    self.inactive.insert(id, conflict);
-                }
+            if self.reserve_or_wait(&rule) {
+                installed.push(id);
             }
         }
         let desired = self.desired(&self.state);

@@ -245,6 +245,15 @@ impl Engine {
             RuleSpec::Snat(s) if !s.forward && self.forward_drops(s.ext_ip.family()) => {
                 vec![snat_dropped_note(s)]
             }
+            // docker-proxy would answer there (hiding the client); natmap
+            // forwards only to an address of the same family.
+            RuleSpec::Docker(d) if d.host_ip.is_none() && d.is_up() && d.target_v6.is_none() => {
+                vec![format!(
+                    "{} has no IPv6 address: it is not reachable over the host's IPv6 addresses \
+                     or [::1] (give it an IPv6 network to publish it there)",
+                    d.name
+                )]
+            }
             _ => Vec::new(),
         }
     }

@@ -411,23 +411,10 @@ impl Engine {
         if self.held.contains_key(&rule.id) {
             return;
         }
-        match reserve::bind_all(&rule.spec.port_claims()) {
-            Ok(held) => {
-                self.held.insert(rule.id, held);
-            }
-            Err(busy) => {
-                tracing::warn!(rule = rule.id, "mapping waits: {busy}");
-                self.inactive.insert(
-                    rule.id,
-                    super::Inactive {
-                        status: crate::proto::RuleStatus::PortConflict,
-                        reason: busy.message,
-                    },
-                );
-                let desired = self.desired(&self.state);
-                if let Err(e) = self.apply(&desired) {
-                    tracing::error!(rule = rule.id, "cannot withdraw the mapping: {e}");
-                }
+        if !self.reserve_or_wait(rule) {
+            let desired = self.desired(&self.state);
+            if let Err(e) = self.apply(&desired) {
+                tracing::error!(rule = rule.id, "cannot withdraw the mapping: {e}");
             }
         }
     }

@@ -288,21 +288,7 @@ impl Engine {
                 // confirms it: it reserves its port when it is up.
                 continue;
             }
-            match reserve::bind_all(&rule.spec.port_claims()) {
-                Ok(held) => {
-                    self.held.insert(rule.id, held);
-                }
-                Err(busy) => {
-                    tracing::warn!(rule = rule.id, "rule skipped: {busy}");
-                    self.inactive.insert(
-                        rule.id,
-                        Inactive {
-                            status: RuleStatus::PortConflict,
-                            reason: busy.message,
-                        },
-                    );
-                }
-            }
+            self.reserve_or_wait(rule);
         }
         let desired = self.desired(&self.state);
         for family in self.families() {
@@ -819,6 +805,28 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Reserves the rule's ports; when one is taken, the rule waits as a
+    /// port conflict (retried every tick) and holds nothing. Returns whether
+    /// it holds its ports.
+    fn reserve_or_wait(&mut self, rule: &Rule) -> bool {
+        match reserve::bind_all(&rule.spec.port_claims()) {
+            Ok(held) => {
+                self.inactive.remove(&rule.id);
+                self.held.insert(rule.id, held);
+                true
+            }
+            Err(busy) => {
+                tracing::warn!(rule = rule.id, "rule skipped: {busy}");
+                let waiting = Inactive {
+                    status: RuleStatus::PortConflict,
+                    reason: busy.message,
+                };
+                self.inactive.insert(rule.id, waiting);
+                false
+            }
+        }
     }
 
     /// Serves loopback for the rule (its relay, see `daemon::relay`), once

@@ -17,6 +17,7 @@ use crate::proto::{
 };
 
 use super::engine::Peer;
+use super::metrics::Latency;
 use super::EngineMsg;
 
 /// Bound on simultaneous client connections.
@@ -87,6 +88,7 @@ pub(crate) async fn serve(
     listener: UnixListener,
     engine: mpsc::Sender<EngineMsg>,
     shutdown: impl Future<Output = ()>,
+    latency: Latency,
 ) {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
@@ -96,10 +98,10 @@ pub(crate) async fn serve(
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let Ok(permit) = limit.clone().acquire_owned().await else { return };
-                let engine = engine.clone();
+                let (engine, latency) = (engine.clone(), latency.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
-                    if let Err(e) = connection(stream, engine).await {
+                    if let Err(e) = connection(stream, engine, latency).await {
                         tracing::debug!("connection ended: {e}");
                     }
                 });
@@ -109,7 +111,11 @@ pub(crate) async fn serve(
 }
 
 /// Serves one client: any number of request lines, one response line each.
-async fn connection(stream: UnixStream, engine: mpsc::Sender<EngineMsg>) -> std::io::Result<()> {
+async fn connection(
+    stream: UnixStream,
+    engine: mpsc::Sender<EngineMsg>,
+    latency: Latency,
+) -> std::io::Result<()> {
     let peer = stream
         .peer_cred()
         .map(|c| Peer {
@@ -143,7 +149,12 @@ async fn connection(stream: UnixStream, engine: mpsc::Sender<EngineMsg>) -> std:
             return Ok(());
         }
         let response = match parse_request(&line) {
-            Ok(request) => ask_engine(&engine, request, peer).await,
+            Ok(request) => {
+                let (command, asked) = (request.name(), std::time::Instant::now());
+                let response = ask_engine(&engine, request, peer).await;
+                latency.observe(command, asked.elapsed());
+                response
+            }
             Err(response) => response,
         };
         send(&mut write, &response).await?;

@@ -98,7 +98,7 @@ pub(crate) enum EngineMsg {
     Reload,
     /// A `/metrics` scrape: answer with the engine's snapshot.
     Metrics {
-        reply: oneshot::Sender<Box<engine::MetricsSnapshot>>,
+        reply: oneshot::Sender<Box<(engine::MetricsSnapshot, engine::CounterReader)>>,
     },
 }
 

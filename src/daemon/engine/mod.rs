@@ -52,7 +52,7 @@ use super::reserve::{self, Reservation};
 use batch::Change;
 pub use batch::MAX_BATCH;
 pub use docker::{Observation, PendingAdd};
-pub use metrics::MetricsSnapshot;
+pub use metrics::{CounterReader, MetricsSnapshot};
 
 /// Who sent a request (from `SO_PEERCRED`), for the change log.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -1,8 +1,9 @@
 //! `--metrics-listen ADDR:PORT`: Prometheus metrics at `/metrics`.
 //!
 //! A scrape costs one engine round trip ([`EngineMsg::Metrics`], answered
-//! with the data of `ls -v` and `status`); the connection table is read
-//! and everything is encoded here, off the engine thread.
+//! with the data of `ls` and `status`); the kernel counters and the
+//! connection table are read and everything is encoded here, off the engine
+//! thread.
 //!
 //! - `http`: the tiny HTTP/1.1 responder (GET /metrics only);
 //! - `encode`: the metrics and their labels;
@@ -23,6 +24,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Semaphore};
 
+use super::engine::{CounterReader, MetricsSnapshot};
 use super::EngineMsg;
 use http::{HeadError, Reply, Route};
 
@@ -170,21 +172,45 @@ async fn connection(
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
-/// One engine round trip, the connection table, the text.
+/// One engine round trip, the kernel counters, the connection table, the
+/// text. Logs (at debug) where the time went.
 async fn scrape(engine: &mpsc::Sender<EngineMsg>, latency: &Latency) -> Result<String, String> {
+    let started = std::time::Instant::now();
+    let (snapshot, counters) = ask_engine(engine).await?;
+    let engine_took = started.elapsed();
+    let snapshot = tokio::task::spawn_blocking(move || {
+        let mut snapshot = snapshot;
+        counters.fill(&mut snapshot.rules);
+        snapshot
+    })
+    .await
+    .map_err(|e| format!("reading the counters failed: {e}"))?;
+    let counters_took = started.elapsed() - engine_took;
+    let connections = conntrack::count(&snapshot.rules).await;
+    let text = encode::encode(&snapshot, connections.as_ref(), latency);
+    tracing::debug!(
+        rules = snapshot.rules.len(),
+        engine_us = engine_took.as_micros(),
+        counters_us = counters_took.as_micros(),
+        total_us = started.elapsed().as_micros(),
+        "metrics scrape"
+    );
+    Ok(text)
+}
+
+/// The engine's part of a scrape, bounded by [`ENGINE_TIMEOUT`].
+async fn ask_engine(
+    engine: &mpsc::Sender<EngineMsg>,
+) -> Result<(MetricsSnapshot, CounterReader), String> {
     let (reply, answer) = oneshot::channel();
     engine
         .send(EngineMsg::Metrics { reply })
         .map_err(|_| "the daemon is shutting down".to_owned())?;
-    let snapshot = match tokio::time::timeout(ENGINE_TIMEOUT, answer).await {
-        Ok(Ok(snapshot)) => snapshot,
-        Ok(Err(_)) => return Err("the daemon is shutting down".into()),
-        Err(_) => {
-            return Err(format!(
-                "the engine did not answer within {ENGINE_TIMEOUT:?} (busy applying a change?)"
-            ))
-        }
-    };
-    let connections = conntrack::count(&snapshot.rules).await;
-    Ok(encode::encode(&snapshot, connections.as_ref(), latency))
+    match tokio::time::timeout(ENGINE_TIMEOUT, answer).await {
+        Ok(Ok(answer)) => Ok(*answer),
+        Ok(Err(_)) => Err("the daemon is shutting down".into()),
+        Err(_) => Err(format!(
+            "the engine did not answer within {ENGINE_TIMEOUT:?} (busy applying a change?)"
+        )),
+    }
 }

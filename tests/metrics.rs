@@ -217,7 +217,59 @@ fn the_connections_gauge_follows_open_connections_and_repairs_are_counted() {
         .unwrap()
         .as_secs_f64();
     assert!((now - 30.0..=now + 1.0).contains(&at), "{at} vs now {now}");
+    // Every metric exported now: the shipped dashboard asks for no other.
+    dashboard_queries_only(&text);
     d.assert_clean_log_except(&["repaired"]);
+}
+
+/// Every `natmap_…` name in packaging/grafana/natmap.json's queries has
+/// samples in `scrape`, and every panel takes the data source variable.
+fn dashboard_queries_only(scrape: &str) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/grafana/natmap.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).expect("valid JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 8, "{} panels", panels.len());
+    for panel in panels {
+        assert_eq!(panel["datasource"]["uid"], "${datasource}", "{panel}");
+    }
+    let mut queries = Vec::new();
+    collect_queries(&dashboard, &mut queries);
+    let mut names: Vec<&str> = queries
+        .iter()
+        .flat_map(|q| q.match_indices("natmap_").map(|(at, _)| &q[at..]))
+        .map(|tail| {
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            &tail[..end]
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    assert!(names.len() >= 8, "{names:?}");
+    for name in names {
+        let exported = scrape.lines().any(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        });
+        assert!(exported, "the dashboard queries {name}, not in\n{scrape}");
+    }
+}
+
+fn collect_queries(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (key, value) in map {
+                match (key.as_str(), value) {
+                    ("expr" | "definition", serde_json::Value::String(s)) => out.push(s.clone()),
+                    _ => collect_queries(value, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|i| collect_queries(i, out)),
+        _ => {}
+    }
 }
 
 #[test]

@@ -395,3 +395,34 @@ fn metrics_are_off_by_default_and_the_flag_wins_over_the_config() {
     assert!(refused.is_err(), "the config's address answers too");
     d.assert_clean_log();
 }
+
+#[test]
+fn a_dry_run_start_says_it_would_serve_metrics_and_serves_nothing() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::new();
+    let dir = StateDir::new();
+    let state = dir.state_path().display().to_string();
+    let out = topo.router.exec(&[
+        LAB_OPS_BIN,
+        "natmap",
+        "--dry-run",
+        "daemon",
+        "--state",
+        &state,
+        "--metrics-listen",
+        "127.0.0.1:9477",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("serve Prometheus metrics at http://127.0.0.1:9477/metrics"),
+        "{text}"
+    );
+    assert_eq!(topo.router.run_ok(&["ss", "-Hltn"]).trim(), "");
+}

@@ -91,7 +91,8 @@ pub fn plan_daemon(args: DaemonArgs, g: &super::GlobalArgs) -> Result<ExitCode> 
         .config_path
         .clone()
         .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_PATH));
-    crate::config::Config::load(&config_path, args.config_path.is_some()).map_err(|e| eyre!(e))?;
+    let file_config = crate::config::Config::load(&config_path, args.config_path.is_some())
+        .map_err(|e| eyre!(e))?;
     let state = read_state(&args.state_path)?;
     let desired = render::desired(&state.rules);
     let nf = crate::netfilter::IptablesExecutor;
@@ -102,6 +103,12 @@ pub fn plan_daemon(args: DaemonArgs, g: &super::GlobalArgs) -> Result<ExitCode> 
         state.rules.len(),
         args.state_path.display()
     )];
+    if let Some(m) = args.metrics_listen.or(file_config.metrics_listen) {
+        effects.push(format!(
+            "serve Prometheus metrics at http://{}/metrics",
+            m.0
+        ));
+    }
     for family in Family::ALL {
         // What the kernel holds decides which hooks the start would repair.
         match nf.save(family) {

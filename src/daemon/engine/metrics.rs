@@ -17,9 +17,11 @@ use super::Engine;
 /// One scrape's worth of engine facts.
 #[derive(Debug, Clone)]
 pub struct MetricsSnapshot {
-    /// Every rule as `ls` shows it; `counters` are filled by
-    /// [`CounterReader::fill`].
+    /// Every rule as `ls` shows it, quarantined ones included; `counters`
+    /// are filled by [`CounterReader::fill`].
     pub rules: Vec<RuleView>,
+    /// Quarantined state file entries that are not even rules.
+    pub unreadable: usize,
     /// Whether Docker answers.
     pub docker_reachable: bool,
     /// Drift repairs since start.
@@ -55,8 +57,10 @@ impl Engine {
             counters: false,
         };
         let now = SystemTime::now();
+        let list = self.list(&ls);
         let snapshot = MetricsSnapshot {
-            rules: self.list(&ls).rules,
+            rules: list.rules,
+            unreadable: list.unreadable.len(),
             docker_reachable: self.docker.is_some(),
             repairs: self.repairs,
             // The engine keeps a monotonic instant; a wall-clock time is

@@ -11,8 +11,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::model::{PortList, Rule, RuleId, RuleSpec};
-use crate::proto::RuleStatus;
+use crate::model::{PortList, RuleId, RuleSpec};
+use crate::proto::{RuleStatus, RuleView};
 
 use super::super::engine::MetricsSnapshot;
 use super::Latency;
@@ -38,7 +38,7 @@ struct StatusLabels {
 
 /// Every status a rule can have, so a status with no rules reads 0 rather
 /// than vanishing from a dashboard.
-const STATUSES: [RuleStatus; 7] = [
+const STATUSES: [RuleStatus; 8] = [
     RuleStatus::Active,
     RuleStatus::PortConflict,
     RuleStatus::Unavailable,
@@ -46,6 +46,7 @@ const STATUSES: [RuleStatus; 7] = [
     RuleStatus::Stale,
     RuleStatus::WaitingForAddress,
     RuleStatus::Unknown,
+    RuleStatus::Quarantined,
 ];
 
 /// The name `status` and `ls --json` use.
@@ -58,6 +59,7 @@ fn status_name(s: RuleStatus) -> &'static str {
         RuleStatus::Stale => "stale",
         RuleStatus::WaitingForAddress => "waiting_for_address",
         RuleStatus::Unknown => "unknown",
+        RuleStatus::Quarantined => "quarantined",
     }
 }
 
@@ -68,9 +70,14 @@ fn host_ports(ip: IpAddr, ports: &PortList) -> String {
     }
 }
 
-/// The labels of a rule's series; `None` for a rule without counters
-/// (a policy route changes routing, not netfilter).
-fn rule_labels(rule: &Rule) -> Option<RuleLabels> {
+/// The labels of a rule's series; `None` for a rule without counters: a
+/// policy route changes routing, not netfilter, and a quarantined entry is
+/// never installed (and may share its id with a rule that is).
+fn rule_labels(view: &RuleView) -> Option<RuleLabels> {
+    if view.status == RuleStatus::Quarantined {
+        return None;
+    }
+    let rule = &view.rule;
     let (ext, target) = match &rule.spec {
         RuleSpec::Dnat(r) => (
             format!("{}/{}", host_ports(r.ext_ip.ip(), &r.ports), r.proto),
@@ -119,7 +126,7 @@ fn register_rules(
     let opened = Family::<RuleLabels, Counter>::default();
     let current = Family::<RuleLabels, Gauge>::default();
     for view in &snapshot.rules {
-        let Some(labels) = rule_labels(&view.rule) else {
+        let Some(labels) = rule_labels(view) else {
             continue;
         };
         let c = view.counters.unwrap_or_default();
@@ -164,6 +171,9 @@ fn register_daemon(registry: &mut Registry, snapshot: &MetricsSnapshot) {
     for view in &snapshot.rules {
         *by_status.entry(status_name(view.status)).or_default() += 1;
     }
+    // As `status` counts them: entries that are not even rules are
+    // quarantined too.
+    *by_status.entry("quarantined").or_default() += snapshot.unreadable as i64;
     let rules = Family::<StatusLabels, Gauge>::default();
     for (status, n) in by_status {
         rules
@@ -218,7 +228,8 @@ pub(super) fn encode(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{Counters, RuleView};
+    use crate::model::Rule;
+    use crate::proto::Counters;
 
     fn view(id: RuleId, spec: &str, status: RuleStatus, packets: u64) -> RuleView {
         let spec: RuleSpec = serde_json::from_str(spec).unwrap();
@@ -242,8 +253,11 @@ mod tests {
         let snapshot = MetricsSnapshot {
             rules: vec![
                 view(1, dnat, RuleStatus::Active, 12),
+                // A state file entry with a duplicate id: no series of its own.
+                view(1, dnat, RuleStatus::Quarantined, 0),
                 view(2, route, RuleStatus::Active, 0),
             ],
+            unreadable: 1,
             docker_reachable: false,
             repairs: 3,
             last_repair: Some(UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000)),
@@ -261,6 +275,7 @@ mod tests {
             format!("natmap_rule_connections{labels} 2"),
             r#"natmap_rules{status="active"} 2"#.to_owned(),
             r#"natmap_rules{status="port_conflict"} 0"#.to_owned(),
+            r#"natmap_rules{status="quarantined"} 2"#.to_owned(),
             "natmap_repairs_total 3".to_owned(),
             "natmap_last_repair_timestamp_seconds 1700000000".to_owned(),
             "natmap_docker_reachable 0".to_owned(),
@@ -276,6 +291,7 @@ mod tests {
     fn without_conntrack_the_connections_gauge_is_left_out() {
         let snapshot = MetricsSnapshot {
             rules: Vec::new(),
+            unreadable: 0,
             docker_reachable: true,
             repairs: 0,
             last_repair: None,

@@ -25,6 +25,35 @@ pub struct Config {
     /// `[relay]`: bounds of the loopback relay.
     #[serde(default)]
     pub relay: RelayConfig,
+    /// `metrics_listen = "ADDR:PORT"`: serve Prometheus metrics there (read
+    /// at start; the daemon's `--metrics-listen` wins). Off when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<MetricsListen>,
+}
+
+/// Where `/metrics` is served: an address and a non-zero port, e.g.
+/// `127.0.0.1:9477` or `[::1]:9477`. Any address is accepted because it is
+/// only ever given explicitly; the daemon warns when it is not loopback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct MetricsListen(pub std::net::SocketAddr);
+
+impl MetricsListen {
+    /// Parses `s`, naming `field` (the flag or key) in the error.
+    pub fn parse_field(field: &str, s: &str) -> Result<MetricsListen, ParseError> {
+        const FORM: &str = "ADDR:PORT with a port 1-65535, e.g. 127.0.0.1:9477 or [::1]:9477";
+        match s.parse::<std::net::SocketAddr>() {
+            Ok(addr) if addr.port() != 0 => Ok(MetricsListen(addr)),
+            _ => Err(ParseError::new(field, s, FORM)),
+        }
+    }
+}
+
+impl TryFrom<String> for MetricsListen {
+    type Error = ParseError;
+    fn try_from(s: String) -> Result<MetricsListen, ParseError> {
+        MetricsListen::parse_field("metrics_listen", &s)
+    }
 }
 
 /// `[relay]`: the loopback relay's bounds (read at start).
@@ -332,6 +361,11 @@ host_ip = "10.0.0.5"
         assert_eq!(c.auto_discover.engines.len(), 2);
         assert!(c.auto_discover.engines[1].is_remote());
         assert_eq!(Config::parse("").unwrap(), Config::default());
+        let m = Config::parse("metrics_listen = \"[::1]:9477\"\n").unwrap();
+        assert_eq!(
+            m.metrics_listen.map(|m| m.0),
+            Some("[::1]:9477".parse().unwrap())
+        );
         assert_eq!(
             Config::default().auto_discover.effective_engines()[0]
                 .name
@@ -351,6 +385,9 @@ host_ip = "10.0.0.5"
             ("[auto_discover]\n[[auto_discover.engines]]\nname = \"a\"\nendpoint = \"tcp://x:1\"\n", "host_ip"),
             ("[auto_discover]\n[[auto_discover.engines]]\nname = \"a\"\nendpoint = \"unix:///a\"\n[[auto_discover.engines]]\nname = \"a\"\nendpoint = \"unix:///b\"\n", "used twice"),
             ("[other]\n", "other"),
+            ("metrics_listen = \"localhost:9477\"\n", "metrics_listen"),
+            ("metrics_listen = \"127.0.0.1:0\"\n", "ADDR:PORT"),
+            ("metrics_listen = 9477\n", "line 1"),
         ];
         for (text, needle) in cases {
             let err = Config::parse(text).unwrap_err();

@@ -13,6 +13,7 @@ use crate::proto::{ApplyRequest, Document, FwdRequest, LsRequest};
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
   sudo lab-ops natmap daemon
+  sudo lab-ops natmap daemon --metrics-listen 127.0.0.1:9477
   sudo lab-ops -vv natmap daemon --state /tmp/natmap/state.json --socket /tmp/natmap.sock")]
 pub struct DaemonArgs {
     /// State file: the rules natmap restores at start.
@@ -31,6 +32,15 @@ pub struct DaemonArgs {
     /// Docker's API socket (unix:// prefix accepted).
     #[arg(long, value_name = "PATH", default_value = crate::docker::DEFAULT_SOCKET)]
     pub docker_socket: String,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (off by default;
+    /// overrides `metrics_listen` in the config). Keep it on loopback unless
+    /// a firewall guards it: the metrics show every rule's addresses.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = metrics_listen)]
+    pub metrics_listen: Option<crate::config::MetricsListen>,
+}
+
+fn metrics_listen(s: &str) -> Result<crate::config::MetricsListen, String> {
+    crate::config::MetricsListen::parse_field("--metrics-listen", s).map_err(|e| e.to_string())
 }
 
 /// Runs the daemon until SIGTERM or SIGINT, listening on `socket_path`
@@ -46,6 +56,7 @@ pub fn run_daemon(args: DaemonArgs, socket_path: PathBuf) -> Result<ExitCode> {
         socket_path,
         socket_group: args.socket_group,
         docker_socket: crate::docker::socket_path(&args.docker_socket),
+        metrics_listen: args.metrics_listen.map(|m| m.0),
         config_explicit: args.config_path.is_some(),
         config_path: args
             .config_path
@@ -80,7 +91,8 @@ pub fn plan_daemon(args: DaemonArgs, g: &super::GlobalArgs) -> Result<ExitCode> 
         .config_path
         .clone()
         .unwrap_or_else(|| PathBuf::from(crate::config::DEFAULT_PATH));
-    crate::config::Config::load(&config_path, args.config_path.is_some()).map_err(|e| eyre!(e))?;
+    let file_config = crate::config::Config::load(&config_path, args.config_path.is_some())
+        .map_err(|e| eyre!(e))?;
     let state = read_state(&args.state_path)?;
     let desired = render::desired(&state.rules);
     let nf = crate::netfilter::IptablesExecutor;
@@ -91,6 +103,12 @@ pub fn plan_daemon(args: DaemonArgs, g: &super::GlobalArgs) -> Result<ExitCode> 
         state.rules.len(),
         args.state_path.display()
     )];
+    if let Some(m) = args.metrics_listen.or(file_config.metrics_listen) {
+        effects.push(format!(
+            "serve Prometheus metrics at http://{}/metrics",
+            m.0
+        ));
+    }
     for family in Family::ALL {
         // What the kernel holds decides which hooks the start would repair.
         match nf.save(family) {

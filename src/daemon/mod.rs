@@ -7,11 +7,13 @@
 //! - `host`: sysctls, routes and conntrack.
 //! - `local`: which addresses are this host's right now.
 //! - `fds`: the file-descriptor budget of reservations.
+//! - `metrics`: Prometheus metrics over HTTP (`--metrics-listen`).
 
 pub mod engine;
 pub mod fds;
 pub mod host;
 pub mod local;
+pub mod metrics;
 pub mod relay;
 pub mod reserve;
 pub mod server;
@@ -50,6 +52,8 @@ pub struct DaemonConfig {
     pub config_path: PathBuf,
     /// See `config_path`.
     pub config_explicit: bool,
+    /// `--metrics-listen`: where to serve `/metrics` (wins over the config).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// How long the daemon waits for Docker before it starts serving.
@@ -95,6 +99,10 @@ pub(crate) enum EngineMsg {
     },
     /// SIGHUP: read the config again.
     Reload,
+    /// A `/metrics` scrape: answer with the engine's snapshot.
+    Metrics {
+        reply: oneshot::Sender<Box<(engine::MetricsSnapshot, engine::CounterReader)>>,
+    },
 }
 
 /// Runs the daemon until `shutdown` completes, then removes natmap's rules
@@ -112,6 +120,13 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     let file_config = Config::load(&config.config_path, config.config_explicit)?;
     let _lock = lock_state(&config)?;
     let _netns_lock = lock_network_namespace()?;
+    // Before any rule is installed: an address that cannot be served stops
+    // the start with nothing to undo.
+    let metrics_listener = match metrics_address(&config, &file_config) {
+        Some((addr, source)) => Some(metrics::bind(addr, &source).await?),
+        None => None,
+    };
+    let latency = metrics::Latency::new();
 
     // Before anything is installed: a daemon that gives up must leave nothing.
     server::refuse_if_answered(&config.socket_path)?;
@@ -148,6 +163,8 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     let hangup = tokio::spawn(reload_on_sighup(tx.clone()));
     let stopping = Arc::new(AtomicBool::new(false));
     let engine_stopping = stopping.clone();
+    let metrics_server =
+        metrics_listener.map(|l| tokio::spawn(metrics::serve(l, tx.clone(), latency.clone())));
     let engine_thread = std::thread::Builder::new()
         .name("natmap-engine".into())
         .spawn(move || {
@@ -186,13 +203,16 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
         first,
     ));
 
-    server::serve(listener, tx.clone(), shutdown).await;
+    server::serve(listener, tx.clone(), shutdown, latency).await;
     // Requests still queued are answered "shutting down" instead of being
     // handled, so the rules come down within the unit's TimeoutStopSec
     // however many clients were waiting.
     stopping.store(true, Ordering::Relaxed);
     watcher.abort();
     hangup.abort();
+    if let Some(task) = metrics_server {
+        task.abort();
+    }
 
     let (done, wait) = oneshot::channel();
     let _ = tx.send(EngineMsg::Shutdown { done });
@@ -201,6 +221,19 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     let _ = fs::remove_file(&config.socket_path);
     tracing::info!("natmap daemon stopped");
     Ok(())
+}
+
+/// Where to serve metrics, if anywhere, and which setting said so: the
+/// flag wins over the config key.
+fn metrics_address(config: &DaemonConfig, file: &Config) -> Option<(std::net::SocketAddr, String)> {
+    match (config.metrics_listen, file.metrics_listen) {
+        (Some(addr), _) => Some((addr, "--metrics-listen".to_owned())),
+        (None, Some(m)) => Some((
+            m.0,
+            format!("metrics_listen in {}", config.config_path.display()),
+        )),
+        (None, None) => None,
+    }
 }
 
 fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>, stopping: &AtomicBool) {
@@ -292,6 +325,9 @@ fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>, stopping: &Ato
             } => engine.auto_engine_down(name, reason),
             EngineMsg::Reload => {
                 let _ = engine.reload();
+            }
+            EngineMsg::Metrics { reply } => {
+                let _ = reply.send(Box::new(engine.metrics_snapshot()));
             }
         }
     }

@@ -17,6 +17,7 @@ use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use crate::proto::{Envelope, ErrorCode, Request, Response, MAX_FILTER_LEN, MAX_LINE_BYTES};
 
 use super::engine::Peer;
+use super::metrics::Latency;
 use super::EngineMsg;
 
 /// Bound on simultaneous client connections (each holds a socket and up to
@@ -105,6 +106,7 @@ pub(crate) async fn serve(
     listener: UnixListener,
     engine: mpsc::Sender<EngineMsg>,
     shutdown: impl Future<Output = ()>,
+    latency: Latency,
 ) {
     let slots = Slots::new();
     tokio::pin!(shutdown);
@@ -128,9 +130,9 @@ pub(crate) async fn serve(
             _ = &mut shutdown => break,
             slot = slots.admit() => slot,
         };
-        let engine = engine.clone();
+        let (engine, latency) = (engine.clone(), latency.clone());
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, slot, engine).await {
+            if let Err(e) = connection(stream, slot, engine, latency).await {
                 tracing::debug!("connection ended: {e}");
             }
         });
@@ -157,6 +159,7 @@ async fn connection(
     stream: UnixStream,
     slot: Slot,
     engine: mpsc::Sender<EngineMsg>,
+    latency: Latency,
 ) -> std::io::Result<()> {
     let peer = stream
         .peer_cred()
@@ -183,7 +186,10 @@ async fn connection(
         let response = match parse_request(&line) {
             Ok(request) => {
                 drop(line);
-                ask_engine(&engine, request, peer).await
+                let (command, asked) = (request.name(), std::time::Instant::now());
+                let response = ask_engine(&engine, request, peer).await;
+                latency.observe(command, asked.elapsed());
+                response
             }
             Err(response) => response,
         };

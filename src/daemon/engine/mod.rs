@@ -15,7 +15,8 @@
 //! - `docker`: `docker add/rm/remap`, following containers;
 //! - `auto`: auto-discovery from container labels;
 //! - `status`: `status` and per-rule counters;
-//! - `repair`: the periodic tick (drift repair, routes, busy ports).
+//! - `repair`: the periodic tick (drift repair, routes, busy ports);
+//! - `metrics`: the snapshot a `/metrics` scrape reads.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -27,6 +28,7 @@ mod apply;
 mod auto;
 mod batch;
 mod docker;
+mod metrics;
 mod repair;
 mod routes;
 mod status;
@@ -51,6 +53,7 @@ use super::reserve::{self, Reservation};
 use batch::Change;
 pub use batch::MAX_BATCH;
 pub use docker::{Observation, PendingAdd};
+pub use metrics::{CounterReader, MetricsSnapshot};
 
 /// Who sent a request (from `SO_PEERCRED`), for the change log.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 
 use crate::model::{Family, Proto, RuleId, RuleSpec};
+use crate::netfilter::Netfilter;
 use crate::proto::{Counters, DockerStatus, LastRepair, OpenFiles, RuleStatus, StatusReport};
 use crate::rules::saved::SavedTables;
 
@@ -310,47 +311,53 @@ impl Engine {
     /// Adds kernel counters to the views of `ls -v`: one `iptables-save -c`
     /// per family, matched to rules by their comment.
     pub(super) fn counters(&self) -> HashMap<RuleId, Counters> {
-        let mut out: HashMap<RuleId, Counters> = HashMap::new();
-        for family in self.families() {
-            let Ok(text) = self.nf.save_counters(family) else {
+        read_counters(&*self.nf, &self.families())
+    }
+}
+
+/// Per-rule counters from one `iptables-save -c` per family. Needs no
+/// engine state, so a metrics scrape runs it off the engine thread.
+pub(super) fn read_counters(nf: &dyn Netfilter, families: &[Family]) -> HashMap<RuleId, Counters> {
+    let mut out: HashMap<RuleId, Counters> = HashMap::new();
+    for &family in families {
+        let Ok(text) = nf.save_counters(family) else {
+            continue;
+        };
+        let mut table = "";
+        for line in text.lines() {
+            if let Some(t) = line.strip_prefix('*') {
+                table = if t == "nat" {
+                    "nat"
+                } else if t == "filter" {
+                    "filter"
+                } else {
+                    ""
+                };
+                continue;
+            }
+            let Some((pkts, bytes, rest)) = parse_counted(line) else {
                 continue;
             };
-            let mut table = "";
-            for line in text.lines() {
-                if let Some(t) = line.strip_prefix('*') {
-                    table = if t == "nat" {
-                        "nat"
-                    } else if t == "filter" {
-                        "filter"
-                    } else {
-                        ""
-                    };
-                    continue;
+            let Some(id) = natmap_id(rest) else {
+                continue;
+            };
+            let c = out.entry(id).or_default();
+            match table {
+                // Only a connection's first packet passes the nat table;
+                // count the DNAT/SNAT lines (a MASQUERADE line of the same
+                // rule sees the same connection again).
+                "nat" if rest.contains("-j DNAT") || rest.contains("-j SNAT") => {
+                    c.connections += pkts
                 }
-                let Some((pkts, bytes, rest)) = parse_counted(line) else {
-                    continue;
-                };
-                let Some(id) = natmap_id(rest) else {
-                    continue;
-                };
-                let c = out.entry(id).or_default();
-                match table {
-                    // Only a connection's first packet passes the nat table;
-                    // count the DNAT/SNAT lines (a MASQUERADE line of the same
-                    // rule sees the same connection again).
-                    "nat" if rest.contains("-j DNAT") || rest.contains("-j SNAT") => {
-                        c.connections += pkts
-                    }
-                    "filter" => {
-                        c.packets += pkts;
-                        c.bytes += bytes;
-                    }
-                    _ => {}
+                "filter" => {
+                    c.packets += pkts;
+                    c.bytes += bytes;
                 }
+                _ => {}
             }
         }
-        out
     }
+    out
 }
 
 /// The ports Docker publishes itself: the DNAT lines of its nat `DOCKER`

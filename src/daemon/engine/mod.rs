@@ -12,8 +12,13 @@
 //!   `ls`, `fwd`, `save`, `clear`, shutdown;
 //! - `batch`: rule changes planned together, one commit per batch;
 //! - `apply`: `apply` and `export` documents;
-//! - `docker`: `docker add/rm/remap`, following containers;
+//! - `docker`: `docker add/rm/remap`, following containers (withdrawn on
+//!   the events that end a container's claim to its address; inspects run
+//!   off this thread and come back as messages);
 //! - `auto`: auto-discovery from container labels;
+//! - `addresses`: forwarding only for addresses this host has
+//!   (`--allow-nonlocal`, rules that wait for their address);
+//! - `routes`: policy routes and the tables they share;
 //! - `status`: `status` and per-rule counters;
 //! - `repair`: the periodic tick (drift repair, routes, busy ports);
 //! - `metrics`: the snapshot a `/metrics` scrape reads.

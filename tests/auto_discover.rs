@@ -34,18 +34,6 @@ const RECONNECT_LIMIT: Duration = Duration::from_secs(12);
 /// How long an engine that went away may take to be shown stale.
 const STALE_LIMIT: Duration = Duration::from_secs(15);
 
-/// Takes the Docker lock, checks the environment (the test returns early
-/// when it is skipped), starts the timer; yields the guards to keep.
-macro_rules! setup {
-    () => {{
-        let serial = serial();
-        if !docker_ready() {
-            return;
-        }
-        (serial, TestTimer::start())
-    }};
-}
-
 // ───────────────────────────── helpers ─────────────────────────────
 
 /// The daemon in the root namespace with `--config cfg`.
@@ -197,7 +185,7 @@ fn engines_of(data: &Value) -> Vec<String> {
 /// publishing web container carries its label and published port.
 #[test]
 fn fixtures_work_without_natmap() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let docker_via = |ns: Option<&Netns>, endpoint: &str, timeout: Duration| {
         let mut cmd = match ns {
             Some(ns) => {
@@ -333,7 +321,7 @@ fn fixtures_work_without_natmap() {
 /// from `ls`, no rule left, ports free, traffic stops.
 #[test]
 fn local_label_maps_within_two_seconds_and_docker_rm_removes_it() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let outside = OutsideHost::new();
     let (out, host) = (outside.client(), Client::Host);
     let cfg = ConfigFile::new(&auto_config(true, false, &[]));
@@ -457,7 +445,7 @@ fn local_label_maps_within_two_seconds_and_docker_rm_removes_it() {
 /// within 2 s traffic reaches the container, never the squatter.
 #[test]
 fn local_auto_mapping_follows_restart_stop_and_a_new_address() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let outside = OutsideHost::new();
     let out = outside.client();
     let cfg = ConfigFile::new(&auto_config(true, false, &[EngineCfg::local()]));
@@ -578,7 +566,7 @@ fn local_auto_mapping_follows_restart_stop_and_a_new_address() {
 /// manual target, and the auto container's other (free) port is mapped.
 #[test]
 fn a_manual_mapping_wins_over_a_label_on_the_same_port() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let outside = OutsideHost::new();
     let out = outside.client();
     let cfg = ConfigFile::new(&auto_config(true, false, &[]));
@@ -727,7 +715,7 @@ fn a_manual_mapping_wins_over_a_label_on_the_same_port() {
 /// container, and no rule; a valid container after them is still mapped.
 #[test]
 fn an_invalid_label_is_logged_and_gets_no_rule() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let cfg = ConfigFile::new(&auto_config(true, false, &[]));
     let mut d = root_daemon(&cfg);
     let p = free_port();
@@ -798,7 +786,7 @@ fn an_invalid_label_is_logged_and_gets_no_rule() {
 /// port free, the new one is mapped.
 #[test]
 fn remote_engine_maps_to_the_published_port_goes_stale_and_is_refreshed() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let outside = OutsideHost::new();
     let (out, host) = (outside.client(), Client::Host);
     let node = ServiceNode::new();
@@ -990,7 +978,7 @@ fn remote_engine_maps_to_the_published_port_goes_stale_and_is_refreshed() {
 /// Once the engine answers again it is active within 10 s.
 #[test]
 fn a_failing_engine_is_retried_with_backoff_capped_at_ten_seconds() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let node = ServiceNode::new();
     let mut proxy = TcpDockerProxy::new();
     proxy.start();
@@ -1106,7 +1094,7 @@ fn expect_no_tcp_root(client: &Client, target: std::net::SocketAddr) {
 /// active with the same id and traffic flows.
 #[test]
 fn remote_container_stop_marks_down_and_start_restores() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let outside = OutsideHost::new();
     let out = outside.client();
     let node = ServiceNode::new();
@@ -1173,7 +1161,7 @@ fn remote_container_stop_marks_down_and_start_restores() {
 /// port of the same label is mapped.
 #[test]
 fn remote_label_port_not_published_is_reported_not_guessed() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let node = ServiceNode::new();
     let mut proxy = TcpDockerProxy::new();
     proxy.start();
@@ -1232,7 +1220,7 @@ fn remote_label_port_not_published_is_reported_not_guessed() {
 /// `ls`, `dnat`, `status` and `reload` answer promptly.
 #[test]
 fn a_dead_or_hanging_engine_blocks_neither_others_nor_static_rules() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let outside = OutsideHost::new();
     let out = outside.client();
     let mut proxy = TcpDockerProxy::new();
@@ -1345,7 +1333,7 @@ fn a_dead_or_hanging_engine_blocks_neither_others_nor_static_rules() {
 /// auto mappings (rules and ports); SIGHUP with it back maps them again.
 #[test]
 fn reload_removing_an_engine_removes_its_mappings() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let node = ServiceNode::new();
     let mut proxy = TcpDockerProxy::new();
     proxy.start();
@@ -1418,7 +1406,7 @@ fn reload_removing_an_engine_removes_its_mappings() {
 /// the gateway. SIGHUP with it on again: the client's address again.
 #[test]
 fn preserve_src_ip_end_to_end_through_gateway_and_service_node() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let topo = Topology::new();
     topo.server.ip(&[
         "-4",
@@ -1807,7 +1795,7 @@ fn config_file_missing_explicit_is_an_error_default_is_off() {
 /// one; SIGHUP with it enabled again brings them back.
 #[test]
 fn a_broken_reload_keeps_the_old_config_and_disabling_removes_auto_mappings() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let outside = OutsideHost::new();
     let out = outside.client();
     let good = auto_config(true, false, &[]);
@@ -1954,7 +1942,7 @@ fn a_broken_reload_keeps_the_old_config_and_disabling_removes_auto_mappings() {
 /// without being restarted.
 #[test]
 fn a_label_conflict_names_the_holder_and_resolves_when_the_port_frees() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let cfg = ConfigFile::new(&auto_config(true, false, &[EngineCfg::local()]));
     let d = root_daemon(&cfg);
     let h = free_port();

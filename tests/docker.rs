@@ -19,6 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::auto_discover::dnat_lines_of;
 use common::docker::*;
 use common::*;
 use serde_json::Value;
@@ -26,18 +27,6 @@ use serde_json::Value;
 const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
 /// Re-pointing after a container (re)start must take at most this long (issue 3).
 const REPOINT_LIMIT: Duration = Duration::from_secs(2);
-
-/// Takes the lock, checks the environment (the test returns early when it
-/// is skipped), starts the timer; yields the guards to keep.
-macro_rules! setup {
-    () => {{
-        let serial = serial();
-        if !docker_ready() {
-            return;
-        }
-        (serial, TestTimer::start())
-    }};
-}
 
 // ───────────────────────────── helpers ─────────────────────────────
 
@@ -147,16 +136,6 @@ fn sockets_on_port(port: u16, udp: bool) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// `iptables -t nat -S NATMAP` lines of the root namespace that carry
-/// `natmap:docker:<id>` and jump to DNAT.
-fn dnat_lines(id: u64) -> Vec<String> {
-    let tag = format!("\"natmap:docker:{id}\"");
-    root_chain(false, "nat", "NATMAP")
-        .into_iter()
-        .filter(|l| l.starts_with("-A ") && l.contains(&tag) && l.contains("-j DNAT"))
-        .collect()
-}
-
 /// Polls `GET /` from `client` to `target` every 50 ms until it returns
 /// `want`; panics if it returns `forbidden` (a stale target) or nothing
 /// within `limit`. Returns how long it took.
@@ -250,7 +229,7 @@ impl Drop for TempRule {
 /// Docker socket proxy switching off and on; port helpers.
 #[test]
 fn fixtures_work_against_plain_docker() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     assert!(
         natmap_lines_in_root().is_empty() || !remove_natmap_root_rules().is_empty(),
         "natmap rules in the root namespace that cannot be removed"
@@ -436,7 +415,7 @@ fn fixtures_work_against_plain_docker() {
 /// host port can be bound again, while the others keep working.
 #[test]
 fn every_argument_form_adds_and_removes() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let outside = OutsideHost::new();
     let same = free_port(); // `docker add C HP`: httpd listens on it inside too
     let web = Container::web("web", "forms-web", &[same]);
@@ -617,7 +596,7 @@ fn every_argument_form_adds_and_removes() {
 /// nat chain holds exactly one DNAT line for it, and its jumps come first.
 #[test]
 fn one_mapping_is_reachable_from_everywhere_and_keeps_the_client_address() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let outside = OutsideHost::new();
     let web = Container::web("web", "reach-web", &[]);
     let ip = web.ip4();
@@ -659,7 +638,7 @@ fn one_mapping_is_reachable_from_everywhere_and_keeps_the_client_address() {
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), web.marker);
 
     // Exactly one DNAT line for the mapping, with its comment and target.
-    let dnat = dnat_lines(id);
+    let dnat = dnat_lines_of(None, id);
     assert_eq!(
         dnat.len(),
         1,
@@ -712,7 +691,7 @@ fn one_mapping_is_reachable_from_everywhere_and_keeps_the_client_address() {
 /// `port_in_use` naming the port, and the mapping keeps working as before.
 #[test]
 fn remap_moves_the_port_and_a_busy_target_port_changes_nothing() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let outside = OutsideHost::new();
     let web = Container::web("web", "remap-web", &[]);
     let d = RootDaemon::start();
@@ -745,8 +724,8 @@ fn remap_moves_the_port_and_a_busy_target_port_changes_nothing() {
     let rules = d.ls(Some(&web.name));
     assert_eq!(rules.len(), 1, "{rules:?}");
     assert_eq!(rules[0]["host_port"], p2);
-    assert_eq!(dnat_lines(id).len(), 1);
-    assert!(dnat_lines(id)[0].contains(&format!("--dport {p2}")));
+    assert_eq!(dnat_lines_of(None, id).len(), 1);
+    assert!(dnat_lines_of(None, id)[0].contains(&format!("--dport {p2}")));
 
     // A port held by another process: refused, nothing changes.
     let held = TcpListener::bind(sa(Ipv4Addr::UNSPECIFIED, p3)).unwrap();
@@ -762,8 +741,8 @@ fn remap_moves_the_port_and_a_busy_target_port_changes_nothing() {
     assert_eq!(rules.len(), 1, "{rules:?}");
     assert_eq!(rules[0]["host_port"], p2, "{rules:?}");
     assert_eq!(rules[0]["status"], "active", "{rules:?}");
-    assert_eq!(dnat_lines(id).len(), 1);
-    assert!(dnat_lines(id)[0].contains(&format!("--dport {p2}")));
+    assert_eq!(dnat_lines_of(None, id).len(), 1);
+    assert!(dnat_lines_of(None, id)[0].contains(&format!("--dport {p2}")));
     assert!(
         !root_chain(false, "nat", "NATMAP")
             .iter()
@@ -782,7 +761,7 @@ fn remap_moves_the_port_and_a_busy_target_port_changes_nothing() {
 /// all work at once.
 #[test]
 fn a_tcp_port_is_reusable_right_after_removal_even_after_loopback_traffic() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let web = Container::web("web", "reuse-web", &[]);
     let d = RootDaemon::start();
     let host = Client::Host;
@@ -819,7 +798,7 @@ fn a_tcp_port_is_reusable_right_after_removal_even_after_loopback_traffic() {
 /// bind it, the same mapping can be added again), and so does a remap.
 #[test]
 fn a_udp_port_is_released_right_after_removal_even_after_loopback_traffic() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let web = Container::web("web", "reuse-udp", &[]);
     let d = RootDaemon::start();
     let host = Client::Host;
@@ -857,7 +836,7 @@ fn a_udp_port_is_released_right_after_removal_even_after_loopback_traffic() {
 /// under way when the request arrives.
 #[test]
 fn docker_add_right_after_daemon_start_works() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let web = Container::web("web", "early-web", &[]);
     let hp = free_port();
     let mut proxy = DockerProxy::new();
@@ -886,7 +865,7 @@ fn docker_add_right_after_daemon_start_works() {
 /// traffic flows within 2 s.
 #[test]
 fn stop_marks_down_and_keeps_the_port_start_and_restart_bring_it_back() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let outside = OutsideHost::new();
     let web = Container::web("web", "stopstart-web", &[]);
     let d = RootDaemon::start();
@@ -914,7 +893,7 @@ fn stop_marks_down_and_keeps_the_port_start_and_restart_bring_it_back() {
         "port {hp} released while the container is stopped"
     );
     assert!(
-        dnat_lines(id).is_empty(),
+        dnat_lines_of(None, id).is_empty(),
         "DNAT rule kept for a stopped container"
     );
     expect_no_web(&out, sa(HOST_V4, hp));
@@ -949,7 +928,7 @@ fn stop_marks_down_and_keeps_the_port_start_and_restart_bring_it_back() {
     );
     assert_eq!(d.rule(id).unwrap()["status"], "active");
     assert_eq!(
-        dnat_lines(id).len(),
+        dnat_lines_of(None, id).len(),
         1,
         "{:?}",
         root_chain(false, "nat", "NATMAP")
@@ -962,7 +941,7 @@ fn stop_marks_down_and_keeps_the_port_start_and_restart_bring_it_back() {
 /// `ls` shows the new target.
 #[test]
 fn restart_with_a_changed_ip_repoints_within_two_seconds() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let outside = OutsideHost::new();
     let web = Container::web("web", "moving-web", &[]);
     let d = RootDaemon::start();
@@ -1014,7 +993,7 @@ fn restart_with_a_changed_ip_repoints_within_two_seconds() {
     assert_eq!(rule["container_id"], web.id(), "{rule}");
     expect_web(&Client::Host, sa(LOOPBACK, hp), &web.marker);
     expect_web(&Client::Host, sa(HOST_V4, hp), &web.marker);
-    let dnat = dnat_lines(id);
+    let dnat = dnat_lines_of(None, id);
     assert_eq!(dnat.len(), 1, "{dnat:?}");
     assert!(
         dnat[0].contains(&format!("--to-destination {new_ip}:80")),
@@ -1026,7 +1005,7 @@ fn restart_with_a_changed_ip_repoints_within_two_seconds() {
 /// a new container under the same name is picked up within 2 s.
 #[test]
 fn recreated_container_with_the_same_name_is_picked_up() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let outside = OutsideHost::new();
     let web = Container::web("web", "first-web", &[]);
     let d = RootDaemon::start();
@@ -1086,7 +1065,7 @@ fn recreated_container_with_the_same_name_is_picked_up() {
 /// entry, which would keep DNATing to the container, was deleted).
 #[test]
 fn udp_after_remap_has_no_stale_conntrack() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let outside = OutsideHost::new();
     let web = Container::web("web", "udp-web", &[]);
     let ip = web.ip4();
@@ -1165,7 +1144,7 @@ fn udp_after_remap_has_no_stale_conntrack() {
 /// soon as Docker is back.
 #[test]
 fn docker_unavailable_then_back_without_daemon_restart() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let outside = OutsideHost::new();
     let static_port = free_port();
     let web = Container::web("web", "unavail-web", &[static_port]);
@@ -1284,7 +1263,7 @@ fn docker_unavailable_then_back_without_daemon_restart() {
 /// daemon keeps working afterwards, and SIGTERM also leaves nothing behind.
 #[test]
 fn clear_and_sigterm_leave_no_natmap_rule_on_the_host() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let outside = OutsideHost::new();
     let static_port = free_port();
     let web = Container::web("web", "clear-web", &[static_port]);
@@ -1356,7 +1335,7 @@ fn clear_and_sigterm_leave_no_natmap_rule_on_the_host() {
 /// are removed, and after the daemon stops.
 #[test]
 fn dockers_own_rules_are_untouched() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let outside = OutsideHost::new();
     let web = Container::web("web", "untouched-web", &[]);
     let before = docker_rules_snapshot();
@@ -1392,7 +1371,7 @@ fn dockers_own_rules_are_untouched() {
 /// once the container is back (restart policy) without restarting natmap.
 #[test]
 fn docker_engine_restart_keeps_natmap_first_and_traffic_flowing() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let outside = OutsideHost::new();
     let web = Container::spawn_web(
         &unique_name("always"),

@@ -8,21 +8,12 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use common::auto_discover::dnat_lines_of;
 use common::docker::*;
 use common::*;
 use serde_json::Value;
 
 const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
-
-macro_rules! setup {
-    () => {{
-        let serial = serial();
-        if !docker_ready() {
-            return;
-        }
-        (serial, TestTimer::start())
-    }};
-}
 
 /// `docker add` through the daemon; returns the new rule's id.
 #[track_caller]
@@ -30,15 +21,6 @@ fn add(d: &RootDaemon, args: &[&str]) -> u64 {
     let data = d.ok(args);
     assert_eq!(data["result"], "added", "{args:?}: {data}");
     data["rule"]["id"].as_u64().expect("id")
-}
-
-/// natmap's DNAT lines of rule `id` in the root namespace.
-fn dnat_lines(id: u64) -> Vec<String> {
-    let tag = format!("\"natmap:docker:{id}\"");
-    root_chain(false, "nat", "NATMAP")
-        .into_iter()
-        .filter(|l| l.starts_with("-A ") && l.contains(&tag) && l.contains("-j DNAT"))
-        .collect()
 }
 
 /// A TCP connect that must be refused like a closed port (not accepted and
@@ -69,7 +51,7 @@ fn marker_at(client: &Client, target: SocketAddr) -> Option<String> {
 
 #[test]
 fn a_stopped_container_is_a_closed_port_and_die_withdraws_at_once() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let outside = OutsideHost::new();
     let web = Container::web("web", "closed-web", &[]);
     let d = RootDaemon::start();
@@ -81,7 +63,7 @@ fn a_stopped_container_is_a_closed_port_and_die_withdraws_at_once() {
 
     let t = Instant::now();
     docker_ok(&["kill", &web.name]);
-    while !dnat_lines(id).is_empty() {
+    while !dnat_lines_of(None, id).is_empty() {
         assert!(
             t.elapsed() < Duration::from_secs(2),
             "rules kept after kill"
@@ -107,7 +89,7 @@ fn a_stopped_container_is_a_closed_port_and_die_withdraws_at_once() {
 
 #[test]
 fn docker_unreachable_withdraws_mappings_and_shows_unknown() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let outside = OutsideHost::new();
     let web = Container::web("web", "unknown-web", &[]);
     let old_ip = web.ip4();
@@ -134,7 +116,7 @@ fn docker_unreachable_withdraws_mappings_and_shows_unknown() {
         "{rule}"
     );
     assert!(
-        dnat_lines(id).is_empty(),
+        dnat_lines_of(None, id).is_empty(),
         "rules kept while Docker is unreachable"
     );
     // Meanwhile another container takes the old address: it gets nothing.
@@ -227,7 +209,7 @@ fn engine_restart_case(kill_natmap: bool) {
     );
     let rule = d.rule(id).unwrap();
     assert_eq!(rule["status"], "down", "{rule}");
-    assert!(dnat_lines(id).is_empty());
+    assert!(dnat_lines_of(None, id).is_empty());
     // A comes back: the mapping follows it.
     a.start();
     let (rule, _) = d.wait_rule(id, Duration::from_secs(5), "active", |r: &Value| {
@@ -239,19 +221,19 @@ fn engine_restart_case(kill_natmap: bool) {
 
 #[test]
 fn an_engine_restart_never_sends_one_containers_traffic_to_another() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     engine_restart_case(false);
 }
 
 #[test]
 fn an_engine_restart_with_natmap_killed_meanwhile_sends_nothing_to_another() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     engine_restart_case(true);
 }
 
 #[test]
 fn a_renamed_container_keeps_its_mapping_and_a_new_namesake_does_not_take_it() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let outside = OutsideHost::new();
     let web = Container::web("web", "renamed-web", &[]);
     let d = RootDaemon::start();
@@ -277,7 +259,7 @@ fn a_renamed_container_keeps_its_mapping_and_a_new_namesake_does_not_take_it() {
 
 #[test]
 fn unusable_networks_and_ambiguous_prefixes_are_refused_by_name() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let web = Container::web("web", "nets-web", &[]);
     let d = RootDaemon::start();
     let hp = free_port().to_string();
@@ -365,7 +347,7 @@ impl Drop for RemoveOnDrop {
 
 #[test]
 fn a_hanging_docker_blocks_no_other_client() {
-    let (_serial, _timer) = setup!();
+    let (_serial, _timer) = docker_setup!();
     let web = Container::web("web", "slow-web", &[]);
     let other = Container::web("other", "slow-other", &[]);
     let mut proxy = DockerProxy::new();

@@ -83,6 +83,22 @@ pub fn report(line: &str) {
 
 // ───────────────────────────── serialisation ─────────────────────────────
 
+/// Starts every Docker test: takes the lock ([`serial`]), returns early
+/// from the test when the environment skips it ([`docker_ready`]), starts
+/// the timer; yields the guards to keep for the whole test.
+#[allow(unused_macros)]
+macro_rules! docker_setup {
+    () => {{
+        let serial = $crate::common::docker::serial();
+        if !$crate::common::docker::docker_ready() {
+            return;
+        }
+        (serial, $crate::common::docker::TestTimer::start())
+    }};
+}
+#[allow(unused_imports)]
+pub(crate) use docker_setup;
+
 /// Held for the whole of a Docker test: the process-wide mutex (poison
 /// tolerant: a failed test does not fail the next ones) and an exclusive
 /// `flock` on [`CROSS_PROCESS_LOCK`].

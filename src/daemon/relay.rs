@@ -89,13 +89,6 @@ impl Relays {
         }
     }
 
-    /// Relayed connections (TCP) and clients (UDP) open now.
-    pub fn in_use(&self) -> usize {
-        self.limits
-            .max_connections
-            .saturating_sub(self.permits.available_permits())
-    }
-
     /// (Re)starts the rule's relay: the loopback address of each claim that
     /// covers one (a wildcard or loopback bind) relays to the claim's
     /// target. Existing relayed connections are cut first. A claim without

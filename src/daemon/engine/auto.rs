@@ -130,6 +130,7 @@ impl Engine {
         self.discovery.stale.clear();
         self.discovery.problems.clear();
         self.discovery.connected.clear();
+        self.discovery.last.clear();
         let engines = if self.discovery.config.enabled {
             self.discovery.config.effective_engines()
         } else {
@@ -219,6 +220,11 @@ impl Engine {
 
     /// Reconciles one engine's mappings with a snapshot of its containers.
     pub fn auto_snapshot(&mut self, engine_name: String, containers: Vec<LabeledContainer>) {
+        // A snapshot still queued from a watcher that a reload stopped
+        // (auto-discovery disabled) must not bring its mappings back.
+        if !self.discovery.config.enabled {
+            return;
+        }
         self.discovery
             .last
             .insert(engine_name.clone(), containers.clone());

@@ -401,11 +401,9 @@ mod tests {
     fn binding_is_all_or_nothing_and_names_the_busy_port() {
         let blocker = TcpListener::bind("127.0.0.1:0").unwrap();
         let busy = blocker.local_addr().unwrap();
-        let free = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
+        let free: SocketAddr = format!("127.0.0.1:{}", free_port(Proto::Tcp))
+            .parse()
             .unwrap();
-        // `free` was released when its listener dropped above.
         let claims = [
             claim(&free.to_string(), Proto::Tcp),
             claim(&busy.to_string(), Proto::Tcp),
@@ -422,13 +420,25 @@ mod tests {
         TcpListener::bind(free).expect("free port was released after the failure");
     }
 
+    /// A port that is free now and that the kernel never hands out on its
+    /// own. Ports from `bind(:0)` and outgoing connections come from the
+    /// ephemeral range (32768–60999), so a port picked there can be taken by
+    /// a concurrent test's client socket between our release and re-bind
+    /// (seen once in CI: "released on drop: Address already in use").
     fn free_port(proto: Proto) -> u16 {
-        match proto {
-            Proto::Tcp => TcpListener::bind("127.0.0.1:0").unwrap().local_addr(),
-            Proto::Udp => UdpSocket::bind("127.0.0.1:0").unwrap().local_addr(),
+        use std::sync::atomic::{AtomicU16, Ordering};
+        static NEXT: AtomicU16 = AtomicU16::new(0);
+        let base = 20_000 + (std::process::id() % 1_000) as u16 * 10;
+        loop {
+            let port = base + NEXT.fetch_add(1, Ordering::Relaxed) % 2_000;
+            let free = match proto {
+                Proto::Tcp => TcpListener::bind(("0.0.0.0", port)).is_ok(),
+                Proto::Udp => UdpSocket::bind(("0.0.0.0", port)).is_ok(),
+            };
+            if free {
+                return port;
+            }
         }
-        .unwrap()
-        .port()
     }
 
     #[test]

@@ -83,6 +83,8 @@ pub(crate) enum EngineMsg {
     DockerObserved(Vec<engine::Observation>),
     /// Docker's answer for a `docker add` waiting on it.
     DockerResolved(Box<engine::PendingAdd>),
+    /// Docker's answers for the containers of an `apply` waiting on them.
+    ApplyResolved(Box<engine::PendingApply>),
     /// An auto-discover engine's labelled containers.
     AutoSnapshot {
         /// The engine's name.
@@ -299,6 +301,12 @@ fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>, stopping: &Ato
                 reply,
             } => engine.docker_add_begin(req, peer, reply),
             EngineMsg::Request {
+                request:
+                    request @ (crate::proto::Request::Apply(_) | crate::proto::Request::DryRun(_)),
+                peer,
+                reply,
+            } => engine.apply_begin(request, peer, reply),
+            EngineMsg::Request {
                 request,
                 peer,
                 reply,
@@ -315,6 +323,7 @@ fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>, stopping: &Ato
             EngineMsg::DockerEvent(event) => engine.docker_event(&event),
             EngineMsg::DockerObserved(seen) => engine.docker_observed(seen),
             EngineMsg::DockerResolved(pending) => engine.docker_add_finish(pending),
+            EngineMsg::ApplyResolved(pending) => engine.apply_finish(*pending),
             EngineMsg::AutoSnapshot {
                 engine: name,
                 containers,

@@ -23,7 +23,7 @@
 //! - `repair`: the periodic tick (drift repair, routes, busy ports);
 //! - `metrics`: the snapshot a `/metrics` scrape reads.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -57,7 +57,7 @@ use super::relay::Relays;
 use super::reserve::{self, Reservation};
 use batch::Change;
 pub use batch::MAX_BATCH;
-pub use docker::{Observation, PendingAdd};
+pub use docker::{Observation, PendingAdd, PendingApply};
 pub use metrics::{CounterReader, MetricsSnapshot};
 
 /// Who sent a request (from `SO_PEERCRED`), for the change log.
@@ -119,6 +119,10 @@ pub struct Engine {
     docker: Option<DockerClient>,
     /// Why Docker is not connected.
     docker_error: String,
+    /// Docker's answers for the containers an `apply` document names,
+    /// looked up off this thread before the document is applied (see
+    /// [`Engine::apply_begin`]); empty otherwise.
+    prefetched: HashMap<String, Result<crate::docker::Lookup, String>>,
     /// Why a Docker mapping is down, as last seen.
     down_reason: BTreeMap<RuleId, String>,
     /// Whether natmap's chains should exist (false after `clear` until the next change).
@@ -233,6 +237,7 @@ impl Engine {
             relays,
             docker: None,
             docker_error: docker::NOT_CONNECTED_YET.into(),
+            prefetched: HashMap::new(),
             down_reason: BTreeMap::new(),
             installed: false,
             repairs: 0,

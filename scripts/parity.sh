@@ -38,7 +38,7 @@ readonly HOST4=198.18.70.1 OUT4=198.18.70.2
 readonly HOST6=fd00:70::1 OUT6=fd00:70::2
 readonly UDP_PORT=5353 # udp-echo in the test image
 readonly LAT_COUNT=200 LAT_SECS=10
-readonly XFER_MB=32 XFER_RUNS=3 XFER_SECS=10
+readonly XFER_MB=32 XFER_RUNS=5 XFER_SECS=10
 
 die() {
 	printf 'parity: ERROR: %s\n' "$*" >&2
@@ -153,7 +153,7 @@ for p in /proc/[0-9]*; do
 done
 
 for p in "${A_TCP}" "${A_LO}" "${A_ADD}" "${A6_TCP}" "${B_TCP}" "${B_LO}" "${B_ADD}" "${B6_TCP}" "${RANGE_LO}" "${RANGE_HI}"; do
-	[[ -z "$(ss -Htan "( sport = :${p} )")" ]] || die "TCP port ${p} is in use (PARITY_PORT_BASE picks others)"
+	[[ -z "$(ss -Htln "( sport = :${p} )")" ]] || die "TCP port ${p} is in use (PARITY_PORT_BASE picks others)"
 done
 for p in "${A_UDP}" "${A6_UDP}" "${B_UDP}" "${B6_UDP}"; do
 	[[ -z "$(ss -Huan "( sport = :${p} )")" ]] || die "UDP port ${p} is in use (PARITY_PORT_BASE picks others)"
@@ -275,10 +275,10 @@ def latency(count, secs, targets):
 
 def throughput(path, runs, secs, targets):
     """Per target: median MB/s of `runs` GETs of path, each bounded by secs;
-    the targets take turns."""
+    the targets take turns, who goes first alternating."""
     rates = {t: [] for t in targets}; err = {}
-    for _ in range(runs):
-        for t in targets:
+    for i in range(runs):
+        for t in (targets if i % 2 == 0 else targets[::-1]):
             if t in err: continue
             host, port = target(t)
             s = socket.socket(family(host), socket.SOCK_STREAM)
@@ -580,6 +580,11 @@ pair() { # KEY LABEL FROM KIND ARGS... -- HOST (A's port, then B's, in turns)
 	IFS=$'\t' read -r a b < <(probe "${from}" "${kind}" "${args[@]}" "${host}:${A_TCP}" "${host}:${B_TCP}")
 	row "${key}" "${label}" "${a}" "${b}" "${note}"
 }
+ip_a="$(docker inspect -f '{{.NetworkSettings.IPAddress}}' "${A}")"
+ip_b="$(docker inspect -f '{{.NetworkSettings.IPAddress}}' "${B}")"
+IFS=$'\t' read -r la lb < <(probe host latency "${LAT_COUNT}" "${LAT_SECS}" "${ip_a}:80" "${ip_b}:80")
+row lat_base "baseline, no publish: connect / whole GET latency, median, host → the container's own address" "${la}" "${lb}" \
+	"The same two containers without any NAT or proxy: the floor for the rows below."
 pair lat_out "connect / whole GET latency, median, other machine → ${HOST4}" out latency "${LAT_COUNT}" "${LAT_SECS}" \
 	"${HOST4}" "Same kernel path on both sides (conntrack, DNAT in PREROUTING, FORWARD); the GET includes busybox httpd's fork."
 pair lat_lo "connect / whole GET latency, median, host → 127.0.0.1" host latency "${LAT_COUNT}" "${LAT_SECS}" \

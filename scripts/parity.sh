@@ -55,8 +55,6 @@ LAB_OPS="${LAB_OPS_ARG}"
 for c in docker ip iptables python3 flock nsenter ss; do
 	command -v "${c}" >/dev/null 2>&1 || die "${c} not found"
 done
-timeout 10 docker info >/dev/null 2>&1 || die "the Docker engine does not answer (scripts/deps.sh starts one)"
-docker image inspect "${IMAGE}" >/dev/null 2>&1 || die "no ${IMAGE}: run scripts/deps.sh"
 
 BASE="${PARITY_PORT_BASE:-18180}"
 if ! [[ ${BASE} =~ ^[0-9]+$ ]] || ((BASE < 1024 || BASE > 65000)); then
@@ -76,6 +74,13 @@ readonly RANGE_LO=8160 RANGE_HI=8161
 exec 9>"${LOCK_FILE}"
 log "waiting for ${LOCK_FILE} (other Docker tests)"
 flock -w 1200 9 || die "could not take ${LOCK_FILE} within 20 min"
+# A test that restarts the engine holds the lock while it does; give it a minute.
+for ((i = 0; i < 60; i++)); do
+	timeout 10 docker info >/dev/null 2>&1 && break
+	sleep 1
+done
+timeout 10 docker info >/dev/null 2>&1 || die "the Docker engine does not answer (scripts/deps.sh starts one)"
+docker image inspect "${IMAGE}" >/dev/null 2>&1 || die "no ${IMAGE}: run scripts/deps.sh"
 
 TAG="npar-$$"
 NS="${TAG}"

@@ -541,11 +541,11 @@ both out4 "other machine → ${HOST4}" out "${HOST4}" \
 both out6 "other machine → ${HOST6}" out "${HOST6}" \
 	"Docker's IPv6 NAT is off (engine 20.10 default, no ip6tables): docker-proxy answers and hides the client; natmap does not publish an IPv4-only container over IPv6."
 both nbr "other container → ${HOST4}" "ctr:${C}" "${HOST4}" \
-	"Traffic from docker0 to a host address."
+	"Docker's nat DOCKER chain returns traffic from docker0, so docker-proxy serves it; its UDP reply leaves from 172.17.0.1, not the address asked. natmap DNATs it and masquerades the bridge's own traffic."
 row own "the container → its own port via ${HOST4}" \
 	"TCP $(tcp_cell "ctr:${A}" "${HOST4}" "${A_TCP}"); UDP $(udp_cell "ctr:${A}" "${HOST4}" "${A_UDP}" "${A}")" \
 	"TCP $(tcp_cell "ctr:${B}" "${HOST4}" "${B_TCP}"); UDP $(udp_cell "ctr:${B}" "${HOST4}" "${B_UDP}" "${B}")" \
-	"Hairpin: the packet must leave the container's bridge port and come back to it."
+	"Hairpin: the packet must leave the container's bridge port and come back through it. docker-proxy does it for TCP (UDP: wrong reply source); natmap does not yet (issue 14)."
 
 # The same on a network with IPv6 (the default bridge has none unless
 # daemon.json says so): a user-defined network created with --ipv6.
@@ -644,10 +644,10 @@ stopped() { # FROM HOST PORT-A PORT-B UDP-A UDP-B
 }
 IFS=$'\t' read -r sa sb < <(stopped out "${HOST4}" "${A_TCP}" "${B_TCP}" "${A_UDP}" "${B_UDP}")
 row stop_out "container stopped: other machine → ${HOST4}" "${sa}" "${sb}" \
-	"Docker removes its DNAT when the container stops; natmap keeps the port reserved and closed."
+	"Docker removes its DNAT and docker-proxy (the host answers RST / ICMP port unreachable); natmap keeps the port reserved by a socket that never listens (RST) and drops UDP silently."
 IFS=$'\t' read -r sa sb < <(stopped host 127.0.0.1 "${A_TCP}" "${B_TCP}" "${A_UDP}" "${B_UDP}")
 row stop_lo "container stopped: host → 127.0.0.1" "${sa}" "${sb}" \
-	"docker-proxy stops with the container; natmap's relay stops listening while the mapping is down."
+	"docker-proxy stops with the container; natmap's relay stops while the mapping is down (UDP: silently dropped)."
 docker rm -f "${A}" "${B}" >/dev/null
 
 # ---------------------------------------------------------------------------
@@ -705,7 +705,7 @@ cat <<EOF
 Measured $(date -u '+%Y-%m-%d %H:%M UTC') on $(uname -srm), $(nproc) CPUs;
 Docker $(docker version --format '{{.Server.Version}} (API {{.Server.APIVersion}})'), userland-proxy ${userland_proxy},
 default bridge IPv6 $(docker network inspect bridge --format '{{.EnableIPv6}}'), bridge-nf-call-iptables ${brnf},
-$(iptables -V); natmap $("${LAB_OPS}" --version | awk '{print $NF}') ($(git -C "${REPO}" rev-parse --short HEAD 2>/dev/null || echo '?')).
+$(iptables -V); natmap $("${LAB_OPS}" --version | awk '{print $NF}') (checkout at $(git -C "${REPO}" rev-parse --short HEAD 2>/dev/null || echo '?')).
 Command: \`sudo scripts/parity.sh ${LAB_OPS_ARG}\`. "sees X": the client address the container saw;
 latency "C/G ms": median connect / median whole GET of a tiny page.
 

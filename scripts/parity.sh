@@ -94,9 +94,23 @@ NETWORK=""
 
 natmap() { "${LAB_OPS}" natmap --socket "${SOCK}" --color never "$@"; }
 
+# Ends the processes this script started and that are still running (a probe
+# in a command or process substitution when the script is interrupted),
+# deepest first, so none is left behind reparented to init. The daemon is
+# stopped by cleanup itself.
+kill_tree() {
+	local c
+	for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do
+		[[ ${c} == "${DAEMON_PID}" ]] && continue
+		kill_tree "${c}"
+		kill -TERM "${c}" 2>/dev/null
+	done
+}
+
 cleanup() {
 	local rc=$?
 	set +e
+	kill_tree "$$"
 	local c
 	for c in "${CONTAINERS[@]}"; do
 		docker rm -f "${c}" >/dev/null 2>&1

@@ -84,9 +84,9 @@ pub fn run_daemon(args: DaemonArgs, socket_path: PathBuf) -> Result<ExitCode> {
 /// nothing: no rule, no socket, no state file (a corrupt one is reported,
 /// not moved aside), no reservation.
 pub fn plan_daemon(args: DaemonArgs, g: &super::GlobalArgs) -> Result<ExitCode> {
+    use crate::firewall::iptables::exec::Netfilter;
+    use crate::firewall::iptables::{render, restore, saved::SavedTables};
     use crate::model::Family;
-    use crate::netfilter::Netfilter;
-    use crate::rules::{render, restore, saved::SavedTables};
     let config_path = args
         .config_path
         .clone()
@@ -95,7 +95,7 @@ pub fn plan_daemon(args: DaemonArgs, g: &super::GlobalArgs) -> Result<ExitCode> 
         .map_err(|e| eyre!(e))?;
     let state = read_state(&args.state_path)?;
     let desired = render::desired(&state.rules);
-    let nf = crate::netfilter::IptablesExecutor;
+    let nf = crate::firewall::iptables::exec::IptablesExecutor;
     let mut transactions = Vec::new();
     let mut effects = vec![format!(
         "listen on {} and restore {} rule(s) from {}",

@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 
 use crate::config::{Config, EngineConfig};
 use crate::docker::{self, DockerClient};
-use crate::netfilter::{IptablesExecutor, Netfilter};
+use crate::firewall::iptables::exec::{IptablesExecutor, Netfilter};
 use crate::proto::Response;
 
 use engine::{Engine, Peer};

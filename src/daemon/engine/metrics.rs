@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::firewall::iptables::exec::Netfilter;
 use crate::model::{Family, RuleId};
-use crate::netfilter::Netfilter;
 use crate::proto::{Counters, LsRequest, RuleView};
 
 use super::Engine;

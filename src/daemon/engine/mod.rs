@@ -39,16 +39,16 @@ mod routes;
 mod status;
 
 use crate::docker::DockerClient;
+use crate::firewall::iptables::exec::Netfilter;
+use crate::firewall::iptables::saved::SavedTables;
+use crate::firewall::iptables::{render, restore, Ruleset};
 use crate::model::{
     DnatRule, Family, HairpinRule, PolicyRouteRule, PortClaim, Rule, RuleId, RuleSpec, SnatRule,
 };
-use crate::netfilter::Netfilter;
 use crate::proto::{
     ClearReport, DryRunReport, ErrorCode, ForwardingReport, LsRequest, Pong, Request, Response,
     RuleList, RuleStatus, RuleView, SaveReport, Transaction, UnreadableEntry,
 };
-use crate::rules::saved::SavedTables;
-use crate::rules::{render, restore, Ruleset};
 use crate::state::{self, Loaded, State};
 
 use super::host;

@@ -3,10 +3,10 @@
 //! and puts them back; it retries rules whose ports were busy; and now and
 //! then it re-checks Docker mappings in case an event was lost.
 
+use crate::firewall::iptables::restore;
+use crate::firewall::iptables::saved::SavedTables;
 use crate::model::{Family, PolicyRouteRule, RuleId};
 use crate::proto::RuleStatus;
-use crate::rules::restore;
-use crate::rules::saved::SavedTables;
 
 use super::super::{host, reserve};
 use super::{family_index, Engine, DOCKER_RESYNC_TICKS};

@@ -4,10 +4,10 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 
+use crate::firewall::iptables::exec::Netfilter;
+use crate::firewall::iptables::saved::SavedTables;
 use crate::model::{Family, Proto, RuleId, RuleSpec};
-use crate::netfilter::Netfilter;
 use crate::proto::{Counters, DockerStatus, LastRepair, OpenFiles, RuleStatus, StatusReport};
-use crate::rules::saved::SavedTables;
 
 use super::super::{fds, host, reserve};
 use super::Engine;

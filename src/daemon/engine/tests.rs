@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::netfilter::RecordingExecutor;
+use crate::firewall::iptables::exec::RecordingExecutor;
 use crate::proto::{DnatRequest, Request};
 
 use super::super::relay::Relays;

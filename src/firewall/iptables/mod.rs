@@ -5,6 +5,7 @@
 //! chains, [`restore`] turns a ruleset (and, for a full apply, what
 //! `iptables-save` showed) into one `iptables-restore --noflush` transaction.
 
+pub mod exec;
 pub mod render;
 pub mod restore;
 pub mod saved;

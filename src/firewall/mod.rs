@@ -1,0 +1,3 @@
+//! natmap's packet filter: the driver seam and its iptables implementation.
+
+pub mod iptables;

@@ -106,6 +106,7 @@ impl Engine {
             daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_secs: self.started.elapsed().as_secs(),
             backend: self.fw.backend(),
+            firewall: self.fw.name().to_owned(),
             ipv6_nat: self.v6_nat,
             ipv4_forwarding: forwarding,
             docker: DockerStatus {

@@ -450,11 +450,16 @@ pub struct DryRunReport {
     pub effects: Vec<String>,
 }
 
-/// One `iptables-restore --noflush` input.
+/// One firewall transaction: the input of one run of the firewall
+/// driver's program (`iptables-restore --noflush`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transaction {
     /// `ipv4` or `ipv6`.
     pub family: crate::model::Family,
+    /// The program the input is for (`iptables-restore --noflush`); empty
+    /// from a daemon older than the firewall driver seam.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub program: String,
     /// The exact input.
     pub restore: String,
 }

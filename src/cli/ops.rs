@@ -110,9 +110,17 @@ pub fn plan_daemon(args: DaemonArgs, g: &super::GlobalArgs) -> Result<ExitCode> 
     }
     for family in Family::ALL {
         // What the kernel holds decides which hooks the start would repair.
-        match fw.preview(&desired, family, Mode::Full) {
-            Ok(Some(restore)) => transactions.push(crate::proto::Transaction { family, restore }),
-            Ok(None) => {}
+        match fw.preview(&desired, &[family], Mode::Full) {
+            Ok(plans) => {
+                for (family, restore) in plans {
+                    let program = fw.program(family);
+                    transactions.push(crate::proto::Transaction {
+                        family,
+                        program,
+                        restore,
+                    });
+                }
+            }
             Err(e) => effects.push(format!(
                 "cannot read the current {family} rules ({e}); a daemon would fail or keep \
                  these rules inactive"

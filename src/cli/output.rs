@@ -428,14 +428,12 @@ fn dry_run(r: &DryRunReport) {
         println!("no rule would change");
     }
     for t in &r.transactions {
-        println!(
-            "would run `{}-restore --noflush` with:",
-            if t.family == crate::model::Family::V4 {
-                "iptables"
-            } else {
-                "ip6tables"
-            }
-        );
+        if t.program.is_empty() {
+            // A daemon older than the firewall driver seam names no program.
+            println!("would send this {} transaction:", t.family);
+        } else {
+            println!("would run `{}` with:", t.program);
+        }
         print!("{}", t.restore);
     }
 }

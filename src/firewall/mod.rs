@@ -146,15 +146,19 @@ pub trait FirewallDriver: Send {
     /// one (after a rollback that failed too).
     fn forget(&mut self);
 
-    /// What [`Self::apply`] of one family would send, in the driver's own
-    /// syntax, without sending it (dry run); `None` when nothing would
-    /// change. [`Mode::Full`] reads the kernel.
+    /// What [`Self::apply`] would send, per family that would change, in
+    /// the driver's own syntax, without sending it (dry run). [`Mode::Full`]
+    /// reads the kernel.
     fn preview(
         &self,
         desired: &Desired,
-        family: Family,
+        families: &[Family],
         mode: Mode,
-    ) -> Result<Option<String>, FirewallError>;
+    ) -> Result<Vec<(Family, String)>, FirewallError>;
+
+    /// The program the driver's transaction text of `family` is input
+    /// for (`iptables-restore --noflush`), as a dry run names it.
+    fn program(&self, family: Family) -> String;
 
     /// Removes natmap's rules and hooks of `families`, and nothing else.
     fn teardown(&mut self, families: &[Family]) -> Result<(), FirewallError>;

@@ -103,12 +103,22 @@ impl FirewallDriver for RecordingDriver {
     fn preview(
         &self,
         desired: &Desired,
-        _family: Family,
+        families: &[Family],
         _mode: Mode,
-    ) -> Result<Option<String>, FirewallError> {
+    ) -> Result<Vec<(Family, String)>, FirewallError> {
         let ids: Vec<RuleId> = desired.rules().iter().map(|r| r.id).collect();
         let log = self.log.lock().expect("lock");
-        Ok((ids != log.applied).then(|| format!("rules {ids:?}\n")))
+        if ids == log.applied {
+            return Ok(Vec::new());
+        }
+        Ok(families
+            .iter()
+            .map(|f| (*f, format!("rules {ids:?}\n")))
+            .collect())
+    }
+
+    fn program(&self, _family: Family) -> String {
+        "recording".into()
     }
 
     fn teardown(&mut self, families: &[Family]) -> Result<(), FirewallError> {

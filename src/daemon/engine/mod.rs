@@ -334,12 +334,14 @@ impl Engine {
         if let Some(report) = self.simulated.as_mut() {
             // A dry run ends here: record the transactions and unwind like a
             // failure, so reservations taken on the way are released.
-            for family in Family::ALL {
-                // A change preview reads nothing, so it cannot fail.
-                let text = self.fw.preview(&desired, family, Mode::Change);
-                if let Ok(Some(restore)) = text {
-                    report.transactions.push(Transaction { family, restore });
-                }
+            // A change preview reads nothing, so it cannot fail.
+            let plans = self.fw.preview(&desired, &Family::ALL, Mode::Change);
+            for (family, restore) in plans.unwrap_or_default() {
+                report.transactions.push(Transaction {
+                    family,
+                    program: self.fw.program(family),
+                    restore,
+                });
             }
             let (add, del) = route_changes(&self.routes, &next);
             let report = self.simulated.as_mut().expect("checked above");
@@ -840,6 +842,7 @@ impl Engine {
             .into_iter()
             .map(|family| Transaction {
                 family,
+                program: self.fw.program(family),
                 restore: self.fw.export(family),
             })
             .collect();
@@ -872,7 +875,11 @@ impl Engine {
                     .preview_teardown(family)
                     .map_err(|e| Failure::new(ErrorCode::ApplyFailed, e.to_string()))?;
                 if let Some(report) = self.simulated.as_mut() {
-                    report.transactions.push(Transaction { family, restore });
+                    report.transactions.push(Transaction {
+                        family,
+                        program: self.fw.program(family),
+                        restore,
+                    });
                 }
             }
             return Err(Failure::new(ErrorCode::Internal, DRY_RUN_STOP));

@@ -203,22 +203,35 @@ impl FirewallDriver for IptablesDriver {
     fn preview(
         &self,
         desired: &Desired,
-        family: Family,
+        families: &[Family],
         mode: Mode,
-    ) -> Result<Option<String>, FirewallError> {
+    ) -> Result<Vec<(Family, String)>, FirewallError> {
         let desired = render::desired(desired.rules());
-        let (applied, wanted) = (self.applied.family(family), desired.family(family));
-        Ok(match mode {
-            Mode::Full => {
-                let saved = SavedTables::parse(&self.exec.save(family)?);
-                Some(restore::full(wanted, &saved))
-            }
-            Mode::Change if self.hooks_ok[index(family)] => restore::diff(applied, wanted),
-            Mode::Change if applied != wanted || !self.installed => {
-                Some(restore::rewrite_chains(wanted))
-            }
-            Mode::Change => None,
-        })
+        let mut out = Vec::new();
+        for &family in families {
+            let (applied, wanted) = (self.applied.family(family), desired.family(family));
+            let text = match mode {
+                Mode::Full => {
+                    let saved = SavedTables::parse(&self.exec.save(family)?);
+                    Some(restore::full(wanted, &saved))
+                }
+                Mode::Change if self.hooks_ok[index(family)] => restore::diff(applied, wanted),
+                Mode::Change if applied != wanted || !self.installed => {
+                    Some(restore::rewrite_chains(wanted))
+                }
+                Mode::Change => None,
+            };
+            out.extend(text.map(|t| (family, t)));
+        }
+        Ok(out)
+    }
+
+    fn program(&self, family: Family) -> String {
+        match family {
+            Family::V4 => "iptables-restore --noflush",
+            Family::V6 => "ip6tables-restore --noflush",
+        }
+        .to_owned()
     }
 
     fn teardown(&mut self, families: &[Family]) -> Result<(), FirewallError> {

@@ -94,10 +94,10 @@ impl Engine {
         }
     }
 
-    /// Compares natmap's chains and hooks in the kernel with what natmap
-    /// applied (someone's `iptables -F`, a firewalld reload, a Docker
-    /// restart reordering hooks) and rewrites them in one transaction if
-    /// they differ.
+    /// Asks the firewall driver whether natmap's rules and hooks in the
+    /// kernel still match what it applied (someone's `iptables -F`, a
+    /// firewalld reload, a Docker restart reordering hooks) and has it put
+    /// them back if they differ.
     fn repair_drift(&mut self) {
         if !self.fw.installed() {
             return;

@@ -18,9 +18,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
+use natmap::firewall::iptables::saved::SavedTables;
+use natmap::firewall::iptables::{render, restore, Chain};
 use natmap::model::{Family, Rule};
-use natmap::rules::saved::SavedTables;
-use natmap::rules::{render, restore, Chain};
 use serde_json::{json, Value};
 
 fn v4(ip: std::net::Ipv4Addr, port: u16) -> SocketAddr {

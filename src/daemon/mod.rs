@@ -30,7 +30,7 @@ use tokio::sync::oneshot;
 
 use crate::config::{Config, EngineConfig};
 use crate::docker::{self, DockerClient};
-use crate::netfilter::{IptablesExecutor, Netfilter};
+use crate::firewall;
 use crate::proto::Response;
 
 use engine::{Engine, Peer};
@@ -110,14 +110,7 @@ pub(crate) enum EngineMsg {
 /// Runs the daemon until `shutdown` completes, then removes natmap's rules
 /// (the state stays for the next start) and the socket.
 pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Result<(), String> {
-    let executor = IptablesExecutor;
-    let backend = executor
-        .backend()
-        .map_err(|e| format!("{e}\nnatmap needs iptables: apt-get install iptables"))?;
-    tracing::info!(backend = backend.name(), "iptables backend detected");
-    if let Some(mismatch) = executor.docker_backend_mismatch(backend) {
-        return Err(mismatch);
-    }
+    let fw = firewall::detect().map_err(|e| e.to_string())?;
     // A broken config stops the start, naming the key and the line.
     let file_config = Config::load(&config.config_path, config.config_explicit)?;
     let _lock = lock_state(&config)?;
@@ -132,7 +125,6 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
 
     // Before anything is installed: a daemon that gives up must leave nothing.
     server::refuse_if_answered(&config.socket_path)?;
-    let nf: Arc<dyn Netfilter> = Arc::new(executor);
     let state_path = config.state_path.clone();
     fds::set_relayed_connections(file_config.relay.limits().max_connections);
     let relays = Relays::new(
@@ -140,11 +132,10 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
         file_config.relay.limits(),
     );
     let mut engine = tokio::task::spawn_blocking(move || {
-        Engine::open(state_path, nf, relays, AddressSource::Kernel)
+        Engine::open(state_path, fw, relays, AddressSource::Kernel)
     })
     .await
     .map_err(|e| format!("engine start panicked: {e}"))??;
-    engine.set_backend(backend.name());
     let (tx, rx) = mpsc::channel::<EngineMsg>();
     engine.start_discovery(
         file_config,

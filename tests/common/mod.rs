@@ -1925,8 +1925,8 @@ pub fn read_state(path: &Path) -> natmap::state::State {
 /// What natmap's chains must hold for `state` when every rule is active,
 /// in the form of [`natmap_lines`]: `(v4 lines, v6 lines)`.
 pub fn rendered_lines(state: &natmap::state::State) -> (Vec<String>, Vec<String>) {
+    use natmap::firewall::iptables::{render, Chain};
     use natmap::model::Family;
-    use natmap::rules::{render, Chain};
     let set = render::desired(&state.rules);
     let lines = |family| {
         let rules = set.family(family);

@@ -1,7 +1,7 @@
 //! Rule changes in batches: every queued add and delete is planned against
 //! one working copy of the state, then committed with one transaction per
 //! family and one state write, and each client is answered after that.
-//! Concurrent clients thus cost one iptables-restore and one fsync per batch,
+//! Concurrent clients thus cost one firewall transaction and one fsync per batch,
 //! not per request (kube-proxy's min-sync-period idea, without the delay:
 //! a batch is whatever queued while the previous one was being applied).
 

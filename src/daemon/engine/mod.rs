@@ -1,14 +1,14 @@
 //! The single owner of natmap's state, rules and reservations.
 //!
 //! Requests are applied one at a time, each through the same pipeline:
-//! validate → reserve ports → new state → desired ruleset → one
-//! `iptables-restore` per changed family → persist → listen → answer.
+//! validate → reserve ports → new state → desired rules → the firewall
+//! driver (one transaction per changed family) → persist → listen → answer.
 //! A failure at any step undoes the steps before it, so nothing is ever
 //! half-applied.
 //!
 //! # Layout
-//! - this file: the engine's state, recovery at start, applying rulesets
-//!   (diff or full rewrite) and committing states, the request dispatcher,
+//! - this file: the engine's state, recovery at start, handing the desired
+//!   rules to the firewall driver and committing states, the request dispatcher,
 //!   `ls`, `fwd`, `save`, `clear`, shutdown;
 //! - `batch`: rule changes planned together, one commit per batch;
 //! - `apply`: `apply` and `export` documents;
@@ -26,7 +26,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 mod addresses;
 mod apply;
@@ -39,16 +38,14 @@ mod routes;
 mod status;
 
 use crate::docker::DockerClient;
+use crate::firewall::{Desired, FirewallDriver, FirewallError, Mode};
 use crate::model::{
     DnatRule, Family, HairpinRule, PolicyRouteRule, PortClaim, Rule, RuleId, RuleSpec, SnatRule,
 };
-use crate::netfilter::Netfilter;
 use crate::proto::{
     ClearReport, DryRunReport, ErrorCode, ForwardingReport, LsRequest, Pong, Request, Response,
     RuleList, RuleStatus, RuleView, SaveReport, Transaction, UnreadableEntry,
 };
-use crate::rules::saved::SavedTables;
-use crate::rules::{render, restore, Ruleset};
 use crate::state::{self, Loaded, State};
 
 use super::host;
@@ -100,18 +97,12 @@ struct Inactive {
 pub struct Engine {
     state: State,
     state_path: PathBuf,
-    nf: Arc<dyn Netfilter>,
+    /// natmap's packet filter; it keeps its own mirror of what it applied.
+    fw: Box<dyn FirewallDriver>,
     /// Reserved sockets of active rules.
     held: BTreeMap<RuleId, Vec<Reservation>>,
     /// Rules kept in state but not installed, and why.
     inactive: BTreeMap<RuleId, Inactive>,
-    /// What the kernel holds in natmap's chains, as far as natmap knows.
-    applied: Ruleset,
-    /// Per family: hooks verified in place since the last full apply.
-    hooks_ok: [bool; 2],
-    /// Per family: natmap created DOCKER-USER (Docker had not), so teardown
-    /// may remove it again (see `restore::teardown`).
-    own_docker_user: [bool; 2],
     /// Whether IPv6 NAT works here.
     v6_nat: bool,
     relays: Relays,
@@ -125,16 +116,12 @@ pub struct Engine {
     prefetched: HashMap<String, Result<crate::docker::Lookup, String>>,
     /// Why a Docker mapping is down, as last seen.
     down_reason: BTreeMap<RuleId, String>,
-    /// Whether natmap's chains should exist (false after `clear` until the next change).
-    installed: bool,
     /// Drift repairs done since start.
     repairs: u64,
     /// While handling a `--dry-run` request: what the change would have done.
     simulated: Option<DryRunReport>,
     /// When the daemon started.
     started: std::time::Instant,
-    /// The iptables backend (`nft` or `legacy`).
-    backend: String,
     /// The last drift repair: when and why.
     last_repair: Option<(std::time::Instant, Vec<String>)>,
     /// Policy routes natmap has installed.
@@ -151,9 +138,6 @@ pub struct Engine {
     local: LocalAddresses,
     /// Per family: whether drift repairs take (see `repair`).
     convergence: [repair::Convergence; 2],
-    /// Ports Docker publishes itself, as of the last `iptables-save`
-    /// (`status` reads them here instead of running a save of its own).
-    docker_published: Option<std::collections::HashSet<(crate::model::Proto, u16)>>,
     /// When the last drift check ran and how long it held the engine.
     last_drift_check: Option<(std::time::Instant, std::time::Duration)>,
 }
@@ -181,7 +165,7 @@ impl Engine {
     /// `state::load` quarantines them (shown by `ls` and `status`).
     pub fn open(
         state_path: PathBuf,
-        nf: Arc<dyn Netfilter>,
+        fw: Box<dyn FirewallDriver>,
         relays: Relays,
         addresses: AddressSource,
     ) -> Result<Engine, String> {
@@ -227,23 +211,18 @@ impl Engine {
         let mut engine = Engine {
             state,
             state_path,
-            nf,
+            fw,
             held: BTreeMap::new(),
             inactive: BTreeMap::new(),
-            applied: Ruleset::default(),
-            hooks_ok: [false; 2],
-            own_docker_user: [false; 2],
             v6_nat: true,
             relays,
             docker: None,
             docker_error: docker::NOT_CONNECTED_YET.into(),
             prefetched: HashMap::new(),
             down_reason: BTreeMap::new(),
-            installed: false,
             repairs: 0,
             simulated: None,
             started: std::time::Instant::now(),
-            backend: String::from("unknown"),
             last_repair: None,
             routes: Default::default(),
             ticks: 0,
@@ -252,7 +231,6 @@ impl Engine {
             addresses,
             local: addresses.snapshot().unwrap_or_default(),
             convergence: Default::default(),
-            docker_published: None,
             last_drift_check: None,
         };
         if engine.state.forwarding {
@@ -272,8 +250,10 @@ impl Engine {
     fn recover(&mut self) -> Result<(), String> {
         // IPv6 first: if its NAT table is missing, v6 rules become inactive and
         // IPv4 carries on.
-        let empty_v6 = Ruleset::default();
-        if let Err(e) = self.full_apply(Family::V6, &empty_v6) {
+        if let Err(e) = self
+            .fw
+            .apply(&Desired::default(), &[Family::V6], Mode::Full)
+        {
             tracing::warn!("IPv6 NAT is unavailable, IPv6 rules stay inactive: {e}");
             self.v6_nat = false;
         }
@@ -305,13 +285,10 @@ impl Engine {
         }
         let desired = self.desired(&self.state);
         for family in self.families() {
-            // The IPv6 probe above already installed an empty v6 ruleset.
-            if self.hooks_ok[family_index(family)]
-                && self.applied.family(family) == desired.family(family)
-            {
-                continue;
-            }
-            self.full_apply(family, &desired)
+            // The IPv6 probe above already installed an empty v6 ruleset:
+            // a full apply skips a family that matches.
+            self.fw
+                .apply(&desired, &[family], Mode::Full)
                 .map_err(|e| format!("cannot install natmap's {family} rules: {e}"))?;
         }
         for id in rules.iter().map(|r| r.id) {
@@ -337,82 +314,22 @@ impl Engine {
         }
     }
 
-    /// The ruleset of the active rules of `state`.
-    fn desired(&self, state: &State) -> Ruleset {
-        render::desired(
+    /// The rules of `state` that are active: what the firewall installs.
+    fn desired(&self, state: &State) -> Desired {
+        Desired::new(
             state
                 .rules
                 .iter()
-                .filter(|r| !self.inactive.contains_key(&r.id)),
+                .filter(|r| !self.inactive.contains_key(&r.id))
+                .cloned(),
         )
     }
 
-    /// Rewrites the family's chains and repairs its hooks, from a fresh
-    /// `iptables-save`.
-    fn full_apply(&mut self, family: Family, desired: &Ruleset) -> Result<(), String> {
-        let saved = SavedTables::parse(&self.nf.save(family).map_err(|e| e.to_string())?);
-        if family == Family::V4 {
-            self.docker_published = Some(status::docker_published_ports(&saved));
-        }
-        let text = restore::full(desired.family(family), &saved);
-        self.nf.restore(family, &text).map_err(|e| e.to_string())?;
-        self.own_docker_user[family_index(family)] |= restore::creates_docker_user(&saved);
-        *self.applied.family_mut(family) = desired.family(family).clone();
-        self.hooks_ok[family_index(family)] = true;
-        self.installed = true;
-        Ok(())
-    }
-
-    /// Sends only the difference between what natmap applied and `desired`
-    /// (one transaction). If the kernel refuses it, someone changed natmap's
-    /// chains under it: fall back to a full rewrite from a fresh save.
-    fn diff_apply(&mut self, family: Family, desired: &Ruleset) -> Result<(), String> {
-        let Some(text) = restore::diff(self.applied.family(family), desired.family(family)) else {
-            return Ok(());
-        };
-        match self.nf.restore(family, &text) {
-            Ok(()) => {
-                *self.applied.family_mut(family) = desired.family(family).clone();
-                Ok(())
-            }
-            // Waiting for the xtables lock again would only double the wait.
-            Err(e) if e.message.contains("xtables lock") => Err(e.to_string()),
-            Err(e) => {
-                tracing::warn!(
-                    "incremental {family} update refused ({e}); rewriting natmap's chains"
-                );
-                self.full_apply(family, desired)
-            }
-        }
-    }
-
     /// Brings the kernel to `desired` in one transaction per family that
-    /// differs. If the second family fails, the first is put back.
-    fn apply(&mut self, desired: &Ruleset) -> Result<(), String> {
-        let mut done: Vec<(Family, Ruleset)> = Vec::new();
-        for family in self.families() {
-            let ok = self.hooks_ok[family_index(family)];
-            if ok && self.applied.family(family) == desired.family(family) {
-                continue;
-            }
-            let before = self.applied.clone();
-            let result = if ok {
-                self.diff_apply(family, desired)
-            } else {
-                self.full_apply(family, desired)
-            };
-            if let Err(e) = result {
-                for (f, previous) in done.into_iter().rev() {
-                    if let Err(again) = self.full_apply(f, &previous) {
-                        tracing::error!("rollback of {f} rules failed: {again}");
-                        self.hooks_ok[family_index(f)] = false;
-                    }
-                }
-                return Err(e);
-            }
-            done.push((family, before));
-        }
-        Ok(())
+    /// differs (the driver puts back the first family if the second fails).
+    fn apply(&mut self, desired: &Desired) -> Result<(), FirewallError> {
+        let families = self.families();
+        self.fw.apply(desired, &families, Mode::Change)
     }
 
     /// Applies `next` and persists it; on a failed write puts the previous
@@ -422,17 +339,14 @@ impl Engine {
         if let Some(report) = self.simulated.as_mut() {
             // A dry run ends here: record the transactions and unwind like a
             // failure, so reservations taken on the way are released.
-            for family in Family::ALL {
-                let text = if self.hooks_ok[family_index(family)] {
-                    restore::diff(self.applied.family(family), desired.family(family))
-                } else if self.applied.family(family) != desired.family(family) || !self.installed {
-                    Some(restore::rewrite_chains(desired.family(family)))
-                } else {
-                    None
-                };
-                if let Some(restore) = text {
-                    report.transactions.push(Transaction { family, restore });
-                }
+            // A change preview reads nothing, so it cannot fail.
+            let plans = self.fw.preview(&desired, &Family::ALL, Mode::Change);
+            for (family, restore) in plans.unwrap_or_default() {
+                report.transactions.push(Transaction {
+                    family,
+                    program: self.fw.program(family),
+                    restore,
+                });
             }
             let (add, del) = route_changes(&self.routes, &next);
             let report = self.simulated.as_mut().expect("checked above");
@@ -448,7 +362,7 @@ impl Engine {
         self.apply(&desired).map_err(|e| {
             Failure::new(
                 ErrorCode::ApplyFailed,
-                format!("iptables refused the change, nothing was changed: {e}"),
+                format!("the firewall refused the change, nothing was changed: {e}"),
             )
         })?;
         let routes_before = self.routes.clone();
@@ -468,7 +382,7 @@ impl Engine {
                 tracing::error!(
                     "rolling back rules after a failed state write failed too: {again}"
                 );
-                self.hooks_ok = [false; 2];
+                self.fw.forget();
             }
             if self.routes != routes_before {
                 let old = self.state.clone();
@@ -789,13 +703,6 @@ impl Engine {
         list.rules.sort_by_key(|v| v.rule.id);
     }
 
-    /// Records the iptables backend for `status`. (A host whose Docker
-    /// rules live in the other backend never gets here: the daemon refuses
-    /// to start.)
-    pub fn set_backend(&mut self, backend: &str) {
-        self.backend = backend.to_owned();
-    }
-
     /// Adds one rule (through the same path as a batch of one).
     fn add(&mut self, spec: RuleSpec) -> Outcome<Response> {
         self.apply_changes(vec![Change::Add(spec)])
@@ -918,18 +825,8 @@ impl Engine {
 
     /// Removes natmap's chains and hooks from both families (never anyone else's).
     fn teardown(&mut self) -> Result<(), String> {
-        for family in self.families() {
-            let saved = self.nf.save(family).map_err(|e| e.to_string())?;
-            let own = self.own_docker_user[family_index(family)];
-            let text = restore::teardown(&SavedTables::parse(&saved), own);
-            if !text.is_empty() {
-                self.nf.restore(family, &text).map_err(|e| e.to_string())?;
-            }
-            self.own_docker_user[family_index(family)] = false;
-            *self.applied.family_mut(family) = Default::default();
-            self.hooks_ok[family_index(family)] = false;
-        }
-        self.installed = false;
+        let families = self.families();
+        self.fw.teardown(&families).map_err(|e| e.to_string())?;
         self.sync_routes(&State::default())
     }
 
@@ -950,7 +847,8 @@ impl Engine {
             .into_iter()
             .map(|family| Transaction {
                 family,
-                restore: restore::export(self.applied.family(family)),
+                program: self.fw.program(family),
+                restore: self.fw.export(family),
             })
             .collect();
         Ok(Response::ok(SaveReport {
@@ -977,14 +875,16 @@ impl Engine {
     fn clear(&mut self) -> Outcome<Response> {
         if self.simulated.is_some() {
             for family in self.families() {
-                let saved = self
-                    .nf
-                    .save(family)
+                let restore = self
+                    .fw
+                    .preview_teardown(family)
                     .map_err(|e| Failure::new(ErrorCode::ApplyFailed, e.to_string()))?;
-                let own = self.own_docker_user[family_index(family)];
-                let restore = restore::teardown(&SavedTables::parse(&saved), own);
                 if let Some(report) = self.simulated.as_mut() {
-                    report.transactions.push(Transaction { family, restore });
+                    report.transactions.push(Transaction {
+                        family,
+                        program: self.fw.program(family),
+                        restore,
+                    });
                 }
             }
             return Err(Failure::new(ErrorCode::Internal, DRY_RUN_STOP));

@@ -12,7 +12,7 @@ use super::{render, restore};
 
 fn golden(name: &str, actual: &str) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("src/rules/testdata")
+        .join("src/firewall/iptables/testdata")
         .join(name);
     if std::env::var_os("NATMAP_BLESS").is_some() {
         std::fs::write(&path, actual).unwrap();
@@ -340,7 +340,7 @@ fn a_nonlocal_address_matches_only_while_it_is_local() {
         }
     }
     let set = render::desired(&rules);
-    let text = crate::rules::restore::rewrite_chains(set.family(Family::V4));
+    let text = crate::firewall::iptables::restore::rewrite_chains(set.family(Family::V4));
     let dnat: Vec<&str> = text.lines().filter(|l| l.contains("-j DNAT")).collect();
     assert!(!dnat.is_empty());
     for line in dnat {

@@ -1,7 +1,7 @@
 //! `apply` and `export` on a real kernel: declarative documents, plans,
 //! idempotence, and export → apply round trips.
 
-mod common;
+pub mod common;
 
 use common::*;
 use serde_json::{json, Value};

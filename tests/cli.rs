@@ -3,7 +3,7 @@
 //! text and JSON, `--dry-run` everywhere, the boot fragment and its
 //! netfilter-persistent plugin, and what natmap leaves behind when it stops.
 
-mod common;
+pub mod common;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};

@@ -11,7 +11,7 @@
 //!   proves "no longer stalls"; the figures come from the ignored
 //!   measurement test, see docs/reliability.md).
 
-mod common;
+pub mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -7,7 +7,7 @@
 //! that are not the host's are refused unless `--allow-nonlocal`, and then
 //! match only while local (a VIP that moves between two routers).
 
-mod common;
+pub mod common;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};

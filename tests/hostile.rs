@@ -7,7 +7,7 @@
 //! Figures are printed uncaptured on stderr (`[hostile] …`) and collected in
 //! `docs/reliability.md`.
 
-mod common;
+pub mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;

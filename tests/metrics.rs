@@ -3,7 +3,7 @@
 //! through a real DNAT moves the counters, and the test scrapes them with a
 //! plain HTTP request from inside the namespace.
 
-mod common;
+pub mod common;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};

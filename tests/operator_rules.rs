@@ -4,7 +4,7 @@
 //! `snat` waiting for its interface, and a loopback `docker add` target.
 //! Real namespaces (client ─ router ─ server), the real daemon, real traffic.
 
-mod common;
+pub mod common;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;

@@ -10,7 +10,7 @@
 //! Figures printed here (uncaptured, on stderr) are collected in
 //! `docs/reliability.md`.
 
-mod common;
+pub mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;

@@ -2,7 +2,7 @@
 //! topology per test, the real daemon in the router namespace, real TCP and
 //! UDP traffic, and the exact rules in natmap's chains.
 
-mod common;
+pub mod common;
 
 use std::net::{IpAddr, SocketAddr};
 

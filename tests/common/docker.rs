@@ -657,6 +657,12 @@ impl OutsideHost {
     }
 }
 
+impl Default for OutsideHost {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Drop for OutsideHost {
     fn drop(&mut self) {
         match run_quiet(
@@ -1462,6 +1468,12 @@ fn relay(a: UnixStream, b: UnixStream, a_delay: Arc<std::sync::atomic::AtomicU64
             let _ = a.shutdown(Shutdown::Both);
             let _ = b.shutdown(Shutdown::Both);
         }
+    }
+}
+
+impl Default for DockerProxy {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

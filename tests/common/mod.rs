@@ -41,7 +41,7 @@
 //! | `traffic` | echo servers, probes, the `expect_*` assertions |
 //! | `iptables` | reading iptables, natmap's chains |
 //! | `daemon` | the daemon process: state dir, start, restart, stop |
-//! | `cli` | the natmap CLI against a daemon |
+//! | `cli` | the natmap CLI against a daemon, [`RuleArgs`] |
 //! | `socket` | the control socket spoken raw |
 //! | `daemon_log` | no undeclared WARN/ERROR in a daemon's log |
 //! | `consistency` | kernel, state file and answers agree |
@@ -69,6 +69,7 @@ mod socket;
 mod topology;
 mod traffic;
 
+pub use cli::*;
 pub use command::*;
 pub use consistency::*;
 pub use daemon::*;

@@ -42,15 +42,7 @@ fn json_of(out: &Output) -> serde_json::Value {
 }
 
 fn dnat(d: &Daemon, port: &str) -> serde_json::Value {
-    d.cli_json(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        port,
-    ])
+    d.cli_json(&dnat_args("192.0.2.1", "198.51.100.2", port))
 }
 
 /// The plugin shipped for netfilter-persistent.
@@ -454,15 +446,7 @@ fn the_boot_fragment_restored_twice_changes_nothing_with_and_without_docker() {
     }
     let topo = Topology::new();
     let d = Daemon::start(&topo.router);
-    d.cli_ok(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        "25,465",
-    ]);
+    d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "25,465"));
     let dir = d.dir().join("etc");
     d.cli_ok(&[
         "save",

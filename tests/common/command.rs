@@ -13,26 +13,33 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs `cmd` with stdin closed and stdout/stderr captured, killing it and
 /// panicking if it runs longer than `timeout`.
+#[track_caller]
 pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
+    run_quiet(cmd, timeout).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`run_with_timeout`] that never panics, for `Drop` paths: a command that
+/// cannot start or runs too long (it is killed) is an `Err` describing it,
+/// with what it printed before it was killed.
+pub fn run_quiet(cmd: &mut Command, timeout: Duration) -> Result<Output, String> {
     let desc = format!("{cmd:?}");
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot spawn {desc}: {e}"));
-    let mut out_pipe = child.stdout.take().expect("stdout piped");
-    let mut err_pipe = child.stderr.take().expect("stderr piped");
-    let out_reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = out_pipe.read_to_end(&mut buf);
-        buf
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = err_pipe.read_to_end(&mut buf);
-        buf
-    });
+        .map_err(|e| format!("cannot spawn {desc}: {e}"))?;
+    // Read both pipes while the command runs, so a command that prints
+    // more than a pipe holds does not block (and time out) on the write.
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out_reader = drain(Box::new(child.stdout.take().expect("stdout piped")));
+    let err_reader = drain(Box::new(child.stderr.take().expect("stderr piped")));
     let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait() {
@@ -43,21 +50,21 @@ pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Output {
                 let _ = child.wait();
                 let stdout = out_reader.join().unwrap_or_default();
                 let stderr = err_reader.join().unwrap_or_default();
-                panic!(
+                return Err(format!(
                     "command timed out after {timeout:?} and was killed: {desc}\n\
                      --- stdout ---\n{}\n--- stderr ---\n{}",
                     String::from_utf8_lossy(&stdout),
                     String::from_utf8_lossy(&stderr)
-                );
+                ));
             }
-            Err(e) => panic!("waiting for {desc}: {e}"),
+            Err(e) => return Err(format!("waiting for {desc}: {e}")),
         }
     };
-    Output {
+    Ok(Output {
         status,
         stdout: out_reader.join().unwrap_or_default(),
         stderr: err_reader.join().unwrap_or_default(),
-    }
+    })
 }
 
 /// Panics with the command line, status, stdout and stderr unless `out` succeeded.

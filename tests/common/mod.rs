@@ -48,6 +48,7 @@
 //! | `load` | seeded randomness, percentiles |
 //! | `ledger` | acknowledged changes survive a crash |
 //! | [`docker`] | the host's Docker engine, root-namespace daemon |
+//! | `docker_proxy` | a Docker socket proxy to stop, slow or hang |
 //! | [`auto_discover`] | remote engines, service node, config file |
 //!
 //! Declare it in a test file as `pub mod common;` (not `mod common;`): the
@@ -60,6 +61,7 @@ mod command;
 mod consistency;
 mod daemon;
 mod daemon_log;
+mod docker_proxy;
 mod iptables;
 mod ledger;
 mod load;
@@ -74,6 +76,7 @@ pub use command::*;
 pub use consistency::*;
 pub use daemon::*;
 pub use daemon_log::*;
+pub use docker_proxy::*;
 pub use iptables::*;
 pub use ledger::*;
 pub use load::*;

@@ -431,6 +431,30 @@ fn bad_input_is_refused_and_leaves_rules_and_state_byte_identical() {
     dnat_mail(&d);
     let state_before = std::fs::read(d.state_path()).unwrap();
     let rules_before = iptables_save(&topo.router, false);
+    cli_refuses_bad_arguments(&d);
+    socket_refuses_bad_requests(&d);
+    assert_eq!(
+        std::fs::read(d.state_path()).unwrap(),
+        state_before,
+        "state byte-identical"
+    );
+    let strip = |s: &str| {
+        s.lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        strip(&iptables_save(&topo.router, false)),
+        strip(&rules_before),
+        "rules identical"
+    );
+    d.assert_clean_log();
+}
+
+/// Each malformed rule command line is a usage error (exit 2) naming the
+/// offending argument.
+fn cli_refuses_bad_arguments(d: &Daemon) {
     let cli_cases = [
         (dnat_args("192.0.2.1", "198.51.100.2", "0"), "--ports"),
         (dnat_args("192.0.2.1", "198.51.100.2", "70000"), "--ports"),
@@ -464,7 +488,11 @@ fn bad_input_is_refused_and_leaves_rules_and_state_byte_identical() {
             "{args:?}: error must name {field}: {stderr}"
         );
     }
-    // The same and worse, straight onto the socket, past the CLI's checks.
+}
+
+/// The same and worse sent straight onto the socket, past the CLI's checks:
+/// every line gets an error answer (with a code), on one connection.
+fn socket_refuses_bad_requests(d: &Daemon) {
     let raw_cases = [
         r#"{"version":1,"request":{"cmd":"dnat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2","ports":"25","ext_if":"x\n-A INPUT -j DROP"}}"#,
         r#"{"version":1,"request":{"cmd":"snat","int_ip":"10.0.0.0/24","ext_if":"eth0","ext_ip":"192.0.2.1 -j ACCEPT"}}"#,
@@ -476,22 +504,18 @@ fn bad_input_is_refused_and_leaves_rules_and_state_byte_identical() {
         "\u{0}\u{1}garbage",
         "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[",
     ];
-    let sock = d.socket_path();
-    let answers = in_netns(&topo.router, move || {
-        use std::io::{BufRead, BufReader, Write};
-        let mut stream = std::os::unix::net::UnixStream::connect(&sock).unwrap();
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        raw_cases
-            .iter()
-            .map(|line| {
-                stream.write_all(line.as_bytes()).unwrap();
-                stream.write_all(b"\n").unwrap();
-                let mut answer = String::new();
-                reader.read_line(&mut answer).unwrap();
-                serde_json::from_str::<serde_json::Value>(&answer).unwrap()
-            })
-            .collect::<Vec<_>>()
-    });
+    // One connection for all of them: a bad line must not end it.
+    let mut client = d.connect();
+    let answers: Vec<serde_json::Value> = raw_cases
+        .iter()
+        .map(|line| {
+            client.send_raw(format!("{line}\n").as_bytes()).unwrap();
+            client
+                .read_response()
+                .unwrap()
+                .unwrap_or_else(|| panic!("{line}: the daemon closed the connection"))
+        })
+        .collect();
     for (line, answer) in raw_cases.iter().zip(&answers) {
         assert_eq!(answer["ok"], false, "{line} → {answer}");
         assert!(answer["error"]["code"].is_string(), "{answer}");
@@ -505,23 +529,6 @@ fn bad_input_is_refused_and_leaves_rules_and_state_byte_identical() {
         answers[0]
     );
     assert_eq!(answers[5]["error"]["code"], "version_mismatch");
-    assert_eq!(
-        std::fs::read(d.state_path()).unwrap(),
-        state_before,
-        "state byte-identical"
-    );
-    let strip = |s: &str| {
-        s.lines()
-            .filter(|l| !l.starts_with('#'))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    assert_eq!(
-        strip(&iptables_save(&topo.router, false)),
-        strip(&rules_before),
-        "rules identical"
-    );
-    d.assert_clean_log();
 }
 
 #[test]

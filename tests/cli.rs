@@ -609,17 +609,7 @@ fn a_daemon_that_gives_up_at_start_leaves_no_rules() {
     let second = bare_router();
     let dir = StateDir::new();
     std::fs::copy(d.state_path(), dir.state_path()).unwrap();
-    let out = second.exec(&[
-        LAB_OPS_BIN,
-        "natmap",
-        "--socket",
-        d.socket_path().to_str().unwrap(),
-        "daemon",
-        "--state",
-        dir.state_path().to_str().unwrap(),
-        "--socket-group",
-        "root",
-    ]);
+    let out = second.exec(&daemon_argv(&d.socket_path(), &dir.state_path()));
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(text(&out.stderr).contains("already answers"), "{out:?}");
     let save = iptables_save(&second, false);

@@ -1138,17 +1138,9 @@ fn daemon_refuses_to_start_when_dockers_rules_are_in_the_other_backend() {
     topo.router
         .run_ok(&["iptables-legacy", "-w", "-t", "nat", "-N", "DOCKER"]);
     let dir = StateDir::new();
-    let out = topo.router.exec(&[
-        LAB_OPS_BIN,
-        "natmap",
-        "--socket",
-        dir.socket_path().to_str().unwrap(),
-        "daemon",
-        "--state",
-        dir.state_path().to_str().unwrap(),
-        "--socket-group",
-        "root",
-    ]);
+    let out = topo
+        .router
+        .exec(&daemon_argv(&dir.socket_path(), &dir.state_path()));
     assert!(!out.status.success(), "the daemon must refuse to start");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -1171,17 +1163,9 @@ fn one_daemon_per_namespace_and_ls_filters_whole_values() {
     let topo = Topology::new();
     let d = Daemon::start(&topo.router);
     let other = StateDir::new();
-    let out = topo.router.exec(&[
-        LAB_OPS_BIN,
-        "natmap",
-        "--socket",
-        other.socket_path().to_str().unwrap(),
-        "daemon",
-        "--state",
-        other.state_path().to_str().unwrap(),
-        "--socket-group",
-        "root",
-    ]);
+    let out = topo
+        .router
+        .exec(&daemon_argv(&other.socket_path(), &other.state_path()));
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

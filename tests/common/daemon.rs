@@ -23,6 +23,26 @@ pub const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`Daemon::stop`] waits for the daemon to exit after SIGTERM.
 pub const DAEMON_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The command line of a daemon that a test runs to completion itself
+/// rather than through [`Daemon`] (one that must refuse to start), for
+/// [`Netns::exec`]: `lab-ops natmap --socket SOCKET daemon --state STATE
+/// --socket-group root`.
+pub fn daemon_argv(socket: &Path, state: &Path) -> Vec<String> {
+    let (socket, state) = (socket.display().to_string(), state.display().to_string());
+    let argv = [
+        LAB_OPS_BIN,
+        "natmap",
+        "--socket",
+        &socket,
+        "daemon",
+        "--state",
+        &state,
+        "--socket-group",
+        "root",
+    ];
+    argv.map(str::to_owned).to_vec()
+}
+
 /// A temporary directory for one daemon's state file, socket and log.
 /// Cloning shares it; it is deleted when the last clone is dropped, so it
 /// outlives daemon restarts as long as a [`Daemon`] or the test holds it.

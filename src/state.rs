@@ -324,6 +324,11 @@ pub fn lock(path: &Path) -> Result<std::fs::File, StateError> {
 /// `NATMAP_CRASH_AT=before-write|after-write|after-rename` in the daemon's
 /// environment, the process aborts at that point of the next state write,
 /// as a power cut or `kill -9` would stop it there.
+///
+/// Only with the `crash-points` cargo feature (the tests turn it on through
+/// the package's dev-dependency on itself); without it this is an empty
+/// function, so a release binary has no environment variable that aborts it.
+#[cfg(feature = "crash-points")]
 fn crash_point(point: &str) {
     static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     if AT
@@ -335,6 +340,11 @@ fn crash_point(point: &str) {
         std::process::abort();
     }
 }
+
+/// Without the `crash-points` feature a crash point is nothing at all.
+#[cfg(not(feature = "crash-points"))]
+#[inline(always)]
+fn crash_point(_point: &str) {}
 
 /// Writes `state` to `path` atomically and durably, quarantined entries
 /// after the rules, as they were read.

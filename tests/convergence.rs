@@ -11,7 +11,7 @@
 //!   proves "no longer stalls"; the figures come from the ignored
 //!   measurement test, see docs/reliability.md).
 
-mod common;
+pub mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -176,62 +176,16 @@ fn odd_spellings_through_the_daemon_are_never_repaired() {
     topo.router
         .ip(&["-6", "addr", "add", "::1.2.3.4/128", "dev", "lo"]);
     let d = Daemon::start_with_options(&topo.router, &StateDir::new(), DaemonOptions::isolated());
-    let adds: &[&[&str]] = &[
-        &[
-            "snat",
-            "--int-ip",
-            "0.0.0.0/0",
-            "--ext-if",
-            "ext0",
-            "--ext-ip",
-            "192.0.2.1",
-            // With the accepts, so the odd spellings reach the filter table
-            // too (and the FORWARD DROP note does not make status exit 4).
-            "--forward",
-        ],
-        &[
-            "snat",
-            "--int-ip",
-            "::/0",
-            "--ext-if",
-            "+",
-            "--ext-ip",
-            "2001:db8:1::1",
-            "--forward",
-        ],
-        &[
-            "hairpin",
-            "--ext-ip",
-            "192.0.2.1",
-            "--int-ip",
-            "198.51.100.3",
-            "--ports",
-            "80",
-            "--int-net",
-            "0.0.0.0/0",
-        ],
-        &[
-            "dnat",
-            "--ext-ip",
-            "192.0.2.1",
-            "--int-ip",
-            "198.51.100.2",
-            "--ports",
-            "8000",
-            "--ext-if",
-            "+",
-        ],
-        &[
-            "dnat",
-            "--ext-ip",
-            "::1.2.3.4",
-            "--int-ip",
-            "2001:DB8:2::2",
-            "--ports",
-            "80",
-        ],
+    let adds = [
+        // With the accepts, so the odd spellings reach the filter table
+        // too (and the FORWARD DROP note does not make status exit 4).
+        snat_args("0.0.0.0/0", "ext0", "192.0.2.1").arg("--forward"),
+        snat_args("::/0", "+", "2001:db8:1::1").arg("--forward"),
+        hairpin_args("192.0.2.1", "198.51.100.3", "80").opt("--int-net", "0.0.0.0/0"),
+        dnat_args("192.0.2.1", "198.51.100.2", "8000").ext_if("+"),
+        dnat_args("::1.2.3.4", "2001:DB8:2::2", "80"),
     ];
-    for args in adds {
+    for args in &adds {
         d.cli_ok(args);
     }
     // Two drift checks (one every 2 s) at least.
@@ -299,15 +253,7 @@ fn a_repair_that_does_not_take_is_reported_not_repeated() {
     let mut d = Daemon::start_with_options(&ns, &StateDir::new(), opts);
     d.allow_log("changed from outside")
         .allow_log("cannot converge");
-    d.cli_ok(&[
-        "snat",
-        "--int-ip",
-        "10.0.0.0/8",
-        "--ext-if",
-        "lo",
-        "--ext-ip",
-        "192.0.2.1",
-    ]);
+    d.cli_ok(&snat_args("10.0.0.0/8", "lo", "192.0.2.1"));
     wait_until("cannot converge", Duration::from_secs(15), || {
         d.log().contains("cannot converge")
     });

@@ -3,7 +3,7 @@
 //! container runs with that address. Root namespace, one test at a time
 //! ([`serial`]); every container, rule and socket is removed by a guard.
 
-mod common;
+pub mod common;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};

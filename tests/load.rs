@@ -8,7 +8,7 @@
 //!
 //! `cargo test --test load -- --nocapture` shows the figures.
 
-mod common;
+pub mod common;
 
 use std::io::Write;
 use std::sync::Mutex;

@@ -10,7 +10,7 @@
 //! Figures printed here (uncaptured, on stderr) are collected in
 //! `docs/reliability.md`.
 
-mod common;
+pub mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
@@ -674,15 +674,7 @@ fn without_ipv6_nat_ipv6_requests_fail_clearly_and_ipv4_forwards() {
     d.allow_log("IPv6 NAT is unavailable");
     let _echo = TcpEcho::start(&topo.server, v4(SERVER_V4, 33001));
 
-    let (status, v6) = d.cli_json_output(&[
-        "dnat",
-        "--ext-ip",
-        "2001:db8:1::1",
-        "--int-ip",
-        "2001:db8:2::2",
-        "--ports",
-        "33001",
-    ]);
+    let (status, v6) = d.cli_json_output(&dnat_args("2001:db8:1::1", "2001:db8:2::2", "33001"));
     assert_eq!(status.code(), Some(1));
     assert_eq!(v6["error"]["code"], "ipv6_unavailable", "{v6}");
     assert!(
@@ -693,7 +685,7 @@ fn without_ipv6_nat_ipv6_requests_fail_clearly_and_ipv4_forwards() {
         "{v6}"
     );
 
-    let v4out = d.cli_json(&["dnat", "--ext-ip", EXT, "--int-ip", INT, "--ports", "33001"]);
+    let v4out = d.cli_json(&dnat_args(EXT, INT, "33001"));
     assert_eq!(v4out["data"]["result"], "added", "{v4out}");
     expect_tcp(&topo.client, ext_addr(33001), CLIENT_V4, 33001);
     assert_eq!(natmap_lines(&topo.router, false).len(), 4);

@@ -8,7 +8,7 @@
 //! Every daemon runs in a network namespace the test creates; traffic goes
 //! only between the test's own namespaces.
 
-mod common;
+pub mod common;
 
 use std::fs;
 use std::net::{IpAddr, SocketAddr};

@@ -100,6 +100,8 @@ struct Inactive {
 pub struct Engine {
     state: State,
     state_path: PathBuf,
+    /// Writes every change to `state.json`'s journal (compacting it now and then).
+    store: state::Store,
     nf: Arc<dyn Netfilter>,
     /// Reserved sockets of active rules.
     held: BTreeMap<RuleId, Vec<Reservation>>,
@@ -182,7 +184,8 @@ impl Engine {
         addresses: AddressSource,
     ) -> Result<Engine, String> {
         let mut corrupt: Option<String> = None;
-        let state = match state::load(&state_path).map_err(|e| e.to_string())? {
+        let (loaded, store) = state::load(&state_path).map_err(|e| e.to_string())?;
+        let state = match loaded {
             Loaded::Fresh(s) => {
                 tracing::info!(path = %state_path.display(), "no state file yet, starting empty");
                 s
@@ -223,6 +226,7 @@ impl Engine {
         let mut engine = Engine {
             state,
             state_path,
+            store,
             nf,
             held: BTreeMap::new(),
             inactive: BTreeMap::new(),
@@ -457,7 +461,7 @@ impl Engine {
                 format!("routing refused the change, nothing was changed: {e}"),
             ));
         }
-        if let Err(e) = state::save(&self.state_path, &next) {
+        if let Err(e) = self.store.commit(&self.state, &next) {
             let previous = self.desired(&self.state);
             if let Err(again) = self.apply(&previous) {
                 tracing::error!(
@@ -900,7 +904,7 @@ impl Engine {
             let mut next = self.state.clone();
             next.forwarding = true;
             next.forwarding_ipv6 = ipv6;
-            state::save(&self.state_path, &next).map_err(|e| {
+            self.store.commit(&self.state, &next).map_err(|e| {
                 Failure::new(
                     ErrorCode::StateWriteFailed,
                     format!("cannot save state: {e}"),
@@ -928,12 +932,13 @@ impl Engine {
         self.sync_routes(&State::default())
     }
 
-    /// `save`: writes and fsyncs the state again (every change already is
-    /// durable; this makes it explicit) and returns the boot fragments.
+    /// `save`: writes and fsyncs the whole state again, folding the journal
+    /// into `state.json` (every change already is durable; this makes one
+    /// file hold it) and returns the boot fragments.
     /// A dry run only returns the fragments.
     fn save(&mut self, dry_run: bool) -> Outcome<Response> {
         if !dry_run {
-            state::save(&self.state_path, &self.state).map_err(|e| {
+            self.store.compact(&self.state).map_err(|e| {
                 Failure::new(
                     ErrorCode::StateWriteFailed,
                     format!("cannot save state: {e}"),
@@ -999,7 +1004,7 @@ impl Engine {
                 format!("cannot remove natmap's rules: {e}"),
             ));
         }
-        if let Err(e) = state::save(&self.state_path, &next) {
+        if let Err(e) = self.store.compact(&next) {
             self.put_back();
             return Err(Failure::new(
                 ErrorCode::StateWriteFailed,
@@ -1025,6 +1030,10 @@ impl Engine {
         let ids: Vec<RuleId> = self.held.keys().copied().collect();
         for id in ids {
             self.release(id);
+        }
+        // One file for the operator to read, back up or edit while stopped.
+        if let Err(e) = self.store.compact_if_journaled(&self.state) {
+            tracing::warn!("cannot fold the state journal into the state file at shutdown (the next start does): {e}");
         }
         tracing::info!("natmap rules removed, ports released; state kept for the next start");
     }

@@ -245,7 +245,9 @@ fn odd_spellings_through_the_daemon_are_never_repaired() {
     let (status, report) = d.cli_json_output(&["status"]);
     assert_eq!(status.code(), Some(0), "{report}");
     // Stored and listed the way iptables prints it.
-    let state = std::fs::read_to_string(d.state_path()).unwrap();
+    // state.json with its journal replayed: what the daemon committed.
+    let state = natmap::state::read_current(&d.state_path()).unwrap();
+    let state = serde_json::to_string(&state).unwrap();
     assert!(state.contains("\"::1.2.3.4\""), "{state}");
     let listed = d.cli_json(&["ls"]);
     assert!(listed.to_string().contains("\"::1.2.3.4\""), "{listed}");

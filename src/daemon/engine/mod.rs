@@ -417,6 +417,7 @@ impl Engine {
     /// Applies `next` and persists it; on a failed write puts the previous
     /// rules back. On success `next` becomes the state.
     fn commit(&mut self, next: State) -> Outcome<()> {
+        let started = std::time::Instant::now();
         let desired = self.desired(&next);
         if let Some(report) = self.simulated.as_mut() {
             // A dry run ends here: record the transactions and unwind like a
@@ -444,12 +445,14 @@ impl Engine {
             }
             return Err(Failure::new(ErrorCode::Internal, DRY_RUN_STOP));
         }
+        let rendered = std::time::Instant::now();
         self.apply(&desired).map_err(|e| {
             Failure::new(
                 ErrorCode::ApplyFailed,
                 format!("iptables refused the change, nothing was changed: {e}"),
             )
         })?;
+        let applied = std::time::Instant::now();
         let routes_before = self.routes.clone();
         if let Err(e) = self.sync_routes(&next) {
             let previous = self.desired(&self.state);
@@ -478,6 +481,13 @@ impl Engine {
                 format!("cannot save state, the change was rolled back: {e}"),
             ));
         }
+        // Where a change's time goes (docs/reliability.md, item 8).
+        tracing::debug!(
+            render_ms = (rendered - started).as_secs_f64() * 1e3,
+            iptables_ms = (applied - rendered).as_secs_f64() * 1e3,
+            routes_and_state_ms = applied.elapsed().as_secs_f64() * 1e3,
+            "change committed"
+        );
         self.state = next;
         Ok(())
     }

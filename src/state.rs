@@ -285,7 +285,9 @@ fn read_found(
     Ok(Found {
         text: get(file_name(path))?,
         journal: get(journal_name(path))?,
-        journal_tmp: get(beside(path, ".journal.tmp"))?,
+        // Only ever a finished compaction's journal if readable: a link or
+        // other leftover under that name is removed by the next compaction.
+        journal_tmp: read(&beside(path, ".journal.tmp")).ok().flatten(),
     })
 }
 

@@ -363,7 +363,10 @@ pub fn read_current(path: &Path) -> Result<State, StateError> {
     };
     match journal_use(&found) {
         JournalUse::Replay { records, .. } => Ok(replayed(path, base, records)),
-        JournalUse::Corrupt(e) => Err(corrupt(format!("{}: {e}", journal_name(path).display()))),
+        JournalUse::Corrupt(e) => Err(corrupt(format!(
+            "{}: {e}",
+            journal_name(path).to_string_lossy()
+        ))),
         _ => Ok(base),
     }
 }
@@ -425,7 +428,7 @@ pub fn load(path: &Path) -> Result<(Loaded, Store), StateError> {
             // no state natmap acknowledged. Both are kept for the operator.
             let journal = found.journal.as_deref().unwrap_or_default();
             let moved_to = move_aside(&dir, path, &journal_name(path), journal)?;
-            let mut error = format!("{}: {error}", journal_name(path).display());
+            let mut error = format!("{}: {error}", journal_name(path).to_string_lossy());
             if let Some(text) = found.text.as_deref() {
                 let base_to = move_aside(&dir, path, &file_name(path), text)?;
                 error.push_str(&format!(

@@ -568,10 +568,11 @@ fn full_or_read_only_state_dir_fails_the_change_rolls_back_and_keeps_serving() {
     assert_eq!(ok["data"]["result"], "deleted", "{ok}");
     assert_ne!(natmap_lines(&topo.router, false), lines_before);
     assert!(!port_is_held(&topo.router, "tcp", ext_addr(failed_port)));
+    let ports = failed_port.to_string();
     assert!(!current_state(&d.state_path())
         .rules
         .iter()
-        .any(|r| serde_json::to_value(r).unwrap()["ports"] == failed_port.to_string()));
+        .any(|r| serde_json::to_value(r).unwrap()["ports"] == ports.as_str()));
     assert_kernel_matches_saved_state(&topo.router, &d, "iptables", "ip6tables");
     d.assert_clean_log();
 

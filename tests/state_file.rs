@@ -389,7 +389,10 @@ fn links_beside_the_state_file_are_never_followed() {
         "state.json is not a regular file"
     );
     let journal = dir.path().join("state.json.journal");
-    assert!(fs::symlink_metadata(&journal).unwrap().file_type().is_file());
+    assert!(fs::symlink_metadata(&journal)
+        .unwrap()
+        .file_type()
+        .is_file());
     assert_eq!(state_json(&dir)["rules"][0]["ports"], "31401");
     // The next change is appended to the journal, not through a link.
     let added = d.call(dnat_request(EXT, INT, "31402", "tcp", false));

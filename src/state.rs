@@ -408,7 +408,10 @@ pub fn load(path: &Path) -> Result<(Loaded, Store), StateError> {
             Err(error) => {
                 let moved_to = move_aside(&dir, path, &file_name(path), text)?;
                 let error = match (&use_, found.journal.as_deref()) {
-                    (JournalUse::Replay { .. } | JournalUse::Stale(_), Some(j)) => {
+                    (
+                        JournalUse::Replay { .. } | JournalUse::Stale(_) | JournalUse::Corrupt(_),
+                        Some(j),
+                    ) => {
                         let j_to = move_aside(&dir, path, &journal_name(path), j)?;
                         format!("{error} (its journal was moved to {})", j_to.display())
                     }

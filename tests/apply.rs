@@ -54,7 +54,7 @@ fn apply_adds_removes_keeps_and_is_idempotent() {
     let doc2 =
         json!({"schema_version":1,"rules":[dnat(8001), dnat(8003), doc1["rules"][2].clone()]});
     let f2 = write_doc(&d, "doc2.json", &doc2);
-    let state_before = std::fs::read(d.state_path()).unwrap();
+    let state_before = state_files(&d.state_path());
     let plan = d.cli_json(&["apply", "--dry-run", &f2]);
     assert_eq!(plan["data"]["dry_run"], true);
     assert_eq!(plan["data"]["added"][0]["ports"], "8003", "{plan}");
@@ -64,11 +64,7 @@ fn apply_adds_removes_keeps_and_is_idempotent() {
         lines1,
         "a dry run changes no rule"
     );
-    assert_eq!(
-        std::fs::read(d.state_path()).unwrap(),
-        state_before,
-        "nor the state"
-    );
+    assert_eq!(state_files(&d.state_path()), state_before, "nor the state");
 
     let applied = d.cli_json(&["apply", &f2]);
     assert_eq!(applied["data"]["added"][0]["id"], 4, "{applied}");
@@ -215,4 +211,13 @@ fn bulk_apply_of_a_thousand_rules() {
         iptables_rules(&topo.router, false, "nat", "NATMAP").len(),
         1
     );
+}
+
+/// `state.json` and its journal, byte for byte (`None` for a missing one).
+fn state_files(path: &std::path::Path) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+    let journal = path.with_file_name(format!(
+        "{}.journal",
+        path.file_name().unwrap().to_string_lossy()
+    ));
+    (std::fs::read(path).ok(), std::fs::read(journal).ok())
 }

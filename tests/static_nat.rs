@@ -286,7 +286,7 @@ fn busy_port_fails_whole_request_and_nothing_is_installed() {
     let blocker = in_netns(&topo.router, || {
         std::net::TcpListener::bind(v4(ROUTER_EXT_V4, 2525)).unwrap()
     });
-    let state_before = std::fs::read(d.state_path()).ok();
+    let state_before = state_files(&d.state_path());
     let (status, out) = d.cli_json_output(&dnat_args("192.0.2.1", "198.51.100.2", "2524,2525"));
     assert_eq!(status.code(), Some(1));
     assert_eq!(out["error"]["code"], "port_in_use", "{out}");
@@ -298,7 +298,7 @@ fn busy_port_fails_whole_request_and_nothing_is_installed() {
     );
     assert!(natmap_rules(&topo.router, false).is_empty());
     assert_eq!(
-        std::fs::read(d.state_path()).ok(),
+        state_files(&d.state_path()),
         state_before,
         "state untouched"
     );
@@ -406,8 +406,7 @@ fn twenty_concurrent_clients_all_land_and_survive_a_crash() {
         21
     );
     d.kill9();
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(d.state_path()).unwrap()).unwrap();
+    let state = serde_json::to_value(current_state(&d.state_path())).unwrap();
     assert_eq!(
         state["rules"].as_array().unwrap().len(),
         20,
@@ -429,12 +428,12 @@ fn bad_input_is_refused_and_leaves_rules_and_state_byte_identical() {
     let topo = Topology::new();
     let d = Daemon::start(&topo.router);
     dnat_mail(&d);
-    let state_before = std::fs::read(d.state_path()).unwrap();
+    let state_before = state_files(&d.state_path());
     let rules_before = iptables_save(&topo.router, false);
     cli_refuses_bad_arguments(&d);
     socket_refuses_bad_requests(&d);
     assert_eq!(
-        std::fs::read(d.state_path()).unwrap(),
+        state_files(&d.state_path()),
         state_before,
         "state byte-identical"
     );
@@ -548,8 +547,7 @@ fn fwd_enables_forwarding_and_reports_the_change() {
         topo.router.sysctl_get("net.ipv4.ip_forward").as_deref(),
         Some("1")
     );
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(d.state_path()).unwrap()).unwrap();
+    let state = serde_json::to_value(current_state(&d.state_path())).unwrap();
     assert_eq!(state["forwarding"], true, "remembered for the next start");
     d.assert_clean_log();
 }
@@ -726,7 +724,7 @@ fn dry_run_changes_nothing_and_shows_the_exact_transaction() {
     let d = Daemon::start(&topo.router);
     d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "25"));
     let rules_before = natmap_rules(&topo.router, false);
-    let state_before = std::fs::read(d.state_path()).unwrap();
+    let state_before = state_files(&d.state_path());
     let add = [
         "--dry-run",
         "hairpin",
@@ -746,11 +744,7 @@ fn dry_run_changes_nothing_and_shows_the_exact_transaction() {
         rules_before,
         "a dry run changes no rule"
     );
-    assert_eq!(
-        std::fs::read(d.state_path()).unwrap(),
-        state_before,
-        "nor the state"
-    );
+    assert_eq!(state_files(&d.state_path()), state_before, "nor the state");
     assert!(
         in_netns(&topo.router, || std::net::TcpListener::bind("192.0.2.1:80")
             .is_ok()),
@@ -1198,4 +1192,13 @@ fn one_daemon_per_namespace_and_ls_filters_whole_values() {
     assert_eq!(ids("policy-route"), [3]);
     assert_eq!(ids("dnat"), [1, 2]);
     d.assert_clean_log();
+}
+
+/// `state.json` and its journal, byte for byte (`None` for a missing one).
+fn state_files(path: &std::path::Path) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+    let journal = path.with_file_name(format!(
+        "{}.journal",
+        path.file_name().unwrap().to_string_lossy()
+    ));
+    (std::fs::read(path).ok(), std::fs::read(journal).ok())
 }

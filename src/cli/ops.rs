@@ -136,19 +136,10 @@ pub fn plan_daemon(args: DaemonArgs, g: &super::GlobalArgs) -> Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-/// The state file as the daemon would load it, read-only (a missing file is
-/// an empty state).
+/// The state as the daemon would load it (`state.json` with its journal
+/// replayed), read-only (a missing file is an empty state).
 fn read_state(path: &std::path::Path) -> Result<crate::state::State> {
-    match std::fs::read(path) {
-        Ok(text) => serde_json::from_slice(&text).map_err(|e| {
-            eyre!(
-                "{}: {e} (a daemon would move this file aside and start with no rules)",
-                path.display()
-            )
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
-        Err(e) => Err(eyre!("reading {}: {e}", path.display())),
-    }
+    crate::state::read_current(path).map_err(|e| eyre!("{e}"))
 }
 
 fn shutdown_signal() -> impl std::future::Future<Output = ()> {

@@ -6,7 +6,9 @@ use std::path::Path;
 
 use super::*;
 
-/// Reads and parses a state file (panics with the text if it does not parse).
+/// Reads and parses `state.json` alone, without its journal (panics with
+/// the text if it does not parse): what a compaction (`save`, a start)
+/// wrote. For the committed state use [`current_state`].
 pub fn read_state(path: &Path) -> natmap::state::State {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     serde_json::from_slice(&bytes).unwrap_or_else(|e| {
@@ -18,13 +20,16 @@ pub fn read_state(path: &Path) -> natmap::state::State {
     })
 }
 
-/// The state the daemon last wrote (empty if it never wrote one).
+/// The committed state (empty if the daemon never wrote one).
 pub fn state_or_empty(path: &Path) -> natmap::state::State {
-    if path.exists() {
-        read_state(path)
-    } else {
-        natmap::state::State::default()
-    }
+    current_state(path)
+}
+
+/// The committed state: `state.json` with its journal replayed, as the
+/// next start would load it (the empty state when neither exists). While a
+/// daemon runs, `state.json` alone lags behind the journal.
+pub fn current_state(path: &Path) -> natmap::state::State {
+    natmap::state::read_current(path).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// What natmap's chains must hold for `state` when every rule is active,

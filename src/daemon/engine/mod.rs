@@ -99,6 +99,8 @@ pub struct Engine {
     state_path: PathBuf,
     /// natmap's packet filter; it keeps its own mirror of what it applied.
     fw: Box<dyn FirewallDriver>,
+    /// Writes every change to `state.json`'s journal (compacting it now and then).
+    store: state::Store,
     /// Reserved sockets of active rules.
     held: BTreeMap<RuleId, Vec<Reservation>>,
     /// Rules kept in state but not installed, and why.
@@ -170,7 +172,8 @@ impl Engine {
         addresses: AddressSource,
     ) -> Result<Engine, String> {
         let mut corrupt: Option<String> = None;
-        let state = match state::load(&state_path).map_err(|e| e.to_string())? {
+        let (loaded, store) = state::load(&state_path).map_err(|e| e.to_string())?;
+        let state = match loaded {
             Loaded::Fresh(s) => {
                 tracing::info!(path = %state_path.display(), "no state file yet, starting empty");
                 s
@@ -212,6 +215,7 @@ impl Engine {
             state,
             state_path,
             fw,
+            store,
             held: BTreeMap::new(),
             inactive: BTreeMap::new(),
             v6_nat: true,
@@ -335,6 +339,7 @@ impl Engine {
     /// Applies `next` and persists it; on a failed write puts the previous
     /// rules back. On success `next` becomes the state.
     fn commit(&mut self, next: State) -> Outcome<()> {
+        let started = std::time::Instant::now();
         let desired = self.desired(&next);
         if let Some(report) = self.simulated.as_mut() {
             // A dry run ends here: record the transactions and unwind like a
@@ -359,12 +364,14 @@ impl Engine {
             }
             return Err(Failure::new(ErrorCode::Internal, DRY_RUN_STOP));
         }
+        let rendered = std::time::Instant::now();
         self.apply(&desired).map_err(|e| {
             Failure::new(
                 ErrorCode::ApplyFailed,
                 format!("the firewall refused the change, nothing was changed: {e}"),
             )
         })?;
+        let applied = std::time::Instant::now();
         let routes_before = self.routes.clone();
         if let Err(e) = self.sync_routes(&next) {
             let previous = self.desired(&self.state);
@@ -376,7 +383,7 @@ impl Engine {
                 format!("routing refused the change, nothing was changed: {e}"),
             ));
         }
-        if let Err(e) = state::save(&self.state_path, &next) {
+        if let Err(e) = self.store.commit(&self.state, &next) {
             let previous = self.desired(&self.state);
             if let Err(again) = self.apply(&previous) {
                 tracing::error!(
@@ -393,6 +400,13 @@ impl Engine {
                 format!("cannot save state, the change was rolled back: {e}"),
             ));
         }
+        // Where a change's time goes (docs/reliability.md, item 8).
+        tracing::debug!(
+            render_ms = (rendered - started).as_secs_f64() * 1e3,
+            iptables_ms = (applied - rendered).as_secs_f64() * 1e3,
+            routes_and_state_ms = applied.elapsed().as_secs_f64() * 1e3,
+            "change committed"
+        );
         self.state = next;
         Ok(())
     }
@@ -812,7 +826,7 @@ impl Engine {
             let mut next = self.state.clone();
             next.forwarding = true;
             next.forwarding_ipv6 = ipv6;
-            state::save(&self.state_path, &next).map_err(|e| {
+            self.store.commit(&self.state, &next).map_err(|e| {
                 Failure::new(
                     ErrorCode::StateWriteFailed,
                     format!("cannot save state: {e}"),
@@ -830,12 +844,13 @@ impl Engine {
         self.sync_routes(&State::default())
     }
 
-    /// `save`: writes and fsyncs the state again (every change already is
-    /// durable; this makes it explicit) and returns the boot fragments.
+    /// `save`: writes and fsyncs the whole state again, folding the journal
+    /// into `state.json` (every change already is durable; this makes one
+    /// file hold it) and returns the boot fragments.
     /// A dry run only returns the fragments.
     fn save(&mut self, dry_run: bool) -> Outcome<Response> {
         if !dry_run {
-            state::save(&self.state_path, &self.state).map_err(|e| {
+            self.store.compact(&self.state).map_err(|e| {
                 Failure::new(
                     ErrorCode::StateWriteFailed,
                     format!("cannot save state: {e}"),
@@ -904,7 +919,7 @@ impl Engine {
                 format!("cannot remove natmap's rules: {e}"),
             ));
         }
-        if let Err(e) = state::save(&self.state_path, &next) {
+        if let Err(e) = self.store.compact(&next) {
             self.put_back();
             return Err(Failure::new(
                 ErrorCode::StateWriteFailed,
@@ -930,6 +945,10 @@ impl Engine {
         let ids: Vec<RuleId> = self.held.keys().copied().collect();
         for id in ids {
             self.release(id);
+        }
+        // One file for the operator to read, back up or edit while stopped.
+        if let Err(e) = self.store.compact_if_journaled(&self.state) {
+            tracing::warn!("cannot fold the state journal into the state file at shutdown (the next start does): {e}");
         }
         tracing::info!("natmap rules removed, ports released; state kept for the next start");
     }

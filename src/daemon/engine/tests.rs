@@ -116,8 +116,14 @@ fn an_unwritable_state_rolls_the_rules_back() {
 fn queued_changes_share_one_transaction_and_one_state_write() {
     let dir = tempfile::tempdir().unwrap();
     let (mut engine, fw) = engine(&dir);
-    let before = applies(&fw).len();
     let peer = Peer::default();
+    // A first change: the state file and its journal exist from here on.
+    engine.handle_batch(vec![(dnat(47020), peer)]);
+    let journal = dir.path().join("state.json.journal");
+    let lines = |p: &std::path::Path| std::fs::read_to_string(p).unwrap().lines().count();
+    let journal_before = lines(&journal);
+    let state_json_before = std::fs::read(dir.path().join("state.json")).unwrap();
+    let before = applies(&fw).len();
     let mut delete = dnat(47021);
     if let Request::Dnat(d) = &mut delete {
         d.delete = true;
@@ -146,15 +152,22 @@ fn queued_changes_share_one_transaction_and_one_state_write() {
         before + 1,
         "one transaction for the batch"
     );
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("state.json")).unwrap()).unwrap();
+    // One state write for the batch: one journal line (group commit).
+    assert_eq!(lines(&journal), journal_before + 1, "one journal line");
+    assert_eq!(
+        std::fs::read(dir.path().join("state.json")).unwrap(),
+        state_json_before,
+        "state.json is not rewritten"
+    );
+    let state = crate::state::read_current(&dir.path().join("state.json")).unwrap();
+    let state = serde_json::to_value(&state).unwrap();
     let ports: Vec<&str> = state["rules"]
         .as_array()
         .unwrap()
         .iter()
         .map(|r| r["ports"].as_str().unwrap())
         .collect();
-    assert_eq!(ports, ["47022", "47023"]);
+    assert_eq!(ports, ["47020", "47022", "47023"]);
     // The deleted rule's port is free, the others are held.
     assert!(
         std::net::TcpListener::bind("192.0.2.1:47021").is_ok()

@@ -94,7 +94,9 @@ pub fn plan_daemon(args: DaemonArgs, g: &super::GlobalArgs) -> Result<ExitCode> 
     let file_config = crate::config::Config::load(&config_path, args.config_path.is_some())
         .map_err(|e| eyre!(e))?;
     let state = read_state(&args.state_path)?;
-    let desired = render::desired(&state.rules);
+    // As the daemon would render it on this host now (br_netfilter decides
+    // whom container mappings masquerade).
+    let desired = render::desired_on(&state.rules, crate::daemon::bridge::netfilter());
     let nf = crate::netfilter::IptablesExecutor;
     let mut transactions = Vec::new();
     let mut effects = vec![format!(

@@ -16,6 +16,8 @@
 //!   the events that end a container's claim to its address; inspects run
 //!   off this thread and come back as messages);
 //! - `auto`: auto-discovery from container labels;
+//! - `hairpin`: hairpin mode on the bridge ports of containers with
+//!   mappings (a container reaching its own published port);
 //! - `addresses`: forwarding only for addresses this host has
 //!   (`--allow-nonlocal`, rules that wait for their address);
 //! - `routes`: policy routes and the tables they share;
@@ -33,6 +35,7 @@ mod apply;
 mod auto;
 mod batch;
 mod docker;
+mod hairpin;
 mod metrics;
 mod repair;
 mod routes;
@@ -152,6 +155,8 @@ pub struct Engine {
     docker_published: Option<std::collections::HashSet<(crate::model::Proto, u16)>>,
     /// When the last drift check ran and how long it held the engine.
     last_drift_check: Option<(std::time::Instant, std::time::Duration)>,
+    /// br_netfilter and the bridge ports natmap put in hairpin mode.
+    hairpin: hairpin::Hairpin,
 }
 
 /// Every this many ticks, every Docker mapping is checked against Docker
@@ -249,7 +254,9 @@ impl Engine {
             convergence: Default::default(),
             docker_published: None,
             last_drift_check: None,
+            hairpin: Default::default(),
         };
+        engine.read_bridge_netfilter();
         if engine.state.forwarding {
             match host::enable_forwarding(engine.state.forwarding_ipv6) {
                 Ok(changes) => {
@@ -312,6 +319,7 @@ impl Engine {
         for id in rules.iter().map(|r| r.id) {
             self.start_listening(id).map_err(|f| f.message)?;
         }
+        self.sync_hairpin();
         let state = self.state.clone();
         if let Err(e) = self.sync_routes(&state) {
             tracing::warn!("cannot restore policy routes: {e}");
@@ -334,11 +342,12 @@ impl Engine {
 
     /// The ruleset of the active rules of `state`.
     fn desired(&self, state: &State) -> Ruleset {
-        render::desired(
+        render::desired_on(
             state
                 .rules
                 .iter()
                 .filter(|r| !self.inactive.contains_key(&r.id)),
+            self.hairpin.netfilter,
         )
     }
 
@@ -475,6 +484,7 @@ impl Engine {
             ));
         }
         self.state = next;
+        self.sync_hairpin();
         Ok(())
     }
 
@@ -925,6 +935,7 @@ impl Engine {
             self.hooks_ok[family_index(family)] = false;
         }
         self.installed = false;
+        self.release_hairpin();
         self.sync_routes(&State::default())
     }
 
@@ -967,6 +978,7 @@ impl Engine {
         if let Err(e) = self.sync_routes(&state) {
             tracing::error!("putting policy routes back failed: {e}");
         }
+        self.sync_hairpin();
     }
 
     fn clear(&mut self) -> Outcome<Response> {

@@ -46,6 +46,16 @@ fn add(d: &RootDaemon, args: &[&str]) -> u64 {
     data["rule"]["id"].as_u64().expect("id")
 }
 
+/// `docker add` of `web`'s HTTP (80) and UDP echo port on host port `hp`,
+/// TCP and UDP: the two rule ids.
+#[track_caller]
+fn add_tcp_and_udp(d: &RootDaemon, web: &Container, hp: u16) -> (u64, u64) {
+    let tcp = add(d, &["docker", "add", &web.name, &format!("{hp}:80")]);
+    let udp_spec = format!("{hp}:{UDP_ECHO_PORT}/udp");
+    let udp = add(d, &["docker", "add", &web.name, &udp_spec]);
+    (tcp, udp)
+}
+
 /// Runs `f` on a fresh thread inside the network namespace of container
 /// `name` (its sockets are the container's), and returns its result.
 fn in_container<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
@@ -110,6 +120,14 @@ fn hairpin_mode(port: &str) -> Option<String> {
     std::fs::read_to_string(format!("/sys/class/net/{port}/brport/hairpin_mode"))
         .ok()
         .map(|s| s.trim().to_owned())
+}
+
+/// Sets `hairpin_mode` of a bridge port behind natmap's back.
+fn set_hairpin_mode(port: &str, value: &str) {
+    write_sysctl(
+        Path::new(&format!("/sys/class/net/{port}/brport/hairpin_mode")),
+        value,
+    );
 }
 
 /// Retries `probe` every 100 ms until it succeeds; panics with the last
@@ -293,16 +311,7 @@ fn a_container_reaches_its_own_port_and_others_keep_their_address() {
     let other = Container::sleeper("neighbour");
     let d = RootDaemon::start();
     let hp = free_port();
-    let tcp = add(&d, &["docker", "add", &web.name, &format!("{hp}:80")]);
-    let udp = add(
-        &d,
-        &[
-            "docker",
-            "add",
-            &web.name,
-            &format!("{hp}:{UDP_ECHO_PORT}/udp"),
-        ],
-    );
+    let (tcp, udp) = add_tcp_and_udp(&d, &web, hp);
     let (ip, gw) = (web.ip4(), gateway_v4(&web.name));
     let port = bridge_port(&web.name);
 
@@ -395,16 +404,7 @@ fn without_bridge_netfilter_it_works_too_and_follows_the_sysctl() {
     let other = Container::sleeper("neighbour");
     let d = RootDaemon::start();
     let hp = free_port();
-    let tcp = add(&d, &["docker", "add", &web.name, &format!("{hp}:80")]);
-    let udp = add(
-        &d,
-        &[
-            "docker",
-            "add",
-            &web.name,
-            &format!("{hp}:{UDP_ECHO_PORT}/udp"),
-        ],
-    );
+    let (tcp, udp) = add_tcp_and_udp(&d, &web, hp);
     let gw = gateway_v4(&web.name);
     let port = bridge_port(&web.name);
     let subnet = format!(
@@ -480,16 +480,7 @@ fn routed_case_only() {
     let web = Container::web("own", "own-routed", &[]);
     let d = RootDaemon::start();
     let hp = free_port();
-    add(&d, &["docker", "add", &web.name, &format!("{hp}:80")]);
-    add(
-        &d,
-        &[
-            "docker",
-            "add",
-            &web.name,
-            &format!("{hp}:{UDP_ECHO_PORT}/udp"),
-        ],
-    );
+    add_tcp_and_udp(&d, &web, hp);
     expect_own_port(&web, sa(gateway_v4(&web.name), hp), PROBE_TIMEOUT);
 }
 
@@ -511,41 +502,22 @@ fn on_a_user_defined_dual_stack_bridge_both_families_work() {
         &["--network", &net.name],
     );
     web.wait_ready();
-    let other = {
-        let name = unique_name("neighbour6");
-        docker_ok(&[
-            "run",
-            "-d",
-            "--name",
-            &name,
-            "--label",
-            "org.natmap.test=1",
-            "--network",
-            &net.name,
-            TEST_IMAGE,
-            "sleep",
-            "3600",
-        ]);
-        name
-    };
-    let _other_guard = RemoveOnDrop(other.clone());
+    // A neighbour on the same network (its servers are not used).
+    let neighbour = Container::spawn_web(
+        &unique_name("neighbour6"),
+        "neighbour6",
+        &[],
+        &["--network", &net.name],
+    );
+    let other = neighbour.name.as_str();
     let d = RootDaemon::start();
     let hp = free_port();
-    let tcp = add(&d, &["docker", "add", &web.name, &format!("{hp}:80")]);
-    let udp = add(
-        &d,
-        &[
-            "docker",
-            "add",
-            &web.name,
-            &format!("{hp}:{UDP_ECHO_PORT}/udp"),
-        ],
-    );
+    let (tcp, udp) = add_tcp_and_udp(&d, &web, hp);
     let gw4 = gateway_v4(&web.name);
     let gw6 = gateway_v6(&web.name).expect("the network has IPv6");
     let (ip6, other6) = (
         ip_v6(&web.name).expect("web has IPv6"),
-        ip_v6(&other).expect("neighbour has IPv6"),
+        ip_v6(other).expect("neighbour has IPv6"),
     );
     let port = bridge_port(&web.name);
 
@@ -563,27 +535,15 @@ fn on_a_user_defined_dual_stack_bridge_both_families_work() {
             )]
         );
         assert_eq!(
-            seen_from(&other, sa(gw4, hp)).unwrap(),
-            IpAddr::V4(net_field(&other, "IPAddress").parse().unwrap())
+            seen_from(other, sa(gw4, hp)).unwrap(),
+            IpAddr::V4(net_field(other, "IPAddress").parse().unwrap())
         );
-        assert_eq!(seen_from(&other, sa(gw6, hp)).unwrap(), IpAddr::V6(other6));
+        assert_eq!(seen_from(other, sa(gw6, hp)).unwrap(), IpAddr::V6(other6));
     }
     d.ok(&["docker", "rm", "--id", &tcp.to_string()]);
     d.ok(&["docker", "rm", "--id", &udp.to_string()]);
     assert_eq!(lines_of(&[tcp, udp]), Vec::<String>::new());
     assert_eq!(hairpin_mode(&port).as_deref(), Some("0"), "{port}");
-}
-
-/// `docker rm -f -v NAME` on drop.
-struct RemoveOnDrop(String);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = run_quiet(
-            std::process::Command::new("docker").args(["rm", "-f", "-v", &self.0]),
-            DOCKER_TIMEOUT,
-        );
-    }
 }
 
 /// Who owns hairpin mode: natmap switches off only what it switched on.
@@ -616,10 +576,7 @@ fn natmap_switches_off_only_the_hairpin_mode_it_switched_on() {
     assert_eq!(hairpin_mode(&port).as_deref(), Some("1"));
 
     // Someone switches it off: repaired within a tick or two.
-    write_sysctl(
-        Path::new(&format!("/sys/class/net/{port}/brport/hairpin_mode")),
-        "0",
-    );
+    set_hairpin_mode(&port, "0");
     eventually("hairpin repaired", AFTER_SYSCTL, mode("1"));
     eventually("own port after repair", PROBE_TIMEOUT, || {
         tcp_from(&web.name, sa(gw, hp))
@@ -649,10 +606,7 @@ fn natmap_switches_off_only_the_hairpin_mode_it_switched_on() {
     assert_eq!(hairpin_mode(&port).as_deref(), Some("0"), "after clear");
 
     // Already on before natmap: someone else's, left on.
-    write_sysctl(
-        Path::new(&format!("/sys/class/net/{port}/brport/hairpin_mode")),
-        "1",
-    );
+    set_hairpin_mode(&port, "1");
     let id = add(&d, &["docker", "add", &web.name, &format!("{hp}:80")]);
     expect_own_port_tcp(&web, sa(gw, hp));
     d.ok(&["docker", "rm", "--id", &id.to_string()]);
@@ -661,10 +615,7 @@ fn natmap_switches_off_only_the_hairpin_mode_it_switched_on() {
         Some("1"),
         "natmap switched off a hairpin mode it did not switch on"
     );
-    write_sysctl(
-        Path::new(&format!("/sys/class/net/{port}/brport/hairpin_mode")),
-        "0",
-    );
+    set_hairpin_mode(&port, "0");
 }
 
 /// [`expect_own_port`] for a TCP-only mapping.

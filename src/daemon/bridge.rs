@@ -197,11 +197,7 @@ fn bridges_for(targets: &[(IpAddr, Network)]) -> Result<Vec<(IfName, u32, Vec<Ne
     let addrs = nix::ifaddrs::getifaddrs().map_err(|e| format!("getifaddrs: {e}"))?;
     let mut found: Vec<(IfName, u32, Vec<Network>)> = Vec::new();
     for a in addrs {
-        let Some(ip) = a.address.as_ref().and_then(|s| {
-            s.as_sockaddr_in()
-                .map(|v4| IpAddr::V4(v4.ip()))
-                .or_else(|| s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
-        }) else {
+        let Some(ip) = a.address.as_ref().and_then(super::local::ip_of) else {
             continue;
         };
         let nets: Vec<Network> = targets

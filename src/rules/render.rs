@@ -104,16 +104,23 @@ fn render_rule(rule: &Rule, bridges: BridgeNetfilter, set: &mut Ruleset) {
         // Routing, not netfilter: applied by the engine's route sync.
         RuleSpec::PolicyRoute(_) => {}
         RuleSpec::Docker(r) => {
-            for (family, target) in [(Family::V4, r.target_v4), (Family::V6, r.target_v6)] {
-                let Some(target) = target else { continue };
-                if r.host_ip.is_some_and(|h| h.family() != family) || target.ip.family() != family {
-                    continue;
-                }
+            for (family, target) in docker_targets(r) {
                 let bridged = bridges.filters(family);
                 render_docker(r, &target, bridged, &tag, set.family_mut(family));
             }
         }
     }
+}
+
+/// The targets a Docker mapping has rules for, with their family: each
+/// family it has a target in, unless its HOST_IP is of the other one.
+pub fn docker_targets(r: &DockerRule) -> impl Iterator<Item = (Family, Endpoint)> + '_ {
+    [(Family::V4, r.target_v4), (Family::V6, r.target_v6)]
+        .into_iter()
+        .filter_map(|(family, target)| Some((family, target?)))
+        .filter(|(family, target)| {
+            r.host_ip.is_none_or(|h| h.family() == *family) && target.ip.family() == *family
+        })
 }
 
 /// The tag of a DNAT line, behind `-m addrtype --dst-type LOCAL` when the

@@ -36,7 +36,7 @@ use std::net::IpAddr;
 use crate::daemon::bridge::{self, BridgePort, PortFinder};
 use crate::daemon::local::AddressSource;
 use crate::model::{Family, Network, RuleSpec};
-use crate::rules::render::BridgeNetfilter;
+use crate::rules::render::{self, BridgeNetfilter};
 
 use super::Engine;
 
@@ -109,17 +109,12 @@ impl Engine {
             if d.external {
                 continue;
             }
-            for (family, target) in [(Family::V4, d.target_v4), (Family::V6, d.target_v6)] {
-                let Some(target) = target else { continue };
+            for (family, target) in render::docker_targets(d) {
                 let Some(subnet) = target.subnet else {
                     continue;
                 };
-                // The families the mapping renders (as `render` decides).
-                let rendered = d.host_ip.is_none_or(|h| h.family() == family)
-                    && target.ip.family() == family
-                    && families.contains(&family);
                 let ip = target.ip.ip();
-                if rendered && !out.iter().any(|(o, _, _)| *o == ip) {
+                if families.contains(&family) && !out.iter().any(|(o, _, _)| *o == ip) {
                     out.push((ip, subnet, family));
                 }
             }

@@ -93,7 +93,12 @@ pub fn plan_daemon(args: DaemonArgs, g: &super::GlobalArgs) -> Result<ExitCode> 
     let file_config = crate::config::Config::load(&config_path, args.config_path.is_some())
         .map_err(|e| eyre!(e))?;
     let state = read_state(&args.state_path)?;
-    let desired = Desired::new(state.rules.iter().cloned());
+    // As the daemon would render it on this host now (br_netfilter decides
+    // whom container mappings masquerade).
+    let desired = Desired::on(
+        state.rules.iter().cloned(),
+        crate::daemon::bridge::netfilter(),
+    );
     let fw = crate::firewall::driver();
     let mut transactions = Vec::new();
     let mut effects = vec![format!(

@@ -5,10 +5,12 @@
 //! - `reserve`: sockets that hold forwarded ports.
 //! - `relay`: loopback traffic relayed from reserved sockets to targets.
 //! - `host`: sysctls, routes and conntrack.
+//! - `bridge`: br_netfilter, the bridge port of a container, hairpin mode.
 //! - `local`: which addresses are this host's right now.
 //! - `fds`: the file-descriptor budget of reservations.
 //! - `metrics`: Prometheus metrics over HTTP (`--metrics-listen`).
 
+pub mod bridge;
 pub mod engine;
 pub mod fds;
 pub mod host;

@@ -33,19 +33,56 @@ pub use recording::RecordingDriver;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
     rules: Vec<Rule>,
+    /// What the host's bridges do with forwarded frames: decides whom a
+    /// container mapping must masquerade for the container to reach its
+    /// own published port.
+    bridges: BridgeNetfilter,
 }
 
 impl Desired {
-    /// The desired set of `rules`, sorted by id.
+    /// The desired set of `rules`, sorted by id, on a host whose bridges
+    /// do not pass frames to the firewall.
     pub fn new(rules: impl IntoIterator<Item = Rule>) -> Desired {
+        Desired::on(rules, BridgeNetfilter::default())
+    }
+
+    /// The desired set of `rules`, sorted by id, on a host whose bridges
+    /// do what `bridges` says.
+    pub fn on(rules: impl IntoIterator<Item = Rule>, bridges: BridgeNetfilter) -> Desired {
         let mut rules: Vec<Rule> = rules.into_iter().collect();
         rules.sort_by_key(|r| r.id);
-        Desired { rules }
+        Desired { rules, bridges }
     }
 
     /// The rules, in id order.
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+
+    /// What the host's bridges do with forwarded frames.
+    pub fn bridges(&self) -> BridgeNetfilter {
+        self.bridges
+    }
+}
+
+/// Whether frames crossing a bridge pass the host's iptables (br_netfilter:
+/// `net.bridge.bridge-nf-call-iptables` / `-ip6tables`), per family. It
+/// decides whom a container mapping must masquerade (see the iptables driver's `render_docker`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BridgeNetfilter {
+    /// Bridged IPv4 passes iptables.
+    pub iptables: bool,
+    /// Bridged IPv6 passes ip6tables.
+    pub ip6tables: bool,
+}
+
+impl BridgeNetfilter {
+    /// Whether bridged traffic of `family` passes the host's filters.
+    pub fn filters(self, family: Family) -> bool {
+        match family {
+            Family::V4 => self.iptables,
+            Family::V6 => self.ip6tables,
+        }
     }
 }
 

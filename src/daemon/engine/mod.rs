@@ -16,6 +16,8 @@
 //!   the events that end a container's claim to its address; inspects run
 //!   off this thread and come back as messages);
 //! - `auto`: auto-discovery from container labels;
+//! - `hairpin`: hairpin mode on the bridge ports of containers with
+//!   mappings (a container reaching its own published port);
 //! - `addresses`: forwarding only for addresses this host has
 //!   (`--allow-nonlocal`, rules that wait for their address);
 //! - `routes`: policy routes and the tables they share;
@@ -32,6 +34,7 @@ mod apply;
 mod auto;
 mod batch;
 mod docker;
+mod hairpin;
 mod metrics;
 mod repair;
 mod routes;
@@ -142,6 +145,8 @@ pub struct Engine {
     convergence: [repair::Convergence; 2],
     /// When the last drift check ran and how long it held the engine.
     last_drift_check: Option<(std::time::Instant, std::time::Duration)>,
+    /// br_netfilter and the bridge ports natmap put in hairpin mode.
+    hairpin: hairpin::Hairpin,
 }
 
 /// Every this many ticks, every Docker mapping is checked against Docker
@@ -236,7 +241,9 @@ impl Engine {
             local: addresses.snapshot().unwrap_or_default(),
             convergence: Default::default(),
             last_drift_check: None,
+            hairpin: Default::default(),
         };
+        engine.read_bridge_netfilter();
         if engine.state.forwarding {
             match host::enable_forwarding(engine.state.forwarding_ipv6) {
                 Ok(changes) => {
@@ -298,6 +305,7 @@ impl Engine {
         for id in rules.iter().map(|r| r.id) {
             self.start_listening(id).map_err(|f| f.message)?;
         }
+        self.sync_hairpin();
         let state = self.state.clone();
         if let Err(e) = self.sync_routes(&state) {
             tracing::warn!("cannot restore policy routes: {e}");
@@ -318,14 +326,17 @@ impl Engine {
         }
     }
 
-    /// The rules of `state` that are active: what the firewall installs.
+    /// The rules of `state` that are active: what the firewall installs,
+    /// on this host's bridges (br_netfilter decides whom container mappings
+    /// masquerade).
     fn desired(&self, state: &State) -> Desired {
-        Desired::new(
+        Desired::on(
             state
                 .rules
                 .iter()
                 .filter(|r| !self.inactive.contains_key(&r.id))
                 .cloned(),
+            self.hairpin.netfilter,
         )
     }
 
@@ -408,6 +419,7 @@ impl Engine {
             "change committed"
         );
         self.state = next;
+        self.sync_hairpin();
         Ok(())
     }
 
@@ -841,6 +853,7 @@ impl Engine {
     fn teardown(&mut self) -> Result<(), String> {
         let families = self.families();
         self.fw.teardown(&families).map_err(|e| e.to_string())?;
+        self.release_hairpin();
         self.sync_routes(&State::default())
     }
 
@@ -885,6 +898,7 @@ impl Engine {
         if let Err(e) = self.sync_routes(&state) {
             tracing::error!("putting policy routes back failed: {e}");
         }
+        self.sync_hairpin();
     }
 
     fn clear(&mut self) -> Outcome<Response> {

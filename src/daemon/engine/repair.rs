@@ -1,6 +1,7 @@
 //! Periodic upkeep: the engine's tick. It notices when something else
 //! changed natmap's chains, hooks or policy routes, or reset IP forwarding,
-//! and puts them back; it retries rules whose ports were busy; and now and
+//! and puts them back; it retries rules whose ports were busy; it follows
+//! br_netfilter and the hairpin mode of container bridge ports; and now and
 //! then it re-checks Docker mappings in case an event was lost.
 
 use crate::model::{Family, PolicyRouteRule, RuleId};
@@ -69,6 +70,7 @@ impl Engine {
         self.retry_conflicts();
         self.follow_addresses();
         self.retry_auto_conflicts();
+        self.follow_bridges();
     }
 
     /// Puts back policy routes someone removed (`ip rule del`, or a link

@@ -179,7 +179,7 @@ impl FirewallDriver for IptablesDriver {
         families: &[Family],
         mode: Mode,
     ) -> Result<(), FirewallError> {
-        let desired = render::desired(desired.rules());
+        let desired = render::desired_on(desired.rules(), desired.bridges());
         match mode {
             Mode::Change => self.apply_change(&desired, families),
             Mode::Full => {
@@ -206,7 +206,7 @@ impl FirewallDriver for IptablesDriver {
         families: &[Family],
         mode: Mode,
     ) -> Result<Vec<(Family, String)>, FirewallError> {
-        let desired = render::desired(desired.rules());
+        let desired = render::desired_on(desired.rules(), desired.bridges());
         let mut out = Vec::new();
         for &family in families {
             let (applied, wanted) = (self.applied.family(family), desired.family(family));

@@ -36,6 +36,9 @@ pub struct IptablesDriver {
     /// Ports Docker publishes itself, as of the last IPv4 `iptables-save`
     /// (`status` reads them here instead of running a save of its own).
     docker_published: Option<HashSet<(Proto, u16)>>,
+    /// Per family: whether FORWARD dropped unaccepted traffic, as of the
+    /// last `iptables-save` (the drift check reads one every tick).
+    forward_dropped: [Option<bool>; 2],
 }
 
 fn index(f: Family) -> usize {
@@ -57,6 +60,7 @@ impl IptablesDriver {
             installed: false,
             last_read: [None, None],
             docker_published: None,
+            forward_dropped: [None, None],
         }
     }
 
@@ -89,6 +93,7 @@ impl IptablesDriver {
         if family == Family::V4 {
             self.docker_published = Some(docker_published_ports(&saved));
         }
+        self.forward_dropped[index(family)] = Some(forward_drops_in(&saved));
         Ok(saved)
     }
 
@@ -297,15 +302,14 @@ impl FirewallDriver for IptablesDriver {
     }
 
     fn forward_drops(&self, family: Family) -> bool {
-        let Ok(text) = self.exec.save(family) else {
-            return false;
-        };
-        let saved = SavedTables::parse(&text);
-        saved.policy("filter", "FORWARD") == Some("DROP")
-            && !saved
-                .chain_rules("filter", "FORWARD")
-                .iter()
-                .any(|l| l == "-j ACCEPT")
+        // As of the last read (the drift check's, at most a tick old): a
+        // save of its own cost `status` 0.6 s per family at 20,000 rules.
+        if let Some(drops) = self.forward_dropped[index(family)] {
+            return drops;
+        }
+        self.exec
+            .save(family)
+            .is_ok_and(|text| forward_drops_in(&SavedTables::parse(&text)))
     }
 
     fn docker_published_ports(&self) -> Option<HashSet<(Proto, u16)>> {
@@ -319,6 +323,16 @@ impl FirewallDriver for IptablesDriver {
             .ok()
             .map(|s| docker_published_ports(&SavedTables::parse(&s)))
     }
+}
+
+/// Whether `saved`'s FORWARD drops what no rule accepts: policy DROP and
+/// no blanket ACCEPT.
+fn forward_drops_in(saved: &SavedTables) -> bool {
+    saved.policy("filter", "FORWARD") == Some("DROP")
+        && !saved
+            .chain_rules("filter", "FORWARD")
+            .iter()
+            .any(|l| l == "-j ACCEPT")
 }
 
 #[cfg(test)]

@@ -29,6 +29,10 @@ pub struct Config {
     /// at start; the daemon's `--metrics-listen` wins). Off when absent.
     #[serde(default)]
     pub metrics_listen: Option<MetricsListen>,
+    /// `backend = "iptables" | "nftables"`: the firewall driver (read at
+    /// start; the daemon's `--backend` wins). iptables when absent.
+    #[serde(default)]
+    pub backend: Option<crate::firewall::Backend>,
 }
 
 /// Where `/metrics` is served: an address and a non-zero port, e.g.

@@ -374,3 +374,82 @@ fn measure_one_add_and_remove_at_n() {
         }
     }
 }
+
+#[test]
+fn a_start_with_snat_in_state_is_refused_naming_the_iptables_backend() {
+    if !ready() {
+        return;
+    }
+    let topo = Topology::new();
+    let dir = StateDir::new();
+    let mut ipt = daemon(&topo.router, &dir, "iptables");
+    let r = ipt.cli_json(&[
+        "snat",
+        "--int-ip",
+        "198.51.100.0/24",
+        "--ext-if",
+        topo.router_ext_if(),
+        "--ext-ip",
+        &ROUTER_EXT_V4.to_string(),
+    ]);
+    assert_eq!(r["ok"], true, "{r}");
+    ipt.stop();
+
+    let state = dir.state_path();
+    let socket = dir.socket_path();
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        &topo.router.name,
+        LAB_OPS_BIN,
+        "natmap",
+        "daemon",
+    ])
+    .arg("--state")
+    .arg(&state)
+    .arg("--socket")
+    .arg(&socket)
+    .args([
+        "--socket-group",
+        "root",
+        "--docker-socket",
+        "/nonexistent/no.sock",
+    ])
+    .args(["--backend", "nftables"]);
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(20));
+    assert!(!out.status.success(), "the start must fail");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--backend iptables"), "{stderr}");
+    assert!(stderr.contains("snat"), "{stderr}");
+    // The state is kept for the daemon that can serve it.
+    assert!(std::fs::read_to_string(&state).unwrap().contains("snat"));
+}
+
+#[test]
+fn hairpin_masquerades_only_internal_clients() {
+    if !ready() {
+        return;
+    }
+    let topo = Topology::new();
+    open_forward(&topo);
+    let _web = TcpEcho::start(&topo.server, v4(SERVER_V4, 80));
+    let d = daemon(&topo.router, &StateDir::new(), "nftables");
+    let out = d.cli_json(&[
+        "hairpin",
+        "--ext-ip",
+        "192.0.2.1",
+        "--int-ip",
+        "198.51.100.2",
+        "--ports",
+        "80",
+    ]);
+    assert_eq!(out["ok"], true, "{out}");
+    // An outside client keeps its own address…
+    expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 80), CLIENT_V4, 80);
+    // …an internal neighbour is masqueraded, so the reply comes back via the router…
+    expect_tcp(&topo.server2, v4(ROUTER_EXT_V4, 80), ROUTER_INT_V4, 80);
+    // …and so is the server reaching itself through the external address.
+    expect_tcp(&topo.server, v4(ROUTER_EXT_V4, 80), ROUTER_INT_V4, 80);
+    d.assert_clean_log();
+}

@@ -453,3 +453,125 @@ fn hairpin_masquerades_only_internal_clients() {
     expect_tcp(&topo.server, v4(ROUTER_EXT_V4, 80), ROUTER_INT_V4, 80);
     d.assert_clean_log();
 }
+
+/// One element add and one delete on `docker_any` at N existing elements:
+/// a `nft -f -` process against a hand-built netlink batch, both checked
+/// to have changed the kernel. `cargo test --test nftables -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn measure_netlink_against_nft() {
+    use natmap::firewall::nftables::netlink::{push_part, Element, Netlink};
+    use natmap::firewall::nftables::render::{self, Map};
+    use natmap::model::Family;
+    if !ready() {
+        return;
+    }
+    for n in [100u16, 1000] {
+        let ns = Netns::new("nl");
+        let mut elements = render::Elements::new();
+        for i in 0..n {
+            elements.insert((
+                Map::DockerAny,
+                format!("udp . {} : 10.0.0.2 . 80", 20000 + i),
+            ));
+        }
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name, "nft", "-f", "-"]);
+        let table = render::full(Family::V4, &elements);
+        let mut child = cmd.stdin(std::process::Stdio::piped()).spawn().unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), table.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success());
+        let has = |port: u16| {
+            elements_of(&ns, "docker_any")
+                .iter()
+                .any(|e| e.to_string().contains(&format!("\"udp\",{port}")))
+        };
+        let nft = |line: String| {
+            let mut c = std::process::Command::new("ip");
+            c.args(["netns", "exec", &ns.name, "nft", "-f", "-"]);
+            let mut child = c.stdin(std::process::Stdio::piped()).spawn().unwrap();
+            std::io::Write::write_all(&mut child.stdin.take().unwrap(), line.as_bytes()).unwrap();
+            assert!(child.wait().unwrap().success());
+        };
+        let (mut add, mut del) = (Vec::new(), Vec::new());
+        for _ in 0..20 {
+            let t = Instant::now();
+            nft("add element ip natmap docker_any { udp . 40000 : 10.0.0.2 . 80 }\n".into());
+            add.push(t.elapsed());
+            let t = Instant::now();
+            nft("delete element ip natmap docker_any { udp . 40000 : 10.0.0.2 . 80 }\n".into());
+            del.push(t.elapsed());
+        }
+        let mut key = Vec::new();
+        push_part(&mut key, &[17]);
+        push_part(&mut key, &40001u16.to_be_bytes());
+        let mut data = Vec::new();
+        push_part(&mut data, &[10, 0, 0, 2]);
+        push_part(&mut data, &80u16.to_be_bytes());
+        let e = Element {
+            key,
+            data: Some(data),
+        };
+        let (nl_add, nl_del) = in_netns(&ns, || {
+            let mut nl = Netlink::open().unwrap();
+            let (mut a, mut d) = (Vec::new(), Vec::new());
+            for _ in 0..20 {
+                let t = Instant::now();
+                nl.change(
+                    Family::V4,
+                    "natmap",
+                    "docker_any",
+                    std::slice::from_ref(&e),
+                    &[],
+                )
+                .unwrap();
+                a.push(t.elapsed());
+                let t = Instant::now();
+                nl.change(
+                    Family::V4,
+                    "natmap",
+                    "docker_any",
+                    &[],
+                    std::slice::from_ref(&e),
+                )
+                .unwrap();
+                d.push(t.elapsed());
+            }
+            (a, d)
+        });
+        // Both really reached the kernel: the last delete took it out…
+        assert!(!has(40001), "netlink delete");
+        in_netns(&ns, || {
+            Netlink::open()
+                .unwrap()
+                .change(
+                    Family::V4,
+                    "natmap",
+                    "docker_any",
+                    std::slice::from_ref(&e),
+                    &[],
+                )
+                .unwrap()
+        });
+        // …and an add puts it in.
+        assert!(has(40001), "netlink add");
+        for v in [&mut add, &mut del] {
+            v.sort();
+        }
+        let (mut nl_add, mut nl_del) = (nl_add, nl_del);
+        nl_add.sort();
+        nl_del.sort();
+        let ms = |v: &[Duration]| percentile(v, 0.5).as_secs_f64() * 1e3;
+        println!(
+            "N={n} docker_any: nft -f - add p50 {:.2} ms, delete p50 {:.2} ms; netlink add p50 {:.3} ms, delete p50 {:.3} ms",
+            ms(&add),
+            ms(&del),
+            ms(&nl_add),
+            ms(&nl_del)
+        );
+    }
+}
+
+fn elements_of(ns: &Netns, map: &str) -> Vec<serde_json::Value> {
+    elements(ns, "ip", map)
+}

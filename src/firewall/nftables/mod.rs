@@ -19,6 +19,7 @@
 //! accept beside Docker's iptables rules.
 
 pub mod exec;
+pub mod netlink;
 pub mod render;
 
 use std::collections::{HashMap, HashSet};

@@ -288,7 +288,7 @@ pub fn driver(backend: Backend) -> Box<dyn FirewallDriver> {
             iptables::exec::IptablesExecutor,
         ))),
         Backend::Nftables => Box::new(nftables::NftablesDriver::new(Arc::new(
-            nftables::exec::NftExecutor,
+            nftables::exec::NftExecutor::new(),
         ))),
     }
 }

@@ -9,10 +9,12 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 
 use crate::firewall::FirewallError;
 use crate::model::Family;
 
+use super::netlink::{Netlink, SetChange};
 use super::render::{self, Elements, Map, TABLE};
 
 /// What the driver needs of nftables; the real one runs `nft`.
@@ -21,14 +23,25 @@ pub trait Nft: Send + Sync {
     fn run(&self, input: &str) -> Result<(), FirewallError>;
     /// What the kernel holds in natmap's table of `family`.
     fn summary(&self, family: Family) -> Result<TableSummary, FirewallError>;
+    /// Element changes in natmap's table of `family`, one atomic batch.
+    fn elements(&self, family: Family, changes: &[SetChange]) -> Result<(), FirewallError>;
 }
 
-/// The `nft` binary on `PATH`.
-pub struct NftExecutor;
+/// The `nft` binary on `PATH` for whole tables and reads; a netlink socket
+/// (opened at the first change, in the daemon's namespace) for elements.
+#[derive(Default)]
+pub struct NftExecutor {
+    netlink: Mutex<Option<Netlink>>,
+}
 
 const NFT: &str = "nft";
 
 impl NftExecutor {
+    /// An executor with no socket open yet.
+    pub fn new() -> NftExecutor {
+        NftExecutor::default()
+    }
+
     /// `nft --version`: whether it runs at all.
     pub fn version(&self) -> Result<String, FirewallError> {
         run(&["--version"], None)
@@ -51,6 +64,26 @@ impl Nft for NftExecutor {
             }
             Err(e) => Err(e),
         }
+    }
+
+    fn elements(&self, family: Family, changes: &[SetChange]) -> Result<(), FirewallError> {
+        let fail = |e: std::io::Error| FirewallError::Refused {
+            program: "netlink".to_owned(),
+            message: format!("nftables element change: {e}"),
+        };
+        let mut socket = self.netlink.lock().unwrap_or_else(|p| p.into_inner());
+        if socket.is_none() {
+            *socket = Some(Netlink::open().map_err(fail)?);
+        }
+        let result = socket
+            .as_mut()
+            .expect("opened above")
+            .batch(family, TABLE, changes);
+        if result.is_err() {
+            // A socket that failed may hold unread answers: open a new one next time.
+            *socket = None;
+        }
+        result.map_err(fail)
     }
 }
 

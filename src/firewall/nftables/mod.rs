@@ -5,8 +5,9 @@
 //!
 //! # Layout
 //! - [`render`]: pure, rules → map elements, the table text, element diffs;
-//! - [`exec`]: running `nft -f -` (stdin, never a shell) and reading the
-//!   kernel back with `nft -j list table`;
+//! - [`exec`]: running `nft -f -` (stdin, never a shell) for whole tables,
+//!   reading the kernel back with `nft -j list table`, element changes over
+//!   [`netlink`] (no process per change);
 //! - this file: [`NftablesDriver`], the [`FirewallDriver`] over them, and
 //!   its mirror of the elements it applied.
 //!
@@ -16,7 +17,7 @@
 //!
 //! Not done yet, refused with an error naming `--backend iptables`: snat,
 //! interface wildcards (`eth+`), per-rule counters, the `DOCKER-USER`
-//! accept beside Docker's iptables rules.
+//! accept beside Docker's iptables rules, event subscription for drift.
 
 pub mod exec;
 pub mod netlink;
@@ -63,7 +64,7 @@ impl NftablesDriver {
 
     /// The driver over the `nft` on `PATH`, once it is known to run.
     pub fn detect() -> Result<NftablesDriver, FirewallError> {
-        let exec = NftExecutor;
+        let exec = NftExecutor::new();
         exec.version().map_err(|e| match e {
             FirewallError::Unavailable { program, message }
             | FirewallError::Refused { program, message }
@@ -96,13 +97,14 @@ impl NftablesDriver {
         Ok(())
     }
 
-    /// Element changes only; a refusal means someone changed the table
-    /// under natmap: rebuild it whole.
+    /// Element changes only, one netlink batch; a refusal means someone
+    /// changed the table under natmap: rebuild it whole.
     fn change(&mut self, family: Family, wanted: Elements) -> Result<(), FirewallError> {
-        let Some(text) = render::diff(family, &self.applied[index(family)], &wanted) else {
+        let changes = render::netlink_diff(&self.applied[index(family)], &wanted);
+        if changes.is_empty() {
             return Ok(());
-        };
-        match self.exec.run(&text) {
+        }
+        match self.exec.elements(family, &changes) {
             Ok(()) => {
                 self.applied[index(family)] = wanted;
                 Ok(())
@@ -259,7 +261,7 @@ impl ReadCounters for NoCounters {
 /// the iptables backend does at start, so a state dir switched from
 /// nftables leaves nothing of the old backend behind.
 pub fn remove_tables() -> Result<(), FirewallError> {
-    let exec = NftExecutor;
+    let exec = NftExecutor::new();
     if exec.version().is_err() {
         return Ok(());
     }
@@ -274,7 +276,7 @@ pub fn remove_tables() -> Result<(), FirewallError> {
 
 /// Reads the kernel's natmap table of `family` (for tests and tools).
 pub fn read_summary(family: Family) -> Result<TableSummary, FirewallError> {
-    NftExecutor.summary(family)
+    NftExecutor::new().summary(family)
 }
 
 #[cfg(test)]
@@ -282,6 +284,7 @@ mod tests {
     //! The driver against a recording executor.
 
     use super::*;
+    use crate::firewall::nftables::netlink::SetChange;
     use crate::model::{DnatRule, Rule, RuleSpec, SnatRule};
     use std::sync::Mutex;
 
@@ -306,6 +309,25 @@ mod tests {
         }
         fn summary(&self, _: Family) -> Result<TableSummary, FirewallError> {
             Ok(TableSummary::default())
+        }
+        fn elements(&self, family: Family, changes: &[SetChange]) -> Result<(), FirewallError> {
+            let mut fail = self.fail_next.lock().unwrap();
+            if *fail > 0 {
+                *fail -= 1;
+                return Err(FirewallError::Refused {
+                    program: "netlink".into(),
+                    message: "No such file or directory".into(),
+                });
+            }
+            for c in changes {
+                let verb = if c.add { "add" } else { "delete" };
+                self.sent.lock().unwrap().push(format!(
+                    "netlink {family} {verb} {} x{}",
+                    c.set,
+                    c.elements.len()
+                ));
+            }
+            Ok(())
         }
     }
 
@@ -341,10 +363,7 @@ mod tests {
             .unwrap();
         let sent = rec.sent.lock().unwrap();
         assert_eq!(sent.len(), 3, "one transaction, IPv4 only");
-        assert_eq!(
-            sent[2],
-            "add element ip natmap dnat_addr { 192.0.2.1 . tcp . 25 : 198.51.100.2 }\n"
-        );
+        assert_eq!(sent[2], "netlink ipv4 add dnat_addr x1");
     }
 
     #[test]

@@ -3,11 +3,9 @@
 //! socket, built by hand (no C library; `rustables` is GPL and does not fit
 //! natmap's MIT licence).
 //!
-//! The seam for the driver's per-change path: this increment measures it
-//! (`tests/nftables.rs`, `measure_netlink_against_nft`) on the non-interval
-//! maps; the driver still sends its changes through `nft -f -`. Interval
-//! maps (`dnat_addr`, `dnat_iif`, `masq_dnat`) also need `NFTA_SET_ELEM_KEY_END`
-//! and the interval flags, not written yet.
+//! The driver's per-change path: every element change of a request is one
+//! batch here (interval maps of concatenations carry `NFTA_SET_ELEM_KEY_END`);
+//! the whole table (start, recovery, repair) still goes through `nft -f -`.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -25,6 +23,7 @@ const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
+const NFTA_SET_ELEM_KEY_END: u16 = 10;
 const NFTA_DATA_VALUE: u16 = 1;
 const NLA_F_NESTED: u16 = 0x8000;
 const NLM_F_REQUEST: u16 = 1;
@@ -40,8 +39,21 @@ const NFPROTO_IPV6: u8 = 10;
 pub struct Element {
     /// The key bytes.
     pub key: Vec<u8>,
+    /// The last key of the interval (interval maps of concatenations only).
+    pub key_end: Option<Vec<u8>>,
     /// The value bytes (maps only).
     pub data: Option<Vec<u8>>,
+}
+
+/// Elements to add to or delete from one set, one message of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetChange {
+    /// The set or map.
+    pub set: &'static str,
+    /// Add (`NEWSETELEM`) or delete (`DELSETELEM`).
+    pub add: bool,
+    /// The elements.
+    pub elements: Vec<Element>,
 }
 
 /// Appends one concatenation part, padded to a 4-byte register.
@@ -95,10 +107,28 @@ impl Netlink {
         &mut self,
         family: Family,
         table: &str,
-        set: &str,
+        set: &'static str,
         add: &[Element],
         del: &[Element],
     ) -> io::Result<()> {
+        let changes = [
+            SetChange {
+                set,
+                add: false,
+                elements: del.to_vec(),
+            },
+            SetChange {
+                set,
+                add: true,
+                elements: add.to_vec(),
+            },
+        ];
+        self.batch(family, table, &changes)
+    }
+
+    /// `changes` in order, as one atomic batch in natmap's `table` of
+    /// `family`; waits for the kernel's answer (an error: nothing changed).
+    pub fn batch(&mut self, family: Family, table: &str, changes: &[SetChange]) -> io::Result<()> {
         let nfproto = match family {
             Family::V4 => NFPROTO_IPV4,
             Family::V6 => NFPROTO_IPV6,
@@ -114,27 +144,28 @@ impl Netlink {
             0,
             |_| {},
         );
-        for (elements, kind, flags) in [
-            (del, NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
-            (
-                add,
-                NFT_MSG_NEWSETELEM,
-                NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
-            ),
-        ] {
-            if elements.is_empty() {
+        for change in changes {
+            if change.elements.is_empty() {
                 continue;
             }
+            let (kind, flags) = if change.add {
+                (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE)
+            } else {
+                (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK)
+            };
             let seq = self.next_seq();
             acks += 1;
             let ty = (NFNL_SUBSYS_NFTABLES << 8) | kind;
             message(&mut batch, ty, flags, seq, nfproto, |b| {
                 attr(b, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
-                attr(b, NFTA_SET_ELEM_LIST_SET, &cstr(set));
+                attr(b, NFTA_SET_ELEM_LIST_SET, &cstr(change.set));
                 nested(b, NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
-                    for e in elements {
+                    for e in &change.elements {
                         nested(b, NFTA_LIST_ELEM, |b| {
                             nested(b, NFTA_SET_ELEM_KEY, |b| attr(b, NFTA_DATA_VALUE, &e.key));
+                            if let Some(end) = &e.key_end {
+                                nested(b, NFTA_SET_ELEM_KEY_END, |b| attr(b, NFTA_DATA_VALUE, end));
+                            }
                             if let Some(data) = &e.data {
                                 nested(b, NFTA_SET_ELEM_DATA, |b| attr(b, NFTA_DATA_VALUE, data));
                             }

@@ -6,9 +6,14 @@
 //! maps, so an add or remove is an element change, never a rule change.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
 use std::fmt::Write as _;
 
-use crate::model::{DockerRule, Endpoint, Family, IfName, PortList, Rule, RuleSpec};
+use crate::model::{DockerRule, Endpoint, Family, IfName, PortList, Proto, Rule, RuleSpec};
+
+use super::netlink;
 
 /// natmap's table name, in both families.
 pub const TABLE: &str = "natmap";
@@ -72,6 +77,11 @@ impl Map {
         }
     }
 
+    /// Whether its keys hold intervals (then the kernel wants a key end).
+    pub fn interval(self) -> bool {
+        matches!(self, Map::Dnat | Map::DnatIf | Map::Masq)
+    }
+
     /// `map` or `set`.
     fn keyword(self) -> &'static str {
         match self {
@@ -100,11 +110,114 @@ pub fn table_family(family: Family) -> &'static str {
     nfproto(family)
 }
 
-/// One element of one map, as nft spells it inside `{ … }`.
-pub type Element = (Map, String);
+/// One part of an element's key or value.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Part {
+    /// An address.
+    Addr(IpAddr),
+    /// A network (an interval of addresses).
+    Net(IpNet),
+    /// A layer-4 protocol.
+    Proto(Proto),
+    /// A port or an inclusive range of ports.
+    Ports(u16, u16),
+    /// An interface name (already checked to need no quoting).
+    Iface(String),
+}
+
+impl Part {
+    fn text(&self) -> String {
+        match self {
+            Part::Addr(ip) => ip.to_string(),
+            Part::Net(n) => n.to_string(),
+            Part::Proto(p) => p.as_str().to_owned(),
+            Part::Ports(a, b) if a == b => a.to_string(),
+            Part::Ports(a, b) => format!("{a}-{b}"),
+            Part::Iface(i) => format!("\"{i}\""),
+        }
+    }
+
+    /// The register bytes of the part's first (`end` false) or last value.
+    fn bytes(&self, end: bool, out: &mut Vec<u8>) {
+        let ip = |ip: IpAddr| match ip {
+            IpAddr::V4(v4) => v4.octets().to_vec(),
+            IpAddr::V6(v6) => v6.octets().to_vec(),
+        };
+        let raw = match self {
+            Part::Addr(a) => ip(*a),
+            Part::Net(n) => ip(if end { n.broadcast() } else { n.network() }),
+            Part::Proto(Proto::Tcp) => vec![6],
+            Part::Proto(Proto::Udp) => vec![17],
+            Part::Ports(a, b) => (if end { *b } else { *a }).to_be_bytes().to_vec(),
+            Part::Iface(i) => {
+                // `ifname` is IFNAMSIZ bytes, zero padded.
+                let mut v = i.as_bytes().to_vec();
+                v.resize(16, 0);
+                v
+            }
+        };
+        netlink::push_part(out, &raw);
+    }
+}
+
+/// One element: a key and, for a map, a value.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Elem {
+    /// The key, a concatenation.
+    pub key: Vec<Part>,
+    /// The value (empty for a set).
+    pub value: Vec<Part>,
+}
+
+impl Elem {
+    /// As nft spells it inside `{ … }`.
+    pub fn text(&self) -> String {
+        let join = |parts: &[Part]| parts.iter().map(Part::text).collect::<Vec<_>>().join(" . ");
+        if self.value.is_empty() {
+            join(&self.key)
+        } else {
+            format!("{} : {}", join(&self.key), join(&self.value))
+        }
+    }
+
+    /// As the kernel stores it: key, key end for interval maps, value.
+    pub fn netlink(&self, interval: bool) -> netlink::Element {
+        let mut key = Vec::new();
+        let mut end = Vec::new();
+        for p in &self.key {
+            p.bytes(false, &mut key);
+            p.bytes(true, &mut end);
+        }
+        let data = (!self.value.is_empty()).then(|| {
+            let mut v = Vec::new();
+            for p in &self.value {
+                p.bytes(false, &mut v);
+            }
+            v
+        });
+        netlink::Element {
+            key,
+            key_end: interval.then_some(end),
+            data,
+        }
+    }
+}
+
+impl std::fmt::Display for Elem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text())
+    }
+}
+
+/// One element of one map.
+pub type Element = (Map, Elem);
 
 /// The elements of one family's table.
 pub type Elements = BTreeSet<Element>;
+
+fn elem(key: Vec<Part>, value: Vec<Part>) -> Elem {
+    Elem { key, value }
+}
 
 /// What the nftables backend cannot do yet: a rule kind or option it would
 /// otherwise have to ignore.
@@ -149,11 +262,16 @@ fn render_rule(rule: &Rule, family: Family, out: &mut Elements) -> Result<(), Un
                 })?),
                 None => None,
             };
+            let (ext, int) = (Part::Addr(r.ext_ip.ip()), Part::Addr(r.int_ip.ip()));
             for ports in ranges(&r.ports) {
-                let key = format!("{} . {} . {ports}", r.ext_ip, r.proto.as_str());
+                let key = vec![ext.clone(), Part::Proto(r.proto), ports];
                 match &iface {
-                    Some(i) => out.insert((Map::DnatIf, format!("{i} . {key} : {}", r.int_ip))),
-                    None => out.insert((Map::Dnat, format!("{key} : {}", r.int_ip))),
+                    Some(i) => {
+                        let mut k = vec![Part::Iface(i.clone())];
+                        k.extend(key);
+                        out.insert((Map::DnatIf, elem(k, vec![int.clone()])))
+                    }
+                    None => out.insert((Map::Dnat, elem(key, vec![int.clone()]))),
                 };
             }
         }
@@ -166,15 +284,22 @@ fn render_rule(rule: &Rule, family: Family, out: &mut Elements) -> Result<(), Un
                     "hairpin with an internal network of the other family",
                 ));
             }
+            let (ext, int) = (Part::Addr(r.ext_ip.ip()), Part::Addr(r.int_ip.ip()));
+            let p = Part::Proto(r.proto);
             for ports in ranges(&r.ports) {
-                let p = r.proto.as_str();
                 out.insert((
                     Map::Dnat,
-                    format!("{} . {p} . {ports} : {}", r.ext_ip, r.int_ip),
+                    elem(
+                        vec![ext.clone(), p.clone(), ports.clone()],
+                        vec![int.clone()],
+                    ),
                 ));
                 out.insert((
                     Map::Masq,
-                    format!("{} . {} . {p} . {ports}", network(&r.int_net), r.int_ip),
+                    elem(
+                        vec![network(&r.int_net), int.clone(), p.clone(), ports],
+                        vec![],
+                    ),
                 ));
             }
         }
@@ -198,51 +323,40 @@ fn render_rule(rule: &Rule, family: Family, out: &mut Elements) -> Result<(), Un
 }
 
 fn render_docker(r: &DockerRule, target: &Endpoint, family: Family, out: &mut Elements) {
-    let p = r.proto.as_str();
-    let value = format!("{} . {}", target.ip, r.container_port);
+    let p = Part::Proto(r.proto);
+    let to = Part::Addr(target.ip.ip());
+    let value = vec![to.clone(), Part::Ports(r.container_port, r.container_port)];
+    let host_port = Part::Ports(r.host_port, r.host_port);
     match &r.host_ip {
         Some(h) => out.insert((
             Map::Docker,
-            format!("{h} . {p} . {} : {value}", r.host_port),
+            elem(vec![Part::Addr(h.ip()), p.clone(), host_port], value),
         )),
-        None => out.insert((Map::DockerAny, format!("{p} . {} : {value}", r.host_port))),
+        None => out.insert((Map::DockerAny, elem(vec![p.clone(), host_port], value))),
     };
+    let port = Part::Ports(r.container_port, r.container_port);
     if r.auto.as_ref().is_some_and(|a| a.masquerade) {
         let any = match family {
-            Family::V4 => "0.0.0.0/0",
-            Family::V6 => "::/0",
+            Family::V4 => IpNet::V4(Default::default()),
+            Family::V6 => IpNet::V6(Default::default()),
         };
         out.insert((
             Map::Masq,
-            format!("{any} . {} . {p} . {}", target.ip, r.container_port),
-        ));
-    }
-    if let Some(subnet) = &target.subnet {
-        out.insert((
-            Map::Masq,
-            format!(
-                "{} . {} . {p} . {}",
-                network(subnet),
-                target.ip,
-                r.container_port
+            elem(
+                vec![Part::Net(any), to.clone(), p.clone(), port.clone()],
+                vec![],
             ),
         ));
     }
+    if let Some(subnet) = &target.subnet {
+        out.insert((Map::Masq, elem(vec![network(subnet), to, p, port], vec![])));
+    }
 }
 
-/// A network as nft reads it (`10.0.0.0/24`).
-fn network(net: &crate::model::Network) -> String {
-    // `as_match("-s")` is `-s NET ` (or empty for everything).
-    let m = net.as_match("-s");
-    let text = m.trim().trim_start_matches("-s").trim();
-    if text.is_empty() {
-        match net.family() {
-            Family::V4 => "0.0.0.0/0".to_owned(),
-            Family::V6 => "::/0".to_owned(),
-        }
-    } else {
-        text.to_owned()
-    }
+/// A network as an element part.
+fn network(net: &crate::model::Network) -> Part {
+    let n: IpNet = net.to_string().parse().expect("a Network prints as a CIDR");
+    Part::Net(n.trunc())
 }
 
 /// The interface as a quoted nft string, when its name needs no escaping.
@@ -253,34 +367,27 @@ fn ifname(i: &IfName) -> Option<String> {
     let plain = s
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"_.-@".contains(&b));
-    plain.then(|| format!("\"{s}\""))
+    plain.then(|| s.to_owned())
 }
 
-/// The list's ports as nft values: `80` or `8000-8010`.
-fn ranges(ports: &PortList) -> Vec<String> {
+/// The list's ports as runs of consecutive ports.
+fn ranges(ports: &PortList) -> Vec<Part> {
     let mut out = Vec::new();
     let mut iter = ports.iter();
     let Some(mut first) = iter.next() else {
         return out;
     };
     let mut last = first;
-    let flush = |first: u16, last: u16, out: &mut Vec<String>| {
-        out.push(if first == last {
-            first.to_string()
-        } else {
-            format!("{first}-{last}")
-        });
-    };
     for p in iter {
         if u32::from(p) == u32::from(last) + 1 {
             last = p;
         } else {
-            flush(first, last, &mut out);
+            out.push(Part::Ports(first, last));
             first = p;
             last = p;
         }
     }
-    flush(first, last, &mut out);
+    out.push(Part::Ports(first, last));
     out
 }
 
@@ -304,10 +411,10 @@ pub fn table(family: Family, elements: &Elements) -> String {
     for map in Map::ALL {
         let _ = writeln!(s, "\t{} {} {{", map.keyword(), map.name());
         let _ = writeln!(s, "\t\t{}", map.declaration(family));
-        let items: Vec<&str> = elements
+        let items: Vec<String> = elements
             .iter()
             .filter(|(m, _)| *m == map)
-            .map(|(_, e)| e.as_str())
+            .map(|(_, e)| e.text())
             .collect();
         if !items.is_empty() {
             let _ = writeln!(s, "\t\telements = {{ {} }}", items.join(", "));
@@ -379,10 +486,33 @@ pub fn diff(family: Family, applied: &Elements, desired: &Elements) -> Option<St
     (!s.is_empty()).then_some(s)
 }
 
+/// The element changes from `applied` to `desired` as netlink set-element
+/// messages: deletes first, so an element whose value changed is replaced.
+pub fn netlink_diff(applied: &Elements, desired: &Elements) -> Vec<netlink::SetChange> {
+    let mut out: Vec<netlink::SetChange> = Vec::new();
+    for (add, from, to) in [(false, applied, desired), (true, desired, applied)] {
+        for map in Map::ALL {
+            let elements: Vec<netlink::Element> = from
+                .difference(to)
+                .filter(|(m, _)| *m == map)
+                .map(|(_, e)| e.netlink(map.interval()))
+                .collect();
+            if !elements.is_empty() {
+                out.push(netlink::SetChange {
+                    set: map.name(),
+                    add,
+                    elements,
+                });
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DnatRule, Proto};
+    use crate::model::DnatRule;
 
     fn dnat(id: u64, ext: &str, int: &str, ports: &str, ext_if: Option<&str>) -> Rule {
         Rule {
@@ -402,7 +532,7 @@ mod tests {
     fn a_dnat_is_one_element_per_port_range() {
         let rules = [dnat(1, "192.0.2.1", "10.0.0.2", "25,465,8000-8010", None)];
         let e = elements(&rules, Family::V4).unwrap();
-        let got: Vec<&str> = e.iter().map(|(_, s)| s.as_str()).collect();
+        let got: Vec<String> = e.iter().map(|(_, s)| s.text()).collect();
         assert_eq!(
             got,
             [
@@ -418,8 +548,9 @@ mod tests {
     fn an_interface_bound_dnat_goes_to_its_own_map() {
         let rules = [dnat(1, "2001:db8::1", "2001:db8:1::2", "53", Some("eth0"))];
         let e = elements(&rules, Family::V6).unwrap();
+        let got: Vec<(Map, String)> = e.iter().map(|(m, s)| (*m, s.text())).collect();
         assert_eq!(
-            e.into_iter().collect::<Vec<_>>(),
+            got,
             [(
                 Map::DnatIf,
                 "\"eth0\" . 2001:db8::1 . udp . 53 : 2001:db8:1::2".to_owned()
@@ -450,6 +581,7 @@ mod tests {
     #[test]
     fn ranges_group_consecutive_ports() {
         let p: PortList = "1,2,3,5,7-9".parse().unwrap();
-        assert_eq!(ranges(&p), ["1-3", "5", "7-9"]);
+        let text: Vec<String> = ranges(&p).iter().map(Part::text).collect();
+        assert_eq!(text, ["1-3", "5", "7-9"]);
     }
 }

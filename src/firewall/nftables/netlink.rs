@@ -311,9 +311,10 @@ mod tests {
             attr(b, NFTA_SET_ELEM_LIST_TABLE, &cstr("natmap"));
         });
         assert_eq!(b.len() % 4, 0);
+        // Header, nfgenmsg, attribute header, "natmap\0" padded to 8.
         assert_eq!(
             u32::from_ne_bytes(b[0..4].try_into().unwrap()),
-            16 + 4 + 4 + 7
+            16 + 4 + 4 + 8
         );
         assert_eq!(b[16], NFPROTO_IPV4);
     }

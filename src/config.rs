@@ -342,6 +342,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_backend_is_read_and_checked() {
+        let c = Config::parse("backend = \"nftables\"\n").unwrap();
+        assert_eq!(c.backend, Some(crate::firewall::Backend::Nftables));
+        assert_eq!(Config::parse("").unwrap().backend, None);
+        let err = Config::parse("backend = \"pf\"\n").unwrap_err();
+        assert!(
+            err.contains("iptables") || err.contains("nftables"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn a_full_config_parses() {
         let c = Config::parse(
             r#"

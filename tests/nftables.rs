@@ -397,7 +397,10 @@ fn a_start_with_snat_in_state_is_refused_naming_the_iptables_backend() {
         &ROUTER_EXT_V4.to_string(),
     ]);
     assert_eq!(r["ok"], true, "{r}");
-    ipt.stop();
+    // Killed: its chains stay in place, serving.
+    ipt.kill9();
+    let before = natmap_lines(&topo.router, false);
+    assert!(!before.is_empty());
 
     let state = dir.state_path();
     let socket = dir.socket_path();
@@ -426,8 +429,10 @@ fn a_start_with_snat_in_state_is_refused_naming_the_iptables_backend() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--backend iptables"), "{stderr}");
     assert!(stderr.contains("snat"), "{stderr}");
-    // The state is kept for the daemon that can serve it.
+    // The state is kept for the daemon that can serve it, and the refused
+    // start took none of the old backend's rules away.
     assert!(std::fs::read_to_string(&state).unwrap().contains("snat"));
+    assert_eq!(natmap_lines(&topo.router, false), before);
 }
 
 #[test]

@@ -117,8 +117,6 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     let backend = config.backend.or(file_config.backend).unwrap_or_default();
     let _lock = lock_state(&config)?;
     let _netns_lock = lock_network_namespace()?;
-    // After the locks: detecting removes the other backend's natmap rules,
-    // which must not be another running daemon's.
     let fw = firewall::detect(backend).map_err(|e| e.to_string())?;
     // Before any rule is installed: an address that cannot be served stops
     // the start with nothing to undo.
@@ -141,6 +139,11 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     })
     .await
     .map_err(|e| format!("engine start panicked: {e}"))??;
+    // Under the locks (never another running daemon's rules), and only
+    // once this backend serves the state.
+    tokio::task::spawn_blocking(move || firewall::remove_other_backends(backend))
+        .await
+        .map_err(|e| format!("removing the other backend's rules panicked: {e}"))?;
     let (tx, rx) = mpsc::channel::<EngineMsg>();
     engine.start_discovery(
         file_config,

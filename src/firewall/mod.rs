@@ -243,25 +243,28 @@ impl std::fmt::Display for Backend {
 
 /// The driver the daemon runs, after checking it can work here (which
 /// iptables flavor, and that Docker's rules are in the same one; that `nft`
-/// runs). The other backend's natmap rules are removed first, so a state
-/// dir switched from one backend to the other leaves nothing behind (the
-/// new driver then installs everything from state).
+/// runs).
 pub fn detect(backend: Backend) -> Result<Box<dyn FirewallDriver>, FirewallError> {
+    Ok(match backend {
+        Backend::Iptables => Box::new(iptables::IptablesDriver::detect()?),
+        Backend::Nftables => Box::new(nftables::NftablesDriver::detect()?),
+    })
+}
+
+/// Removes natmap's rules of every backend but `backend`, so a state dir
+/// switched from one backend to the other leaves nothing behind. Called
+/// once the daemon installed its rules from state: a start that is refused
+/// (a rule the new backend cannot express) leaves the old rules serving.
+pub fn remove_other_backends(backend: Backend) {
     match backend {
         Backend::Iptables => {
-            let driver = iptables::IptablesDriver::detect()?;
             // The default backend must start wherever it started before,
             // `nft` or not: a table left behind is worth a line, not a refusal.
             if let Err(e) = nftables::remove_tables() {
                 tracing::warn!("removing natmap's nftables tables (backend is iptables): {e}");
             }
-            Ok(Box::new(driver))
         }
-        Backend::Nftables => {
-            let driver = nftables::NftablesDriver::detect()?;
-            remove_iptables_chains();
-            Ok(Box::new(driver))
-        }
+        Backend::Nftables => remove_iptables_chains(),
     }
 }
 

@@ -99,6 +99,8 @@ step_packages() {
 		[iptables]=iptables [ip6tables]=iptables [iptables-restore]=iptables
 		[ip]=iproute2 [conntrack]=conntrack [flock]=util-linux [ps]=procps
 		[modprobe]=kmod [systemd-analyze]=systemd
+		# `daemon --backend nftables` applies its table with `nft -f -`.
+		[nft]=nftables
 	)
 	if ((with_docker)); then
 		cmd_pkg[dockerd]=docker.io
@@ -159,7 +161,8 @@ step_modules() {
 	# nf_nat/nft_chain_nat/xt_MASQUERADE: the nft backend's NAT chains and the
 	# hairpin MASQUERADE; the rest are the tables and matches natmap renders.
 	local -a mods=(nf_conntrack nf_nat iptable_nat ip6table_nat nft_chain_nat
-		xt_conntrack xt_multiport xt_comment xt_addrtype xt_MASQUERADE)
+		xt_conntrack xt_multiport xt_comment xt_addrtype xt_MASQUERADE
+		nft_fib_inet nft_fib_ipv4 nft_fib_ipv6 nft_nat nft_ct)
 	if ! have modprobe; then
 		log "modules: modprobe not available; skipped"
 		return 0

@@ -29,6 +29,10 @@ pub struct Config {
     /// at start; the daemon's `--metrics-listen` wins). Off when absent.
     #[serde(default)]
     pub metrics_listen: Option<MetricsListen>,
+    /// `backend = "iptables" | "nftables"`: the firewall driver (read at
+    /// start; the daemon's `--backend` wins). iptables when absent.
+    #[serde(default)]
+    pub backend: Option<crate::firewall::Backend>,
 }
 
 /// Where `/metrics` is served: an address and a non-zero port, e.g.
@@ -336,6 +340,18 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_backend_is_read_and_checked() {
+        let c = Config::parse("backend = \"nftables\"\n").unwrap();
+        assert_eq!(c.backend, Some(crate::firewall::Backend::Nftables));
+        assert_eq!(Config::parse("").unwrap().backend, None);
+        let err = Config::parse("backend = \"pf\"\n").unwrap_err();
+        assert!(
+            err.contains("iptables") || err.contains("nftables"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn a_full_config_parses() {

@@ -847,6 +847,10 @@ pub struct RuleList {
     /// cannot be listed as one: quarantined like invalid rules.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unreadable: Vec<UnreadableEntry>,
+    /// The firewall driver the rules are installed with (`iptables`,
+    /// `nftables`); empty from a daemon older than `--backend`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub firewall: String,
 }
 
 /// A quarantined state file entry that does not parse as a rule.

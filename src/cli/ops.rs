@@ -37,6 +37,11 @@ pub struct DaemonArgs {
     /// a firewall guards it: the metrics show every rule's addresses.
     #[arg(long, value_name = "ADDR:PORT", value_parser = metrics_listen)]
     pub metrics_listen: Option<crate::config::MetricsListen>,
+    /// Firewall driver: iptables (default) or nftables (natmap's own
+    /// tables; snat not yet). Overrides `backend` in the config. Switching
+    /// removes the other backend's natmap rules at start.
+    #[arg(long, value_name = "iptables|nftables")]
+    pub backend: Option<crate::firewall::Backend>,
 }
 
 fn metrics_listen(s: &str) -> Result<crate::config::MetricsListen, String> {
@@ -57,6 +62,7 @@ pub fn run_daemon(args: DaemonArgs, socket_path: PathBuf) -> Result<ExitCode> {
         socket_group: args.socket_group,
         docker_socket: crate::docker::socket_path(&args.docker_socket),
         metrics_listen: args.metrics_listen.map(|m| m.0),
+        backend: args.backend,
         config_explicit: args.config_path.is_some(),
         config_path: args
             .config_path
@@ -99,7 +105,8 @@ pub fn plan_daemon(args: DaemonArgs, g: &super::GlobalArgs) -> Result<ExitCode> 
         state.rules.iter().cloned(),
         crate::daemon::bridge::netfilter(),
     );
-    let fw = crate::firewall::driver();
+    let backend = args.backend.or(file_config.backend).unwrap_or_default();
+    let fw = crate::firewall::driver(backend);
     let mut transactions = Vec::new();
     let mut effects = vec![format!(
         "listen on {} and restore {} rule(s) from {}",

@@ -56,6 +56,8 @@ pub struct DaemonConfig {
     pub config_explicit: bool,
     /// `--metrics-listen`: where to serve `/metrics` (wins over the config).
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// `--backend`: the firewall driver (wins over the config's `backend`).
+    pub backend: Option<firewall::Backend>,
 }
 
 /// How long the daemon waits for Docker before it starts serving.
@@ -112,11 +114,12 @@ pub(crate) enum EngineMsg {
 /// Runs the daemon until `shutdown` completes, then removes natmap's rules
 /// (the state stays for the next start) and the socket.
 pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Result<(), String> {
-    let fw = firewall::detect().map_err(|e| e.to_string())?;
     // A broken config stops the start, naming the key and the line.
     let file_config = Config::load(&config.config_path, config.config_explicit)?;
+    let backend = config.backend.or(file_config.backend).unwrap_or_default();
     let _lock = lock_state(&config)?;
     let _netns_lock = lock_network_namespace()?;
+    let fw = firewall::detect(backend).map_err(|e| e.to_string())?;
     // Before any rule is installed: an address that cannot be served stops
     // the start with nothing to undo.
     let metrics_listener = match metrics_address(&config, &file_config) {
@@ -138,6 +141,11 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     })
     .await
     .map_err(|e| format!("engine start panicked: {e}"))??;
+    // Under the locks (never another running daemon's rules), and only
+    // once this backend serves the state.
+    tokio::task::spawn_blocking(move || firewall::remove_other_backends(backend))
+        .await
+        .map_err(|e| format!("removing the other backend's rules panicked: {e}"))?;
     let (tx, rx) = mpsc::channel::<EngineMsg>();
     engine.start_discovery(
         file_config,

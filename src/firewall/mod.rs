@@ -13,9 +13,13 @@
 //! - [`recording`]: a driver that records what it is asked, for fast
 //!   tests of the engine.
 //!
-//! A native nftables driver is the second implementation of the trait.
+//! - [`nftables`]: the native nftables driver — natmap's own tables with
+//!   maps keyed `daddr . l4proto . dport`, changes as element changes.
+//!
+//! [`Backend`] picks one (`daemon --backend`, `backend = …` in the config).
 
 pub mod iptables;
+pub mod nftables;
 pub mod recording;
 
 use std::collections::{HashMap, HashSet};
@@ -231,16 +235,100 @@ pub trait FirewallDriver: Send {
     fn docker_published_ports(&self) -> Option<HashSet<(Proto, u16)>>;
 }
 
+/// Which firewall driver the daemon runs (`--backend`, `backend = …`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// natmap's chains through `iptables-restore` (the default).
+    #[default]
+    Iptables,
+    /// natmap's own nftables tables (first increment: dnat, hairpin and
+    /// Docker mappings; snat is refused).
+    Nftables,
+}
+
+impl Backend {
+    /// Its name on the command line and in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Iptables => "iptables",
+            Backend::Nftables => "nftables",
+        }
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = crate::model::ParseError;
+    fn from_str(s: &str) -> Result<Backend, Self::Err> {
+        match s {
+            "iptables" => Ok(Backend::Iptables),
+            "nftables" => Ok(Backend::Nftables),
+            _ => Err(crate::model::ParseError::new(
+                "backend",
+                s,
+                "iptables or nftables",
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The driver the daemon runs, after checking it can work here (which
-/// iptables flavor, and that Docker's rules are in the same one).
-pub fn detect() -> Result<Box<dyn FirewallDriver>, FirewallError> {
-    Ok(Box::new(iptables::IptablesDriver::detect()?))
+/// iptables flavor, and that Docker's rules are in the same one; that `nft`
+/// runs).
+pub fn detect(backend: Backend) -> Result<Box<dyn FirewallDriver>, FirewallError> {
+    Ok(match backend {
+        Backend::Iptables => Box::new(iptables::IptablesDriver::detect()?),
+        Backend::Nftables => Box::new(nftables::NftablesDriver::detect()?),
+    })
+}
+
+/// Removes natmap's rules of every backend but `backend`, so a state dir
+/// switched from one backend to the other leaves nothing behind. Called
+/// once the daemon installed its rules from state: a start that is refused
+/// (a rule the new backend cannot express) leaves the old rules serving.
+pub fn remove_other_backends(backend: Backend) {
+    match backend {
+        Backend::Iptables => {
+            // The default backend must start wherever it started before,
+            // `nft` or not: a table left behind is worth a line, not a refusal.
+            if let Err(e) = nftables::remove_tables() {
+                tracing::warn!("removing natmap's nftables tables (backend is iptables): {e}");
+            }
+        }
+        Backend::Nftables => remove_iptables_chains(),
+    }
+}
+
+/// Takes natmap's iptables chains and hooks out, where iptables runs at
+/// all (a host with nft only has none to remove).
+fn remove_iptables_chains() {
+    let Ok(mut old) = iptables::IptablesDriver::detect() else {
+        return;
+    };
+    for family in Family::ALL {
+        // A family without NAT support (no ip6table_nat) has nothing of
+        // natmap's either; anything else is worth a loud line.
+        if let Err(e) = old.teardown(&[family]) {
+            tracing::warn!("removing natmap's {family} iptables chains (backend is nftables): {e}");
+        }
+    }
 }
 
 /// The driver without any check, for reading the kernel only (`daemon
 /// --dry-run` previews).
-pub fn driver() -> Box<dyn FirewallDriver> {
-    Box::new(iptables::IptablesDriver::new(Arc::new(
-        iptables::exec::IptablesExecutor,
-    )))
+pub fn driver(backend: Backend) -> Box<dyn FirewallDriver> {
+    match backend {
+        Backend::Iptables => Box::new(iptables::IptablesDriver::new(Arc::new(
+            iptables::exec::IptablesExecutor,
+        ))),
+        Backend::Nftables => Box::new(nftables::NftablesDriver::new(Arc::new(
+            nftables::exec::NftExecutor::new(),
+        ))),
+    }
 }

@@ -694,6 +694,7 @@ impl Engine {
         let mut list = RuleList {
             rules,
             unreadable: Vec::new(),
+            firewall: self.fw.name().to_owned(),
         };
         self.list_quarantined(filter.as_deref(), &mut list);
         list

@@ -1,0 +1,321 @@
+//! Element changes over netlink, without a process: one batch of
+//! `NFT_MSG_NEWSETELEM`/`NFT_MSG_DELSETELEM` on a `NETLINK_NETFILTER`
+//! socket, built by hand (no C library; `rustables` is GPL and does not fit
+//! natmap's MIT licence).
+//!
+//! The driver's per-change path: every element change of a request is one
+//! batch here (interval maps of concatenations carry `NFTA_SET_ELEM_KEY_END`);
+//! the whole table (start, recovery, repair) still goes through `nft -f -`.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use crate::model::Family;
+
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_DELSETELEM: u16 = 14;
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_DATA: u16 = 2;
+const NFTA_SET_ELEM_KEY_END: u16 = 10;
+const NFTA_DATA_VALUE: u16 = 1;
+const NLA_F_NESTED: u16 = 0x8000;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLM_F_CREATE: u16 = 0x400;
+const NLMSG_ERROR: u16 = 2;
+const NFPROTO_IPV4: u8 = 2;
+const NFPROTO_IPV6: u8 = 10;
+
+/// One element: its key and, for a map, its value, each in the kernel's
+/// register layout (every part of a concatenation padded to 4 bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Element {
+    /// The key bytes.
+    pub key: Vec<u8>,
+    /// The last key of the interval (interval maps of concatenations only).
+    pub key_end: Option<Vec<u8>>,
+    /// The value bytes (maps only).
+    pub data: Option<Vec<u8>>,
+}
+
+/// Elements to add to or delete from one set, one message of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetChange {
+    /// The set or map.
+    pub set: &'static str,
+    /// Add (`NEWSETELEM`) or delete (`DELSETELEM`).
+    pub add: bool,
+    /// The elements.
+    pub elements: Vec<Element>,
+}
+
+/// Appends one concatenation part, padded to a 4-byte register.
+pub fn push_part(buf: &mut Vec<u8>, part: &[u8]) {
+    buf.extend_from_slice(part);
+    buf.resize(buf.len() + (4 - part.len() % 4) % 4, 0);
+}
+
+/// A `NETLINK_NETFILTER` socket in the caller's network namespace.
+pub struct Netlink {
+    fd: OwnedFd,
+    seq: u32,
+}
+
+impl Netlink {
+    /// Opens and binds the socket.
+    pub fn open() -> io::Result<Netlink> {
+        // SAFETY: plain socket(2); the result is checked before use.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_NETFILTER,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: an all-zero sockaddr_nl is valid (the kernel picks the port id).
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        // SAFETY: `addr` is a valid sockaddr_nl of the given length.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                std::ptr::addr_of!(addr).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Netlink { fd, seq: 1 })
+    }
+
+    /// Deletes `del` then adds `add` in set `set` of natmap's `table` of
+    /// `family`, as one atomic batch; waits for the kernel's answer.
+    pub fn change(
+        &mut self,
+        family: Family,
+        table: &str,
+        set: &'static str,
+        add: &[Element],
+        del: &[Element],
+    ) -> io::Result<()> {
+        let changes = [
+            SetChange {
+                set,
+                add: false,
+                elements: del.to_vec(),
+            },
+            SetChange {
+                set,
+                add: true,
+                elements: add.to_vec(),
+            },
+        ];
+        self.batch(family, table, &changes)
+    }
+
+    /// `changes` in order, as one atomic batch in natmap's `table` of
+    /// `family`; waits for the kernel's answer (an error: nothing changed).
+    pub fn batch(&mut self, family: Family, table: &str, changes: &[SetChange]) -> io::Result<()> {
+        let nfproto = match family {
+            Family::V4 => NFPROTO_IPV4,
+            Family::V6 => NFPROTO_IPV6,
+        };
+        let mut batch = Vec::new();
+        let mut acks = 0;
+        let begin = self.next_seq();
+        message(
+            &mut batch,
+            NFNL_MSG_BATCH_BEGIN,
+            NLM_F_REQUEST,
+            begin,
+            0,
+            |_| {},
+        );
+        for change in changes {
+            if change.elements.is_empty() {
+                continue;
+            }
+            let (kind, flags) = if change.add {
+                (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE)
+            } else {
+                (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK)
+            };
+            let seq = self.next_seq();
+            acks += 1;
+            let ty = (NFNL_SUBSYS_NFTABLES << 8) | kind;
+            message(&mut batch, ty, flags, seq, nfproto, |b| {
+                attr(b, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
+                attr(b, NFTA_SET_ELEM_LIST_SET, &cstr(change.set));
+                nested(b, NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
+                    for e in &change.elements {
+                        nested(b, NFTA_LIST_ELEM, |b| {
+                            nested(b, NFTA_SET_ELEM_KEY, |b| attr(b, NFTA_DATA_VALUE, &e.key));
+                            if let Some(end) = &e.key_end {
+                                nested(b, NFTA_SET_ELEM_KEY_END, |b| attr(b, NFTA_DATA_VALUE, end));
+                            }
+                            if let Some(data) = &e.data {
+                                nested(b, NFTA_SET_ELEM_DATA, |b| attr(b, NFTA_DATA_VALUE, data));
+                            }
+                        });
+                    }
+                });
+            });
+        }
+        let end = self.next_seq();
+        message(
+            &mut batch,
+            NFNL_MSG_BATCH_END,
+            NLM_F_REQUEST,
+            end,
+            0,
+            |_| {},
+        );
+        if acks == 0 {
+            return Ok(());
+        }
+        // SAFETY: sending an initialised buffer on our own socket.
+        let sent =
+            unsafe { libc::send(self.fd.as_raw_fd(), batch.as_ptr().cast(), batch.len(), 0) };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.read_acks(acks)
+    }
+
+    fn next_seq(&mut self) -> u32 {
+        self.seq = self.seq.wrapping_add(1);
+        self.seq
+    }
+
+    /// Reads answers until `acks` acknowledgements arrived; the first error
+    /// the kernel reports is returned (the batch then changed nothing).
+    fn read_acks(&self, mut acks: usize) -> io::Result<()> {
+        let mut buf = vec![0u8; 65536];
+        while acks > 0 {
+            // SAFETY: receiving into our own buffer of the given length.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut msgs = &buf[..n as usize];
+            while msgs.len() >= 16 {
+                let len = u32::from_ne_bytes(msgs[0..4].try_into().expect("4 bytes")) as usize;
+                let ty = u16::from_ne_bytes(msgs[4..6].try_into().expect("2 bytes"));
+                if len < 16 || len > msgs.len() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "short netlink message",
+                    ));
+                }
+                if ty == NLMSG_ERROR && len >= 20 {
+                    let errno = i32::from_ne_bytes(msgs[16..20].try_into().expect("4 bytes"));
+                    if errno != 0 {
+                        return Err(io::Error::from_raw_os_error(-errno));
+                    }
+                    acks -= 1;
+                }
+                msgs = &msgs[align(len).min(msgs.len())..];
+            }
+        }
+        Ok(())
+    }
+}
+
+fn align(n: usize) -> usize {
+    (n + 3) & !3
+}
+
+fn cstr(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+/// One netlink message with an nfgenmsg header; `body` writes the attributes.
+fn message(
+    buf: &mut Vec<u8>,
+    ty: u16,
+    flags: u16,
+    seq: u32,
+    nfproto: u8,
+    body: impl FnOnce(&mut Vec<u8>),
+) {
+    let start = buf.len();
+    buf.extend_from_slice(&0u32.to_ne_bytes());
+    buf.extend_from_slice(&ty.to_ne_bytes());
+    buf.extend_from_slice(&flags.to_ne_bytes());
+    buf.extend_from_slice(&seq.to_ne_bytes());
+    buf.extend_from_slice(&0u32.to_ne_bytes());
+    // nfgenmsg: family, version 0, res_id (the subsystem, for batch markers).
+    buf.push(nfproto);
+    buf.push(0);
+    let res_id = if ty == NFNL_MSG_BATCH_BEGIN || ty == NFNL_MSG_BATCH_END {
+        NFNL_SUBSYS_NFTABLES
+    } else {
+        0
+    };
+    buf.extend_from_slice(&res_id.to_be_bytes());
+    body(buf);
+    let len = (buf.len() - start) as u32;
+    buf[start..start + 4].copy_from_slice(&len.to_ne_bytes());
+    buf.resize(start + align(len as usize), 0);
+}
+
+fn attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
+    let len = 4 + payload.len();
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&ty.to_ne_bytes());
+    buf.extend_from_slice(payload);
+    buf.resize(buf.len() + (align(len) - len), 0);
+}
+
+fn nested(buf: &mut Vec<u8>, ty: u16, body: impl FnOnce(&mut Vec<u8>)) {
+    let start = buf.len();
+    buf.extend_from_slice(&0u16.to_ne_bytes());
+    buf.extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
+    body(buf);
+    let len = (buf.len() - start) as u16;
+    buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concatenation_parts_are_padded_to_registers() {
+        let mut key = Vec::new();
+        push_part(&mut key, &[17]);
+        push_part(&mut key, &8080u16.to_be_bytes());
+        assert_eq!(key, [17, 0, 0, 0, 0x1f, 0x90, 0, 0]);
+    }
+
+    #[test]
+    fn a_batch_message_is_framed_and_aligned() {
+        let mut b = Vec::new();
+        message(&mut b, 0x0a0c, NLM_F_REQUEST, 7, NFPROTO_IPV4, |b| {
+            attr(b, NFTA_SET_ELEM_LIST_TABLE, &cstr("natmap"));
+        });
+        assert_eq!(b.len() % 4, 0);
+        // Header, nfgenmsg, attribute header, "natmap\0" padded to 8.
+        assert_eq!(
+            u32::from_ne_bytes(b[0..4].try_into().unwrap()),
+            16 + 4 + 4 + 8
+        );
+        assert_eq!(b[16], NFPROTO_IPV4);
+    }
+}

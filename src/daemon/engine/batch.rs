@@ -5,7 +5,7 @@
 //! not per request (kube-proxy's min-sync-period idea, without the delay:
 //! a batch is whatever queued while the previous one was being applied).
 
-use crate::model::{DnatRule, Family, HairpinRule, PortClaim, Rule, RuleId, RuleSpec, SnatRule};
+use crate::model::{DnatRule, HairpinRule, PortClaim, Rule, RuleId, RuleSpec, SnatRule};
 use crate::proto::{ChangeKind, ChangeResult, ErrorCode, Request, Response};
 use crate::state::State;
 
@@ -162,7 +162,7 @@ impl Engine {
     fn plan_add(&self, next: &mut State, pending: &[Planned], spec: RuleSpec) -> Outcome<Planned> {
         spec.check_consistent()
             .map_err(|m| Failure::new(ErrorCode::InvalidArgument, m))?;
-        if spec.family() == Family::V6 && !self.v6_nat {
+        if spec.needs_v6_nat() && !self.v6_nat {
             return Err(Failure::new(
                 ErrorCode::Ipv6Unavailable,
                 "IPv6 NAT is not available in this kernel (load ip6table_nat); IPv4 rules keep working",
@@ -186,7 +186,7 @@ impl Engine {
                     .iter()
                     .find(|c| held.iter().any(|h| reserve::claims_collide(c, &h.claim)))
                 {
-                    return Err(port_taken(c, rule.id));
+                    return Err(port_taken(c, rule.id, Some(&rule.spec)));
                 }
             }
         }
@@ -379,12 +379,19 @@ fn plan_delete(next: &mut State, spec: &RuleSpec) -> Planned {
 }
 
 /// The error for a port another natmap rule holds.
-pub(super) fn port_taken(claim: &PortClaim, id: RuleId) -> Failure {
+pub(super) fn port_taken(claim: &PortClaim, id: RuleId, owner: Option<&RuleSpec>) -> Failure {
+    // A Docker mapping is named by its container and ports, so the
+    // operator sees which range or container holds the port.
+    let what = match owner {
+        Some(RuleSpec::Docker(d)) => format!(" (docker {} {}/{})", d.name, d.host_ports(), d.proto),
+        Some(other) => format!(" ({})", other.kind().replace('_', "-")),
+        None => String::new(),
+    };
     Failure::new(
         ErrorCode::PortInUse,
         format!(
-            "port {} is already forwarded by natmap rule #{id}; delete that rule first",
-            reserve::describe(claim)
+            "port {} is already forwarded by natmap rule #{id}{what}; delete that rule first",
+            reserve::describe(claim),
         ),
     )
 }

@@ -594,3 +594,87 @@ fn desired_for(
     }
     Ok((rules, notes))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine(host_ip: Option<&str>) -> EngineConfig {
+        serde_json::from_value(serde_json::json!({
+            "name": "node",
+            "endpoint": "unix:///var/run/docker.sock",
+            "host_ip": host_ip,
+        }))
+        .unwrap()
+    }
+
+    fn container(label: &str, published: Vec<(u16, crate::model::Proto, u16)>) -> LabeledContainer {
+        LabeledContainer {
+            id: "ab".repeat(32),
+            name: "web".into(),
+            running: true,
+            label: label.into(),
+            allow_nonlocal: false,
+            networks: vec![NetworkAddrs {
+                network: "bridge".into(),
+                v4: Some(Endpoint {
+                    ip: "172.17.0.2".parse().unwrap(),
+                    subnet: None,
+                }),
+                v6: None,
+            }],
+            published,
+        }
+    }
+
+    /// Labels share `docker add`'s parser: a range is one mapping, and a
+    /// loopback HOST_IP publishes on loopback only.
+    #[test]
+    fn a_label_range_is_one_mapping_and_loopback_is_accepted() {
+        let c = container("8160-8161:80-81, 127.0.0.1:8152:80/udp", Vec::new());
+        let (rules, notes) = desired_for(&engine(None), &c, "natmap.ports", false).unwrap();
+        assert!(notes.is_empty(), "{notes:?}");
+        assert_eq!(rules.len(), 2);
+        assert_eq!(
+            (
+                rules[0].host_port,
+                rules[0].container_port,
+                rules[0].port_count
+            ),
+            (8160, 80, 2)
+        );
+        assert!(rules[1].loopback_only());
+        let err = desired_for(
+            &engine(None),
+            &container("8160-8162:80-81", Vec::new()),
+            "natmap.ports",
+            false,
+        )
+        .unwrap_err();
+        assert!(err.contains("equal length"), "{err}");
+    }
+
+    /// On a remote node, a range maps when every port of it is published
+    /// at the same offsets; otherwise a note says why not.
+    #[test]
+    fn a_remote_range_needs_every_port_published_consecutively() {
+        use crate::model::Proto::Tcp;
+        let node = engine(Some("192.0.2.7"));
+        let whole = container("8160-8161:80-81", vec![(80, Tcp, 32080), (81, Tcp, 32081)]);
+        let (rules, notes) = desired_for(&node, &whole, "natmap.ports", true).unwrap();
+        assert!(notes.is_empty(), "{notes:?}");
+        assert_eq!((rules[0].container_port, rules[0].port_count), (32080, 2));
+        for published in [
+            vec![(80, Tcp, 32080)],
+            vec![(80, Tcp, 32080), (81, Tcp, 40000)],
+        ] {
+            let partial = container("8160-8161:80-81", published);
+            let (rules, notes) = desired_for(&node, &partial, "natmap.ports", true).unwrap();
+            assert!(rules.is_empty());
+            assert!(
+                notes[0].contains("80-81/tcp is not published as one range"),
+                "{notes:?}"
+            );
+        }
+    }
+}

@@ -245,6 +245,21 @@ impl Engine {
             RuleSpec::Snat(s) if !s.forward && self.forward_drops(s.ext_ip.family()) => {
                 vec![snat_dropped_note(s)]
             }
+            RuleSpec::Docker(d) if d.loopback_only() => {
+                let host = d.host_ip.map(|h| h.ip());
+                let shown = match host {
+                    Some(std::net::IpAddr::V6(v6)) => format!("[{v6}]"),
+                    Some(ip) => ip.to_string(),
+                    None => String::new(),
+                };
+                vec![format!(
+                    "published on {shown}:{} only, by natmap's loopback relay (no kernel rule): \
+                     reachable from this host on that address, not on its other addresses or \
+                     from other machines; the container sees the relay's connections coming \
+                     from the host",
+                    d.host_ports()
+                )]
+            }
             // docker-proxy would answer there (hiding the client); natmap
             // forwards only to an address of the same family.
             RuleSpec::Docker(d) if d.host_ip.is_none() && d.is_up() && d.target_v6.is_none() => {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::proto::{Envelope, ErrorCode, Request, Response, PROTOCOL_VERSION};
 
 /// How long the client waits for the daemon's answer. Generous: a change may
-/// wait for the xtables lock held by another tool.
+/// wait for the firewall's lock held by another tool (the xtables lock).
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Sends `request` to the daemon at `socket` and returns its response. Failing

@@ -8,21 +8,26 @@
 //! - [`daemon`]: socket server, the single state owner ([`daemon::engine`]),
 //!   port reservations and the loopback relay.
 //! - [`model`]: typed, validated values (addresses, ports, interfaces, rules).
-//! - [`rules`]: pure `rules -> ruleset -> iptables-restore text`.
-//! - [`netfilter`]: running iptables (real and recording executors).
+//! - [`firewall`]: the firewall driver seam — [`firewall::FirewallDriver`],
+//!   the driver-neutral types the engine speaks ([`firewall::Desired`],
+//!   [`firewall::Drift`], [`firewall::FirewallError`]) and the drivers:
+//!   [`firewall::iptables`] (rendering, `iptables-restore` transactions,
+//!   `iptables-save` parsing, executors; nothing about iptables lives
+//!   outside it but the model's iptables-compatible spellings) and a
+//!   recording one for tests.
 //! - [`state`]: `state.json`, atomic and durable.
 //!
 //! The pipeline of every change: validate → reserve ports → new state →
-//! desired ruleset → one `iptables-restore --noflush` per changed family →
-//! persist → listen → answer.
+//! desired rules → the firewall driver (with iptables, one
+//! `iptables-restore --noflush` per changed family) → persist → listen →
+//! answer.
 
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod docker;
+pub mod firewall;
 pub mod model;
-pub mod netfilter;
 pub mod proto;
-pub mod rules;
 pub mod state;

@@ -453,19 +453,25 @@ pub struct DryRunReport {
     /// Always true: says in the answer itself that nothing was changed.
     #[serde(default = "yes")]
     pub dry_run: bool,
-    /// The iptables-restore transactions (per family) it would send; empty
-    /// when nothing would change.
+    /// The firewall transactions (per family) it would send, in the
+    /// driver's syntax (`iptables-restore --noflush` input); empty when
+    /// nothing would change.
     pub transactions: Vec<Transaction>,
     /// Other effects (sysctls, routes) it would have.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub effects: Vec<String>,
 }
 
-/// One `iptables-restore --noflush` input.
+/// One firewall transaction: the input of one run of the firewall
+/// driver's program (`iptables-restore --noflush`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transaction {
     /// `ipv4` or `ipv6`.
     pub family: crate::model::Family,
+    /// The program the input is for (`iptables-restore --noflush`); empty
+    /// from a daemon older than the firewall driver seam.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub program: String,
     /// The exact input.
     pub restore: String,
 }
@@ -477,8 +483,14 @@ pub struct StatusReport {
     pub daemon_version: String,
     /// Seconds since the daemon started.
     pub uptime_secs: u64,
-    /// `nft` or `legacy`.
+    /// The kernel interface the firewall driver uses: `nft` or `legacy`
+    /// for iptables (iptables-nft or iptables-legacy; both are the iptables
+    /// driver, not a native nftables one).
     pub backend: String,
+    /// The firewall driver (`iptables`); empty from a daemon older than
+    /// the driver seam.
+    #[serde(default)]
+    pub firewall: String,
     /// Whether IPv6 NAT works here.
     pub ipv6_nat: bool,
     /// `net.ipv4.ip_forward`.
@@ -676,7 +688,7 @@ pub enum ErrorCode {
     NotFound,
     /// A port to forward is held by another process or another natmap rule.
     PortInUse,
-    /// iptables refused the transaction; nothing changed.
+    /// The firewall refused the transaction; nothing changed.
     ApplyFailed,
     /// The state could not be written; the change was rolled back.
     StateWriteFailed,
@@ -762,7 +774,7 @@ pub struct RuleView {
     pub counters: Option<Counters>,
 }
 
-/// How much a rule is used, from its iptables counters.
+/// How much a rule is used, from the firewall's counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
     /// Connections NATed (only a connection's first packet passes the nat table).

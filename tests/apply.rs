@@ -1,7 +1,7 @@
 //! `apply` and `export` on a real kernel: declarative documents, plans,
 //! idempotence, and export → apply round trips.
 
-mod common;
+pub mod common;
 
 use common::*;
 use serde_json::{json, Value};
@@ -54,7 +54,7 @@ fn apply_adds_removes_keeps_and_is_idempotent() {
     let doc2 =
         json!({"schema_version":1,"rules":[dnat(8001), dnat(8003), doc1["rules"][2].clone()]});
     let f2 = write_doc(&d, "doc2.json", &doc2);
-    let state_before = std::fs::read(d.state_path()).unwrap();
+    let state_before = state_files(&d.state_path());
     let plan = d.cli_json(&["apply", "--dry-run", &f2]);
     assert_eq!(plan["data"]["dry_run"], true);
     assert_eq!(plan["data"]["added"][0]["ports"], "8003", "{plan}");
@@ -64,11 +64,7 @@ fn apply_adds_removes_keeps_and_is_idempotent() {
         lines1,
         "a dry run changes no rule"
     );
-    assert_eq!(
-        std::fs::read(d.state_path()).unwrap(),
-        state_before,
-        "nor the state"
-    );
+    assert_eq!(state_files(&d.state_path()), state_before, "nor the state");
 
     let applied = d.cli_json(&["apply", &f2]);
     assert_eq!(applied["data"]["added"][0]["id"], 4, "{applied}");
@@ -102,15 +98,7 @@ fn bad_documents_change_nothing_and_name_the_problem() {
     }
     let topo = Topology::new();
     let d = Daemon::start(&topo.router);
-    d.cli_ok(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        "9000",
-    ]);
+    d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "9000"));
     let before = natmap_rules(&topo.router, false);
     let cases = [
         (json!({"schema_version":2,"rules":[]}), "schema_version"),
@@ -165,57 +153,15 @@ fn export_then_apply_on_an_empty_daemon_gives_identical_rules() {
     }
     let source = Topology::new();
     let d = Daemon::start(&source.router);
-    d.cli_ok(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        "25,465",
-        "--proto",
-        "tcp",
-    ]);
-    d.cli_ok(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        "53",
-        "--proto",
-        "udp",
-        "--ext-if",
-        "ext0",
-    ]);
-    d.cli_ok(&[
-        "hairpin",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.3",
-        "--ports",
-        "80,443",
-    ]);
-    d.cli_ok(&[
-        "snat",
-        "--int-ip",
-        "198.51.100.0/24",
-        "--ext-if",
-        "ext0",
-        "--ext-ip",
-        "192.0.2.1",
-    ]);
-    d.cli_ok(&[
-        "dnat",
-        "--ext-ip",
-        "2001:db8:1::1",
-        "--int-ip",
-        "2001:db8:2::2",
-        "--ports",
-        "8080",
-    ]);
+    d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "25,465").proto("tcp"));
+    d.cli_ok(
+        &dnat_args("192.0.2.1", "198.51.100.2", "53")
+            .proto("udp")
+            .ext_if("ext0"),
+    );
+    d.cli_ok(&hairpin_args("192.0.2.1", "198.51.100.3", "80,443"));
+    d.cli_ok(&snat_args("198.51.100.0/24", "ext0", "192.0.2.1"));
+    d.cli_ok(&dnat_args("2001:db8:1::1", "2001:db8:2::2", "8080"));
     let exported = d.cli_ok(&["export"]);
     let doc: Value = serde_json::from_str(&exported).unwrap();
     assert_eq!(doc["rules"].as_array().unwrap().len(), 5);
@@ -265,4 +211,13 @@ fn bulk_apply_of_a_thousand_rules() {
         iptables_rules(&topo.router, false, "nat", "NATMAP").len(),
         1
     );
+}
+
+/// `state.json` and its journal, byte for byte (`None` for a missing one).
+fn state_files(path: &std::path::Path) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+    let journal = path.with_file_name(format!(
+        "{}.journal",
+        path.file_name().unwrap().to_string_lossy()
+    ));
+    (std::fs::read(path).ok(), std::fs::read(journal).ok())
 }

@@ -17,7 +17,7 @@
 //! `cargo test --test auto_discover -- --test-threads=1`. Each prints
 //! `TIMING <test>: <s>` and its measured delays to stderr.
 
-mod common;
+pub mod common;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;

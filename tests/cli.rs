@@ -3,7 +3,7 @@
 //! text and JSON, `--dry-run` everywhere, the boot fragment and its
 //! netfilter-persistent plugin, and what natmap leaves behind when it stops.
 
-mod common;
+pub mod common;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -42,15 +42,7 @@ fn json_of(out: &Output) -> serde_json::Value {
 }
 
 fn dnat(d: &Daemon, port: &str) -> serde_json::Value {
-    d.cli_json(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        port,
-    ])
+    d.cli_json(&dnat_args("192.0.2.1", "198.51.100.2", port))
 }
 
 /// The plugin shipped for netfilter-persistent.
@@ -454,15 +446,7 @@ fn the_boot_fragment_restored_twice_changes_nothing_with_and_without_docker() {
     }
     let topo = Topology::new();
     let d = Daemon::start(&topo.router);
-    d.cli_ok(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        "25,465",
-    ]);
+    d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "25,465"));
     let dir = d.dir().join("etc");
     d.cli_ok(&[
         "save",
@@ -625,17 +609,7 @@ fn a_daemon_that_gives_up_at_start_leaves_no_rules() {
     let second = bare_router();
     let dir = StateDir::new();
     std::fs::copy(d.state_path(), dir.state_path()).unwrap();
-    let out = second.exec(&[
-        LAB_OPS_BIN,
-        "natmap",
-        "--socket",
-        d.socket_path().to_str().unwrap(),
-        "daemon",
-        "--state",
-        dir.state_path().to_str().unwrap(),
-        "--socket-group",
-        "root",
-    ]);
+    let out = second.exec(&daemon_argv(&d.socket_path(), &dir.state_path()));
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(text(&out.stderr).contains("already answers"), "{out:?}");
     let save = iptables_save(&second, false);

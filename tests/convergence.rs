@@ -11,16 +11,16 @@
 //!   proves "no longer stalls"; the figures come from the ignored
 //!   measurement test, see docs/reliability.md).
 
-mod common;
+pub mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
+use natmap::firewall::iptables::saved::SavedTables;
+use natmap::firewall::iptables::{render, restore, Chain};
 use natmap::model::{Family, Rule};
-use natmap::rules::saved::SavedTables;
-use natmap::rules::{render, restore, Chain};
 use serde_json::{json, Value};
 
 fn v4(ip: std::net::Ipv4Addr, port: u16) -> SocketAddr {
@@ -176,62 +176,16 @@ fn odd_spellings_through_the_daemon_are_never_repaired() {
     topo.router
         .ip(&["-6", "addr", "add", "::1.2.3.4/128", "dev", "lo"]);
     let d = Daemon::start_with_options(&topo.router, &StateDir::new(), DaemonOptions::isolated());
-    let adds: &[&[&str]] = &[
-        &[
-            "snat",
-            "--int-ip",
-            "0.0.0.0/0",
-            "--ext-if",
-            "ext0",
-            "--ext-ip",
-            "192.0.2.1",
-            // With the accepts, so the odd spellings reach the filter table
-            // too (and the FORWARD DROP note does not make status exit 4).
-            "--forward",
-        ],
-        &[
-            "snat",
-            "--int-ip",
-            "::/0",
-            "--ext-if",
-            "+",
-            "--ext-ip",
-            "2001:db8:1::1",
-            "--forward",
-        ],
-        &[
-            "hairpin",
-            "--ext-ip",
-            "192.0.2.1",
-            "--int-ip",
-            "198.51.100.3",
-            "--ports",
-            "80",
-            "--int-net",
-            "0.0.0.0/0",
-        ],
-        &[
-            "dnat",
-            "--ext-ip",
-            "192.0.2.1",
-            "--int-ip",
-            "198.51.100.2",
-            "--ports",
-            "8000",
-            "--ext-if",
-            "+",
-        ],
-        &[
-            "dnat",
-            "--ext-ip",
-            "::1.2.3.4",
-            "--int-ip",
-            "2001:DB8:2::2",
-            "--ports",
-            "80",
-        ],
+    let adds = [
+        // With the accepts, so the odd spellings reach the filter table
+        // too (and the FORWARD DROP note does not make status exit 4).
+        snat_args("0.0.0.0/0", "ext0", "192.0.2.1").arg("--forward"),
+        snat_args("::/0", "+", "2001:db8:1::1").arg("--forward"),
+        hairpin_args("192.0.2.1", "198.51.100.3", "80").opt("--int-net", "0.0.0.0/0"),
+        dnat_args("192.0.2.1", "198.51.100.2", "8000").ext_if("+"),
+        dnat_args("::1.2.3.4", "2001:DB8:2::2", "80"),
     ];
-    for args in adds {
+    for args in &adds {
         d.cli_ok(args);
     }
     // Two drift checks (one every 2 s) at least.
@@ -245,7 +199,9 @@ fn odd_spellings_through_the_daemon_are_never_repaired() {
     let (status, report) = d.cli_json_output(&["status"]);
     assert_eq!(status.code(), Some(0), "{report}");
     // Stored and listed the way iptables prints it.
-    let state = std::fs::read_to_string(d.state_path()).unwrap();
+    // state.json with its journal replayed: what the daemon committed.
+    let state = natmap::state::read_current(&d.state_path()).unwrap();
+    let state = serde_json::to_string(&state).unwrap();
     assert!(state.contains("\"::1.2.3.4\""), "{state}");
     let listed = d.cli_json(&["ls"]);
     assert!(listed.to_string().contains("\"::1.2.3.4\""), "{listed}");
@@ -299,15 +255,7 @@ fn a_repair_that_does_not_take_is_reported_not_repeated() {
     let mut d = Daemon::start_with_options(&ns, &StateDir::new(), opts);
     d.allow_log("changed from outside")
         .allow_log("cannot converge");
-    d.cli_ok(&[
-        "snat",
-        "--int-ip",
-        "10.0.0.0/8",
-        "--ext-if",
-        "lo",
-        "--ext-ip",
-        "192.0.2.1",
-    ]);
+    d.cli_ok(&snat_args("10.0.0.0/8", "lo", "192.0.2.1"));
     wait_until("cannot converge", Duration::from_secs(15), || {
         d.log().contains("cannot converge")
     });
@@ -736,16 +684,40 @@ fn measure_engine_hold_at_large_n() {
             line += &format!("; {name} {:.0} ms (max {:.0})", ms(median), ms(max));
         }
         let (mut adds, mut deletes) = (Vec::new(), Vec::new());
+        let (mut add_bytes, mut delete_bytes) = (0, 0);
+        let log_from = d.log().len();
         for _ in 0..3 {
+            let before = state_bytes(&d);
             let add = dnat_request("192.0.2.1", "198.51.100.2", "65000", "tcp", false);
             adds.push(timed(&d, add).0);
+            let added = state_bytes(&d);
             let delete = dnat_request("192.0.2.1", "198.51.100.2", "65000", "tcp", true);
             deletes.push(timed(&d, delete).0);
+            (add_bytes, delete_bytes) = (written(before, added), written(added, state_bytes(&d)));
         }
         for (name, mut took) in [("add", adds), ("delete", deletes)] {
             took.sort();
             line += &format!("; {name} {:.0} ms (max {:.0})", ms(took[1]), ms(took[2]));
         }
+        line += &format!(
+            "; state bytes written per add {add_bytes}, per delete {delete_bytes} \
+             (state.json {} bytes)",
+            state_bytes(&d).0
+        );
+        // The engine's own account of the last delete (debug log).
+        let log = d.log();
+        let steps: Vec<&str> = log[log_from..]
+            .lines()
+            .filter(|l| {
+                l.contains("changes done")
+                    || l.contains("change committed")
+                    || l.contains("flows forgotten")
+            })
+            .collect();
+        line += &format!(
+            "; last delete: {}",
+            steps[steps.len().saturating_sub(3)..].join(" | ")
+        );
         // Idle: the longest a ping waits is the drift check's hold.
         let pinger = Pinger::start(&d);
         let from = Instant::now();
@@ -755,6 +727,26 @@ fn measure_engine_hold_at_large_n() {
         line += &format!("; idle, longest ping (drift check) {:.0} ms", ms(idle));
         eprintln!("{line}");
         d.assert_clean_log();
+    }
+}
+
+/// Sizes of `state.json` and its journal.
+fn state_bytes(d: &Daemon) -> (u64, u64) {
+    let path = d.state_path();
+    let size = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    (
+        size(&path),
+        size(&path.with_file_name("state.json.journal")),
+    )
+}
+
+/// Bytes one change wrote: the journal's growth, or a whole new
+/// `state.json` (and journal header) when the change compacted.
+fn written(before: (u64, u64), after: (u64, u64)) -> u64 {
+    if after.1 > before.1 {
+        after.1 - before.1
+    } else {
+        after.0 + after.1
     }
 }
 

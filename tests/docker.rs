@@ -13,7 +13,7 @@
 //! while another natmap daemon runs in the root namespace (they would fight
 //! over its chains); `NATMAP_TEST_ALLOW_FOREIGN_DAEMON=1` overrides that.
 
-mod common;
+pub mod common;
 
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::process::Command;

@@ -3,7 +3,7 @@
 //! container runs with that address. Root namespace, one test at a time
 //! ([`serial`]); every container, rule and socket is removed by a guard.
 
-mod common;
+pub mod common;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -361,10 +361,22 @@ fn a_hanging_docker_blocks_no_other_client() {
     );
     // Docker now takes 3 s per request.
     proxy.set_request_delay(Duration::from_secs(3));
+    let doc = d.dir().join("slow-apply.json");
+    let rules = serde_json::json!({"schema_version": 1, "rules": [
+        {"kind": "docker", "name": web.name, "host_port": free_port(), "container_port": 80}
+    ]});
+    std::fs::write(&doc, rules.to_string()).unwrap();
     std::thread::scope(|s| {
         let slow = s.spawn(|| {
             let t = Instant::now();
             let data = d.ok(&["docker", "add", &web.name, &format!("{hp}:80")]);
+            (t.elapsed(), data)
+        });
+        // An `apply` document naming a container waits for Docker too
+        // (a dry run: it still looks the container up).
+        let slow_apply = s.spawn(|| {
+            let t = Instant::now();
+            let data = d.ok(&["apply", "--dry-run", doc.to_str().unwrap()]);
             (t.elapsed(), data)
         });
         // A container event makes the engine re-inspect too.
@@ -389,6 +401,13 @@ fn a_hanging_docker_blocks_no_other_client() {
             "the add did not wait for Docker: {took:?}"
         );
         assert_eq!(data["result"], "added", "{data}");
+        let (took, plan) = slow_apply.join().unwrap();
+        assert!(
+            took >= Duration::from_secs(3),
+            "the apply did not wait for Docker: {took:?}"
+        );
+        assert_eq!(plan["dry_run"], true, "{plan}");
+        assert_eq!(plan["added"].as_array().map(Vec::len), Some(1), "{plan}");
     });
     proxy.set_request_delay(Duration::ZERO);
     let (rule, _) = d.wait_rule(

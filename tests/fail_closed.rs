@@ -7,7 +7,7 @@
 //! that are not the host's are refused unless `--allow-nonlocal`, and then
 //! match only while local (a VIP that moves between two routers).
 
-mod common;
+pub mod common;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -96,19 +96,11 @@ fn an_ingress_bound_forward_is_a_closed_port_on_every_other_path() {
     topo.router.sysctl_set("net.ipv4.conf.br0.rp_filter", "0");
     let d = Daemon::start(&topo.router);
     for (port, proto) in [("8080", "tcp"), ("5353", "udp")] {
-        d.cli_ok(&[
-            "dnat",
-            "--ext-ip",
-            "192.0.2.1",
-            "--int-ip",
-            "198.51.100.2",
-            "--ports",
-            port,
-            "--proto",
-            proto,
-            "--ext-if",
-            "ext0",
-        ]);
+        d.cli_ok(
+            &dnat_args("192.0.2.1", "198.51.100.2", port)
+                .proto(proto)
+                .ext_if("ext0"),
+        );
     }
     // The interface the operator named: forwarded, client address kept.
     expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 8080), CLIENT_V4, 8080);
@@ -160,15 +152,7 @@ fn a_flushed_chain_forwards_nothing_until_the_repair() {
     let mut d = Daemon::start(&topo.router);
     d.allow_log("drift");
     d.allow_log("repair");
-    d.cli_ok(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        "8081",
-    ]);
+    d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "8081"));
     expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 8081), CLIENT_V4, 8081);
     iptables(&topo.router, false, &["-t", "nat", "-F", "NATMAP"]);
     // Until the repair (≤ one 2 s tick) the port is closed; never proxied
@@ -399,15 +383,7 @@ fn a_rule_whose_address_leaves_is_withdrawn_and_comes_back_with_it() {
     let _tcp = TcpEcho::start(&topo.server, v4(SERVER_V4, 8190));
     let mut d = Daemon::start(&topo.router);
     d.allow_log("address left this host");
-    d.cli_ok(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.50",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        "8190",
-    ]);
+    d.cli_ok(&dnat_args("192.0.2.50", "198.51.100.2", "8190"));
     expect_tcp(
         &topo.client,
         v4(Ipv4Addr::new(192, 0, 2, 50), 8190),
@@ -484,16 +460,7 @@ fn a_vip_moving_between_two_natmap_routers_moves_the_forward_within_a_second() {
     let a = Daemon::start(&topo.router);
     let b = Daemon::start(&topo.server2);
     for d in [&a, &b] {
-        d.cli_ok(&[
-            "dnat",
-            "--ext-ip",
-            "203.0.113.5",
-            "--int-ip",
-            "198.51.100.2",
-            "--ports",
-            "443",
-            "--allow-nonlocal",
-        ]);
+        d.cli_ok(&dnat_args("203.0.113.5", "198.51.100.2", "443").arg("--allow-nonlocal"));
     }
     let target = v4(vip, 443);
     // On router A: A forwards (client address kept), B forwards nothing.

@@ -4,7 +4,7 @@
 //! did, sockets made with `in_netns` live in their namespace, and nothing is
 //! left behind.
 
-mod common;
+pub mod common;
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};

@@ -7,7 +7,7 @@
 //! Figures are printed uncaptured on stderr (`[hostile] …`) and collected in
 //! `docs/reliability.md`.
 
-mod common;
+pub mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -140,7 +140,7 @@ fn eighty_hostile_connections_neither_lock_clients_out_nor_block_sigterm() {
     }
     let ns = bare_router();
     let mut d = isolated_daemon(&ns);
-    d.cli_ok(&["dnat", "--ext-ip", EXT, "--int-ip", INT, "--ports", "2525"]);
+    d.cli_ok(&dnat_args(EXT, INT, "2525"));
     assert!(!natmap_lines(&ns, false).is_empty());
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -283,15 +283,7 @@ fn at_the_fd_limit_accept_backs_off_and_changes_get_fd_limit() {
     set_nofile(pid, LIMIT, LIMIT);
 
     // 600 ports need 1200 descriptors: over the budget of a 3000 limit.
-    let (status, out) = d.cli_json_output(&[
-        "dnat",
-        "--ext-ip",
-        EXT,
-        "--int-ip",
-        INT,
-        "--ports",
-        "20000-20599",
-    ]);
+    let (status, out) = d.cli_json_output(&dnat_args(EXT, INT, "20000-20599"));
     assert!(!status.success(), "{out}");
     assert_eq!(out["error"]["code"], "fd_limit", "{out}");
     let message = out["error"]["message"].as_str().unwrap().to_string();
@@ -313,15 +305,7 @@ fn at_the_fd_limit_accept_backs_off_and_changes_get_fd_limit() {
     assert_eq!(answer["error"]["code"], "fd_limit", "{answer}");
 
     // What fits still works, and status shows the use against the limit.
-    d.cli_ok(&[
-        "dnat",
-        "--ext-ip",
-        EXT,
-        "--int-ip",
-        INT,
-        "--ports",
-        "20000-20049",
-    ]);
+    d.cli_ok(&dnat_args(EXT, INT, "20000-20049"));
     let s = d.cli_json(&["status"]);
     let files = s["data"]["open_files"].clone();
     assert_eq!(files["limit"], LIMIT, "{s}");
@@ -374,7 +358,7 @@ fn duplicate_keys_are_refused_on_the_socket_in_documents_and_in_state() {
     }
     let ns = bare_router();
     let mut d = isolated_daemon(&ns);
-    d.cli_ok(&["dnat", "--ext-ip", EXT, "--int-ip", INT, "--ports", "2525"]);
+    d.cli_ok(&dnat_args(EXT, INT, "2525"));
     let rules = natmap_lines(&ns, false);
 
     let mut conn = d.connect();

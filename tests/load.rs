@@ -8,7 +8,7 @@
 //!
 //! `cargo test --test load -- --nocapture` shows the figures.
 
-mod common;
+pub mod common;
 
 use std::io::Write;
 use std::sync::Mutex;
@@ -132,7 +132,8 @@ fn fifty_clients_times_one_hundred_requests_lose_no_acknowledgement() {
 
     // Zero lost acknowledgements: the final state is exactly what the
     // answers said, and the kernel holds exactly what the state renders.
-    let state = read_state(&d.state_path());
+    // state.json with its journal replayed: what the daemon committed.
+    let state = natmap::state::read_current(&d.state_path()).unwrap();
     let keys = state_dnat_keys(&state);
     let mut lost = Vec::new();
     for (c, ledger) in ledgers.iter_mut().enumerate() {
@@ -150,6 +151,13 @@ fn fifty_clients_times_one_hundred_requests_lose_no_acknowledgement() {
         );
     }
     assert!(lost.is_empty(), "{lost:#?}");
+    // `save` folds the journal into state.json, which the check reads.
+    assert_eq!(d.call(json!({"cmd": "save"}))["ok"], true);
+    assert_eq!(
+        read_state(&d.state_path()),
+        state,
+        "save wrote what was journaled"
+    );
     assert_kernel_matches_state(&ns, &d, "iptables", "ip6tables");
     d.assert_clean_log();
 

@@ -3,7 +3,7 @@
 //! through a real DNAT moves the counters, and the test scrapes them with a
 //! plain HTTP request from inside the namespace.
 
-mod common;
+pub mod common;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -98,15 +98,7 @@ fn value(text: &str, series: &str) -> f64 {
 }
 
 fn add_dnat(d: &Daemon, port: &str) {
-    d.cli_ok(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        port,
-    ]);
+    d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", port));
 }
 
 const RULE_1: &str = r#"{id="1",kind="dnat",ext="192.0.2.1:8080/tcp",target="198.51.100.2:8080"}"#;

@@ -4,7 +4,7 @@
 //! `snat` waiting for its interface, and a loopback `docker add` target.
 //! Real namespaces (client ─ router ─ server), the real daemon, real traffic.
 
-mod common;
+pub mod common;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -69,15 +69,7 @@ fn mail_script_dnat_then_hairpin_upgrades_the_rule_in_place() {
     // A plain dnat: the server answers its neighbour directly, which drops it.
     expect_no_tcp(&topo.server2, v4(ROUTER_EXT_V4, 25));
 
-    let out = d.cli(&[
-        "hairpin",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        MAIL_PORTS,
-    ]);
+    let out = d.cli(&hairpin_args("192.0.2.1", "198.51.100.2", MAIL_PORTS));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout} {:?}", out.stderr);
     assert!(
@@ -146,16 +138,8 @@ fn hairpin_upgrade_refusals_and_delete() {
     expect_no_tcp(&topo.server2, v4(ROUTER_EXT_V4, 25));
 
     mail(&d, "hairpin", "198.51.100.2", MAIL_PORTS, &[]);
-    let (status, wrong) = d.cli_json_output(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        MAIL_PORTS,
-        "--delete",
-    ]);
+    let (status, wrong) =
+        d.cli_json_output(&dnat_args("192.0.2.1", "198.51.100.2", MAIL_PORTS).delete());
     assert_eq!(status.code(), Some(1));
     assert_eq!(wrong["error"]["code"], "not_found", "{wrong}");
     assert!(
@@ -208,15 +192,7 @@ fn snat_forward_passes_what_a_drop_policy_stops() {
     let d = Daemon::start(&topo.router);
     let ext = topo.router_ext_if();
 
-    let out = d.cli(&[
-        "snat",
-        "--int-ip",
-        "198.51.100.2",
-        "--ext-if",
-        ext,
-        "--ext-ip",
-        "192.0.2.1",
-    ]);
+    let out = d.cli(&snat_args("198.51.100.2", ext, "192.0.2.1"));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
@@ -281,16 +257,8 @@ fn a_second_snat_of_the_same_traffic_is_a_conflict() {
     snat(&d, ext, "192.0.2.1", &["--forward"]);
     let before = natmap_rules(&topo.router, false);
 
-    let (status, second) = d.cli_json_output(&[
-        "snat",
-        "--int-ip",
-        "198.51.100.2",
-        "--ext-if",
-        ext,
-        "--ext-ip",
-        "192.0.2.9",
-        "--forward",
-    ]);
+    let (status, second) =
+        d.cli_json_output(&snat_args("198.51.100.2", ext, "192.0.2.9").arg("--forward"));
     assert_eq!(status.code(), Some(1));
     assert_eq!(second["error"]["code"], "rule_conflict", "{second}");
     let message = error_message(&second);
@@ -327,17 +295,7 @@ fn snat_to_a_missing_interface_waits_for_it() {
     let added = snat(&d, "ext1", "203.0.113.1", &["--forward"]);
     assert_eq!(added["data"]["result"], "added", "{added}");
     assert_eq!(added["data"]["rule"]["status"], "waiting_for_interface");
-    d.cli_ok(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        "8080",
-        "--ext-if",
-        "ext1",
-    ]);
+    d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "8080").ext_if("ext1"));
     let ls = d.cli_ok(&["ls"]);
     assert_eq!(ls.matches("waiting for interface").count(), 2, "{ls}");
     let status = d.cli_json(&["status"]);

@@ -10,7 +10,7 @@
 //! Figures printed here (uncaptured, on stderr) are collected in
 //! `docs/reliability.md`.
 
-mod common;
+pub mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
@@ -137,9 +137,11 @@ fn sigkill_under_concurrent_load_keeps_rules_state_and_acknowledgements_consiste
 
         // What the killed daemon left on disk must parse; the restart must
         // bring the kernel to exactly that.
-        let state = state_or_empty(&d.state_path());
+        let state = current_state(&d.state_path());
         wait_namespace_idle(&topo.router);
         d.respawn();
+        // The restart folded the journal into state.json, which must now
+        // hold exactly what state.json and the journal held together.
         if d.state_path().exists() {
             assert_eq!(
                 read_state(&d.state_path()),
@@ -195,28 +197,57 @@ fn sigkill_under_concurrent_load_keeps_rules_state_and_acknowledgements_consiste
     ));
 }
 
+/// Where `NATMAP_CRASH_AT` stops the daemon, and whether the crashed
+/// request's rule must be in the state after a restart.
+const CRASH_POINTS: [(&str, WriteKind, bool); 6] = [
+    // Appending one change to the journal.
+    ("before-append", WriteKind::Append, false),
+    ("after-append", WriteKind::Append, true),
+    // A compaction (`save`) after the change was journaled and answered:
+    // whatever the point, the change stays.
+    ("before-write", WriteKind::Compact, true),
+    ("after-write", WriteKind::Compact, true),
+    ("after-rename", WriteKind::Compact, true),
+    ("after-journal-rename", WriteKind::Compact, true),
+];
+
+/// Which state write a crash point interrupts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum WriteKind {
+    /// The journal line of a change.
+    Append,
+    /// A whole new state.json and journal.
+    Compact,
+}
+
 #[test]
 fn crash_at_each_state_write_point_leaves_old_or_new_state_and_matching_rules() {
     if !privileged() {
         return;
     }
     let topo = Topology::new();
-    for (point, new_expected) in [
-        ("before-write", false),
-        ("after-write", false),
-        ("after-rename", true),
-    ] {
+    for (point, write, new_expected) in CRASH_POINTS {
         let mut d = isolated_daemon(&topo.router);
         let first = d.call(dnat_request(EXT, INT, "30001", "tcp", false));
         assert_eq!(first["data"]["result"], "added", "{first}");
+        // state.json holds the rule and the journal nothing: the next
+        // start has nothing to fold in (which would reach the point first).
+        assert_eq!(d.call(json!({"cmd": "save"}))["ok"], true);
         d.kill9();
-        let old = read_state(&d.state_path());
+        let old = current_state(&d.state_path());
+        assert_eq!(old.rules.len(), 1);
 
         d.set_env("NATMAP_CRASH_AT", point);
         d.respawn();
-        let answer = d
-            .connect()
-            .call(&dnat_request(EXT, INT, "30002", "udp", false));
+        let change = dnat_request(EXT, INT, "30002", "udp", false);
+        let answer = match write {
+            WriteKind::Append => d.connect().call(&change),
+            WriteKind::Compact => {
+                let added = d.call(change);
+                assert_eq!(added["data"]["result"], "added", "{point}: {added}");
+                d.connect().call(&json!({"cmd": "save"}))
+            }
+        };
         assert!(
             answer.is_err(),
             "{point}: the daemon answered instead of crashing: {answer:?}"
@@ -233,7 +264,7 @@ fn crash_at_each_state_write_point_leaves_old_or_new_state_and_matching_rules() 
             d.log()
         );
 
-        let after = read_state(&d.state_path());
+        let after = current_state(&d.state_path());
         assert!(
             after == old || (after.rules.len() == 2 && after.next_id == old.next_id + 1),
             "{point}: torn state {after:?}"
@@ -245,10 +276,12 @@ fn crash_at_each_state_write_point_leaves_old_or_new_state_and_matching_rules() 
         wait_namespace_idle(&topo.router);
         d.respawn();
         assert_eq!(
-            read_state(&d.state_path()),
+            current_state(&d.state_path()),
             after,
             "{point}: restart kept the state"
         );
+        // The start folded any journaled change into state.json.
+        assert_eq!(read_state(&d.state_path()), after, "{point}: state.json");
         assert_kernel_matches_state(&topo.router, &d, "iptables", "ip6tables");
         assert_eq!(
             port_is_held(&topo.router, "udp", ext_addr(30002)),
@@ -261,10 +294,28 @@ fn crash_at_each_state_write_point_leaves_old_or_new_state_and_matching_rules() 
         d.kill9();
         wait_namespace_idle(&topo.router);
         report(&format!(
-            "crash at {point}: state after restart is the {} one, rules match it",
+            "crash at {point} ({write:?}): state after restart is the {} one, rules match it",
             if is_new { "new" } else { "old" }
         ));
     }
+}
+
+/// `state.json` and its journal, byte for byte (`None` for a missing one).
+fn state_files(path: &Path) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+    let journal = path.with_file_name(format!(
+        "{}.journal",
+        path.file_name().unwrap().to_string_lossy()
+    ));
+    (fs::read(path).ok(), fs::read(journal).ok())
+}
+
+/// [`assert_kernel_matches_state`] on a running daemon: `save` first
+/// folds its journal into `state.json`, which that check reads.
+#[track_caller]
+fn assert_kernel_matches_saved_state(ns: &Netns, d: &Daemon, iptables: &str, ip6tables: &str) {
+    let saved = d.call(json!({"cmd": "save"}));
+    assert_eq!(saved["ok"], true, "{saved}");
+    assert_kernel_matches_state(ns, d, iptables, ip6tables);
 }
 
 // ───────────────────────────── 2. disk full / read-only ─────────────────────────────
@@ -389,56 +440,110 @@ fn full_or_read_only_state_dir_fails_the_change_rolls_back_and_keeps_serving() {
         d.call(dnat_request(EXT, INT, "31001", "tcp", false))["ok"],
         true
     );
+    // Rules a delete can fail on, below (added while there is space).
+    for port in 31003..31008 {
+        let port = port.to_string();
+        assert_eq!(
+            d.call(dnat_request(EXT, INT, &port, "tcp", false))["ok"],
+            true
+        );
+    }
     let filler = fill(&tmpfs.path);
 
-    // Disk full: the add fails, nothing of it stays.
-    let lines_before = natmap_lines(&topo.router, false);
-    let state_before = fs::read(d.state_path()).unwrap();
-    let failed = d.call(dnat_request(EXT, INT, "31002", "tcp", false));
-    assert_eq!(failed["error"]["code"], "state_write_failed", "{failed}");
-    let message = failed["error"]["message"].as_str().unwrap();
-    assert!(message.contains("No space left"), "{message}");
-    assert_eq!(
-        natmap_lines(&topo.router, false),
-        lines_before,
-        "rules rolled back"
-    );
-    assert_eq!(
-        fs::read(d.state_path()).unwrap(),
-        state_before,
-        "state untouched"
-    );
-    assert!(
-        !port_is_held(&topo.router, "tcp", ext_addr(31002)),
-        "port released"
-    );
+    // Disk full: a change is one journal line, which still fits while the
+    // journal's last page has room (and is then durable like any other);
+    // the first that does not fit fails, and nothing of it stays.
+    let mut failed = None;
+    for port in 31010..31090u16 {
+        let lines_before = natmap_lines(&topo.router, false);
+        let files_before = state_files(&d.state_path());
+        let state_before = current_state(&d.state_path());
+        let answer = d.call(dnat_request(EXT, INT, &port.to_string(), "tcp", false));
+        if answer["ok"] == true {
+            assert_eq!(
+                current_state(&d.state_path()).rules.len(),
+                state_before.rules.len() + 1
+            );
+            continue;
+        }
+        assert_eq!(answer["error"]["code"], "state_write_failed", "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains("No space left"), "{message}");
+        assert_eq!(
+            natmap_lines(&topo.router, false),
+            lines_before,
+            "rules rolled back"
+        );
+        assert_eq!(
+            state_files(&d.state_path()),
+            files_before,
+            "state.json and journal untouched"
+        );
+        assert_eq!(current_state(&d.state_path()), state_before);
+        assert!(
+            !port_is_held(&topo.router, "tcp", ext_addr(port)),
+            "port released"
+        );
+        failed = Some(port);
+        break;
+    }
+    let failed_port = failed.expect("an add on a full disk failed within 80 tries");
     // Still serving, and the old rule still forwards.
     assert_eq!(d.call(json!({"cmd": "ping"}))["ok"], true);
-    assert_eq!(
-        d.call(json!({"cmd": "ls"}))["data"]["rules"]
-            .as_array()
-            .unwrap()
-            .len(),
-        1
-    );
+    let listed = d.call(json!({"cmd": "ls"}))["data"]["rules"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(listed, current_state(&d.state_path()).rules.len());
     expect_tcp(&topo.client, ext_addr(31001), CLIENT_V4, 31001);
-    // A delete fails the same way and keeps the rule and its port.
-    let failed = d.call(dnat_request(EXT, INT, "31001", "tcp", true));
-    assert_eq!(failed["error"]["code"], "state_write_failed", "{failed}");
-    assert_eq!(natmap_lines(&topo.router, false), lines_before);
-    assert!(port_is_held(&topo.router, "tcp", ext_addr(31001)));
+    // A delete fails the same way (a delete's line is shorter: up to a few
+    // still fit) and keeps the rule and its port.
+    let mut delete_failed = false;
+    for port in 31003..31008u16 {
+        let lines_before = natmap_lines(&topo.router, false);
+        let files_before = state_files(&d.state_path());
+        let answer = d.call(dnat_request(EXT, INT, &port.to_string(), "tcp", true));
+        if answer["ok"] == true {
+            continue;
+        }
+        assert_eq!(answer["error"]["code"], "state_write_failed", "{answer}");
+        assert_eq!(natmap_lines(&topo.router, false), lines_before);
+        assert_eq!(state_files(&d.state_path()), files_before);
+        assert!(port_is_held(&topo.router, "tcp", ext_addr(port)));
+        delete_failed = true;
+        break;
+    }
+    assert!(
+        delete_failed,
+        "a delete on a full disk failed within 5 tries"
+    );
 
     // Space again: the same add works.
     fs::remove_file(filler).unwrap();
-    let ok = d.call(dnat_request(EXT, INT, "31002", "tcp", false));
+    let ok = d.call(dnat_request(
+        EXT,
+        INT,
+        &failed_port.to_string(),
+        "tcp",
+        false,
+    ));
     assert_eq!(ok["data"]["result"], "added", "{ok}");
-    assert_kernel_matches_state(&topo.router, &d, "iptables", "ip6tables");
+    assert_kernel_matches_saved_state(&topo.router, &d, "iptables", "ip6tables");
 
-    // Unwritable directory: a delete fails and changes nothing; writable
-    // again: it works.
+    // Unwritable directory: a change is appended to the journal, an
+    // existing file, so it still works; what needs a new file there (a
+    // compaction: `save`) fails and changes nothing; writable again: it works.
     tmpfs.set_immutable(true);
     let lines_before = natmap_lines(&topo.router, false);
-    let failed = d.call(dnat_request(EXT, INT, "31002", "tcp", true));
+    let files_before = state_files(&d.state_path());
+    let failed = d.call(json!({"cmd": "save"}));
+    let ok = d.call(dnat_request(
+        EXT,
+        INT,
+        &failed_port.to_string(),
+        "tcp",
+        true,
+    ));
     tmpfs.set_immutable(false);
     assert_eq!(failed["error"]["code"], "state_write_failed", "{failed}");
     assert!(
@@ -448,11 +553,20 @@ fn full_or_read_only_state_dir_fails_the_change_rolls_back_and_keeps_serving() {
             .contains("not permitted"),
         "{failed}"
     );
-    assert_eq!(natmap_lines(&topo.router, false), lines_before);
-    assert!(port_is_held(&topo.router, "tcp", ext_addr(31002)));
-    let ok = d.call(dnat_request(EXT, INT, "31002", "tcp", true));
+    assert_eq!(
+        files_before.0,
+        state_files(&d.state_path()).0,
+        "state.json kept"
+    );
     assert_eq!(ok["data"]["result"], "deleted", "{ok}");
-    assert_kernel_matches_state(&topo.router, &d, "iptables", "ip6tables");
+    assert_ne!(natmap_lines(&topo.router, false), lines_before);
+    assert!(!port_is_held(&topo.router, "tcp", ext_addr(failed_port)));
+    let ports = failed_port.to_string();
+    assert!(!current_state(&d.state_path())
+        .rules
+        .iter()
+        .any(|r| serde_json::to_value(r).unwrap()["ports"] == ports.as_str()));
+    assert_kernel_matches_saved_state(&topo.router, &d, "iptables", "ip6tables");
     d.assert_clean_log();
 
     // A read-only state directory at start: the daemon refuses, naming it.
@@ -600,7 +714,7 @@ fn held_xtables_lock_delays_a_change_then_fails_it_cleanly() {
 
     // Held past the wait: the request fails with apply_failed, nothing changed.
     let lines_before = natmap_lines_with(&ns, "iptables-legacy");
-    let state_before = fs::read(d.state_path()).unwrap();
+    let state_before = state_files(&d.state_path());
     let (failed_after, answer) = {
         let _lock = XtablesLock::hold();
         let t = Instant::now();
@@ -626,9 +740,9 @@ fn held_xtables_lock_delays_a_change_then_fails_it_cleanly() {
         "nothing applied"
     );
     assert_eq!(
-        fs::read(d.state_path()).unwrap(),
+        state_files(&d.state_path()),
         state_before,
-        "state untouched"
+        "state.json and journal untouched"
     );
     assert!(!port_is_held(&ns, "tcp", ext_addr(32003)), "port released");
     report(&format!(
@@ -640,7 +754,7 @@ fn held_xtables_lock_delays_a_change_then_fails_it_cleanly() {
         d.call(dnat_request(EXT, INT, "32003", "tcp", false))["data"]["result"],
         "added"
     );
-    assert_kernel_matches_state(&ns, &d, "iptables-legacy", "ip6tables-legacy");
+    assert_kernel_matches_saved_state(&ns, &d, "iptables-legacy", "ip6tables-legacy");
     d.assert_clean_log();
     let total = started.elapsed();
     assert!(total < Duration::from_secs(45), "took {total:?}");
@@ -674,15 +788,7 @@ fn without_ipv6_nat_ipv6_requests_fail_clearly_and_ipv4_forwards() {
     d.allow_log("IPv6 NAT is unavailable");
     let _echo = TcpEcho::start(&topo.server, v4(SERVER_V4, 33001));
 
-    let (status, v6) = d.cli_json_output(&[
-        "dnat",
-        "--ext-ip",
-        "2001:db8:1::1",
-        "--int-ip",
-        "2001:db8:2::2",
-        "--ports",
-        "33001",
-    ]);
+    let (status, v6) = d.cli_json_output(&dnat_args("2001:db8:1::1", "2001:db8:2::2", "33001"));
     assert_eq!(status.code(), Some(1));
     assert_eq!(v6["error"]["code"], "ipv6_unavailable", "{v6}");
     assert!(
@@ -693,7 +799,7 @@ fn without_ipv6_nat_ipv6_requests_fail_clearly_and_ipv4_forwards() {
         "{v6}"
     );
 
-    let v4out = d.cli_json(&["dnat", "--ext-ip", EXT, "--int-ip", INT, "--ports", "33001"]);
+    let v4out = d.cli_json(&dnat_args(EXT, INT, "33001"));
     assert_eq!(v4out["data"]["result"], "added", "{v4out}");
     expect_tcp(&topo.client, ext_addr(33001), CLIENT_V4, 33001);
     assert_eq!(natmap_lines(&topo.router, false).len(), 4);
@@ -1427,7 +1533,7 @@ fn ten_thousand_hostile_lines_get_one_error_each_and_change_nothing() {
         assert!(natmap_lines(&ns, v6).is_empty(), "a rule was installed");
     }
     assert!(
-        state_or_empty(&d.state_path()).rules.is_empty(),
+        current_state(&d.state_path()).rules.is_empty(),
         "state changed"
     );
     let growth = rss3.saturating_sub(rss0);
@@ -1490,7 +1596,7 @@ fn apply_refuses_docker_rules_that_docker_add_would_refuse() {
             "{bad}: rules installed"
         );
         assert!(
-            state_or_empty(&d.state_path()).rules.is_empty(),
+            current_state(&d.state_path()).rules.is_empty(),
             "{bad}: stored"
         );
     }

@@ -8,7 +8,7 @@
 //! Every daemon runs in a network namespace the test creates; traffic goes
 //! only between the test's own namespaces.
 
-mod common;
+pub mod common;
 
 use std::fs;
 use std::net::{IpAddr, SocketAddr};
@@ -358,8 +358,9 @@ fn unsafe_state_directories_are_refused_with_the_fix() {
     }
 }
 
-/// In a correct directory a link planted as the temporary file is removed,
-/// not written through; one planted as the lock file stops the start.
+/// In a correct directory a link planted as a temporary file (of the state
+/// or of its journal) is removed, not written through; one planted as the
+/// lock file or as the journal stops the start.
 #[test]
 fn links_beside_the_state_file_are_never_followed() {
     if !privileged() {
@@ -373,6 +374,7 @@ fn links_beside_the_state_file_are_never_followed() {
     let mode = fs::metadata(dir.path()).unwrap().permissions().mode();
     assert_eq!(mode & 0o022, 0, "{mode:o}");
     symlink(&target, dir.path().join("state.json.tmp")).unwrap();
+    symlink(&target, dir.path().join("state.json.journal.tmp")).unwrap();
     let mut d = Daemon::start_with_options(&ns, &dir, DaemonOptions::isolated());
     let added = d.call(dnat_request(EXT, INT, "31401", "tcp", false));
     assert_eq!(added["data"]["result"], "added", "{added}");
@@ -386,8 +388,28 @@ fn links_beside_the_state_file_are_never_followed() {
         meta.file_type().is_file(),
         "state.json is not a regular file"
     );
+    let journal = dir.path().join("state.json.journal");
+    assert!(fs::symlink_metadata(&journal)
+        .unwrap()
+        .file_type()
+        .is_file());
     assert_eq!(state_json(&dir)["rules"][0]["ports"], "31401");
+    // The next change is appended to the journal, not through a link.
+    let added = d.call(dnat_request(EXT, INT, "31402", "tcp", false));
+    assert_eq!(added["data"]["result"], "added", "{added}");
+    assert_eq!(fs::read(&target).unwrap(), b"precious\n");
     d.stop();
+
+    // A link as the journal stops the start (it is read with O_NOFOLLOW).
+    let kept = fs::read(&journal).unwrap();
+    fs::remove_file(&journal).unwrap();
+    symlink(&target, &journal).unwrap();
+    let stderr = start_refused(&ns, dir.path());
+    assert!(stderr.contains("state.json.journal"), "{stderr}");
+    assert!(stderr.contains("symbolic link"), "{stderr}");
+    assert_eq!(fs::read(&target).unwrap(), b"precious\n");
+    fs::remove_file(&journal).unwrap();
+    fs::write(&journal, kept).unwrap();
 
     let lock = dir.path().join("state.json.lock");
     fs::remove_file(&lock).unwrap();

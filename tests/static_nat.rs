@@ -2,7 +2,7 @@
 //! topology per test, the real daemon in the router namespace, real TCP and
 //! UDP traffic, and the exact rules in natmap's chains.
 
-mod common;
+pub mod common;
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -17,15 +17,7 @@ fn v6(ip: std::net::Ipv6Addr, port: u16) -> SocketAddr {
 }
 
 fn dnat_mail(d: &Daemon) -> serde_json::Value {
-    d.cli_json(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        "25,465",
-    ])
+    d.cli_json(&dnat_args("192.0.2.1", "198.51.100.2", "25,465"))
 }
 
 #[test]
@@ -91,19 +83,11 @@ fn udp_dnat_with_ingress_interface() {
     let topo = Topology::new();
     let _dns = UdpEcho::start(&topo.server, v4(SERVER_V4, 5353));
     let d = Daemon::start(&topo.router);
-    d.cli_ok(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        "5353",
-        "--proto",
-        "udp",
-        "--ext-if",
-        topo.router_ext_if(),
-    ]);
+    d.cli_ok(
+        &dnat_args("192.0.2.1", "198.51.100.2", "5353")
+            .proto("udp")
+            .ext_if(topo.router_ext_if()),
+    );
     expect_udp(&topo.client, v4(ROUTER_EXT_V4, 5353), CLIENT_V4, 5353);
     let rules = natmap_rules(&topo.router, false);
     assert_eq!(
@@ -129,28 +113,12 @@ fn ipv6_dnat_and_mixed_families_are_refused() {
     let topo = Topology::new();
     let _web = TcpEcho::start(&topo.server, v6(SERVER_V6, 8080));
     let d = Daemon::start(&topo.router);
-    d.cli_ok(&[
-        "dnat",
-        "--ext-ip",
-        "2001:db8:1::1",
-        "--int-ip",
-        "2001:db8:2::2",
-        "--ports",
-        "8080",
-    ]);
+    d.cli_ok(&dnat_args("2001:db8:1::1", "2001:db8:2::2", "8080"));
     expect_tcp(&topo.client, v6(ROUTER_EXT_V6, 8080), CLIENT_V6, 8080);
     assert_eq!(natmap_rules(&topo.router, true).len(), 4);
     assert!(natmap_rules(&topo.router, false).is_empty());
 
-    let (status, mixed) = d.cli_json_output(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "2001:db8:2::2",
-        "--ports",
-        "8081",
-    ]);
+    let (status, mixed) = d.cli_json_output(&dnat_args("192.0.2.1", "2001:db8:2::2", "8081"));
     assert_eq!(status.code(), Some(1));
     assert_eq!(mixed["error"]["code"], "invalid_argument", "{mixed}");
     assert!(mixed["error"]["message"]
@@ -168,15 +136,7 @@ fn hairpin_masquerades_only_internal_clients() {
     let topo = Topology::new();
     let _web = TcpEcho::start(&topo.server, v4(SERVER_V4, 80));
     let d = Daemon::start(&topo.router);
-    let out = d.cli_json(&[
-        "hairpin",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        "80",
-    ]);
+    let out = d.cli_json(&hairpin_args("192.0.2.1", "198.51.100.2", "80"));
     assert_eq!(out["data"]["rule"]["int_net"], "198.51.100.0/24", "{out}");
     // An outside client keeps its own address…
     expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 80), CLIENT_V4, 80);
@@ -198,15 +158,11 @@ fn snat_rewrites_only_the_given_source_on_the_given_interface() {
     iptables(&topo.router, false, &["-A", "FORWARD", "-j", "ACCEPT"]);
     let d = Daemon::start(&topo.router);
     expect_tcp(&topo.server, v4(CLIENT_V4, 7000), SERVER_V4, 7000);
-    d.cli_ok(&[
-        "snat",
-        "--int-ip",
+    d.cli_ok(&snat_args(
         "198.51.100.2",
-        "--ext-if",
         topo.router_ext_if(),
-        "--ext-ip",
         "192.0.2.1",
-    ]);
+    ));
     expect_tcp(&topo.server, v4(CLIENT_V4, 7000), ROUTER_EXT_V4, 7000);
     // Another source is left alone.
     expect_tcp(&topo.server2, v4(CLIENT_V4, 7000), SERVER2_V4, 7000);
@@ -217,16 +173,7 @@ fn snat_rewrites_only_the_given_source_on_the_given_interface() {
             topo.router_ext_if()
         )]
     );
-    d.cli_ok(&[
-        "snat",
-        "--int-ip",
-        "198.51.100.2",
-        "--ext-if",
-        topo.router_ext_if(),
-        "--ext-ip",
-        "192.0.2.1",
-        "--delete",
-    ]);
+    d.cli_ok(&snat_args("198.51.100.2", topo.router_ext_if(), "192.0.2.1").delete());
     expect_tcp(&topo.server, v4(CLIENT_V4, 7000), SERVER_V4, 7000);
     d.assert_clean_log();
 }
@@ -244,15 +191,7 @@ fn delete_stops_traffic_releases_ports_and_readd_is_idempotent() {
     let again = dnat_mail(&d);
     assert_eq!(again["data"]["result"], "already_present", "{again}");
     // Same ports in another order are the same rule.
-    let reordered = d.cli_json(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        "465,25",
-    ]);
+    let reordered = d.cli_json(&dnat_args("192.0.2.1", "198.51.100.2", "465,25"));
     assert_eq!(reordered["data"]["result"], "already_present");
     assert_eq!(
         natmap_rules(&topo.router, false),
@@ -268,31 +207,14 @@ fn delete_stops_traffic_releases_ports_and_readd_is_idempotent() {
     };
     assert!(!bind(), "port 25 must be reserved by natmap");
 
-    let deleted = d.cli_json(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        "25,465",
-        "--delete",
-    ]);
+    let deleted = d.cli_json(&dnat_args("192.0.2.1", "198.51.100.2", "25,465").delete());
     assert_eq!(deleted["data"]["result"], "deleted", "{deleted}");
     expect_no_tcp(&topo.client, v4(ROUTER_EXT_V4, 25));
     assert!(natmap_rules(&topo.router, false).is_empty());
     assert!(bind(), "port 25 released after delete");
 
-    let (status, missing) = d.cli_json_output(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        "25,465",
-        "--delete",
-    ]);
+    let (status, missing) =
+        d.cli_json_output(&dnat_args("192.0.2.1", "198.51.100.2", "25,465").delete());
     assert_eq!(status.code(), Some(1));
     assert_eq!(missing["error"]["code"], "not_found", "{missing}");
     d.assert_clean_log();
@@ -308,26 +230,8 @@ fn kill9_and_restart_rebuild_exactly_the_same_rules() {
     let _dns = UdpEcho::start(&topo.server, v4(SERVER_V4, 53));
     let mut d = Daemon::start(&topo.router);
     dnat_mail(&d);
-    d.cli_ok(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        "53",
-        "--proto",
-        "udp",
-    ]);
-    d.cli_ok(&[
-        "hairpin",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.3",
-        "--ports",
-        "80",
-    ]);
+    d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "53").proto("udp"));
+    d.cli_ok(&hairpin_args("192.0.2.1", "198.51.100.3", "80"));
     let rules = natmap_rules(&topo.router, false);
     let save_before = iptables_save(&topo.router, false);
 
@@ -382,16 +286,8 @@ fn busy_port_fails_whole_request_and_nothing_is_installed() {
     let blocker = in_netns(&topo.router, || {
         std::net::TcpListener::bind(v4(ROUTER_EXT_V4, 2525)).unwrap()
     });
-    let state_before = std::fs::read(d.state_path()).ok();
-    let (status, out) = d.cli_json_output(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        "2524,2525",
-    ]);
+    let state_before = state_files(&d.state_path());
+    let (status, out) = d.cli_json_output(&dnat_args("192.0.2.1", "198.51.100.2", "2524,2525"));
     assert_eq!(status.code(), Some(1));
     assert_eq!(out["error"]["code"], "port_in_use", "{out}");
     let message = out["error"]["message"].as_str().unwrap();
@@ -402,7 +298,7 @@ fn busy_port_fails_whole_request_and_nothing_is_installed() {
     );
     assert!(natmap_rules(&topo.router, false).is_empty());
     assert_eq!(
-        std::fs::read(d.state_path()).ok(),
+        state_files(&d.state_path()),
         state_before,
         "state untouched"
     );
@@ -414,26 +310,10 @@ fn busy_port_fails_whole_request_and_nothing_is_installed() {
     .is_ok()));
 
     drop(blocker);
-    let ok = d.cli_json(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        "2524,2525",
-    ]);
+    let ok = d.cli_json(&dnat_args("192.0.2.1", "198.51.100.2", "2524,2525"));
     assert_eq!(ok["data"]["result"], "added", "{ok}");
     // A second natmap rule on the same port names the rule that holds it.
-    let (_, clash) = d.cli_json_output(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.3",
-        "--ports",
-        "2525",
-    ]);
+    let (_, clash) = d.cli_json_output(&dnat_args("192.0.2.1", "198.51.100.3", "2525"));
     assert_eq!(clash["error"]["code"], "port_in_use");
     assert!(
         clash["error"]["message"]
@@ -453,24 +333,8 @@ fn restart_skips_rules_whose_port_was_taken_and_installs_them_when_free() {
     let topo = Topology::new();
     let _web = TcpEcho::start(&topo.server, v4(SERVER_V4, 8080));
     let mut d = Daemon::start(&topo.router);
-    d.cli_ok(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        "8080",
-    ]);
-    d.cli_ok(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        "8443",
-    ]);
+    d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "8080"));
+    d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "8443"));
     d.kill9();
     let squatter = in_netns(&topo.router, || {
         std::net::TcpListener::bind(v4(ROUTER_EXT_V4, 8080)).unwrap()
@@ -518,15 +382,7 @@ fn twenty_concurrent_clients_all_land_and_survive_a_crash() {
                 let d = &d;
                 s.spawn(move || {
                     let port = (10000 + i).to_string();
-                    d.cli_json(&[
-                        "dnat",
-                        "--ext-ip",
-                        "192.0.2.1",
-                        "--int-ip",
-                        "198.51.100.2",
-                        "--ports",
-                        &port,
-                    ])
+                    d.cli_json(&dnat_args("192.0.2.1", "198.51.100.2", port))
                 })
             })
             .collect();
@@ -550,8 +406,7 @@ fn twenty_concurrent_clients_all_land_and_survive_a_crash() {
         21
     );
     d.kill9();
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(d.state_path()).unwrap()).unwrap();
+    let state = serde_json::to_value(current_state(&d.state_path())).unwrap();
     assert_eq!(
         state["rules"].as_array().unwrap().len(),
         20,
@@ -573,188 +428,12 @@ fn bad_input_is_refused_and_leaves_rules_and_state_byte_identical() {
     let topo = Topology::new();
     let d = Daemon::start(&topo.router);
     dnat_mail(&d);
-    let state_before = std::fs::read(d.state_path()).unwrap();
+    let state_before = state_files(&d.state_path());
     let rules_before = iptables_save(&topo.router, false);
-    let cli_cases: &[(&[&str], &str)] = &[
-        (
-            &[
-                "dnat",
-                "--ext-ip",
-                "192.0.2.1",
-                "--int-ip",
-                "198.51.100.2",
-                "--ports",
-                "0",
-            ],
-            "--ports",
-        ),
-        (
-            &[
-                "dnat",
-                "--ext-ip",
-                "192.0.2.1",
-                "--int-ip",
-                "198.51.100.2",
-                "--ports",
-                "70000",
-            ],
-            "--ports",
-        ),
-        (
-            &[
-                "dnat",
-                "--ext-ip",
-                "192.0.2.1",
-                "--int-ip",
-                "198.51.100.2",
-                "--ports",
-                "25;reboot",
-            ],
-            "--ports",
-        ),
-        (
-            &[
-                "dnat",
-                "--ext-ip",
-                "192.0.2.300",
-                "--int-ip",
-                "198.51.100.2",
-                "--ports",
-                "25",
-            ],
-            "--ext-ip",
-        ),
-        (
-            &[
-                "dnat",
-                "--ext-ip",
-                "192.0.2.1",
-                "--int-ip",
-                "127.0.0.1",
-                "--ports",
-                "25",
-            ],
-            "--int-ip",
-        ),
-        (
-            &[
-                "dnat",
-                "--ext-ip",
-                "192.0.2.1",
-                "--int-ip",
-                "198.51.100.2",
-                "--ports",
-                "25",
-                "--proto",
-                "icmp",
-            ],
-            "--proto",
-        ),
-        (
-            &[
-                "dnat",
-                "--ext-ip",
-                "192.0.2.1",
-                "--int-ip",
-                "198.51.100.2",
-                "--ports",
-                "25",
-                "--ext-if",
-                "eth0\n-A INPUT -j DROP",
-            ],
-            "interface",
-        ),
-        (
-            &[
-                "dnat",
-                "--ext-ip",
-                "192.0.2.1",
-                "--int-ip",
-                "198.51.100.2",
-                "--ports",
-                "25",
-                "--ext-if",
-                "averyveryverylongname",
-            ],
-            "interface",
-        ),
-        (
-            &[
-                "snat",
-                "--int-ip",
-                "10.0.0.0/40",
-                "--ext-if",
-                "eth0",
-                "--ext-ip",
-                "192.0.2.1",
-            ],
-            "--int-ip",
-        ),
-        (
-            &[
-                "snat",
-                "--int-ip",
-                "10.0.0.0/24",
-                "--ext-if",
-                "../x",
-                "--ext-ip",
-                "192.0.2.1",
-            ],
-            "interface",
-        ),
-    ];
-    for (args, field) in cli_cases {
-        let out = d.cli(args);
-        assert_eq!(out.status.code(), Some(2), "{args:?} must be a usage error");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            stderr.contains(field),
-            "{args:?}: error must name {field}: {stderr}"
-        );
-    }
-    // The same and worse, straight onto the socket, past the CLI's checks.
-    let raw_cases = [
-        r#"{"version":1,"request":{"cmd":"dnat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2","ports":"25","ext_if":"x\n-A INPUT -j DROP"}}"#,
-        r#"{"version":1,"request":{"cmd":"snat","int_ip":"10.0.0.0/24","ext_if":"eth0","ext_ip":"192.0.2.1 -j ACCEPT"}}"#,
-        r#"{"version":1,"request":{"cmd":"dnat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2","ports":"25","delete":"yes"}}"#,
-        r#"{"version":1,"request":{"cmd":"dnat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2","ports":"25","comment":"x"}}"#,
-        r#"{"version":1,"request":{"cmd":"flush"}}"#,
-        r#"{"version":7,"request":{"cmd":"clear"}}"#,
-        r#"{"version":1,"request":{"cmd":"dnat","ext_ip":"192.0.2.1","int_ip":"2001:db8::2","ports":"26"}}"#,
-        "\u{0}\u{1}garbage",
-        "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[",
-    ];
-    let sock = d.socket_path();
-    let answers = in_netns(&topo.router, move || {
-        use std::io::{BufRead, BufReader, Write};
-        let mut stream = std::os::unix::net::UnixStream::connect(&sock).unwrap();
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        raw_cases
-            .iter()
-            .map(|line| {
-                stream.write_all(line.as_bytes()).unwrap();
-                stream.write_all(b"\n").unwrap();
-                let mut answer = String::new();
-                reader.read_line(&mut answer).unwrap();
-                serde_json::from_str::<serde_json::Value>(&answer).unwrap()
-            })
-            .collect::<Vec<_>>()
-    });
-    for (line, answer) in raw_cases.iter().zip(&answers) {
-        assert_eq!(answer["ok"], false, "{line} → {answer}");
-        assert!(answer["error"]["code"].is_string(), "{answer}");
-    }
-    assert!(
-        answers[0]["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("ext_if"),
-        "{}",
-        answers[0]
-    );
-    assert_eq!(answers[5]["error"]["code"], "version_mismatch");
+    cli_refuses_bad_arguments(&d);
+    socket_refuses_bad_requests(&d);
     assert_eq!(
-        std::fs::read(d.state_path()).unwrap(),
+        state_files(&d.state_path()),
         state_before,
         "state byte-identical"
     );
@@ -770,6 +449,85 @@ fn bad_input_is_refused_and_leaves_rules_and_state_byte_identical() {
         "rules identical"
     );
     d.assert_clean_log();
+}
+
+/// Each malformed rule command line is a usage error (exit 2) naming the
+/// offending argument.
+fn cli_refuses_bad_arguments(d: &Daemon) {
+    let cli_cases = [
+        (dnat_args("192.0.2.1", "198.51.100.2", "0"), "--ports"),
+        (dnat_args("192.0.2.1", "198.51.100.2", "70000"), "--ports"),
+        (
+            dnat_args("192.0.2.1", "198.51.100.2", "25;reboot"),
+            "--ports",
+        ),
+        (dnat_args("192.0.2.300", "198.51.100.2", "25"), "--ext-ip"),
+        (dnat_args("192.0.2.1", "127.0.0.1", "25"), "--int-ip"),
+        (
+            dnat_args("192.0.2.1", "198.51.100.2", "25").proto("icmp"),
+            "--proto",
+        ),
+        (
+            dnat_args("192.0.2.1", "198.51.100.2", "25").ext_if("eth0\n-A INPUT -j DROP"),
+            "interface",
+        ),
+        (
+            dnat_args("192.0.2.1", "198.51.100.2", "25").ext_if("averyveryverylongname"),
+            "interface",
+        ),
+        (snat_args("10.0.0.0/40", "eth0", "192.0.2.1"), "--int-ip"),
+        (snat_args("10.0.0.0/24", "../x", "192.0.2.1"), "interface"),
+    ];
+    for (args, field) in &cli_cases {
+        let out = d.cli(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?} must be a usage error");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(field),
+            "{args:?}: error must name {field}: {stderr}"
+        );
+    }
+}
+
+/// The same and worse sent straight onto the socket, past the CLI's checks:
+/// every line gets an error answer (with a code), on one connection.
+fn socket_refuses_bad_requests(d: &Daemon) {
+    let raw_cases = [
+        r#"{"version":1,"request":{"cmd":"dnat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2","ports":"25","ext_if":"x\n-A INPUT -j DROP"}}"#,
+        r#"{"version":1,"request":{"cmd":"snat","int_ip":"10.0.0.0/24","ext_if":"eth0","ext_ip":"192.0.2.1 -j ACCEPT"}}"#,
+        r#"{"version":1,"request":{"cmd":"dnat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2","ports":"25","delete":"yes"}}"#,
+        r#"{"version":1,"request":{"cmd":"dnat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2","ports":"25","comment":"x"}}"#,
+        r#"{"version":1,"request":{"cmd":"flush"}}"#,
+        r#"{"version":7,"request":{"cmd":"clear"}}"#,
+        r#"{"version":1,"request":{"cmd":"dnat","ext_ip":"192.0.2.1","int_ip":"2001:db8::2","ports":"26"}}"#,
+        "\u{0}\u{1}garbage",
+        "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[",
+    ];
+    // One connection for all of them: a bad line must not end it.
+    let mut client = d.connect();
+    let answers: Vec<serde_json::Value> = raw_cases
+        .iter()
+        .map(|line| {
+            client.send_raw(format!("{line}\n").as_bytes()).unwrap();
+            client
+                .read_response()
+                .unwrap()
+                .unwrap_or_else(|| panic!("{line}: the daemon closed the connection"))
+        })
+        .collect();
+    for (line, answer) in raw_cases.iter().zip(&answers) {
+        assert_eq!(answer["ok"], false, "{line} → {answer}");
+        assert!(answer["error"]["code"].is_string(), "{answer}");
+    }
+    assert!(
+        answers[0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ext_if"),
+        "{}",
+        answers[0]
+    );
+    assert_eq!(answers[5]["error"]["code"], "version_mismatch");
 }
 
 #[test]
@@ -789,8 +547,7 @@ fn fwd_enables_forwarding_and_reports_the_change() {
         topo.router.sysctl_get("net.ipv4.ip_forward").as_deref(),
         Some("1")
     );
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(d.state_path()).unwrap()).unwrap();
+    let state = serde_json::to_value(current_state(&d.state_path())).unwrap();
     assert_eq!(state["forwarding"], true, "remembered for the next start");
     d.assert_clean_log();
 }
@@ -803,24 +560,8 @@ fn clear_removes_every_rule_chain_and_reservation() {
     let topo = Topology::new();
     let d = Daemon::start(&topo.router);
     dnat_mail(&d);
-    d.cli_ok(&[
-        "dnat",
-        "--ext-ip",
-        "2001:db8:1::1",
-        "--int-ip",
-        "2001:db8:2::2",
-        "--ports",
-        "25",
-    ]);
-    d.cli_ok(&[
-        "snat",
-        "--int-ip",
-        "198.51.100.0/24",
-        "--ext-if",
-        "ext0",
-        "--ext-ip",
-        "192.0.2.1",
-    ]);
+    d.cli_ok(&dnat_args("2001:db8:1::1", "2001:db8:2::2", "25"));
+    d.cli_ok(&snat_args("198.51.100.0/24", "ext0", "192.0.2.1"));
     let out = d.cli_json(&["clear"]);
     assert_eq!(out["data"]["removed"], 3, "{out}");
     for v6 in [false, true] {
@@ -924,24 +665,8 @@ fn external_changes_to_natmap_rules_are_repaired() {
     let _smtp = TcpEcho::start(&topo.server, v4(SERVER_V4, 25));
     let d = Daemon::start(&topo.router);
     dnat_mail(&d);
-    d.cli_ok(&[
-        "snat",
-        "--int-ip",
-        "198.51.100.0/24",
-        "--ext-if",
-        "ext0",
-        "--ext-ip",
-        "192.0.2.1",
-    ]);
-    d.cli_ok(&[
-        "hairpin",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.3",
-        "--ports",
-        "80",
-    ]);
+    d.cli_ok(&snat_args("198.51.100.0/24", "ext0", "192.0.2.1"));
+    d.cli_ok(&hairpin_args("192.0.2.1", "198.51.100.3", "80"));
     let good = natmap_rules(&topo.router, false);
     // A quiet period first: correct rules are never "repaired".
     std::thread::sleep(std::time::Duration::from_millis(2500));
@@ -997,17 +722,9 @@ fn dry_run_changes_nothing_and_shows_the_exact_transaction() {
     }
     let topo = Topology::new();
     let d = Daemon::start(&topo.router);
-    d.cli_ok(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        "25",
-    ]);
+    d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "25"));
     let rules_before = natmap_rules(&topo.router, false);
-    let state_before = std::fs::read(d.state_path()).unwrap();
+    let state_before = state_files(&d.state_path());
     let add = [
         "--dry-run",
         "hairpin",
@@ -1027,11 +744,7 @@ fn dry_run_changes_nothing_and_shows_the_exact_transaction() {
         rules_before,
         "a dry run changes no rule"
     );
-    assert_eq!(
-        std::fs::read(d.state_path()).unwrap(),
-        state_before,
-        "nor the state"
-    );
+    assert_eq!(state_files(&d.state_path()), state_before, "nor the state");
     assert!(
         in_netns(&topo.router, || std::net::TcpListener::bind("192.0.2.1:80")
             .is_ok()),
@@ -1098,15 +811,7 @@ fn status_reports_health_and_ls_v_shows_counters() {
     let topo = Topology::new();
     let _smtp = TcpEcho::start(&topo.server, v4(SERVER_V4, 25));
     let d = Daemon::start(&topo.router);
-    d.cli_ok(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        "25",
-    ]);
+    d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "25"));
     let (status, report) = d.cli_json_output(&["status"]);
     assert_eq!(status.code(), Some(0), "{report}");
     let s = &report["data"];
@@ -1315,24 +1020,8 @@ fn save_export_fragment_restores_cleanly_and_holds_only_natmap() {
     let topo = Topology::new();
     let d = Daemon::start(&topo.router);
     dnat_mail(&d);
-    d.cli_ok(&[
-        "hairpin",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.3",
-        "--ports",
-        "80",
-    ]);
-    d.cli_ok(&[
-        "dnat",
-        "--ext-ip",
-        "2001:db8:1::1",
-        "--int-ip",
-        "2001:db8:2::2",
-        "--ports",
-        "25",
-    ]);
+    d.cli_ok(&hairpin_args("192.0.2.1", "198.51.100.3", "80"));
+    d.cli_ok(&dnat_args("2001:db8:1::1", "2001:db8:2::2", "25"));
     let file = d.dir().join("etc/natmap.rules");
     let out = d.cli(&["save", "--export", file.to_str().unwrap()]);
     assert!(out.status.success(), "{out:?}");
@@ -1368,15 +1057,7 @@ fn save_export_fragment_restores_cleanly_and_holds_only_natmap() {
     expect_tcp(&fresh.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
     // When the daemon starts there, its own hooks replace the boot hook.
     let d2 = Daemon::start(&fresh.router);
-    d2.cli_ok(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        "25,465",
-    ]);
+    d2.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "25,465"));
     let forward = iptables_rules(&fresh.router, false, "filter", "FORWARD");
     assert!(
         !forward.iter().any(|l| l == "-A FORWARD -j NATMAP"),
@@ -1451,17 +1132,9 @@ fn daemon_refuses_to_start_when_dockers_rules_are_in_the_other_backend() {
     topo.router
         .run_ok(&["iptables-legacy", "-w", "-t", "nat", "-N", "DOCKER"]);
     let dir = StateDir::new();
-    let out = topo.router.exec(&[
-        LAB_OPS_BIN,
-        "natmap",
-        "--socket",
-        dir.socket_path().to_str().unwrap(),
-        "daemon",
-        "--state",
-        dir.state_path().to_str().unwrap(),
-        "--socket-group",
-        "root",
-    ]);
+    let out = topo
+        .router
+        .exec(&daemon_argv(&dir.socket_path(), &dir.state_path()));
     assert!(!out.status.success(), "the daemon must refuse to start");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -1484,17 +1157,9 @@ fn one_daemon_per_namespace_and_ls_filters_whole_values() {
     let topo = Topology::new();
     let d = Daemon::start(&topo.router);
     let other = StateDir::new();
-    let out = topo.router.exec(&[
-        LAB_OPS_BIN,
-        "natmap",
-        "--socket",
-        other.socket_path().to_str().unwrap(),
-        "daemon",
-        "--state",
-        other.state_path().to_str().unwrap(),
-        "--socket-group",
-        "root",
-    ]);
+    let out = topo
+        .router
+        .exec(&daemon_argv(&other.socket_path(), &other.state_path()));
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -1502,24 +1167,8 @@ fn one_daemon_per_namespace_and_ls_filters_whole_values() {
         "{stderr}"
     );
 
-    d.cli_ok(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.2",
-        "--ports",
-        "25",
-    ]);
-    d.cli_ok(&[
-        "dnat",
-        "--ext-ip",
-        "192.0.2.1",
-        "--int-ip",
-        "198.51.100.20",
-        "--ports",
-        "26",
-    ]);
+    d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "25"));
+    d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.20", "26"));
     d.cli_ok(&[
         "policy-route",
         "--src-ip",
@@ -1543,4 +1192,13 @@ fn one_daemon_per_namespace_and_ls_filters_whole_values() {
     assert_eq!(ids("policy-route"), [3]);
     assert_eq!(ids("dnat"), [1, 2]);
     d.assert_clean_log();
+}
+
+/// `state.json` and its journal, byte for byte (`None` for a missing one).
+fn state_files(path: &std::path::Path) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+    let journal = path.with_file_name(format!(
+        "{}.journal",
+        path.file_name().unwrap().to_string_lossy()
+    ));
+    (std::fs::read(path).ok(), std::fs::read(journal).ok())
 }

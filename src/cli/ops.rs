@@ -84,9 +84,8 @@ pub fn run_daemon(args: DaemonArgs, socket_path: PathBuf) -> Result<ExitCode> {
 /// nothing: no rule, no socket, no state file (a corrupt one is reported,
 /// not moved aside), no reservation.
 pub fn plan_daemon(args: DaemonArgs, g: &super::GlobalArgs) -> Result<ExitCode> {
+    use crate::firewall::{Desired, Mode};
     use crate::model::Family;
-    use crate::netfilter::Netfilter;
-    use crate::rules::{render, restore, saved::SavedTables};
     let config_path = args
         .config_path
         .clone()
@@ -94,8 +93,13 @@ pub fn plan_daemon(args: DaemonArgs, g: &super::GlobalArgs) -> Result<ExitCode> 
     let file_config = crate::config::Config::load(&config_path, args.config_path.is_some())
         .map_err(|e| eyre!(e))?;
     let state = read_state(&args.state_path)?;
-    let desired = render::desired(&state.rules);
-    let nf = crate::netfilter::IptablesExecutor;
+    // As the daemon would render it on this host now (br_netfilter decides
+    // whom container mappings masquerade).
+    let desired = Desired::on(
+        state.rules.iter().cloned(),
+        crate::daemon::bridge::netfilter(),
+    );
+    let fw = crate::firewall::driver();
     let mut transactions = Vec::new();
     let mut effects = vec![format!(
         "listen on {} and restore {} rule(s) from {}",
@@ -111,10 +115,16 @@ pub fn plan_daemon(args: DaemonArgs, g: &super::GlobalArgs) -> Result<ExitCode> 
     }
     for family in Family::ALL {
         // What the kernel holds decides which hooks the start would repair.
-        match nf.save(family) {
-            Ok(saved) => {
-                let restore = restore::full(desired.family(family), &SavedTables::parse(&saved));
-                transactions.push(crate::proto::Transaction { family, restore });
+        match fw.preview(&desired, &[family], Mode::Full) {
+            Ok(plans) => {
+                for (family, restore) in plans {
+                    let program = fw.program(family);
+                    transactions.push(crate::proto::Transaction {
+                        family,
+                        program,
+                        restore,
+                    });
+                }
             }
             Err(e) => effects.push(format!(
                 "cannot read the current {family} rules ({e}); a daemon would fail or keep \
@@ -131,19 +141,10 @@ pub fn plan_daemon(args: DaemonArgs, g: &super::GlobalArgs) -> Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-/// The state file as the daemon would load it, read-only (a missing file is
-/// an empty state).
+/// The state as the daemon would load it (`state.json` with its journal
+/// replayed), read-only (a missing file is an empty state).
 fn read_state(path: &std::path::Path) -> Result<crate::state::State> {
-    match std::fs::read(path) {
-        Ok(text) => serde_json::from_slice(&text).map_err(|e| {
-            eyre!(
-                "{}: {e} (a daemon would move this file aside and start with no rules)",
-                path.display()
-            )
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
-        Err(e) => Err(eyre!("reading {}: {e}", path.display())),
-    }
+    crate::state::read_current(path).map_err(|e| eyre!("{e}"))
 }
 
 fn shutdown_signal() -> impl std::future::Future<Output = ()> {

@@ -312,7 +312,13 @@ impl Printer {
             "daemon".to_owned(),
             format!("natmap {}, up {}s", s.daemon_version, s.uptime_secs),
         ]);
-        table.add_row(vec!["iptables backend".to_owned(), s.backend.clone()]);
+        // A daemon older than the driver seam sends no driver name: it was iptables.
+        let firewall = if s.firewall.is_empty() {
+            "iptables"
+        } else {
+            &s.firewall
+        };
+        table.add_row(vec![format!("{firewall} backend"), s.backend.clone()]);
         table.add_row(vec!["IPv6 NAT".to_owned(), yes_no(s.ipv6_nat).to_owned()]);
         table.add_row(vec![
             "ip_forward".to_owned(),
@@ -360,7 +366,7 @@ impl Printer {
             table.add_row(vec![
                 "open files".to_owned(),
                 format!(
-                    "{} of {} (LimitNOFILE; {} kept free for clients, relays and iptables)",
+                    "{} of {} (LimitNOFILE; {} kept free for clients, relays and the firewall)",
                     f.open, f.limit, f.reserve
                 ),
             ]);
@@ -422,14 +428,12 @@ fn dry_run(r: &DryRunReport) {
         println!("no rule would change");
     }
     for t in &r.transactions {
-        println!(
-            "would run `{}-restore --noflush` with:",
-            if t.family == crate::model::Family::V4 {
-                "iptables"
-            } else {
-                "ip6tables"
-            }
-        );
+        if t.program.is_empty() {
+            // A daemon older than the firewall driver seam names no program.
+            println!("would send this {} transaction:", t.family);
+        } else {
+            println!("would run `{}` with:", t.program);
+        }
         print!("{}", t.restore);
     }
 }

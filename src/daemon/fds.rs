@@ -3,7 +3,7 @@
 //! Every reserved port is a socket, and its loopback relay another, so a
 //! rule of 1,024 ports costs up to 2,048 descriptors. Left unchecked, rules
 //! could take every descriptor up to the limit: then the control socket
-//! cannot accept, `iptables-restore` cannot be started (drift repair fails
+//! cannot accept, the firewall's programs cannot be started (drift repair fails
 //! every tick) and the state file cannot be written. So a [`reserve`] is
 //! kept for those, and a change whose ports would eat into it is refused
 //! with `fd_limit`, naming the limit and how to raise it.
@@ -17,7 +17,7 @@ use crate::proto::ErrorCode;
 use super::server::MAX_CONNECTIONS;
 
 /// Descriptors kept free for the daemon's own work: every control
-/// connection and the listener, two `iptables-restore` runs (three pipes
+/// connection and the listener, two firewall program runs (three pipes
 /// each, plus the exec check), the state file, its temporary file, its
 /// directory and lock, `/proc` reads and Docker connections, with room to
 /// spare. Relayed connections come on top ([`reserve`]).
@@ -87,7 +87,7 @@ pub fn check(new_ports: usize) -> Result<(), String> {
     Err(format!(
         "{new_ports} more port(s) need {needed} file descriptors, but only {free} of the \
              daemon's open-file limit of {} are free ({} open, {reserve} kept for clients, \
-             relayed connections, iptables and the state file; {PER_PORT} per port): nothing \
+             relayed connections, the firewall and the state file; {PER_PORT} per port): nothing \
              was changed. Raise \
              LimitNOFILE in the natmap unit (`systemctl edit natmap`, then restart), or \
              `ulimit -n` before starting the daemon by hand",

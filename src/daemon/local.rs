@@ -37,12 +37,7 @@ impl AddressSource {
             AddressSource::Kernel => match nix::ifaddrs::getifaddrs() {
                 Ok(list) => Some(LocalAddresses {
                     addresses: Some(
-                        list.filter_map(|a| a.address)
-                            .filter_map(|a| {
-                                a.as_sockaddr_in()
-                                    .map(|v4| IpAddr::V4(v4.ip()))
-                                    .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
-                            })
+                        list.filter_map(|a| ip_of(a.address.as_ref()?))
                             .collect::<HashSet<IpAddr>>(),
                     ),
                 }),
@@ -55,6 +50,14 @@ impl AddressSource {
             },
         }
     }
+}
+
+/// The IP address of an interface address `getifaddrs` listed (none for a
+/// link-layer or other non-IP address).
+pub fn ip_of(addr: &nix::sys::socket::SockaddrStorage) -> Option<IpAddr> {
+    addr.as_sockaddr_in()
+        .map(|v4| IpAddr::V4(v4.ip()))
+        .or_else(|| addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
 }
 
 impl Default for LocalAddresses {

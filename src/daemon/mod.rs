@@ -5,10 +5,12 @@
 //! - `reserve`: sockets that hold forwarded ports.
 //! - `relay`: loopback traffic relayed from reserved sockets to targets.
 //! - `host`: sysctls, routes and conntrack.
+//! - `bridge`: br_netfilter, the bridge port of a container, hairpin mode.
 //! - `local`: which addresses are this host's right now.
 //! - `fds`: the file-descriptor budget of reservations.
 //! - `metrics`: Prometheus metrics over HTTP (`--metrics-listen`).
 
+pub mod bridge;
 pub mod engine;
 pub mod fds;
 pub mod host;
@@ -30,7 +32,7 @@ use tokio::sync::oneshot;
 
 use crate::config::{Config, EngineConfig};
 use crate::docker::{self, DockerClient};
-use crate::netfilter::{IptablesExecutor, Netfilter};
+use crate::firewall;
 use crate::proto::Response;
 
 use engine::{Engine, Peer};
@@ -83,6 +85,8 @@ pub(crate) enum EngineMsg {
     DockerObserved(Vec<engine::Observation>),
     /// Docker's answer for a `docker add` waiting on it.
     DockerResolved(Box<engine::PendingAdd>),
+    /// Docker's answers for the containers of an `apply` waiting on them.
+    ApplyResolved(Box<engine::PendingApply>),
     /// An auto-discover engine's labelled containers.
     AutoSnapshot {
         /// The engine's name.
@@ -108,14 +112,7 @@ pub(crate) enum EngineMsg {
 /// Runs the daemon until `shutdown` completes, then removes natmap's rules
 /// (the state stays for the next start) and the socket.
 pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Result<(), String> {
-    let executor = IptablesExecutor;
-    let backend = executor
-        .backend()
-        .map_err(|e| format!("{e}\nnatmap needs iptables: apt-get install iptables"))?;
-    tracing::info!(backend = backend.name(), "iptables backend detected");
-    if let Some(mismatch) = executor.docker_backend_mismatch(backend) {
-        return Err(mismatch);
-    }
+    let fw = firewall::detect().map_err(|e| e.to_string())?;
     // A broken config stops the start, naming the key and the line.
     let file_config = Config::load(&config.config_path, config.config_explicit)?;
     let _lock = lock_state(&config)?;
@@ -130,7 +127,6 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
 
     // Before anything is installed: a daemon that gives up must leave nothing.
     server::refuse_if_answered(&config.socket_path)?;
-    let nf: Arc<dyn Netfilter> = Arc::new(executor);
     let state_path = config.state_path.clone();
     fds::set_relayed_connections(file_config.relay.limits().max_connections);
     let relays = Relays::new(
@@ -138,11 +134,10 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
         file_config.relay.limits(),
     );
     let mut engine = tokio::task::spawn_blocking(move || {
-        Engine::open(state_path, nf, relays, AddressSource::Kernel)
+        Engine::open(state_path, fw, relays, AddressSource::Kernel)
     })
     .await
     .map_err(|e| format!("engine start panicked: {e}"))??;
-    engine.set_backend(backend.name());
     let (tx, rx) = mpsc::channel::<EngineMsg>();
     engine.start_discovery(
         file_config,
@@ -299,6 +294,12 @@ fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>, stopping: &Ato
                 reply,
             } => engine.docker_add_begin(req, peer, reply),
             EngineMsg::Request {
+                request:
+                    request @ (crate::proto::Request::Apply(_) | crate::proto::Request::DryRun(_)),
+                peer,
+                reply,
+            } => engine.apply_begin(request, peer, reply),
+            EngineMsg::Request {
                 request,
                 peer,
                 reply,
@@ -315,6 +316,7 @@ fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>, stopping: &Ato
             EngineMsg::DockerEvent(event) => engine.docker_event(&event),
             EngineMsg::DockerObserved(seen) => engine.docker_observed(seen),
             EngineMsg::DockerResolved(pending) => engine.docker_add_finish(pending),
+            EngineMsg::ApplyResolved(pending) => engine.apply_finish(*pending),
             EngineMsg::AutoSnapshot {
                 engine: name,
                 containers,

@@ -485,7 +485,37 @@ mod tests {
         );
         assert!(err.message.contains("pid"), "owner named: {}", err.message);
         // The first socket was released again.
-        TcpListener::bind(free).expect("free port was released after the failure");
+        assert_tcp_port_released(free);
+    }
+
+    /// Asserts that this process holds no socket on `addr`'s port: a fresh
+    /// bind succeeds, or, when it fails, none of our own descriptors is
+    /// bound there (on a busy machine another process may take a released
+    /// port at once; that still proves ours let go). Our descriptors are
+    /// asked directly with getsockname: a bound socket that never listened
+    /// is in no `/proc/net` table.
+    fn assert_tcp_port_released(addr: SocketAddr) {
+        let Err(e) = TcpListener::bind(addr) else {
+            return;
+        };
+        for entry in fs::read_dir("/proc/self/fd").unwrap() {
+            let Ok(fd) = entry.unwrap().file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(local) = socket::getsockname::<SockaddrStorage>(fd) else {
+                continue;
+            };
+            let port = local
+                .as_sockaddr_in()
+                .map(|a| a.port())
+                .or_else(|| local.as_sockaddr_in6().map(|a| a.port()));
+            assert_ne!(
+                port,
+                Some(addr.port()),
+                "fd {fd} still holds port {} after release ({e})",
+                addr.port()
+            );
+        }
     }
 
     /// A port that is free now and that the kernel never hands out on its
@@ -520,7 +550,7 @@ mod tests {
         let err = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
         drop(held);
-        TcpListener::bind(("0.0.0.0", port)).expect("released on drop");
+        assert_tcp_port_released(SocketAddr::from(([0, 0, 0, 0], port)));
     }
 
     #[test]

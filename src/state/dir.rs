@@ -155,6 +155,14 @@ impl StateDir {
         ))
     }
 
+    /// Opens the existing regular file `name` for writing (the journal,
+    /// appended to), never through a link.
+    pub(super) fn open_write(&self, name: &OsStr) -> io::Result<File> {
+        let file = self.open_at(name, OFlag::O_WRONLY | OFlag::O_NONBLOCK, 0)?;
+        regular_file(&file)?;
+        Ok(file)
+    }
+
     /// Opens (creating if needed) the lock file `name` for `flock`: never
     /// through a link, and only a regular file (a FIFO would block).
     pub(super) fn open_lock(&self, name: &OsStr) -> io::Result<File> {

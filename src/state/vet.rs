@@ -185,7 +185,7 @@ mod tests {
         let path = dir.path().join("state.json");
         std::fs::write(&path, &text).unwrap();
         let started = std::time::Instant::now();
-        let loaded = crate::state::load(&path).unwrap();
+        let loaded = crate::state::load(&path).unwrap().0;
         let took = started.elapsed();
         let crate::state::Loaded::Existing(state) = loaded else {
             panic!("not loaded")

@@ -24,14 +24,12 @@
 //! every command has a bounded timeout.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::thread::JoinHandle;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use super::*;
@@ -256,49 +254,6 @@ fn remove_stale_containers() {
 }
 
 // ───────────────────────────── commands ─────────────────────────────
-
-/// Runs `cmd` (stdin closed, output captured) for at most `timeout`, never
-/// panicking: for `Drop` paths. A command that runs too long is killed and
-/// reported as `Err`.
-pub fn run_quiet(cmd: &mut Command, timeout: Duration) -> Result<Output, String> {
-    let desc = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot spawn {desc}: {e}"))?;
-    let mut out_pipe = child.stdout.take().expect("stdout piped");
-    let mut err_pipe = child.stderr.take().expect("stderr piped");
-    let out_reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = out_pipe.read_to_end(&mut buf);
-        buf
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = err_pipe.read_to_end(&mut buf);
-        buf
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("{desc} timed out after {timeout:?} (killed)"));
-            }
-            Err(e) => return Err(format!("waiting for {desc}: {e}")),
-        }
-    };
-    Ok(Output {
-        status,
-        stdout: out_reader.join().unwrap_or_default(),
-        stderr: err_reader.join().unwrap_or_default(),
-    })
-}
 
 /// `docker args…` (bounded by [`DOCKER_TIMEOUT`]), output whatever the status.
 pub fn docker(args: &[&str]) -> Output {
@@ -743,6 +698,12 @@ impl OutsideHost {
     /// This machine as a traffic source.
     pub fn client(&self) -> Client<'_> {
         Client::Ns(&self.ns)
+    }
+}
+
+impl Default for OutsideHost {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -1367,215 +1328,6 @@ impl Drop for RootDaemon {
         }
         // Then: `daemon` drops (prints its log if the test panicked) and
         // `_cleanup` removes whatever natmap rules are left.
-    }
-}
-
-// ───────────────────────────── Docker socket proxy ─────────────────────────────
-
-/// A Unix-socket proxy in front of the Docker socket, to make Docker
-/// "unavailable" to the daemon and bring it back without touching the
-/// engine: [`DockerProxy::stop`] closes the listener, removes the socket file
-/// and cuts every relayed connection (so the daemon's events stream ends);
-/// [`DockerProxy::start`] listens on the same path again.
-pub struct DockerProxy {
-    path: PathBuf,
-    upstream: PathBuf,
-    _dir: tempfile::TempDir,
-    running: Option<ProxyRun>,
-    /// Milliseconds each new connection waits before it is relayed.
-    delay_ms: Arc<std::sync::atomic::AtomicU64>,
-    /// Milliseconds each chunk a client sends (a request, also on a
-    /// kept-alive connection) waits before it reaches Docker.
-    request_delay_ms: Arc<std::sync::atomic::AtomicU64>,
-}
-
-struct ProxyRun {
-    stop: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<UnixStream>>>,
-    accepted: Arc<AtomicUsize>,
-    thread: JoinHandle<()>,
-}
-
-impl DockerProxy {
-    /// A proxy to [`DOCKER_SOCKET`] on a fresh temporary path, not started.
-    pub fn new() -> DockerProxy {
-        let dir = tempfile::Builder::new()
-            .prefix("natmap-docker-proxy-")
-            .tempdir()
-            .expect("tempdir");
-        DockerProxy {
-            path: dir.path().join("docker.sock"),
-            upstream: PathBuf::from(DOCKER_SOCKET),
-            _dir: dir,
-            running: None,
-            delay_ms: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-            request_delay_ms: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-        }
-    }
-
-    /// Makes every request wait `delay` before it reaches Docker, also on
-    /// connections the client keeps open (a Docker engine that hangs).
-    pub fn set_request_delay(&self, delay: Duration) {
-        self.request_delay_ms
-            .store(delay.as_millis() as u64, Ordering::Relaxed);
-    }
-
-    /// Makes every new connection wait `delay` before it is relayed (a slow
-    /// Docker engine); zero by default.
-    pub fn set_delay(&self, delay: Duration) {
-        self.delay_ms
-            .store(delay.as_millis() as u64, Ordering::Relaxed);
-    }
-
-    /// Where it listens (pass as `--docker-socket`).
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// True while listening.
-    pub fn is_running(&self) -> bool {
-        self.running.is_some()
-    }
-
-    /// Connections accepted since the last start.
-    pub fn accepted(&self) -> usize {
-        self.running
-            .as_ref()
-            .map_or(0, |r| r.accepted.load(Ordering::Relaxed))
-    }
-
-    /// Starts listening (no-op if running).
-    pub fn start(&mut self) {
-        if self.running.is_some() {
-            return;
-        }
-        let _ = std::fs::remove_file(&self.path);
-        let listener = UnixListener::bind(&self.path)
-            .unwrap_or_else(|e| panic!("proxy bind {}: {e}", self.path.display()));
-        listener.set_nonblocking(true).expect("set_nonblocking");
-        let stop = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<UnixStream>>> = Arc::new(Mutex::new(Vec::new()));
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let thread = {
-            let (stop, conns, accepted) = (stop.clone(), conns.clone(), accepted.clone());
-            let upstream = self.upstream.clone();
-            let delay_ms = self.delay_ms.clone();
-            let request_delay = self.request_delay_ms.clone();
-            std::thread::Builder::new()
-                .name("docker-proxy".into())
-                .spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        match listener.accept() {
-                            Ok((client, _)) => {
-                                accepted.fetch_add(1, Ordering::Relaxed);
-                                let _ = client.set_nonblocking(false);
-                                let delay = Duration::from_millis(delay_ms.load(Ordering::Relaxed));
-                                let (stop, conns, upstream, request_delay) = (
-                                    stop.clone(),
-                                    conns.clone(),
-                                    upstream.clone(),
-                                    request_delay.clone(),
-                                );
-                                std::thread::spawn(move || {
-                                    std::thread::sleep(delay);
-                                    let Ok(server) = UnixStream::connect(&upstream) else {
-                                        return; // client sees EOF
-                                    };
-                                    {
-                                        let mut c = conns.lock().unwrap_or_else(|e| e.into_inner());
-                                        // Registered under the lock stop() drains with,
-                                        // so a stopped proxy relays nothing new.
-                                        if stop.load(Ordering::Relaxed) {
-                                            return;
-                                        }
-                                        if let (Ok(a), Ok(b)) =
-                                            (client.try_clone(), server.try_clone())
-                                        {
-                                            c.push(a);
-                                            c.push(b);
-                                        }
-                                    }
-                                    relay(client, server, request_delay);
-                                });
-                            }
-                            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                                std::thread::sleep(Duration::from_millis(10))
-                            }
-                            Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                        }
-                    }
-                    // listener dropped here: no more connections
-                })
-                .expect("spawn proxy thread")
-        };
-        self.running = Some(ProxyRun {
-            stop,
-            conns,
-            accepted,
-            thread,
-        });
-    }
-
-    /// Stops listening, removes the socket file and cuts every relayed
-    /// connection (no-op if stopped).
-    pub fn stop(&mut self) {
-        let Some(run) = self.running.take() else {
-            return;
-        };
-        run.stop.store(true, Ordering::Relaxed);
-        let _ = run.thread.join();
-        let _ = std::fs::remove_file(&self.path);
-        for s in run
-            .conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-}
-
-/// Copies both directions between two Unix streams on two threads; when one
-/// direction ends, the other side's write half is shut down. What `a` (the
-/// client) sends waits `a_delay` milliseconds per chunk.
-fn relay(a: UnixStream, b: UnixStream, a_delay: Arc<std::sync::atomic::AtomicU64>) {
-    let pipe = |mut from: UnixStream,
-                mut to: UnixStream,
-                delay: Option<Arc<std::sync::atomic::AtomicU64>>| {
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                let n = match from.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                if let Some(ms) = delay.as_ref().map(|d| d.load(Ordering::Relaxed)) {
-                    std::thread::sleep(Duration::from_millis(ms));
-                }
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            let _ = to.shutdown(Shutdown::Write);
-            let _ = from.shutdown(Shutdown::Read);
-        });
-    };
-    match (a.try_clone(), b.try_clone()) {
-        (Ok(a2), Ok(b2)) => {
-            pipe(a, b2, Some(a_delay));
-            pipe(b, a2, None);
-        }
-        _ => {
-            let _ = a.shutdown(Shutdown::Both);
-            let _ = b.shutdown(Shutdown::Both);
-        }
-    }
-}
-
-impl Drop for DockerProxy {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

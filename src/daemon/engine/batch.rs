@@ -1,7 +1,7 @@
 //! Rule changes in batches: every queued add and delete is planned against
 //! one working copy of the state, then committed with one transaction per
 //! family and one state write, and each client is answered after that.
-//! Concurrent clients thus cost one iptables-restore and one fsync per batch,
+//! Concurrent clients thus cost one firewall transaction and one fsync per batch,
 //! not per request (kube-proxy's min-sync-period idea, without the delay:
 //! a batch is whatever queued while the previous one was being applied).
 
@@ -87,6 +87,7 @@ impl Engine {
     /// Plans every change on one copy of the state, commits once, then
     /// installs reservations and releases deleted ones.
     pub(super) fn apply_changes(&mut self, changes: Vec<Change>) -> Vec<Outcome<Response>> {
+        let started = std::time::Instant::now();
         let mut next = self.state.clone();
         let mut plans: Vec<Planned> = Vec::with_capacity(changes.len());
         for change in changes {
@@ -108,6 +109,7 @@ impl Engine {
             plans.push(planned);
         }
         let changed = plans.iter().any(|p| !matches!(p, Planned::Done(_)));
+        let planned = std::time::Instant::now();
         if changed {
             if let Err(f) = self.commit(next) {
                 // Reservations of planned adds are dropped with the plans.
@@ -120,7 +122,16 @@ impl Engine {
                     .collect();
             }
         }
-        plans.into_iter().map(|p| self.finish(p)).collect()
+        let committed = std::time::Instant::now();
+        let answers = plans.into_iter().map(|p| self.finish(p)).collect();
+        // Where a change's time goes (docs/reliability.md, item 8).
+        tracing::debug!(
+            clone_and_plan_ms = (planned - started).as_secs_f64() * 1e3,
+            commit_ms = (committed - planned).as_secs_f64() * 1e3,
+            finish_ms = committed.elapsed().as_secs_f64() * 1e3,
+            "changes done"
+        );
+        answers
     }
 
     /// The last steps of one committed change (listen on an added rule's
@@ -152,7 +163,12 @@ impl Engine {
             Planned::Deleted(rule) => {
                 let view = self.view(&rule);
                 self.release(rule.id);
+                let t = std::time::Instant::now();
                 forget_flows(&rule.spec);
+                tracing::debug!(
+                    conntrack_ms = t.elapsed().as_secs_f64() * 1e3,
+                    "flows forgotten"
+                );
                 tracing::info!(rule = rule.id, kind = rule.spec.kind(), "rule deleted");
                 answer(ChangeKind::Deleted, view, Vec::new())
             }

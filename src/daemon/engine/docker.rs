@@ -13,6 +13,8 @@
 //! alone, before any inspect; losing Docker withdraws every container
 //! mapping; and at start they wait for Docker to confirm them.
 
+use std::collections::HashMap;
+
 use crate::docker::{DockerClient, Event, Lookup};
 use crate::model::{DockerRule, Endpoint, Family, Proto, Rule, RuleId, RuleSpec};
 use tokio::sync::oneshot;
@@ -351,11 +353,79 @@ impl Engine {
         let _ = reply.send(respond(outcome));
     }
 
-    /// Looks the mapping's container up now (by the reference in
-    /// `rule.name`): `apply` documents.
+    /// Looks the mapping's container up (by the reference in `rule.name`)
+    /// for `apply` documents: from the answers [`Engine::apply_begin`]
+    /// fetched off this thread, or now when there are none (dry runs
+    /// nested in tests, a daemon without a message channel).
     pub(super) fn resolve_container(&self, rule: DockerRule) -> Outcome<DockerRule> {
-        let lookup = self.docker_client()?.inspect_blocking(&rule.name);
+        let lookup = match self.prefetched.get(&rule.name) {
+            Some(answer) => answer.clone(),
+            None => self.docker_client()?.inspect_blocking(&rule.name),
+        };
         settle(rule, lookup)
+    }
+
+    /// `apply` (or a dry-run `apply`) from a client: the containers the
+    /// document names are inspected off the engine thread, at most
+    /// `INSPECTS_AT_ONCE` at a time, and [`Engine::apply_finish`] applies
+    /// the document once Docker has answered for all of them. A document
+    /// naming 50 containers on a slow Docker held every other client for
+    /// up to 50 × 5 s before.
+    pub(crate) fn apply_begin(
+        &mut self,
+        request: Request,
+        peer: Peer,
+        reply: oneshot::Sender<Response>,
+    ) {
+        let refs = containers_named(&request);
+        let (Some(client), Some(tx)) = (self.docker.clone(), self.messages()) else {
+            let _ = reply.send(self.handle(request, peer));
+            return;
+        };
+        if refs.is_empty() {
+            let _ = reply.send(self.handle(request, peer));
+            return;
+        }
+        client.runtime().clone().spawn(async move {
+            let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(INSPECTS_AT_ONCE));
+            let mut calls = tokio::task::JoinSet::new();
+            for reference in refs {
+                let (client, limit) = (client.clone(), limit.clone());
+                calls.spawn(async move {
+                    let _permit = limit.acquire_owned().await;
+                    let lookup = client.inspect(&reference).await;
+                    (reference, lookup)
+                });
+            }
+            let mut lookups = HashMap::new();
+            while let Some(done) = calls.join_next().await {
+                if let Ok((reference, lookup)) = done {
+                    lookups.insert(reference, lookup);
+                }
+            }
+            let pending = PendingApply {
+                request,
+                peer,
+                lookups,
+                reply,
+            };
+            let _ = tx.send(EngineMsg::ApplyResolved(Box::new(pending)));
+        });
+    }
+
+    /// Completes an [`Engine::apply_begin`]: applies the document with
+    /// Docker's answers, which serve this request only.
+    pub(crate) fn apply_finish(&mut self, pending: PendingApply) {
+        let PendingApply {
+            request,
+            peer,
+            lookups,
+            reply,
+        } = pending;
+        self.prefetched = lookups;
+        let response = self.handle(request, peer);
+        self.prefetched.clear();
+        let _ = reply.send(response);
     }
 
     /// Adds a resolved Docker mapping (the same path as every rule change).
@@ -692,6 +762,43 @@ fn observed(found: Lookup, rule: &DockerRule) -> Observed {
 }
 
 /// A `docker add` that still needs its container looked up.
+/// An `apply` waiting for Docker's answers about the containers it names.
+pub struct PendingApply {
+    /// `apply`, or a dry run of one.
+    request: Request,
+    /// Who asked.
+    peer: Peer,
+    /// Docker's answer per container reference.
+    lookups: HashMap<String, Result<Lookup, String>>,
+    /// Where the answer goes.
+    reply: oneshot::Sender<Response>,
+}
+
+/// The container references of an `apply` document's Docker mappings (a
+/// dry run's too), each once; empty for any other request.
+fn containers_named(request: &Request) -> Vec<String> {
+    let apply = match request {
+        Request::Apply(apply) => apply,
+        Request::DryRun(dry) => match dry.request.as_ref() {
+            Request::Apply(apply) => apply,
+            _ => return Vec::new(),
+        },
+        _ => return Vec::new(),
+    };
+    let mut refs: Vec<String> = apply
+        .document
+        .rules
+        .iter()
+        .filter_map(|spec| match spec {
+            RuleSpec::Docker(d) if !d.external => Some(d.name.clone()),
+            _ => None,
+        })
+        .collect();
+    refs.sort();
+    refs.dedup();
+    refs
+}
+
 pub struct PendingAdd {
     /// The mapping, `name` holding the reference the client gave.
     rule: DockerRule,

@@ -1,15 +1,15 @@
 //! What a `/metrics` scrape needs from the engine, read in one step from
 //! data the engine already keeps (the `ls` views, the `status` facts). The
 //! kernel counters (`ls -v`) are read by the scrape itself, off the engine
-//! thread: at 1000 rules one `iptables-save -c` takes 0.1-0.2 s, which
+//! thread: at 1000 rules one read (`iptables-save -c`) takes 0.1-0.2 s, which
 //! every other client would otherwise wait for.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::firewall::ReadCounters;
 use crate::model::{Family, RuleId};
-use crate::netfilter::Netfilter;
 use crate::proto::{Counters, LsRequest, RuleView};
 
 use super::Engine;
@@ -32,16 +32,15 @@ pub struct MetricsSnapshot {
 
 /// Reads the rules' kernel counters the way `ls -v` does, from any thread.
 pub struct CounterReader {
-    nf: Arc<dyn Netfilter>,
+    counters: Arc<dyn ReadCounters>,
     families: Vec<Family>,
 }
 
 impl CounterReader {
     /// Sets the counters of every view (zero for a rule without any).
-    /// Blocking: runs `iptables-save -c` once per family.
+    /// Blocking: reads the firewall's counters once per family.
     pub fn fill(&self, rules: &mut [RuleView]) {
-        let counters: HashMap<RuleId, Counters> =
-            super::status::read_counters(&*self.nf, &self.families);
+        let counters: HashMap<RuleId, Counters> = self.counters.read(&self.families);
         for view in rules {
             view.counters = Some(counters.get(&view.rule.id).copied().unwrap_or_default());
         }
@@ -71,7 +70,7 @@ impl Engine {
                 .and_then(|(at, _)| now.checked_sub(at.elapsed())),
         };
         let reader = CounterReader {
-            nf: self.nf.clone(),
+            counters: self.fw.counter_reader(),
             families: self.families(),
         };
         (snapshot, reader)

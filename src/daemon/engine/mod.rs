@@ -1,14 +1,14 @@
 //! The single owner of natmap's state, rules and reservations.
 //!
 //! Requests are applied one at a time, each through the same pipeline:
-//! validate → reserve ports → new state → desired ruleset → one
-//! `iptables-restore` per changed family → persist → listen → answer.
+//! validate → reserve ports → new state → desired rules → the firewall
+//! driver (one transaction per changed family) → persist → listen → answer.
 //! A failure at any step undoes the steps before it, so nothing is ever
 //! half-applied.
 //!
 //! # Layout
-//! - this file: the engine's state, recovery at start, applying rulesets
-//!   (diff or full rewrite) and committing states, the request dispatcher,
+//! - this file: the engine's state, recovery at start, handing the desired
+//!   rules to the firewall driver and committing states, the request dispatcher,
 //!   `ls`, `fwd`, `save`, `clear`, shutdown;
 //! - `batch`: rule changes planned together, one commit per batch;
 //! - `apply`: `apply` and `export` documents;
@@ -16,6 +16,8 @@
 //!   the events that end a container's claim to its address; inspects run
 //!   off this thread and come back as messages);
 //! - `auto`: auto-discovery from container labels;
+//! - `hairpin`: hairpin mode on the bridge ports of containers with
+//!   mappings (a container reaching its own published port);
 //! - `addresses`: forwarding only for addresses this host has
 //!   (`--allow-nonlocal`, rules that wait for their address);
 //! - `routes`: policy routes and the tables they share;
@@ -23,32 +25,30 @@
 //! - `repair`: the periodic tick (drift repair, routes, busy ports);
 //! - `metrics`: the snapshot a `/metrics` scrape reads.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 mod addresses;
 mod apply;
 mod auto;
 mod batch;
 mod docker;
+mod hairpin;
 mod metrics;
 mod repair;
 mod routes;
 mod status;
 
 use crate::docker::DockerClient;
+use crate::firewall::{Desired, FirewallDriver, FirewallError, Mode};
 use crate::model::{
     DnatRule, Family, HairpinRule, PolicyRouteRule, PortClaim, Rule, RuleId, RuleSpec, SnatRule,
 };
-use crate::netfilter::Netfilter;
 use crate::proto::{
     ClearReport, DryRunReport, ErrorCode, ForwardingReport, LsRequest, Pong, Request, Response,
     RuleList, RuleStatus, RuleView, SaveReport, Transaction, UnreadableEntry,
 };
-use crate::rules::saved::SavedTables;
-use crate::rules::{render, restore, Ruleset};
 use crate::state::{self, Loaded, State};
 
 use super::host;
@@ -57,7 +57,7 @@ use super::relay::Relays;
 use super::reserve::{self, Reservation};
 use batch::Change;
 pub use batch::MAX_BATCH;
-pub use docker::{Observation, PendingAdd};
+pub use docker::{Observation, PendingAdd, PendingApply};
 pub use metrics::{CounterReader, MetricsSnapshot};
 
 /// Who sent a request (from `SO_PEERCRED`), for the change log.
@@ -100,18 +100,14 @@ struct Inactive {
 pub struct Engine {
     state: State,
     state_path: PathBuf,
-    nf: Arc<dyn Netfilter>,
+    /// natmap's packet filter; it keeps its own mirror of what it applied.
+    fw: Box<dyn FirewallDriver>,
+    /// Writes every change to `state.json`'s journal (compacting it now and then).
+    store: state::Store,
     /// Reserved sockets of active rules.
     held: BTreeMap<RuleId, Vec<Reservation>>,
     /// Rules kept in state but not installed, and why.
     inactive: BTreeMap<RuleId, Inactive>,
-    /// What the kernel holds in natmap's chains, as far as natmap knows.
-    applied: Ruleset,
-    /// Per family: hooks verified in place since the last full apply.
-    hooks_ok: [bool; 2],
-    /// Per family: natmap created DOCKER-USER (Docker had not), so teardown
-    /// may remove it again (see `restore::teardown`).
-    own_docker_user: [bool; 2],
     /// Whether IPv6 NAT works here.
     v6_nat: bool,
     relays: Relays,
@@ -119,18 +115,18 @@ pub struct Engine {
     docker: Option<DockerClient>,
     /// Why Docker is not connected.
     docker_error: String,
+    /// Docker's answers for the containers an `apply` document names,
+    /// looked up off this thread before the document is applied (see
+    /// [`Engine::apply_begin`]); empty otherwise.
+    prefetched: HashMap<String, Result<crate::docker::Lookup, String>>,
     /// Why a Docker mapping is down, as last seen.
     down_reason: BTreeMap<RuleId, String>,
-    /// Whether natmap's chains should exist (false after `clear` until the next change).
-    installed: bool,
     /// Drift repairs done since start.
     repairs: u64,
     /// While handling a `--dry-run` request: what the change would have done.
     simulated: Option<DryRunReport>,
     /// When the daemon started.
     started: std::time::Instant,
-    /// The iptables backend (`nft` or `legacy`).
-    backend: String,
     /// The last drift repair: when and why.
     last_repair: Option<(std::time::Instant, Vec<String>)>,
     /// Policy routes natmap has installed.
@@ -147,11 +143,10 @@ pub struct Engine {
     local: LocalAddresses,
     /// Per family: whether drift repairs take (see `repair`).
     convergence: [repair::Convergence; 2],
-    /// Ports Docker publishes itself, as of the last `iptables-save`
-    /// (`status` reads them here instead of running a save of its own).
-    docker_published: Option<std::collections::HashSet<(crate::model::Proto, u16)>>,
     /// When the last drift check ran and how long it held the engine.
     last_drift_check: Option<(std::time::Instant, std::time::Duration)>,
+    /// br_netfilter and the bridge ports natmap put in hairpin mode.
+    hairpin: hairpin::Hairpin,
 }
 
 /// Every this many ticks, every Docker mapping is checked against Docker
@@ -177,12 +172,13 @@ impl Engine {
     /// `state::load` quarantines them (shown by `ls` and `status`).
     pub fn open(
         state_path: PathBuf,
-        nf: Arc<dyn Netfilter>,
+        fw: Box<dyn FirewallDriver>,
         relays: Relays,
         addresses: AddressSource,
     ) -> Result<Engine, String> {
         let mut corrupt: Option<String> = None;
-        let state = match state::load(&state_path).map_err(|e| e.to_string())? {
+        let (loaded, store) = state::load(&state_path).map_err(|e| e.to_string())?;
+        let state = match loaded {
             Loaded::Fresh(s) => {
                 tracing::info!(path = %state_path.display(), "no state file yet, starting empty");
                 s
@@ -223,22 +219,19 @@ impl Engine {
         let mut engine = Engine {
             state,
             state_path,
-            nf,
+            fw,
+            store,
             held: BTreeMap::new(),
             inactive: BTreeMap::new(),
-            applied: Ruleset::default(),
-            hooks_ok: [false; 2],
-            own_docker_user: [false; 2],
             v6_nat: true,
             relays,
             docker: None,
             docker_error: docker::NOT_CONNECTED_YET.into(),
+            prefetched: HashMap::new(),
             down_reason: BTreeMap::new(),
-            installed: false,
             repairs: 0,
             simulated: None,
             started: std::time::Instant::now(),
-            backend: String::from("unknown"),
             last_repair: None,
             routes: Default::default(),
             ticks: 0,
@@ -247,9 +240,10 @@ impl Engine {
             addresses,
             local: addresses.snapshot().unwrap_or_default(),
             convergence: Default::default(),
-            docker_published: None,
             last_drift_check: None,
+            hairpin: Default::default(),
         };
+        engine.read_bridge_netfilter();
         if engine.state.forwarding {
             match host::enable_forwarding(engine.state.forwarding_ipv6) {
                 Ok(changes) => {
@@ -267,8 +261,10 @@ impl Engine {
     fn recover(&mut self) -> Result<(), String> {
         // IPv6 first: if its NAT table is missing, v6 rules become inactive and
         // IPv4 carries on.
-        let empty_v6 = Ruleset::default();
-        if let Err(e) = self.full_apply(Family::V6, &empty_v6) {
+        if let Err(e) = self
+            .fw
+            .apply(&Desired::default(), &[Family::V6], Mode::Full)
+        {
             tracing::warn!("IPv6 NAT is unavailable, IPv6 rules stay inactive: {e}");
             self.v6_nat = false;
         }
@@ -300,18 +296,16 @@ impl Engine {
         }
         let desired = self.desired(&self.state);
         for family in self.families() {
-            // The IPv6 probe above already installed an empty v6 ruleset.
-            if self.hooks_ok[family_index(family)]
-                && self.applied.family(family) == desired.family(family)
-            {
-                continue;
-            }
-            self.full_apply(family, &desired)
+            // The IPv6 probe above already installed an empty v6 ruleset:
+            // a full apply skips a family that matches.
+            self.fw
+                .apply(&desired, &[family], Mode::Full)
                 .map_err(|e| format!("cannot install natmap's {family} rules: {e}"))?;
         }
         for id in rules.iter().map(|r| r.id) {
             self.start_listening(id).map_err(|f| f.message)?;
         }
+        self.sync_hairpin();
         let state = self.state.clone();
         if let Err(e) = self.sync_routes(&state) {
             tracing::warn!("cannot restore policy routes: {e}");
@@ -332,102 +326,43 @@ impl Engine {
         }
     }
 
-    /// The ruleset of the active rules of `state`.
-    fn desired(&self, state: &State) -> Ruleset {
-        render::desired(
+    /// The rules of `state` that are active: what the firewall installs,
+    /// on this host's bridges (br_netfilter decides whom container mappings
+    /// masquerade).
+    fn desired(&self, state: &State) -> Desired {
+        Desired::on(
             state
                 .rules
                 .iter()
-                .filter(|r| !self.inactive.contains_key(&r.id)),
+                .filter(|r| !self.inactive.contains_key(&r.id))
+                .cloned(),
+            self.hairpin.netfilter,
         )
     }
 
-    /// Rewrites the family's chains and repairs its hooks, from a fresh
-    /// `iptables-save`.
-    fn full_apply(&mut self, family: Family, desired: &Ruleset) -> Result<(), String> {
-        let saved = SavedTables::parse(&self.nf.save(family).map_err(|e| e.to_string())?);
-        if family == Family::V4 {
-            self.docker_published = Some(status::docker_published_ports(&saved));
-        }
-        let text = restore::full(desired.family(family), &saved);
-        self.nf.restore(family, &text).map_err(|e| e.to_string())?;
-        self.own_docker_user[family_index(family)] |= restore::creates_docker_user(&saved);
-        *self.applied.family_mut(family) = desired.family(family).clone();
-        self.hooks_ok[family_index(family)] = true;
-        self.installed = true;
-        Ok(())
-    }
-
-    /// Sends only the difference between what natmap applied and `desired`
-    /// (one transaction). If the kernel refuses it, someone changed natmap's
-    /// chains under it: fall back to a full rewrite from a fresh save.
-    fn diff_apply(&mut self, family: Family, desired: &Ruleset) -> Result<(), String> {
-        let Some(text) = restore::diff(self.applied.family(family), desired.family(family)) else {
-            return Ok(());
-        };
-        match self.nf.restore(family, &text) {
-            Ok(()) => {
-                *self.applied.family_mut(family) = desired.family(family).clone();
-                Ok(())
-            }
-            // Waiting for the xtables lock again would only double the wait.
-            Err(e) if e.message.contains("xtables lock") => Err(e.to_string()),
-            Err(e) => {
-                tracing::warn!(
-                    "incremental {family} update refused ({e}); rewriting natmap's chains"
-                );
-                self.full_apply(family, desired)
-            }
-        }
-    }
-
     /// Brings the kernel to `desired` in one transaction per family that
-    /// differs. If the second family fails, the first is put back.
-    fn apply(&mut self, desired: &Ruleset) -> Result<(), String> {
-        let mut done: Vec<(Family, Ruleset)> = Vec::new();
-        for family in self.families() {
-            let ok = self.hooks_ok[family_index(family)];
-            if ok && self.applied.family(family) == desired.family(family) {
-                continue;
-            }
-            let before = self.applied.clone();
-            let result = if ok {
-                self.diff_apply(family, desired)
-            } else {
-                self.full_apply(family, desired)
-            };
-            if let Err(e) = result {
-                for (f, previous) in done.into_iter().rev() {
-                    if let Err(again) = self.full_apply(f, &previous) {
-                        tracing::error!("rollback of {f} rules failed: {again}");
-                        self.hooks_ok[family_index(f)] = false;
-                    }
-                }
-                return Err(e);
-            }
-            done.push((family, before));
-        }
-        Ok(())
+    /// differs (the driver puts back the first family if the second fails).
+    fn apply(&mut self, desired: &Desired) -> Result<(), FirewallError> {
+        let families = self.families();
+        self.fw.apply(desired, &families, Mode::Change)
     }
 
     /// Applies `next` and persists it; on a failed write puts the previous
     /// rules back. On success `next` becomes the state.
     fn commit(&mut self, next: State) -> Outcome<()> {
+        let started = std::time::Instant::now();
         let desired = self.desired(&next);
         if let Some(report) = self.simulated.as_mut() {
             // A dry run ends here: record the transactions and unwind like a
             // failure, so reservations taken on the way are released.
-            for family in Family::ALL {
-                let text = if self.hooks_ok[family_index(family)] {
-                    restore::diff(self.applied.family(family), desired.family(family))
-                } else if self.applied.family(family) != desired.family(family) || !self.installed {
-                    Some(restore::rewrite_chains(desired.family(family)))
-                } else {
-                    None
-                };
-                if let Some(restore) = text {
-                    report.transactions.push(Transaction { family, restore });
-                }
+            // A change preview reads nothing, so it cannot fail.
+            let plans = self.fw.preview(&desired, &Family::ALL, Mode::Change);
+            for (family, restore) in plans.unwrap_or_default() {
+                report.transactions.push(Transaction {
+                    family,
+                    program: self.fw.program(family),
+                    restore,
+                });
             }
             let (add, del) = route_changes(&self.routes, &next);
             let report = self.simulated.as_mut().expect("checked above");
@@ -440,12 +375,14 @@ impl Engine {
             }
             return Err(Failure::new(ErrorCode::Internal, DRY_RUN_STOP));
         }
+        let rendered = std::time::Instant::now();
         self.apply(&desired).map_err(|e| {
             Failure::new(
                 ErrorCode::ApplyFailed,
-                format!("iptables refused the change, nothing was changed: {e}"),
+                format!("the firewall refused the change, nothing was changed: {e}"),
             )
         })?;
+        let applied = std::time::Instant::now();
         let routes_before = self.routes.clone();
         if let Err(e) = self.sync_routes(&next) {
             let previous = self.desired(&self.state);
@@ -457,13 +394,13 @@ impl Engine {
                 format!("routing refused the change, nothing was changed: {e}"),
             ));
         }
-        if let Err(e) = state::save(&self.state_path, &next) {
+        if let Err(e) = self.store.commit(&self.state, &next) {
             let previous = self.desired(&self.state);
             if let Err(again) = self.apply(&previous) {
                 tracing::error!(
                     "rolling back rules after a failed state write failed too: {again}"
                 );
-                self.hooks_ok = [false; 2];
+                self.fw.forget();
             }
             if self.routes != routes_before {
                 let old = self.state.clone();
@@ -474,7 +411,15 @@ impl Engine {
                 format!("cannot save state, the change was rolled back: {e}"),
             ));
         }
+        // Where a change's time goes (docs/reliability.md, item 8).
+        tracing::debug!(
+            render_ms = (rendered - started).as_secs_f64() * 1e3,
+            iptables_ms = (applied - rendered).as_secs_f64() * 1e3,
+            routes_and_state_ms = applied.elapsed().as_secs_f64() * 1e3,
+            "change committed"
+        );
         self.state = next;
+        self.sync_hairpin();
         Ok(())
     }
 
@@ -784,13 +729,6 @@ impl Engine {
         list.rules.sort_by_key(|v| v.rule.id);
     }
 
-    /// Records the iptables backend for `status`. (A host whose Docker
-    /// rules live in the other backend never gets here: the daemon refuses
-    /// to start.)
-    pub fn set_backend(&mut self, backend: &str) {
-        self.backend = backend.to_owned();
-    }
-
     /// Adds one rule (through the same path as a batch of one).
     fn add(&mut self, spec: RuleSpec) -> Outcome<Response> {
         self.apply_changes(vec![Change::Add(spec)])
@@ -901,7 +839,7 @@ impl Engine {
             let mut next = self.state.clone();
             next.forwarding = true;
             next.forwarding_ipv6 = ipv6;
-            state::save(&self.state_path, &next).map_err(|e| {
+            self.store.commit(&self.state, &next).map_err(|e| {
                 Failure::new(
                     ErrorCode::StateWriteFailed,
                     format!("cannot save state: {e}"),
@@ -914,27 +852,19 @@ impl Engine {
 
     /// Removes natmap's chains and hooks from both families (never anyone else's).
     fn teardown(&mut self) -> Result<(), String> {
-        for family in self.families() {
-            let saved = self.nf.save(family).map_err(|e| e.to_string())?;
-            let own = self.own_docker_user[family_index(family)];
-            let text = restore::teardown(&SavedTables::parse(&saved), own);
-            if !text.is_empty() {
-                self.nf.restore(family, &text).map_err(|e| e.to_string())?;
-            }
-            self.own_docker_user[family_index(family)] = false;
-            *self.applied.family_mut(family) = Default::default();
-            self.hooks_ok[family_index(family)] = false;
-        }
-        self.installed = false;
+        let families = self.families();
+        self.fw.teardown(&families).map_err(|e| e.to_string())?;
+        self.release_hairpin();
         self.sync_routes(&State::default())
     }
 
-    /// `save`: writes and fsyncs the state again (every change already is
-    /// durable; this makes it explicit) and returns the boot fragments.
+    /// `save`: writes and fsyncs the whole state again, folding the journal
+    /// into `state.json` (every change already is durable; this makes one
+    /// file hold it) and returns the boot fragments.
     /// A dry run only returns the fragments.
     fn save(&mut self, dry_run: bool) -> Outcome<Response> {
         if !dry_run {
-            state::save(&self.state_path, &self.state).map_err(|e| {
+            self.store.compact(&self.state).map_err(|e| {
                 Failure::new(
                     ErrorCode::StateWriteFailed,
                     format!("cannot save state: {e}"),
@@ -946,7 +876,8 @@ impl Engine {
             .into_iter()
             .map(|family| Transaction {
                 family,
-                restore: restore::export(self.applied.family(family)),
+                program: self.fw.program(family),
+                restore: self.fw.export(family),
             })
             .collect();
         Ok(Response::ok(SaveReport {
@@ -968,19 +899,22 @@ impl Engine {
         if let Err(e) = self.sync_routes(&state) {
             tracing::error!("putting policy routes back failed: {e}");
         }
+        self.sync_hairpin();
     }
 
     fn clear(&mut self) -> Outcome<Response> {
         if self.simulated.is_some() {
             for family in self.families() {
-                let saved = self
-                    .nf
-                    .save(family)
+                let restore = self
+                    .fw
+                    .preview_teardown(family)
                     .map_err(|e| Failure::new(ErrorCode::ApplyFailed, e.to_string()))?;
-                let own = self.own_docker_user[family_index(family)];
-                let restore = restore::teardown(&SavedTables::parse(&saved), own);
                 if let Some(report) = self.simulated.as_mut() {
-                    report.transactions.push(Transaction { family, restore });
+                    report.transactions.push(Transaction {
+                        family,
+                        program: self.fw.program(family),
+                        restore,
+                    });
                 }
             }
             return Err(Failure::new(ErrorCode::Internal, DRY_RUN_STOP));
@@ -1000,7 +934,7 @@ impl Engine {
                 format!("cannot remove natmap's rules: {e}"),
             ));
         }
-        if let Err(e) = state::save(&self.state_path, &next) {
+        if let Err(e) = self.store.compact(&next) {
             self.put_back();
             return Err(Failure::new(
                 ErrorCode::StateWriteFailed,
@@ -1026,6 +960,10 @@ impl Engine {
         let ids: Vec<RuleId> = self.held.keys().copied().collect();
         for id in ids {
             self.release(id);
+        }
+        // One file for the operator to read, back up or edit while stopped.
+        if let Err(e) = self.store.compact_if_journaled(&self.state) {
+            tracing::warn!("cannot fold the state journal into the state file at shutdown (the next start does): {e}");
         }
         tracing::info!("natmap rules removed, ports released; state kept for the next start");
     }

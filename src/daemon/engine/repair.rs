@@ -1,12 +1,11 @@
 //! Periodic upkeep: the engine's tick. It notices when something else
 //! changed natmap's chains, hooks or policy routes, or reset IP forwarding,
-//! and puts them back; it retries rules whose ports were busy; and now and
+//! and puts them back; it retries rules whose ports were busy; it follows
+//! br_netfilter and the hairpin mode of container bridge ports; and now and
 //! then it re-checks Docker mappings in case an event was lost.
 
 use crate::model::{Family, PolicyRouteRule, RuleId};
 use crate::proto::RuleStatus;
-use crate::rules::restore;
-use crate::rules::saved::SavedTables;
 
 use super::super::{host, reserve};
 use super::{family_index, Engine, DOCKER_RESYNC_TICKS};
@@ -71,6 +70,7 @@ impl Engine {
         self.retry_conflicts();
         self.follow_addresses();
         self.retry_auto_conflicts();
+        self.follow_bridges();
     }
 
     /// Puts back policy routes someone removed (`ip rule del`, or a link
@@ -96,15 +96,15 @@ impl Engine {
         }
     }
 
-    /// Compares natmap's chains and hooks in the kernel with what natmap
-    /// applied (someone's `iptables -F`, a firewalld reload, a Docker
-    /// restart reordering hooks) and rewrites them in one transaction if
-    /// they differ.
+    /// Asks the firewall driver whether natmap's rules and hooks in the
+    /// kernel still match what it applied (someone's `iptables -F`, a
+    /// firewalld reload, a Docker restart reordering hooks) and has it put
+    /// them back if they differ.
     fn repair_drift(&mut self) {
-        if !self.installed {
+        if !self.fw.installed() {
             return;
         }
-        // A drift check is one `iptables-save` per family, which grows with
+        // A drift check reads the family's tables, which grows with
         // the ruleset (0.7 s at 20,000 rules on iptables-nft). Spacing the
         // checks by a multiple of their cost keeps them to a small share
         // of the engine's time, so requests rarely wait behind one.
@@ -121,24 +121,20 @@ impl Engine {
     }
 
     fn repair_family(&mut self, family: Family) {
-        let saved = match self.nf.save(family) {
-            Ok(s) => SavedTables::parse(&s),
+        let drift = match self.fw.drift(family) {
+            Ok(drift) => drift,
             Err(e) => {
                 tracing::warn!("drift check of {family} rules failed: {e}");
                 return;
             }
         };
-        if family == Family::V4 {
-            self.docker_published = Some(super::status::docker_published_ports(&saved));
-        }
         let i = family_index(family);
-        let reasons = saved.drift(self.applied.family(family));
-        if reasons.is_empty() {
+        if drift.reasons.is_empty() {
             self.convergence[i] = Convergence::default();
             return;
         }
         let conv = &mut self.convergence[i];
-        if conv.after_repair.as_ref() != Some(&saved.fingerprint()) {
+        if conv.after_repair.as_ref() != Some(&drift.fingerprint) {
             // Something changed since natmap's last repair (or this is the
             // first drift): a fresh start.
             *conv = Convergence::default();
@@ -146,14 +142,13 @@ impl Engine {
             // natmap gave up and nothing has changed since.
             return;
         }
-        let text = restore::full(self.applied.family(family), &saved);
-        if let Err(e) = self.nf.restore(family, &text) {
+        if let Err(e) = self.fw.repair(family) {
             tracing::error!("cannot repair natmap's {family} rules: {e}");
             return;
         }
+        let reasons = drift.reasons;
         self.repairs += 1;
         self.last_repair = Some((std::time::Instant::now(), reasons.clone()));
-        self.hooks_ok[i] = true;
         tracing::warn!(
             repairs = self.repairs,
             "natmap's {family} rules were changed from outside ({}); repaired",
@@ -163,30 +158,27 @@ impl Engine {
     }
 
     /// Reads the family back right after a repair. Still different means
-    /// the repair did not take (iptables prints a rule differently from how
-    /// natmap wrote it); after [`FUTILE_REPAIRS`] such repairs in a row
+    /// the repair did not take (the firewall prints a rule differently from
+    /// how natmap wrote it); after [`FUTILE_REPAIRS`] such repairs in a row
     /// with no outside change in between, natmap stops rewriting and
     /// `status` reports "cannot converge" instead.
     fn check_converged(&mut self, family: Family) {
-        let Ok(text) = self.nf.save(family) else {
+        let Ok(after) = self.fw.drift(family) else {
             return;
         };
-        let after = SavedTables::parse(&text);
-        let expected = self.applied.family(family);
         let conv = &mut self.convergence[family_index(family)];
-        let still = after.drift(expected);
-        if still.is_empty() {
+        if after.reasons.is_empty() {
             *conv = Convergence::default();
             return;
         }
         conv.streak += 1;
-        conv.after_repair = Some(after.fingerprint());
+        conv.after_repair = Some(after.fingerprint);
         if conv.streak < FUTILE_REPAIRS {
             return;
         }
         let detail = after
-            .first_difference(expected)
-            .unwrap_or_else(|| still.join("; "));
+            .first_difference
+            .unwrap_or_else(|| after.reasons.join("; "));
         let message = format!(
             "cannot converge: natmap's {family} rules still differ from what it wrote after {} \
              repairs in a row with no outside change ({detail}); natmap stopped rewriting them \

@@ -5,9 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 
 use crate::model::{Family, Proto, RuleId, RuleSpec};
-use crate::netfilter::Netfilter;
 use crate::proto::{Counters, DockerStatus, LastRepair, OpenFiles, RuleStatus, StatusReport};
-use crate::rules::saved::SavedTables;
 
 use super::super::{fds, host, reserve};
 use super::Engine;
@@ -107,7 +105,8 @@ impl Engine {
         StatusReport {
             daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_secs: self.started.elapsed().as_secs(),
-            backend: self.backend.clone(),
+            backend: self.fw.backend(),
+            firewall: self.fw.name().to_owned(),
             ipv6_nat: self.v6_nat,
             ipv4_forwarding: forwarding,
             docker: DockerStatus {
@@ -161,22 +160,13 @@ impl Engine {
     }
 
     /// Whether forwarded traffic of `family` is dropped unless a rule
-    /// accepts it: the `FORWARD` policy is `DROP` and `FORWARD` has no
-    /// unconditional `-j ACCEPT`. Unknown (no dump) counts as not dropped.
+    /// accepts it (see [`crate::firewall::FirewallDriver::forward_drops`]).
     pub(super) fn forward_drops(&self, family: Family) -> bool {
-        let Ok(text) = self.nf.save(family) else {
-            return false;
-        };
-        let saved = SavedTables::parse(&text);
-        saved.policy("filter", "FORWARD") == Some("DROP")
-            && !saved
-                .chain_rules("filter", "FORWARD")
-                .iter()
-                .any(|l| l == "-j ACCEPT")
+        self.fw.forward_drops(family)
     }
 
     /// `snat` rules without `--forward` on a host that drops forwarded
-    /// traffic: their traffic never leaves (one `iptables-save` per family).
+    /// traffic: their traffic never leaves (one firewall read per family).
     fn dropped_snat_problems(&self) -> Vec<String> {
         let mut drops: HashMap<Family, bool> = HashMap::new();
         let mut found = Vec::new();
@@ -269,20 +259,7 @@ impl Engine {
         if claims.is_empty() {
             return found;
         }
-        // The drift check reads the tables every tick; a save of its own
-        // here cost `status` most of its time at large N (0.7 s at 20,000).
-        let fresh;
-        let published = match &self.docker_published {
-            Some(ports) => Some(ports),
-            None => {
-                fresh = self
-                    .nf
-                    .save(Family::V4)
-                    .ok()
-                    .map(|s| docker_published_ports(&SavedTables::parse(&s)));
-                fresh.as_ref()
-            }
-        };
+        let published = self.fw.docker_published_ports();
         for (proto, port) in claims
             .iter()
             .filter(|c| published.as_ref().is_some_and(|p| p.contains(c)))
@@ -308,85 +285,12 @@ impl Engine {
         found
     }
 
-    /// Adds kernel counters to the views of `ls -v`: one `iptables-save -c`
-    /// per family, matched to rules by their comment.
+    /// Kernel counters for the views of `ls -v`, by rule id.
     pub(super) fn counters(&self) -> HashMap<RuleId, Counters> {
-        read_counters(&*self.nf, &self.families())
+        self.fw.counter_reader().read(&self.families())
     }
 }
 
-/// Per-rule counters from one `iptables-save -c` per family. Needs no
-/// engine state, so a metrics scrape runs it off the engine thread.
-pub(super) fn read_counters(nf: &dyn Netfilter, families: &[Family]) -> HashMap<RuleId, Counters> {
-    let mut out: HashMap<RuleId, Counters> = HashMap::new();
-    for &family in families {
-        let Ok(text) = nf.save_counters(family) else {
-            continue;
-        };
-        let mut table = "";
-        for line in text.lines() {
-            if let Some(t) = line.strip_prefix('*') {
-                table = if t == "nat" {
-                    "nat"
-                } else if t == "filter" {
-                    "filter"
-                } else {
-                    ""
-                };
-                continue;
-            }
-            let Some((pkts, bytes, rest)) = parse_counted(line) else {
-                continue;
-            };
-            let Some(id) = natmap_id(rest) else {
-                continue;
-            };
-            let c = out.entry(id).or_default();
-            match table {
-                // Only a connection's first packet passes the nat table;
-                // count the DNAT/SNAT lines (a MASQUERADE line of the same
-                // rule sees the same connection again).
-                "nat" if rest.contains("-j DNAT") || rest.contains("-j SNAT") => {
-                    c.connections += pkts
-                }
-                "filter" => {
-                    c.packets += pkts;
-                    c.bytes += bytes;
-                }
-                _ => {}
-            }
-        }
-    }
-    out
-}
-
-/// The ports Docker publishes itself: the DNAT lines of its nat `DOCKER`
-/// chain.
-pub(super) fn docker_published_ports(saved: &SavedTables) -> HashSet<(Proto, u16)> {
-    saved
-        .chain_rules("nat", "DOCKER")
-        .iter()
-        .filter_map(|line| docker_published(line))
-        .collect()
-}
-
-/// The protocol and port a DNAT line of Docker's `DOCKER` chain publishes
-/// (`… -p tcp -m tcp --dport 8080 -j DNAT …`), read token by token.
-fn docker_published(line: &str) -> Option<(Proto, u16)> {
-    let tokens: Vec<&str> = line.split_whitespace().collect();
-    let after = |flag: &str| tokens.windows(2).find(|w| w[0] == flag).map(|w| w[1]);
-    if after("-j") != Some("DNAT") {
-        return None;
-    }
-    let proto = match after("-p")? {
-        "tcp" => Proto::Tcp,
-        "udp" => Proto::Udp,
-        _ => return None,
-    };
-    Some((proto, after("--dport")?.parse().ok()?))
-}
-
-/// `[12:720] -A CHAIN …` → (12, 720, "-A CHAIN …").
 /// The daemon's descriptors against its limit; a problem once the reserve
 /// is being used (changes that reserve ports are then refused).
 fn open_files(problems: &mut Vec<String>) -> Option<OpenFiles> {
@@ -404,22 +308,6 @@ fn open_files(problems: &mut Vec<String>) -> Option<OpenFiles> {
     })
 }
 
-fn parse_counted(line: &str) -> Option<(u64, u64, &str)> {
-    let rest = line.strip_prefix('[')?;
-    let (counts, rest) = rest.split_once("] ")?;
-    let (p, b) = counts.split_once(':')?;
-    Some((p.parse().ok()?, b.parse().ok()?, rest))
-}
-
-/// The rule id in a natmap comment (`natmap:dnat:12`, quoted or not).
-fn natmap_id(line: &str) -> Option<RuleId> {
-    let at = line.find("natmap:")?;
-    let tail = &line[at + "natmap:".len()..];
-    let (_, rest) = tail.split_once(':')?;
-    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-    digits.parse().ok()
-}
-
 /// Inodes of the sockets this process holds (its reservations).
 fn own_socket_inodes() -> HashSet<String> {
     let mut inodes = HashSet::new();
@@ -434,35 +322,4 @@ fn own_socket_inodes() -> HashSet<String> {
         }
     }
     inodes
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counter_lines_are_read_with_or_without_quotes() {
-        let (p, b, rest) =
-            parse_counted("[12:720] -A NATMAP -m comment --comment \"natmap:dnat:7\" -j DNAT")
-                .unwrap();
-        assert_eq!((p, b), (12, 720));
-        assert_eq!(natmap_id(rest), Some(7));
-        assert_eq!(
-            natmap_id("-m comment --comment natmap:docker:31 -j ACCEPT"),
-            Some(31)
-        );
-        assert_eq!(natmap_id("-j DOCKER"), None);
-        assert!(parse_counted(":NATMAP - [0:0]").is_none());
-    }
-
-    #[test]
-    fn docker_published_ports_are_read_by_token() {
-        let line = "! -i docker0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.2:80";
-        assert_eq!(docker_published(line), Some((Proto::Tcp, 8080)));
-        assert_eq!(docker_published("-i docker0 -j RETURN"), None);
-        assert_eq!(
-            docker_published("-p udp -m udp --dport 53 -j DNAT --to-destination 172.17.0.3:53"),
-            Some((Proto::Udp, 53))
-        );
-    }
 }

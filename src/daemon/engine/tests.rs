@@ -1,9 +1,11 @@
-//! Engine tests against the recording executor: which transactions a change
-//! sends, the fallback to a full rewrite, and rollback on failure.
+//! Engine tests against the recording firewall driver: which applies a
+//! change asks for, and rollback on failure. What the iptables driver sends
+//! for them (the incremental transaction, the fallback to a full rewrite)
+//! is tested with the driver (`firewall::iptables::driver`).
 
-use std::sync::Arc;
-
-use crate::netfilter::RecordingExecutor;
+use crate::firewall::recording::Call;
+use crate::firewall::{Mode, RecordingDriver};
+use crate::model::Family;
 use crate::proto::{DnatRequest, Request};
 
 use super::super::relay::Relays;
@@ -21,63 +23,63 @@ fn dnat(port: u16) -> Request {
     })
 }
 
-fn engine(dir: &tempfile::TempDir) -> (Engine, Arc<RecordingExecutor>) {
-    let nf = Arc::new(RecordingExecutor::default());
+fn engine(dir: &tempfile::TempDir) -> (Engine, RecordingDriver) {
+    let fw = RecordingDriver::default();
     let engine = Engine::open(
         dir.path().join("state.json"),
-        nf.clone(),
+        Box::new(fw.clone()),
         Relays::disabled(),
         crate::daemon::local::AddressSource::AssumeAllLocal,
     )
     .unwrap();
-    (engine, nf)
+    (engine, fw)
 }
 
-fn payloads(nf: &RecordingExecutor) -> Vec<String> {
-    nf.restores
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(_, p)| p.clone())
+/// The applies the driver saw: (families, mode, rule ids).
+fn applies(fw: &RecordingDriver) -> Vec<(Vec<Family>, Mode, Vec<u64>)> {
+    fw.calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::Apply {
+                families,
+                mode,
+                rules,
+            } => Some((families, mode, rules)),
+            Call::Teardown(_) => None,
+        })
         .collect()
 }
 
 #[test]
 fn a_change_sends_one_incremental_transaction() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut engine, nf) = engine(&dir);
-    let at_start = payloads(&nf).len();
-    assert_eq!(at_start, 2, "one full apply per family at start");
+    let (mut engine, fw) = engine(&dir);
+    let at_start = applies(&fw);
+    // The IPv6 probe, then a full apply of each family.
+    assert_eq!(
+        at_start,
+        [
+            (vec![Family::V6], Mode::Full, vec![]),
+            (vec![Family::V4], Mode::Full, vec![]),
+            (vec![Family::V6], Mode::Full, vec![]),
+        ],
+        "full applies at start"
+    );
     let response = engine.handle(dnat(47011), Peer::default());
     assert!(response.ok, "{response:?}");
-    let sent = payloads(&nf);
-    assert_eq!(sent.len(), at_start + 1, "one transaction for the change");
+    let sent = applies(&fw);
+    assert_eq!(sent.len(), at_start.len() + 1, "one apply for the change");
     let last = sent.last().unwrap();
-    assert!(last.contains("-A NATMAP -d 192.0.2.1/32"), "{last}");
-    assert!(!last.contains(":NATMAP"), "no chain rewrite: {last}");
-}
-
-#[test]
-fn a_refused_diff_falls_back_to_a_full_rewrite() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut engine, nf) = engine(&dir);
-    *nf.fail_next.lock().unwrap() = 1;
-    let response = engine.handle(dnat(47012), Peer::default());
-    assert!(response.ok, "{response:?}");
-    let last = payloads(&nf).pop().unwrap();
-    assert!(
-        last.contains(":NATMAP - [0:0]"),
-        "full rewrite after the failed diff: {last}"
-    );
-    assert!(last.contains("--dport 47012"), "{last}");
+    assert_eq!(last.1, Mode::Change, "an incremental apply: {last:?}");
+    assert_eq!(last.2, [1], "with the new rule: {last:?}");
 }
 
 #[test]
 fn a_failed_apply_changes_nothing_and_frees_the_port() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut engine, nf) = engine(&dir);
+    let (mut engine, fw) = engine(&dir);
     let state_before = std::fs::read(dir.path().join("state.json")).ok();
-    *nf.fail_next.lock().unwrap() = 2;
+    fw.fail_next(1);
     let response = engine.handle(dnat(47013), Peer::default());
     let error = response.error.expect("the change fails");
     assert_eq!(error.code, crate::proto::ErrorCode::ApplyFailed);
@@ -95,7 +97,7 @@ fn a_failed_apply_changes_nothing_and_frees_the_port() {
 #[test]
 fn an_unwritable_state_rolls_the_rules_back() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut engine, nf) = engine(&dir);
+    let (mut engine, fw) = engine(&dir);
     // Make the state file's directory unwritable by replacing the temp path
     // with a directory: the write fails, the rules must be put back.
     std::fs::create_dir(dir.path().join("state.json.tmp")).unwrap();
@@ -104,21 +106,24 @@ fn an_unwritable_state_rolls_the_rules_back() {
         response.error.unwrap().code,
         crate::proto::ErrorCode::StateWriteFailed
     );
-    let sent = payloads(&nf);
+    let sent = applies(&fw);
     let (add, undo) = (&sent[sent.len() - 2], &sent[sent.len() - 1]);
-    assert!(add.contains("-A NATMAP -d 192.0.2.1/32"), "{add}");
-    assert!(
-        undo.contains("-D NATMAP"),
-        "the rule is taken out again: {undo}"
-    );
+    assert_eq!(add.2, [1], "the rule goes in: {add:?}");
+    assert!(undo.2.is_empty(), "the rule is taken out again: {undo:?}");
 }
 
 #[test]
 fn queued_changes_share_one_transaction_and_one_state_write() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut engine, nf) = engine(&dir);
-    let before = payloads(&nf).len();
+    let (mut engine, fw) = engine(&dir);
     let peer = Peer::default();
+    // A first change: the state file and its journal exist from here on.
+    engine.handle_batch(vec![(dnat(47020), peer)]);
+    let journal = dir.path().join("state.json.journal");
+    let lines = |p: &std::path::Path| std::fs::read_to_string(p).unwrap().lines().count();
+    let journal_before = lines(&journal);
+    let state_json_before = std::fs::read(dir.path().join("state.json")).unwrap();
+    let before = applies(&fw).len();
     let mut delete = dnat(47021);
     if let Request::Dnat(d) = &mut delete {
         d.delete = true;
@@ -143,19 +148,26 @@ fn queued_changes_share_one_transaction_and_one_state_write() {
         ["added", "added", "already_present", "deleted", "added"]
     );
     assert_eq!(
-        payloads(&nf).len(),
+        applies(&fw).len(),
         before + 1,
         "one transaction for the batch"
     );
-    let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(dir.path().join("state.json")).unwrap()).unwrap();
+    // One state write for the batch: one journal line (group commit).
+    assert_eq!(lines(&journal), journal_before + 1, "one journal line");
+    assert_eq!(
+        std::fs::read(dir.path().join("state.json")).unwrap(),
+        state_json_before,
+        "state.json is not rewritten"
+    );
+    let state = crate::state::read_current(&dir.path().join("state.json")).unwrap();
+    let state = serde_json::to_value(&state).unwrap();
     let ports: Vec<&str> = state["rules"]
         .as_array()
         .unwrap()
         .iter()
         .map(|r| r["ports"].as_str().unwrap())
         .collect();
-    assert_eq!(ports, ["47022", "47023"]);
+    assert_eq!(ports, ["47020", "47022", "47023"]);
     // The deleted rule's port is free, the others are held.
     assert!(
         std::net::TcpListener::bind("192.0.2.1:47021").is_ok()
@@ -198,10 +210,10 @@ fn a_range_is_reserved_removed_and_moved_as_a_whole() {
         (Some(base.into()), Some(2))
     );
     assert!(!port_free(base) && !port_free(base + 1), "both ports held");
-    let last = payloads(&nf).pop().unwrap();
+    let last = applies(&nf).pop().unwrap();
     assert!(
-        last.contains(&format!("--dport {} ", base + 1)) && last.contains("192.0.2.50:81"),
-        "{last}"
+        last.2.contains(&id),
+        "the range is applied as one rule: {last:?}"
     );
 
     // Overlapping one port: refused, naming the mapping and its range.

@@ -12,7 +12,7 @@ use super::{render, restore};
 
 fn golden(name: &str, actual: &str) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("src/rules/testdata")
+        .join("src/firewall/iptables/testdata")
         .join(name);
     if std::env::var_os("NATMAP_BLESS").is_some() {
         std::fs::write(&path, actual).unwrap();
@@ -340,7 +340,7 @@ fn a_nonlocal_address_matches_only_while_it_is_local() {
         }
     }
     let set = render::desired(&rules);
-    let text = crate::rules::restore::rewrite_chains(set.family(Family::V4));
+    let text = crate::firewall::iptables::restore::rewrite_chains(set.family(Family::V4));
     let dnat: Vec<&str> = text.lines().filter(|l| l.contains("-j DNAT")).collect();
     assert!(!dnat.is_empty());
     for line in dnat {
@@ -454,4 +454,69 @@ fn docker_ranges_map_each_port_to_its_offset_and_loopback_has_no_rule() {
         set.family(Family::V6).is_empty(),
         "[::1] has no rule either"
     );
+}
+
+/// Container mappings (TCP and UDP, IPv4 and IPv6 targets) and a fixed
+/// target, in their stored form.
+fn docker_rules() -> Vec<Rule> {
+    let target = |ip: &str, subnet: &str| serde_json::json!({"ip": ip, "subnet": subnet});
+    let v4 = target("172.17.0.2", "172.17.0.0/16");
+    let v6 = target("fd00:db8:1::2", "fd00:db8:1::/64");
+    [
+        serde_json::json!({"id": 1, "kind": "docker", "name": "web", "network": "bridge",
+            "host_port": 8080, "container_port": 80, "proto": "tcp",
+            "target_v4": v4, "target_v6": v6}),
+        serde_json::json!({"id": 2, "kind": "docker", "name": "web", "network": "bridge",
+            "host_port": 8080, "container_port": 5353, "proto": "udp",
+            "target_v4": v4, "target_v6": v6}),
+        serde_json::json!({"id": 3, "kind": "docker", "name": "nas", "external": true,
+            "host_port": 8081, "container_port": 80, "proto": "tcp",
+            "target_v4": {"ip": "192.0.2.10", "subnet": null}}),
+    ]
+    .into_iter()
+    .map(|doc| serde_json::from_value(doc).expect("a stored docker rule"))
+    .collect()
+}
+
+/// A container reaching its own mapping through the host's address is
+/// masqueraded. With bridge netfilter only that flow is (`-s C -d C`, other
+/// containers keep their address); without, the container's whole network
+/// is (a neighbour's replies would bypass the host). A fixed target is
+/// never masqueraded.
+#[test]
+fn a_container_mapping_masquerades_the_container_itself_or_its_network() {
+    use render::BridgeNetfilter;
+    let rules = docker_rules();
+    let bridged = BridgeNetfilter {
+        iptables: true,
+        ip6tables: true,
+    };
+    for (name, bridges) in [
+        ("docker-bridged", bridged),
+        ("docker-routed", BridgeNetfilter::default()),
+    ] {
+        let set = render::desired_on(&rules, bridges);
+        for (family, suffix) in [(Family::V4, "v4"), (Family::V6, "v6")] {
+            golden(
+                &format!("{name}-{suffix}.rules"),
+                &restore::rewrite_chains(set.family(family)),
+            );
+        }
+    }
+    assert_eq!(
+        render::desired(&rules),
+        render::desired_on(&rules, BridgeNetfilter::default())
+    );
+    // Only IPv4 bridged: the IPv6 rules are those of the routed case.
+    let mixed = BridgeNetfilter {
+        iptables: true,
+        ip6tables: false,
+    };
+    let (m, b, r) = (
+        render::desired_on(&rules, mixed),
+        render::desired_on(&rules, bridged),
+        render::desired(&rules),
+    );
+    assert_eq!(m.family(Family::V4), b.family(Family::V4));
+    assert_eq!(m.family(Family::V6), r.family(Family::V6));
 }

@@ -5,15 +5,17 @@ use std::process::{Command, Stdio};
 
 use crate::model::Family;
 
-use super::{Netfilter, NetfilterError};
+use super::Netfilter;
+use crate::firewall::FirewallError;
 
 /// How long an iptables process waits for the xtables lock held by another
 /// tool (Docker, firewalld) before it gives up: a bounded wait, never a hang.
 pub const LOCK_WAIT_SECS: u32 = 10;
 
-/// The kernel interface an iptables binary drives.
+/// The kernel interface an iptables binary drives. Both are iptables (the
+/// same rule syntax and tools); neither is natmap's native nftables driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
+pub enum IptablesFlavor {
     /// `iptables-nft`, the nf_tables compatibility layer.
     Nft,
     /// `iptables-legacy`, the old xtables interface.
@@ -25,13 +27,13 @@ pub enum Backend {
 pub struct IptablesExecutor;
 
 impl IptablesExecutor {
-    /// Detects which backend `iptables` on PATH uses, from `iptables --version`.
-    pub fn backend(&self) -> Result<Backend, NetfilterError> {
+    /// Detects which flavor `iptables` on PATH is, from `iptables --version`.
+    pub fn flavor(&self) -> Result<IptablesFlavor, FirewallError> {
         let out = run("iptables", &["--version"], None)?;
         if out.contains("nf_tables") {
-            Ok(Backend::Nft)
+            Ok(IptablesFlavor::Nft)
         } else {
-            Ok(Backend::Legacy)
+            Ok(IptablesFlavor::Legacy)
         }
     }
 
@@ -39,10 +41,10 @@ impl IptablesExecutor {
     /// natmap's rules would never see Docker's traffic: says so. `None` when
     /// Docker's rules are in natmap's backend, absent, or the other backend
     /// cannot be read.
-    pub fn docker_backend_mismatch(&self, backend: Backend) -> Option<String> {
-        let (other, other_name, this_name) = match backend {
-            Backend::Nft => ("iptables-legacy-save", "iptables-legacy", "iptables-nft"),
-            Backend::Legacy => ("iptables-nft-save", "iptables-nft", "iptables-legacy"),
+    pub fn docker_backend_mismatch(&self, flavor: IptablesFlavor) -> Option<String> {
+        let (other, other_name, this_name) = match flavor {
+            IptablesFlavor::Nft => ("iptables-legacy-save", "iptables-legacy", "iptables-nft"),
+            IptablesFlavor::Legacy => ("iptables-nft-save", "iptables-nft", "iptables-legacy"),
         };
         let has_docker = |text: &str| text.lines().any(|l| l.starts_with(":DOCKER "));
         // Without `-t`: asking for a table would create it (an empty legacy
@@ -59,12 +61,12 @@ impl IptablesExecutor {
     }
 }
 
-impl Backend {
+impl IptablesFlavor {
     /// `nft` or `legacy`.
     pub fn name(self) -> &'static str {
         match self {
-            Backend::Nft => "nft",
-            Backend::Legacy => "legacy",
+            IptablesFlavor::Nft => "nft",
+            IptablesFlavor::Legacy => "legacy",
         }
     }
 }
@@ -76,8 +78,8 @@ fn tool(family: Family, base: &str) -> String {
     }
 }
 
-fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, NetfilterError> {
-    let fail = |message: String| NetfilterError {
+fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
+    let fail = |message: String| FirewallError::Unavailable {
         program: program.to_owned(),
         message,
     };
@@ -108,12 +110,20 @@ fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, Netf
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        Err(fail(format!("{} ({})", stderr.trim(), out.status)))
+        let message = format!("{} ({})", stderr.trim(), out.status);
+        let program = program.to_owned();
+        // iptables says so only in words ("Another app is currently holding
+        // the xtables lock"); this is the one place that reads them.
+        Err(if stderr.contains("xtables lock") {
+            FirewallError::Locked { program, message }
+        } else {
+            FirewallError::Refused { program, message }
+        })
     }
 }
 
 impl Netfilter for IptablesExecutor {
-    fn restore(&self, family: Family, payload: &str) -> Result<(), NetfilterError> {
+    fn restore(&self, family: Family, payload: &str) -> Result<(), FirewallError> {
         let wait = LOCK_WAIT_SECS.to_string();
         run(
             &tool(family, "tables-restore"),
@@ -123,11 +133,11 @@ impl Netfilter for IptablesExecutor {
         .map(drop)
     }
 
-    fn save(&self, family: Family) -> Result<String, NetfilterError> {
+    fn save(&self, family: Family) -> Result<String, FirewallError> {
         run(&tool(family, "tables-save"), &[], None)
     }
 
-    fn save_counters(&self, family: Family) -> Result<String, NetfilterError> {
+    fn save_counters(&self, family: Family) -> Result<String, FirewallError> {
         run(&tool(family, "tables-save"), &["-c"], None)
     }
 }

@@ -9,17 +9,28 @@ use crate::model::{
 
 use super::{Chain, FamilyRules, Ruleset};
 
-/// Renders the desired ruleset of the given rules, in id order.
+/// Renders the desired ruleset of the given rules, in id order, for a host
+/// whose bridges pass no traffic to iptables (see [`desired_on`]).
 ///
 /// Rules that cannot be active (their ports are held by someone else) must
 /// already be left out by the caller. A Docker mapping whose container is
 /// down renders nothing.
 pub fn desired<'a>(rules: impl IntoIterator<Item = &'a Rule>) -> Ruleset {
+    desired_on(rules, BridgeNetfilter::default())
+}
+
+pub use crate::firewall::BridgeNetfilter;
+
+/// [`desired`] for a host whose bridges do what `bridges` says.
+pub fn desired_on<'a>(
+    rules: impl IntoIterator<Item = &'a Rule>,
+    bridges: BridgeNetfilter,
+) -> Ruleset {
     let mut rules: Vec<&Rule> = rules.into_iter().collect();
     rules.sort_by_key(|r| r.id);
     let mut set = Ruleset::default();
     for rule in rules {
-        render_rule(rule, &mut set);
+        render_rule(rule, bridges, &mut set);
     }
     set
 }
@@ -30,7 +41,7 @@ pub fn comment(kind: &str, id: u64) -> String {
     format!("-m comment --comment natmap:{kind}:{id}")
 }
 
-fn render_rule(rule: &Rule, set: &mut Ruleset) {
+fn render_rule(rule: &Rule, bridges: BridgeNetfilter, set: &mut Ruleset) {
     let tag = comment(rule.spec.kind(), rule.id);
     match &rule.spec {
         RuleSpec::Dnat(r) => {
@@ -73,19 +84,29 @@ fn render_rule(rule: &Rule, set: &mut Ruleset) {
         RuleSpec::Snat(r) => render_snat(r, &tag, set.family_mut(r.ext_ip.family())),
         // Routing, not netfilter: applied by the engine's route sync.
         RuleSpec::PolicyRoute(_) => {}
-        // Published on loopback only: the relay on the reserved socket
-        // serves it; no kernel rule (loopback DNAT needs `route_localnet`).
-        RuleSpec::Docker(r) if r.loopback_only() => {}
         RuleSpec::Docker(r) => {
-            for (family, target) in [(Family::V4, r.target_v4), (Family::V6, r.target_v6)] {
-                let Some(target) = target else { continue };
-                if r.host_ip.is_some_and(|h| h.family() != family) || target.ip.family() != family {
-                    continue;
-                }
-                render_docker(r, &target, &tag, set.family_mut(family));
+            for (family, target) in docker_targets(r) {
+                let bridged = bridges.filters(family);
+                render_docker(r, &target, bridged, &tag, set.family_mut(family));
             }
         }
     }
+}
+
+/// The targets a Docker mapping has rules for, with their family: each
+/// family it has a target in, unless its HOST_IP is of the other one. None
+/// for a mapping published on loopback only: the relay on its reserved
+/// socket serves it, and no kernel rule does (loopback DNAT would need
+/// `route_localnet`).
+pub fn docker_targets(r: &DockerRule) -> impl Iterator<Item = (Family, Endpoint)> + '_ {
+    let kernel = !r.loopback_only();
+    [(Family::V4, r.target_v4), (Family::V6, r.target_v6)]
+        .into_iter()
+        .filter(move |_| kernel)
+        .filter_map(|(family, target)| Some((family, target?)))
+        .filter(|(family, target)| {
+            r.host_ip.is_none_or(|h| h.family() == *family) && target.ip.family() == *family
+        })
 }
 
 /// The tag of a DNAT line, behind `-m addrtype --dst-type LOCAL` when the
@@ -202,7 +223,28 @@ fn masquerade_lines(
 /// keeps the port (`--dport 8000:8010 -j DNAT --to-destination IP`); any
 /// other range is one line per port, since DNAT to a port range picks any
 /// port of it instead of the one at the same offset.
-fn render_docker(r: &DockerRule, target: &Endpoint, tag: &str, out: &mut FamilyRules) {
+///
+/// Clients on the container's own network reach it through the host's
+/// address too, and whom that needs masqueraded depends on the bridge
+/// (`bridged`: its frames pass iptables, br_netfilter):
+/// - with br_netfilter, the DNAT happens as the frame crosses the bridge and
+///   the container's replies to a neighbour cross it the same way, where
+///   conntrack un-DNATs them: neighbours keep their address. Only the
+///   container reaching its own mapping is masqueraded (`-s C -d C`, as
+///   Docker does), else it would get a packet from itself to itself; the
+///   engine puts its bridge port in hairpin mode so the bridge sends the
+///   frame back out of the port it came in on (`engine::hairpin`);
+/// - without, the DNAT happens on the routed path and a reply to a
+///   neighbour goes straight over the bridge, past the host: the whole
+///   network is masqueraded, so the replies come back through the host (the
+///   container itself included, which then needs no hairpin).
+fn render_docker(
+    r: &DockerRule,
+    target: &Endpoint,
+    bridged: bool,
+    tag: &str,
+    out: &mut FamilyRules,
+) {
     let p = r.proto.as_str();
     let host_ports = r.host_ports();
     let container_ports = r.container_ports();
@@ -263,7 +305,17 @@ fn render_docker(r: &DockerRule, target: &Endpoint, tag: &str, out: &mut FamilyR
         }
     }
     if let Some(subnet) = &target.subnet {
-        for line in masquerade_lines(subnet, &target.ip, &container_ports, r.proto, tag) {
+        let family = target.ip.family();
+        let itself = Network::new(target.ip.ip(), family.host_prefix());
+        let clients = if bridged {
+            itself.as_ref()
+        } else {
+            Some(subnet)
+        };
+        for line in clients
+            .into_iter()
+            .flat_map(|c| masquerade_lines(c, &target.ip, &container_ports, r.proto, tag))
+        {
             out.push(Chain::NatPostrouting, line);
         }
     }

@@ -1,13 +1,29 @@
-//! Pure rule computation: `State -> Ruleset -> iptables-restore text`.
+//! The iptables driver: everything natmap knows about iptables.
 //!
-//! Nothing here runs a process or touches the kernel, so all of it is tested
-//! against golden text. [`render`] turns rules into the lines of natmap's
-//! chains, [`restore`] turns a ruleset (and, for a full apply, what
-//! `iptables-save` showed) into one `iptables-restore --noflush` transaction.
+//! # Layout
+//! - [`driver`]: [`IptablesDriver`], the [`crate::firewall::FirewallDriver`]
+//!   over the modules below, and its mirror of what it applied;
+//! - [`render`]: pure, rules → the lines of natmap's chains ([`Ruleset`]);
+//! - [`restore`]: pure, a ruleset (and, for a full apply, what
+//!   `iptables-save` showed) → one `iptables-restore --noflush` transaction;
+//! - [`saved`]: `iptables-save` parsed just enough to find natmap's chains,
+//!   their hooks and drift;
+//! - `counters`: per-rule counters from `iptables-save -c`, Docker's own
+//!   published ports;
+//! - [`exec`]: running `iptables-restore`/`-save` (real and recording
+//!   executors), flavor detection (iptables-nft or iptables-legacy).
+//!
+//! Rendering and transactions run no process, so they are tested against
+//! golden text (`testdata/`).
 
+mod counters;
+pub mod driver;
+pub mod exec;
 pub mod render;
 pub mod restore;
 pub mod saved;
+
+pub use driver::IptablesDriver;
 
 use crate::model::Family;
 

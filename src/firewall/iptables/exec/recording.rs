@@ -4,7 +4,8 @@ use std::sync::Mutex;
 
 use crate::model::Family;
 
-use super::{Netfilter, NetfilterError};
+use super::Netfilter;
+use crate::firewall::FirewallError;
 
 /// Records restore payloads and answers `save` with a fixed dump. Can be told
 /// to fail the next restore, to test rollback.
@@ -19,11 +20,11 @@ pub struct RecordingExecutor {
 }
 
 impl Netfilter for RecordingExecutor {
-    fn restore(&self, family: Family, payload: &str) -> Result<(), NetfilterError> {
+    fn restore(&self, family: Family, payload: &str) -> Result<(), FirewallError> {
         let mut failing = self.fail_next.lock().expect("lock");
         if *failing > 0 {
             *failing -= 1;
-            return Err(NetfilterError {
+            return Err(FirewallError::Refused {
                 program: "iptables-restore".into(),
                 message: "injected failure".into(),
             });
@@ -35,7 +36,7 @@ impl Netfilter for RecordingExecutor {
         Ok(())
     }
 
-    fn save(&self, _family: Family) -> Result<String, NetfilterError> {
+    fn save(&self, _family: Family) -> Result<String, FirewallError> {
         Ok(self.saved.lock().expect("lock").clone())
     }
 }

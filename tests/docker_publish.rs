@@ -14,7 +14,7 @@
 //! namespace, an "outside machine" namespace routed to the host, one test
 //! at a time ([`serial`]), every fixture removed by a guard.
 
-mod common;
+pub mod common;
 
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener, TcpStream, UdpSocket};

@@ -323,9 +323,13 @@ pub struct DockerRmRequest {
     /// `--name`.
     #[serde(default)]
     pub name: Option<ContainerRef>,
-    /// Host port of the mapping.
+    /// Host port of the mapping (any port of a range names it).
     #[serde(default)]
     pub host_port: Option<u16>,
+    /// With `host_port`, the last port of a range (`8160-8161`): the
+    /// mapping must be exactly that range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_port_last: Option<u16>,
     /// Protocol, when the port is mapped for both.
     #[serde(default)]
     pub proto: Option<Proto>,
@@ -340,10 +344,18 @@ pub struct DockerRmRequest {
 pub struct DockerRemapRequest {
     /// Container by name or id prefix.
     pub container: ContainerRef,
-    /// Current host port.
+    /// Current host port (the first of a range).
     pub old_port: u16,
-    /// New host port.
+    /// New host port (the first of the new range).
     pub new_port: u16,
+    /// The last port of the current range, when the request names it
+    /// (`8160-8161:9160-9161`): the mapping must be exactly that range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_port_last: Option<u16>,
+    /// The last port of the new range, when given: it must make a range
+    /// of the mapping's length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_port_last: Option<u16>,
     /// Protocol, when the port is mapped for both.
     #[serde(default)]
     pub proto: Option<Proto>,

@@ -15,11 +15,29 @@ fn mapping(s: &str) -> Result<PortSpec, String> {
         .map_err(|e: crate::model::ParseError| e.to_string())
 }
 
-/// `HOST_PORT[/tcp|udp]`.
+/// `HOST_PORT[/tcp|udp]` or `FIRST-LAST[/tcp|udp]` (a range mapping).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostPort {
     port: u16,
+    last: Option<u16>,
     proto: Option<Proto>,
+}
+
+/// `PORT` or `FIRST-LAST`: (first, last when a range was given).
+fn port_or_range(field: &'static str, s: &str) -> Result<(u16, Option<u16>), String> {
+    let one = |p: &str| parse_port(field, p).map_err(|e| e.to_string());
+    match s.split_once('-') {
+        None => Ok((one(s)?, None)),
+        Some((a, b)) => {
+            let (first, last) = (one(a)?, one(b)?);
+            if first > last {
+                return Err(format!(
+                    "invalid {field} \"{s}\": expected a port or a range FIRST-LAST, e.g. 8160-8161"
+                ));
+            }
+            Ok((first, Some(last)))
+        }
+    }
 }
 
 fn host_port(s: &str) -> Result<HostPort, String> {
@@ -34,20 +52,23 @@ fn host_port(s: &str) -> Result<HostPort, String> {
         ),
         None => (s, None),
     };
-    let port = parse_port("HOST_PORT", port).map_err(|e| e.to_string())?;
-    Ok(HostPort { port, proto })
+    let (port, last) = port_or_range("HOST_PORT", port)?;
+    Ok(HostPort { port, last, proto })
 }
 
-/// `OLD:NEW[/tcp|udp]`.
+/// `OLD:NEW[/tcp|udp]`, each side a port or a range (`8160-8161:9160-9161`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Remap {
     old: u16,
+    old_last: Option<u16>,
     new: u16,
+    new_last: Option<u16>,
     proto: Option<Proto>,
 }
 
 fn remap(s: &str) -> Result<Remap, String> {
-    const FORM: &str = "OLD_HOST_PORT:NEW_HOST_PORT[/tcp|udp], e.g. 8080:8081";
+    const FORM: &str = "OLD_HOST_PORT:NEW_HOST_PORT[/tcp|udp], e.g. 8080:8081, or for a range \
+                        its first port or the whole range: 8160:9160, 8160-8161:9160-9161";
     let (ports, proto) = match s.split_once('/') {
         Some((p, proto)) => (
             p,
@@ -63,9 +84,20 @@ fn remap(s: &str) -> Result<Remap, String> {
         .split_once(':')
         .ok_or_else(|| format!("invalid remap {s:?}: expected {FORM}"))?;
     let bad = |_| format!("invalid remap {s:?}: expected {FORM}");
+    let (old, old_last) = port_or_range("remap", old).map_err(bad)?;
+    let (new, new_last) = port_or_range("remap", new).map_err(bad)?;
+    let len = |first: u16, last: Option<u16>| last.map_or(0, |l| l - first);
+    if new_last.is_some() && len(old, old_last) != len(new, new_last) {
+        return Err(format!(
+            "invalid remap {s:?}: the old and new ranges must be of equal length, e.g. \
+             8160-8161:9160-9161"
+        ));
+    }
     Ok(Remap {
-        old: parse_port("remap", old).map_err(bad)?,
-        new: parse_port("remap", new).map_err(bad)?,
+        old,
+        old_last,
+        new,
+        new_last,
         proto,
     })
 }
@@ -78,6 +110,8 @@ pub enum DockerCommand {
   lab-ops natmap docker add my-nginx 8080:80
   lab-ops natmap docker add my-nginx 203.0.113.10:8443:443/tcp
   lab-ops natmap docker add dns 5353:53/udp
+  lab-ops natmap docker add web 8160-8161:80-81            # a range (one mapping)
+  lab-ops natmap docker add web 127.0.0.1:8152:80          # on loopback only
   lab-ops natmap docker add 8080:80 --name my-nginx
   lab-ops natmap docker add 9000:192.0.2.50:9000 --name nas     # a non-Docker target")]
     Add(AddArgs),
@@ -85,11 +119,14 @@ pub enum DockerCommand {
     #[command(after_help = "Examples:
   lab-ops natmap docker rm my-nginx 8080
   lab-ops natmap docker rm --name dns 5353/udp
+  lab-ops natmap docker rm web 8160-8161          # a range mapping (any of its ports names it)
   lab-ops natmap docker rm --id 7")]
     Rm(RmArgs),
     /// Move a mapping to another host port (the new port is reserved first).
-    #[command(after_help = "Example:
-  lab-ops natmap docker remap my-nginx 8080:8081")]
+    /// A range moves as a whole, to a range of the same length.
+    #[command(after_help = "Examples:
+  lab-ops natmap docker remap my-nginx 8080:8081
+  lab-ops natmap docker remap web 8160-8161:9160-9161      # or: 8160:9160")]
     Remap(RemapArgs),
 }
 
@@ -97,7 +134,9 @@ pub enum DockerCommand {
 #[derive(Debug, Args)]
 pub struct AddArgs {
     /// CONTAINER MAPPING, or just MAPPING with --name.
-    /// MAPPING: [HOST_IP:]HOST_PORT[:CONTAINER_PORT][/tcp|udp] or HOST_PORT:TARGET_IP:PORT[/tcp|udp].
+    /// MAPPING: [HOST_IP:]HOST_PORT[:CONTAINER_PORT][/tcp|udp] or HOST_PORT:TARGET_IP:PORT[/tcp|udp];
+    /// ports may be ranges of equal length (8160-8161:80-81); a loopback
+    /// HOST_IP (127.0.0.1, [::1]) publishes on that address only.
     #[arg(value_name = "CONTAINER|MAPPING", num_args = 1..=2, required = true)]
     pub args: Vec<String>,
     /// The container (or, with HOST_PORT:TARGET_IP:PORT, a label for the target).
@@ -132,7 +171,7 @@ pub struct RemapArgs {
     /// The container.
     #[arg(value_parser = container)]
     pub container: ContainerRef,
-    /// OLD_HOST_PORT:NEW_HOST_PORT[/tcp|udp].
+    /// OLD_HOST_PORT:NEW_HOST_PORT[/tcp|udp] (ranges: 8160-8161:9160-9161).
     #[arg(value_name = "OLD:NEW", value_parser = remap)]
     pub ports: Remap,
 }
@@ -169,6 +208,7 @@ impl DockerCommand {
                     container: container_arg,
                     name: a.name,
                     host_port: port.map(|p| p.port),
+                    host_port_last: port.and_then(|p| p.last),
                     proto: port.and_then(|p| p.proto),
                     id: a.id,
                 }))
@@ -177,6 +217,8 @@ impl DockerCommand {
                 container: a.container,
                 old_port: a.ports.old,
                 new_port: a.ports.new,
+                old_port_last: a.ports.old_last,
+                new_port_last: a.ports.new_last,
                 proto: a.ports.proto,
             })),
         }

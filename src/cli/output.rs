@@ -485,8 +485,8 @@ fn describe(spec: &RuleSpec) -> (String, String, String) {
         ),
         RuleSpec::Docker(r) => {
             let host = match r.host_ip {
-                Some(h) => host_ports(h.ip(), &PortList::single(r.host_port)),
-                None => format!("*:{}", r.host_port),
+                Some(h) => host_ports(h.ip(), &r.host_ports()),
+                None => format!("*:{}", r.host_ports()),
             };
             let who = match (&r.container_id, r.external) {
                 (_, true) => r.name.clone(),
@@ -494,8 +494,8 @@ fn describe(spec: &RuleSpec) -> (String, String, String) {
                 (None, false) => r.name.clone(),
             };
             let addr = match r.target_v4.or(r.target_v6) {
-                Some(t) => host_ports(t.ip.ip(), &PortList::single(r.container_port)),
-                None => format!("-:{}", r.container_port),
+                Some(t) => host_ports(t.ip.ip(), &r.container_ports()),
+                None => format!("-:{}", r.container_ports()),
             };
             let source = r
                 .auto

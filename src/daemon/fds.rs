@@ -25,7 +25,10 @@ pub const BASE_RESERVE: usize = MAX_CONNECTIONS + 1 + 128;
 
 /// Descriptors one reserved port costs, at most: the reservation and the
 /// relay's loopback socket beside it (only for a wildcard or loopback bind;
-/// counted for every port, to be safe).
+/// a UDP port published on loopback only is one socket, which the relay
+/// reads through a duplicate descriptor; counted for every port, to be
+/// safe). A range mapping claims one port per port of the range, so its
+/// whole cost is checked before any of it is bound.
 pub const PER_PORT: usize = 2;
 
 /// Two descriptors per relayed connection the relay may hold (client and

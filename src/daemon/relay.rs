@@ -11,6 +11,10 @@
 //! The relay serves loopback and nothing else (design §4). Its sockets are
 //! bound to 127.0.0.1 or ::1, beside the port's reservation (see
 //! `daemon::reserve`), and it drops any peer that is not itself on loopback.
+//! A mapping published on a loopback address only (`127.0.0.1:8080:80`) is
+//! served by the relay alone: no kernel rule forwards it, so it is
+//! reachable on that address and nowhere else. Its UDP ports are read
+//! through the reservation itself (one socket, not a second one beside it).
 //! Connections to the host's other addresses never reach it: the kernel's
 //! rules translate them, or the reservation refuses them like a closed port.
 //! A mapping without a confirmed target has no relay socket at all, so
@@ -35,7 +39,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::model::{PortClaim, RuleId};
+use crate::model::{PortClaim, Proto, RuleId};
 
 use super::reserve::{self, LoopbackSocket};
 
@@ -96,8 +100,16 @@ impl Relays {
     /// covers one (a wildcard or loopback bind) relays to the claim's
     /// target. Existing relayed connections are cut first. A claim without
     /// a target (a down mapping, a container without an address of that
-    /// family) gets no relay, so its loopback is refused too.
-    pub fn serve(&mut self, id: RuleId, claims: &[PortClaim]) -> std::io::Result<()> {
+    /// family) gets no relay, so its loopback is refused too. `held` are
+    /// the rule's reservations: a UDP port reserved on a loopback address
+    /// is served through its reservation itself (see
+    /// [`reserve::Reservation::open_udp_for_relay`]).
+    pub fn serve(
+        &mut self,
+        id: RuleId,
+        claims: &[PortClaim],
+        held: &[reserve::Reservation],
+    ) -> std::io::Result<()> {
         self.stop(id);
         let Some(rt) = self.runtime.clone() else {
             return Ok(());
@@ -112,6 +124,34 @@ impl Relays {
                 continue;
             }
             let to = claim.target;
+            let own = held.iter().find(|r| {
+                claim.proto == Proto::Udp
+                    && claim.bind.ip().is_loopback()
+                    && r.claim.bind == claim.bind
+                    && r.claim.proto == claim.proto
+            });
+            if let Some(reservation) = own {
+                let shared = self.shared();
+                let served = reservation.open_udp_for_relay().and_then(|socket| {
+                    let socket = Arc::new(UdpSocket::from_std(socket)?);
+                    // Dropped with the task (polled or not) when the relay
+                    // stops: the port answers nothing again.
+                    let refilter = Refilter(socket.clone());
+                    Ok(rt.spawn(async move {
+                        let _refilter = refilter;
+                        relay_udp(socket, to, shared).await
+                    }))
+                });
+                match served {
+                    Ok(handle) => handles.push(handle),
+                    Err(e) => {
+                        self.tasks.insert(id, handles);
+                        self.stop(id);
+                        return Err(e);
+                    }
+                }
+                continue;
+            }
             let bound = reserve::bind_loopback(claim.proto, lo).and_then(|socket| {
                 Ok(match socket {
                     LoopbackSocket::Tcp(l) => {
@@ -334,6 +374,18 @@ impl AsyncWrite for Tracked {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Closes a loopback UDP reservation the relay served through its own
+/// socket again when dropped (with the relay task): see
+/// [`reserve::Reservation::open_udp_for_relay`].
+struct Refilter(Arc<UdpSocket>);
+
+impl Drop for Refilter {
+    fn drop(&mut self) {
+        use std::os::fd::AsFd;
+        reserve::refilter(self.0.as_fd());
     }
 }
 

@@ -24,7 +24,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage};
 
@@ -43,6 +43,64 @@ impl Reservation {
     /// The reserving socket, e.g. to name its inode.
     pub fn fd(&self) -> &OwnedFd {
         &self.socket
+    }
+
+    /// The reservation of a UDP port on a loopback address, opened for the
+    /// relay to serve: the same socket, not a second one beside it.
+    ///
+    /// Two UDP sockets bound to the same address and port with
+    /// `SO_REUSEPORT` form one group, and the kernel spreads datagrams
+    /// over the group: a relay socket beside the reservation would get
+    /// only some of them, the reservation's filter dropping the rest. So
+    /// the relay reads the reservation itself, through a duplicate of its
+    /// descriptor: datagrams queued while nobody served the port are
+    /// dropped, then the drop-everything filter comes off. When the relay
+    /// stops it must call [`refilter`] on the socket, so the port answers
+    /// nothing again (fail closed) while it stays reserved.
+    pub fn open_udp_for_relay(&self) -> io::Result<UdpSocket> {
+        let fd = self.socket.try_clone()?;
+        drain(fd.as_fd());
+        let detach = 0i32;
+        set_int_option(&fd, libc::SOL_SOCKET, libc::SO_DETACH_FILTER, detach).or_else(|e| {
+            // ENOENT: no filter attached (already detached).
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })?;
+        let socket = UdpSocket::from(fd);
+        socket.set_nonblocking(true)?;
+        Ok(socket)
+    }
+}
+
+/// Puts a UDP reservation's drop-everything filter back and drops what it
+/// queued, once its relay stops: see [`Reservation::open_udp_for_relay`].
+pub fn refilter(socket: BorrowedFd<'_>) {
+    if let Err(e) = attach_drop_filter(socket.as_raw_fd()) {
+        tracing::error!("cannot close a loopback UDP port again after its relay: {e}");
+    }
+    drain(socket);
+}
+
+/// Reads and discards every datagram queued on a UDP socket, without
+/// waiting.
+fn drain(fd: BorrowedFd<'_>) {
+    let mut buf = [0u8; 1];
+    loop {
+        // SAFETY: `fd` is a valid socket and `buf` outlives the call.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+            )
+        };
+        if n < 0 {
+            break;
+        }
     }
 }
 
@@ -155,6 +213,10 @@ fn new_socket(proto: Proto, addr: SocketAddr) -> io::Result<OwnedFd> {
 /// Attaches a classic BPF program that accepts no packet: a UDP
 /// reservation then never queues (or answers) what reaches it.
 fn drop_every_datagram(fd: &OwnedFd) -> io::Result<()> {
+    attach_drop_filter(fd.as_raw_fd())
+}
+
+fn attach_drop_filter(fd: std::os::fd::RawFd) -> io::Result<()> {
     let mut reject_all = [libc::sock_filter {
         code: (libc::BPF_RET | libc::BPF_K) as u16,
         jt: 0,
@@ -169,7 +231,7 @@ fn drop_every_datagram(fd: &OwnedFd) -> io::Result<()> {
     // across the call; the kernel copies it.
     let rc = unsafe {
         libc::setsockopt(
-            fd.as_raw_fd(),
+            fd,
             libc::SOL_SOCKET,
             libc::SO_ATTACH_FILTER,
             (&program as *const libc::sock_fprog).cast(),
@@ -188,6 +250,12 @@ fn drop_every_datagram(fd: &OwnedFd) -> io::Result<()> {
 /// reservation (`SO_REUSEPORT`, same user); TCP sets `SO_REUSEADDR` too so
 /// the relayed connections it leaves in TIME-WAIT never keep the port from
 /// being reserved again. Non-blocking, ready for tokio.
+///
+/// Beside a reservation on the same loopback address (a mapping published
+/// on 127.0.0.1 only), only TCP may use a socket of its own: a TCP
+/// connection goes to the listening socket, never to the bound-only
+/// reservation. UDP would split datagrams between the two (see
+/// [`Reservation::open_udp_for_relay`]).
 pub enum LoopbackSocket {
     /// A listening TCP socket.
     Tcp(TcpListener),

@@ -82,6 +82,24 @@ impl HostIp {
         Ok(HostIp(ip))
     }
 
+    /// Parses a Docker mapping's HOST_IP: a host address as
+    /// [`HostIp::parse_field`] takes it, or a loopback address
+    /// (127.0.0.0/8, ::1). A loopback HOST_IP is never DNATed: the daemon's
+    /// relay serves it alone (see `daemon::relay`), so the CVE-2020-8558
+    /// reason to refuse loopback does not apply.
+    pub fn parse_publish(field: &'static str, s: &str) -> Result<HostIp, ParseError> {
+        match s.parse::<IpAddr>() {
+            Ok(ip) if ip.is_loopback() => Ok(HostIp(ip)),
+            _ => HostIp::parse_field(field, s),
+        }
+    }
+
+    /// Whether this is a loopback address (only a Docker mapping's HOST_IP
+    /// can be: see [`HostIp::parse_publish`]).
+    pub fn is_loopback(&self) -> bool {
+        self.0.is_loopback()
+    }
+
     /// The address.
     pub fn ip(&self) -> IpAddr {
         self.0

@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use super::{parse_port, HostIp, Network, ParseError, Proto};
+use super::{parse_port, HostIp, Network, ParseError, PortList, Proto};
 
 /// A container named by full id, id prefix or name (as Docker accepts them),
 /// or a label for a non-Docker target. Docker's name rules:
@@ -64,29 +64,44 @@ impl fmt::Display for ContainerRef {
     }
 }
 
-/// The port argument of `docker add`:
+/// The port argument of `docker add`, as `docker run -p` takes it:
 /// `[HOST_IP:]HOST_PORT[:CONTAINER_PORT][/tcp|udp]` or, for a non-Docker
 /// target, `HOST_PORT:TARGET_IP:PORT[/tcp|udp]`. IPv6 addresses go in
-/// brackets: `[2001:db8::1]:8080:80`.
+/// brackets: `[2001:db8::1]:8080:80`. Each port may be a range
+/// (`8160-8161:80-81`): host and container ranges of equal length, host
+/// port `first + i` forwarding to container port `first + i`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct PortSpec {
-    /// Host address to forward from (all local addresses when absent).
+    /// Host address to forward from (all local addresses when absent; a
+    /// loopback address publishes on loopback only).
     pub host_ip: Option<HostIp>,
-    /// Host port.
+    /// Host port (the first of a range).
     pub host_port: u16,
     /// A fixed target address (non-Docker target).
     pub target_ip: Option<HostIp>,
-    /// Port on the target.
+    /// Port on the target (the first of a range).
     pub target_port: u16,
+    /// Number of ports (1 for a single port).
+    pub port_count: u16,
     /// Protocol.
     pub proto: Proto,
 }
 
+/// The most ports one range mapping may publish: each is a reserved socket
+/// (two with the loopback relay, per family), so a range is a few thousand
+/// descriptors at most (`daemon::fds` checks the budget too).
+pub const MAX_RANGE_PORTS: u16 = 1000;
+
 const PORT_SPEC_FORM: &str =
     "[HOST_IP:]HOST_PORT[:CONTAINER_PORT][/tcp|udp] or HOST_PORT:TARGET_IP:PORT[/tcp|udp], \
-e.g. 8080:80, 203.0.113.10:8080:80/tcp, 5353:53/udp, 8080:192.0.2.10:80 ([v6] in brackets); \
-HOST_IP is a non-loopback address of this host (127.0.0.1 is always served)";
+e.g. 8080:80, 203.0.113.10:8080:80/tcp, 5353:53/udp, 8160-8161:80-81, 127.0.0.1:8080:80, \
+8080:192.0.2.10:80 ([v6] in brackets); HOST_IP is an address of this host, or 127.0.0.1 / \
+[::1] to publish on that loopback address only";
+
+/// What a port range must look like.
+const RANGE_FORM: &str = "HOST_PORT and CONTAINER_PORT ranges of equal length, \
+e.g. 8160-8161:80-81 or 8160-8161 (the same ports on both sides), at most 1000 ports";
 
 /// Splits on ':' outside of `[...]`.
 fn split_colons(s: &str) -> Vec<&str> {
@@ -108,11 +123,47 @@ fn split_colons(s: &str) -> Vec<&str> {
 }
 
 fn parse_addr(field: &'static str, s: &str) -> Result<HostIp, ParseError> {
-    let inner = s
-        .strip_prefix('[')
+    HostIp::parse_field(field, unbracket(s))
+}
+
+fn unbracket(s: &str) -> &str {
+    s.strip_prefix('[')
         .and_then(|x| x.strip_suffix(']'))
-        .unwrap_or(s);
-    HostIp::parse_field(field, inner)
+        .unwrap_or(s)
+}
+
+/// A port or an inclusive range `FIRST-LAST`: (first, count). `None` when
+/// it is neither; a range backwards or longer than [`MAX_RANGE_PORTS`] is
+/// an error about the range.
+fn parse_ports(s: &str, whole: &str) -> Result<Option<(u16, u16)>, ParseError> {
+    let port = |p: &str| parse_port("mapping", p).ok();
+    match s.split_once('-') {
+        None => Ok(port(s).map(|p| (p, 1))),
+        Some((a, b)) => {
+            let (Some(first), Some(last)) = (port(a), port(b)) else {
+                return Ok(None);
+            };
+            if first > last {
+                return Err(ParseError::new(
+                    "mapping port range",
+                    whole,
+                    format!("{RANGE_FORM} ({s} runs backwards)"),
+                ));
+            }
+            let count = last - first + 1;
+            if count > MAX_RANGE_PORTS {
+                return Err(ParseError::new(
+                    "mapping port range",
+                    whole,
+                    format!(
+                        "{RANGE_FORM} ({s} is {count} ports; each is a reserved socket, so \
+                         publish larger ranges as several mappings)"
+                    ),
+                ));
+            }
+            Ok(Some((first, count)))
+        }
+    }
 }
 
 /// Why a loopback target is refused, and what to use instead.
@@ -149,39 +200,46 @@ impl FromStr for PortSpec {
             Some((b, p)) => (b, p.parse::<Proto>().map_err(|_| bad())?),
             None => (s, Proto::Tcp),
         };
-        let port = |p: &str| parse_port("mapping", p).map_err(|_| bad());
+        let ports = |p: &str| parse_ports(p, s)?.ok_or_else(bad);
         let looks_like_ip = |p: &str| p.starts_with('[') || p.contains('.') || p.contains(':');
         let parts = split_colons(body);
-        let spec = match parts.as_slice() {
-            [hp] => PortSpec {
-                host_ip: None,
-                host_port: port(hp)?,
-                target_ip: None,
-                target_port: port(hp)?,
-                proto,
-            },
-            [hp, cp] => PortSpec {
-                host_ip: None,
-                host_port: port(hp)?,
-                target_ip: None,
-                target_port: port(cp)?,
-                proto,
-            },
-            [a, b, c] if looks_like_ip(a) => PortSpec {
-                host_ip: Some(parse_addr("mapping host address", a).map_err(|_| bad())?),
-                host_port: port(b)?,
-                target_ip: None,
-                target_port: port(c)?,
-                proto,
-            },
-            [a, b, c] if looks_like_ip(b) => PortSpec {
-                host_ip: None,
-                host_port: port(a)?,
-                target_ip: Some(parse_target(b).map_err(|e| e.unwrap_or_else(bad))?),
-                target_port: port(c)?,
-                proto,
-            },
+        let (host_ip, host, target_ip, target) = match parts.as_slice() {
+            [hp] => (None, ports(hp)?, None, ports(hp)?),
+            [hp, cp] => (None, ports(hp)?, None, ports(cp)?),
+            [a, b, c] if looks_like_ip(a) => (
+                Some(
+                    HostIp::parse_publish("mapping host address", unbracket(a))
+                        .map_err(|_| bad())?,
+                ),
+                ports(b)?,
+                None,
+                ports(c)?,
+            ),
+            [a, b, c] if looks_like_ip(b) => (
+                None,
+                ports(a)?,
+                Some(parse_target(b).map_err(|e| e.unwrap_or_else(bad))?),
+                ports(c)?,
+            ),
             _ => return Err(bad()),
+        };
+        if host.1 != target.1 {
+            return Err(ParseError::new(
+                "mapping port range",
+                s,
+                format!(
+                    "{RANGE_FORM} (here {} host port(s) and {} container port(s))",
+                    host.1, target.1
+                ),
+            ));
+        }
+        let spec = PortSpec {
+            host_ip,
+            host_port: host.0,
+            target_ip,
+            target_port: target.0,
+            port_count: host.1,
+            proto,
         };
         if let (Some(h), Some(t)) = (&spec.host_ip, &spec.target_ip) {
             if h.family() != t.family() {
@@ -198,15 +256,22 @@ impl fmt::Display for PortSpec {
             IpAddr::V4(v4) => v4.to_string(),
             IpAddr::V6(v6) => format!("[{v6}]"),
         };
+        let range = |first: u16| PortList::range(first, port_last(first, self.port_count));
         if let Some(h) = &self.host_ip {
             write!(f, "{}:", addr(h))?;
         }
-        write!(f, "{}:", self.host_port)?;
+        write!(f, "{}:", range(self.host_port))?;
         if let Some(t) = &self.target_ip {
             write!(f, "{}:", addr(t))?;
         }
-        write!(f, "{}/{}", self.target_port, self.proto)
+        write!(f, "{}/{}", range(self.target_port), self.proto)
     }
+}
+
+/// The last port of `count` ports from `first` (saturating: a count that
+/// would run past 65535 is refused by the checks, never rendered).
+fn port_last(first: u16, count: u16) -> u16 {
+    first.saturating_add(count.max(1) - 1)
 }
 
 impl TryFrom<String> for PortSpec {
@@ -248,13 +313,19 @@ pub struct DockerRule {
     /// Docker network the address is taken from.
     #[serde(default)]
     pub network: Option<String>,
-    /// Host address to forward from (all local addresses when absent).
-    #[serde(default)]
+    /// Host address to forward from (all local addresses when absent). A
+    /// loopback address (127.0.0.1, ::1) publishes on that address only,
+    /// served by the relay alone: no kernel rule forwards it.
+    #[serde(default, deserialize_with = "publish_ip")]
     pub host_ip: Option<HostIp>,
-    /// Host port.
+    /// Host port (the first of a range).
     pub host_port: u16,
-    /// Container (target) port.
+    /// Container (target) port (the first of a range).
     pub container_port: u16,
+    /// Ports in the mapping: host port `host_port + i` forwards to
+    /// `container_port + i`. 1 (and left out of documents) for one port.
+    #[serde(default = "one_port", skip_serializing_if = "is_one_port")]
+    pub port_count: u16,
     /// Protocol (tcp when left out of a document).
     #[serde(default)]
     pub proto: Proto,
@@ -275,6 +346,21 @@ pub struct DockerRule {
     /// VIP): the mapping then matches only while the address is local.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_nonlocal: bool,
+}
+
+fn one_port() -> u16 {
+    1
+}
+
+fn is_one_port(count: &u16) -> bool {
+    *count == 1
+}
+
+/// A mapping's `host_ip`: any address `HostIp` takes, or loopback.
+fn publish_ip<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<HostIp>, D::Error> {
+    let text: Option<String> = Option::deserialize(d)?;
+    text.map(|s| HostIp::parse_publish("host_ip", &s).map_err(serde::de::Error::custom))
+        .transpose()
 }
 
 /// Where an auto-discovered mapping came from.
@@ -308,10 +394,61 @@ impl DockerRule {
         if self.host_port == 0 || self.container_port == 0 {
             return Err("host_port and container_port: expected ports 1-65535".into());
         }
+        if self.port_count == 0 || self.port_count > MAX_RANGE_PORTS {
+            return Err(format!(
+                "port_count: expected 1-{MAX_RANGE_PORTS} ports (a range is one reserved socket per port)"
+            ));
+        }
+        let end = |first: u16| u32::from(first) + u32::from(self.port_count) - 1;
+        if end(self.host_port) > 65535 || end(self.container_port) > 65535 {
+            return Err(format!(
+                "port_count: {} ports from host port {} / container port {} run past 65535",
+                self.port_count, self.host_port, self.container_port
+            ));
+        }
         if self.external && !self.is_up() {
             return Err("a fixed (external) target needs target_v4 or target_v6".into());
         }
         Ok(())
+    }
+
+    /// The host ports of the mapping (one, or a range).
+    pub fn host_ports(&self) -> PortList {
+        PortList::range(self.host_port, self.last_host_port())
+    }
+
+    /// The last host port (`host_port` for a single port).
+    pub fn last_host_port(&self) -> u16 {
+        port_last(self.host_port, self.port_count)
+    }
+
+    /// The container (target) ports, in the order of [`Self::host_ports`].
+    pub fn container_ports(&self) -> PortList {
+        PortList::range(
+            self.container_port,
+            port_last(self.container_port, self.port_count),
+        )
+    }
+
+    /// The (host port, container port) pairs of the mapping.
+    pub fn port_pairs(&self) -> impl Iterator<Item = (u16, u16)> + '_ {
+        (0..self.port_count.max(1)).map(|i| {
+            (
+                self.host_port.saturating_add(i),
+                self.container_port.saturating_add(i),
+            )
+        })
+    }
+
+    /// Whether host port `port` is one of the mapping's.
+    pub fn has_host_port(&self, port: u16) -> bool {
+        (self.host_port..=self.last_host_port()).contains(&port)
+    }
+
+    /// Whether the mapping is published on a loopback address only
+    /// (`127.0.0.1:8080:80`): the relay serves it, no kernel rule does.
+    pub fn loopback_only(&self) -> bool {
+        self.host_ip.is_some_and(|h| h.is_loopback())
     }
 
     /// Whether the mapping forwards anywhere right now.
@@ -343,8 +480,8 @@ mod tests {
         );
         let s: PortSpec = "8080:80".parse().unwrap();
         assert_eq!((s.host_port, s.target_port), (8080, 80));
-        let loopback = "127.0.0.2:8080:80/udp".parse::<PortSpec>();
-        assert!(loopback.is_err(), "loopback host ip refused");
+        let s: PortSpec = "127.0.0.2:8080:80/udp".parse().unwrap();
+        assert!(s.host_ip.unwrap().is_loopback());
         let s: PortSpec = "192.0.2.1:8080:80/udp".parse().unwrap();
         assert_eq!(s.host_ip.unwrap().to_string(), "192.0.2.1");
         assert_eq!(s.proto, Proto::Udp);
@@ -353,6 +490,188 @@ mod tests {
         let s: PortSpec = "8080:192.0.2.10:80".parse().unwrap();
         assert_eq!(s.target_ip.unwrap().to_string(), "192.0.2.10");
         assert_eq!(s.host_ip, None);
+    }
+
+    #[test]
+    fn port_ranges_parse_as_docker_run_p_takes_them() {
+        for (text, host_ip, host, target, count, proto, shown) in [
+            (
+                "8160-8161:80-81",
+                None,
+                8160,
+                80,
+                2,
+                Proto::Tcp,
+                "8160-8161:80-81/tcp",
+            ),
+            (
+                "8160-8161:80-81/udp",
+                None,
+                8160,
+                80,
+                2,
+                Proto::Udp,
+                "8160-8161:80-81/udp",
+            ),
+            (
+                "8160-8161",
+                None,
+                8160,
+                8160,
+                2,
+                Proto::Tcp,
+                "8160-8161:8160-8161/tcp",
+            ),
+            (
+                "10.0.0.1:8160-8161:80-81",
+                Some("10.0.0.1"),
+                8160,
+                80,
+                2,
+                Proto::Tcp,
+                "10.0.0.1:8160-8161:80-81/tcp",
+            ),
+            (
+                "[2001:db8::1]:8160-8161:80-81/udp",
+                Some("2001:db8::1"),
+                8160,
+                80,
+                2,
+                Proto::Udp,
+                "[2001:db8::1]:8160-8161:80-81/udp",
+            ),
+            (
+                "8160-8160:80-80",
+                None,
+                8160,
+                80,
+                1,
+                Proto::Tcp,
+                "8160:80/tcp",
+            ),
+            ("1-1000", None, 1, 1, 1000, Proto::Tcp, "1-1000:1-1000/tcp"),
+        ] {
+            let s: PortSpec = text.parse().unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(
+                (
+                    s.host_ip.map(|h| h.to_string()),
+                    s.host_port,
+                    s.target_port,
+                    s.port_count,
+                    s.proto
+                ),
+                (host_ip.map(String::from), host, target, count, proto),
+                "{text}"
+            );
+            assert_eq!(s.to_string(), shown, "{text}");
+            assert_eq!(shown.parse::<PortSpec>().unwrap(), s, "{text} round trip");
+        }
+        let s: PortSpec = "9000-9001:192.0.2.50:9000-9001".parse().unwrap();
+        assert_eq!(
+            (s.port_count, s.target_ip.unwrap().to_string()),
+            (2, "192.0.2.50".into())
+        );
+    }
+
+    #[test]
+    fn unequal_backwards_or_huge_ranges_are_refused_naming_the_range() {
+        for (bad, says) in [
+            ("8160-8162:80-81", "3 host port(s) and 2 container port(s)"),
+            ("8160-8161:80", "2 host port(s) and 1 container port(s)"),
+            ("8160:80-81/udp", "1 host port(s) and 2 container port(s)"),
+            (
+                "10.0.0.1:8160-8161:80-82",
+                "2 host port(s) and 3 container port(s)",
+            ),
+            ("8161-8160:80-81", "runs backwards"),
+            ("1-1001", "1001 ports"),
+        ] {
+            let err = bad.parse::<PortSpec>().unwrap_err();
+            assert_eq!(err.field, "mapping port range", "{bad}: {err}");
+            let text = err.to_string();
+            assert!(text.contains(says), "{bad}: {text}");
+            assert!(text.contains("equal length"), "{bad}: {text}");
+            assert!(
+                text.contains("8160-8161:80-81"),
+                "the accepted form: {text}"
+            );
+            assert!(text.contains("at most 1000"), "{bad}: {text}");
+        }
+        for bad in [
+            "8160-:80",
+            "-8161:80",
+            "8160-8161-8162:80",
+            "0-5:0-5",
+            "8160-x:80-81",
+        ] {
+            let err = bad.parse::<PortSpec>().unwrap_err().to_string();
+            assert!(err.contains("HOST_PORT"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_loopback_host_ip_publishes_on_loopback_only() {
+        for (text, ip) in [
+            ("127.0.0.1:8152:80", "127.0.0.1"),
+            ("[::1]:8152:80/udp", "::1"),
+            ("127.0.0.1:8152-8153:80-81", "127.0.0.1"),
+        ] {
+            let s: PortSpec = text.parse().unwrap_or_else(|e| panic!("{text}: {e}"));
+            let h = s.host_ip.unwrap();
+            assert!(h.is_loopback(), "{text}");
+            assert_eq!(h.to_string(), ip);
+        }
+        // Still not: the unspecified address, multicast, or loopback as a
+        // plain host address elsewhere.
+        for bad in ["0.0.0.0:8152:80", "[::]:8152:80", "224.0.0.1:8152:80"] {
+            assert!(bad.parse::<PortSpec>().is_err(), "{bad}");
+        }
+        assert!(
+            "127.0.0.1".parse::<HostIp>().is_err(),
+            "HostIp itself refuses loopback"
+        );
+    }
+
+    fn web_rule(json_extra: serde_json::Value) -> Result<DockerRule, String> {
+        let mut v = serde_json::json!({"name": "web", "host_port": 8160, "container_port": 80});
+        v.as_object_mut()
+            .unwrap()
+            .extend(json_extra.as_object().unwrap().clone());
+        let rule: DockerRule = serde_json::from_value(v).map_err(|e| e.to_string())?;
+        rule.check_fields().map(|()| rule)
+    }
+
+    #[test]
+    fn a_range_is_one_rule_with_a_port_count_and_stored_compactly() {
+        let one = web_rule(serde_json::json!({})).unwrap();
+        assert_eq!(one.port_count, 1);
+        let json = serde_json::to_value(&one).unwrap();
+        assert!(
+            json.get("port_count").is_none(),
+            "left out for one port: {json}"
+        );
+        let range = web_rule(serde_json::json!({"port_count": 2})).unwrap();
+        assert_eq!(range.host_ports().to_string(), "8160-8161");
+        assert_eq!(range.container_ports().to_string(), "80-81");
+        assert_eq!(
+            range.port_pairs().collect::<Vec<_>>(),
+            [(8160, 80), (8161, 81)]
+        );
+        assert!(range.has_host_port(8161) && !range.has_host_port(8162));
+        assert_eq!(serde_json::to_value(&range).unwrap()["port_count"], 2);
+        let lo = web_rule(serde_json::json!({"host_ip": "127.0.0.1"})).unwrap();
+        assert!(lo.loopback_only());
+        let lo6 = web_rule(serde_json::json!({"host_ip": "::1"})).unwrap();
+        assert!(lo6.loopback_only());
+        assert!(web_rule(serde_json::json!({"host_ip": "224.0.0.1"})).is_err());
+        for bad in [
+            serde_json::json!({"port_count": 0}),
+            serde_json::json!({"port_count": 1001}),
+            serde_json::json!({"host_port": 65535, "port_count": 2}),
+        ] {
+            let err = web_rule(bad.clone()).unwrap_err();
+            assert!(err.contains("port_count"), "{bad}: {err}");
+        }
     }
 
     #[test]

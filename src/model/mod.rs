@@ -9,7 +9,7 @@ mod proto;
 mod rule;
 
 pub use addr::{CanonicalIp, Family, HostIp, Network};
-pub use docker::{AutoSource, ContainerRef, DockerRule, Endpoint, PortSpec};
+pub use docker::{AutoSource, ContainerRef, DockerRule, Endpoint, PortSpec, MAX_RANGE_PORTS};
 pub use ifname::{IfName, IFNAME_MAX};
 pub use ports::{parse_port, PortDirection, PortList, PortRange, MAX_PORTS_PER_RULE};
 pub use proto::Proto;

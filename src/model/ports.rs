@@ -62,6 +62,15 @@ impl PortList {
         }])
     }
 
+    /// A list holding the ports `first..=last` (`first <= last`).
+    pub fn range(first: u16, last: u16) -> PortList {
+        debug_assert!(first <= last);
+        PortList(vec![PortRange {
+            first,
+            last: last.max(first),
+        }])
+    }
+
     /// Every port in the list, ascending.
     pub fn iter(&self) -> impl Iterator<Item = u16> + '_ {
         self.0.iter().flat_map(|r| r.first..=r.last)

@@ -1,6 +1,6 @@
 //! The rules natmap owns, as stored in `state.json`.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -161,9 +161,20 @@ impl RuleSpec {
         match self {
             RuleSpec::Dnat(r) => Some((r.ext_ip.ip(), r.allow_nonlocal)),
             RuleSpec::Hairpin(r) => Some((r.ext_ip.ip(), r.allow_nonlocal)),
-            RuleSpec::Docker(r) => r.host_ip.map(|h| (h.ip(), r.allow_nonlocal)),
+            // Loopback is always this host's.
+            RuleSpec::Docker(r) => r
+                .host_ip
+                .filter(|h| !h.is_loopback())
+                .map(|h| (h.ip(), r.allow_nonlocal)),
             RuleSpec::Snat(_) | RuleSpec::PolicyRoute(_) => None,
         }
+    }
+
+    /// Whether the rule needs IPv6 NAT (`ip6table_nat`): an IPv6 rule
+    /// other than a mapping published on `[::1]` only, which the relay
+    /// serves without any kernel rule.
+    pub fn needs_v6_nat(&self) -> bool {
+        self.family() == Family::V6 && !matches!(self, RuleSpec::Docker(d) if d.loopback_only())
     }
 
     /// The address family the rule lives in.
@@ -221,6 +232,7 @@ impl RuleSpec {
                     && a.host_ip == b.host_ip
                     && a.host_port == b.host_port
                     && a.container_port == b.container_port
+                    && a.port_count == b.port_count
                     && a.proto == b.proto
                     && a.external == b.external
                     && (!a.external || a.target_v4 == b.target_v4 && a.target_v6 == b.target_v6)
@@ -250,11 +262,12 @@ impl RuleSpec {
                     String::new()
                 };
                 format!(
-                    "docker|{}|{:?}|{}|{}|{}|{}|{targets}|{:?}",
+                    "docker|{}|{:?}|{}|{}|{}|{}|{}|{targets}|{:?}",
                     d.name,
                     d.host_ip,
                     d.host_port,
                     d.container_port,
+                    d.port_count,
                     d.proto,
                     d.external,
                     d.auto.as_ref().map(|a| &a.engine)
@@ -285,32 +298,40 @@ impl RuleSpec {
                 // held (another process could bind `[::]:PORT` with
                 // IPV6_V6ONLY otherwise), and each family's loopback is
                 // relayed to the container's address of that family.
-                let binds: Vec<IpAddr> = match r.host_ip {
-                    Some(h) => vec![h.ip()],
+                // Published on a loopback address: that address alone, its
+                // relay the only way in, to the container's address of the
+                // same family or else the other (as docker-proxy does).
+                let v4_none = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+                let v6_none = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+                let binds: Vec<(IpAddr, IpAddr)> = match r.host_ip {
+                    Some(h) if h.is_loopback() => {
+                        let (same, other) = match h.family() {
+                            Family::V4 => (r.target_v4, r.target_v6),
+                            Family::V6 => (r.target_v6, r.target_v4),
+                        };
+                        let none = if h.ip().is_ipv4() { v4_none } else { v6_none };
+                        vec![(h.ip(), same.or(other).map_or(none, |e| e.ip.ip()))]
+                    }
+                    Some(h) => {
+                        let target = match h.family() {
+                            Family::V4 => r.target_v4.map_or(v4_none, |e| e.ip.ip()),
+                            Family::V6 => r.target_v6.map_or(v6_none, |e| e.ip.ip()),
+                        };
+                        vec![(h.ip(), target)]
+                    }
                     None => vec![
-                        IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-                        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                        (v4_none, r.target_v4.map_or(v4_none, |e| e.ip.ip())),
+                        (v6_none, r.target_v6.map_or(v6_none, |e| e.ip.ip())),
                     ],
                 };
                 binds
                     .into_iter()
-                    .map(|bind_ip| {
-                        let (target, none) = match bind_ip {
-                            IpAddr::V4(_) => {
-                                (r.target_v4, IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
-                            }
-                            IpAddr::V6(_) => {
-                                (r.target_v6, IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
-                            }
-                        };
-                        PortClaim {
+                    .flat_map(|(bind_ip, target)| {
+                        r.port_pairs().map(move |(host, container)| PortClaim {
                             proto: r.proto,
-                            bind: SocketAddr::new(bind_ip, r.host_port),
-                            target: SocketAddr::new(
-                                target.map_or(none, |e| e.ip.ip()),
-                                r.container_port,
-                            ),
-                        }
+                            bind: SocketAddr::new(bind_ip, host),
+                            target: SocketAddr::new(target, container),
+                        })
                     })
                     .collect()
             }
@@ -365,6 +386,81 @@ mod tests {
         assert_eq!(claims.len(), 2);
         assert_eq!(claims[1].bind, "192.0.2.1:465".parse().unwrap());
         assert_eq!(claims[1].target, "198.51.100.2:465".parse().unwrap());
+    }
+
+    fn docker(spec: &str, v4: Option<&str>, v6: Option<&str>) -> RuleSpec {
+        let spec: super::super::PortSpec = spec.parse().unwrap();
+        let endpoint = |ip: Option<&str>| {
+            ip.map(|ip| super::super::Endpoint {
+                ip: ip.parse().unwrap(),
+                subnet: None,
+            })
+        };
+        RuleSpec::Docker(DockerRule {
+            name: "web".into(),
+            container_id: None,
+            network: None,
+            host_ip: spec.host_ip,
+            host_port: spec.host_port,
+            container_port: spec.target_port,
+            port_count: spec.port_count,
+            proto: spec.proto,
+            external: false,
+            target_v4: endpoint(v4),
+            target_v6: endpoint(v6),
+            auto: None,
+            allow_nonlocal: false,
+        })
+    }
+
+    fn binds(spec: &RuleSpec) -> Vec<(String, String)> {
+        spec.port_claims()
+            .iter()
+            .map(|c| (c.bind.to_string(), c.target.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_range_claims_every_port_at_its_offset() {
+        let spec = docker("8160-8161:80-81", Some("172.17.0.2"), None);
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            binds(&spec),
+            pairs(&[
+                ("0.0.0.0:8160", "172.17.0.2:80"),
+                ("0.0.0.0:8161", "172.17.0.2:81"),
+                ("[::]:8160", "[::]:80"),
+                ("[::]:8161", "[::]:81"),
+            ])
+        );
+        // Another range sharing one port is the same rule for nobody.
+        let other = docker("8161-8162:90-91", Some("172.17.0.3"), None);
+        assert!(!spec.same_rule(&other));
+        assert_ne!(
+            spec.identity_key(),
+            docker("8160-8162:80-82", None, None).identity_key()
+        );
+    }
+
+    #[test]
+    fn a_loopback_mapping_claims_only_its_address_and_relays_to_either_family() {
+        let spec = docker("127.0.0.1:8152:80", Some("172.17.0.2"), None);
+        assert_eq!(
+            binds(&spec),
+            [("127.0.0.1:8152".into(), "172.17.0.2:80".into())]
+        );
+        assert_eq!(spec.ingress_address(), None, "loopback is always local");
+        // [::1] of a container without IPv6 is relayed to its IPv4 address.
+        let v6 = docker("[::1]:8153:80", Some("172.17.0.2"), None);
+        assert_eq!(binds(&v6), [("[::1]:8153".into(), "172.17.0.2:80".into())]);
+        assert!(!v6.needs_v6_nat(), "served by the relay alone");
+        let down = docker("[::1]:8153:80", None, None);
+        assert_eq!(binds(&down), [("[::1]:8153".into(), "[::]:80".into())]);
+        assert!(docker("[2001:db8::1]:8153:80", None, Some("2001:db8::2")).needs_v6_nat());
     }
 
     #[test]

@@ -355,6 +355,85 @@ exec httpd -f -p 80 -h /www
         }
     }
 
+    /// Starts a container that tells its ports apart, for port ranges:
+    /// `busybox httpd` on each of `tcp_ports`, serving `/index.html` =
+    /// `t<port>`, and `udp-echo` on each of `udp_ports`, answering with
+    /// `u<port>-` followed by the payload ([`per_port_tcp`],
+    /// [`per_port_udp`]). Waits until every port answers at the
+    /// container's address.
+    pub fn per_port(role: &str, tcp_ports: &[u16], udp_ports: &[u16]) -> Container {
+        let name = unique_name(role);
+        let mut script = String::from("set -e\n");
+        for p in tcp_ports {
+            script.push_str(&format!(
+                "mkdir -p /www{p} && echo {} > /www{p}/index.html && httpd -p {p} -h /www{p}\n",
+                per_port_tcp(*p)
+            ));
+        }
+        for p in udp_ports {
+            script.push_str(&format!("udp-echo {p} {} &\n", per_port_udp(*p)));
+        }
+        script.push_str("exec sleep 3600\n");
+        let id = docker_ok(&[
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "--label",
+            "org.natmap.test=1",
+            TEST_IMAGE,
+            "sh",
+            "-c",
+            &script,
+        ]);
+        let c = Container {
+            name,
+            marker: String::new(),
+            extra_tcp_ports: Vec::new(),
+            id,
+        };
+        c.wait_per_port(tcp_ports, udp_ports);
+        c
+    }
+
+    /// Waits until a [`Container::per_port`] container answers on every
+    /// port at its address (after `docker start`, say).
+    pub fn wait_per_port(&self, tcp_ports: &[u16], udp_ports: &[u16]) {
+        let deadline = Instant::now() + CONTAINER_READY_TIMEOUT;
+        loop {
+            let ready = (|| -> Result<(), String> {
+                let ip = self.ip().ok_or("no address yet")?;
+                for p in tcp_ports {
+                    let body = http_get(sa(ip, *p), "/", Duration::from_secs(1))?;
+                    if body.trim() != per_port_tcp(*p) {
+                        return Err(format!("port {p} answered {body:?}"));
+                    }
+                }
+                for p in udp_ports {
+                    let reply = udp_ask_once(
+                        &Client::Host,
+                        sa(ip, *p),
+                        "ready",
+                        Duration::from_millis(500),
+                    )?;
+                    if reply != format!("{}ready", per_port_udp(*p)) {
+                        return Err(format!("udp {p} answered {reply:?}"));
+                    }
+                }
+                Ok(())
+            })();
+            match ready {
+                Ok(()) => return,
+                Err(e) if Instant::now() >= deadline => panic!(
+                    "container {} not ready within {CONTAINER_READY_TIMEOUT:?}: {e}\n--- docker logs ---\n{}",
+                    self.name,
+                    self.logs()
+                ),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
     /// Starts a container running `sleep` only (no servers), e.g. to occupy
     /// an address.
     pub fn sleeper(role: &str) -> Container {
@@ -507,6 +586,16 @@ impl Drop for Container {
             Err(e) => report(&format!("harness: docker rm -f {}: {e}", self.name)),
         }
     }
+}
+
+/// What a [`Container::per_port`] container serves on TCP `port`.
+pub fn per_port_tcp(port: u16) -> String {
+    format!("t{port}")
+}
+
+/// The marker a [`Container::per_port`] container's UDP `port` answers with.
+pub fn per_port_udp(port: u16) -> String {
+    format!("u{port}-")
 }
 
 /// Runs a throw-away container `docker run --rm --name nmt-… IMAGE argv…`
@@ -885,6 +974,25 @@ pub fn tcp_port_free(port: u16) -> bool {
 /// True if a UDP socket can bind `0.0.0.0:port` in the root namespace now.
 pub fn udp_port_free(port: u16) -> bool {
     UdpSocket::bind(sa(Ipv4Addr::UNSPECIFIED, port)).is_ok()
+}
+
+/// `count` consecutive host ports free for TCP and UDP right now (the
+/// first is returned), below the ephemeral range, as [`free_port`].
+pub fn free_port_range(count: u16) -> u16 {
+    for _ in 0..200 {
+        let first = free_port();
+        if first.checked_add(count).is_none() {
+            continue;
+        }
+        if (1..count).all(|i| tcp_port_free(first + i) && udp_port_free(first + i)) {
+            // Keep later free_port() calls out of this range.
+            for _ in 1..count {
+                free_port();
+            }
+            return first;
+        }
+    }
+    panic!("no {count} consecutive free ports found");
 }
 
 /// A host port that is free for TCP and UDP right now, below the ephemeral

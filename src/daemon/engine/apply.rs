@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::model::{Family, PortClaim, Proto, Rule, RuleId, RuleSpec};
+use crate::model::{PortClaim, Proto, Rule, RuleId, RuleSpec};
 use crate::proto::{
     ApplyReport, ApplyRequest, Document, ErrorCode, Response, RuleStatus, RuleView,
     DOCUMENT_VERSION,
@@ -63,7 +63,7 @@ impl Engine {
                     "rules[{i}]: auto-discovered mappings come from container labels, not documents"
                 )));
             }
-            if spec.family() == Family::V6 && !self.v6_nat {
+            if spec.needs_v6_nat() && !self.v6_nat {
                 return Err(Failure::new(
                     ErrorCode::Ipv6Unavailable,
                     format!("rules[{i}]: IPv6 NAT is not available in this kernel"),

@@ -15,7 +15,7 @@ use tokio::task::AbortHandle;
 
 use crate::config::{AutoDiscover, Config, EngineConfig};
 use crate::docker::{LabeledContainer, NetworkAddrs};
-use crate::model::{AutoSource, DockerRule, Endpoint, PortSpec, Rule, RuleId, RuleSpec};
+use crate::model::{AutoSource, DockerRule, Endpoint, PortList, PortSpec, Rule, RuleId, RuleSpec};
 use crate::proto::{ErrorCode, Response};
 
 use super::super::{reserve, EngineMsg};
@@ -260,7 +260,15 @@ impl Engine {
                 Err(e) => problems.push(e),
             }
         }
-        let key = |d: &DockerRule| (d.name.clone(), d.host_ip, d.host_port, d.proto);
+        let key = |d: &DockerRule| {
+            (
+                d.name.clone(),
+                d.host_ip,
+                d.host_port,
+                d.port_count,
+                d.proto,
+            )
+        };
         // A stopped container on a remote node publishes no port, so its
         // mapping cannot be derived again: keep the known one, down.
         if engine.is_remote() {
@@ -330,7 +338,7 @@ impl Engine {
                      existing mapping wins, and {} gets the port as soon as it is free",
                     w.name,
                     label_of(&containers, &w.name),
-                    w.host_port,
+                    w.host_ports(),
                     w.proto,
                     holder(owner),
                     w.name
@@ -354,7 +362,7 @@ impl Engine {
                     label_of(&containers, &w.name),
                     other.name,
                     label_of(&containers, &other.name),
-                    w.host_port,
+                    w.host_ports(),
                     w.proto,
                     other.name
                 ));
@@ -514,6 +522,7 @@ fn desired_for(
                     host_ip: spec.host_ip,
                     host_port: spec.host_port,
                     container_port: spec.target_port,
+                    port_count: spec.port_count,
                     proto: spec.proto,
                     external: false,
                     target_v4: net.and_then(|n| n.v4).filter(|_| c.running),
@@ -526,18 +535,34 @@ fn desired_for(
                 }
             }
             Some(node) => {
-                let published = c
-                    .published
-                    .iter()
-                    .find(|(private, proto, _)| {
-                        *private == spec.target_port && *proto == spec.proto
+                let published_as = |private: u16| {
+                    c.published
+                        .iter()
+                        .find(|(p, proto, _)| *p == private && *proto == spec.proto)
+                        .map(|(_, _, public)| *public)
+                };
+                // A range: every port published, at the same offsets.
+                let first = published_as(spec.target_port);
+                let whole = first.filter(|&public| {
+                    (1..spec.port_count).all(|i| {
+                        published_as(spec.target_port.saturating_add(i)) == public.checked_add(i)
                     })
-                    .map(|(_, _, public)| *public);
-                let Some(public) = published else {
+                });
+                let Some(public) = whole else {
                     if c.running {
+                        let ports = PortList::range(
+                            spec.target_port,
+                            spec.target_port
+                                .saturating_add(spec.port_count.saturating_sub(1)),
+                        );
+                        let how = if spec.port_count > 1 {
+                            " as one range of consecutive ports"
+                        } else {
+                            ""
+                        };
                         notes.push(format!(
-                            "container {}: label port {}/{} is not published on node {} (docker run -p); no mapping",
-                            c.name, spec.target_port, spec.proto, engine.name
+                            "container {}: label port {ports}/{} is not published{how} on node {} (docker run -p); no mapping",
+                            c.name, spec.proto, engine.name
                         ));
                     }
                     continue;
@@ -549,6 +574,7 @@ fn desired_for(
                     host_ip: spec.host_ip,
                     host_port: spec.host_port,
                     container_port: public,
+                    port_count: spec.port_count,
                     proto: spec.proto,
                     external: true,
                     target_v4: c.running.then_some(Endpoint {
@@ -567,4 +593,88 @@ fn desired_for(
         rules.push(rule);
     }
     Ok((rules, notes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine(host_ip: Option<&str>) -> EngineConfig {
+        serde_json::from_value(serde_json::json!({
+            "name": "node",
+            "endpoint": "unix:///var/run/docker.sock",
+            "host_ip": host_ip,
+        }))
+        .unwrap()
+    }
+
+    fn container(label: &str, published: Vec<(u16, crate::model::Proto, u16)>) -> LabeledContainer {
+        LabeledContainer {
+            id: "ab".repeat(32),
+            name: "web".into(),
+            running: true,
+            label: label.into(),
+            allow_nonlocal: false,
+            networks: vec![NetworkAddrs {
+                network: "bridge".into(),
+                v4: Some(Endpoint {
+                    ip: "172.17.0.2".parse().unwrap(),
+                    subnet: None,
+                }),
+                v6: None,
+            }],
+            published,
+        }
+    }
+
+    /// Labels share `docker add`'s parser: a range is one mapping, and a
+    /// loopback HOST_IP publishes on loopback only.
+    #[test]
+    fn a_label_range_is_one_mapping_and_loopback_is_accepted() {
+        let c = container("8160-8161:80-81, 127.0.0.1:8152:80/udp", Vec::new());
+        let (rules, notes) = desired_for(&engine(None), &c, "natmap.ports", false).unwrap();
+        assert!(notes.is_empty(), "{notes:?}");
+        assert_eq!(rules.len(), 2);
+        assert_eq!(
+            (
+                rules[0].host_port,
+                rules[0].container_port,
+                rules[0].port_count
+            ),
+            (8160, 80, 2)
+        );
+        assert!(rules[1].loopback_only());
+        let err = desired_for(
+            &engine(None),
+            &container("8160-8162:80-81", Vec::new()),
+            "natmap.ports",
+            false,
+        )
+        .unwrap_err();
+        assert!(err.contains("equal length"), "{err}");
+    }
+
+    /// On a remote node, a range maps when every port of it is published
+    /// at the same offsets; otherwise a note says why not.
+    #[test]
+    fn a_remote_range_needs_every_port_published_consecutively() {
+        use crate::model::Proto::Tcp;
+        let node = engine(Some("192.0.2.7"));
+        let whole = container("8160-8161:80-81", vec![(80, Tcp, 32080), (81, Tcp, 32081)]);
+        let (rules, notes) = desired_for(&node, &whole, "natmap.ports", true).unwrap();
+        assert!(notes.is_empty(), "{notes:?}");
+        assert_eq!((rules[0].container_port, rules[0].port_count), (32080, 2));
+        for published in [
+            vec![(80, Tcp, 32080)],
+            vec![(80, Tcp, 32080), (81, Tcp, 40000)],
+        ] {
+            let partial = container("8160-8161:80-81", published);
+            let (rules, notes) = desired_for(&node, &partial, "natmap.ports", true).unwrap();
+            assert!(rules.is_empty());
+            assert!(
+                notes[0].contains("80-81/tcp is not published as one range"),
+                "{notes:?}"
+            );
+        }
+    }
 }

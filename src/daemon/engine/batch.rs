@@ -5,7 +5,7 @@
 //! not per request (kube-proxy's min-sync-period idea, without the delay:
 //! a batch is whatever queued while the previous one was being applied).
 
-use crate::model::{DnatRule, Family, HairpinRule, PortClaim, Rule, RuleId, RuleSpec, SnatRule};
+use crate::model::{DnatRule, HairpinRule, PortClaim, Rule, RuleId, RuleSpec, SnatRule};
 use crate::proto::{ChangeKind, ChangeResult, ErrorCode, Request, Response};
 use crate::state::State;
 
@@ -178,7 +178,7 @@ impl Engine {
     fn plan_add(&self, next: &mut State, pending: &[Planned], spec: RuleSpec) -> Outcome<Planned> {
         spec.check_consistent()
             .map_err(|m| Failure::new(ErrorCode::InvalidArgument, m))?;
-        if spec.family() == Family::V6 && !self.v6_nat {
+        if spec.needs_v6_nat() && !self.v6_nat {
             return Err(Failure::new(
                 ErrorCode::Ipv6Unavailable,
                 "IPv6 NAT is not available in this kernel (load ip6table_nat); IPv4 rules keep working",
@@ -202,7 +202,7 @@ impl Engine {
                     .iter()
                     .find(|c| held.iter().any(|h| reserve::claims_collide(c, &h.claim)))
                 {
-                    return Err(port_taken(c, rule.id));
+                    return Err(port_taken(c, rule.id, Some(&rule.spec)));
                 }
             }
         }
@@ -260,6 +260,21 @@ impl Engine {
         match spec {
             RuleSpec::Snat(s) if !s.forward && self.forward_drops(s.ext_ip.family()) => {
                 vec![snat_dropped_note(s)]
+            }
+            RuleSpec::Docker(d) if d.loopback_only() => {
+                let host = d.host_ip.map(|h| h.ip());
+                let shown = match host {
+                    Some(std::net::IpAddr::V6(v6)) => format!("[{v6}]"),
+                    Some(ip) => ip.to_string(),
+                    None => String::new(),
+                };
+                vec![format!(
+                    "published on {shown}:{} only, by natmap's loopback relay (no kernel rule): \
+                     reachable from this host on that address, not on its other addresses or \
+                     from other machines; the container sees the relay's connections coming \
+                     from the host",
+                    d.host_ports()
+                )]
             }
             // docker-proxy would answer there (hiding the client); natmap
             // forwards only to an address of the same family.
@@ -395,12 +410,19 @@ fn plan_delete(next: &mut State, spec: &RuleSpec) -> Planned {
 }
 
 /// The error for a port another natmap rule holds.
-pub(super) fn port_taken(claim: &PortClaim, id: RuleId) -> Failure {
+pub(super) fn port_taken(claim: &PortClaim, id: RuleId, owner: Option<&RuleSpec>) -> Failure {
+    // A Docker mapping is named by its container and ports, so the
+    // operator sees which range or container holds the port.
+    let what = match owner {
+        Some(RuleSpec::Docker(d)) => format!(" (docker {} {}/{})", d.name, d.host_ports(), d.proto),
+        Some(other) => format!(" ({})", other.kind().replace('_', "-")),
+        None => String::new(),
+    };
     Failure::new(
         ErrorCode::PortInUse,
         format!(
-            "port {} is already forwarded by natmap rule #{id}; delete that rule first",
-            reserve::describe(claim)
+            "port {} is already forwarded by natmap rule #{id}{what}; delete that rule first",
+            reserve::describe(claim),
         ),
     )
 }

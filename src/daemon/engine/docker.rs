@@ -490,7 +490,15 @@ impl Engine {
     }
 
     /// The one Docker mapping of `reference` on `host_port` (and `proto`).
-    fn find_mapping(&self, reference: &str, host_port: u16, proto: Option<Proto>) -> Outcome<Rule> {
+    /// Any port of a range names its mapping; with `last`, the request
+    /// names a range (`8160-8161`), which must be the mapping's exactly.
+    fn find_mapping(
+        &self,
+        reference: &str,
+        host_port: u16,
+        last: Option<u16>,
+        proto: Option<Proto>,
+    ) -> Outcome<Rule> {
         let found: Vec<&Rule> = self
             .state
             .rules
@@ -498,17 +506,36 @@ impl Engine {
             .filter(|r| match &r.spec {
                 RuleSpec::Docker(d) => {
                     d.refers_to(reference)
-                        && d.host_port == host_port
+                        && d.has_host_port(host_port)
                         && proto.is_none_or(|p| p == d.proto)
                 }
                 _ => false,
             })
             .collect();
+        let shown = match last {
+            Some(last) if last != host_port => format!("{host_port}-{last}"),
+            _ => host_port.to_string(),
+        };
+        if let (Some(last), [one]) = (last, found.as_slice()) {
+            if let RuleSpec::Docker(d) = &one.spec {
+                if d.host_port != host_port || d.last_host_port() != last {
+                    return Err(Failure::new(
+                        ErrorCode::NotFound,
+                        format!(
+                            "{reference} has no mapping on host ports {shown}: rule #{} maps {}; \
+                             name it by that range or by one of its ports",
+                            one.id,
+                            d.host_ports()
+                        ),
+                    ));
+                }
+            }
+        }
         match found.as_slice() {
             [one] => Ok((*one).clone()),
             [] => Err(Failure::new(
                 ErrorCode::NotFound,
-                format!("{reference} has no mapping on host port {host_port}; `lab-ops natmap ls {reference}` lists its mappings"),
+                format!("{reference} has no mapping on host port {shown}; `lab-ops natmap ls {reference}` lists its mappings"),
             )),
             _ => Err(Failure::new(
                 ErrorCode::InvalidArgument,
@@ -527,7 +554,9 @@ impl Engine {
                 .find(|r| r.id == id)
                 .cloned()
                 .ok_or_else(|| Failure::new(ErrorCode::NotFound, format!("no rule #{id}; `lab-ops natmap ls` lists them")))?,
-            (None, Some(reference), Some(port)) if port > 0 => self.find_mapping(reference.as_str(), port, req.proto)?,
+            (None, Some(reference), Some(port)) if port > 0 => {
+                self.find_mapping(reference.as_str(), port, req.host_port_last, req.proto)?
+            }
             _ => {
                 return Err(invalid(
                     "use: docker rm CONTAINER HOST_PORT[/proto] | docker rm --name NAME HOST_PORT | docker rm --id N",
@@ -555,10 +584,46 @@ impl Engine {
                 "ports are 1-65535",
             ));
         }
-        let rule = self.find_mapping(req.container.as_str(), req.old_port, req.proto)?;
+        let rule = self.find_mapping(
+            req.container.as_str(),
+            req.old_port,
+            req.old_port_last,
+            req.proto,
+        )?;
         let RuleSpec::Docker(old) = &rule.spec else {
             unreachable!("find_mapping returns Docker mappings");
         };
+        // A range moves as a whole, to a range of the same length starting
+        // at NEW (`remap web 8160:9160` or `remap web 8160-8161:9160-9161`).
+        if old.port_count > 1 && req.old_port != old.host_port {
+            return Err(Failure::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "rule #{} maps the range {}; remap it as a whole from its first port \
+                     ({}:NEW or {}:NEW-LAST, a range of the same length)",
+                    rule.id,
+                    old.host_ports(),
+                    old.host_port,
+                    old.host_ports()
+                ),
+            ));
+        }
+        let new_last = u32::from(req.new_port) + u32::from(old.port_count) - 1;
+        if new_last > 65535 || req.new_port_last.is_some_and(|l| u32::from(l) != new_last) {
+            return Err(Failure::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "rule #{} maps {} port(s) ({}); the new host ports must be a range of the \
+                     same length within 1-65535, e.g. {}:{}-{}",
+                    rule.id,
+                    old.port_count,
+                    old.host_ports(),
+                    old.host_ports(),
+                    req.new_port.min(65535 - (old.port_count - 1)),
+                    req.new_port.min(65535 - (old.port_count - 1)) + (old.port_count - 1)
+                ),
+            ));
+        }
         if req.old_port == req.new_port {
             return Ok(Response::ok(ChangeResult {
                 result: ChangeKind::AlreadyPresent,
@@ -572,6 +637,7 @@ impl Engine {
         // Reserve the new port first; on any failure the old mapping stays as it was.
         let claims = new_spec.port_claims();
         self.check_own_claims_except(&claims, rule.id)?;
+        super::super::fds::check(claims.len()).map_err(|m| Failure::new(ErrorCode::FdLimit, m))?;
         let held = reserve::bind_all(&claims)
             .map_err(|busy| Failure::new(ErrorCode::PortInUse, busy.message))?;
         let mut next = self.state.clone();
@@ -777,6 +843,7 @@ fn add_plan(req: DockerAddRequest) -> Outcome<AddPlan> {
             host_ip: mapping.host_ip,
             host_port: mapping.host_port,
             container_port: mapping.target_port,
+            port_count: mapping.port_count,
             proto: mapping.proto,
             external: true,
             target_v4: (target.family() == Family::V4).then_some(endpoint),
@@ -803,6 +870,7 @@ fn add_plan(req: DockerAddRequest) -> Outcome<AddPlan> {
             host_ip: mapping.host_ip,
             host_port: mapping.host_port,
             container_port: mapping.target_port,
+            port_count: mapping.port_count,
             proto: mapping.proto,
             external: false,
             target_v4: None,
@@ -841,7 +909,11 @@ fn settle(mut rule: DockerRule, lookup: Result<Lookup, String>) -> Outcome<Docke
     } else {
         (None, None)
     };
-    if info.running && rule.host_ip.is_some_and(|h| h.family() == Family::V6) && v6.is_none() {
+    // A loopback HOST_IP is relayed, to the other family if need be.
+    let needs_v6 = rule
+        .host_ip
+        .is_some_and(|h| h.family() == Family::V6 && !h.is_loopback());
+    if info.running && needs_v6 && v6.is_none() {
         return Err(invalid(&format!(
             "container {} has no IPv6 address on network {}",
             info.name, net.network

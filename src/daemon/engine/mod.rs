@@ -276,7 +276,7 @@ impl Engine {
                 self.inactive.insert(rule.id, waiting);
                 continue;
             }
-            if rule.spec.family() == Family::V6 && !self.v6_nat {
+            if rule.spec.needs_v6_nat() && !self.v6_nat {
                 self.inactive.insert(
                     rule.id,
                     Inactive {
@@ -747,7 +747,8 @@ impl Engine {
         for (id, held) in self.held.iter().filter(|(id, _)| **id != except) {
             for r in held {
                 if let Some(c) = claims.iter().find(|c| reserve::claims_collide(c, &r.claim)) {
-                    return Err(batch::port_taken(c, *id));
+                    let owner = self.state.rules.iter().find(|r| r.id == *id);
+                    return Err(batch::port_taken(c, *id, owner.map(|r| &r.spec)));
                 }
             }
         }
@@ -796,7 +797,7 @@ impl Engine {
                     .any(|h| h.claim.bind == c.bind && h.claim.proto == c.proto)
             })
             .collect();
-        self.relays.serve(id, &claims).map_err(|e| {
+        self.relays.serve(id, &claims, held).map_err(|e| {
             Failure::new(
                 ErrorCode::PortInUse,
                 format!("cannot serve loopback on the ports of rule #{id}: {e}"),
@@ -1024,6 +1025,9 @@ fn forget_all_flows<'a>(specs: impl IntoIterator<Item = &'a RuleSpec>) {
     }
 }
 
+/// Up to this many ports, a range mapping's flows are cut port by port.
+const FLOW_CUT_PORTS: u16 = 16;
+
 /// The conntrack filters of connections a rule forwarded.
 fn flows_of(spec: &RuleSpec) -> Vec<host::Flows> {
     let flows = |proto, orig_dst: IpAddr, reply_src: IpAddr| host::Flows {
@@ -1036,16 +1040,31 @@ fn flows_of(spec: &RuleSpec) -> Vec<host::Flows> {
         RuleSpec::Dnat(r) => vec![flows(r.proto, r.ext_ip.ip(), r.int_ip.ip())],
         RuleSpec::Hairpin(r) => vec![flows(r.proto, r.ext_ip.ip(), r.int_ip.ip())],
         RuleSpec::Snat(_) | RuleSpec::PolicyRoute(_) => Vec::new(),
-        RuleSpec::Docker(r) => [r.target_v4, r.target_v6]
-            .into_iter()
-            .flatten()
-            .map(|target| host::Flows {
-                proto: r.proto,
-                orig_dst: r.host_ip.map(|h| h.ip()),
-                orig_port: Some(r.host_port),
-                reply_src: target.ip.ip(),
-            })
-            .collect(),
+        // No kernel rule forwards a loopback-only mapping: the relay's
+        // connections end with the relay.
+        RuleSpec::Docker(r) if r.loopback_only() => Vec::new(),
+        RuleSpec::Docker(r) => {
+            // `conntrack -D` takes one port: a long range is cut by target
+            // address alone (every flow natmap DNATed to that container on
+            // this host address), rather than by a process per port.
+            let ports: Vec<Option<u16>> = if r.port_count <= FLOW_CUT_PORTS {
+                r.host_ports().iter().map(Some).collect()
+            } else {
+                vec![None]
+            };
+            [r.target_v4, r.target_v6]
+                .into_iter()
+                .flatten()
+                .flat_map(|target| {
+                    ports.iter().map(move |port| host::Flows {
+                        proto: r.proto,
+                        orig_dst: r.host_ip.map(|h| h.ip()),
+                        orig_port: *port,
+                        reply_src: target.ip.ip(),
+                    })
+                })
+                .collect()
+        }
     }
 }
 
@@ -1107,7 +1126,8 @@ fn rule_matches(rule: &Rule, filter: &str) -> bool {
                     && r.container_id
                         .as_deref()
                         .is_some_and(|id| id.starts_with(filter)))
-                || is(r.host_port.to_string())
+                || filter.parse::<u16>().is_ok_and(|p| r.has_host_port(p))
+                || is(r.host_ports().to_string())
                 || r.host_ip.is_some_and(|h| is(h.to_string()))
                 || r.target_v4.is_some_and(|t| is(t.ip.to_string()))
                 || r.auto.as_ref().is_some_and(|a| is(a.engine.clone()))

@@ -175,3 +175,96 @@ fn queued_changes_share_one_transaction_and_one_state_write() {
     );
     assert!(std::net::TcpListener::bind("0.0.0.0:47022").is_err());
 }
+
+/// `docker add --name LABEL SPEC` of a fixed (non-Docker) target: nothing
+/// to look up, so the engine handles it without Docker.
+fn fixed(spec: &str) -> Request {
+    Request::DockerAdd(crate::proto::DockerAddRequest {
+        container: None,
+        name: Some("nas".parse().unwrap()),
+        mapping: spec.parse().unwrap(),
+        network: None,
+        allow_nonlocal: false,
+    })
+}
+
+fn port_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
+}
+
+/// A range mapping is one rule reserved as a whole (every port or none),
+/// names its holder when another range overlaps it, is removed as a whole
+/// by any of its ports, and moves as a whole.
+#[test]
+fn a_range_is_reserved_removed_and_moved_as_a_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut engine, nf) = engine(&dir);
+    let base = 47100 + (std::process::id() % 200) as u16 * 4;
+    let range = format!("{base}-{}:192.0.2.50:80-81", base + 1);
+    let added = engine.handle(fixed(&range), Peer::default());
+    assert!(added.ok, "{added:?}");
+    let rule = &added.data.as_ref().unwrap()["rule"];
+    let id = rule["id"].as_u64().unwrap();
+    assert_eq!(
+        (rule["host_port"].as_u64(), rule["port_count"].as_u64()),
+        (Some(base.into()), Some(2))
+    );
+    assert!(!port_free(base) && !port_free(base + 1), "both ports held");
+    let last = applies(&nf).pop().unwrap();
+    assert!(
+        last.2.contains(&id),
+        "the range is applied as one rule: {last:?}"
+    );
+
+    // Overlapping one port: refused, naming the mapping and its range.
+    let other = format!("{}-{}:192.0.2.51:90-91", base + 1, base + 2);
+    let refused = engine.handle(fixed(&other), Peer::default());
+    let message = refused.error.as_ref().unwrap().message.clone();
+    assert!(!refused.ok);
+    assert!(
+        message.contains(&format!("rule #{id} (docker nas {base}-{}/tcp)", base + 1)),
+        "{message}"
+    );
+    assert!(
+        port_free(base + 2),
+        "nothing of the refused range stays held"
+    );
+
+    // Remapped as a whole: a range of another length is refused.
+    let remap = |old: u16, new: u16, new_last: Option<u16>| {
+        Request::DockerRemap(crate::proto::DockerRemapRequest {
+            container: "nas".parse().unwrap(),
+            old_port: old,
+            new_port: new,
+            old_port_last: None,
+            new_port_last: new_last,
+            proto: None,
+        })
+    };
+    let bad = engine.handle(remap(base, base + 2, Some(base + 4)), Peer::default());
+    assert!(!bad.ok && bad.error.unwrap().message.contains("same length"));
+    let inner = engine.handle(remap(base + 1, base + 2, None), Peer::default());
+    assert!(!inner.ok && inner.error.unwrap().message.contains("as a whole"));
+    let moved = engine.handle(remap(base, base + 2, Some(base + 3)), Peer::default());
+    assert!(moved.ok, "{moved:?}");
+    assert!(port_free(base) && port_free(base + 1), "old range released");
+    assert!(
+        !port_free(base + 2) && !port_free(base + 3),
+        "new range held"
+    );
+
+    // Removed by any of its ports: every port is free again.
+    let rm = engine.handle(
+        Request::DockerRm(crate::proto::DockerRmRequest {
+            container: Some("nas".parse().unwrap()),
+            name: None,
+            host_port: Some(base + 3),
+            host_port_last: None,
+            proto: None,
+            id: None,
+        }),
+        Peer::default(),
+    );
+    assert!(rm.ok, "{rm:?}");
+    assert!(port_free(base + 2) && port_free(base + 3));
+}

@@ -58,7 +58,7 @@ impl Matcher {
             RuleSpec::Docker(r) => forward(
                 r.proto,
                 r.host_ip.map(|h| h.ip()),
-                PortList::single(r.host_port),
+                r.host_ports(),
                 [r.target_v4, r.target_v6]
                     .into_iter()
                     .flatten()

@@ -94,12 +94,12 @@ fn rule_labels(view: &RuleView) -> Option<RuleLabels> {
             r.source.to_string(),
         ),
         RuleSpec::Docker(r) => {
-            let port = PortList::single(r.host_port);
+            let port = r.host_ports();
             let ext = match r.host_ip {
                 Some(h) => host_ports(h.ip(), &port),
                 None => format!("*:{port}"),
             };
-            let to = PortList::single(r.container_port);
+            let to = r.container_ports();
             let addr = match r.target_v4.or(r.target_v6) {
                 Some(t) => host_ports(t.ip.ip(), &to),
                 None => format!("-:{to}"),

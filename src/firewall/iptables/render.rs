@@ -94,10 +94,15 @@ fn render_rule(rule: &Rule, bridges: BridgeNetfilter, set: &mut Ruleset) {
 }
 
 /// The targets a Docker mapping has rules for, with their family: each
-/// family it has a target in, unless its HOST_IP is of the other one.
+/// family it has a target in, unless its HOST_IP is of the other one. None
+/// for a mapping published on loopback only: the relay on its reserved
+/// socket serves it, and no kernel rule does (loopback DNAT would need
+/// `route_localnet`).
 pub fn docker_targets(r: &DockerRule) -> impl Iterator<Item = (Family, Endpoint)> + '_ {
+    let kernel = !r.loopback_only();
     [(Family::V4, r.target_v4), (Family::V6, r.target_v6)]
         .into_iter()
+        .filter(move |_| kernel)
         .filter_map(|(family, target)| Some((family, target?)))
         .filter(|(family, target)| {
             r.host_ip.is_none_or(|h| h.family() == *family) && target.ip.family() == *family
@@ -214,6 +219,11 @@ fn masquerade_lines(
 /// to the container port. The host's own traffic to loopback is left to the
 /// relay on the reserved socket (see `daemon::relay`).
 ///
+/// A range whose host and container ports are the same is one line that
+/// keeps the port (`--dport 8000:8010 -j DNAT --to-destination IP`); any
+/// other range is one line per port, since DNAT to a port range picks any
+/// port of it instead of the one at the same offset.
+///
 /// Clients on the container's own network reach it through the host's
 /// address too, and whom that needs masqueraded depends on the bridge
 /// (`bridged`: its frames pass iptables, br_netfilter):
@@ -236,46 +246,63 @@ fn render_docker(
     out: &mut FamilyRules,
 ) {
     let p = r.proto.as_str();
-    let to = match target.ip.ip() {
-        IpAddr::V4(_) => format!("{}:{}", target.ip, r.container_port),
-        IpAddr::V6(_) => format!("[{}]:{}", target.ip, r.container_port),
+    let host_ports = r.host_ports();
+    let container_ports = r.container_ports();
+    let dnats: Vec<(String, String)> = if r.port_count > 1 && r.host_port == r.container_port {
+        let dport = host_ports
+            .match_args(p, PortDirection::Destination)
+            .concat();
+        vec![(format!("-p {p} {dport}"), target.ip.to_string())]
+    } else {
+        r.port_pairs()
+            .map(|(host, container)| {
+                let to = match target.ip.ip() {
+                    IpAddr::V4(_) => format!("{}:{container}", target.ip),
+                    IpAddr::V6(_) => format!("[{}]:{container}", target.ip),
+                };
+                (format!("-p {p} -m {p} --dport {host}"), to)
+            })
+            .collect()
     };
-    let dport = format!("-p {p} -m {p} --dport {}", r.host_port);
-    let (inbound, local) = match &r.host_ip {
-        Some(h) => {
-            let line = format!(
-                "-d {} {dport} {} -j DNAT --to-destination {to}",
-                h.as_match(),
-                local_guard(r.allow_nonlocal, tag)
-            );
-            (line.clone(), line)
-        }
-        None => {
-            let loopback = match target.ip.family() {
-                Family::V4 => "127.0.0.0/8",
-                Family::V6 => "::1/128",
-            };
-            (
-                format!("{dport} -m addrtype --dst-type LOCAL {tag} -j DNAT --to-destination {to}"),
-                format!(
-                    "! -d {loopback} {dport} -m addrtype --dst-type LOCAL {tag} -j DNAT --to-destination {to}"
-                ),
-            )
-        }
-    };
-    out.push(Chain::NatPrerouting, inbound);
-    out.push(Chain::NatOutput, local);
-    let port = PortList::single(r.container_port);
+    for (dport, to) in dnats {
+        let (inbound, local) = match &r.host_ip {
+            Some(h) => {
+                let line = format!(
+                    "-d {} {dport} {} -j DNAT --to-destination {to}",
+                    h.as_match(),
+                    local_guard(r.allow_nonlocal, tag)
+                );
+                (line.clone(), line)
+            }
+            None => {
+                let loopback = match target.ip.family() {
+                    Family::V4 => "127.0.0.0/8",
+                    Family::V6 => "::1/128",
+                };
+                (
+                    format!(
+                        "{dport} -m addrtype --dst-type LOCAL {tag} -j DNAT --to-destination {to}"
+                    ),
+                    format!(
+                        "! -d {loopback} {dport} -m addrtype --dst-type LOCAL {tag} -j DNAT --to-destination {to}"
+                    ),
+                )
+            }
+        };
+        out.push(Chain::NatPrerouting, inbound);
+        out.push(Chain::NatOutput, local);
+    }
     if r.auto.as_ref().is_some_and(|a| a.masquerade) {
         // A remote node: its replies must come back through this host.
-        out.push(
-            Chain::NatPostrouting,
-            format!(
-                "-d {} -p {p} -m {p} --dport {} -m conntrack --ctstate DNAT {tag} -j MASQUERADE",
-                target.ip.as_match(),
-                r.container_port
-            ),
-        );
+        for ports in container_ports.match_args(p, PortDirection::Destination) {
+            out.push(
+                Chain::NatPostrouting,
+                format!(
+                    "-d {} -p {p} {ports} -m conntrack --ctstate DNAT {tag} -j MASQUERADE",
+                    target.ip.as_match(),
+                ),
+            );
+        }
     }
     if let Some(subnet) = &target.subnet {
         let family = target.ip.family();
@@ -287,10 +314,10 @@ fn render_docker(
         };
         for line in clients
             .into_iter()
-            .flat_map(|c| masquerade_lines(c, &target.ip, &port, r.proto, tag))
+            .flat_map(|c| masquerade_lines(c, &target.ip, &container_ports, r.proto, tag))
         {
             out.push(Chain::NatPostrouting, line);
         }
     }
-    push_accepts(out, &target.ip, &port, r.proto, tag);
+    push_accepts(out, &target.ip, &container_ports, r.proto, tag);
 }

@@ -377,6 +377,85 @@ fn snat_forward_accepts_the_traffic_and_its_replies() {
     );
 }
 
+/// A published container port of `web` (172.17.0.2 on the default bridge).
+fn docker_rule(id: u64, spec: &str) -> Rule {
+    let spec: crate::model::PortSpec = spec.parse().unwrap();
+    let target = crate::model::Endpoint {
+        ip: "172.17.0.2".parse().unwrap(),
+        subnet: Some("172.17.0.0/16".parse().unwrap()),
+    };
+    Rule {
+        id,
+        spec: RuleSpec::Docker(crate::model::DockerRule {
+            name: "web".into(),
+            container_id: None,
+            network: Some("bridge".into()),
+            host_ip: spec.host_ip,
+            host_port: spec.host_port,
+            container_port: spec.target_port,
+            port_count: spec.port_count,
+            proto: spec.proto,
+            external: false,
+            target_v4: Some(target),
+            target_v6: None,
+            auto: None,
+            allow_nonlocal: false,
+        }),
+    }
+}
+
+/// Ranges: a shifted range is one DNAT line per port (DNAT to a port
+/// range would pick any port of it, not the one at the same offset); a
+/// range onto the same ports is one line that keeps the port; the
+/// masquerade and the accepts match the container's range. A mapping
+/// published on loopback only has no kernel rule at all (the relay serves
+/// it).
+#[test]
+fn docker_ranges_map_each_port_to_its_offset_and_loopback_has_no_rule() {
+    let rules = [
+        docker_rule(1, "8160-8161:80-81"),
+        docker_rule(2, "10000-10004/udp"),
+        docker_rule(3, "203.0.113.10:8170-8171:90-91"),
+        docker_rule(4, "127.0.0.1:8152:80"),
+        docker_rule(5, "[::1]:8153:80/udp"),
+    ];
+    let set = render::desired(&rules);
+    let text = restore::rewrite_chains(set.family(Family::V4));
+    golden("docker-ranges-v4.rules", &text);
+    let dnat_of = |id: u64| -> Vec<&str> {
+        text.lines()
+            .filter(|l| l.contains(&format!("natmap:docker:{id} ")) && l.contains("-j DNAT"))
+            .collect()
+    };
+    for (host, container) in [(8160, 80), (8161, 81)] {
+        let lines: Vec<&str> = dnat_of(1)
+            .into_iter()
+            .filter(|l| l.contains(&format!("--dport {host} ")))
+            .collect();
+        assert_eq!(lines.len(), 2, "PREROUTING and OUTPUT for {host}: {text}");
+        for l in lines {
+            assert!(
+                l.ends_with(&format!("--to-destination 172.17.0.2:{container}")),
+                "{l}"
+            );
+        }
+    }
+    let same = dnat_of(2);
+    assert_eq!(same.len(), 2, "{text}");
+    assert!(same
+        .iter()
+        .all(|l| l.contains("--dport 10000:10004") && l.ends_with("--to-destination 172.17.0.2")));
+    assert!(text.contains("-d 172.17.0.2/32 -p tcp -m tcp --dport 80:81 -m conntrack --ctstate DNAT -m comment --comment natmap:docker:1 -j ACCEPT"), "{text}");
+    assert!(
+        !text.contains("natmap:docker:4 "),
+        "loopback-only has no rule: {text}"
+    );
+    assert!(
+        set.family(Family::V6).is_empty(),
+        "[::1] has no rule either"
+    );
+}
+
 /// Container mappings (TCP and UDP, IPv4 and IPv6 targets) and a fixed
 /// target, in their stored form.
 fn docker_rules() -> Vec<Rule> {

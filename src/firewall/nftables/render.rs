@@ -316,6 +316,12 @@ fn render_rule(rule: &Rule, family: Family, out: &mut Elements) -> Result<(), Un
             if r.host_ip.is_some_and(|h| h.family() != family) || target.ip.family() != family {
                 return Ok(());
             }
+            // A loopback-only publish is the relay's alone: a DNAT of
+            // 127.0.0.1 in the output hook would take the host's own
+            // connections away from it (and martian-drop them).
+            if r.loopback_only() {
+                return Ok(());
+            }
             render_docker(r, target, family, out);
         }
     }
@@ -325,16 +331,22 @@ fn render_rule(rule: &Rule, family: Family, out: &mut Elements) -> Result<(), Un
 fn render_docker(r: &DockerRule, target: &Endpoint, family: Family, out: &mut Elements) {
     let p = Part::Proto(r.proto);
     let to = Part::Addr(target.ip.ip());
-    let value = vec![to.clone(), Part::Ports(r.container_port, r.container_port)];
-    let host_port = Part::Ports(r.host_port, r.host_port);
-    match &r.host_ip {
-        Some(h) => out.insert((
-            Map::Docker,
-            elem(vec![Part::Addr(h.ip()), p.clone(), host_port], value),
-        )),
-        None => out.insert((Map::DockerAny, elem(vec![p.clone(), host_port], value))),
-    };
-    let port = Part::Ports(r.container_port, r.container_port);
+    // A port range maps port by port (8160→80, 8161→81): a map's value
+    // cannot shift a port by an offset, so one element per port.
+    for offset in 0..r.port_count.max(1) {
+        let (host, container) = (r.host_port + offset, r.container_port + offset);
+        let value = vec![to.clone(), Part::Ports(container, container)];
+        let host_port = Part::Ports(host, host);
+        match &r.host_ip {
+            Some(h) => out.insert((
+                Map::Docker,
+                elem(vec![Part::Addr(h.ip()), p.clone(), host_port], value),
+            )),
+            None => out.insert((Map::DockerAny, elem(vec![p.clone(), host_port], value))),
+        };
+    }
+    let last = r.container_port + (r.port_count.max(1) - 1);
+    let port = Part::Ports(r.container_port, last);
     if r.auto.as_ref().is_some_and(|a| a.masquerade) {
         let any = match family {
             Family::V4 => IpNet::V4(Default::default()),
@@ -542,6 +554,38 @@ mod tests {
             ]
         );
         assert!(elements(&rules, Family::V6).unwrap().is_empty());
+    }
+
+    fn docker(id: u64, fields: serde_json::Value) -> Rule {
+        let mut rule = serde_json::json!({"name": "web", "container_port": 80,
+            "target_v4": {"ip": "172.17.0.2", "subnet": "172.17.0.0/16"}});
+        for (k, v) in fields.as_object().unwrap() {
+            rule[k] = v.clone();
+        }
+        Rule {
+            id,
+            spec: RuleSpec::Docker(serde_json::from_value(rule).unwrap()),
+        }
+    }
+
+    #[test]
+    fn a_docker_range_maps_port_by_port_and_loopback_only_renders_nothing() {
+        let range = docker(1, serde_json::json!({"host_port": 8160, "port_count": 2}));
+        let e = elements(&[range], Family::V4).unwrap();
+        let got: Vec<String> = e.iter().map(|(_, s)| s.text()).collect();
+        assert_eq!(
+            got,
+            [
+                "tcp . 8160 : 172.17.0.2 . 80",
+                "tcp . 8161 : 172.17.0.2 . 81",
+                "172.17.0.0/16 . 172.17.0.2 . tcp . 80-81"
+            ]
+        );
+        let private = docker(
+            2,
+            serde_json::json!({"host_port": 8152, "host_ip": "127.0.0.1"}),
+        );
+        assert!(elements(&[private], Family::V4).unwrap().is_empty());
     }
 
     #[test]

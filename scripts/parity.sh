@@ -67,6 +67,10 @@ readonly B_TCP=$((BASE + 10)) B_UDP=$((BASE + 11)) B_LO=$((BASE + 12)) B_ADD=$((
 readonly B6_TCP=$((BASE + 14)) B6_UDP=$((BASE + 15))
 readonly V6_SUBNET=fd00:71::/64
 readonly RANGE_LO=8160 RANGE_HI=8161
+# natmap's range is its own: the ports -p just released stay in TCP
+# TIME-WAIT for up to 60 s, which natmap's reservation (no SO_REUSEADDR,
+# so nobody can share the port) cannot bind through.
+readonly NRANGE_LO=8162 NRANGE_HI=8163
 
 # ---------------------------------------------------------------------------
 # The lock, then everything that must be undone.
@@ -171,7 +175,7 @@ for p in /proc/[0-9]*; do
 	fi
 done
 
-for p in "${A_TCP}" "${A_LO}" "${A_ADD}" "${A6_TCP}" "${B_TCP}" "${B_LO}" "${B_ADD}" "${B6_TCP}" "${RANGE_LO}" "${RANGE_HI}"; do
+for p in "${A_TCP}" "${A_LO}" "${A_ADD}" "${A6_TCP}" "${B_TCP}" "${B_LO}" "${B_ADD}" "${B6_TCP}" "${RANGE_LO}" "${RANGE_HI}" "${NRANGE_LO}" "${NRANGE_HI}"; do
 	[[ -z "$(ss -Htln "( sport = :${p} )")" ]] || die "TCP port ${p} is in use (PARITY_PORT_BASE picks others)"
 done
 for p in "${A_UDP}" "${A6_UDP}" "${B_UDP}" "${B6_UDP}"; do
@@ -559,7 +563,7 @@ both nbr "other container → ${HOST4}" "ctr:${C}" "${HOST4}" \
 row own "the container → its own port via ${HOST4}" \
 	"TCP $(tcp_cell "ctr:${A}" "${HOST4}" "${A_TCP}"); UDP $(udp_cell "ctr:${A}" "${HOST4}" "${A_UDP}" "${A}")" \
 	"TCP $(tcp_cell "ctr:${B}" "${HOST4}" "${B_TCP}"); UDP $(udp_cell "ctr:${B}" "${HOST4}" "${B_UDP}" "${B}")" \
-	"Hairpin: the packet must leave the container's bridge port and come back through it. docker-proxy does it for TCP (UDP: wrong reply source); natmap does not yet (issue 14)."
+	"Hairpin: the packet must leave the container's bridge port and come back through it. docker-proxy does it for TCP (UDP: wrong reply source); natmap sets hairpin mode on the container's bridge port and masquerades only that container's own flow."
 
 # The same on a network with IPv6 (the default bridge has none unless
 # daemon.json says so): a user-defined network created with --ipv6.
@@ -691,7 +695,7 @@ docker rm -f "${A2}" "${B2}" >/dev/null
 log "port range ${RANGE_LO}-${RANGE_HI}:80-81"
 range3() {
 	local p out=""
-	for p in "${RANGE_LO}" "${RANGE_HI}"; do
+	for p in "$@"; do
 		out+="${p}: other machine $(probe out http "${HOST4}" "${p}" / 2), 127.0.0.1 $(probe host http 127.0.0.1 "${p}" / 2); "
 	done
 	echo "${out%; }"
@@ -701,14 +705,14 @@ CONTAINERS+=("${A3}")
 r="$(docker_try -d --name "${A3}" --label org.natmap.test=1 -p "${RANGE_LO}-${RANGE_HI}:80-81" "${IMAGE}" sh -c "$(web_script a3)")"
 if [[ ${r} == ok ]]; then
 	wait_web "${A3}"
-	ra="$(range3)"
+	ra="$(range3 "${RANGE_LO}" "${RANGE_HI}")"
 else ra="${r}"; fi
 docker rm -f "${A3}" >/dev/null
 run_web "${B3}"
-r="$(natmap_try docker add "${B3}" "${RANGE_LO}-${RANGE_HI}:80-81")"
-if [[ ${r} == ok ]]; then rb="$(range3)"; else rb="${r}"; fi
-row range "port range (-p / docker add ${RANGE_LO}-${RANGE_HI}:80-81)" "${ra}" "${rb}" \
-	"Ports map in order: ${RANGE_LO}→80, ${RANGE_HI}→81."
+r="$(natmap_try docker add "${B3}" "${NRANGE_LO}-${NRANGE_HI}:80-81")"
+if [[ ${r} == ok ]]; then rb="$(range3 "${NRANGE_LO}" "${NRANGE_HI}")"; else rb="${r}"; fi
+row range "port range (-p ${RANGE_LO}-${RANGE_HI}:80-81 / docker add ${NRANGE_LO}-${NRANGE_HI}:80-81)" "${ra}" "${rb}" \
+	"Ports map in order: first→80, second→81."
 docker rm -f "${B3}" >/dev/null
 
 # ---------------------------------------------------------------------------

@@ -146,7 +146,22 @@ pub fn bind_all(claims: &[PortClaim]) -> Result<Vec<Reservation>, PortBusy> {
                 let owner = find_owner(claim.proto, claim.bind.port())
                     .map(|o| format!(" by {o}"))
                     .unwrap_or_default();
-                let message = if e.kind() == io::ErrorKind::AddrInUse {
+                let message = if e.kind() == io::ErrorKind::AddrInUse
+                    && owner.is_empty()
+                    && claim.proto == Proto::Tcp
+                    && in_time_wait(claim.bind.port())
+                {
+                    // A reservation cannot set SO_REUSEADDR (another
+                    // binder could then share the never-listening port),
+                    // so the closed connections of the port's previous
+                    // user keep it for up to a minute.
+                    format!(
+                        "port {} was closed moments ago by the service that used it and its \
+                         connections still hold it (TCP TIME-WAIT, up to 60 s); retry in a minute \
+                         or choose another port",
+                        describe(claim)
+                    )
+                } else if e.kind() == io::ErrorKind::AddrInUse {
                     format!(
                         "port {} is in use{owner}; stop that service or choose another port",
                         describe(claim)
@@ -162,6 +177,20 @@ pub fn bind_all(claims: &[PortClaim]) -> Result<Vec<Reservation>, PortBusy> {
         }
     }
     Ok(held)
+}
+
+/// Whether a TCP connection in TIME-WAIT has `port` as its local port
+/// (`/proc/net/tcp{,6}`, state 06).
+fn in_time_wait(port: u16) -> bool {
+    let local = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|file| {
+        fs::read_to_string(file).is_ok_and(|text| {
+            text.lines().skip(1).any(|line| {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                cols.get(1).is_some_and(|l| l.ends_with(&local)) && cols.get(3) == Some(&"06")
+            })
+        })
+    })
 }
 
 fn is_v6_wildcard(claim: &PortClaim) -> bool {
@@ -551,6 +580,28 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
         drop(held);
         assert_tcp_port_released(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+
+    #[test]
+    fn a_port_held_by_time_wait_says_so_and_when_it_frees() {
+        use std::io::Read;
+        let port = free_port(Proto::Tcp);
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        // The server side closes first: its end (local port `port`) waits.
+        drop(server);
+        let mut buf = [0u8; 1];
+        let _ = (&client).read(&mut buf);
+        drop(client);
+        drop(listener);
+        let err = bind_all(&[claim(&format!("0.0.0.0:{port}"), Proto::Tcp)]).unwrap_err();
+        assert!(err.message.contains("TIME-WAIT"), "{}", err.message);
+        assert!(
+            !err.message.contains("stop that service"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

@@ -13,14 +13,17 @@
 //!   [`firewall::Drift`], [`firewall::FirewallError`]) and the drivers:
 //!   [`firewall::iptables`] (rendering, `iptables-restore` transactions,
 //!   `iptables-save` parsing, executors; nothing about iptables lives
-//!   outside it but the model's iptables-compatible spellings) and a
-//!   recording one for tests.
-//! - [`state`]: `state.json`, atomic and durable.
+//!   outside it but the model's iptables-compatible spellings),
+//!   [`firewall::nftables`] (natmap's own tables and maps; element changes
+//!   in one netlink batch) and a recording one for tests.
+//! - [`config`]: the daemon's TOML config file.
+//! - [`docker`]: the Docker API client (bollard): inspects and events.
+//! - [`state`]: `state.json` and its append-only journal, atomic and durable.
 //!
 //! The pipeline of every change: validate → reserve ports → new state →
-//! desired rules → the firewall driver (with iptables, one
-//! `iptables-restore --noflush` per changed family) → persist → listen →
-//! answer.
+//! desired rules → the firewall driver (iptables: one
+//! `iptables-restore --noflush` per changed family; nftables: one netlink
+//! batch of map elements) → persist (one journal line) → listen → answer.
 
 pub mod cli;
 pub mod client;

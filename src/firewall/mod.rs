@@ -115,6 +115,11 @@ pub struct Drift {
     /// The first differing rule, worded for an operator; `None` when
     /// nothing differs.
     pub first_difference: Option<String>,
+    /// Only the place of natmap's hooks changed: another program inserted
+    /// its rules above them (Docker does on every `docker network
+    /// create`). Routine, so the repair is logged as information, not as a
+    /// warning.
+    pub hooks_displaced_only: bool,
 }
 
 /// The one error type of the firewall layer. Callers match the variant;

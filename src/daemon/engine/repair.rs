@@ -149,11 +149,21 @@ impl Engine {
         let reasons = drift.reasons;
         self.repairs += 1;
         self.last_repair = Some((std::time::Instant::now(), reasons.clone()));
-        tracing::warn!(
-            repairs = self.repairs,
-            "natmap's {family} rules were changed from outside ({}); repaired",
-            reasons.join("; ")
-        );
+        if drift.hooks_displaced_only {
+            // Docker inserts its rules above natmap's hooks on every
+            // network it creates: routine, and put back, so no warning.
+            tracing::info!(
+                repairs = self.repairs,
+                "another program put rules above natmap's {family} hooks ({}); moved them back to first",
+                reasons.join("; ")
+            );
+        } else {
+            tracing::warn!(
+                repairs = self.repairs,
+                "natmap's {family} rules were changed from outside ({}); repaired",
+                reasons.join("; ")
+            );
+        }
         self.check_converged(family);
     }
 

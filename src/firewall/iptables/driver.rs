@@ -275,6 +275,7 @@ impl FirewallDriver for IptablesDriver {
             Drift {
                 fingerprint: saved.fingerprint(),
                 first_difference: saved.first_difference(expected),
+                hooks_displaced_only: saved.hooks_displaced_only(expected),
                 reasons,
             }
         };

@@ -116,39 +116,66 @@ impl SavedTables {
     /// Why the kernel's natmap chains differ from `expected`, one reason a
     /// line; empty when they match exactly (rules, order, hooks).
     pub fn drift(&self, expected: &FamilyRules) -> Vec<String> {
-        let mut reasons = Vec::new();
+        self.drift_kinds(expected)
+            .into_iter()
+            .map(|(_, reason)| reason)
+            .collect()
+    }
+
+    /// Whether the only difference from `expected` is that another
+    /// program put rules above natmap's hooks (each hook still there,
+    /// once): the chains themselves are intact.
+    pub fn hooks_displaced_only(&self, expected: &FamilyRules) -> bool {
+        let kinds = self.drift_kinds(expected);
+        !kinds.is_empty() && kinds.iter().all(|(displaced, _)| *displaced)
+    }
+
+    /// [`SavedTables::drift`], each reason marked `true` when it is a hook
+    /// that is no longer first (and nothing else about it is wrong).
+    fn drift_kinds(&self, expected: &FamilyRules) -> Vec<(bool, String)> {
+        let mut reasons: Vec<(bool, String)> = Vec::new();
         for chain in Chain::ALL {
             let (table, name) = (chain.table(), chain.name());
             if !self.has_chain(table, name) {
-                reasons.push(format!("{table} chain {name} is missing"));
+                reasons.push((false, format!("{table} chain {name} is missing")));
                 continue;
             }
             if self.chain_rules(table, name) != expected.chain(chain) {
-                reasons.push(format!("{table} chain {name} differs from natmap's rules"));
+                reasons.push((
+                    false,
+                    format!("{table} chain {name} differs from natmap's rules"),
+                ));
             }
             let hook = chain.hook();
             let jump = self.jump_state(table, hook, name);
             if jump.count == 0 {
-                reasons.push(format!("{table} {hook} lost its jump to {name}"));
+                reasons.push((false, format!("{table} {hook} lost its jump to {name}")));
             } else if !jump.first {
-                reasons.push(format!(
-                    "{table} {hook}'s jump to {name} is no longer its first rule"
+                reasons.push((
+                    jump.count == 1,
+                    format!("{table} {hook}'s jump to {name} is no longer its first rule"),
                 ));
             } else if jump.count > 1 {
-                reasons.push(format!("{table} {hook} has {} jumps to {name}", jump.count));
+                reasons.push((
+                    false,
+                    format!("{table} {hook} has {} jumps to {name}", jump.count),
+                ));
             }
         }
         if self.has_chain("filter", DOCKER_USER)
             && self.jump_state("filter", "FORWARD", DOCKER_USER).count == 0
         {
-            reasons.push("filter FORWARD does not jump to DOCKER-USER".into());
+            reasons.push((false, "filter FORWARD does not jump to DOCKER-USER".into()));
         }
         if self
             .jump_state("filter", "FORWARD", Chain::FilterForward.name())
             .count
             > 0
         {
-            reasons.push("filter FORWARD jumps to NATMAP directly (a boot fragment)".into());
+            reasons.push((
+                false,
+                "filter FORWARD jumps to NATMAP directly (a boot fragment)".into(),
+            ));
         }
         reasons
     }

@@ -224,6 +224,21 @@ fn drift_is_detected_and_an_applied_state_has_none() {
         SavedTables::parse(&after).drift(rules),
         Vec::<String>::new()
     );
+    assert!(!saved.hooks_displaced_only(rules), "chains differ too");
+    assert!(!SavedTables::parse(&after).hooks_displaced_only(rules));
+
+    // Docker creating a network inserts its MASQUERADE above natmap's
+    // hook: only the hook's place changed, a routine repair.
+    let displaced = after.replace(
+        "-A POSTROUTING -j NATMAP-POSTROUTING\n",
+        "-A POSTROUTING -s 172.18.0.0/16 ! -o br-1 -j MASQUERADE\n-A POSTROUTING -j NATMAP-POSTROUTING\n",
+    );
+    let saved = SavedTables::parse(&displaced);
+    assert_eq!(
+        saved.drift(rules),
+        ["nat POSTROUTING's jump to NATMAP-POSTROUTING is no longer its first rule"]
+    );
+    assert!(saved.hooks_displaced_only(rules));
 }
 
 #[test]

@@ -221,6 +221,7 @@ impl FirewallDriver for NftablesDriver {
                 first_difference: reasons.first().cloned(),
                 fingerprint: summary.fingerprint(),
                 reasons,
+                hooks_displaced_only: false,
             }
         })
     }

@@ -559,7 +559,7 @@ both out4 "other machine → ${HOST4}" out "${HOST4}" \
 both out6 "other machine → ${HOST6}" out "${HOST6}" \
 	"Docker's IPv6 NAT is off (engine 20.10 default, no ip6tables): docker-proxy answers and hides the client; natmap does not publish an IPv4-only container over IPv6."
 both nbr "other container → ${HOST4}" "ctr:${C}" "${HOST4}" \
-	"Docker's nat DOCKER chain returns traffic from docker0, so docker-proxy serves it; its UDP reply leaves from 172.17.0.1, not the address asked. natmap DNATs it and masquerades the bridge's own traffic."
+	"Docker's nat DOCKER chain returns traffic from docker0, so docker-proxy serves it; its UDP reply leaves from 172.17.0.1, not the address asked. natmap DNATs it and, with br_netfilter, masquerades only a container's traffic to itself: the neighbour keeps its address."
 row own "the container → its own port via ${HOST4}" \
 	"TCP $(tcp_cell "ctr:${A}" "${HOST4}" "${A_TCP}"); UDP $(udp_cell "ctr:${A}" "${HOST4}" "${A_UDP}" "${A}")" \
 	"TCP $(tcp_cell "ctr:${B}" "${HOST4}" "${B_TCP}"); UDP $(udp_cell "ctr:${B}" "${HOST4}" "${B_UDP}" "${B}")" \

@@ -132,6 +132,7 @@ fn dnat_tcp_and_udp_in_both_families_then_delete() {
 
     let status = d.cli_json(&["status"]);
     assert_eq!(status["data"]["firewall"], "nftables", "{status}");
+    assert_eq!(status["data"]["backend"], "netlink", "{status}");
     let ls = d.cli_json(&["ls"]);
     assert_eq!(ls["data"]["firewall"], "nftables", "{ls}");
 

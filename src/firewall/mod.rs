@@ -176,7 +176,7 @@ pub trait FirewallDriver: Send {
     fn name(&self) -> &'static str;
 
     /// The kernel interface it drives, as `status` shows it (`nft` or
-    /// `legacy` for iptables).
+    /// `legacy` for iptables, `netlink` for nftables).
     fn backend(&self) -> String;
 
     /// Brings natmap's rules of `families` to `desired` (all or nothing:

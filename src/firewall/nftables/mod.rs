@@ -125,7 +125,9 @@ impl FirewallDriver for NftablesDriver {
     }
 
     fn backend(&self) -> String {
-        "nft".to_owned()
+        // How it reaches the kernel: nf_tables over netlink, no iptables
+        // flavor ("nft" next to "nftables" in `status` read as a typo).
+        "netlink".to_owned()
     }
 
     fn apply(

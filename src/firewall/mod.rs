@@ -337,3 +337,55 @@ pub fn driver(backend: Backend) -> Box<dyn FirewallDriver> {
         ))),
     }
 }
+
+/// Runs a firewall tool (`iptables-restore`, `nft`, …) with fixed
+/// arguments and optional input on stdin, never through a shell, and
+/// returns its stdout. A tool that cannot be started is
+/// [`FirewallError::Unavailable`] (naming `package`); one that exits with
+/// an error is [`FirewallError::Refused`], its stderr and exit status as
+/// the message. Both drivers run their tools through here.
+pub(crate) fn run_tool(
+    program: &str,
+    package: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String, FirewallError> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let fail = |message: String| FirewallError::Unavailable {
+        program: program.to_owned(),
+        message,
+    };
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            fail(format!(
+                "cannot run it: {e} (is the {package} package installed?)"
+            ))
+        })?;
+    if let Some(input) = stdin {
+        let mut pipe = child.stdin.take().expect("stdin was piped");
+        pipe.write_all(input.as_bytes())
+            .map_err(|e| fail(format!("writing its input: {e}")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| fail(format!("waiting for it: {e}")))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        Err(FirewallError::Refused {
+            program: program.to_owned(),
+            message: format!("{} ({})", stderr.trim(), out.status),
+        })
+    }
+}

@@ -7,8 +7,6 @@
 //! changes only, behind the same trait.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
 use crate::firewall::FirewallError;
@@ -88,42 +86,7 @@ impl Nft for NftExecutor {
 }
 
 fn run(args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
-    let fail = |message: String| FirewallError::Unavailable {
-        program: NFT.to_owned(),
-        message,
-    };
-    let mut child = Command::new(NFT)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            fail(format!(
-                "cannot run it: {e} (is the nftables package installed?)"
-            ))
-        })?;
-    if let Some(input) = stdin {
-        let mut pipe = child.stdin.take().expect("stdin was piped");
-        pipe.write_all(input.as_bytes())
-            .map_err(|e| fail(format!("writing its input: {e}")))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| fail(format!("waiting for it: {e}")))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        Err(FirewallError::Refused {
-            program: NFT.to_owned(),
-            message: format!("{} ({})", stderr.trim(), out.status),
-        })
-    }
+    crate::firewall::run_tool(NFT, "nftables", args, stdin)
 }
 
 /// What the kernel holds in natmap's table of one family, counted: enough

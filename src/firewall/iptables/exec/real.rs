@@ -1,8 +1,5 @@
 //! The real executor: `iptables-restore` / `iptables-save` processes.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use crate::model::Family;
 
 use super::Netfilter;
@@ -79,47 +76,14 @@ fn tool(family: Family, base: &str) -> String {
 }
 
 fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, FirewallError> {
-    let fail = |message: String| FirewallError::Unavailable {
-        program: program.to_owned(),
-        message,
-    };
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            fail(format!(
-                "cannot run it: {e} (is the iptables package installed?)"
-            ))
-        })?;
-    if let Some(input) = stdin {
-        let mut pipe = child.stdin.take().expect("stdin was piped");
-        pipe.write_all(input.as_bytes())
-            .map_err(|e| fail(format!("writing its input: {e}")))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| fail(format!("waiting for it: {e}")))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let message = format!("{} ({})", stderr.trim(), out.status);
-        let program = program.to_owned();
+    crate::firewall::run_tool(program, "iptables", args, stdin).map_err(|e| match e {
         // iptables says so only in words ("Another app is currently holding
         // the xtables lock"); this is the one place that reads them.
-        Err(if stderr.contains("xtables lock") {
+        FirewallError::Refused { program, message } if message.contains("xtables lock") => {
             FirewallError::Locked { program, message }
-        } else {
-            FirewallError::Refused { program, message }
-        })
-    }
+        }
+        other => other,
+    })
 }
 
 impl Netfilter for IptablesExecutor {

@@ -63,10 +63,9 @@ fn elements(ns: &Netns, family: &str, map: &str) -> Vec<serde_json::Value> {
         .unwrap_or_default()
 }
 
-fn dnat(d: &Daemon, args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["dnat"];
-    all.extend_from_slice(args);
-    let r = d.cli_json(&all);
+/// Runs a `dnat` command line (see `dnat_args`) and asserts it succeeded.
+fn dnat(d: &Daemon, args: RuleArgs) -> serde_json::Value {
+    let r = d.cli_json(&args);
     assert_eq!(r["ok"], true, "{r}");
     r
 }
@@ -97,23 +96,10 @@ fn dnat_tcp_and_udp_in_both_families_then_delete() {
     let ext4 = ROUTER_EXT_V4.to_string();
     let int4 = SERVER_V4.to_string();
     let (ext6, int6) = (ROUTER_EXT_V6.to_string(), SERVER_V6.to_string());
-    dnat(
-        &d,
-        &["--ext-ip", &ext4, "--int-ip", &int4, "--ports", "25,465"],
-    );
-    dnat(
-        &d,
-        &[
-            "--ext-ip", &ext4, "--int-ip", &int4, "--ports", "53", "--proto", "udp",
-        ],
-    );
-    dnat(&d, &["--ext-ip", &ext6, "--int-ip", &int6, "--ports", "80"]);
-    dnat(
-        &d,
-        &[
-            "--ext-ip", &ext6, "--int-ip", &int6, "--ports", "53", "--proto", "udp",
-        ],
-    );
+    dnat(&d, dnat_args(&ext4, &int4, "25,465"));
+    dnat(&d, dnat_args(&ext4, &int4, "53").proto("udp"));
+    dnat(&d, dnat_args(&ext6, &int6, "80"));
+    dnat(&d, dnat_args(&ext6, &int6, "53").proto("udp"));
 
     expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
     expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 465), CLIENT_V4, 465);
@@ -136,9 +122,7 @@ fn dnat_tcp_and_udp_in_both_families_then_delete() {
     let ls = d.cli_json(&["ls"]);
     assert_eq!(ls["data"]["firewall"], "nftables", "{ls}");
 
-    let del = d.cli_json(&[
-        "dnat", "--ext-ip", &ext4, "--int-ip", &int4, "--ports", "25,465", "--delete",
-    ]);
+    let del = d.cli_json(&dnat_args(&ext4, &int4, "25,465").delete());
     assert_eq!(del["ok"], true, "{del}");
     expect_no_tcp(&topo.client, v4(ROUTER_EXT_V4, 25));
     expect_udp(&topo.client, v4(ROUTER_EXT_V4, 53), CLIENT_V4, 53);
@@ -169,20 +153,10 @@ fn ext_if_is_honoured() {
     let (ext, int) = (ROUTER_EXT_V4.to_string(), SERVER_V4.to_string());
     // Bound to the interface the client is on: through.
     let right = topo.router_ext_if();
-    dnat(
-        &d,
-        &[
-            "--ext-ip", &ext, "--int-ip", &int, "--ports", "2525", "--ext-if", right,
-        ],
-    );
+    dnat(&d, dnat_args(&ext, &int, "2525").ext_if(right));
     // Bound to the other interface: the client's traffic is not translated.
     let wrong = topo.router_int_if();
-    dnat(
-        &d,
-        &[
-            "--ext-ip", &ext, "--int-ip", &int, "--ports", "2526", "--ext-if", wrong,
-        ],
-    );
+    dnat(&d, dnat_args(&ext, &int, "2526").ext_if(wrong));
     expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 2525), CLIENT_V4, 2525);
     expect_no_tcp(&topo.client, v4(ROUTER_EXT_V4, 2526));
     assert_eq!(elements(&topo.router, "ip", "dnat_iif").len(), 2);
@@ -251,17 +225,7 @@ fn a_flushed_table_is_repaired_and_a_restart_after_kill9_rebuilds_it_exactly() {
     let mut d = daemon(&topo.router, &dir, "nftables");
     d.allow_log("drift");
     let (ext, int) = (ROUTER_EXT_V4.to_string(), SERVER_V4.to_string());
-    dnat(
-        &d,
-        &[
-            "--ext-ip",
-            &ext,
-            "--int-ip",
-            &int,
-            "--ports",
-            "25,26,100-200",
-        ],
-    );
+    dnat(&d, dnat_args(&ext, &int, "25,26,100-200"));
     let before = nft_table(&topo.router, "ip").unwrap();
 
     topo.router
@@ -302,7 +266,7 @@ fn switching_backends_leaves_nothing_of_the_old_one() {
     let (ext, int) = (ROUTER_EXT_V4.to_string(), SERVER_V4.to_string());
 
     let mut ipt = daemon(&topo.router, &dir, "iptables");
-    dnat(&ipt, &["--ext-ip", &ext, "--int-ip", &int, "--ports", "25"]);
+    dnat(&ipt, dnat_args(&ext, &int, "25"));
     assert!(!natmap_lines(&topo.router, false).is_empty());
     // Killed: its chains stay behind for the next start to deal with.
     ipt.kill9();

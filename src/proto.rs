@@ -631,7 +631,7 @@ pub struct Response {
     pub ok: bool,
     /// The result, on success.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data: Option<serde_json::Value>,
+    pub data: Option<Body>,
     /// The error, on failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorBody>,
@@ -639,14 +639,107 @@ pub struct Response {
 
 impl Response {
     /// A success carrying `data`.
-    pub fn ok(data: impl Serialize) -> Response {
+    pub fn ok(data: impl Into<Body>) -> Response {
         Response {
             version: PROTOCOL_VERSION,
             ok: true,
-            data: Some(serde_json::to_value(data).expect("response data serializes")),
+            data: Some(data.into()),
             error: None,
         }
     }
+
+    /// The result as JSON (`null` for a failure).
+    pub fn data_json(&self) -> serde_json::Value {
+        self.data.as_ref().map(Body::to_json).unwrap_or_default()
+    }
+}
+
+/// A successful response's result.
+///
+/// The daemon answers with the typed report; it becomes JSON only when the
+/// connection writes the line, off the engine thread (a 20,000-rule answer
+/// costs the engine nothing to serialize). Reports are boxed: a response is
+/// moved through channels and results. A client reads every answer as
+/// [`Body::Json`]: the request it sent says which report that JSON is.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Body {
+    /// `ping`.
+    Pong(Box<Pong>),
+    /// A rule added, removed or already present.
+    Change(Box<ChangeResult>),
+    /// `ls`.
+    List(Box<RuleList>),
+    /// `clear`.
+    Clear(Box<ClearReport>),
+    /// `fwd`.
+    Forwarding(Box<ForwardingReport>),
+    /// `apply` (and its own dry run).
+    Apply(Box<ApplyReport>),
+    /// `--dry-run` of a change: what it would have done.
+    DryRun(Box<DryRunReport>),
+    /// `save`.
+    Save(Box<SaveReport>),
+    /// `export`.
+    Document(Box<Document>),
+    /// `status`.
+    Status(Box<StatusReport>),
+    /// JSON as read from the wire, or an answer without a report type.
+    Json(serde_json::Value),
+}
+
+impl<'de> Deserialize<'de> for Body {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Body, D::Error> {
+        serde_json::Value::deserialize(d).map(Body::Json)
+    }
+}
+
+impl Body {
+    /// The result as JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Body::Json(v) => v.clone(),
+            typed => serde_json::to_value(typed).expect("response data serializes"),
+        }
+    }
+
+    /// The result as JSON, editable in place (a typed report becomes JSON).
+    pub fn json_mut(&mut self) -> &mut serde_json::Value {
+        if !matches!(self, Body::Json(_)) {
+            *self = Body::Json(self.to_json());
+        }
+        match self {
+            Body::Json(v) => v,
+            _ => unreachable!("made JSON above"),
+        }
+    }
+}
+
+macro_rules! body_from {
+    ($($variant:ident($ty:ty)),* $(,)?) => {
+        $(impl From<$ty> for Body {
+            fn from(report: $ty) -> Body {
+                Body::$variant(report.into())
+            }
+        })*
+    };
+}
+
+body_from!(
+    Pong(Pong),
+    Change(ChangeResult),
+    List(RuleList),
+    Clear(ClearReport),
+    Forwarding(ForwardingReport),
+    Apply(ApplyReport),
+    DryRun(DryRunReport),
+    Save(SaveReport),
+    Document(Document),
+    Status(StatusReport),
+    Json(serde_json::Value),
+);
+
+impl Response {
 
     /// A failure.
     pub fn err(code: ErrorCode, message: impl Into<String>) -> Response {

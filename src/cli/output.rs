@@ -86,14 +86,13 @@ impl Printer {
         };
         let attention = matches!(request, Request::Status(_))
             && response
-                .data
-                .as_ref()
-                .and_then(|d| d.get("problems"))
+                .data_json()
+                .get("problems")
                 .and_then(|p| p.as_array())
                 .is_some_and(|p| !p.is_empty());
         if self.json {
             let mut response = response.clone();
-            if let Some(serde_json::Value::Object(data)) = response.data.as_mut() {
+            if let Some(serde_json::Value::Object(data)) = response.data.as_mut().map(|d| d.json_mut()) {
                 if self.dry_run {
                     data.insert("dry_run".into(), serde_json::Value::Bool(true));
                 }
@@ -109,7 +108,7 @@ impl Printer {
             eprintln!("error: {} [{}]", e.message, e.code);
             return code;
         }
-        let data = response.data.clone().unwrap_or_default();
+        let data = response.data_json();
         match request {
             Request::Dnat(_)
             | Request::Snat(_)
@@ -171,7 +170,7 @@ impl Printer {
     /// Prints a plan made without the daemon (`daemon --dry-run`).
     pub fn dry_run_report(&self, report: &DryRunReport) {
         if self.json {
-            print_line(&serde_json::to_string(&Response::ok(report)).expect("report serializes"));
+            print_line(&serde_json::to_string(&Response::ok(report.clone())).expect("report serializes"));
         } else {
             dry_run(report);
         }

@@ -96,7 +96,7 @@ fn write_fragments(
     response: &Response,
     dry_run: bool,
 ) -> Result<SaveReport, String> {
-    let mut report: SaveReport = serde_json::from_value(response.data.clone().unwrap_or_default())
+    let mut report: SaveReport = serde_json::from_value(response.data_json())
         .map_err(|e| format!("unexpected answer from the daemon: {e}"))?;
     for t in &report.fragments {
         let target = match t.family {

@@ -91,7 +91,7 @@ fn a_failed_apply_changes_nothing_and_frees_the_port() {
     std::net::TcpListener::bind("0.0.0.0:47013").expect("port free after the failure");
     // And the next change works and gets the next id, not a skipped one.
     let ok = engine.handle(dnat(47014), Peer::default());
-    assert_eq!(ok.data.unwrap()["rule"]["id"], 1);
+    assert_eq!(ok.data_json()["rule"]["id"], 1);
 }
 
 #[test]
@@ -140,7 +140,7 @@ fn queued_changes_share_one_transaction_and_one_state_write() {
         .map(|r| {
             r.data
                 .as_ref()
-                .map_or("error".into(), |d| d["result"].as_str().unwrap().to_owned())
+                .map_or("error".into(), |d| d.to_json()["result"].as_str().unwrap().to_owned())
         })
         .collect();
     assert_eq!(
@@ -203,7 +203,7 @@ fn a_range_is_reserved_removed_and_moved_as_a_whole() {
     let range = format!("{base}-{}:192.0.2.50:80-81", base + 1);
     let added = engine.handle(fixed(&range), Peer::default());
     assert!(added.ok, "{added:?}");
-    let rule = &added.data.as_ref().unwrap()["rule"];
+    let rule = &added.data_json()["rule"];
     let id = rule["id"].as_u64().unwrap();
     assert_eq!(
         (rule["host_port"].as_u64(), rule["port_count"].as_u64()),

@@ -725,9 +725,37 @@ fn measure_engine_hold_at_large_n() {
         let idle = pinger.max_between(from, Instant::now());
         drop(pinger);
         line += &format!("; idle, longest ping (drift check) {:.0} ms", ms(idle));
+        line += &format!("; engine held at most: {}", longest_turns(&d.log()));
         eprintln!("{line}");
         d.assert_clean_log();
     }
+}
+
+/// The longest `engine turn` (debug log) of each kind of message: how long
+/// one request, event or tick held the engine, without the socket round trip.
+fn longest_turns(log: &str) -> String {
+    let mut longest: std::collections::BTreeMap<String, f64> = Default::default();
+    for l in log.lines().filter(|l| l.contains("engine turn")) {
+        let field = |name: &str| {
+            let rest = &l[l.find(name)? + name.len()..];
+            let value = match rest.strip_prefix('"') {
+                Some(quoted) => &quoted[..quoted.find('"')?],
+                None => &rest[..rest.find(' ').unwrap_or(rest.len())],
+            };
+            Some(value.to_owned())
+        };
+        let (Some(kind), Some(held)) = (field("kind="), field("held_ms=")) else {
+            continue;
+        };
+        let held: f64 = held.parse().unwrap_or(0.0);
+        let slot = longest.entry(kind).or_default();
+        *slot = slot.max(held);
+    }
+    longest
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.0} ms"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Sizes of `state.json` and its journal.

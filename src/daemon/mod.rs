@@ -111,6 +111,26 @@ pub(crate) enum EngineMsg {
     },
 }
 
+impl EngineMsg {
+    /// A short name for logs: the request's command or the event's kind.
+    fn kind(&self) -> &'static str {
+        match self {
+            EngineMsg::Request { request, .. } => request.name(),
+            EngineMsg::Shutdown { .. } => "shutdown",
+            EngineMsg::DockerUp(_) => "docker-up",
+            EngineMsg::DockerDown(_) => "docker-down",
+            EngineMsg::DockerEvent(_) => "docker-event",
+            EngineMsg::DockerObserved(_) => "docker-observed",
+            EngineMsg::DockerResolved(_) => "docker-resolved",
+            EngineMsg::ApplyResolved(_) => "apply-resolved",
+            EngineMsg::AutoSnapshot { .. } => "auto-snapshot",
+            EngineMsg::AutoEngineDown { .. } => "auto-down",
+            EngineMsg::Reload => "reload",
+            EngineMsg::Metrics { .. } => "metrics",
+        }
+    }
+}
+
 /// Runs the daemon until `shutdown` completes, then removes natmap's rules
 /// (the state stays for the next start) and the socket.
 pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Result<(), String> {
@@ -247,6 +267,11 @@ fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>, stopping: &Ato
         let now = Instant::now();
         if now >= next_tick {
             engine.tick();
+            tracing::debug!(
+                kind = "tick",
+                held_ms = now.elapsed().as_secs_f64() * 1e3,
+                "engine turn"
+            );
             next_tick = now + TICK;
         }
         let msg = match stashed.take() {
@@ -260,87 +285,110 @@ fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>, stopping: &Ato
                 }
             },
         };
-        match msg {
-            EngineMsg::Request { reply, .. } if stopping.load(Ordering::Relaxed) => {
-                let _ = reply.send(Response::err(
-                    crate::proto::ErrorCode::Internal,
-                    "the daemon is shutting down",
-                ));
-            }
-            EngineMsg::Request {
-                request,
-                peer,
-                reply,
-            } if Engine::batchable(&request) => {
-                // Fold every rule change already queued into one transaction.
-                let mut batch = vec![(request, peer, reply)];
-                while batch.len() < engine::MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(EngineMsg::Request {
-                            request,
-                            peer,
-                            reply,
-                        }) if Engine::batchable(&request) => batch.push((request, peer, reply)),
-                        Ok(other) => {
-                            stashed = Some(other);
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                let (requests, replies): (Vec<_>, Vec<_>) = batch
-                    .into_iter()
-                    .map(|(r, p, reply)| ((r, p), reply))
-                    .unzip();
-                for (reply, response) in replies.into_iter().zip(engine.handle_batch(requests)) {
-                    let _ = reply.send(response);
-                }
-            }
-            EngineMsg::Request {
-                request: crate::proto::Request::DockerAdd(req),
-                peer,
-                reply,
-            } => engine.docker_add_begin(req, peer, reply),
-            EngineMsg::Request {
-                request:
-                    request @ (crate::proto::Request::Apply(_) | crate::proto::Request::DryRun(_)),
-                peer,
-                reply,
-            } => engine.apply_begin(request, peer, reply),
-            EngineMsg::Request {
-                request,
-                peer,
-                reply,
-            } => {
-                let _ = reply.send(engine.handle(request, peer));
-            }
-            EngineMsg::Shutdown { done } => {
-                engine.shutdown();
-                let _ = done.send(());
-                return;
-            }
-            EngineMsg::DockerUp(client) => engine.docker_connected(client),
-            EngineMsg::DockerDown(reason) => engine.docker_lost(reason),
-            EngineMsg::DockerEvent(event) => engine.docker_event(&event),
-            EngineMsg::DockerObserved(seen) => engine.docker_observed(seen),
-            EngineMsg::DockerResolved(pending) => engine.docker_add_finish(pending),
-            EngineMsg::ApplyResolved(pending) => engine.apply_finish(*pending),
-            EngineMsg::AutoSnapshot {
-                engine: name,
-                containers,
-            } => engine.auto_snapshot(name, containers),
-            EngineMsg::AutoEngineDown {
-                engine: name,
-                reason,
-            } => engine.auto_engine_down(name, reason),
-            EngineMsg::Reload => {
-                let _ = engine.reload();
-            }
-            EngineMsg::Metrics { reply } => {
-                let _ = reply.send(Box::new(engine.metrics_snapshot()));
-            }
+        // How long each message holds the engine (docs/reliability.md, item 8):
+        // every other client and the drift check wait that long.
+        let kind = msg.kind();
+        let turn = Instant::now();
+        let stop = handle_message(&mut engine, msg, &rx, &mut stashed, stopping);
+        tracing::debug!(
+            kind,
+            held_ms = turn.elapsed().as_secs_f64() * 1e3,
+            "engine turn"
+        );
+        if stop {
+            return;
         }
     }
+}
+
+/// Handles one engine message; true once the engine has shut down.
+fn handle_message(
+    engine: &mut Engine,
+    msg: EngineMsg,
+    rx: &mpsc::Receiver<EngineMsg>,
+    stashed: &mut Option<EngineMsg>,
+    stopping: &AtomicBool,
+) -> bool {
+    match msg {
+        EngineMsg::Request { reply, .. } if stopping.load(Ordering::Relaxed) => {
+            let _ = reply.send(Response::err(
+                crate::proto::ErrorCode::Internal,
+                "the daemon is shutting down",
+            ));
+        }
+        EngineMsg::Request {
+            request,
+            peer,
+            reply,
+        } if Engine::batchable(&request) => {
+            // Fold every rule change already queued into one transaction.
+            let mut batch = vec![(request, peer, reply)];
+            while batch.len() < engine::MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(EngineMsg::Request {
+                        request,
+                        peer,
+                        reply,
+                    }) if Engine::batchable(&request) => batch.push((request, peer, reply)),
+                    Ok(other) => {
+                        *stashed = Some(other);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let (requests, replies): (Vec<_>, Vec<_>) = batch
+                .into_iter()
+                .map(|(r, p, reply)| ((r, p), reply))
+                .unzip();
+            for (reply, response) in replies.into_iter().zip(engine.handle_batch(requests)) {
+                let _ = reply.send(response);
+            }
+        }
+        EngineMsg::Request {
+            request: crate::proto::Request::DockerAdd(req),
+            peer,
+            reply,
+        } => engine.docker_add_begin(req, peer, reply),
+        EngineMsg::Request {
+            request: request @ (crate::proto::Request::Apply(_) | crate::proto::Request::DryRun(_)),
+            peer,
+            reply,
+        } => engine.apply_begin(request, peer, reply),
+        EngineMsg::Request {
+            request,
+            peer,
+            reply,
+        } => {
+            let _ = reply.send(engine.handle(request, peer));
+        }
+        EngineMsg::Shutdown { done } => {
+            engine.shutdown();
+            let _ = done.send(());
+            return true;
+        }
+        EngineMsg::DockerUp(client) => engine.docker_connected(client),
+        EngineMsg::DockerDown(reason) => engine.docker_lost(reason),
+        EngineMsg::DockerEvent(event) => engine.docker_event(&event),
+        EngineMsg::DockerObserved(seen) => engine.docker_observed(seen),
+        EngineMsg::DockerResolved(pending) => engine.docker_add_finish(pending),
+        EngineMsg::ApplyResolved(pending) => engine.apply_finish(*pending),
+        EngineMsg::AutoSnapshot {
+            engine: name,
+            containers,
+        } => engine.auto_snapshot(name, containers),
+        EngineMsg::AutoEngineDown {
+            engine: name,
+            reason,
+        } => engine.auto_engine_down(name, reason),
+        EngineMsg::Reload => {
+            let _ = engine.reload();
+        }
+        EngineMsg::Metrics { reply } => {
+            let _ = reply.send(Box::new(engine.metrics_snapshot()));
+        }
+    }
+    false
 }
 
 /// SIGHUP (`systemctl reload natmap`) re-reads the config.

@@ -740,7 +740,6 @@ body_from!(
 );
 
 impl Response {
-
     /// A failure.
     pub fn err(code: ErrorCode, message: impl Into<String>) -> Response {
         Response {

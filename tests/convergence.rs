@@ -545,6 +545,108 @@ fn status_and_dry_run_apply_do_not_stall_at_a_thousand_rules() {
     d.assert_clean_log();
 }
 
+/// A large `apply` commits its firewall transaction off the engine thread
+/// (engine::offload). While `iptables-restore` runs (held here by a gate in
+/// front of the real binary), `ping`, `ls` and `export` answer from the
+/// rules as they were; a change waits for the transaction and lands after
+/// it; the apply answers once the kernel has its rules.
+#[test]
+fn a_transaction_in_the_kernel_holds_only_the_changes_behind_it() {
+    if !privileged() {
+        return;
+    }
+    let ns = bare_router();
+    let bin = tempfile::tempdir().unwrap();
+    let gate = bin.path().join("gate");
+    let entered = bin.path().join("entered");
+    let real = find_on_path("iptables-restore").expect("iptables-restore on PATH");
+    let script = format!(
+        "#!/bin/sh\nif [ -e {gate} ]; then : > {entered}; \
+         while [ -e {gate} ]; do sleep 0.05; done; fi\nexec {real} \"$@\"\n",
+        gate = gate.display(),
+        entered = entered.display(),
+        real = real.display(),
+    );
+    let wrapper = bin.path().join("iptables-restore");
+    std::fs::write(&wrapper, script).unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut opts = DaemonOptions::isolated();
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap()
+    );
+    opts.env.push(("PATH".into(), path.into()));
+    let d = Daemon::start_with_options(&ns, &StateDir::new(), opts);
+    timed(
+        &d,
+        dnat_request("192.0.2.1", "198.51.100.2", "10000", "tcp", false),
+    );
+
+    std::fs::write(&gate, "").unwrap();
+    let socket = d.socket_path();
+    let apply = std::thread::spawn(move || {
+        let doc = dnat_doc(10_000..10_200);
+        SocketClient::connect(&socket)
+            .and_then(|mut c| c.call(&json!({"cmd":"apply","document":doc})))
+    });
+    let waited = Instant::now();
+    while !entered.exists() {
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "iptables-restore never ran"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The engine answers reads while the transaction is held: from the
+    // rules before it (the apply has not happened until it answers).
+    assert_eq!(d.call(json!({"cmd":"ping"}))["ok"], true);
+    let listed = d.call(json!({"cmd":"ls"}));
+    assert_eq!(
+        listed["data"]["rules"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+    let exported = d.call(json!({"cmd":"export"}));
+    assert_eq!(exported["data"]["rules"].as_array().map(Vec::len), Some(1));
+    // A change waits for the transaction.
+    let socket = d.socket_path();
+    let change = std::thread::spawn(move || {
+        let add = dnat_request("192.0.2.1", "198.51.100.2", "9001", "tcp", false);
+        SocketClient::connect(&socket).and_then(|mut c| c.call(&add))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !change.is_finished(),
+        "a change went past a transaction still in the kernel"
+    );
+    assert!(
+        !apply.is_finished(),
+        "the apply answered before its transaction ran"
+    );
+
+    std::fs::remove_file(&gate).unwrap();
+    let applied = apply.join().unwrap().expect("the apply answers");
+    assert_eq!(applied["ok"], true, "{applied}");
+    assert_eq!(applied["data"]["added"].as_array().map(Vec::len), Some(199));
+    let added = change.join().unwrap().expect("the change answers");
+    assert_eq!(added["ok"], true, "{added}");
+    let listed = d.call(json!({"cmd":"ls"}));
+    assert_eq!(listed["data"]["rules"].as_array().map(Vec::len), Some(201));
+    let nat = iptables_save(&ns, false);
+    for port in ["10199", "9001"] {
+        assert!(
+            nat.contains(&format!("--dport {port} ")),
+            "port {port} missing from the kernel:\n{nat}"
+        );
+    }
+    d.assert_clean_log();
+}
+
 /// Pings the daemon every 10 ms on its own connection and records each
 /// answer's latency, so the longest wait during a window shows how long
 /// the engine was held (every request waits for the one before it).

@@ -92,7 +92,9 @@ impl Printer {
                 .is_some_and(|p| !p.is_empty());
         if self.json {
             let mut response = response.clone();
-            if let Some(serde_json::Value::Object(data)) = response.data.as_mut().map(|d| d.json_mut()) {
+            if let Some(serde_json::Value::Object(data)) =
+                response.data.as_mut().map(|d| d.json_mut())
+            {
                 if self.dry_run {
                     data.insert("dry_run".into(), serde_json::Value::Bool(true));
                 }
@@ -170,7 +172,9 @@ impl Printer {
     /// Prints a plan made without the daemon (`daemon --dry-run`).
     pub fn dry_run_report(&self, report: &DryRunReport) {
         if self.json {
-            print_line(&serde_json::to_string(&Response::ok(report.clone())).expect("report serializes"));
+            print_line(
+                &serde_json::to_string(&Response::ok(report.clone())).expect("report serializes"),
+            );
         } else {
             dry_run(report);
         }

@@ -20,6 +20,7 @@ pub mod relay;
 pub mod reserve;
 pub mod server;
 
+use std::collections::VecDeque;
 use std::fs;
 use std::future::Future;
 use std::path::PathBuf;
@@ -109,6 +110,8 @@ pub(crate) enum EngineMsg {
     Metrics {
         reply: oneshot::Sender<Box<(engine::MetricsSnapshot, engine::CounterReader)>>,
     },
+    /// The firewall thread finished a transaction (engine::offload).
+    FirewallDone(Box<engine::FirewallDone>),
 }
 
 impl EngineMsg {
@@ -127,6 +130,27 @@ impl EngineMsg {
             EngineMsg::AutoEngineDown { .. } => "auto-down",
             EngineMsg::Reload => "reload",
             EngineMsg::Metrics { .. } => "metrics",
+            EngineMsg::FirewallDone(_) => "firewall-done",
+        }
+    }
+
+    /// Whether the engine handles it while its firewall driver is out on a
+    /// transaction: what only reads the rules, and the transaction's end.
+    /// Everything else waits, in order, for the driver (engine::offload).
+    fn serves_while_lent(&self, stopping: bool) -> bool {
+        use crate::proto::Request;
+        match self {
+            // Refused at once ("shutting down"), touching nothing.
+            EngineMsg::Request { .. } if stopping => true,
+            EngineMsg::Request { request, .. } => match request {
+                Request::Ping(_) | Request::Export(_) => true,
+                Request::Ls(ls) => !ls.counters,
+                Request::Apply(a) => a.dry_run,
+                _ => false,
+            },
+            EngineMsg::ApplyResolved(pending) => pending.is_dry_run(),
+            EngineMsg::FirewallDone(_) => true,
+            _ => false,
         }
     }
 }
@@ -263,33 +287,54 @@ fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>, stopping: &Ato
     // Periodic work runs on a fixed schedule even while requests keep coming.
     let mut next_tick = Instant::now() + TICK;
     let mut stashed: Option<EngineMsg> = None;
+    // Messages that wait for the firewall driver while it is out on a
+    // transaction (engine::offload), in arrival order.
+    let mut waiting: VecDeque<EngineMsg> = VecDeque::new();
     loop {
         let now = Instant::now();
+        let lent = engine.firewall_lent();
         if now >= next_tick {
-            engine.tick();
-            tracing::debug!(
-                kind = "tick",
-                held_ms = now.elapsed().as_secs_f64() * 1e3,
-                "engine turn"
-            );
+            // A tick while the driver is out is skipped, not queued: the
+            // next one comes TICK later.
+            if !lent {
+                engine.tick();
+                tracing::debug!(
+                    kind = "tick",
+                    held_ms = now.elapsed().as_secs_f64() * 1e3,
+                    "engine turn"
+                );
+            }
             next_tick = now + TICK;
         }
-        let msg = match stashed.take() {
+        let next = stashed
+            .take()
+            .or_else(|| if lent { None } else { waiting.pop_front() });
+        let msg = match next {
             Some(msg) => msg,
             None => match rx.recv_timeout(next_tick.saturating_duration_since(now)) {
                 Ok(msg) => msg,
                 Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                // Never while the driver is out: its transaction holds a
+                // sender to answer with.
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     engine.shutdown();
                     return;
                 }
             },
         };
+        let stopping_now = stopping.load(Ordering::Relaxed);
+        if engine.firewall_lent() && !msg.serves_while_lent(stopping_now) {
+            waiting.push_back(msg);
+            continue;
+        }
         // How long each message holds the engine (docs/reliability.md, item 8):
         // every other client and the drift check wait that long.
         let kind = msg.kind();
         let turn = Instant::now();
-        let stop = handle_message(&mut engine, msg, &rx, &mut stashed, stopping);
+        // Folding queued changes into one batch must not overtake the
+        // messages already waiting.
+        let batch_from = waiting.is_empty().then_some(&rx);
+        let stop = handle_message(&mut engine, msg, batch_from, &mut stashed, stopping);
         tracing::debug!(
             kind,
             held_ms = turn.elapsed().as_secs_f64() * 1e3,
@@ -305,7 +350,7 @@ fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>, stopping: &Ato
 fn handle_message(
     engine: &mut Engine,
     msg: EngineMsg,
-    rx: &mpsc::Receiver<EngineMsg>,
+    batch_from: Option<&mpsc::Receiver<EngineMsg>>,
     stashed: &mut Option<EngineMsg>,
     stopping: &AtomicBool,
 ) -> bool {
@@ -323,7 +368,7 @@ fn handle_message(
         } if Engine::batchable(&request) => {
             // Fold every rule change already queued into one transaction.
             let mut batch = vec![(request, peer, reply)];
-            while batch.len() < engine::MAX_BATCH {
+            while let Some(rx) = batch_from.filter(|_| batch.len() < engine::MAX_BATCH) {
                 match rx.try_recv() {
                     Ok(EngineMsg::Request {
                         request,
@@ -387,6 +432,7 @@ fn handle_message(
         EngineMsg::Metrics { reply } => {
             let _ = reply.send(Box::new(engine.metrics_snapshot()));
         }
+        EngineMsg::FirewallDone(done) => engine.firewall_done(*done),
     }
     false
 }

@@ -379,11 +379,11 @@ impl Engine {
     ) {
         let refs = containers_named(&request);
         let (Some(client), Some(tx)) = (self.docker.clone(), self.messages()) else {
-            let _ = reply.send(self.handle(request, peer));
+            self.handle_later(request, peer, reply);
             return;
         };
         if refs.is_empty() {
-            let _ = reply.send(self.handle(request, peer));
+            self.handle_later(request, peer, reply);
             return;
         }
         client.runtime().clone().spawn(async move {
@@ -423,9 +423,8 @@ impl Engine {
             reply,
         } = pending;
         self.prefetched = lookups;
-        let response = self.handle(request, peer);
+        self.handle_later(request, peer, reply);
         self.prefetched.clear();
-        let _ = reply.send(response);
     }
 
     /// Adds a resolved Docker mapping (the same path as every rule change).
@@ -772,6 +771,13 @@ pub struct PendingApply {
     lookups: HashMap<String, Result<Lookup, String>>,
     /// Where the answer goes.
     reply: oneshot::Sender<Response>,
+}
+
+impl PendingApply {
+    /// Whether it only reads the rules (a dry run changes nothing).
+    pub fn is_dry_run(&self) -> bool {
+        matches!(&self.request, Request::Apply(a) if a.dry_run)
+    }
 }
 
 /// The container references of an `apply` document's Docker mappings (a

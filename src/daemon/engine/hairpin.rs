@@ -75,7 +75,7 @@ impl Engine {
     /// The tick's part: follows a change of br_netfilter (re-renders the
     /// container mappings' masquerades) and checks every port again.
     pub(super) fn follow_bridges(&mut self) {
-        if !self.asks_kernel() || !self.fw.installed() {
+        if !self.asks_kernel() || !self.fw().installed() {
             return;
         }
         let now = bridge::netfilter();

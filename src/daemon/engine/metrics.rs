@@ -70,7 +70,7 @@ impl Engine {
                 .and_then(|(at, _)| now.checked_sub(at.elapsed())),
         };
         let reader = CounterReader {
-            counters: self.fw.counter_reader(),
+            counters: self.fw().counter_reader(),
             families: self.families(),
         };
         (snapshot, reader)

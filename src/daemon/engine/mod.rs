@@ -36,6 +36,7 @@ mod batch;
 mod docker;
 mod hairpin;
 mod metrics;
+mod offload;
 mod repair;
 mod routes;
 mod status;
@@ -59,6 +60,7 @@ use batch::Change;
 pub use batch::MAX_BATCH;
 pub use docker::{Observation, PendingAdd, PendingApply};
 pub use metrics::{CounterReader, MetricsSnapshot};
+pub use offload::FirewallDone;
 
 /// Who sent a request (from `SO_PEERCRED`), for the change log.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -101,7 +103,10 @@ pub struct Engine {
     state: State,
     state_path: PathBuf,
     /// natmap's packet filter; it keeps its own mirror of what it applied.
-    fw: Box<dyn FirewallDriver>,
+    /// `None` while a transaction runs off this thread ([`offload`]).
+    fw: Option<Box<dyn FirewallDriver>>,
+    /// The driver's name, for answers given while it is out.
+    firewall_name: &'static str,
     /// Writes every change to `state.json`'s journal (compacting it now and then).
     store: state::Store,
     /// Reserved sockets of active rules.
@@ -147,6 +152,16 @@ pub struct Engine {
     last_drift_check: Option<(std::time::Instant, std::time::Duration)>,
     /// br_netfilter and the bridge ports natmap put in hairpin mode.
     hairpin: hairpin::Hairpin,
+    /// Runs large transactions off this thread ([`offload`]).
+    firewall_thread: offload::FirewallThread,
+    /// The commit whose transaction runs there, if one does.
+    in_flight: Option<offload::InFlight>,
+}
+
+/// Where a commit's time went before its state write.
+struct CommitTiming {
+    render: std::time::Duration,
+    firewall: std::time::Duration,
 }
 
 /// Every this many ticks, every Docker mapping is checked against Docker
@@ -219,7 +234,8 @@ impl Engine {
         let mut engine = Engine {
             state,
             state_path,
-            fw,
+            firewall_name: fw.name(),
+            fw: Some(fw),
             store,
             held: BTreeMap::new(),
             inactive: BTreeMap::new(),
@@ -242,6 +258,8 @@ impl Engine {
             convergence: Default::default(),
             last_drift_check: None,
             hairpin: Default::default(),
+            firewall_thread: Default::default(),
+            in_flight: None,
         };
         engine.read_bridge_netfilter();
         if engine.state.forwarding {
@@ -262,7 +280,7 @@ impl Engine {
         // IPv6 first: if its NAT table is missing, v6 rules become inactive and
         // IPv4 carries on.
         if let Err(e) = self
-            .fw
+            .fw_mut()
             .apply(&Desired::default(), &[Family::V6], Mode::Full)
         {
             tracing::warn!("IPv6 NAT is unavailable, IPv6 rules stay inactive: {e}");
@@ -298,7 +316,7 @@ impl Engine {
         for family in self.families() {
             // The IPv6 probe above already installed an empty v6 ruleset:
             // a full apply skips a family that matches.
-            self.fw
+            self.fw_mut()
                 .apply(&desired, &[family], Mode::Full)
                 .map_err(|e| format!("cannot install natmap's {family} rules: {e}"))?;
         }
@@ -326,6 +344,17 @@ impl Engine {
         }
     }
 
+    /// The firewall driver. Messages that need it wait while a transaction
+    /// runs off this thread (see [`offload`]), so it is always here.
+    fn fw(&self) -> &dyn FirewallDriver {
+        self.fw.as_deref().expect(offload::LENT)
+    }
+
+    /// The firewall driver, to change the kernel (see [`Engine::fw`]).
+    fn fw_mut(&mut self) -> &mut dyn FirewallDriver {
+        self.fw.as_deref_mut().expect(offload::LENT)
+    }
+
     /// The rules of `state` that are active: what the firewall installs,
     /// on this host's bridges (br_netfilter decides whom container mappings
     /// masquerade).
@@ -344,7 +373,7 @@ impl Engine {
     /// differs (the driver puts back the first family if the second fails).
     fn apply(&mut self, desired: &Desired) -> Result<(), FirewallError> {
         let families = self.families();
-        self.fw.apply(desired, &families, Mode::Change)
+        self.fw_mut().apply(desired, &families, Mode::Change)
     }
 
     /// Applies `next` and persists it; on a failed write puts the previous
@@ -352,31 +381,56 @@ impl Engine {
     fn commit(&mut self, next: State) -> Outcome<()> {
         let started = std::time::Instant::now();
         let desired = self.desired(&next);
-        if let Some(report) = self.simulated.as_mut() {
-            // A dry run ends here: record the transactions and unwind like a
-            // failure, so reservations taken on the way are released.
-            // A change preview reads nothing, so it cannot fail.
-            let plans = self.fw.preview(&desired, &Family::ALL, Mode::Change);
-            for (family, restore) in plans.unwrap_or_default() {
-                report.transactions.push(Transaction {
-                    family,
-                    program: self.fw.program(family),
-                    restore,
-                });
-            }
-            let (add, del) = route_changes(&self.routes, &next);
-            let report = self.simulated.as_mut().expect("checked above");
-            for r in &del {
-                let keep = routes::table_still_used(&next, r);
-                report.effects.extend(host::route_plan(r, false, keep));
-            }
-            for r in &add {
-                report.effects.extend(host::route_plan(r, true, false));
-            }
-            return Err(Failure::new(ErrorCode::Internal, DRY_RUN_STOP));
+        if self.simulated.is_some() {
+            return self.simulate(&desired, &next);
         }
         let rendered = std::time::Instant::now();
-        self.apply(&desired).map_err(|e| {
+        let applied = self.apply(&desired);
+        let timing = CommitTiming {
+            render: rendered - started,
+            firewall: rendered.elapsed(),
+        };
+        self.after_firewall(next, applied, timing)
+    }
+
+    /// A dry run ends at the commit: records the transactions and the route
+    /// effects, and unwinds like a failure, so reservations taken on the way
+    /// are released.
+    fn simulate(&mut self, desired: &Desired, next: &State) -> Outcome<()> {
+        // A change preview reads nothing, so it cannot fail.
+        let plans = self.fw().preview(desired, &Family::ALL, Mode::Change);
+        let transactions: Vec<Transaction> = plans
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(family, restore)| Transaction {
+                family,
+                program: self.fw().program(family),
+                restore,
+            })
+            .collect();
+        let (add, del) = route_changes(&self.routes, next);
+        let report = self.simulated.as_mut().expect("a dry run is simulated");
+        report.transactions.extend(transactions);
+        for r in &del {
+            let keep = routes::table_still_used(next, r);
+            report.effects.extend(host::route_plan(r, false, keep));
+        }
+        for r in &add {
+            report.effects.extend(host::route_plan(r, true, false));
+        }
+        Err(Failure::new(ErrorCode::Internal, DRY_RUN_STOP))
+    }
+
+    /// The rest of a commit once the firewall has (or has not) taken
+    /// `next`'s rules: routes, then the state write; a failure puts the
+    /// previous rules and routes back.
+    fn after_firewall(
+        &mut self,
+        next: State,
+        applied: Result<(), FirewallError>,
+        timing: CommitTiming,
+    ) -> Outcome<()> {
+        applied.map_err(|e| {
             Failure::new(
                 ErrorCode::ApplyFailed,
                 format!("the firewall refused the change, nothing was changed: {e}"),
@@ -400,7 +454,7 @@ impl Engine {
                 tracing::error!(
                     "rolling back rules after a failed state write failed too: {again}"
                 );
-                self.fw.forget();
+                self.fw_mut().forget();
             }
             if self.routes != routes_before {
                 let old = self.state.clone();
@@ -413,8 +467,8 @@ impl Engine {
         }
         // Where a change's time goes (docs/reliability.md, item 8).
         tracing::debug!(
-            render_ms = (rendered - started).as_secs_f64() * 1e3,
-            iptables_ms = (applied - rendered).as_secs_f64() * 1e3,
+            render_ms = timing.render.as_secs_f64() * 1e3,
+            iptables_ms = timing.firewall.as_secs_f64() * 1e3,
             routes_and_state_ms = applied.elapsed().as_secs_f64() * 1e3,
             "change committed"
         );
@@ -483,6 +537,31 @@ impl Engine {
             self.state_warning = None;
         }
         response
+    }
+
+    /// Handles one request whose answer may come later: an `apply` commits
+    /// with its firewall transaction off this thread ([`offload`]); every
+    /// other request is answered at once, as [`Engine::handle`] does.
+    pub(crate) fn handle_later(
+        &mut self,
+        request: Request,
+        peer: Peer,
+        reply: tokio::sync::oneshot::Sender<Response>,
+    ) {
+        match request {
+            Request::Apply(r) if !r.dry_run && self.simulated.is_none() => {
+                self.refresh_addresses();
+                let request = Request::Apply(r);
+                self.log_change(&request, peer);
+                let Request::Apply(r) = request else {
+                    unreachable!("built above")
+                };
+                self.apply_document_later(r, reply);
+            }
+            other => {
+                let _ = reply.send(self.handle(other, peer));
+            }
+        }
     }
 
     /// Runs a change up to its commit, then reports what it would have sent.
@@ -694,7 +773,7 @@ impl Engine {
         let mut list = RuleList {
             rules,
             unreadable: Vec::new(),
-            firewall: self.fw.name().to_owned(),
+            firewall: self.firewall_name.to_owned(),
         };
         self.list_quarantined(filter.as_deref(), &mut list);
         list
@@ -854,7 +933,9 @@ impl Engine {
     /// Removes natmap's chains and hooks from both families (never anyone else's).
     fn teardown(&mut self) -> Result<(), String> {
         let families = self.families();
-        self.fw.teardown(&families).map_err(|e| e.to_string())?;
+        self.fw_mut()
+            .teardown(&families)
+            .map_err(|e| e.to_string())?;
         self.release_hairpin();
         self.sync_routes(&State::default())
     }
@@ -877,8 +958,8 @@ impl Engine {
             .into_iter()
             .map(|family| Transaction {
                 family,
-                program: self.fw.program(family),
-                restore: self.fw.export(family),
+                program: self.fw().program(family),
+                restore: self.fw().export(family),
             })
             .collect();
         Ok(Response::ok(SaveReport {
@@ -907,13 +988,14 @@ impl Engine {
         if self.simulated.is_some() {
             for family in self.families() {
                 let restore = self
-                    .fw
+                    .fw()
                     .preview_teardown(family)
                     .map_err(|e| Failure::new(ErrorCode::ApplyFailed, e.to_string()))?;
+                let program = self.fw().program(family);
                 if let Some(report) = self.simulated.as_mut() {
                     report.transactions.push(Transaction {
                         family,
-                        program: self.fw.program(family),
+                        program,
                         restore,
                     });
                 }

@@ -101,7 +101,7 @@ impl Engine {
     /// firewalld reload, a Docker restart reordering hooks) and has it put
     /// them back if they differ.
     fn repair_drift(&mut self) {
-        if !self.fw.installed() {
+        if !self.fw().installed() {
             return;
         }
         // A drift check reads the family's tables, which grows with
@@ -121,7 +121,7 @@ impl Engine {
     }
 
     fn repair_family(&mut self, family: Family) {
-        let drift = match self.fw.drift(family) {
+        let drift = match self.fw_mut().drift(family) {
             Ok(drift) => drift,
             Err(e) => {
                 tracing::warn!("drift check of {family} rules failed: {e}");
@@ -142,7 +142,7 @@ impl Engine {
             // natmap gave up and nothing has changed since.
             return;
         }
-        if let Err(e) = self.fw.repair(family) {
+        if let Err(e) = self.fw_mut().repair(family) {
             tracing::error!("cannot repair natmap's {family} rules: {e}");
             return;
         }
@@ -173,7 +173,7 @@ impl Engine {
     /// with no outside change in between, natmap stops rewriting and
     /// `status` reports "cannot converge" instead.
     fn check_converged(&mut self, family: Family) {
-        let Ok(after) = self.fw.drift(family) else {
+        let Ok(after) = self.fw_mut().drift(family) else {
             return;
         };
         let conv = &mut self.convergence[family_index(family)];

@@ -105,8 +105,8 @@ impl Engine {
         StatusReport {
             daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_secs: self.started.elapsed().as_secs(),
-            backend: self.fw.backend(),
-            firewall: self.fw.name().to_owned(),
+            backend: self.fw().backend(),
+            firewall: self.fw().name().to_owned(),
             ipv6_nat: self.v6_nat,
             ipv4_forwarding: forwarding,
             docker: DockerStatus {
@@ -162,7 +162,7 @@ impl Engine {
     /// Whether forwarded traffic of `family` is dropped unless a rule
     /// accepts it (see [`crate::firewall::FirewallDriver::forward_drops`]).
     pub(super) fn forward_drops(&self, family: Family) -> bool {
-        self.fw.forward_drops(family)
+        self.fw().forward_drops(family)
     }
 
     /// `snat` rules without `--forward` on a host that drops forwarded
@@ -259,7 +259,7 @@ impl Engine {
         if claims.is_empty() {
             return found;
         }
-        let published = self.fw.docker_published_ports();
+        let published = self.fw().docker_published_ports();
         for (proto, port) in claims
             .iter()
             .filter(|c| published.as_ref().is_some_and(|p| p.contains(c)))
@@ -287,7 +287,7 @@ impl Engine {
 
     /// Kernel counters for the views of `ls -v`, by rule id.
     pub(super) fn counters(&self) -> HashMap<RuleId, Counters> {
-        self.fw.counter_reader().read(&self.families())
+        self.fw().counter_reader().read(&self.families())
     }
 }
 

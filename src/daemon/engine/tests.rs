@@ -138,9 +138,9 @@ fn queued_changes_share_one_transaction_and_one_state_write() {
     let results: Vec<String> = responses
         .iter()
         .map(|r| {
-            r.data
-                .as_ref()
-                .map_or("error".into(), |d| d.to_json()["result"].as_str().unwrap().to_owned())
+            r.data.as_ref().map_or("error".into(), |d| {
+                d.to_json()["result"].as_str().unwrap().to_owned()
+            })
         })
         .collect();
     assert_eq!(

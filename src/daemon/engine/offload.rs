@@ -1,0 +1,172 @@
+//! A large firewall transaction runs off the engine thread.
+//!
+//! `iptables-restore` of a 20,000-rule `apply` takes seconds. While it runs
+//! on the firewall thread, the engine keeps answering the requests that only
+//! read its state (`ping`, `ls` without counters, `export`, the dry run of
+//! an `apply`), and keeps every other message (changes, Docker events,
+//! ticks, `status`, shutdown) in arrival order until the driver is back
+//! (`daemon::engine_loop`). Changes stay serial: the next one is planned
+//! against the state the transaction leaves, so nothing here can interleave
+//! two changes.
+//!
+//! The driver itself moves to the firewall thread and back with the
+//! transaction's result ([`FirewallDone`]); the engine cannot touch the
+//! kernel's rules meanwhile, by construction.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::firewall::{Desired, FirewallDriver, FirewallError, Mode};
+use crate::model::Family;
+use crate::state::State;
+
+use super::super::EngineMsg;
+use super::{CommitTiming, Engine, Outcome};
+
+/// Why [`Engine::fw`] cannot find the driver: a bug in what the engine
+/// loop lets through while a transaction runs.
+pub(super) const LENT: &str =
+    "the firewall driver is out on a transaction; messages that need it must wait for it";
+
+/// What runs on the engine thread once the commit has an outcome.
+pub type Then = Box<dyn FnOnce(&mut Engine, Outcome<()>) + Send>;
+
+/// A commit waiting for the firewall thread: what to finish it with.
+pub(super) struct InFlight {
+    next: State,
+    then: Then,
+    render: Duration,
+}
+
+/// One transaction for the firewall thread.
+struct Job {
+    fw: Box<dyn FirewallDriver>,
+    desired: Desired,
+    families: Vec<Family>,
+    answer: mpsc::Sender<EngineMsg>,
+}
+
+/// The firewall thread's answer: the driver back, and how it went.
+pub struct FirewallDone {
+    fw: Box<dyn FirewallDriver>,
+    result: Result<(), FirewallError>,
+    took: Duration,
+}
+
+/// The thread that runs lent transactions, started on first use.
+#[derive(Default)]
+pub(super) struct FirewallThread {
+    jobs: Option<mpsc::Sender<Job>>,
+}
+
+impl FirewallThread {
+    /// Hands `job` to the thread (starting it if needed); gives it back
+    /// when no thread can take it.
+    fn send(&mut self, job: Job) -> Result<(), Box<Job>> {
+        if self.jobs.is_none() {
+            let (tx, rx) = mpsc::channel::<Job>();
+            let started = std::thread::Builder::new()
+                .name("natmap-firewall".into())
+                .spawn(move || run_jobs(&rx));
+            if started.is_err() {
+                return Err(Box::new(job));
+            }
+            self.jobs = Some(tx);
+        }
+        let tx = self.jobs.as_ref().expect("started above");
+        tx.send(job).map_err(|mpsc::SendError(job)| {
+            self.jobs = None;
+            Box::new(job)
+        })
+    }
+}
+
+fn run_jobs(jobs: &mpsc::Receiver<Job>) {
+    while let Ok(Job {
+        mut fw,
+        desired,
+        families,
+        answer,
+    }) = jobs.recv()
+    {
+        let started = Instant::now();
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            fw.apply(&desired, &families, Mode::Change)
+        }))
+        .unwrap_or_else(|_| {
+            // The driver's mirror may be half updated: the next change
+            // rewrites natmap's chains whole instead of trusting it.
+            fw.forget();
+            Err(FirewallError::Unavailable {
+                program: fw.name().to_owned(),
+                message: "the firewall thread panicked; nothing is known to be changed".into(),
+            })
+        });
+        let done = FirewallDone {
+            fw,
+            result,
+            took: started.elapsed(),
+        };
+        // An engine that is gone has nothing left to finish.
+        let _ = answer.send(EngineMsg::FirewallDone(Box::new(done)));
+    }
+}
+
+impl Engine {
+    /// Whether a transaction runs off this thread: the driver is lent, and
+    /// the engine loop handles only [`EngineMsg::serves_while_lent`]
+    /// messages until [`Engine::firewall_done`].
+    pub fn firewall_lent(&self) -> bool {
+        self.fw.is_none()
+    }
+
+    /// Commits `next` like [`Engine::commit`], with the firewall step on
+    /// the firewall thread; `then` runs on the engine thread with the
+    /// outcome. Without a daemon around it (unit tests), in a dry run, or
+    /// when no thread can take the job, it commits on this thread before
+    /// returning.
+    pub(super) fn commit_off_thread(&mut self, next: State, then: Then) {
+        let answer = match self.messages() {
+            Some(tx) if self.simulated.is_none() => tx,
+            _ => {
+                let outcome = self.commit(next);
+                then(self, outcome);
+                return;
+            }
+        };
+        let started = Instant::now();
+        let job = Job {
+            desired: self.desired(&next),
+            families: self.families(),
+            fw: self.fw.take().expect(LENT),
+            answer,
+        };
+        let render = started.elapsed();
+        match self.firewall_thread.send(job) {
+            Ok(()) => self.in_flight = Some(InFlight { next, then, render }),
+            Err(job) => {
+                tracing::warn!("cannot start the firewall thread; applying on the engine thread");
+                self.fw = Some(job.fw);
+                let outcome = self.commit(next);
+                then(self, outcome);
+            }
+        }
+    }
+
+    /// The firewall thread is done: takes the driver back and finishes the
+    /// commit (routes, state, or the rollback) and what waited on it.
+    pub fn firewall_done(&mut self, done: FirewallDone) {
+        self.fw = Some(done.fw);
+        let Some(InFlight { next, then, render }) = self.in_flight.take() else {
+            tracing::error!("the firewall thread answered a transaction nobody waits for");
+            return;
+        };
+        let timing = CommitTiming {
+            render,
+            firewall: done.took,
+        };
+        let outcome = self.after_firewall(next, done.result, timing);
+        then(self, outcome);
+    }
+}

@@ -644,6 +644,28 @@ fn a_transaction_in_the_kernel_holds_only_the_changes_behind_it() {
             "port {port} missing from the kernel:\n{nat}"
         );
     }
+
+    // A single delete's transaction does not hold the engine either.
+    std::fs::remove_file(&entered).unwrap();
+    std::fs::write(&gate, "").unwrap();
+    let socket = d.socket_path();
+    let delete = std::thread::spawn(move || {
+        let del = dnat_request("192.0.2.1", "198.51.100.2", "9001", "tcp", true);
+        SocketClient::connect(&socket).and_then(|mut c| c.call(&del))
+    });
+    let waited = Instant::now();
+    while !entered.exists() {
+        assert!(waited.elapsed() < Duration::from_secs(30), "iptables-restore never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(d.call(json!({"cmd":"ping"}))["ok"], true);
+    let listed = d.call(json!({"cmd":"ls"}));
+    assert_eq!(listed["data"]["rules"].as_array().map(Vec::len), Some(201));
+    assert!(!delete.is_finished(), "the delete answered before its transaction ran");
+    std::fs::remove_file(&gate).unwrap();
+    let deleted = delete.join().unwrap().expect("the delete answers");
+    assert_eq!(deleted["ok"], true, "{deleted}");
+    assert!(!iptables_save(&ns, false).contains("--dport 9001 "));
     d.assert_clean_log();
 }
 

@@ -286,10 +286,11 @@ fn metrics_address(config: &DaemonConfig, file: &Config) -> Option<(std::net::So
 fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>, stopping: &AtomicBool) {
     // Periodic work runs on a fixed schedule even while requests keep coming.
     let mut next_tick = Instant::now() + TICK;
-    let mut stashed: Option<EngineMsg> = None;
-    // Messages that wait for the firewall driver while it is out on a
-    // transaction (engine::offload), in arrival order.
-    let mut waiting: VecDeque<EngineMsg> = VecDeque::new();
+    let mut inbox = Inbox {
+        rx,
+        stashed: None,
+        waiting: VecDeque::new(),
+    };
     loop {
         let now = Instant::now();
         let lent = engine.firewall_lent();
@@ -306,12 +307,19 @@ fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>, stopping: &Ato
             }
             next_tick = now + TICK;
         }
-        let next = stashed
-            .take()
-            .or_else(|| if lent { None } else { waiting.pop_front() });
+        let next = inbox.stashed.take().or_else(|| {
+            if lent {
+                None
+            } else {
+                inbox.waiting.pop_front()
+            }
+        });
         let msg = match next {
             Some(msg) => msg,
-            None => match rx.recv_timeout(next_tick.saturating_duration_since(now)) {
+            None => match inbox
+                .rx
+                .recv_timeout(next_tick.saturating_duration_since(now))
+            {
                 Ok(msg) => msg,
                 Err(mpsc::RecvTimeoutError::Timeout) => continue,
                 // Never while the driver is out: its transaction holds a
@@ -322,19 +330,15 @@ fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>, stopping: &Ato
                 }
             },
         };
-        let stopping_now = stopping.load(Ordering::Relaxed);
-        if engine.firewall_lent() && !msg.serves_while_lent(stopping_now) {
-            waiting.push_back(msg);
+        if engine.firewall_lent() && !msg.serves_while_lent(stopping.load(Ordering::Relaxed)) {
+            inbox.waiting.push_back(msg);
             continue;
         }
         // How long each message holds the engine (docs/reliability.md, item 8):
         // every other client and the drift check wait that long.
         let kind = msg.kind();
         let turn = Instant::now();
-        // Folding queued changes into one batch must not overtake the
-        // messages already waiting.
-        let batch_from = waiting.is_empty().then_some(&rx);
-        let stop = handle_message(&mut engine, msg, batch_from, &mut stashed, stopping);
+        let stop = handle_message(&mut engine, msg, &mut inbox, stopping);
         tracing::debug!(
             kind,
             held_ms = turn.elapsed().as_secs_f64() * 1e3,
@@ -346,12 +350,52 @@ fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>, stopping: &Ato
     }
 }
 
+/// The engine's incoming messages, in order: those waiting for the
+/// firewall driver (engine::offload), one read ahead of its turn, then the
+/// channel.
+struct Inbox {
+    rx: mpsc::Receiver<EngineMsg>,
+    stashed: Option<EngineMsg>,
+    waiting: VecDeque<EngineMsg>,
+}
+
+/// A rule change to answer: the request, who sent it, where the answer goes.
+type QueuedChange = (crate::proto::Request, Peer, oneshot::Sender<Response>);
+
+impl Inbox {
+    /// The next message in order if it is a rule change that can join a
+    /// batch; anything else stays where it is, first in line.
+    fn next_batchable(&mut self) -> Option<QueuedChange> {
+        let batchable = |m: &EngineMsg| matches!(m, EngineMsg::Request { request, .. } if Engine::batchable(request));
+        let msg = if let Some(front) = self.waiting.front() {
+            if !batchable(front) {
+                return None;
+            }
+            self.waiting.pop_front()?
+        } else {
+            let msg = self.rx.try_recv().ok()?;
+            if !batchable(&msg) {
+                self.stashed = Some(msg);
+                return None;
+            }
+            msg
+        };
+        match msg {
+            EngineMsg::Request {
+                request,
+                peer,
+                reply,
+            } => Some((request, peer, reply)),
+            _ => unreachable!("checked above"),
+        }
+    }
+}
+
 /// Handles one engine message; true once the engine has shut down.
 fn handle_message(
     engine: &mut Engine,
     msg: EngineMsg,
-    batch_from: Option<&mpsc::Receiver<EngineMsg>>,
-    stashed: &mut Option<EngineMsg>,
+    inbox: &mut Inbox,
     stopping: &AtomicBool,
 ) -> bool {
     match msg {
@@ -368,27 +412,13 @@ fn handle_message(
         } if Engine::batchable(&request) => {
             // Fold every rule change already queued into one transaction.
             let mut batch = vec![(request, peer, reply)];
-            while let Some(rx) = batch_from.filter(|_| batch.len() < engine::MAX_BATCH) {
-                match rx.try_recv() {
-                    Ok(EngineMsg::Request {
-                        request,
-                        peer,
-                        reply,
-                    }) if Engine::batchable(&request) => batch.push((request, peer, reply)),
-                    Ok(other) => {
-                        *stashed = Some(other);
-                        break;
-                    }
-                    Err(_) => break,
+            while batch.len() < engine::MAX_BATCH {
+                match inbox.next_batchable() {
+                    Some(change) => batch.push(change),
+                    None => break,
                 }
             }
-            let (requests, replies): (Vec<_>, Vec<_>) = batch
-                .into_iter()
-                .map(|(r, p, reply)| ((r, p), reply))
-                .unzip();
-            for (reply, response) in replies.into_iter().zip(engine.handle_batch(requests)) {
-                let _ = reply.send(response);
-            }
+            engine.handle_batch_later(batch);
         }
         EngineMsg::Request {
             request: crate::proto::Request::DockerAdd(req),

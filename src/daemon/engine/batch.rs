@@ -5,6 +5,8 @@
 //! not per request (kube-proxy's min-sync-period idea, without the delay:
 //! a batch is whatever queued while the previous one was being applied).
 
+use tokio::sync::oneshot;
+
 use crate::model::{DnatRule, HairpinRule, PortClaim, Rule, RuleId, RuleSpec, SnatRule};
 use crate::proto::{ChangeKind, ChangeResult, ErrorCode, Request, Response};
 use crate::state::State;
@@ -49,6 +51,47 @@ impl Engine {
 
     /// Handles queued batchable requests together; answers in order.
     pub fn handle_batch(&mut self, requests: Vec<(Request, Peer)>) -> Vec<Response> {
+        let (mut results, slots, changes) = self.prepare_batch(requests);
+        for (slot, outcome) in slots.into_iter().zip(self.apply_changes(changes)) {
+            results[slot] = Some(outcome);
+        }
+        self.batch_answers(results)
+    }
+
+    /// Like [`Engine::handle_batch`], with the batch's firewall transaction
+    /// off this thread ([`super::offload`]); each reply is sent when the
+    /// batch is committed (or refused).
+    pub fn handle_batch_later(&mut self, batch: Vec<(Request, Peer, oneshot::Sender<Response>)>) {
+        let (requests, replies): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .map(|(request, peer, reply)| ((request, peer), reply))
+            .unzip();
+        let (mut results, slots, changes) = self.prepare_batch(requests);
+        let started = std::time::Instant::now();
+        let (next, plans) = self.plan_changes(changes);
+        let planned = started.elapsed();
+        let finish = move |engine: &mut Engine, committed: Outcome<()>| {
+            let outcomes = engine.finish_changes(plans, committed, planned);
+            for (slot, outcome) in slots.into_iter().zip(outcomes) {
+                results[slot] = Some(outcome);
+            }
+            for (reply, response) in replies.into_iter().zip(engine.batch_answers(results)) {
+                let _ = reply.send(response);
+            }
+        };
+        match next {
+            Some(next) => self.commit_off_thread(next, Box::new(finish)),
+            None => finish(self, Ok(())),
+        }
+    }
+
+    /// Logs each request and turns it into a change; a request that is no
+    /// valid change has its answer already. Returns the answers so far (by
+    /// request), which answer slot each change fills, and the changes.
+    fn prepare_batch(
+        &mut self,
+        requests: Vec<(Request, Peer)>,
+    ) -> (Vec<Option<Outcome<Response>>>, Vec<usize>, Vec<Change>) {
         self.refresh_addresses();
         let mut results: Vec<Option<Outcome<Response>>> = Vec::with_capacity(requests.len());
         let mut changes = Vec::new();
@@ -70,9 +113,11 @@ impl Engine {
                 "applying queued changes as one transaction"
             );
         }
-        for (slot, outcome) in slots.into_iter().zip(self.apply_changes(changes)) {
-            results[slot] = Some(outcome);
-        }
+        (results, slots, changes)
+    }
+
+    /// Every request's answer, in order.
+    fn batch_answers(&mut self, results: Vec<Option<Outcome<Response>>>) -> Vec<Response> {
         let responses: Vec<Response> = results
             .into_iter()
             .map(|r| super::respond(r.expect("every slot answered")))
@@ -88,6 +133,18 @@ impl Engine {
     /// installs reservations and releases deleted ones.
     pub(super) fn apply_changes(&mut self, changes: Vec<Change>) -> Vec<Outcome<Response>> {
         let started = std::time::Instant::now();
+        let (next, plans) = self.plan_changes(changes);
+        let planned = started.elapsed();
+        let committed = match next {
+            Some(next) => self.commit(next),
+            None => Ok(()),
+        };
+        self.finish_changes(plans, committed, planned)
+    }
+
+    /// Plans every change on one copy of the state: the next state (`None`
+    /// when nothing changes) and each change's plan.
+    fn plan_changes(&self, changes: Vec<Change>) -> (Option<State>, Vec<Planned>) {
         let mut next = self.state.clone();
         let mut plans: Vec<Planned> = Vec::with_capacity(changes.len());
         for change in changes {
@@ -109,26 +166,34 @@ impl Engine {
             plans.push(planned);
         }
         let changed = plans.iter().any(|p| !matches!(p, Planned::Done(_)));
-        let planned = std::time::Instant::now();
-        if changed {
-            if let Err(f) = self.commit(next) {
-                // Reservations of planned adds are dropped with the plans.
-                return plans
-                    .into_iter()
-                    .map(|p| match p {
-                        Planned::Done(r) => r,
-                        _ => Err(f.clone()),
-                    })
-                    .collect();
-            }
+        (changed.then_some(next), plans)
+    }
+
+    /// Each change's answer once the batch's commit has its outcome: a
+    /// failed commit fails every planned change (their reservations are
+    /// dropped with the plans); a committed one finishes each.
+    fn finish_changes(
+        &mut self,
+        plans: Vec<Planned>,
+        committed: Outcome<()>,
+        planned: std::time::Duration,
+    ) -> Vec<Outcome<Response>> {
+        let finishing = std::time::Instant::now();
+        if let Err(f) = committed {
+            return plans
+                .into_iter()
+                .map(|p| match p {
+                    Planned::Done(r) => r,
+                    _ => Err(f.clone()),
+                })
+                .collect();
         }
-        let committed = std::time::Instant::now();
         let answers = plans.into_iter().map(|p| self.finish(p)).collect();
-        // Where a change's time goes (docs/reliability.md, item 8).
+        // Where a change's time goes (docs/reliability.md, item 8); the
+        // commit's own share is in "change committed".
         tracing::debug!(
-            clone_and_plan_ms = (planned - started).as_secs_f64() * 1e3,
-            commit_ms = (committed - planned).as_secs_f64() * 1e3,
-            finish_ms = committed.elapsed().as_secs_f64() * 1e3,
+            clone_and_plan_ms = planned.as_secs_f64() * 1e3,
+            finish_ms = finishing.elapsed().as_secs_f64() * 1e3,
             "changes done"
         );
         answers

@@ -655,13 +655,19 @@ fn a_transaction_in_the_kernel_holds_only_the_changes_behind_it() {
     });
     let waited = Instant::now();
     while !entered.exists() {
-        assert!(waited.elapsed() < Duration::from_secs(30), "iptables-restore never ran");
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "iptables-restore never ran"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(d.call(json!({"cmd":"ping"}))["ok"], true);
     let listed = d.call(json!({"cmd":"ls"}));
     assert_eq!(listed["data"]["rules"].as_array().map(Vec::len), Some(201));
-    assert!(!delete.is_finished(), "the delete answered before its transaction ran");
+    assert!(
+        !delete.is_finished(),
+        "the delete answered before its transaction ran"
+    );
     std::fs::remove_file(&gate).unwrap();
     let deleted = delete.join().unwrap().expect("the delete answers");
     assert_eq!(deleted["ok"], true, "{deleted}");

@@ -434,9 +434,7 @@ fn handle_message(
             request,
             peer,
             reply,
-        } => {
-            let _ = reply.send(engine.handle(request, peer));
-        }
+        } => engine.handle_later(request, peer, reply),
         EngineMsg::Shutdown { done } => {
             engine.shutdown();
             let _ = done.send(());

@@ -37,6 +37,10 @@ enum Planned {
     Done(Outcome<Response>),
 }
 
+/// What runs on the engine thread with each change's outcome, once the
+/// changes are committed or refused.
+pub(super) type ChangesDone = Box<dyn FnOnce(&mut Engine, Vec<Outcome<Response>>) + Send>;
+
 /// Most requests folded into one transaction.
 pub const MAX_BATCH: usize = 256;
 
@@ -67,17 +71,32 @@ impl Engine {
             .map(|(request, peer, reply)| ((request, peer), reply))
             .unzip();
         let (mut results, slots, changes) = self.prepare_batch(requests);
+        self.apply_changes_later(
+            changes,
+            Box::new(
+                move |engine: &mut Engine, outcomes: Vec<Outcome<Response>>| {
+                    for (slot, outcome) in slots.into_iter().zip(outcomes) {
+                        results[slot] = Some(outcome);
+                    }
+                    for (reply, response) in replies.into_iter().zip(engine.batch_answers(results))
+                    {
+                        let _ = reply.send(response);
+                    }
+                },
+            ),
+        );
+    }
+
+    /// Plans `changes` and commits them with the firewall transaction off
+    /// this thread ([`super::offload`]); `then` gets each change's outcome
+    /// on the engine thread once the commit has its own.
+    pub(super) fn apply_changes_later(&mut self, changes: Vec<Change>, then: ChangesDone) {
         let started = std::time::Instant::now();
         let (next, plans) = self.plan_changes(changes);
         let planned = started.elapsed();
         let finish = move |engine: &mut Engine, committed: Outcome<()>| {
             let outcomes = engine.finish_changes(plans, committed, planned);
-            for (slot, outcome) in slots.into_iter().zip(outcomes) {
-                results[slot] = Some(outcome);
-            }
-            for (reply, response) in replies.into_iter().zip(engine.batch_answers(results)) {
-                let _ = reply.send(response);
-            }
+            then(engine, outcomes);
         };
         match next {
             Some(next) => self.commit_off_thread(next, Box::new(finish)),

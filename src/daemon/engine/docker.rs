@@ -26,6 +26,7 @@ use crate::proto::{
 
 use super::super::reserve;
 use super::super::EngineMsg;
+use super::batch::Change;
 use super::{forget_flows, respond, Engine, Failure, Outcome, Peer};
 
 /// `docker_error` before the first connection attempt finished.
@@ -349,8 +350,27 @@ impl Engine {
             reply,
         } = *pending;
         self.refresh_addresses();
-        let outcome = settle(rule, lookup).and_then(|r| self.finish_add(r));
-        let _ = reply.send(respond(outcome));
+        let rule = match settle(rule, lookup) {
+            Ok(rule) => rule,
+            Err(f) => {
+                let _ = reply.send(respond(Err(f)));
+                return;
+            }
+        };
+        let name = rule.name.clone();
+        self.apply_changes_later(
+            vec![Change::Add(RuleSpec::Docker(rule))],
+            Box::new(
+                move |engine: &mut Engine, mut outcomes: Vec<Outcome<Response>>| {
+                    let outcome = outcomes.pop().expect("one change, one outcome");
+                    if outcome.is_ok() {
+                        engine.note_stopped_container(&name);
+                        engine.state_warning = None;
+                    }
+                    let _ = reply.send(respond(outcome));
+                },
+            ),
+        );
     }
 
     /// Looks the mapping's container up (by the reference in `rule.name`)
@@ -431,6 +451,13 @@ impl Engine {
     fn finish_add(&mut self, rule: DockerRule) -> Outcome<Response> {
         let name = rule.name.clone();
         let response = self.add(RuleSpec::Docker(rule))?;
+        self.note_stopped_container(&name);
+        Ok(response)
+    }
+
+    /// A mapping just added for a container that is not running is down,
+    /// and says why.
+    fn note_stopped_container(&mut self, name: &str) {
         if let Some(rule) = self
             .state
             .rules
@@ -445,7 +472,6 @@ impl Engine {
                 }
             }
         }
-        Ok(response)
     }
 
     /// After a committed re-point of rule `id` (whose previous form was
@@ -544,6 +570,40 @@ impl Engine {
     }
 
     pub(super) fn docker_rm(&mut self, req: DockerRmRequest) -> Outcome<Response> {
+        let rule = self.docker_rm_target(req)?;
+        self.delete_rule(rule)
+    }
+
+    /// `docker rm` with the firewall transaction off this thread
+    /// ([`super::offload`]); `reply` gets the answer.
+    pub(super) fn docker_rm_later(
+        &mut self,
+        req: DockerRmRequest,
+        reply: oneshot::Sender<Response>,
+    ) {
+        let rule = match self.docker_rm_target(req) {
+            Ok(rule) => rule,
+            Err(f) => {
+                let _ = reply.send(respond(Err(f)));
+                return;
+            }
+        };
+        self.apply_changes_later(
+            vec![Change::DeleteId(rule.id)],
+            Box::new(
+                move |engine: &mut Engine, mut outcomes: Vec<Outcome<Response>>| {
+                    let response = respond(outcomes.pop().expect("one change, one outcome"));
+                    if response.ok {
+                        engine.state_warning = None;
+                    }
+                    let _ = reply.send(response);
+                },
+            ),
+        );
+    }
+
+    /// The Docker mapping a `docker rm` names.
+    fn docker_rm_target(&mut self, req: DockerRmRequest) -> Outcome<Rule> {
         let invalid = |m: &str| Failure::new(ErrorCode::InvalidArgument, m);
         let rule = match (req.id, req.container.or(req.name), req.host_port) {
             (Some(id), None, None) => self
@@ -573,7 +633,7 @@ impl Engine {
                 rule.id, rule.id
             )));
         }
-        self.delete_rule(rule)
+        Ok(rule)
     }
 
     pub(super) fn docker_remap(&mut self, req: DockerRemapRequest) -> Outcome<Response> {

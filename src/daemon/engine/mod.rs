@@ -558,6 +558,15 @@ impl Engine {
                 };
                 self.apply_document_later(r, reply);
             }
+            Request::DockerRm(r) if self.simulated.is_none() => {
+                self.refresh_addresses();
+                let request = Request::DockerRm(r);
+                self.log_change(&request, peer);
+                let Request::DockerRm(r) = request else {
+                    unreachable!("built above")
+                };
+                self.docker_rm_later(r, reply);
+            }
             other => {
                 let _ = reply.send(self.handle(other, peer));
             }

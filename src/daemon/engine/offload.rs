@@ -17,7 +17,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::firewall::{Desired, FirewallDriver, FirewallError, Mode};
+use crate::firewall::{Desired, Drift, FirewallDriver, FirewallError, Mode};
 use crate::model::Family;
 use crate::state::State;
 
@@ -32,25 +32,46 @@ pub(super) const LENT: &str =
 /// What runs on the engine thread once the commit has an outcome.
 pub type Then = Box<dyn FnOnce(&mut Engine, Outcome<()>) + Send>;
 
-/// A commit waiting for the firewall thread: what to finish it with.
-pub(super) struct InFlight {
-    next: State,
-    then: Then,
-    render: Duration,
+/// What the engine waits for while the driver is out.
+pub(super) enum InFlight {
+    /// A commit: what to finish it with.
+    Commit {
+        next: State,
+        then: Then,
+        render: Duration,
+    },
+    /// The periodic drift check, started then.
+    DriftCheck { started: Instant },
 }
 
-/// One transaction for the firewall thread.
+/// What the firewall thread does with the driver.
+enum Work {
+    /// Bring the kernel to `desired` (one transaction per changed family).
+    Apply {
+        desired: Desired,
+        families: Vec<Family>,
+    },
+    /// Read each family back and compare it with what the driver applied.
+    Drift { families: Vec<Family> },
+}
+
+/// How the work went.
+enum Answer {
+    Applied(Result<(), FirewallError>),
+    Drift(Vec<(Family, Result<Drift, FirewallError>)>),
+}
+
+/// One job for the firewall thread.
 struct Job {
     fw: Box<dyn FirewallDriver>,
-    desired: Desired,
-    families: Vec<Family>,
+    work: Work,
     answer: mpsc::Sender<EngineMsg>,
 }
 
 /// The firewall thread's answer: the driver back, and how it went.
 pub struct FirewallDone {
     fw: Box<dyn FirewallDriver>,
-    result: Result<(), FirewallError>,
+    answer: Answer,
     took: Duration,
 }
 
@@ -85,32 +106,48 @@ impl FirewallThread {
 fn run_jobs(jobs: &mpsc::Receiver<Job>) {
     while let Ok(Job {
         mut fw,
-        desired,
-        families,
+        work,
         answer,
     }) = jobs.recv()
     {
         let started = Instant::now();
-        let result = catch_unwind(AssertUnwindSafe(|| {
-            fw.apply(&desired, &families, Mode::Change)
-        }))
-        .unwrap_or_else(|_| {
-            // The driver's mirror may be half updated: the next change
-            // rewrites natmap's chains whole instead of trusting it.
-            fw.forget();
-            Err(FirewallError::Unavailable {
-                program: fw.name().to_owned(),
-                message: "the firewall thread panicked; nothing is known to be changed".into(),
-            })
-        });
+        let answer_of = match work {
+            Work::Apply { desired, families } => Answer::Applied(guarded(&mut fw, |fw| {
+                fw.apply(&desired, &families, Mode::Change)
+            })),
+            Work::Drift { families } => Answer::Drift(
+                families
+                    .into_iter()
+                    .map(|family| (family, guarded(&mut fw, |fw| fw.drift(family))))
+                    .collect(),
+            ),
+        };
         let done = FirewallDone {
             fw,
-            result,
+            answer: answer_of,
             took: started.elapsed(),
         };
         // An engine that is gone has nothing left to finish.
         let _ = answer.send(EngineMsg::FirewallDone(Box::new(done)));
     }
+}
+
+/// Runs one driver call; a panic in it becomes an error, so the driver
+/// still goes back to the engine (which would otherwise wait for it
+/// forever).
+fn guarded<T>(
+    fw: &mut Box<dyn FirewallDriver>,
+    call: impl FnOnce(&mut dyn FirewallDriver) -> Result<T, FirewallError>,
+) -> Result<T, FirewallError> {
+    catch_unwind(AssertUnwindSafe(|| call(fw.as_mut()))).unwrap_or_else(|_| {
+        // The driver's mirror may be half updated: the next change
+        // rewrites natmap's chains whole instead of trusting it.
+        fw.forget();
+        Err(FirewallError::Unavailable {
+            program: fw.name().to_owned(),
+            message: "the firewall thread panicked; nothing is known to be changed".into(),
+        })
+    })
 }
 
 impl Engine {
@@ -137,14 +174,16 @@ impl Engine {
         };
         let started = Instant::now();
         let job = Job {
-            desired: self.desired(&next),
-            families: self.families(),
+            work: Work::Apply {
+                desired: self.desired(&next),
+                families: self.families(),
+            },
             fw: self.fw.take().expect(LENT),
             answer,
         };
         let render = started.elapsed();
         match self.firewall_thread.send(job) {
-            Ok(()) => self.in_flight = Some(InFlight { next, then, render }),
+            Ok(()) => self.in_flight = Some(InFlight::Commit { next, then, render }),
             Err(job) => {
                 tracing::warn!("cannot start the firewall thread; applying on the engine thread");
                 self.fw = Some(job.fw);
@@ -154,19 +193,55 @@ impl Engine {
         }
     }
 
+    /// Starts the drift check of every family on the firewall thread; the
+    /// engine repairs what differs when the answer comes
+    /// ([`Engine::firewall_done`]). False when it cannot (no daemon around
+    /// it, no thread): the caller checks on this thread.
+    pub(super) fn drift_check_off_thread(&mut self) -> bool {
+        let Some(answer) = self.messages() else {
+            return false;
+        };
+        let job = Job {
+            work: Work::Drift {
+                families: self.families(),
+            },
+            fw: self.fw.take().expect(LENT),
+            answer,
+        };
+        match self.firewall_thread.send(job) {
+            Ok(()) => {
+                self.in_flight = Some(InFlight::DriftCheck {
+                    started: Instant::now(),
+                });
+                true
+            }
+            Err(job) => {
+                self.fw = Some(job.fw);
+                false
+            }
+        }
+    }
+
     /// The firewall thread is done: takes the driver back and finishes the
     /// commit (routes, state, or the rollback) and what waited on it.
     pub fn firewall_done(&mut self, done: FirewallDone) {
         self.fw = Some(done.fw);
-        let Some(InFlight { next, then, render }) = self.in_flight.take() else {
-            tracing::error!("the firewall thread answered a transaction nobody waits for");
-            return;
-        };
-        let timing = CommitTiming {
-            render,
-            firewall: done.took,
-        };
-        let outcome = self.after_firewall(next, done.result, timing);
-        then(self, outcome);
+        match (self.in_flight.take(), done.answer) {
+            (Some(InFlight::Commit { next, then, render }), Answer::Applied(result)) => {
+                let timing = CommitTiming {
+                    render,
+                    firewall: done.took,
+                };
+                let outcome = self.after_firewall(next, result, timing);
+                then(self, outcome);
+            }
+            (Some(InFlight::DriftCheck { started }), Answer::Drift(drifts)) => {
+                for (family, drift) in drifts {
+                    self.repair_family(family, drift);
+                }
+                self.last_drift_check = Some((started, done.took));
+            }
+            _ => tracing::error!("the firewall thread answered a job nobody waits for"),
+        }
     }
 }

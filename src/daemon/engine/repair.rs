@@ -47,7 +47,6 @@ impl Engine {
     /// Periodic work: repair drift, re-enable forwarding that someone reset,
     /// and install rules whose ports were busy and are free now.
     pub fn tick(&mut self) {
-        self.repair_drift();
         // A safety net for Docker events lost in a reconnect window.
         self.ticks += 1;
         if self.ticks % DOCKER_RESYNC_TICKS == 0 {
@@ -71,6 +70,9 @@ impl Engine {
         self.follow_addresses();
         self.retry_auto_conflicts();
         self.follow_bridges();
+        // Last: it may lend the firewall driver to the firewall thread,
+        // and nothing else in a tick may run without it.
+        self.repair_drift();
     }
 
     /// Puts back policy routes someone removed (`ip rule del`, or a link
@@ -113,15 +115,25 @@ impl Engine {
                 return;
             }
         }
+        // Off this thread when it can: requests are answered meanwhile.
+        if self.drift_check_off_thread() {
+            return;
+        }
         let start = std::time::Instant::now();
         for family in self.families() {
-            self.repair_family(family);
+            let drift = self.fw_mut().drift(family);
+            self.repair_family(family, drift);
         }
         self.last_drift_check = Some((start, start.elapsed()));
     }
 
-    fn repair_family(&mut self, family: Family) {
-        let drift = match self.fw_mut().drift(family) {
+    /// Repairs `family` if the drift check found natmap's rules changed.
+    pub(super) fn repair_family(
+        &mut self,
+        family: Family,
+        drift: Result<crate::firewall::Drift, crate::firewall::FirewallError>,
+    ) {
+        let drift = match drift {
             Ok(drift) => drift,
             Err(e) => {
                 tracing::warn!("drift check of {family} rules failed: {e}");

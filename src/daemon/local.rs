@@ -24,6 +24,9 @@ pub enum AddressSource {
 pub struct LocalAddresses {
     /// `None`: every address counts as local.
     addresses: Option<HashSet<IpAddr>>,
+    /// The host's interface names at that moment; `None`: ask the kernel
+    /// each time (see [`LocalAddresses::has_interface`]).
+    interfaces: Option<HashSet<String>>,
 }
 
 impl AddressSource {
@@ -33,14 +36,24 @@ impl AddressSource {
     /// would withdraw every rule.
     pub fn snapshot(self) -> Option<LocalAddresses> {
         match self {
-            AddressSource::AssumeAllLocal => Some(LocalAddresses { addresses: None }),
+            AddressSource::AssumeAllLocal => Some(LocalAddresses {
+                addresses: None,
+                interfaces: None,
+            }),
             AddressSource::Kernel => match nix::ifaddrs::getifaddrs() {
-                Ok(list) => Some(LocalAddresses {
-                    addresses: Some(
-                        list.filter_map(|a| ip_of(a.address.as_ref()?))
-                            .collect::<HashSet<IpAddr>>(),
-                    ),
-                }),
+                Ok(list) => {
+                    let (mut addresses, mut interfaces) = (HashSet::new(), HashSet::new());
+                    // getifaddrs lists every interface (its link-layer
+                    // entry), with or without an IP address.
+                    for a in list {
+                        addresses.extend(a.address.as_ref().and_then(ip_of));
+                        interfaces.insert(a.interface_name);
+                    }
+                    Some(LocalAddresses {
+                        addresses: Some(addresses),
+                        interfaces: Some(interfaces),
+                    })
+                }
                 Err(e) => {
                     tracing::warn!(
                         "cannot list the host's addresses ({e}); keeping the last known ones"
@@ -65,6 +78,7 @@ impl Default for LocalAddresses {
     fn default() -> LocalAddresses {
         LocalAddresses {
             addresses: Some(HashSet::new()),
+            interfaces: None,
         }
     }
 }
@@ -73,6 +87,17 @@ impl LocalAddresses {
     /// Whether `ip` is an address of this host.
     pub fn contains(&self, ip: IpAddr) -> bool {
         self.addresses.as_ref().is_none_or(|a| a.contains(&ip))
+    }
+
+    /// Whether interface `name` exists (a `+` wildcard always does). From
+    /// the snapshot when there is one: `ls` of 12,000 snat rules asked the
+    /// kernel 12,000 times (a socket and an ioctl each).
+    pub fn has_interface(&self, name: &str) -> bool {
+        name.ends_with('+')
+            || match &self.interfaces {
+                Some(names) => names.contains(name),
+                None => nix::net::if_::if_nametoindex(name).is_ok(),
+            }
     }
 }
 

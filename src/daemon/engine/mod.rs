@@ -698,7 +698,7 @@ impl Engine {
                 counters: None,
             };
         }
-        if let Some(iface) = missing_interface(&rule.spec) {
+        if let Some(iface) = missing_interface(&rule.spec, &self.local) {
             return RuleView {
                 rule: rule.clone(),
                 status: RuleStatus::WaitingForInterface,
@@ -1165,15 +1165,16 @@ fn flows_of(spec: &RuleSpec) -> Vec<host::Flows> {
 /// interface appears (a WireGuard or PPP link that comes up later); this
 /// only tells the operator why nothing matches yet. A wildcard (`ppp+`)
 /// always counts as present.
-fn missing_interface(spec: &RuleSpec) -> Option<&crate::model::IfName> {
+fn missing_interface<'a>(
+    spec: &'a RuleSpec,
+    local: &LocalAddresses,
+) -> Option<&'a crate::model::IfName> {
     let iface = match spec {
         RuleSpec::Snat(r) => &r.ext_if,
         RuleSpec::Dnat(r) => r.ext_if.as_ref()?,
         _ => return None,
     };
-    let name = iface.as_str();
-    let exists = name.ends_with('+') || nix::net::if_::if_nametoindex(name).is_ok();
-    (!exists).then_some(iface)
+    (!local.has_interface(iface.as_str())).then_some(iface)
 }
 
 /// `ls FILTER`: a rule id, a kind (`policy-route` or `policy_route`), an

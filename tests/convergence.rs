@@ -800,6 +800,13 @@ fn measure_engine_hold_at_large_n() {
         let doc = large_doc(n32, 10_000, 0);
         let (bulk, _) = timed(&d, json!({"cmd":"apply","document":doc}));
         let mut line = format!("[measure] N={n}: bulk apply {:.0} ms", ms(bulk));
+        // The engine's own account of the bulk apply (debug log).
+        let log = d.log();
+        for step in ["change committed", "document finished"] {
+            if let Some(l) = log.lines().find(|l| l.contains(step)) {
+                line += &format!(" ({})", &l[l.find(step).unwrap_or(0)..]);
+            }
+        }
         let requests = [
             ("status", json!({"cmd":"status"})),
             ("ls", json!({"cmd":"ls"})),

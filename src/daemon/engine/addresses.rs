@@ -139,7 +139,7 @@ impl Engine {
         }
         let mut installed = Vec::new();
         for id in back {
-            let Some(rule) = self.state.rules.iter().find(|r| r.id == id).cloned() else {
+            let Some(rule) = self.state.rule(id).cloned() else {
                 continue;
             };
             if self.reserve_or_wait(&rule) {

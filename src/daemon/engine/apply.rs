@@ -306,6 +306,7 @@ impl Engine {
             removed,
             kept,
         } = applied;
+        let started = std::time::Instant::now();
         for (i, held) in held_new {
             let id = new_rules[i].id;
             self.held.insert(id, held);
@@ -319,20 +320,30 @@ impl Engine {
             detail: None,
             counters: None,
         };
+        let listening = started.elapsed();
         let removed_views: Vec<RuleView> = removed.iter().map(view).collect();
         for rule in &removed {
             self.release(rule.id);
         }
         forget_all_flows(removed.iter().map(|r| &r.spec));
+        let released = started.elapsed();
+        let added = new_rules.iter().map(|r| self.view(r)).collect();
         tracing::info!(
             added = new_rules.len(),
             removed = removed.len(),
             kept,
             "document applied"
         );
+        // Where the finish of a large document goes (docs/reliability.md, item 8).
+        tracing::debug!(
+            listen_ms = listening.as_secs_f64() * 1e3,
+            release_and_flows_ms = (released - listening).as_secs_f64() * 1e3,
+            views_ms = (started.elapsed() - released).as_secs_f64() * 1e3,
+            "document finished"
+        );
         Response::ok(ApplyReport {
             dry_run: false,
-            added: new_rules.iter().map(|r| self.view(r)).collect(),
+            added,
             removed: removed_views,
             kept,
         })

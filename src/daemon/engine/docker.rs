@@ -477,7 +477,7 @@ impl Engine {
     /// After a committed re-point of rule `id` (whose previous form was
     /// `old`): the relay follows, and flows to the old target are cut.
     pub(super) fn repointed(&mut self, id: RuleId, old: &RuleSpec) -> Option<std::net::IpAddr> {
-        let rule = self.state.rules.iter().find(|r| r.id == id).cloned();
+        let rule = self.state.rule(id).cloned();
         let target = rule.as_ref().and_then(|r| r.spec.relay_target());
         if let Some(rule) = rule.filter(holds_port_only_while_up) {
             self.hold_while_up(&rule);

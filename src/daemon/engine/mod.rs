@@ -835,7 +835,7 @@ impl Engine {
         for (id, held) in self.held.iter().filter(|(id, _)| **id != except) {
             for r in held {
                 if let Some(c) = claims.iter().find(|c| reserve::claims_collide(c, &r.claim)) {
-                    let owner = self.state.rules.iter().find(|r| r.id == *id);
+                    let owner = self.state.rule(*id);
                     return Err(batch::port_taken(c, *id, owner.map(|r| &r.spec)));
                 }
             }
@@ -873,7 +873,7 @@ impl Engine {
         };
         // The rule's current targets (held claims keep those of their bind),
         // for the ports actually held (an IPv6 half may be missing).
-        let Some(rule) = self.state.rules.iter().find(|r| r.id == id) else {
+        let Some(rule) = self.state.rule(id) else {
             return Ok(());
         };
         let claims: Vec<PortClaim> = rule

@@ -219,7 +219,7 @@ impl Engine {
             .map(|(id, _)| *id)
             .collect();
         for id in waiting {
-            let Some(rule) = self.state.rules.iter().find(|r| r.id == id).cloned() else {
+            let Some(rule) = self.state.rule(id).cloned() else {
                 continue;
             };
             let Ok(held) = reserve::bind_all(&rule.spec.port_claims()) else {

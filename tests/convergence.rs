@@ -546,133 +546,157 @@ fn status_and_dry_run_apply_do_not_stall_at_a_thousand_rules() {
 }
 
 /// A large `apply` commits its firewall transaction off the engine thread
-/// (engine::offload). While `iptables-restore` runs (held here by a gate in
-/// front of the real binary), `ping`, `ls` and `export` answer from the
-/// rules as they were; a change waits for the transaction and lands after
-/// it; the apply answers once the kernel has its rules.
+/// (engine::offload). While `iptables-restore` runs (held here by a
+/// [`RestoreGate`] in front of the real binary), `ping`, `ls` and `export`
+/// answer from the rules as they were; a change waits for the transaction
+/// and lands after it; the apply answers once the kernel has its rules. A
+/// single delete's transaction holds the engine no more.
 #[test]
 fn a_transaction_in_the_kernel_holds_only_the_changes_behind_it() {
     if !privileged() {
         return;
     }
     let ns = bare_router();
-    let bin = tempfile::tempdir().unwrap();
-    let gate = bin.path().join("gate");
-    let entered = bin.path().join("entered");
-    let real = find_on_path("iptables-restore").expect("iptables-restore on PATH");
-    let script = format!(
-        "#!/bin/sh\nif [ -e {gate} ]; then : > {entered}; \
-         while [ -e {gate} ]; do sleep 0.05; done; fi\nexec {real} \"$@\"\n",
-        gate = gate.display(),
-        entered = entered.display(),
-        real = real.display(),
-    );
-    let wrapper = bin.path().join("iptables-restore");
-    std::fs::write(&wrapper, script).unwrap();
-    std::fs::set_permissions(
-        &wrapper,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let mut opts = DaemonOptions::isolated();
-    let path = format!(
-        "{}:{}",
-        bin.path().display(),
-        std::env::var("PATH").unwrap()
-    );
-    opts.env.push(("PATH".into(), path.into()));
-    let d = Daemon::start_with_options(&ns, &StateDir::new(), opts);
+    let gate = RestoreGate::new();
+    let d = Daemon::start_with_options(&ns, &StateDir::new(), gate.options());
     timed(
         &d,
         dnat_request("192.0.2.1", "198.51.100.2", "10000", "tcp", false),
     );
+    let rules = |d: &Daemon| {
+        d.call(json!({"cmd":"ls"}))["data"]["rules"]
+            .as_array()
+            .map(Vec::len)
+    };
 
-    std::fs::write(&gate, "").unwrap();
-    let socket = d.socket_path();
-    let apply = std::thread::spawn(move || {
-        let doc = dnat_doc(10_000..10_200);
-        SocketClient::connect(&socket)
-            .and_then(|mut c| c.call(&json!({"cmd":"apply","document":doc})))
-    });
-    let waited = Instant::now();
-    while !entered.exists() {
-        assert!(
-            waited.elapsed() < Duration::from_secs(30),
-            "iptables-restore never ran"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // The engine answers reads while the transaction is held: from the
-    // rules before it (the apply has not happened until it answers).
-    assert_eq!(d.call(json!({"cmd":"ping"}))["ok"], true);
-    let listed = d.call(json!({"cmd":"ls"}));
-    assert_eq!(
-        listed["data"]["rules"].as_array().map(Vec::len),
-        Some(1),
-        "{listed}"
+    gate.close();
+    let apply = in_background(
+        &d,
+        json!({"cmd":"apply","document":dnat_doc(10_000..10_200)}),
     );
+    gate.wait_entered();
+    // Reads are answered from the rules before the apply (it has not
+    // happened until it answers).
+    assert_eq!(d.call(json!({"cmd":"ping"}))["ok"], true);
+    assert_eq!(rules(&d), Some(1));
     let exported = d.call(json!({"cmd":"export"}));
     assert_eq!(exported["data"]["rules"].as_array().map(Vec::len), Some(1));
     // A change waits for the transaction.
-    let socket = d.socket_path();
-    let change = std::thread::spawn(move || {
-        let add = dnat_request("192.0.2.1", "198.51.100.2", "9001", "tcp", false);
-        SocketClient::connect(&socket).and_then(|mut c| c.call(&add))
-    });
+    let add = in_background(
+        &d,
+        dnat_request("192.0.2.1", "198.51.100.2", "9001", "tcp", false),
+    );
     std::thread::sleep(Duration::from_millis(500));
     assert!(
-        !change.is_finished(),
+        !add.is_finished(),
         "a change went past a transaction still in the kernel"
     );
     assert!(
         !apply.is_finished(),
         "the apply answered before its transaction ran"
     );
-
-    std::fs::remove_file(&gate).unwrap();
+    gate.open();
     let applied = apply.join().unwrap().expect("the apply answers");
-    assert_eq!(applied["ok"], true, "{applied}");
-    assert_eq!(applied["data"]["added"].as_array().map(Vec::len), Some(199));
-    let added = change.join().unwrap().expect("the change answers");
+    assert_eq!(
+        applied["data"]["added"].as_array().map(Vec::len),
+        Some(199),
+        "{applied}"
+    );
+    let added = add.join().unwrap().expect("the change answers");
     assert_eq!(added["ok"], true, "{added}");
-    let listed = d.call(json!({"cmd":"ls"}));
-    assert_eq!(listed["data"]["rules"].as_array().map(Vec::len), Some(201));
+    assert_eq!(rules(&d), Some(201));
     let nat = iptables_save(&ns, false);
     for port in ["10199", "9001"] {
         assert!(
             nat.contains(&format!("--dport {port} ")),
-            "port {port} missing from the kernel:\n{nat}"
+            "no port {port}:\n{nat}"
         );
     }
 
-    // A single delete's transaction does not hold the engine either.
-    std::fs::remove_file(&entered).unwrap();
-    std::fs::write(&gate, "").unwrap();
-    let socket = d.socket_path();
-    let delete = std::thread::spawn(move || {
-        let del = dnat_request("192.0.2.1", "198.51.100.2", "9001", "tcp", true);
-        SocketClient::connect(&socket).and_then(|mut c| c.call(&del))
-    });
-    let waited = Instant::now();
-    while !entered.exists() {
-        assert!(
-            waited.elapsed() < Duration::from_secs(30),
-            "iptables-restore never ran"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    gate.close();
+    let delete = in_background(
+        &d,
+        dnat_request("192.0.2.1", "198.51.100.2", "9001", "tcp", true),
+    );
+    gate.wait_entered();
     assert_eq!(d.call(json!({"cmd":"ping"}))["ok"], true);
-    let listed = d.call(json!({"cmd":"ls"}));
-    assert_eq!(listed["data"]["rules"].as_array().map(Vec::len), Some(201));
+    assert_eq!(rules(&d), Some(201));
     assert!(
         !delete.is_finished(),
         "the delete answered before its transaction ran"
     );
-    std::fs::remove_file(&gate).unwrap();
+    gate.open();
     let deleted = delete.join().unwrap().expect("the delete answers");
     assert_eq!(deleted["ok"], true, "{deleted}");
     assert!(!iptables_save(&ns, false).contains("--dport 9001 "));
     d.assert_clean_log();
+}
+
+/// An `iptables-restore` in front of the real one that waits while its gate
+/// is closed, and says when a transaction reached it: a daemon started with
+/// [`RestoreGate::options`] runs it.
+struct RestoreGate {
+    bin: tempfile::TempDir,
+}
+
+impl RestoreGate {
+    fn new() -> RestoreGate {
+        let bin = tempfile::tempdir().unwrap();
+        let real = find_on_path("iptables-restore").expect("iptables-restore on PATH");
+        let (gate, entered) = (bin.path().join("gate"), bin.path().join("entered"));
+        let script = format!(
+            "#!/bin/sh\nif [ -e {gate} ]; then : > {entered}; \
+             while [ -e {gate} ]; do sleep 0.05; done; fi\nexec {real} \"$@\"\n",
+            gate = gate.display(),
+            entered = entered.display(),
+            real = real.display(),
+        );
+        let wrapper = bin.path().join("iptables-restore");
+        std::fs::write(&wrapper, script).unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+        std::fs::set_permissions(&wrapper, mode).unwrap();
+        RestoreGate { bin }
+    }
+
+    /// Options of a daemon that finds the gated binary first on `PATH`.
+    fn options(&self) -> DaemonOptions {
+        let mut opts = DaemonOptions::isolated();
+        let path = format!(
+            "{}:{}",
+            self.bin.path().display(),
+            std::env::var("PATH").unwrap()
+        );
+        opts.env.push(("PATH".into(), path.into()));
+        opts
+    }
+
+    /// The next transactions wait until [`RestoreGate::open`].
+    fn close(&self) {
+        let _ = std::fs::remove_file(self.bin.path().join("entered"));
+        std::fs::write(self.bin.path().join("gate"), "").unwrap();
+    }
+
+    fn open(&self) {
+        std::fs::remove_file(self.bin.path().join("gate")).unwrap();
+    }
+
+    /// Waits (at most 30 s) until a transaction waits at the closed gate.
+    fn wait_entered(&self) {
+        let waited = Instant::now();
+        while !self.bin.path().join("entered").exists() {
+            assert!(
+                waited.elapsed() < Duration::from_secs(30),
+                "iptables-restore never ran"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Sends `request` on its own connection from another thread.
+fn in_background(d: &Daemon, request: Value) -> std::thread::JoinHandle<std::io::Result<Value>> {
+    let socket = d.socket_path();
+    std::thread::spawn(move || SocketClient::connect(&socket).and_then(|mut c| c.call(&request)))
 }
 
 /// Pings the daemon every 10 ms on its own connection and records each

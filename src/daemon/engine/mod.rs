@@ -539,37 +539,28 @@ impl Engine {
         response
     }
 
-    /// Handles one request whose answer may come later: an `apply` commits
-    /// with its firewall transaction off this thread ([`offload`]); every
-    /// other request is answered at once, as [`Engine::handle`] does.
+    /// Handles one request whose answer may come later: an `apply` and a
+    /// `docker rm` commit with their firewall transaction off this thread
+    /// ([`offload`]); every other request (and any request inside a dry
+    /// run) is answered at once, as [`Engine::handle`] does.
     pub(crate) fn handle_later(
         &mut self,
         request: Request,
         peer: Peer,
         reply: tokio::sync::oneshot::Sender<Response>,
     ) {
+        let later = matches!(&request, Request::Apply(a) if !a.dry_run)
+            || matches!(&request, Request::DockerRm(_));
+        if !later || self.simulated.is_some() {
+            let _ = reply.send(self.handle(request, peer));
+            return;
+        }
+        self.refresh_addresses();
+        self.log_change(&request, peer);
         match request {
-            Request::Apply(r) if !r.dry_run && self.simulated.is_none() => {
-                self.refresh_addresses();
-                let request = Request::Apply(r);
-                self.log_change(&request, peer);
-                let Request::Apply(r) = request else {
-                    unreachable!("built above")
-                };
-                self.apply_document_later(r, reply);
-            }
-            Request::DockerRm(r) if self.simulated.is_none() => {
-                self.refresh_addresses();
-                let request = Request::DockerRm(r);
-                self.log_change(&request, peer);
-                let Request::DockerRm(r) = request else {
-                    unreachable!("built above")
-                };
-                self.docker_rm_later(r, reply);
-            }
-            other => {
-                let _ = reply.send(self.handle(other, peer));
-            }
+            Request::Apply(r) => self.apply_document_later(r, reply),
+            Request::DockerRm(r) => self.docker_rm_later(r, reply),
+            _ => unreachable!("only these are answered later"),
         }
     }
 

@@ -550,8 +550,18 @@ impl Backend {
 
     fn cmd(&self, generic: &str) -> Command {
         let mut c = Command::new(&self.bins[generic]);
-        c.stdin(Stdio::null());
+        c.stdin(Stdio::null())
+            .env("XTABLES_LOCKFILE", self.lockfile());
         c
+    }
+
+    /// The xtables lock of this bench's namespaces. `/run/xtables.lock` is
+    /// one file for every namespace of the host, so other work running
+    /// iptables-legacy made the baseline's `-w` waits time out; the tables
+    /// here are the bench's own, so a lock of its own serializes what needs
+    /// serializing (iptables-nft takes no lock).
+    fn lockfile(&self) -> PathBuf {
+        self.bindir.path().join("xtables.lock")
     }
 
     fn daemon_path(&self) -> OsString {
@@ -649,6 +659,7 @@ struct Daemon<'a> {
     ns: &'a Netns,
     path_env: OsString,
     backend: &'static str,
+    lockfile: PathBuf,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -659,6 +670,7 @@ impl<'a> Daemon<'a> {
             ns,
             path_env: v.flavor.daemon_path(),
             backend: v.backend_arg(),
+            lockfile: v.flavor.lockfile(),
             dir: tempfile::Builder::new()
                 .prefix("natmap-bench-")
                 .tempdir()
@@ -708,6 +720,7 @@ impl<'a> Daemon<'a> {
             // No Docker: the daemon must not watch the host's engine.
             .arg(self.dir.path().join("no-docker.sock"))
             .env("PATH", &self.path_env)
+            .env("XTABLES_LOCKFILE", &self.lockfile)
             .env("NO_COLOR", "1")
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())

@@ -139,7 +139,7 @@ Options:
   --adds-per-client K      adds each concurrent CLI client makes [4]
   --socket-adds-per-client K  adds each concurrent socket client makes [20]
   --no-packet              skip the packet path (TCP connects through a veth router)
-  --budget-secs S          soft time budget; optional stages are skipped past it [840]
+  --budget-secs S          soft time budget; optional stages are skipped past it [1200]
   --seq-max N              largest N for the N-sequential-adds row when `apply` exists [1000]
   --exact-baseline-max N   above this N the naive install/recovery (O(N^2)) is estimated
                            from a sample at chain length N/2 instead of run in full [1000]
@@ -158,7 +158,7 @@ fn parse_opts(args: &[String]) -> Result<Opts, String> {
         out: std::env::var_os("NATMAP_BENCH_OUT")
             .map(PathBuf::from)
             .unwrap_or(default_out),
-        budget: Duration::from_secs(840),
+        budget: Duration::from_secs(1200),
         seq_max: 1000,
         exact_baseline_max: 1000,
         sample: 25,

@@ -811,3 +811,78 @@ fn snat_with_an_interface_wildcard_rewrites_the_source_and_forward_accepts_it() 
     expect_no_tcp(&topo.server, v4(CLIENT_V4, 7000));
     d.assert_clean_log();
 }
+
+/// Takes natmap's nftables tables and `DOCKER-USER` accept out of the
+/// root namespace when a root test ends, also when it fails.
+struct RootNftCleanup;
+
+impl Drop for RootNftCleanup {
+    fn drop(&mut self) {
+        if let Err(e) = natmap::firewall::nftables::remove_tables() {
+            common::docker::report(&format!("harness: removing natmap's nftables rules: {e}"));
+        }
+    }
+}
+
+/// The host's real Docker engine (20.10, iptables, `FORWARD` policy DROP):
+/// a `docker add` mapping on the nftables backend answers from another
+/// machine through Docker's DROP because of natmap's accept alone, and
+/// the container's unpublished port stays dropped.
+#[test]
+fn a_docker_mapping_answers_through_the_real_docker_forward_drop() {
+    use common::docker::{
+        docker_setup, expect_no_web, expect_web, free_port, sa, Container, OutsideHost, RootDaemon,
+        HOST_V4,
+    };
+    let (_serial, _timer) = docker_setup!();
+    let _cleanup = RootNftCleanup;
+    let root = |args: &[&str]| {
+        let out = std::process::Command::new("iptables")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "iptables {args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        root(&["-w", "10", "-S", "FORWARD"]).starts_with("-P FORWARD DROP"),
+        "Docker's FORWARD policy DROP is what this test crosses"
+    );
+    let outside = OutsideHost::new();
+    let web = Container::web("nftweb", "nft-web", &[]);
+    let d = RootDaemon::start_with(&["--backend", "nftables"]);
+    d.wait_docker_connected(Duration::from_secs(5));
+    let hp = free_port();
+    let data = d.ok(&["docker", "add", &web.name, &format!("{hp}:80")]);
+    assert_eq!(data["result"], "added", "{data}");
+
+    expect_web(&outside.client(), sa(HOST_V4, hp), &web.marker);
+    // natmap's accept is DOCKER-USER's first rule and is what let it
+    // through: its counter moved.
+    let user = root(&["-w", "10", "-v", "-x", "-n", "-L", "DOCKER-USER"]);
+    let accept = user
+        .lines()
+        .find(|l| l.contains("natmap-nftables"))
+        .unwrap_or_else(|| panic!("no natmap accept in DOCKER-USER:\n{user}"));
+    let packets: u64 = accept.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(packets > 0, "{user}");
+    assert!(
+        root(&["-w", "10", "-S", "DOCKER-USER"])
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.contains("natmap-nftables")),
+        "first in DOCKER-USER"
+    );
+    // Fail closed: the container's port 80 itself is not published by
+    // Docker, so a packet natmap did not translate is dropped.
+    expect_no_web(&outside.client(), sa(web.ip4(), 80));
+    // Nothing of natmap's in iptables but the one accept.
+    assert!(common::docker::natmap_lines_in_root().is_empty());
+
+    drop(d);
+    assert!(
+        !root(&["-w", "10", "-S", "DOCKER-USER"]).contains("natmap"),
+        "a stopped daemon leaves no accept behind"
+    );
+    expect_no_web(&outside.client(), sa(HOST_V4, hp));
+}

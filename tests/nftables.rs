@@ -307,8 +307,16 @@ fn measure_one_add_and_remove_at_n() {
     if !ready() {
         return;
     }
-    for backend in ["iptables", "nftables"] {
-        for n in [100u16, 1000] {
+    // NATMAP_MEASURE_BACKEND=nftables measures one backend only.
+    let only = std::env::var("NATMAP_MEASURE_BACKEND").ok();
+    for (backend, sizes) in [
+        ("iptables", &[100u16, 1000][..]),
+        ("nftables", &[100u16, 1000, 5000][..]),
+    ] {
+        if only.as_deref().is_some_and(|o| o != backend) {
+            continue;
+        }
+        for &n in sizes {
             let topo = Topology::new();
             let d = daemon(&topo.router, &StateDir::new(), backend);
             let (ext, int) = (ROUTER_EXT_V4.to_string(), SERVER_V4.to_string());
@@ -885,4 +893,94 @@ fn a_docker_mapping_answers_through_the_real_docker_forward_drop() {
         "a stopped daemon leaves no accept behind"
     );
     expect_no_web(&outside.client(), sa(HOST_V4, hp));
+}
+
+/// The driver's own part of one dnat add and remove at N existing
+/// mappings: the netlink batch `netlink_diff` makes (the map element and
+/// its counter element) against a table of N counted elements, timed in
+/// the kernel round trip alone (no engine). `cargo test --test nftables
+/// measure_counted_batch -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn measure_counted_batch_at_n() {
+    use natmap::firewall::nftables::netlink::Netlink;
+    use natmap::firewall::nftables::render;
+    use natmap::model::{DnatRule, Family, Rule, RuleSpec};
+    if !ready() {
+        return;
+    }
+    let rule = |id: u64, port: u16| Rule {
+        id,
+        spec: RuleSpec::Dnat(DnatRule {
+            ext_ip: "192.0.2.1".parse().unwrap(),
+            int_ip: "10.0.0.2".parse().unwrap(),
+            ports: port.to_string().parse().unwrap(),
+            proto: Default::default(),
+            ext_if: None,
+            allow_nonlocal: false,
+        }),
+    };
+    for n in [100u16, 1000, 5000] {
+        let ns = Netns::new("nlc");
+        let rules: Vec<Rule> = (0..n).map(|i| rule(u64::from(i) + 1, 20000 + i)).collect();
+        let base = render::elements(&rules, Family::V4).unwrap();
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &ns.name, "nft", "-f", "-"]);
+        let table = render::full(Family::V4, &base, &Default::default());
+        let mut child = cmd.stdin(std::process::Stdio::piped()).spawn().unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), table.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success());
+        let mut more = rules.clone();
+        more.push(rule(u64::from(n) + 1, 40000));
+        let with = render::elements(&more, Family::V4).unwrap();
+        let add = render::netlink_diff(&base, &with);
+        let del = render::netlink_diff(&with, &base);
+        assert_eq!(add.len(), 2, "the map element and its counter element");
+        let (a, d) = in_netns(&ns, || {
+            let mut nl = Netlink::open().unwrap();
+            let (mut a, mut d) = (Vec::new(), Vec::new());
+            for _ in 0..20 {
+                let t = Instant::now();
+                nl.batch(Family::V4, "natmap", &add).unwrap();
+                a.push(t.elapsed());
+                let t = Instant::now();
+                nl.batch(Family::V4, "natmap", &del).unwrap();
+                d.push(t.elapsed());
+            }
+            (a, d)
+        });
+        // The same without the counter element, for comparison.
+        let only = |c: &[natmap::firewall::nftables::netlink::SetChange]| {
+            c.iter()
+                .filter(|c| c.set == "dnat_addr")
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        let (add1, del1) = (only(&add), only(&del));
+        let (a1, d1) = in_netns(&ns, || {
+            let mut nl = Netlink::open().unwrap();
+            let (mut a, mut d) = (Vec::new(), Vec::new());
+            for _ in 0..20 {
+                let t = Instant::now();
+                nl.batch(Family::V4, "natmap", &add1).unwrap();
+                a.push(t.elapsed());
+                let t = Instant::now();
+                nl.batch(Family::V4, "natmap", &del1).unwrap();
+                d.push(t.elapsed());
+            }
+            (a, d)
+        });
+        let ms = |mut v: Vec<Duration>| {
+            v.sort();
+            percentile(&v, 0.5).as_secs_f64() * 1e3
+        };
+        println!(
+            "N={n} one batch: dnat_addr + fwd_count add p50 {:.3} ms, remove p50 {:.3} ms; \
+             dnat_addr alone add p50 {:.3} ms, remove p50 {:.3} ms",
+            ms(a),
+            ms(d),
+            ms(a1),
+            ms(d1)
+        );
+    }
 }

@@ -10,11 +10,10 @@
 //! mark is on natmap's own connections only (its DNAT, `snat --forward`),
 //! so every other forwarded packet still meets Docker's DROP.
 //!
-//! Run through `iptables`/`ip6tables` on `PATH` (the host's flavor, the
-//! one Docker's rules are in: the iptables driver refuses to start when
-//! they differ), with `-w`, never a shell. natmap never creates
-//! `DOCKER-USER` here: without it nothing of Docker's drops natmap's
-//! traffic, and Docker adopts no chain it did not make.
+//! Run through `iptables`/`ip6tables` on `PATH` (the host's flavor, which
+//! is the one Docker uses on a standard install), with `-w`, never a
+//! shell. natmap never creates `DOCKER-USER` on this backend: without it
+//! there is no Docker DROP for natmap's traffic to pass.
 
 use crate::firewall::FirewallError;
 use crate::model::Family;

@@ -43,7 +43,7 @@ use crate::proto::Counters;
 use docker_user::Accept;
 use exec::{Nft, NftExecutor, TableSummary};
 use marks::Marks;
-use render::{Elements, Owners};
+use render::Elements;
 
 fn index(f: Family) -> usize {
     match f {
@@ -58,8 +58,10 @@ pub struct NftablesDriver {
     marks: Marks,
     /// Per family: the elements the kernel holds, as far as natmap knows.
     applied: [Elements; 2],
-    /// Per family: which rule each counted element counts for.
-    owners: Arc<Mutex<[Owners; 2]>>,
+    /// The rules last applied, for the counter reader to find which rule
+    /// each counted element counts for (rendered when counters are read,
+    /// not on every change).
+    applied_rules: Arc<Mutex<Desired>>,
     /// Per family: the table is known to be in place with its chains.
     table_ok: [bool; 2],
     /// Per family: the last drift check found the table itself changed
@@ -82,7 +84,7 @@ impl NftablesDriver {
             exec,
             marks,
             applied: [Elements::new(), Elements::new()],
-            owners: Arc::default(),
+            applied_rules: Arc::default(),
             table_ok: [false; 2],
             table_drift: [false; 2],
             installed: false,
@@ -106,8 +108,8 @@ impl NftablesDriver {
         Ok(NftablesDriver::with_marks(Arc::new(exec), marks))
     }
 
-    fn desired(desired: &Desired, family: Family) -> Result<(Elements, Owners), FirewallError> {
-        render::rendered(desired.rules(), family).map_err(|u| {
+    fn desired(desired: &Desired, family: Family) -> Result<Elements, FirewallError> {
+        render::elements(desired.rules(), family).map_err(|u| {
             FirewallError::Incompatible(format!(
                 "rule {}: {} (not supported by the nftables backend yet; run the daemon with \
                  --backend iptables)",
@@ -183,11 +185,8 @@ impl FirewallDriver for NftablesDriver {
     ) -> Result<(), FirewallError> {
         // Every family is rendered first: an unsupported rule changes nothing.
         let mut wanted = Vec::new();
-        let mut owners = Vec::new();
         for &family in families {
-            let (elements, own) = Self::desired(desired, family)?;
-            wanted.push((family, elements));
-            owners.push((family, own));
+            wanted.push((family, Self::desired(desired, family)?));
         }
         let mut done: Vec<(Family, Elements, bool)> = Vec::new();
         for (family, elements) in wanted {
@@ -212,10 +211,8 @@ impl FirewallDriver for NftablesDriver {
             }
             done.push(before);
         }
-        let mut all = self.owners.lock().unwrap_or_else(|p| p.into_inner());
-        for (family, own) in owners {
-            all[index(family)] = own;
-        }
+        let mut rules = self.applied_rules.lock().unwrap_or_else(|p| p.into_inner());
+        rules.clone_from(desired);
         Ok(())
     }
 
@@ -231,7 +228,7 @@ impl FirewallDriver for NftablesDriver {
     ) -> Result<Vec<(Family, String)>, FirewallError> {
         let mut out = Vec::new();
         for &family in families {
-            let (wanted, _) = Self::desired(desired, family)?;
+            let wanted = Self::desired(desired, family)?;
             let i = index(family);
             let text = if mode == Mode::Change && self.table_ok[i] {
                 render::diff(family, &self.applied[i], &wanted)
@@ -310,7 +307,7 @@ impl FirewallDriver for NftablesDriver {
 
     fn counter_reader(&self) -> Arc<dyn ReadCounters> {
         Arc::new(NftCounters {
-            owners: self.owners.clone(),
+            rules: self.applied_rules.clone(),
         })
     }
 
@@ -325,26 +322,28 @@ impl FirewallDriver for NftablesDriver {
 }
 
 /// Per-rule counters from the element counters of natmap's tables: one
-/// `nft -j list table` per family, matched to rules by the owners the
-/// driver recorded at its last apply. Connections: a NAT map's element
+/// `nft -j list table` per family, matched to rules by rendering the rules
+/// the driver last applied ([`render::rendered`]). Connections: a NAT map's element
 /// counts each translated connection twice (the guard lookup and the
 /// translation, see [`render::table`]); packets and bytes: `fwd_count`,
 /// both directions of forwarded traffic, as the iptables backend's
 /// FORWARD accepts count them.
 struct NftCounters {
-    owners: Arc<Mutex<[Owners; 2]>>,
+    rules: Arc<Mutex<Desired>>,
 }
 
 impl ReadCounters for NftCounters {
     fn read(&self, families: &[Family]) -> HashMap<RuleId, Counters> {
         let mut out: HashMap<RuleId, Counters> = HashMap::new();
+        let rules = self.rules.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for &family in families {
             let Ok(Some(json)) = exec::list_json(family) else {
                 continue;
             };
             let counted = exec::element_counters(&json);
-            let owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
-            let owners = &owners[index(family)];
+            let Ok((_, owners)) = render::rendered(rules.rules(), family) else {
+                continue;
+            };
             for c in counted {
                 let Some(&id) = owners.get(&(c.map, c.key)) else {
                     continue;
@@ -400,6 +399,7 @@ mod tests {
     struct Rec {
         sent: Mutex<Vec<String>>,
         fail_next: Mutex<usize>,
+        batches: Mutex<usize>,
     }
 
     impl Nft for Rec {
@@ -440,6 +440,7 @@ mod tests {
                     message: "No such file or directory".into(),
                 });
             }
+            *self.batches.lock().unwrap() += 1;
             for c in changes {
                 let verb = if c.add { "add" } else { "delete" };
                 self.sent.lock().unwrap().push(format!(
@@ -486,6 +487,11 @@ mod tests {
         assert_eq!(sent.len(), 4, "one batch, IPv4 only");
         assert_eq!(sent[2], "netlink ipv4 add dnat_addr x1");
         assert_eq!(sent[3], "netlink ipv4 add fwd_count x1");
+        assert_eq!(
+            *rec.batches.lock().unwrap(),
+            1,
+            "the map and its counter: one batch"
+        );
     }
 
     #[test]

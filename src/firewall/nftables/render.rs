@@ -351,10 +351,15 @@ pub fn elements<'a>(
     rules: impl IntoIterator<Item = &'a Rule>,
     family: Family,
 ) -> Result<Elements, Unsupported> {
-    rendered(rules, family).map(|(elements, _)| elements)
+    let mut out = Elements::new();
+    for rule in rules {
+        render_rule(rule, family, &mut out)?;
+    }
+    Ok(out)
 }
 
-/// [`elements`] and the owner of each counted element.
+/// [`elements`] and the owner of each counted element (for reading
+/// counters: the per-change path renders no owners).
 pub fn rendered<'a>(
     rules: impl IntoIterator<Item = &'a Rule>,
     family: Family,
@@ -369,7 +374,9 @@ pub fn rendered<'a>(
                 owners.entry((*map, e.norm())).or_insert(rule.id);
             }
         }
-        out.append(&mut mine);
+        // Inserted one by one: `append` merges the whole of `out` again
+        // for every rule (quadratic in N).
+        out.extend(std::mem::take(&mut mine));
     }
     Ok((out, owners))
 }

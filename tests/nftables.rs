@@ -984,3 +984,38 @@ fn measure_counted_batch_at_n() {
         );
     }
 }
+
+/// `save --export` on the nftables backend writes natmap's tables as
+/// `nft -f` fragments (one per family): loaded into a fresh router with no
+/// daemon, they forward the same traffic.
+#[test]
+fn save_export_is_an_nft_fragment_that_serves_without_the_daemon() {
+    if !ready() {
+        return;
+    }
+    let topo = Topology::new();
+    let d = daemon(&topo.router, &StateDir::new(), "nftables");
+    let (ext4, int4) = (ROUTER_EXT_V4.to_string(), SERVER_V4.to_string());
+    let (ext6, int6) = (ROUTER_EXT_V6.to_string(), SERVER_V6.to_string());
+    dnat(&d, dnat_args(&ext4, &int4, "25"));
+    dnat(&d, dnat_args(&ext6, &int6, "80"));
+    let file = d.dir().join("natmap.nft");
+    let out = d.cli(&["save", "--export", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let frag4 = std::fs::read_to_string(&file).unwrap();
+    let frag6 = std::fs::read_to_string(d.dir().join("natmap6.nft")).unwrap();
+    assert!(frag4.starts_with("table ip natmap {"), "{frag4}");
+    assert!(frag6.starts_with("table ip6 natmap {"), "{frag6}");
+
+    let fresh = Topology::new();
+    open_forward(&fresh);
+    let _smtp = TcpEcho::start(&fresh.server, v4(SERVER_V4, 25));
+    let _web6 = TcpEcho::start(&fresh.server, v6(SERVER_V6, 80));
+    expect_no_tcp(&fresh.client, v4(ROUTER_EXT_V4, 25));
+    for f in [&file, &d.dir().join("natmap6.nft")] {
+        fresh.router.run_ok(&["nft", "-f", f.to_str().unwrap()]);
+    }
+    expect_tcp(&fresh.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
+    expect_tcp(&fresh.client, v6(ROUTER_EXT_V6, 80), CLIENT_V6, 80);
+    d.assert_clean_log();
+}

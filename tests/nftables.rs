@@ -113,8 +113,8 @@ fn dnat_tcp_and_udp_in_both_families_then_delete() {
     expect_tcp(&topo.router, v4(ROUTER_EXT_V4, 25), ROUTER_EXT_V4, 25);
 
     // One rule serves them all: the mappings are map elements.
-    assert_eq!(elements(&topo.router, "ip", "dnat_addr").len(), 3);
-    assert_eq!(elements(&topo.router, "ip6", "dnat_addr").len(), 2);
+    assert_eq!(elements(&topo.router, "ip", "dnat_port").len(), 3);
+    assert_eq!(elements(&topo.router, "ip6", "dnat_port").len(), 2);
     // Nothing of natmap's in iptables.
     assert!(natmap_lines(&topo.router, false).is_empty());
     assert!(!chain_exists(&topo.router, false, "nat", "NATMAP"));
@@ -129,7 +129,7 @@ fn dnat_tcp_and_udp_in_both_families_then_delete() {
     assert_eq!(del["ok"], true, "{del}");
     expect_no_tcp(&topo.client, v4(ROUTER_EXT_V4, 25));
     expect_udp(&topo.client, v4(ROUTER_EXT_V4, 53), CLIENT_V4, 53);
-    assert_eq!(elements(&topo.router, "ip", "dnat_addr").len(), 1);
+    assert_eq!(elements(&topo.router, "ip", "dnat_port").len(), 1);
 
     // `clear` empties the maps; traffic stops.
     assert_eq!(d.cli_json(&["clear"])["ok"], true);
@@ -163,7 +163,7 @@ fn ext_if_is_honoured() {
     expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 2525), CLIENT_V4, 2525);
     expect_no_tcp(&topo.client, v4(ROUTER_EXT_V4, 2526));
     assert_eq!(elements(&topo.router, "ip", "dnat_iif").len(), 2);
-    assert!(elements(&topo.router, "ip", "dnat_addr").is_empty());
+    assert!(elements(&topo.router, "ip", "dnat_port").is_empty());
     // The elements went in over netlink: a refused change would have
     // logged a warning and rebuilt the table.
     d.assert_clean_log();
@@ -287,7 +287,7 @@ fn switching_backends_leaves_nothing_of_the_old_one() {
             "{table} {chain}"
         );
     }
-    assert_eq!(elements(&topo.router, "ip", "dnat_addr").len(), 1);
+    assert_eq!(elements(&topo.router, "ip", "dnat_port").len(), 1);
     expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
     nft.kill9();
 
@@ -952,7 +952,7 @@ fn measure_counted_batch_at_n() {
         // The same without the counter element, for comparison.
         let only = |c: &[natmap::firewall::nftables::netlink::SetChange]| {
             c.iter()
-                .filter(|c| c.set == "dnat_addr")
+                .filter(|c| c.set == "dnat_port")
                 .cloned()
                 .collect::<Vec<_>>()
         };
@@ -975,8 +975,8 @@ fn measure_counted_batch_at_n() {
             percentile(&v, 0.5).as_secs_f64() * 1e3
         };
         println!(
-            "N={n} one batch: dnat_addr + fwd_count add p50 {:.3} ms, remove p50 {:.3} ms; \
-             dnat_addr alone add p50 {:.3} ms, remove p50 {:.3} ms",
+            "N={n} one batch: dnat_port + fwd_port add p50 {:.3} ms, remove p50 {:.3} ms; \
+             dnat_port alone add p50 {:.3} ms, remove p50 {:.3} ms",
             ms(a),
             ms(d),
             ms(a1),

@@ -485,8 +485,8 @@ mod tests {
             .unwrap();
         let sent = rec.sent.lock().unwrap();
         assert_eq!(sent.len(), 4, "one batch, IPv4 only");
-        assert_eq!(sent[2], "netlink ipv4 add dnat_addr x1");
-        assert_eq!(sent[3], "netlink ipv4 add fwd_count x1");
+        assert_eq!(sent[2], "netlink ipv4 add dnat_port x1");
+        assert_eq!(sent[3], "netlink ipv4 add fwd_port x1");
         assert_eq!(
             *rec.batches.lock().unwrap(),
             1,

@@ -24,8 +24,13 @@ pub const TABLE: &str = "natmap";
 /// (with the ingress interface in front for interface-bound mappings).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Map {
-    /// Static dnat and hairpin, port kept: `daddr . l4proto . dport : target`.
+    /// Static dnat and hairpin of a port range, port kept:
+    /// `daddr . l4proto . dport-range : target`.
     Dnat,
+    /// The same for a single port, in a hash map: an element's removal
+    /// costs the same at any N (the kernel's interval sets of
+    /// concatenations take time linear in their size to remove one).
+    DnatPort,
     /// Interface-bound dnat (prerouting only): `iifname . daddr . l4proto . dport : target`.
     DnatIf,
     /// Docker mappings on one host address: `daddr . l4proto . dport : target . port`.
@@ -41,14 +46,17 @@ pub enum Map {
     /// so `DOCKER-USER` accepts them and their replies.
     SnatFwd,
     /// Per-mapping packet and byte counters of forwarded traffic: a set of
-    /// the targets `daddr . l4proto . dport` (replies: the source side).
+    /// the targets `daddr . l4proto . dport-range` (replies: the source side).
     Fwd,
+    /// The same for a single port, in a hash set.
+    FwdPort,
 }
 
 impl Map {
     /// Every map, in the order they are declared.
-    pub const ALL: [Map; 8] = [
+    pub const ALL: [Map; 10] = [
         Map::Dnat,
+        Map::DnatPort,
         Map::DnatIf,
         Map::Docker,
         Map::DockerAny,
@@ -56,6 +64,7 @@ impl Map {
         Map::Snat,
         Map::SnatFwd,
         Map::Fwd,
+        Map::FwdPort,
     ];
 
     /// Its name in the table.
@@ -63,6 +72,7 @@ impl Map {
         match self {
             // `dnat`, `masq` and the like are nft keywords.
             Map::Dnat => "dnat_addr",
+            Map::DnatPort => "dnat_port",
             Map::DnatIf => "dnat_iif",
             Map::Docker => "docker_addr",
             Map::DockerAny => "docker_any",
@@ -70,6 +80,7 @@ impl Map {
             Map::Snat => "snat_out",
             Map::SnatFwd => "snat_fwd",
             Map::Fwd => "fwd_count",
+            Map::FwdPort => "fwd_port",
         }
     }
 
@@ -93,7 +104,7 @@ impl Map {
     /// Whether a lookup in it is a NAT of the connection's first packet
     /// (then every connection passes it twice: see [`table`]).
     pub fn translates(self) -> bool {
-        !matches!(self, Map::Masq | Map::SnatFwd | Map::Fwd)
+        !matches!(self, Map::Masq | Map::SnatFwd | Map::Fwd | Map::FwdPort)
     }
 
     fn type_and_flags(self, family: Family) -> String {
@@ -102,6 +113,8 @@ impl Map {
             Map::Dnat => {
                 format!("type {addr} . inet_proto . inet_service : {addr}; flags interval;")
             }
+            Map::DnatPort => format!("type {addr} . inet_proto . inet_service : {addr};"),
+            Map::FwdPort => format!("type {addr} . inet_proto . inet_service;"),
             Map::DnatIf => format!(
                 "type ifname . {addr} . inet_proto . inet_service : {addr}; flags interval;"
             ),
@@ -120,13 +133,16 @@ impl Map {
 
     /// Whether its keys hold intervals (then the kernel wants a key end).
     pub fn interval(self) -> bool {
-        !matches!(self, Map::Docker | Map::DockerAny)
+        !matches!(
+            self,
+            Map::Docker | Map::DockerAny | Map::DnatPort | Map::FwdPort
+        )
     }
 
     /// `map` or `set`.
     fn keyword(self) -> &'static str {
         match self {
-            Map::Masq | Map::SnatFwd | Map::Fwd => "set",
+            Map::Masq | Map::SnatFwd | Map::Fwd | Map::FwdPort => "set",
             _ => "map",
         }
     }
@@ -404,10 +420,7 @@ fn render_rule(rule: &Rule, family: Family, out: &mut Elements) -> Result<(), Un
             let (ext, int) = (Part::Addr(r.ext_ip.ip()), Part::Addr(r.int_ip.ip()));
             for ports in ranges(&r.ports) {
                 let p = Part::Proto(r.proto);
-                out.insert((
-                    Map::Fwd,
-                    elem(vec![int.clone(), p.clone(), ports.clone()], vec![]),
-                ));
+                out.insert(fwd(vec![int.clone(), p.clone(), ports.clone()]));
                 let key = vec![ext.clone(), p, ports];
                 match &iface {
                     Some(i) => {
@@ -415,7 +428,7 @@ fn render_rule(rule: &Rule, family: Family, out: &mut Elements) -> Result<(), Un
                         k.extend(key);
                         out.insert((Map::DnatIf, elem(k, vec![int.clone()])))
                     }
-                    None => out.insert((Map::Dnat, elem(key, vec![int.clone()]))),
+                    None => out.insert(dnat(key, int.clone())),
                 };
             }
         }
@@ -431,17 +444,11 @@ fn render_rule(rule: &Rule, family: Family, out: &mut Elements) -> Result<(), Un
             let (ext, int) = (Part::Addr(r.ext_ip.ip()), Part::Addr(r.int_ip.ip()));
             let p = Part::Proto(r.proto);
             for ports in ranges(&r.ports) {
-                out.insert((
-                    Map::Dnat,
-                    elem(
-                        vec![ext.clone(), p.clone(), ports.clone()],
-                        vec![int.clone()],
-                    ),
+                out.insert(dnat(
+                    vec![ext.clone(), p.clone(), ports.clone()],
+                    int.clone(),
                 ));
-                out.insert((
-                    Map::Fwd,
-                    elem(vec![int.clone(), p.clone(), ports.clone()], vec![]),
-                ));
+                out.insert(fwd(vec![int.clone(), p.clone(), ports.clone()]));
                 out.insert((
                     Map::Masq,
                     elem(
@@ -515,10 +522,7 @@ fn render_docker(r: &DockerRule, target: &Endpoint, family: Family, out: &mut El
     }
     let last = r.container_port + (r.port_count.max(1) - 1);
     let port = Part::Ports(r.container_port, last);
-    out.insert((
-        Map::Fwd,
-        elem(vec![to.clone(), p.clone(), port.clone()], vec![]),
-    ));
+    out.insert(fwd(vec![to.clone(), p.clone(), port.clone()]));
     if r.auto.as_ref().is_some_and(|a| a.masquerade) {
         let any = match family {
             Family::V4 => IpNet::V4(Default::default()),
@@ -535,6 +539,31 @@ fn render_docker(r: &DockerRule, target: &Endpoint, family: Family, out: &mut El
     if let Some(subnet) = &target.subnet {
         out.insert((Map::Masq, elem(vec![network(subnet), to, p, port], vec![])));
     }
+}
+
+/// Whether a key's last part (the port) is one port, not a range.
+fn single_port(key: &[Part]) -> bool {
+    matches!(key.last(), Some(Part::Ports(a, b)) if a == b)
+}
+
+/// A dnat element: the hash map for one port, the interval map for a range.
+fn dnat(key: Vec<Part>, target: Part) -> Element {
+    let map = if single_port(&key) {
+        Map::DnatPort
+    } else {
+        Map::Dnat
+    };
+    (map, elem(key, vec![target]))
+}
+
+/// A counter element of a target: hash set for one port, interval set for a range.
+fn fwd(key: Vec<Part>) -> Element {
+    let map = if single_port(&key) {
+        Map::FwdPort
+    } else {
+        Map::Fwd
+    };
+    (map, elem(key, vec![]))
 }
 
 /// A network as an element part.
@@ -657,6 +686,7 @@ fn chains(
     let pre = [
         (&iif, "dnat_iif"),
         (&key, "dnat_addr"),
+        (&key, "dnat_port"),
         (&key, "docker_addr"),
     ]
     .into_iter()
@@ -667,7 +697,7 @@ fn chains(
     .collect();
     // The host's own traffic has no ingress interface and is not
     // forwarded (no mark); its loopback traffic is the relay's (DESIGN.md §4).
-    let output = [(&key, "dnat_addr"), (&key, "docker_addr")]
+    let output = [(&key, "dnat_addr"), (&key, "dnat_port"), (&key, "docker_addr")]
         .into_iter()
         .map(|(k, m)| format!("{l4} fib daddr type local {k} @{m} dnat to {k} map @{m}"))
         .chain([format!(
@@ -687,12 +717,14 @@ fn chains(
     if let Some(fw) = marks.fw {
         forward.push(format!("{ours} {}", fw.set("meta mark")));
     }
-    forward.push(format!(
-        "{l4} {ours} ct direction original {f} daddr . meta l4proto . th dport @fwd_count"
-    ));
-    forward.push(format!(
-        "{l4} {ours} ct direction reply {f} saddr . meta l4proto . th sport @fwd_count"
-    ));
+    for set in ["fwd_port", "fwd_count"] {
+        forward.push(format!(
+            "{l4} {ours} ct direction original {f} daddr . meta l4proto . th dport @{set}"
+        ));
+        forward.push(format!(
+            "{l4} {ours} ct direction reply {f} saddr . meta l4proto . th sport @{set}"
+        ));
+    }
     vec![
         ("prerouting", "prerouting", "dstnat", pre),
         ("output", "output", "-100", output),
@@ -775,17 +807,20 @@ mod tests {
     fn a_dnat_is_one_element_per_port_range() {
         let rules = [dnat(1, "192.0.2.1", "10.0.0.2", "25,465,8000-8010", None)];
         let e = elements(&rules, Family::V4).unwrap();
-        let got: Vec<String> = e
+        let got: Vec<(Map, String)> = e
             .iter()
-            .filter(|(m, _)| *m == Map::Dnat)
-            .map(|(_, s)| s.text())
+            .filter(|(m, _)| m.translates())
+            .map(|(m, s)| (*m, s.text()))
             .collect();
         assert_eq!(
             got,
             [
-                "192.0.2.1 . udp . 25 : 10.0.0.2",
-                "192.0.2.1 . udp . 465 : 10.0.0.2",
-                "192.0.2.1 . udp . 8000-8010 : 10.0.0.2"
+                (
+                    Map::Dnat,
+                    "192.0.2.1 . udp . 8000-8010 : 10.0.0.2".to_owned()
+                ),
+                (Map::DnatPort, "192.0.2.1 . udp . 25 : 10.0.0.2".to_owned()),
+                (Map::DnatPort, "192.0.2.1 . udp . 465 : 10.0.0.2".to_owned()),
             ]
         );
         assert!(elements(&rules, Family::V6).unwrap().is_empty());
@@ -830,7 +865,7 @@ mod tests {
         let e = elements(&rules, Family::V6).unwrap();
         let got: Vec<(Map, String)> = e
             .iter()
-            .filter(|(m, _)| *m != Map::Fwd)
+            .filter(|(m, _)| m.translates())
             .map(|(m, s)| (*m, s.text()))
             .collect();
         assert_eq!(
@@ -896,7 +931,7 @@ mod tests {
         let marks = Marks::default();
         let t = table(Family::V4, &Elements::new(), &marks);
         assert!(
-            t.contains("ip daddr . meta l4proto . th dport @dnat_addr ct mark set ct mark & 0xefffffff | 0x10000000 dnat to ip daddr . meta l4proto . th dport map @dnat_addr"),
+            t.contains("ip daddr . meta l4proto . th dport @dnat_port ct mark set ct mark & 0xefffffff | 0x10000000 dnat to ip daddr . meta l4proto . th dport map @dnat_port"),
             "{t}"
         );
         assert!(
@@ -908,10 +943,10 @@ mod tests {
         assert_eq!(
             chain_rules(&marks),
             [
-                ("prerouting", 4),
-                ("output", 3),
+                ("prerouting", 5),
+                ("output", 4),
                 ("postrouting", 2),
-                ("forward", 4)
+                ("forward", 6)
             ]
         );
     }
@@ -922,10 +957,10 @@ mod tests {
         let b = elements(&[dnat(2, "192.0.2.1", "10.0.0.3", "26", None)], Family::V4).unwrap();
         assert_eq!(
             diff(Family::V4, &a, &b).unwrap(),
-            "delete element ip natmap dnat_addr { 192.0.2.1 . udp . 25 : 10.0.0.2 }\n\
-             delete element ip natmap fwd_count { 10.0.0.2 . udp . 25 }\n\
-             add element ip natmap dnat_addr { 192.0.2.1 . udp . 26 : 10.0.0.3 }\n\
-             add element ip natmap fwd_count { 10.0.0.3 . udp . 26 }\n"
+            "delete element ip natmap dnat_port { 192.0.2.1 . udp . 25 : 10.0.0.2 }\n\
+             delete element ip natmap fwd_port { 10.0.0.2 . udp . 25 }\n\
+             add element ip natmap dnat_port { 192.0.2.1 . udp . 26 : 10.0.0.3 }\n\
+             add element ip natmap fwd_port { 10.0.0.3 . udp . 26 }\n"
         );
         assert_eq!(diff(Family::V4, &a, &a), None);
     }

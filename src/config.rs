@@ -33,6 +33,56 @@ pub struct Config {
     /// start; the daemon's `--backend` wins). iptables when absent.
     #[serde(default)]
     pub backend: Option<crate::firewall::Backend>,
+    /// `[nftables]`: the marks of the nftables backend (read at start).
+    #[serde(default)]
+    pub nftables: NftablesConfig,
+}
+
+/// `[nftables]`: how the nftables backend marks what it translates, so
+/// Docker's firewall lets it through (see `firewall::nftables::marks`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NftablesConfig {
+    /// `ct_mark = "VALUE[/MASK]"`: the connection mark of translated
+    /// connections, accepted in `DOCKER-USER` (Docker ≤ 28).
+    #[serde(default)]
+    pub ct_mark: Option<crate::firewall::nftables::marks::Mark>,
+    /// `fwmark = "VALUE[/MASK]"` or `"off"`: the packet mark of their
+    /// forwarded packets (`dockerd --bridge-accept-fwmark`, Docker 29+).
+    #[serde(default)]
+    pub fwmark: Option<FwMark>,
+}
+
+/// `fwmark`: a mark, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct FwMark(pub Option<crate::firewall::nftables::marks::Mark>);
+
+impl TryFrom<String> for FwMark {
+    type Error = ParseError;
+    fn try_from(s: String) -> Result<FwMark, ParseError> {
+        if s == "off" {
+            return Ok(FwMark(None));
+        }
+        s.parse().map(|m| FwMark(Some(m))).map_err(|_| {
+            ParseError::new(
+                "fwmark",
+                &s,
+                "VALUE[/MASK] (e.g. 0x10000000/0x10000000) or off",
+            )
+        })
+    }
+}
+
+impl NftablesConfig {
+    /// The marks, defaults where not given.
+    pub fn marks(&self) -> crate::firewall::nftables::marks::Marks {
+        let default = crate::firewall::nftables::marks::Marks::default();
+        crate::firewall::nftables::marks::Marks {
+            ct: self.ct_mark.unwrap_or(default.ct),
+            fw: self.fwmark.map_or(default.fw, |f| f.0),
+        }
+    }
 }
 
 /// Where `/metrics` is served: an address and a non-zero port, e.g.
@@ -340,6 +390,27 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nftables_marks_are_read_with_defaults() {
+        use crate::firewall::nftables::marks::{Mark, Marks};
+        assert_eq!(
+            Config::parse("").unwrap().nftables.marks(),
+            Marks::default()
+        );
+        let c = Config::parse("[nftables]\nct_mark = \"0x2/0x2\"\nfwmark = \"off\"\n").unwrap();
+        assert_eq!(
+            c.nftables.marks(),
+            Marks {
+                ct: Mark::new(2, 2),
+                fw: None
+            }
+        );
+        let c = Config::parse("[nftables]\nfwmark = \"0x40\"\n").unwrap();
+        assert_eq!(c.nftables.marks().fw, Some(Mark::new(0x40, u32::MAX)));
+        let err = Config::parse("[nftables]\nct_mark = \"0x3/0x1\"\n").unwrap_err();
+        assert!(err.contains("ct_mark") || err.contains("VALUE"), "{err}");
+    }
 
     #[test]
     fn the_backend_is_read_and_checked() {

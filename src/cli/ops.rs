@@ -106,7 +106,7 @@ pub fn plan_daemon(args: DaemonArgs, g: &super::GlobalArgs) -> Result<ExitCode> 
         crate::daemon::bridge::netfilter(),
     );
     let backend = args.backend.or(file_config.backend).unwrap_or_default();
-    let fw = crate::firewall::driver(backend);
+    let fw = crate::firewall::driver(backend, file_config.nftables.marks());
     let mut transactions = Vec::new();
     let mut effects = vec![format!(
         "listen on {} and restore {} rule(s) from {}",

@@ -163,7 +163,7 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     let backend = config.backend.or(file_config.backend).unwrap_or_default();
     let _lock = lock_state(&config)?;
     let _netns_lock = lock_network_namespace()?;
-    let fw = firewall::detect(backend).map_err(|e| e.to_string())?;
+    let fw = firewall::detect(backend, file_config.nftables.marks()).map_err(|e| e.to_string())?;
     // Before any rule is installed: an address that cannot be served stops
     // the start with nothing to undo.
     let metrics_listener = match metrics_address(&config, &file_config) {

@@ -247,8 +247,8 @@ pub enum Backend {
     /// natmap's chains through `iptables-restore` (the default).
     #[default]
     Iptables,
-    /// natmap's own nftables tables (first increment: dnat, hairpin and
-    /// Docker mappings; snat is refused).
+    /// natmap's own nftables tables: maps keyed `daddr . l4proto . dport`,
+    /// changes as element changes over netlink.
     Nftables,
 }
 
@@ -286,10 +286,14 @@ impl std::fmt::Display for Backend {
 /// The driver the daemon runs, after checking it can work here (which
 /// iptables flavor, and that Docker's rules are in the same one; that `nft`
 /// runs).
-pub fn detect(backend: Backend) -> Result<Box<dyn FirewallDriver>, FirewallError> {
+/// `marks` are the nftables backend's (`[nftables]` in the config).
+pub fn detect(
+    backend: Backend,
+    marks: nftables::marks::Marks,
+) -> Result<Box<dyn FirewallDriver>, FirewallError> {
     Ok(match backend {
         Backend::Iptables => Box::new(iptables::IptablesDriver::detect()?),
-        Backend::Nftables => Box::new(nftables::NftablesDriver::detect()?),
+        Backend::Nftables => Box::new(nftables::NftablesDriver::detect(marks)?),
     })
 }
 
@@ -327,14 +331,15 @@ fn remove_iptables_chains() {
 
 /// The driver without any check, for reading the kernel only (`daemon
 /// --dry-run` previews).
-pub fn driver(backend: Backend) -> Box<dyn FirewallDriver> {
+pub fn driver(backend: Backend, marks: nftables::marks::Marks) -> Box<dyn FirewallDriver> {
     match backend {
         Backend::Iptables => Box::new(iptables::IptablesDriver::new(Arc::new(
             iptables::exec::IptablesExecutor,
         ))),
-        Backend::Nftables => Box::new(nftables::NftablesDriver::new(Arc::new(
-            nftables::exec::NftExecutor::new(),
-        ))),
+        Backend::Nftables => Box::new(nftables::NftablesDriver::with_marks(
+            Arc::new(nftables::exec::NftExecutor::new()),
+            marks,
+        )),
     }
 }
 

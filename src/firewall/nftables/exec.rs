@@ -12,6 +12,8 @@ use std::sync::Mutex;
 use crate::firewall::FirewallError;
 use crate::model::Family;
 
+use super::docker_user::{self, Accept};
+use super::marks::{Mark, Marks};
 use super::netlink::{Netlink, SetChange};
 use super::render::{self, Elements, Map, TABLE};
 
@@ -23,6 +25,13 @@ pub trait Nft: Send + Sync {
     fn summary(&self, family: Family) -> Result<TableSummary, FirewallError>;
     /// Element changes in natmap's table of `family`, one atomic batch.
     fn elements(&self, family: Family, changes: &[SetChange]) -> Result<(), FirewallError>;
+    /// What `DOCKER-USER` of `family` holds of natmap's accept for `mark`.
+    fn accept_state(&self, family: Family, mark: Mark) -> Result<Accept, FirewallError>;
+    /// Puts natmap's accept first in `DOCKER-USER` of `family` if the
+    /// chain exists; whether it changed anything.
+    fn ensure_accept(&self, family: Family, mark: Mark) -> Result<bool, FirewallError>;
+    /// Takes natmap's accept out of `DOCKER-USER` of `family`.
+    fn remove_accept(&self, family: Family) -> Result<(), FirewallError>;
 }
 
 /// The `nft` binary on `PATH` for whole tables and reads; a netlink socket
@@ -62,6 +71,18 @@ impl Nft for NftExecutor {
             }
             Err(e) => Err(e),
         }
+    }
+
+    fn accept_state(&self, family: Family, mark: Mark) -> Result<Accept, FirewallError> {
+        docker_user::read(family, mark)
+    }
+
+    fn ensure_accept(&self, family: Family, mark: Mark) -> Result<bool, FirewallError> {
+        docker_user::ensure(family, mark)
+    }
+
+    fn remove_accept(&self, family: Family) -> Result<(), FirewallError> {
+        docker_user::remove(family)
     }
 
     fn elements(&self, family: Family, changes: &[SetChange]) -> Result<(), FirewallError> {
@@ -133,14 +154,14 @@ impl TableSummary {
         Ok(s)
     }
 
-    /// Why the kernel's table differs from one holding `applied`, one
-    /// reason a line; empty when it matches.
-    pub fn differences(&self, applied: &Elements) -> Vec<String> {
+    /// Why the kernel's table differs from one holding `applied` under
+    /// `marks`, one reason a line; empty when it matches.
+    pub fn differences(&self, applied: &Elements, marks: &Marks) -> Vec<String> {
         if !self.exists {
             return vec![format!("table {TABLE} is missing")];
         }
         let mut out = Vec::new();
-        for (chain, rules) in render::CHAIN_RULES {
+        for (chain, rules) in render::chain_rules(marks) {
             match self.chains.get(chain) {
                 None => out.push(format!("chain {chain} is missing")),
                 Some(&n) if n != rules => out.push(format!(
@@ -172,6 +193,78 @@ impl TableSummary {
     }
 }
 
+/// One element's counter as `nft -j list table` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ElementCounter {
+    /// Its map.
+    pub map: Map,
+    /// Its key, normalised ([`render::json_key`]).
+    pub key: String,
+    /// Packets counted.
+    pub packets: u64,
+    /// Bytes counted.
+    pub bytes: u64,
+}
+
+/// `nft -j list table <family> natmap`, or `None` when there is no table.
+pub fn list_json(family: Family) -> Result<Option<String>, FirewallError> {
+    let f = render::table_family(family);
+    match run(&["-j", "list", "table", f, TABLE], None) {
+        Ok(json) => Ok(Some(json)),
+        Err(FirewallError::Refused { message, .. })
+            if message.contains("No such file or directory") =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The counters of every counted element in `nft -j list table` output.
+pub fn element_counters(json: &str) -> Vec<ElementCounter> {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let items = v.get("nftables").and_then(|n| n.as_array());
+    for item in items.into_iter().flatten() {
+        let Some(m) = item.get("map").or_else(|| item.get("set")) else {
+            continue;
+        };
+        let name = m.get("name").and_then(|n| n.as_str()).unwrap_or("");
+        let Some(map) = Map::ALL.into_iter().find(|m| m.name() == name) else {
+            continue;
+        };
+        for e in m
+            .get("elem")
+            .and_then(|e| e.as_array())
+            .into_iter()
+            .flatten()
+        {
+            // A map element is `[key, value]`; a key with a counter is
+            // `{"elem": {"val": key, "counter": {…}}}`.
+            let key = e.as_array().and_then(|kv| kv.first()).unwrap_or(e);
+            let Some(inner) = key.get("elem") else {
+                continue;
+            };
+            let (Some(val), Some(c)) = (inner.get("val"), inner.get("counter")) else {
+                continue;
+            };
+            let Some(key) = render::json_key(val) else {
+                continue;
+            };
+            let n = |f: &str| c.get(f).and_then(|x| x.as_u64()).unwrap_or(0);
+            out.push(ElementCounter {
+                map,
+                key,
+                packets: n("packets"),
+                bytes: n("bytes"),
+            });
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,7 +282,7 @@ mod tests {
         assert_eq!(s.chains["output"], 0);
         assert_eq!(s.maps["dnat_addr"], 1);
         assert_eq!(s.maps["masq_dnat"], 0);
-        let reasons = s.differences(&Elements::new());
+        let reasons = s.differences(&Elements::new(), &Marks::default());
         assert!(
             reasons.contains(&"map dnat_addr holds 1 element(s), natmap applied 0".to_owned()),
             "{reasons:?}"
@@ -201,9 +294,29 @@ mod tests {
     }
 
     #[test]
+    fn element_counters_are_read_with_normalised_keys() {
+        let json = r#"{"nftables": [{"map": {"name": "dnat_addr", "elem": [[{"elem": {"val": {"concat": ["192.0.2.1", "tcp", {"range": [8000, 8010]}]}, "counter": {"packets": 4, "bytes": 240}}}, "10.0.0.2"]]}},
+          {"map": {"name": "snat_out", "elem": [[{"elem": {"val": {"concat": ["eth*", {"prefix": {"addr": "10.0.0.0", "len": 24}}]}, "counter": {"packets": 2, "bytes": 0}}}, "192.0.2.1"]]}},
+          {"set": {"name": "fwd_count", "elem": [{"elem": {"val": {"concat": ["2001:db8:0:0::2", "udp", 53]}, "counter": {"packets": 9, "bytes": 900}}}]}},
+          {"set": {"name": "masq_dnat", "elem": [{"concat": ["10.0.0.0", "10.0.0.2", "tcp", 80]}]}}]}"#;
+        let got: Vec<(Map, String, u64, u64)> = element_counters(json)
+            .into_iter()
+            .map(|c| (c.map, c.key, c.packets, c.bytes))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Map::Dnat, "192.0.2.1 . tcp . 8000-8010".to_owned(), 4, 240),
+                (Map::Snat, "eth* . 10.0.0.0/24".to_owned(), 2, 0),
+                (Map::Fwd, "2001:db8::2 . udp . 53".to_owned(), 9, 900),
+            ]
+        );
+    }
+
+    #[test]
     fn a_missing_table_is_one_reason() {
         assert_eq!(
-            TableSummary::default().differences(&Elements::new()),
+            TableSummary::default().differences(&Elements::new(), &Marks::default()),
             ["table natmap is missing"]
         );
     }

@@ -15,22 +15,34 @@
 //! applies, checks and tears down per family, and a host without IPv6 NAT
 //! keeps its IPv4 table (an `inet` nat chain would also need kernel ≥ 5.2).
 //!
-//! Not done yet, refused with an error naming `--backend iptables`: snat,
-//! interface wildcards (`eth+`), per-rule counters, the `DOCKER-USER`
-//! accept beside Docker's iptables rules, event subscription for drift.
+//! Beside Docker (see [`marks`]): natmap marks the connections it
+//! translates (`ct mark`) and keeps one accept for that mark first in
+//! `DOCKER-USER` ([`docker_user`], Docker ≤ 28 on iptables), and marks
+//! their forwarded packets (`meta mark`) for Docker 29's nftables backend
+//! (`dockerd --bridge-accept-fwmark`).
+//!
+//! Counters: every element of the NAT maps and of `fwd_count` carries a
+//! counter; [`NftCounters`] reads them back per rule.
+//!
+//! Not done yet: event subscription for drift (the check reads the table
+//! back), snat on every interface (`--ext-if +`, nft has no wildcard for it).
 
+pub mod docker_user;
 pub mod exec;
+pub mod marks;
 pub mod netlink;
 pub mod render;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::firewall::{Desired, Drift, FirewallDriver, FirewallError, Mode, ReadCounters};
 use crate::model::{Family, Proto, RuleId};
 use crate::proto::Counters;
 
+use docker_user::Accept;
 use exec::{Nft, NftExecutor, TableSummary};
+use marks::Marks;
 use render::Elements;
 
 fn index(f: Family) -> usize {
@@ -43,27 +55,44 @@ fn index(f: Family) -> usize {
 /// The nftables driver and its mirror of what it applied.
 pub struct NftablesDriver {
     exec: Arc<dyn Nft>,
+    marks: Marks,
     /// Per family: the elements the kernel holds, as far as natmap knows.
     applied: [Elements; 2],
+    /// The rules last applied, for the counter reader to find which rule
+    /// each counted element counts for (rendered when counters are read,
+    /// not on every change).
+    applied_rules: Arc<Mutex<Desired>>,
     /// Per family: the table is known to be in place with its chains.
     table_ok: [bool; 2],
+    /// Per family: the last drift check found the table itself changed
+    /// (not only the `DOCKER-USER` accept missing).
+    table_drift: [bool; 2],
     /// Whether natmap's tables should exist.
     installed: bool,
 }
 
 impl NftablesDriver {
-    /// A driver over `exec`, knowing nothing of the kernel yet.
+    /// A driver over `exec` with the default marks, knowing nothing of the
+    /// kernel yet.
     pub fn new(exec: Arc<dyn Nft>) -> NftablesDriver {
+        NftablesDriver::with_marks(exec, Marks::default())
+    }
+
+    /// A driver over `exec` marking with `marks`.
+    pub fn with_marks(exec: Arc<dyn Nft>, marks: Marks) -> NftablesDriver {
         NftablesDriver {
             exec,
+            marks,
             applied: [Elements::new(), Elements::new()],
+            applied_rules: Arc::default(),
             table_ok: [false; 2],
+            table_drift: [false; 2],
             installed: false,
         }
     }
 
     /// The driver over the `nft` on `PATH`, once it is known to run.
-    pub fn detect() -> Result<NftablesDriver, FirewallError> {
+    pub fn detect(marks: Marks) -> Result<NftablesDriver, FirewallError> {
         let exec = NftExecutor::new();
         exec.version().map_err(|e| match e {
             FirewallError::Unavailable { program, message }
@@ -76,7 +105,7 @@ impl NftablesDriver {
             },
             other => other,
         })?;
-        Ok(NftablesDriver::new(Arc::new(exec)))
+        Ok(NftablesDriver::with_marks(Arc::new(exec), marks))
     }
 
     fn desired(desired: &Desired, family: Family) -> Result<Elements, FirewallError> {
@@ -90,11 +119,29 @@ impl NftablesDriver {
     }
 
     fn full_apply(&mut self, family: Family, wanted: Elements) -> Result<(), FirewallError> {
-        self.exec.run(&render::full(family, &wanted))?;
+        self.exec.run(&render::full(family, &wanted, &self.marks))?;
         self.applied[index(family)] = wanted;
         self.table_ok[index(family)] = true;
         self.installed = true;
+        self.ensure_accept(family);
         Ok(())
+    }
+
+    /// natmap's accept first in `DOCKER-USER`, where the chain exists. A
+    /// failure is logged, not returned: natmap's table serves, and the
+    /// drift check tries again.
+    fn ensure_accept(&self, family: Family) {
+        match self.exec.ensure_accept(family, self.marks.ct) {
+            Ok(true) => tracing::info!(
+                "natmap's connmark accept ({}) put first in {family} DOCKER-USER",
+                self.marks.ct
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                "cannot put natmap's connmark accept into {family} DOCKER-USER ({e}); \
+                 Docker's FORWARD DROP drops natmap's forwarded traffic until it is in"
+            ),
+        }
     }
 
     /// Element changes only, one netlink batch; a refusal means someone
@@ -164,6 +211,8 @@ impl FirewallDriver for NftablesDriver {
             }
             done.push(before);
         }
+        let mut rules = self.applied_rules.lock().unwrap_or_else(|p| p.into_inner());
+        rules.clone_from(desired);
         Ok(())
     }
 
@@ -184,7 +233,7 @@ impl FirewallDriver for NftablesDriver {
             let text = if mode == Mode::Change && self.table_ok[i] {
                 render::diff(family, &self.applied[i], &wanted)
             } else {
-                Some(render::full(family, &wanted))
+                Some(render::full(family, &wanted, &self.marks))
             };
             out.extend(text.map(|t| (family, t)));
         }
@@ -200,6 +249,9 @@ impl FirewallDriver for NftablesDriver {
             self.exec.run(&render::teardown(family))?;
             self.applied[index(family)].clear();
             self.table_ok[index(family)] = false;
+            if let Err(e) = self.exec.remove_accept(family) {
+                tracing::warn!("cannot take natmap's accept out of {family} DOCKER-USER: {e}");
+            }
         }
         self.installed = false;
         Ok(())
@@ -215,30 +267,48 @@ impl FirewallDriver for NftablesDriver {
 
     fn drift(&mut self, family: Family) -> Result<Drift, FirewallError> {
         let summary = self.exec.summary(family)?;
-        let reasons = summary.differences(&self.applied[index(family)]);
+        let mut reasons = summary.differences(&self.applied[index(family)], &self.marks);
+        self.table_drift[index(family)] = !reasons.is_empty();
+        let mut fingerprint = summary.fingerprint();
+        let accept = self.exec.accept_state(family, self.marks.ct)?;
+        // Docker created DOCKER-USER (it starts after natmap) or flushed
+        // it: routine, logged as information after the repair.
+        let accept_only = reasons.is_empty() && matches!(accept, Accept::Missing { .. });
+        if let Accept::Missing { lines } = &accept {
+            reasons.push(format!(
+                "DOCKER-USER does not hold natmap's connmark accept ({}) first",
+                self.marks.ct
+            ));
+            fingerprint.extend(lines.iter().cloned());
+        }
         Ok(if reasons.is_empty() {
             Drift::default()
         } else {
             Drift {
                 first_difference: reasons.first().cloned(),
-                fingerprint: summary.fingerprint(),
+                fingerprint,
                 reasons,
-                hooks_displaced_only: false,
+                hooks_displaced_only: accept_only,
             }
         })
     }
 
     fn repair(&mut self, family: Family) -> Result<(), FirewallError> {
+        if !self.table_drift[index(family)] && self.table_ok[index(family)] {
+            return self.exec.ensure_accept(family, self.marks.ct).map(drop);
+        }
         let wanted = self.applied[index(family)].clone();
         self.full_apply(family, wanted)
     }
 
     fn export(&self, family: Family) -> String {
-        render::table(family, &self.applied[index(family)])
+        render::table(family, &self.applied[index(family)], &self.marks)
     }
 
     fn counter_reader(&self) -> Arc<dyn ReadCounters> {
-        Arc::new(NoCounters)
+        Arc::new(NftCounters {
+            rules: self.applied_rules.clone(),
+        })
     }
 
     fn forward_drops(&self, _family: Family) -> bool {
@@ -251,12 +321,43 @@ impl FirewallDriver for NftablesDriver {
     }
 }
 
-/// Per-mapping counters are not kept by the nftables backend yet.
-struct NoCounters;
+/// Per-rule counters from the element counters of natmap's tables: one
+/// `nft -j list table` per family, matched to rules by rendering the rules
+/// the driver last applied ([`render::rendered`]). Connections: a NAT map's element
+/// counts each translated connection twice (the guard lookup and the
+/// translation, see [`render::table`]); packets and bytes: `fwd_count`,
+/// both directions of forwarded traffic, as the iptables backend's
+/// FORWARD accepts count them.
+struct NftCounters {
+    rules: Arc<Mutex<Desired>>,
+}
 
-impl ReadCounters for NoCounters {
-    fn read(&self, _families: &[Family]) -> HashMap<RuleId, Counters> {
-        HashMap::new()
+impl ReadCounters for NftCounters {
+    fn read(&self, families: &[Family]) -> HashMap<RuleId, Counters> {
+        let mut out: HashMap<RuleId, Counters> = HashMap::new();
+        let rules = self.rules.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for &family in families {
+            let Ok(Some(json)) = exec::list_json(family) else {
+                continue;
+            };
+            let counted = exec::element_counters(&json);
+            let Ok((_, owners)) = render::rendered(rules.rules(), family) else {
+                continue;
+            };
+            for c in counted {
+                let Some(&id) = owners.get(&(c.map, c.key)) else {
+                    continue;
+                };
+                let entry = out.entry(id).or_default();
+                if c.map.translates() {
+                    entry.connections += c.packets / 2;
+                } else {
+                    entry.packets += c.packets;
+                    entry.bytes += c.bytes;
+                }
+            }
+        }
+        out
     }
 }
 
@@ -264,6 +365,9 @@ impl ReadCounters for NoCounters {
 /// the iptables backend does at start, so a state dir switched from
 /// nftables leaves nothing of the old backend behind.
 pub fn remove_tables() -> Result<(), FirewallError> {
+    for family in Family::ALL {
+        docker_user::remove(family)?;
+    }
     let exec = NftExecutor::new();
     if exec.version().is_err() {
         return Ok(());
@@ -295,6 +399,7 @@ mod tests {
     struct Rec {
         sent: Mutex<Vec<String>>,
         fail_next: Mutex<usize>,
+        batches: Mutex<usize>,
     }
 
     impl Nft for Rec {
@@ -313,6 +418,19 @@ mod tests {
         fn summary(&self, _: Family) -> Result<TableSummary, FirewallError> {
             Ok(TableSummary::default())
         }
+        fn accept_state(
+            &self,
+            _: Family,
+            _: marks::Mark,
+        ) -> Result<docker_user::Accept, FirewallError> {
+            Ok(docker_user::Accept::NoChain)
+        }
+        fn ensure_accept(&self, _: Family, _: marks::Mark) -> Result<bool, FirewallError> {
+            Ok(false)
+        }
+        fn remove_accept(&self, _: Family) -> Result<(), FirewallError> {
+            Ok(())
+        }
         fn elements(&self, family: Family, changes: &[SetChange]) -> Result<(), FirewallError> {
             let mut fail = self.fail_next.lock().unwrap();
             if *fail > 0 {
@@ -322,6 +440,7 @@ mod tests {
                     message: "No such file or directory".into(),
                 });
             }
+            *self.batches.lock().unwrap() += 1;
             for c in changes {
                 let verb = if c.add { "add" } else { "delete" };
                 self.sent.lock().unwrap().push(format!(
@@ -365,8 +484,14 @@ mod tests {
         d.apply(&Desired::new([dnat(1, 25)]), &ALL, Mode::Change)
             .unwrap();
         let sent = rec.sent.lock().unwrap();
-        assert_eq!(sent.len(), 3, "one transaction, IPv4 only");
-        assert_eq!(sent[2], "netlink ipv4 add dnat_addr x1");
+        assert_eq!(sent.len(), 4, "one batch, IPv4 only");
+        assert_eq!(sent[2], "netlink ipv4 add dnat_port x1");
+        assert_eq!(sent[3], "netlink ipv4 add fwd_port x1");
+        assert_eq!(
+            *rec.batches.lock().unwrap(),
+            1,
+            "the map and its counter: one batch"
+        );
     }
 
     #[test]
@@ -387,13 +512,13 @@ mod tests {
     }
 
     #[test]
-    fn snat_is_refused_naming_the_iptables_backend() {
+    fn snat_on_every_interface_is_refused_naming_the_iptables_backend() {
         let (mut d, rec) = started();
         let snat = Rule {
             id: 4,
             spec: RuleSpec::Snat(SnatRule {
                 source: "10.0.0.0/24".parse().unwrap(),
-                ext_if: "eth0".parse().unwrap(),
+                ext_if: "+".parse().unwrap(),
                 ext_ip: "192.0.2.1".parse().unwrap(),
                 forward: false,
             }),

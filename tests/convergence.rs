@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use natmap::firewall::iptables::saved::SavedTables;
-use natmap::firewall::iptables::{render, restore, Chain};
+use natmap::firewall::iptables::{render, restore};
 use natmap::model::{Family, Rule};
 use serde_json::{json, Value};
 
@@ -59,13 +59,14 @@ fn assert_round_trip(ns: &Netns, family: Family, rules: &[Rule], dir: &Path) {
     };
     ns.run_ok(&[restore, "-w", "10", "--noflush", file.to_str().unwrap()]);
     let after = SavedTables::parse(&iptables_save(ns, v6));
-    for chain in Chain::ALL {
+    // Every chain natmap writes, shards and their parents' jumps included.
+    for chain in expected.kernel() {
         assert_eq!(
-            after.chain_rules(chain.table(), chain.name()),
-            expected.chain(chain),
+            after.chain_rules(chain.table, &chain.name),
+            chain.lines,
             "{family} {} {}: natmap's rendering differs from what iptables prints",
-            chain.table(),
-            chain.name()
+            chain.table,
+            chain.name
         );
     }
     let drift = after.drift(expected);
@@ -92,6 +93,12 @@ fn odd_v4_rules() -> Vec<Value> {
                "ports":"8002,8000-8001,25","proto":"tcp","ext_if":"+"}),
         json!({"kind":"dnat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2","ports":"53",
                "proto":"udp","ext_if":"ext0"}),
+        // A range across a shard boundary, and the last shard (its jump
+        // matches 64512:65535).
+        json!({"kind":"dnat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2",
+               "ports":"1020-1030","proto":"udp","ext_if":null}),
+        json!({"kind":"dnat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2","ports":"65535",
+               "proto":"tcp","ext_if":null}),
     ]
 }
 
@@ -285,6 +292,177 @@ fn a_repair_that_does_not_take_is_reported_not_repeated() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("cannot converge"));
     assert_eq!(repairs(&d), 6);
     d.assert_clean_log();
+}
+
+/// natmap before shards: its DNAT and ACCEPT lines straight in nat and
+/// filter `NATMAP`, as a host upgraded in place still has them.
+const SINGLE_CHAIN_LAYOUT: &str = "*nat\n:NATMAP - [0:0]\n:NATMAP-OUTPUT - [0:0]\n\
+:NATMAP-POSTROUTING - [0:0]\n-A PREROUTING -j NATMAP\n-A OUTPUT -j NATMAP-OUTPUT\n\
+-A POSTROUTING -j NATMAP-POSTROUTING\n\
+-A NATMAP -d 192.0.2.1/32 -p tcp -m tcp --dport 25 -m comment --comment natmap:dnat:1 -j DNAT --to-destination 198.51.100.2\n\
+-A NATMAP-OUTPUT -d 192.0.2.1/32 -p tcp -m tcp --dport 25 -m comment --comment natmap:dnat:1 -j DNAT --to-destination 198.51.100.2\n\
+COMMIT\n*filter\n:NATMAP - [0:0]\n-A FORWARD -j NATMAP\n\
+-A NATMAP -d 198.51.100.2/32 -p tcp -m tcp --dport 25 -m conntrack --ctstate DNAT -m comment --comment natmap:dnat:1 -j ACCEPT\n\
+COMMIT\n";
+
+/// A daemon started on a host with the single-chain layout replaces it
+/// with a full apply: the old lines go, each parent holds exactly its
+/// jumps to the shards its rules fill, and those hold the lines.
+#[test]
+fn a_start_replaces_the_single_chain_layout() {
+    if !privileged() {
+        return;
+    }
+    let ns = bare_router();
+    let dir = StateDir::new();
+    let old = dir.path().join("old-layout.rules");
+    std::fs::write(&old, SINGLE_CHAIN_LAYOUT).unwrap();
+    ns.run_ok(&[
+        "iptables-restore",
+        "-w",
+        "10",
+        "--noflush",
+        old.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        iptables_appended_rules(&ns, false, "nat", "NATMAP").len(),
+        1
+    );
+
+    let d = Daemon::start_with_options(&ns, &dir, DaemonOptions::isolated());
+    d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.3", "26"));
+    for (table, chain, jumps) in [
+        ("nat", "NATMAP", &["--dport"][..]),
+        ("nat", "NATMAP-OUTPUT", &["--dport"][..]),
+        ("filter", "NATMAP", &["--dport", "--sport"][..]),
+    ] {
+        // Read raw, not folded: the parent itself.
+        let raw = ns.run_ok(&["iptables", "-w", "10", "-t", table, "-S", chain]);
+        let lines: Vec<&str> = raw.lines().filter(|l| l.starts_with("-A ")).collect();
+        let want: Vec<String> = jumps
+            .iter()
+            .map(|side| format!("-A {chain} -p tcp -m tcp {side} 0:1023 -j {chain}-T0"))
+            .collect();
+        assert_eq!(lines, want, "{table} {chain} holds only its jump(s) to T0");
+    }
+    let lines = natmap_rules(&ns, false);
+    assert!(
+        lines.iter().all(|l| !l.contains("--dport 25 ")),
+        "the old lines are gone: {lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("nat -A NATMAP -d 192.0.2.1/32 -p tcp -m tcp --dport 26 ")),
+        "{lines:#?}"
+    );
+    assert_kernel_matches_state(&ns, &d, "iptables", "ip6tables");
+    // The boot hook of the old layout (`FORWARD -j NATMAP`) is replaced by
+    // the one in DOCKER-USER.
+    assert!(!iptables_rules(&ns, false, "filter", "FORWARD")
+        .contains(&"-A FORWARD -j NATMAP".to_owned()));
+    d.assert_clean_log();
+}
+
+/// The shard chains of `table` in `ns` (`NATMAP-T0`, `NATMAP-OUTPUT-U3`).
+fn shard_chains(ns: &Netns, table: &str) -> Vec<String> {
+    let saved = SavedTables::parse(&iptables_save(ns, false));
+    saved.shard_chains(table)
+}
+
+/// A port range across a shard boundary (1020-1030 spans tcp blocks 0 and
+/// 1) forwards real connections on both sides of it; a shard and its jump
+/// exist only while a rule fills it; a flushed parent or a deleted shard
+/// is repaired, and in between nothing is forwarded anywhere nobody asked.
+#[test]
+fn a_range_across_a_shard_boundary_forwards_on_every_port_and_shards_come_and_go() {
+    if !privileged() {
+        return;
+    }
+    let topo = Topology::new();
+    let ports = [1020u16, 1023, 1024, 1030, 1500];
+    let _echo: Vec<TcpEcho> = ports
+        .iter()
+        .map(|p| TcpEcho::start(&topo.server, v4(SERVER_V4, *p)))
+        .collect();
+    let d = Daemon::start(&topo.router);
+    assert_eq!(
+        shard_chains(&topo.router, "nat"),
+        Vec::<String>::new(),
+        "no rule, no shard"
+    );
+    d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "1020-1030"));
+    d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "1500"));
+    assert_eq!(
+        shard_chains(&topo.router, "nat"),
+        [
+            "NATMAP-OUTPUT-T0",
+            "NATMAP-OUTPUT-T1",
+            "NATMAP-T0",
+            "NATMAP-T1"
+        ]
+    );
+    for port in ports {
+        expect_tcp(&topo.client, v4(ROUTER_EXT_V4, port), CLIENT_V4, port);
+    }
+    expect_no_tcp(&topo.client, v4(ROUTER_EXT_V4, 1031));
+    assert_kernel_matches_state(&topo.router, &d, "iptables", "ip6tables");
+
+    // Someone flushes the parent: its jumps go (nothing is DNATed until
+    // the repair, and the shards alone are reached by nothing); the drift
+    // check puts them back.
+    let before = repairs(&d);
+    iptables(&topo.router, false, &["-t", "nat", "-F", "NATMAP"]);
+    wait_until(
+        "the flushed parent is repaired",
+        Duration::from_secs(15),
+        || repairs(&d) > before,
+    );
+    expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 1024), CLIENT_V4, 1024);
+    assert_kernel_matches_state(&topo.router, &d, "iptables", "ip6tables");
+
+    // A shard deleted with its jump (one transaction, so the drift check
+    // never sees half of it): repaired too.
+    let before = repairs(&d);
+    let scratch = StateDir::new();
+    let gone = scratch.path().join("drop-shard.rules");
+    std::fs::write(
+        &gone,
+        "*nat\n:NATMAP-T0 - [0:0]\n-D NATMAP -p tcp -m tcp --dport 0:1023 -j NATMAP-T0\n\
+         -X NATMAP-T0\nCOMMIT\n",
+    )
+    .unwrap();
+    topo.router.run_ok(&[
+        "iptables-restore",
+        "-w",
+        "10",
+        "--noflush",
+        gone.to_str().unwrap(),
+    ]);
+    wait_until(
+        "the deleted shard is repaired",
+        Duration::from_secs(15),
+        || repairs(&d) > before,
+    );
+    expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 1020), CLIENT_V4, 1020);
+    assert_kernel_matches_state(&topo.router, &d, "iptables", "ip6tables");
+
+    // The range goes: block 0's shards and jumps go with it, block 1 stays
+    // for port 1500.
+    d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "1020-1030").delete());
+    assert_eq!(
+        shard_chains(&topo.router, "nat"),
+        ["NATMAP-OUTPUT-T1", "NATMAP-T1"]
+    );
+    assert_eq!(shard_chains(&topo.router, "filter"), ["NATMAP-T1"]);
+    expect_no_tcp(&topo.client, v4(ROUTER_EXT_V4, 1024));
+    expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 1500), CLIENT_V4, 1500);
+    assert_kernel_matches_state(&topo.router, &d, "iptables", "ip6tables");
+    d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "1500").delete());
+    assert_eq!(shard_chains(&topo.router, "nat"), Vec::<String>::new());
+    assert_eq!(shard_chains(&topo.router, "filter"), Vec::<String>::new());
+    let parent = iptables_appended_rules(&topo.router, false, "nat", "NATMAP");
+    assert!(parent.is_empty(), "{parent:?}");
 }
 
 // ─────────────────────────── policy routes ───────────────────────────
@@ -717,6 +895,40 @@ fn measure_engine_hold_at_large_n() {
         line += &format!(
             "; last delete: {}",
             steps[steps.len().saturating_sub(3)..].join(" | ")
+        );
+        // A delete and an add in a full shard: the port in the middle of
+        // the dnat rules (its block holds up to 1,024 of them), deleted
+        // and added again (last in its shard, its id being the newest).
+        let mid = (10_000 + n32.min(MAX_PORT_RULES) / 2).to_string();
+        let (mut adds, mut deletes) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            let delete = dnat_request("192.0.2.1", "198.51.100.2", &mid, "tcp", true);
+            deletes.push(timed(&d, delete).0);
+            let add = dnat_request("192.0.2.1", "198.51.100.2", &mid, "tcp", false);
+            adds.push(timed(&d, add).0);
+        }
+        for (name, mut took) in [("delete", deletes), ("add", adds)] {
+            took.sort();
+            line += &format!(
+                "; full shard (port {mid}): {name} {:.0} ms (max {:.0})",
+                ms(took[1]),
+                ms(took[2])
+            );
+        }
+        // The engine's account of one more delete in the full shard.
+        let log_from = d.log().len();
+        timed(
+            &d,
+            dnat_request("192.0.2.1", "198.51.100.2", &mid, "tcp", true),
+        );
+        let log = d.log();
+        let steps: Vec<&str> = log[log_from..]
+            .lines()
+            .filter(|l| l.contains("changes done") || l.contains("change committed"))
+            .collect();
+        line += &format!(
+            "; full-shard delete: {}",
+            steps[steps.len().saturating_sub(2)..].join(" | ")
         );
         // Idle: the longest a ping waits is the drift check's hold.
         let pinger = Pinger::start(&d);

@@ -370,10 +370,10 @@ fn shard_chains(ns: &Netns, table: &str) -> Vec<String> {
     saved.shard_chains(table)
 }
 
-/// A port range across a shard boundary (1020-1030 spans tcp blocks 0 and
-/// 1) forwards real connections on both sides of it; a shard and its jump
-/// exist only while a rule fills it; a flushed parent or a deleted shard
-/// is repaired, and in between nothing is forwarded anywhere nobody asked.
+/// A port range across a shard boundary (1020-1030 is in tcp blocks 0
+/// and 1) forwards real connections on both sides of it; a shard and its
+/// jump exist only while a rule fills it; a flushed parent and a deleted
+/// shard are repaired.
 #[test]
 fn a_range_across_a_shard_boundary_forwards_on_every_port_and_shards_come_and_go() {
     if !privileged() {

@@ -563,7 +563,7 @@ fn a_line_is_keyed_on_its_protocol_and_port_blocks() {
         proto: "tcp",
         block,
     };
-    let keys = |l: &str| shard_keys(l).map(|(side, k)| (side, k));
+    let keys = shard_keys;
     assert_eq!(
         keys("-d 1.2.3.4/32 -p tcp -m tcp --dport 25 -j DNAT"),
         Some((PortSide::Destination, vec![t(0)]))

@@ -3,7 +3,10 @@
 //! # Layout
 //! - [`driver`]: [`IptablesDriver`], the [`crate::firewall::FirewallDriver`]
 //!   over the modules below, and its mirror of what it applied;
-//! - [`render`]: pure, rules → the lines of natmap's chains ([`Ruleset`]);
+//! - [`render`]: pure, rules → the lines of natmap's chains ([`Ruleset`]),
+//!   which [`FamilyRules::kernel`] lays out in the kernel's chains: the DNAT
+//!   and FORWARD ACCEPT lines in shards by protocol and port block, created
+//!   with their first line and removed with their last;
 //! - [`restore`]: pure, a ruleset (and, for a full apply, what
 //!   `iptables-save` showed) → one `iptables-restore --noflush` transaction;
 //! - [`saved`]: `iptables-save` parsed just enough to find natmap's chains,

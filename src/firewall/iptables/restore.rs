@@ -237,8 +237,9 @@ pub fn creates_docker_user(saved: &SavedTables) -> bool {
 /// `desired`, keeping `desired`'s order: `-D` by full spec for every line
 /// that goes, then `-I CHAIN POS` for every line that comes, in ascending
 /// position. Lines that stay are not touched, so a change costs O(change)
-/// in the kernel instead of a rewrite of every chain. `None` when nothing
-/// differs.
+/// in the kernel instead of a rewrite of every chain, and touches only the
+/// shards ([`FamilyRules::kernel`]) of the lines it adds or removes (and
+/// their parent, when a shard comes or goes). `None` when nothing differs.
 ///
 /// Hooks are not touched: the caller uses this only while it knows they are
 /// in place, and falls back to [`full`] if the transaction fails (someone

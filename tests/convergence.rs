@@ -965,3 +965,93 @@ fn written(before: (u64, u64), after: (u64, u64)) -> u64 {
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
+
+/// The packet path at 8,000 dnat rules (ports 10000-17999), before and
+/// after the port-keyed shards, for docs/reliability.md item 8:
+///
+/// ```text
+/// cargo test --release --test convergence -- --ignored --nocapture measure_packet_path
+/// ```
+///
+/// The same rendered lines are installed without a daemon twice, in two
+/// fresh topologies: flat, each in its parent chain (the single-chain
+/// layout), and as natmap lays them out now. Then 2,000 TCP connections
+/// (connect, echo, close) to the last rule's port, whose lines a flat
+/// chain reaches after 7,999 others in nat and 15,998 in filter (every
+/// forwarded packet walks filter `NATMAP` to its accept); median of 3
+/// runs of each.
+#[test]
+#[ignore = "measurement; run by hand for docs/reliability.md"]
+fn measure_packet_path_at_8000_dnat_rules() {
+    use natmap::firewall::iptables::Chain;
+    use std::io::Read;
+    if !privileged() {
+        return;
+    }
+    let rules = rules(dnat_doc(10_000..18_000)["rules"].as_array().unwrap());
+    let set = render::desired(&rules);
+    let lines = set.family(Family::V4);
+    let mut flat = String::from(
+        "*nat\n:NATMAP - [0:0]\n:NATMAP-OUTPUT - [0:0]\n:NATMAP-POSTROUTING - [0:0]\n\
+         -A PREROUTING -j NATMAP\n-A OUTPUT -j NATMAP-OUTPUT\n-A POSTROUTING -j NATMAP-POSTROUTING\n",
+    );
+    for table in ["nat", "filter"] {
+        if table == "filter" {
+            flat.push_str("COMMIT\n*filter\n:NATMAP - [0:0]\n-A FORWARD -j NATMAP\n");
+        }
+        for chain in Chain::ALL.into_iter().filter(|c| c.table() == table) {
+            for l in lines.chain(chain) {
+                flat.push_str(&format!("-A {} {l}\n", chain.name()));
+            }
+        }
+    }
+    flat.push_str("COMMIT\n");
+    let dir = StateDir::new();
+    let target = v4(ROUTER_EXT_V4, 17_999);
+    for layout in ["single chain", "port shards"] {
+        let topo = Topology::new();
+        let _echo = TcpEcho::start(&topo.server, v4(SERVER_V4, 17_999));
+        let text = if layout == "single chain" {
+            flat.clone()
+        } else {
+            restore::full(
+                lines,
+                &SavedTables::parse(&iptables_save(&topo.router, false)),
+            )
+        };
+        let file = dir.path().join("layout.rules");
+        std::fs::write(&file, text).unwrap();
+        topo.router.run_ok(&[
+            "iptables-restore",
+            "-w",
+            "10",
+            "--noflush",
+            file.to_str().unwrap(),
+        ]);
+        expect_tcp(&topo.client, target, CLIENT_V4, 17_999);
+        let mut runs: Vec<Duration> = (0..3)
+            .map(|_| {
+                in_netns(&topo.client, || {
+                    let start = Instant::now();
+                    for _ in 0..2_000 {
+                        let mut s =
+                            std::net::TcpStream::connect_timeout(&target, Duration::from_secs(5))
+                                .expect("connect");
+                        let mut reply = String::new();
+                        s.read_to_string(&mut reply).expect("echo");
+                        assert!(!reply.is_empty());
+                    }
+                    start.elapsed()
+                })
+            })
+            .collect();
+        runs.sort();
+        eprintln!(
+            "[packet path] {layout}: 2000 connections to port 17999 through 8000 dnat rules \
+             in {:.0} ms ({:.0} µs each; runs {:?})",
+            ms(runs[1]),
+            runs[1].as_secs_f64() * 1e6 / 2000.0,
+            runs.iter().map(|r| ms(*r).round()).collect::<Vec<_>>()
+        );
+    }
+}

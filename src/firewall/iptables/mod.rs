@@ -185,12 +185,18 @@ impl PortSide {
 /// ports span several blocks goes, unchanged, into each of their shards:
 /// the parent's jump to a shard matches only that block's ports, so each
 /// of the line's ports reaches it in exactly one shard. `None` for a line
-/// with no port match (it stays in the parent).
+/// with no port match, or a negated one (it stays in the parent).
 pub fn shard_keys(line: &str) -> Option<(PortSide, Vec<ShardKey>)> {
     let mut words = line.split_whitespace();
     let mut proto = None;
     let mut found: Option<(PortSide, &str)> = None;
+    let mut negated = false;
     while let Some(w) = words.next() {
+        // A negated port match (`! --dport 25`, never rendered) is no key.
+        if negated && w.starts_with("--") && w.contains("port") {
+            return None;
+        }
+        negated = w == "!";
         match w {
             "-p" => {
                 proto = match words.next()? {

@@ -589,6 +589,7 @@ fn a_line_is_keyed_on_its_protocol_and_port_blocks() {
         ))
     );
     assert_eq!(keys("-s 10.0.0.0/24 -o eth0 -j ACCEPT"), None);
+    assert_eq!(keys("-p tcp -m tcp ! --dport 25 -j ACCEPT"), None);
     assert_eq!(t(63).ports(), "64512:65535");
     assert_eq!(t(12).to_string(), "T12");
     let c = super::Chain::NatOutput;

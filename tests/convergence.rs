@@ -94,7 +94,7 @@ fn odd_v4_rules() -> Vec<Value> {
         json!({"kind":"dnat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2","ports":"53",
                "proto":"udp","ext_if":"ext0"}),
         // A range across a shard boundary, and the last shard (its jump
-        // matches 64512:65535).
+        // matches 65280:65535).
         json!({"kind":"dnat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2",
                "ports":"1020-1030","proto":"udp","ext_if":null}),
         json!({"kind":"dnat","ext_ip":"192.0.2.1","int_ip":"198.51.100.2","ports":"65535",
@@ -341,7 +341,7 @@ fn a_start_replaces_the_single_chain_layout() {
         let lines: Vec<&str> = raw.lines().filter(|l| l.starts_with("-A ")).collect();
         let want: Vec<String> = jumps
             .iter()
-            .map(|side| format!("-A {chain} -p tcp -m tcp {side} 0:1023 -j {chain}-T0"))
+            .map(|side| format!("-A {chain} -p tcp -m tcp {side} 0:255 -j {chain}-T0"))
             .collect();
         assert_eq!(lines, want, "{table} {chain} holds only its jump(s) to T0");
     }
@@ -370,8 +370,8 @@ fn shard_chains(ns: &Netns, table: &str) -> Vec<String> {
     saved.shard_chains(table)
 }
 
-/// A port range across a shard boundary (1020-1030 is in tcp blocks 0
-/// and 1) forwards real connections on both sides of it; a shard and its
+/// A port range across a shard boundary (1020-1030 is in tcp blocks 3
+/// and 4) forwards real connections on both sides of it; a shard and its
 /// jump exist only while a rule fills it; a flushed parent and a deleted
 /// shard are repaired.
 #[test]
@@ -380,7 +380,7 @@ fn a_range_across_a_shard_boundary_forwards_on_every_port_and_shards_come_and_go
         return;
     }
     let topo = Topology::new();
-    let ports = [1020u16, 1023, 1024, 1030, 1500];
+    let ports = [1020u16, 1023, 1024, 1030, 1100];
     let _echo: Vec<TcpEcho> = ports
         .iter()
         .map(|p| TcpEcho::start(&topo.server, v4(SERVER_V4, *p)))
@@ -392,14 +392,14 @@ fn a_range_across_a_shard_boundary_forwards_on_every_port_and_shards_come_and_go
         "no rule, no shard"
     );
     d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "1020-1030"));
-    d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "1500"));
+    d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "1100"));
     assert_eq!(
         shard_chains(&topo.router, "nat"),
         [
-            "NATMAP-OUTPUT-T0",
-            "NATMAP-OUTPUT-T1",
-            "NATMAP-T0",
-            "NATMAP-T1"
+            "NATMAP-OUTPUT-T3",
+            "NATMAP-OUTPUT-T4",
+            "NATMAP-T3",
+            "NATMAP-T4"
         ]
     );
     for port in ports {
@@ -428,8 +428,8 @@ fn a_range_across_a_shard_boundary_forwards_on_every_port_and_shards_come_and_go
     let gone = scratch.path().join("drop-shard.rules");
     std::fs::write(
         &gone,
-        "*nat\n:NATMAP-T0 - [0:0]\n-D NATMAP -p tcp -m tcp --dport 0:1023 -j NATMAP-T0\n\
-         -X NATMAP-T0\nCOMMIT\n",
+        "*nat\n:NATMAP-T3 - [0:0]\n-D NATMAP -p tcp -m tcp --dport 768:1023 -j NATMAP-T3\n\
+         -X NATMAP-T3\nCOMMIT\n",
     )
     .unwrap();
     topo.router.run_ok(&[
@@ -447,18 +447,18 @@ fn a_range_across_a_shard_boundary_forwards_on_every_port_and_shards_come_and_go
     expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 1020), CLIENT_V4, 1020);
     assert_kernel_matches_state(&topo.router, &d, "iptables", "ip6tables");
 
-    // The range goes: block 0's shards and jumps go with it, block 1 stays
-    // for port 1500.
+    // The range goes: block 3's shards and jumps go with it, block 4 stays
+    // for port 1100.
     d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "1020-1030").delete());
     assert_eq!(
         shard_chains(&topo.router, "nat"),
-        ["NATMAP-OUTPUT-T1", "NATMAP-T1"]
+        ["NATMAP-OUTPUT-T4", "NATMAP-T4"]
     );
-    assert_eq!(shard_chains(&topo.router, "filter"), ["NATMAP-T1"]);
+    assert_eq!(shard_chains(&topo.router, "filter"), ["NATMAP-T4"]);
     expect_no_tcp(&topo.client, v4(ROUTER_EXT_V4, 1024));
-    expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 1500), CLIENT_V4, 1500);
+    expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 1100), CLIENT_V4, 1100);
     assert_kernel_matches_state(&topo.router, &d, "iptables", "ip6tables");
-    d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "1500").delete());
+    d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "1100").delete());
     assert_eq!(shard_chains(&topo.router, "nat"), Vec::<String>::new());
     assert_eq!(shard_chains(&topo.router, "filter"), Vec::<String>::new());
     let parent = iptables_appended_rules(&topo.router, false, "nat", "NATMAP");

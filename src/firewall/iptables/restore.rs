@@ -251,29 +251,40 @@ pub fn diff(applied: &FamilyRules, desired: &FamilyRules) -> Option<String> {
     // parent) or empty one (its jump deleted, the chain declared, which
     // flushes it without fetching its rules, and deleted). Chains whose
     // lines did not change are not touched.
-    let (applied, desired) = (applied.kernel(), desired.kernel());
+    // Logical chains whose lines did not change are not laid out at all
+    // (at 20,000 rules, laying out every chain cost more than the
+    // transaction it sends).
+    let changed: Vec<Chain> = Chain::ALL
+        .into_iter()
+        .filter(|c| applied.chain(*c) != desired.chain(*c))
+        .collect();
+    fn lay_out<'a>(rules: &'a FamilyRules, changed: &[Chain], table: &str) -> Vec<KernelChain<'a>> {
+        changed
+            .iter()
+            .filter(|c| c.table() == table)
+            .flat_map(|c| rules.kernel_of(*c))
+            .collect()
+    }
     let mut out = String::new();
     for table in TABLES {
-        let had: BTreeSet<&str> = applied
-            .iter()
-            .filter(|c| c.table == table)
-            .map(|c| c.name.as_str())
-            .collect();
-        let wants: BTreeSet<&str> = desired
-            .iter()
-            .filter(|c| c.table == table)
-            .map(|c| c.name.as_str())
-            .collect();
+        let (applied, desired) = (
+            lay_out(applied, &changed, table),
+            lay_out(desired, &changed, table),
+        );
+        let had: BTreeSet<&str> = applied.iter().map(|c| c.name.as_str()).collect();
+        let wants: BTreeSet<&str> = desired.iter().map(|c| c.name.as_str()).collect();
         let mut body = String::new();
         for name in wants.difference(&had).chain(had.difference(&wants)) {
             let _ = writeln!(body, ":{name} - [0:0]");
         }
-        for d in desired.iter().filter(|c| c.table == table) {
+        for d in &desired {
             let before = applied
                 .iter()
-                .find(|a| a.table == table && a.name == d.name)
+                .find(|a| a.name == d.name)
                 .map_or(&[][..], |a| &a.lines[..]);
-            chain_diff(&mut body, &d.name, before, &d.lines);
+            if before != &d.lines[..] {
+                chain_diff(&mut body, &d.name, before, &d.lines);
+            }
         }
         for name in had.difference(&wants) {
             // Its jumps were deleted by its parent's diff above.

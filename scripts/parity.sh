@@ -151,6 +151,16 @@ cleanup() {
 				"${ipt}" -w 5 -t "${table}" -X "${chain}"
 			fi
 		done
+		# The shards (NATMAP-T12, NATMAP-OUTPUT-U3), once their parents,
+		# which jumped to them, are gone.
+		for table in nat filter; do
+			"${ipt}" -w 5 -t "${table}" -S 2>/dev/null | sed -n 's/^-N \(NATMAP\(-OUTPUT\)\{0,1\}-[TU][0-9]\{1,\}\)$/\1/p' |
+				while read -r chain; do
+					log "removing leftover chain ${ipt} -t ${table} ${chain}"
+					"${ipt}" -w 5 -t "${table}" -F "${chain}"
+					"${ipt}" -w 5 -t "${table}" -X "${chain}"
+				done
+		done
 	done
 	ip link del "${VETH}" >/dev/null 2>&1
 	ip netns del "${NS}" >/dev/null 2>&1

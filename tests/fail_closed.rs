@@ -490,13 +490,25 @@ fn a_vip_moving_between_two_natmap_routers_moves_the_forward_within_a_second() {
     b.assert_clean_log();
 }
 
-/// Packets natmap's DNAT translated in `ns` (PREROUTING chain counters).
+/// Packets natmap's DNAT translated in `ns` (counters of nat `NATMAP`,
+/// hooked from PREROUTING, and of its shards).
 fn counter_of(ns: &Netns) -> u64 {
-    iptables(ns, false, &["-t", "nat", "-L", "NATMAP", "-v", "-n", "-x"])
-        .lines()
-        .filter(|l| l.contains("DNAT"))
-        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
+    use natmap::firewall::iptables::Chain;
+    let mut ours = false;
+    let mut sum = 0;
+    for l in iptables(ns, false, &["-t", "nat", "-L", "-v", "-n", "-x"]).lines() {
+        if let Some(rest) = l.strip_prefix("Chain ") {
+            let name = rest.split_whitespace().next().unwrap_or("");
+            ours = name == "NATMAP" || Chain::NatPrerouting.is_shard_name(name);
+        } else if ours && l.contains("DNAT") {
+            sum += l
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    sum
 }
 
 /// A figure for the closing note, on the real stderr.

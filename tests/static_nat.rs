@@ -769,11 +769,24 @@ fn dry_run_changes_nothing_and_shows_the_exact_transaction() {
     topo.router
         .run_ok(&["iptables-restore", "--noflush", path.to_str().unwrap()]);
     let by_hand = natmap_rules(&topo.router, false);
-    // Undo by hand: the same transaction with every -A turned into -D.
-    let undo = transactions[0]["restore"]
-        .as_str()
-        .unwrap()
-        .replace("\n-A ", "\n-D ");
+    // Undo by hand: the same transaction with every -A turned into -D, and
+    // the shards it declared (created: 443 is the first port of tcp block
+    // 1) deleted after their lines instead of declared (which flushes).
+    let mut undo = String::new();
+    let mut created = Vec::new();
+    for line in transactions[0]["restore"].as_str().unwrap().lines() {
+        if let Some(decl) = line.strip_prefix(':') {
+            created.push(decl.split_whitespace().next().unwrap().to_owned());
+        } else if line == "COMMIT" {
+            for chain in created.drain(..) {
+                undo.push_str(&format!("-X {chain}\n"));
+            }
+            undo.push_str("COMMIT\n");
+        } else {
+            undo.push_str(&format!("{}\n", line.replacen("-A ", "-D ", 1)));
+        }
+    }
+    assert!(undo.contains("-X NATMAP-T1\n"), "{undo}");
     std::fs::write(&path, undo).unwrap();
     topo.router
         .run_ok(&["iptables-restore", "--noflush", path.to_str().unwrap()]);

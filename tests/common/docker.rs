@@ -1062,6 +1062,31 @@ pub fn remove_natmap_root_rules() -> Vec<String> {
                 }
             }
         }
+        // The shards, once their parents (which jumped to them) are gone.
+        for table in ["nat", "filter"] {
+            let listed = run_quiet(
+                Command::new(bin).args(["-w", "10", "-t", table, "-S"]),
+                COMMAND_TIMEOUT,
+            )
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+            for shard in listed
+                .lines()
+                .filter_map(|l| l.strip_prefix("-N "))
+                .filter(|name| {
+                    natmap::firewall::iptables::Chain::ALL
+                        .iter()
+                        .any(|c| c.table() == table && c.is_shard_name(name))
+                })
+            {
+                ipt(&["-t", table, "-F", shard]);
+                if ipt(&["-t", table, "-X", shard]) {
+                    removed.push(format!("{bin} -t {table} -X {shard}"));
+                } else {
+                    removed.push(format!("{bin} -t {table} -X {shard} FAILED"));
+                }
+            }
+        }
     }
     removed
 }
@@ -1369,17 +1394,26 @@ pub fn docker_rules_snapshot() -> Vec<String> {
 /// `iptables -S` lines of the root namespace for `table`/`chain` (empty if
 /// the chain does not exist).
 pub fn root_chain(v6: bool, table: &str, chain: &str) -> Vec<String> {
-    let out = run_with_timeout(
-        Command::new(iptables_bin(v6)).args(["-w", "10", "-t", table, "-S", chain]),
-        COMMAND_TIMEOUT,
-    );
-    if !out.status.success() {
-        return Vec::new();
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
+    // natmap's sharded chains read as one (`expand_shards`); `read("")`
+    // reads the whole table.
+    let read = |chain: &str| {
+        let args = ["-w", "10", "-t", table, "-S", chain];
+        let args = if chain.is_empty() {
+            &args[..5]
+        } else {
+            &args[..]
+        };
+        let out = run_with_timeout(Command::new(iptables_bin(v6)).args(args), COMMAND_TIMEOUT);
+        out.status.success().then(|| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+    };
+    read(chain)
+        .map(|lines| expand_shards(table, chain, lines, || read("").unwrap_or_default()))
+        .unwrap_or_default()
 }
 
 // ───────────────────────────── engine restart ─────────────────────────────

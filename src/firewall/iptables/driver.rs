@@ -397,8 +397,13 @@ mod tests {
         let sent = payloads(&exec);
         assert_eq!(sent.len(), at_start + 1, "one transaction for the change");
         let last = sent.last().unwrap();
-        assert!(last.contains("-A NATMAP -d 192.0.2.1/32"), "{last}");
-        assert!(!last.contains(":NATMAP"), "no chain rewrite: {last}");
+        // Port 47011 is in tcp block 183: its shard is created with it.
+        assert!(last.contains("-A NATMAP-T183 -d 192.0.2.1/32"), "{last}");
+        assert!(last.contains(":NATMAP-T183 - [0:0]"), "{last}");
+        assert!(
+            !last.contains(":NATMAP - [0:0]") && !last.contains(":NATMAP-OUTPUT - [0:0]"),
+            "no parent rewrite: {last}"
+        );
     }
 
     #[test]
@@ -424,7 +429,7 @@ mod tests {
         // The rule never went in: the next change adds it again.
         driver.apply(&desired, &ALL, Mode::Change).unwrap();
         let last = payloads(&exec).pop().unwrap();
-        assert!(last.contains("-A NATMAP -d 192.0.2.1/32"), "{last}");
+        assert!(last.contains("-A NATMAP-T183 -d 192.0.2.1/32"), "{last}");
     }
 
     #[test]
@@ -437,11 +442,15 @@ mod tests {
             .unwrap();
         let sent = payloads(&exec);
         let (add, undo) = (&sent[sent.len() - 2], &sent[sent.len() - 1]);
-        assert!(add.contains("-A NATMAP -d 192.0.2.1/32"), "{add}");
-        assert!(
-            undo.contains("-D NATMAP"),
-            "the rule is taken out again: {undo}"
-        );
+        assert!(add.contains("-A NATMAP-T183 -d 192.0.2.1/32"), "{add}");
+        // Its shard held only it: the jump and the shard go with it.
+        for line in [
+            "-D NATMAP -p tcp -m tcp --dport 46848:47103 -j NATMAP-T183",
+            "-X NATMAP-T183",
+            "-X NATMAP-OUTPUT-T183",
+        ] {
+            assert!(undo.contains(line), "the rule is taken out again: {undo}");
+        }
     }
 
     #[test]

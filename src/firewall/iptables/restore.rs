@@ -5,10 +5,11 @@
 //! iptables-legacy alike. So rewriting natmap's chains is one transaction, and
 //! nothing outside them is flushed, reordered or looked up by line number.
 
+use std::borrow::Cow;
 use std::fmt::Write;
 
 use super::saved::{jump_line, SavedTables};
-use super::{Chain, FamilyRules, DOCKER_USER, TABLES};
+use super::{Chain, FamilyRules, KernelChain, DOCKER_USER, TABLES};
 
 /// Rewrites natmap's chains with `rules`, leaving hooks as they are.
 /// The steady-state path once the hooks are known to be in place.
@@ -24,18 +25,39 @@ pub fn full(rules: &FamilyRules, saved: &SavedTables) -> String {
 }
 
 fn build(rules: &FamilyRules, saved: Option<&SavedTables>) -> String {
+    let kernel = rules.kernel();
     let mut out = String::new();
     for table in TABLES {
-        let chains = open_table(&mut out, table);
+        let chains = table_chains(table);
+        let here: Vec<&KernelChain<'_>> = kernel.iter().filter(|c| c.table == table).collect();
+        // Shards the kernel has and `rules` no longer fill: declared (so
+        // flushed) with the rest, and deleted once their parent, flushed
+        // too, no longer jumps to them.
+        let stale: Vec<String> = saved
+            .map(|saved| {
+                saved
+                    .shard_chains(table)
+                    .into_iter()
+                    .filter(|name| !here.iter().any(|c| c.name == *name))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let _ = writeln!(out, "*{table}");
+        for chain in &here {
+            let _ = writeln!(out, ":{} - [0:0]", chain.name);
+        }
+        for name in &stale {
+            let _ = writeln!(out, ":{name} - [0:0]");
+        }
         let docker_user_missing = table == "filter" && saved.is_some_and(creates_docker_user);
         if docker_user_missing {
             // Docker is absent: create its user chain ourselves so the layout is
             // the same on every host. Docker adopts an existing DOCKER-USER.
             let _ = writeln!(out, ":{DOCKER_USER} - [0:0]");
         }
-        for chain in &chains {
-            for line in rules.chain(*chain) {
-                let _ = writeln!(out, "-A {} {line}", chain.name());
+        for chain in &here {
+            for line in &chain.lines {
+                let _ = writeln!(out, "-A {} {line}", chain.name);
             }
         }
         if let Some(saved) = saved {
@@ -46,23 +68,20 @@ fn build(rules: &FamilyRules, saved: Option<&SavedTables>) -> String {
                 fix_docker_user_hook(&mut out, saved);
             }
         }
+        for name in &stale {
+            let _ = writeln!(out, "-X {name}");
+        }
         out.push_str("COMMIT\n");
     }
     out
 }
 
-/// Starts a table's section and declares (creates or flushes) natmap's
-/// chains in it; returns them.
-fn open_table(out: &mut String, table: &str) -> Vec<Chain> {
-    let chains: Vec<Chain> = Chain::ALL
+/// natmap's logical chains in `table`.
+fn table_chains(table: &str) -> Vec<Chain> {
+    Chain::ALL
         .into_iter()
         .filter(|c| c.table() == table)
-        .collect();
-    let _ = writeln!(out, "*{table}");
-    for chain in &chains {
-        let _ = writeln!(out, ":{} - [0:0]", chain.name());
-    }
-    chains
+        .collect()
 }
 
 /// Makes `hook` jump to `target` exactly once, as its first rule.
@@ -159,7 +178,17 @@ pub fn teardown(saved: &SavedTables, own_docker_user: bool) -> String {
         if !saved.has_table(table) {
             continue;
         }
-        let chains = open_table(&mut out, table);
+        let chains = table_chains(table);
+        let shards = saved.shard_chains(table);
+        let _ = writeln!(out, "*{table}");
+        // Declaring flushes: no parent jumps to a shard any more.
+        for name in chains
+            .iter()
+            .map(|c| c.name())
+            .chain(shards.iter().map(String::as_str))
+        {
+            let _ = writeln!(out, ":{name} - [0:0]");
+        }
         for chain in &chains {
             let state = saved.jump_state(table, chain.hook(), chain.name());
             for _ in 0..state.count {
@@ -169,8 +198,12 @@ pub fn teardown(saved: &SavedTables, own_docker_user: bool) -> String {
         if table == "filter" {
             remove_boot_hook(&mut out, saved);
         }
-        for chain in &chains {
-            let _ = writeln!(out, "-X {}", chain.name());
+        for name in chains
+            .iter()
+            .map(|c| c.name())
+            .chain(shards.iter().map(String::as_str))
+        {
+            let _ = writeln!(out, "-X {name}");
         }
         if table == "filter" && own_docker_user && docker_user_unused(saved) {
             let _ = writeln!(out, "-D FORWARD {}", jump_line(DOCKER_USER));
@@ -204,23 +237,58 @@ pub fn creates_docker_user(saved: &SavedTables) -> bool {
 /// `desired`, keeping `desired`'s order: `-D` by full spec for every line
 /// that goes, then `-I CHAIN POS` for every line that comes, in ascending
 /// position. Lines that stay are not touched, so a change costs O(change)
-/// in the kernel instead of a rewrite of every chain. `None` when nothing
-/// differs.
+/// in the kernel instead of a rewrite of every chain, and touches only the
+/// shards ([`FamilyRules::kernel`]) of the lines it adds or removes (and
+/// their parent, when a shard comes or goes). `None` when nothing differs.
 ///
 /// Hooks are not touched: the caller uses this only while it knows they are
 /// in place, and falls back to [`full`] if the transaction fails (someone
 /// changed the chains under natmap).
 pub fn diff(applied: &FamilyRules, desired: &FamilyRules) -> Option<String> {
+    use std::collections::BTreeSet;
+    // Chains pair up by name: a shard exists only while it holds a line,
+    // so a change may create one (declared, filled, jumped to from its
+    // parent) or empty one (its jump deleted, the chain declared, which
+    // flushes it without fetching its rules, and deleted). Chains whose
+    // lines did not change are not touched.
+    // Logical chains whose lines did not change are not laid out at all
+    // (at 20,000 rules, laying out every chain cost more than the
+    // transaction it sends).
+    let changed: Vec<Chain> = Chain::ALL
+        .into_iter()
+        .filter(|c| applied.chain(*c) != desired.chain(*c))
+        .collect();
+    fn lay_out<'a>(rules: &'a FamilyRules, changed: &[Chain], table: &str) -> Vec<KernelChain<'a>> {
+        changed
+            .iter()
+            .filter(|c| c.table() == table)
+            .flat_map(|c| rules.kernel_of(*c))
+            .collect()
+    }
     let mut out = String::new();
     for table in TABLES {
+        let (applied, desired) = (
+            lay_out(applied, &changed, table),
+            lay_out(desired, &changed, table),
+        );
+        let had: BTreeSet<&str> = applied.iter().map(|c| c.name.as_str()).collect();
+        let wants: BTreeSet<&str> = desired.iter().map(|c| c.name.as_str()).collect();
         let mut body = String::new();
-        for chain in Chain::ALL.into_iter().filter(|c| c.table() == table) {
-            chain_diff(
-                &mut body,
-                chain.name(),
-                applied.chain(chain),
-                desired.chain(chain),
-            );
+        for name in wants.difference(&had).chain(had.difference(&wants)) {
+            let _ = writeln!(body, ":{name} - [0:0]");
+        }
+        for d in &desired {
+            let before = applied
+                .iter()
+                .find(|a| a.name == d.name)
+                .map_or(&[][..], |a| &a.lines[..]);
+            if before != &d.lines[..] {
+                chain_diff(&mut body, &d.name, before, &d.lines);
+            }
+        }
+        for name in had.difference(&wants) {
+            // Its jumps were deleted by its parent's diff above.
+            let _ = writeln!(body, "-X {name}");
         }
         if !body.is_empty() {
             let _ = write!(out, "*{table}\n{body}COMMIT\n");
@@ -229,7 +297,7 @@ pub fn diff(applied: &FamilyRules, desired: &FamilyRules) -> Option<String> {
     (!out.is_empty()).then_some(out)
 }
 
-fn chain_diff(out: &mut String, name: &str, applied: &[String], desired: &[String]) {
+fn chain_diff(out: &mut String, name: &str, applied: &[Cow<'_, str>], desired: &[Cow<'_, str>]) {
     use std::collections::HashMap;
     // Multiset of desired lines, to tell which applied lines stay.
     let mut wanted: HashMap<&str, usize> = HashMap::new();
@@ -238,10 +306,10 @@ fn chain_diff(out: &mut String, name: &str, applied: &[String], desired: &[Strin
     }
     let mut kept: Vec<&str> = Vec::with_capacity(applied.len());
     for line in applied {
-        match wanted.get_mut(line.as_str()) {
+        match wanted.get_mut(line.as_ref()) {
             Some(n) if *n > 0 => {
                 *n -= 1;
-                kept.push(line);
+                kept.push(line.as_ref());
             }
             _ => {
                 let _ = writeln!(out, "-D {name} {line}");
@@ -254,10 +322,10 @@ fn chain_diff(out: &mut String, name: &str, applied: &[String], desired: &[Strin
     let mut k = 0;
     let mut inserts: Vec<(usize, &str)> = Vec::new();
     for (pos, line) in desired.iter().enumerate() {
-        if k < kept.len() && kept[k] == line {
+        if k < kept.len() && kept[k] == line.as_ref() {
             k += 1;
         } else {
-            inserts.push((pos, line));
+            inserts.push((pos, line.as_ref()));
         }
     }
     let mut len = kept.len();
@@ -271,10 +339,10 @@ fn chain_diff(out: &mut String, name: &str, applied: &[String], desired: &[Strin
         inserts.clear();
         let mut j = 0;
         for (pos, line) in desired.iter().enumerate() {
-            if j < kept_set.len() && kept_set[j] == line {
+            if j < kept_set.len() && kept_set[j] == line.as_ref() {
                 j += 1;
             } else {
-                inserts.push((pos, line));
+                inserts.push((pos, line.as_ref()));
             }
         }
     }

@@ -90,6 +90,22 @@ impl SavedTables {
             .unwrap_or(&[])
     }
 
+    /// The shard chains of natmap's sharded chains that `table` holds, by
+    /// name (whether natmap wants them now or not).
+    pub fn shard_chains(&self, table: &str) -> Vec<String> {
+        self.tables.get(table).map_or_else(Vec::new, |t| {
+            t.chains
+                .iter()
+                .filter(|name| {
+                    Chain::ALL
+                        .iter()
+                        .any(|c| c.table() == table && c.is_shard_name(name))
+                })
+                .cloned()
+                .collect()
+        })
+    }
+
     /// How many rules of `table`, in any chain, jump or go to `target`.
     pub fn references(&self, table: &str, target: &str) -> usize {
         let (jump, goto) = (format!("-j {target}"), format!("-g {target}"));
@@ -134,17 +150,45 @@ impl SavedTables {
     /// that is no longer first (and nothing else about it is wrong).
     fn drift_kinds(&self, expected: &FamilyRules) -> Vec<(bool, String)> {
         let mut reasons: Vec<(bool, String)> = Vec::new();
-        for chain in Chain::ALL {
-            let (table, name) = (chain.table(), chain.name());
+        let kernel = expected.kernel();
+        // Missing shards are one reason per parent: after `iptables -X`
+        // of a table they are all gone at once.
+        let mut missing: BTreeMap<(&str, &str), (usize, String)> = BTreeMap::new();
+        for kc in &kernel {
+            let (table, name) = (kc.table, kc.name.as_str());
             if !self.has_chain(table, name) {
-                reasons.push((false, format!("{table} chain {name} is missing")));
-                continue;
-            }
-            if self.chain_rules(table, name) != expected.chain(chain) {
+                if kc.parent {
+                    reasons.push((false, format!("{table} chain {name} is missing")));
+                } else {
+                    missing
+                        .entry((table, kc.chain.name()))
+                        .or_insert_with(|| (0, name.to_owned()))
+                        .0 += 1;
+                }
+            } else if !same_lines(self.chain_rules(table, name), &kc.lines) {
                 reasons.push((
                     false,
                     format!("{table} chain {name} differs from natmap's rules"),
                 ));
+            }
+        }
+        for ((table, parent), (n, first)) in missing {
+            reasons.push((
+                false,
+                format!("{n} shard(s) of {table} chain {parent} are missing (first {first})"),
+            ));
+        }
+        for table in super::TABLES {
+            for name in self.shard_chains(table) {
+                if !kernel.iter().any(|c| c.table == table && c.name == name) {
+                    reasons.push((false, format!("{table} chain {name} is left over")));
+                }
+            }
+        }
+        for chain in Chain::ALL {
+            let (table, name) = (chain.table(), chain.name());
+            if !self.has_chain(table, name) {
+                continue;
             }
             let hook = chain.hook();
             let jump = self.jump_state(table, hook, name);
@@ -188,18 +232,21 @@ impl SavedTables {
     /// since natmap's last repair" from a new outside change.
     pub fn fingerprint(&self) -> Vec<String> {
         let mut out = Vec::new();
-        let mut chains: Vec<(&str, &str)> = Vec::new();
+        let mut chains: Vec<(&str, String)> = Vec::new();
         for chain in Chain::ALL {
-            chains.push((chain.table(), chain.name()));
-            chains.push((chain.table(), chain.hook()));
+            chains.push((chain.table(), chain.name().to_owned()));
+            chains.push((chain.table(), chain.hook().to_owned()));
         }
-        chains.push(("filter", "FORWARD"));
+        for table in super::TABLES {
+            chains.extend(self.shard_chains(table).into_iter().map(|n| (table, n)));
+        }
+        chains.push(("filter", "FORWARD".to_owned()));
         chains.sort_unstable();
         chains.dedup();
         for (table, name) in chains {
-            let present = self.has_chain(table, name);
+            let present = self.has_chain(table, &name);
             out.push(format!("{table} {name} present={present}"));
-            out.extend(self.chain_rules(table, name).iter().cloned());
+            out.extend(self.chain_rules(table, &name).iter().cloned());
         }
         out
     }
@@ -208,16 +255,20 @@ impl SavedTables {
     /// `expected`, for a message an operator can act on: `nat chain
     /// NATMAP-POSTROUTING line 1: natmap wrote "…", iptables prints "…"`.
     pub fn first_difference(&self, expected: &FamilyRules) -> Option<String> {
-        for chain in Chain::ALL {
-            let (table, name) = (chain.table(), chain.name());
+        let kernel = expected.kernel();
+        for kc in &kernel {
+            let (table, name) = (kc.table, kc.name.as_str());
             let found = self.chain_rules(table, name);
-            let wanted = expected.chain(chain);
+            let wanted = &kc.lines;
             let n = found.len().max(wanted.len());
             for i in 0..n {
-                let (w, f) = (wanted.get(i), found.get(i));
+                let (w, f) = (
+                    wanted.get(i).map(|l| l.as_ref()),
+                    found.get(i).map(String::as_str),
+                );
                 if w != f {
                     let show =
-                        |l: Option<&String>| l.map_or("nothing".to_owned(), |l| format!("\"{l}\""));
+                        |l: Option<&str>| l.map_or("nothing".to_owned(), |l| format!("\"{l}\""));
                     return Some(format!(
                         "{table} chain {name} line {}: natmap wrote {}, iptables prints {}",
                         i + 1,
@@ -227,8 +278,22 @@ impl SavedTables {
                 }
             }
         }
+        for table in super::TABLES {
+            for name in self.shard_chains(table) {
+                if !kernel.iter().any(|c| c.table == table && c.name == name) {
+                    return Some(format!(
+                        "{table} chain {name}: natmap wrote no such chain, iptables has it"
+                    ));
+                }
+            }
+        }
         None
     }
+}
+
+/// Whether the lines `iptables-save` showed are exactly `expected`.
+fn same_lines(found: &[String], expected: &[std::borrow::Cow<'_, str>]) -> bool {
+    found.len() == expected.len() && found.iter().zip(expected).all(|(f, e)| f == e)
 }
 
 /// Where a hook's jump stands.

@@ -192,34 +192,36 @@ fn drift_is_detected_and_an_applied_state_has_none() {
         "{reasons:?}"
     );
 
-    // What iptables-save shows after the full apply has no drift.
+    // What iptables-save shows after the full apply has no drift: the
+    // parents hold their jumps to the shards, the shards the lines.
+    let kernel = rules.kernel();
     let mut after = String::from(
         "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n",
     );
-    after.push_str(":NATMAP - [0:0]\n:NATMAP-OUTPUT - [0:0]\n:NATMAP-POSTROUTING - [0:0]\n");
-    after.push_str("-A PREROUTING -j NATMAP\n-A OUTPUT -j NATMAP-OUTPUT\n-A POSTROUTING -j NATMAP-POSTROUTING\n");
-    for chain in [
-        super::Chain::NatPrerouting,
-        super::Chain::NatOutput,
-        super::Chain::NatPostrouting,
-    ] {
-        for line in rules.chain(chain) {
-            // iptables-nft quotes comments; parsing must not care.
-            after.push_str(&format!(
-                "-A {} {}\n",
-                chain.name(),
-                line.replace("natmap:dnat:1", "\"natmap:dnat:1\"")
-            ));
+    let dump = |after: &mut String, table: &str| {
+        for kc in kernel.iter().filter(|c| c.table == table) {
+            after.push_str(&format!(":{} - [0:0]\n", kc.name));
         }
-    }
-    after.push_str("COMMIT\n*filter\n:FORWARD DROP [0:0]\n:DOCKER-USER - [0:0]\n:NATMAP - [0:0]\n");
+        for kc in kernel.iter().filter(|c| c.table == table) {
+            for line in &kc.lines {
+                // iptables-nft quotes comments; parsing must not care.
+                after.push_str(&format!(
+                    "-A {} {}\n",
+                    kc.name,
+                    line.replace("natmap:dnat:1", "\"natmap:dnat:1\"")
+                ));
+            }
+        }
+    };
+    dump(&mut after, "nat");
+    after.push_str("-A PREROUTING -j NATMAP\n-A OUTPUT -j NATMAP-OUTPUT\n-A POSTROUTING -j NATMAP-POSTROUTING\n");
+    after.push_str("COMMIT\n*filter\n:FORWARD DROP [0:0]\n:DOCKER-USER - [0:0]\n");
+    dump(&mut after, "filter");
     after.push_str(
         "-A FORWARD -j DOCKER-USER\n-A DOCKER-USER -j NATMAP\n-A DOCKER-USER -j RETURN\n",
     );
-    for line in rules.chain(super::Chain::FilterForward) {
-        after.push_str(&format!("-A NATMAP {line}\n"));
-    }
     after.push_str("COMMIT\n");
+    assert!(after.contains("-A NATMAP-T0 -d 203.0.113.10/32"), "{after}");
     assert_eq!(
         SavedTables::parse(&after).drift(rules),
         Vec::<String>::new()
@@ -249,9 +251,13 @@ fn diff_sends_only_the_change_in_order() {
     let after = render::desired(rules.iter().filter(|r| r.id != 2 && r.id != 5));
     let text = restore::diff(before.family(Family::V4), after.family(Family::V4)).unwrap();
     golden("diff-v4.rules", &text);
-    assert!(
-        !text.contains(":NATMAP"),
-        "a diff never re-declares (flushes) a chain"
+    // Only the shard that empties is declared (flushed) and deleted; the
+    // parents and the shard that stays are edited line by line.
+    let declared: Vec<&str> = text.lines().filter(|l| l.starts_with(':')).collect();
+    assert_eq!(
+        declared,
+        [":NATMAP-U0 - [0:0]", ":NATMAP-U0 - [0:0]"],
+        "{text}"
     );
     assert_eq!(
         restore::diff(after.family(Family::V4), after.family(Family::V4)),
@@ -534,4 +540,185 @@ fn a_container_mapping_masquerades_the_container_itself_or_its_network() {
     );
     assert_eq!(m.family(Family::V4), b.family(Family::V4));
     assert_eq!(m.family(Family::V6), r.family(Family::V6));
+}
+
+fn dnat_on(id: u64, ports: &str) -> Rule {
+    Rule {
+        id,
+        spec: RuleSpec::Dnat(DnatRule {
+            ext_ip: "203.0.113.10".parse().unwrap(),
+            int_ip: "10.0.0.25".parse().unwrap(),
+            ports: ports.parse().unwrap(),
+            proto: "tcp".parse().unwrap(),
+            ext_if: None,
+            allow_nonlocal: false,
+        }),
+    }
+}
+
+#[test]
+fn a_line_is_keyed_on_its_protocol_and_port_blocks() {
+    use super::{shard_keys, PortSide, ShardKey};
+    let t = |block| ShardKey {
+        proto: "tcp",
+        block,
+    };
+    let keys = shard_keys;
+    assert_eq!(
+        keys("-d 1.2.3.4/32 -p tcp -m tcp --dport 25 -j DNAT"),
+        Some((PortSide::Destination, vec![t(0)]))
+    );
+    assert_eq!(
+        keys("-p tcp -m tcp --dport 1020:1300 -j DNAT"),
+        Some((PortSide::Destination, vec![t(3), t(4), t(5)]))
+    );
+    assert_eq!(
+        keys("-p udp -m multiport --sports 53,65535 -j ACCEPT"),
+        Some((
+            PortSide::Source,
+            vec![
+                ShardKey {
+                    proto: "udp",
+                    block: 0
+                },
+                ShardKey {
+                    proto: "udp",
+                    block: 255
+                }
+            ]
+        ))
+    );
+    assert_eq!(keys("-s 10.0.0.0/24 -o eth0 -j ACCEPT"), None);
+    assert_eq!(keys("-p tcp -m tcp ! --dport 25 -j ACCEPT"), None);
+    assert_eq!(t(255).ports(), "65280:65535");
+    assert_eq!(t(4).ports(), "1024:1279");
+    assert_eq!(t(12).to_string(), "T12");
+    let c = super::Chain::NatOutput;
+    assert!(c.is_shard_name("NATMAP-OUTPUT-T12"));
+    assert!(!c.is_shard_name("NATMAP-OUTPUT-T012"));
+    assert!(!c.is_shard_name("NATMAP-OUTPUT-T256"));
+    assert!(!super::Chain::NatPrerouting.is_shard_name("NATMAP-OUTPUT-T1"));
+    assert!(!super::Chain::NatPostrouting.is_shard_name("NATMAP-POSTROUTING-T1"));
+}
+
+/// Every port of a range that crosses a shard boundary reaches the line:
+/// for each port exactly one of the parent's jumps matches, and the shard
+/// it leads to holds the line.
+#[test]
+fn a_range_across_a_shard_boundary_is_reachable_on_every_port() {
+    let set = render::desired(&[dnat_on(1, "1000-2000"), dnat_on(2, "1500")]);
+    let kernel = set.family(Family::V4).kernel();
+    let parent = kernel
+        .iter()
+        .find(|c| c.table == "nat" && c.name == "NATMAP")
+        .unwrap();
+    let jumps: Vec<(u32, u32, &str)> = parent
+        .lines
+        .iter()
+        .map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(w[..5], ["-p", "tcp", "-m", "tcp", "--dport"], "{l}");
+            let (a, b) = w[5].split_once(':').unwrap();
+            (a.parse().unwrap(), b.parse().unwrap(), w[7])
+        })
+        .collect();
+    assert_eq!(jumps.len(), 5, "blocks 3 to 7: {jumps:?}");
+    for port in 1000..=2000u32 {
+        let hits: Vec<&str> = jumps
+            .iter()
+            .filter(|(a, b, _)| (*a..=*b).contains(&port))
+            .map(|(_, _, name)| *name)
+            .collect();
+        assert_eq!(hits.len(), 1, "port {port}: {hits:?}");
+        let shard = kernel
+            .iter()
+            .find(|c| c.table == "nat" && c.name == hits[0])
+            .unwrap();
+        let lines: Vec<&str> = shard.lines.iter().map(|l| l.as_ref()).collect();
+        assert!(
+            lines.iter().any(|l| l.contains("--dport 1000:2000")),
+            "port {port} reaches {}: {lines:?}",
+            hits[0]
+        );
+    }
+    // Lines for the same port keep their order: rule 1's range before
+    // rule 2's single port, both in block 5.
+    let t1 = kernel
+        .iter()
+        .find(|c| c.table == "nat" && c.name == "NATMAP-T5")
+        .unwrap();
+    assert!(t1.lines[0].contains("natmap:dnat:1") && t1.lines[1].contains("natmap:dnat:2"));
+}
+
+#[test]
+fn a_diff_touches_only_the_changed_shard() {
+    let kept = [dnat_on(1, "25"), dnat_on(2, "14000")];
+    let before = render::desired(&kept);
+    let added = dnat_on(3, "14001");
+    let after = render::desired(kept.iter().chain([&added]));
+    let text = restore::diff(before.family(Family::V4), after.family(Family::V4)).unwrap();
+    for line in text.lines().filter(|l| l.starts_with('-')) {
+        let chain = line.split_whitespace().nth(1).unwrap();
+        assert!(chain.ends_with("-T54"), "{line}\n{text}");
+    }
+    // The last line of a shard takes the shard and its jump with it.
+    let text = restore::diff(
+        after.family(Family::V4),
+        render::desired(&kept[..1]).family(Family::V4),
+    )
+    .unwrap();
+    assert!(
+        text.contains(":NATMAP-T54 - [0:0]\n") && text.contains("-X NATMAP-T54\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("-D NATMAP -p tcp -m tcp --dport 13824:14079 -j NATMAP-T54\n"),
+        "{text}"
+    );
+    assert!(!text.contains("NATMAP-T0"), "{text}");
+}
+
+/// Shards natmap no longer fills are drift, and a full apply and a
+/// teardown remove them; missing shards are one reason per parent.
+#[test]
+fn left_over_and_missing_shards() {
+    let set = render::desired(&[dnat_on(1, "25")]);
+    let rules = set.family(Family::V4);
+    let stale = DOCKER_HOST_SAVE.replace(
+        ":NATMAP-OUTPUT - [0:0]\n",
+        ":NATMAP-OUTPUT - [0:0]\n:NATMAP-T63 - [0:0]\n:NATMAP-OUTPUT-T62 - [0:0]\n",
+    );
+    let saved = SavedTables::parse(&stale);
+    assert_eq!(
+        saved.shard_chains("nat"),
+        ["NATMAP-OUTPUT-T62", "NATMAP-T63"]
+    );
+    let reasons = saved.drift(rules);
+    assert!(
+        reasons.contains(&"nat chain NATMAP-T63 is left over".to_owned()),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .contains(&"1 shard(s) of nat chain NATMAP are missing (first NATMAP-T0)".to_owned()),
+        "{reasons:?}"
+    );
+    let full = restore::full(rules, &saved);
+    for line in [
+        ":NATMAP-T63 - [0:0]",
+        "-X NATMAP-T63",
+        "-X NATMAP-OUTPUT-T62",
+        ":NATMAP-T0 - [0:0]",
+    ] {
+        assert!(full.lines().any(|l| l == line), "{line}: {full}");
+    }
+    assert!(!full.contains("-X NATMAP-T0"), "{full}");
+    let down = restore::teardown(&saved, false);
+    for line in ["-X NATMAP-T63", "-X NATMAP-OUTPUT-T62", "-X NATMAP"] {
+        assert!(down.lines().any(|l| l == line), "{line}: {down}");
+    }
+    assert_ne!(
+        saved.fingerprint(),
+        SavedTables::parse(DOCKER_HOST_SAVE).fingerprint()
+    );
 }

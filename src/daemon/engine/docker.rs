@@ -151,6 +151,16 @@ impl Engine {
             r.container_id.as_deref() == Some(event.container_id.as_str())
                 || event.name.as_deref() == Some(r.name.as_str())
         };
+        // Answers asked before this event may describe the container as it
+        // was before it (running, at its address): they no longer count.
+        let concerned: Vec<RuleId> = self
+            .state
+            .rules
+            .iter()
+            .filter(|r| matches!(&r.spec, RuleSpec::Docker(d) if concerns(d)))
+            .map(|r| r.id)
+            .collect();
+        self.event_order.event_about(&concerned);
         if ends_confirmation(&event.action) {
             let why = format!("container {}", event.action);
             self.withdraw(concerns, &why);
@@ -196,6 +206,7 @@ impl Engine {
         if asked.is_empty() {
             return;
         }
+        let asked_after = self.event_order.now();
         let runtime = client.runtime().clone();
         runtime.spawn(async move {
             let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(INSPECTS_AT_ONCE));
@@ -208,6 +219,7 @@ impl Engine {
                     Observation {
                         id,
                         asked: rule,
+                        asked_after,
                         seen,
                     }
                 });
@@ -229,6 +241,12 @@ impl Engine {
         let mut next = self.state.clone();
         let mut moved: Vec<(RuleId, RuleSpec)> = Vec::new();
         for answer in answers {
+            // An event about this mapping came after the question: the
+            // answer may predate it (a container that has since stopped
+            // was still running); the event asked again.
+            if self.event_order.event_since(answer.id, answer.asked_after) {
+                continue;
+            }
             let Some(rule) = next.rules.iter_mut().find(|r| r.id == answer.id) else {
                 continue;
             };
@@ -746,6 +764,8 @@ pub struct Observation {
     id: RuleId,
     /// The mapping as it was when Docker was asked.
     asked: DockerRule,
+    /// The last container event before Docker was asked ([`EventOrder`]).
+    asked_after: u64,
     /// What Docker said.
     seen: Result<Observed, String>,
 }
@@ -997,4 +1017,66 @@ fn settle(mut rule: DockerRule, lookup: Result<Lookup, String>) -> Outcome<Docke
 /// labelled container of a local engine.
 fn holds_port_only_while_up(rule: &Rule) -> bool {
     matches!(&rule.spec, RuleSpec::Docker(d) if d.auto.is_some() && !d.external)
+}
+
+/// Orders container events against Docker's answers. An answer is only as
+/// new as the moment it was asked: a `kill` that leaves the container
+/// running, then its `die`, can see the inspect asked after the `kill`
+/// answer "running at 172.17.0.2" after the `die`. Counting events per
+/// mapping lets the engine drop such an answer (the `die` asked again).
+#[derive(Debug, Default)]
+pub(super) struct EventOrder {
+    /// Container events seen so far.
+    seq: u64,
+    /// The last event about each mapping.
+    last: HashMap<RuleId, u64>,
+}
+
+impl EventOrder {
+    /// The current position, to stamp a question with.
+    fn now(&self) -> u64 {
+        self.seq
+    }
+
+    /// One more event, about these mappings.
+    fn event_about(&mut self, rules: &[RuleId]) {
+        self.seq += 1;
+        for id in rules {
+            self.last.insert(*id, self.seq);
+        }
+        // Ids of deleted mappings go once the map outgrows what events
+        // touch (a mapping is deleted at most once; its entry is small).
+        if self.last.len() > 4096 {
+            let keep = self.seq.saturating_sub(1024);
+            self.last.retain(|_, at| *at > keep);
+        }
+    }
+
+    /// Whether an event about `id` came after a question asked at `asked_after`.
+    fn event_since(&self, id: RuleId, asked_after: u64) -> bool {
+        self.last.get(&id).is_some_and(|at| *at > asked_after)
+    }
+}
+
+#[cfg(test)]
+mod event_order_tests {
+    use super::EventOrder;
+
+    #[test]
+    fn an_answer_asked_before_an_event_about_its_mapping_no_longer_counts() {
+        let mut order = EventOrder::default();
+        order.event_about(&[1, 2]); // kill: both asked again after it
+        let asked_after_kill = order.now();
+        order.event_about(&[2]); // die of rule 2's container
+        assert!(order.event_since(2, asked_after_kill), "stale answer kept");
+        assert!(
+            !order.event_since(1, asked_after_kill),
+            "fresh answer dropped"
+        );
+        assert!(
+            !order.event_since(2, order.now()),
+            "answer to the die dropped"
+        );
+        assert!(!order.event_since(3, 0), "a mapping without events");
+    }
 }

@@ -126,6 +126,9 @@ pub struct Engine {
     prefetched: HashMap<String, Result<crate::docker::Lookup, String>>,
     /// Why a Docker mapping is down, as last seen.
     down_reason: BTreeMap<RuleId, String>,
+    /// The order of container events against Docker's answers, so an
+    /// answer older than an event about its mapping is dropped.
+    event_order: docker::EventOrder,
     /// Drift repairs done since start.
     repairs: u64,
     /// While handling a `--dry-run` request: what the change would have done.
@@ -245,6 +248,7 @@ impl Engine {
             docker_error: docker::NOT_CONNECTED_YET.into(),
             prefetched: HashMap::new(),
             down_reason: BTreeMap::new(),
+            event_order: Default::default(),
             repairs: 0,
             simulated: None,
             started: std::time::Instant::now(),

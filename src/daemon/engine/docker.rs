@@ -626,9 +626,7 @@ impl Engine {
         let rule = match (req.id, req.container.or(req.name), req.host_port) {
             (Some(id), None, None) => self
                 .state
-                .rules
-                .iter()
-                .find(|r| r.id == id)
+                .rule(id)
                 .cloned()
                 .ok_or_else(|| Failure::new(ErrorCode::NotFound, format!("no rule #{id}; `lab-ops natmap ls` lists them")))?,
             (None, Some(reference), Some(port)) if port > 0 => {
@@ -728,13 +726,7 @@ impl Engine {
             tracing::error!(rule = rule.id, "remapped, but {}", f.message);
         }
         forget_flows(&rule.spec);
-        let updated = self
-            .state
-            .rules
-            .iter()
-            .find(|r| r.id == rule.id)
-            .cloned()
-            .unwrap_or(rule);
+        let updated = self.state.rule(rule.id).cloned().unwrap_or(rule);
         tracing::info!(
             rule = updated.id,
             from = req.old_port,

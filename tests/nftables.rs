@@ -903,7 +903,6 @@ fn a_docker_mapping_answers_through_the_real_docker_forward_drop() {
 #[test]
 #[ignore = "a measurement, not a check"]
 fn measure_counted_batch_at_n() {
-    use natmap::firewall::nftables::netlink::Netlink;
     use natmap::firewall::nftables::render;
     use natmap::model::{DnatRule, Family, Rule, RuleSpec};
     if !ready() {
@@ -936,19 +935,7 @@ fn measure_counted_batch_at_n() {
         let add = render::netlink_diff(&base, &with);
         let del = render::netlink_diff(&with, &base);
         assert_eq!(add.len(), 2, "the map element and its counter element");
-        let (a, d) = in_netns(&ns, || {
-            let mut nl = Netlink::open().unwrap();
-            let (mut a, mut d) = (Vec::new(), Vec::new());
-            for _ in 0..20 {
-                let t = Instant::now();
-                nl.batch(Family::V4, "natmap", &add).unwrap();
-                a.push(t.elapsed());
-                let t = Instant::now();
-                nl.batch(Family::V4, "natmap", &del).unwrap();
-                d.push(t.elapsed());
-            }
-            (a, d)
-        });
+        let (a, d) = time_batches(&ns, &add, &del);
         // The same without the counter element, for comparison.
         let only = |c: &[natmap::firewall::nftables::netlink::SetChange]| {
             c.iter()
@@ -957,19 +944,7 @@ fn measure_counted_batch_at_n() {
                 .collect::<Vec<_>>()
         };
         let (add1, del1) = (only(&add), only(&del));
-        let (a1, d1) = in_netns(&ns, || {
-            let mut nl = Netlink::open().unwrap();
-            let (mut a, mut d) = (Vec::new(), Vec::new());
-            for _ in 0..20 {
-                let t = Instant::now();
-                nl.batch(Family::V4, "natmap", &add1).unwrap();
-                a.push(t.elapsed());
-                let t = Instant::now();
-                nl.batch(Family::V4, "natmap", &del1).unwrap();
-                d.push(t.elapsed());
-            }
-            (a, d)
-        });
+        let (a1, d1) = time_batches(&ns, &add1, &del1);
         let ms = |mut v: Vec<Duration>| {
             v.sort();
             percentile(&v, 0.5).as_secs_f64() * 1e3
@@ -983,6 +958,30 @@ fn measure_counted_batch_at_n() {
             ms(d1)
         );
     }
+}
+
+/// Times 20 rounds of one netlink batch adding `add` and one removing it
+/// again (`del`) in natmap's `ip natmap` table of `ns`.
+fn time_batches(
+    ns: &Netns,
+    add: &[natmap::firewall::nftables::netlink::SetChange],
+    del: &[natmap::firewall::nftables::netlink::SetChange],
+) -> (Vec<Duration>, Vec<Duration>) {
+    use natmap::firewall::nftables::netlink::Netlink;
+    use natmap::model::Family;
+    in_netns(ns, || {
+        let mut nl = Netlink::open().unwrap();
+        let (mut a, mut d) = (Vec::new(), Vec::new());
+        for _ in 0..20 {
+            let t = Instant::now();
+            nl.batch(Family::V4, "natmap", add).unwrap();
+            a.push(t.elapsed());
+            let t = Instant::now();
+            nl.batch(Family::V4, "natmap", del).unwrap();
+            d.push(t.elapsed());
+        }
+        (a, d)
+    })
 }
 
 /// `save --export` on the nftables backend writes natmap's tables as

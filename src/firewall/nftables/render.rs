@@ -803,15 +803,19 @@ mod tests {
         }
     }
 
+    /// The elements that translate (not the forward accepts), as text.
+    fn translating(e: &Elements) -> Vec<(Map, String)> {
+        e.iter()
+            .filter(|(m, _)| m.translates())
+            .map(|(m, s)| (*m, s.text()))
+            .collect()
+    }
+
     #[test]
     fn a_dnat_is_one_element_per_port_range() {
         let rules = [dnat(1, "192.0.2.1", "10.0.0.2", "25,465,8000-8010", None)];
         let e = elements(&rules, Family::V4).unwrap();
-        let got: Vec<(Map, String)> = e
-            .iter()
-            .filter(|(m, _)| m.translates())
-            .map(|(m, s)| (*m, s.text()))
-            .collect();
+        let got = translating(&e);
         assert_eq!(
             got,
             [
@@ -863,11 +867,7 @@ mod tests {
     fn an_interface_bound_dnat_goes_to_its_own_map() {
         let rules = [dnat(1, "2001:db8::1", "2001:db8:1::2", "53", Some("eth0"))];
         let e = elements(&rules, Family::V6).unwrap();
-        let got: Vec<(Map, String)> = e
-            .iter()
-            .filter(|(m, _)| m.translates())
-            .map(|(m, s)| (*m, s.text()))
-            .collect();
+        let got = translating(&e);
         assert_eq!(
             got,
             [(

@@ -266,8 +266,8 @@ impl Engine {
         // Reserve every new port first (all or nothing); ports of removed
         // rules are still held, so a document may not move a port from one
         // rule to another in one step (remove, then add).
-        let new_ports = added.iter().map(|s| s.port_claims().len()).sum();
-        super::super::fds::check(new_ports).map_err(|m| Failure::new(ErrorCode::FdLimit, m))?;
+        let claims: Vec<_> = added.iter().flat_map(|s| s.port_claims()).collect();
+        super::super::fds::check(&claims).map_err(|m| Failure::new(ErrorCode::FdLimit, m))?;
         let mut held_new: Vec<(usize, Vec<Reservation>)> = Vec::new();
         for (i, spec) in added.iter().enumerate() {
             let held = reserve::bind_all(&spec.port_claims())

@@ -290,7 +290,7 @@ impl Engine {
                 }
             }
         }
-        super::super::fds::check(claims.len()).map_err(|m| Failure::new(ErrorCode::FdLimit, m))?;
+        super::super::fds::check(&claims).map_err(|m| Failure::new(ErrorCode::FdLimit, m))?;
         let held = reserve::bind_all(&claims)
             .map_err(|busy| Failure::new(ErrorCode::PortInUse, busy.message))?;
         let rule = Rule {

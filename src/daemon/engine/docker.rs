@@ -712,7 +712,7 @@ impl Engine {
         // Reserve the new port first; on any failure the old mapping stays as it was.
         let claims = new_spec.port_claims();
         self.check_own_claims_except(&claims, rule.id)?;
-        super::super::fds::check(claims.len()).map_err(|m| Failure::new(ErrorCode::FdLimit, m))?;
+        super::super::fds::check(&claims).map_err(|m| Failure::new(ErrorCode::FdLimit, m))?;
         let held = reserve::bind_all(&claims)
             .map_err(|busy| Failure::new(ErrorCode::PortInUse, busy.message))?;
         let mut next = self.state.clone();

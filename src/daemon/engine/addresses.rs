@@ -7,17 +7,15 @@
 //! (at boot before the network is up, or later) is withdrawn and shown
 //! `waiting for address`, and comes back when the address does.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
-use crate::model::{PortClaim, Proto, Rule, RuleId, RuleSpec};
+use crate::model::{Rule, RuleId, RuleSpec};
 use crate::proto::{ErrorCode, RuleStatus};
 
 use super::super::reserve;
 use super::{Engine, Failure, Inactive, Outcome};
 
-/// Reserved ports by protocol and port ([`Engine::held_by_port`]).
-pub(super) type HeldByPort = HashMap<(Proto, u16), Vec<(RuleId, PortClaim)>>;
+use super::held::HeldByPort;
 
 impl Engine {
     /// Reads the host's addresses again (every request and tick).
@@ -31,21 +29,7 @@ impl Engine {
     /// `--allow-nonlocal`), or whose target is one of natmap's own reserved
     /// ports (the relay would forward to itself).
     pub(super) fn check_addresses(&self, spec: &RuleSpec) -> Outcome<()> {
-        self.check_addresses_in(spec, &self.held_by_port())
-    }
-
-    /// natmap's reserved ports by protocol and port, in rule order, so
-    /// checking many rules (an `apply` document) looks up each target's
-    /// port instead of scanning every reservation per rule.
-    pub(super) fn held_by_port(&self) -> HeldByPort {
-        let mut index = HeldByPort::new();
-        for (id, held) in &self.held {
-            for r in held {
-                let key = (r.claim.proto, r.claim.bind.port());
-                index.entry(key).or_default().push((*id, r.claim));
-            }
-        }
-        index
+        self.check_addresses_in(spec, self.held.by_port())
     }
 
     /// [`Engine::check_addresses`] against a prepared [`Engine::held_by_port`].
@@ -173,7 +157,7 @@ impl Engine {
                 .get(&rule.id)
                 .is_some_and(|i| i.status == RuleStatus::WaitingForAddress);
             match (self.local.contains(ip), waiting) {
-                (false, false) if self.held.contains_key(&rule.id) => lost.push((rule.id, ip)),
+                (false, false) if self.held.contains(rule.id) => lost.push((rule.id, ip)),
                 (true, true) => back.push(rule.id),
                 _ => {}
             }

@@ -182,9 +182,9 @@ impl Engine {
             .into_iter()
             .filter(|w| !kept_keys.contains(&w.identity_key()))
             .collect();
-        let held = self.held_by_port();
+        let held = self.held.by_port();
         for spec in &added {
-            self.check_addresses_in(spec, &held)?;
+            self.check_addresses_in(spec, held)?;
         }
         // Policy routes sharing a table must agree on the gateway, and
         // tables the operator uses are refused.

@@ -518,10 +518,10 @@ impl Engine {
         let up = matches!(&rule.spec, RuleSpec::Docker(d) if d.is_up());
         if !up {
             self.relays.stop(rule.id);
-            self.held.remove(&rule.id);
+            self.held.remove(rule.id);
             return;
         }
-        if self.held.contains_key(&rule.id) {
+        if self.held.contains(rule.id) {
             return;
         }
         if !self.reserve_or_wait(rule) {

@@ -35,6 +35,7 @@ mod auto;
 mod batch;
 mod docker;
 mod hairpin;
+mod held;
 mod metrics;
 mod offload;
 mod repair;
@@ -42,7 +43,7 @@ mod routes;
 mod status;
 
 use crate::docker::DockerClient;
-use crate::firewall::{Desired, FirewallDriver, FirewallError, Mode};
+use crate::firewall::{Desired, FirewallDriver, FirewallError, Mode, RuleChange};
 use crate::model::{
     DnatRule, Family, HairpinRule, PolicyRouteRule, PortClaim, Rule, RuleId, RuleSpec, SnatRule,
 };
@@ -50,12 +51,12 @@ use crate::proto::{
     ClearReport, DryRunReport, ErrorCode, ForwardingReport, LsRequest, Pong, Request, Response,
     RuleList, RuleStatus, RuleView, SaveReport, Transaction, UnreadableEntry,
 };
-use crate::state::{self, Loaded, State};
+use crate::state::{self, Delta, Loaded, State};
 
 use super::host;
 use super::local::{AddressSource, LocalAddresses};
 use super::relay::Relays;
-use super::reserve::{self, Reservation};
+use super::reserve;
 use batch::Change;
 pub use batch::MAX_BATCH;
 pub use docker::{Observation, PendingAdd, PendingApply};
@@ -109,8 +110,8 @@ pub struct Engine {
     firewall_name: &'static str,
     /// Writes every change to `state.json`'s journal (compacting it now and then).
     store: state::Store,
-    /// Reserved sockets of active rules.
-    held: BTreeMap<RuleId, Vec<Reservation>>,
+    /// Reserved sockets of active rules, indexed by port.
+    held: held::Held,
     /// Rules kept in state but not installed, and why.
     inactive: BTreeMap<RuleId, Inactive>,
     /// Whether IPv6 NAT works here.
@@ -159,6 +160,45 @@ pub struct Engine {
     firewall_thread: offload::FirewallThread,
     /// The commit whose transaction runs there, if one does.
     in_flight: Option<offload::InFlight>,
+}
+
+/// What a commit makes the next state.
+pub(super) enum Next {
+    /// A whole state: start, `apply` documents, Docker, auto-discovery,
+    /// repairs; the firewall diffs the whole desired set.
+    Whole(State),
+    /// A change to the state: rule requests, whose cost follows the change.
+    Delta(Delta),
+}
+
+/// What the firewall driver does for a commit.
+pub(super) enum FirewallWork {
+    /// Bring the kernel to the whole desired set.
+    Whole(Desired),
+    /// Make this change to what the driver applied.
+    Change(RuleChange),
+}
+
+impl FirewallWork {
+    /// Does it, for `families`.
+    fn run(&self, fw: &mut dyn FirewallDriver, families: &[Family]) -> Result<(), FirewallError> {
+        match self {
+            FirewallWork::Whole(desired) => fw.apply(desired, families, Mode::Change),
+            FirewallWork::Change(change) => fw.apply_change(change, families),
+        }
+    }
+
+    /// What it would send, without sending it (dry run).
+    fn preview(
+        &self,
+        fw: &dyn FirewallDriver,
+        families: &[Family],
+    ) -> Result<Vec<(Family, String)>, FirewallError> {
+        match self {
+            FirewallWork::Whole(desired) => fw.preview(desired, families, Mode::Change),
+            FirewallWork::Change(change) => fw.preview_change(change, families),
+        }
+    }
 }
 
 /// Where a commit's time went before its state write.
@@ -240,7 +280,7 @@ impl Engine {
             firewall_name: fw.name(),
             fw: Some(fw),
             store,
-            held: BTreeMap::new(),
+            held: Default::default(),
             inactive: BTreeMap::new(),
             v6_nat: true,
             relays,
@@ -383,13 +423,27 @@ impl Engine {
     /// Applies `next` and persists it; on a failed write puts the previous
     /// rules back. On success `next` becomes the state.
     fn commit(&mut self, next: State) -> Outcome<()> {
+        self.commit_next(Next::Whole(next))
+    }
+
+    /// Commits `delta`, made to the state: the request path, whose work
+    /// follows the change, not the number of rules.
+    fn commit_delta(&mut self, delta: Delta) -> Outcome<()> {
+        self.commit_next(Next::Delta(delta))
+    }
+
+    /// The one door of every change on this thread: the firewall, then
+    /// routes and the state write ([`Engine::after_firewall`]); a dry run
+    /// stops before the firewall with what it would send.
+    fn commit_next(&mut self, next: Next) -> Outcome<()> {
         let started = std::time::Instant::now();
-        let desired = self.desired(&next);
+        let work = self.firewall_work(&next);
         if self.simulated.is_some() {
-            return self.simulate(&desired, &next);
+            return self.simulate(&work, &next);
         }
         let rendered = std::time::Instant::now();
-        let applied = self.apply(&desired);
+        let families = self.families();
+        let applied = work.run(self.fw_mut(), &families);
         let timing = CommitTiming {
             render: rendered - started,
             firewall: rendered.elapsed(),
@@ -397,12 +451,38 @@ impl Engine {
         self.after_firewall(next, applied, timing)
     }
 
+    /// What the firewall must do for `next`: the whole desired set, or the
+    /// change a delta makes to it.
+    fn firewall_work(&self, next: &Next) -> FirewallWork {
+        match next {
+            Next::Whole(state) => FirewallWork::Whole(self.desired(state)),
+            Next::Delta(delta) => FirewallWork::Change(self.rule_change(delta)),
+        }
+    }
+
+    /// `delta` as a change of the active rules: a rule kept inactive (its
+    /// address is missing, its port busy) is not installed.
+    fn rule_change(&self, delta: &Delta) -> RuleChange {
+        let mut change = RuleChange {
+            remove: delta.del.clone(),
+            ..RuleChange::default()
+        };
+        for rule in &delta.put {
+            if self.inactive.contains_key(&rule.id) {
+                change.remove.push(rule.id);
+            } else {
+                change.put.push(rule.clone());
+            }
+        }
+        change
+    }
+
     /// A dry run ends at the commit: records the transactions and the route
     /// effects, and unwinds like a failure, so reservations taken on the way
     /// are released.
-    fn simulate(&mut self, desired: &Desired, next: &State) -> Outcome<()> {
+    fn simulate(&mut self, work: &FirewallWork, next: &Next) -> Outcome<()> {
         // A change preview reads nothing, so it cannot fail.
-        let plans = self.fw().preview(desired, &Family::ALL, Mode::Change);
+        let plans = work.preview(self.fw(), &Family::ALL);
         let transactions: Vec<Transaction> = plans
             .unwrap_or_default()
             .into_iter()
@@ -412,17 +492,51 @@ impl Engine {
                 restore,
             })
             .collect();
-        let (add, del) = route_changes(&self.routes, next);
+        let mut effects = Vec::new();
+        if let Some(next) = self.next_with_routes(next) {
+            let next = next.as_ref();
+            let (add, del) = route_changes(&self.routes, next);
+            for r in &del {
+                let keep = routes::table_still_used(next, r);
+                effects.extend(host::route_plan(r, false, keep));
+            }
+            for r in &add {
+                effects.extend(host::route_plan(r, true, false));
+            }
+        }
         let report = self.simulated.as_mut().expect("a dry run is simulated");
         report.transactions.extend(transactions);
-        for r in &del {
-            let keep = routes::table_still_used(next, r);
-            report.effects.extend(host::route_plan(r, false, keep));
-        }
-        for r in &add {
-            report.effects.extend(host::route_plan(r, true, false));
-        }
+        report.effects.extend(effects);
         Err(Failure::new(ErrorCode::Internal, DRY_RUN_STOP))
+    }
+
+    /// The state `next` makes, when its policy routes may differ from the
+    /// state's (a delta that names no policy route leaves them, and needs
+    /// no copy of the state).
+    fn next_with_routes<'a>(&self, next: &'a Next) -> Option<std::borrow::Cow<'a, State>> {
+        match next {
+            Next::Whole(state) => Some(std::borrow::Cow::Borrowed(state)),
+            Next::Delta(delta)
+                if self.touches(delta, |s| matches!(s, RuleSpec::PolicyRoute(_))) =>
+            {
+                let mut state = self.state.clone();
+                state.apply(delta);
+                Some(std::borrow::Cow::Owned(state))
+            }
+            Next::Delta(_) => None,
+        }
+    }
+
+    /// Whether `delta` puts, replaces or takes out a rule `kind` picks.
+    fn touches(&self, delta: &Delta, kind: impl Fn(&RuleSpec) -> bool) -> bool {
+        delta.put.iter().any(|r| kind(&r.spec))
+            || delta
+                .put
+                .iter()
+                .map(|r| r.id)
+                .chain(delta.del.iter().copied())
+                .filter_map(|id| self.state.rule(id))
+                .any(|r| kind(&r.spec))
     }
 
     /// The rest of a commit once the firewall has (or has not) taken
@@ -430,7 +544,7 @@ impl Engine {
     /// previous rules and routes back.
     fn after_firewall(
         &mut self,
-        next: State,
+        next: Next,
         applied: Result<(), FirewallError>,
         timing: CommitTiming,
     ) -> Outcome<()> {
@@ -441,28 +555,31 @@ impl Engine {
             )
         })?;
         let applied = std::time::Instant::now();
+        let undo = match &next {
+            Next::Delta(delta) => Some(self.state.undo_of(delta)),
+            Next::Whole(_) => None,
+        };
+        let bridged = match &next {
+            Next::Delta(delta) => self.touches(delta, |s| matches!(s, RuleSpec::Docker(_))),
+            Next::Whole(_) => true,
+        };
         let routes_before = self.routes.clone();
-        if let Err(e) = self.sync_routes(&next) {
-            let previous = self.desired(&self.state);
-            let _ = self.apply(&previous);
-            let old = self.state.clone();
-            let _ = self.sync_routes(&old);
+        let routed = match self.next_with_routes(&next) {
+            Some(state) => self.sync_routes(&state),
+            None => Ok(()),
+        };
+        if let Err(e) = routed {
+            self.firewall_back(undo.as_ref());
+            self.routes_back();
             return Err(Failure::new(
                 ErrorCode::ApplyFailed,
                 format!("routing refused the change, nothing was changed: {e}"),
             ));
         }
-        if let Err(e) = self.store.commit(&self.state, &next) {
-            let previous = self.desired(&self.state);
-            if let Err(again) = self.apply(&previous) {
-                tracing::error!(
-                    "rolling back rules after a failed state write failed too: {again}"
-                );
-                self.fw_mut().forget();
-            }
+        if let Err(e) = self.persist(next, undo.as_ref()) {
+            self.firewall_back(undo.as_ref());
             if self.routes != routes_before {
-                let old = self.state.clone();
-                let _ = self.sync_routes(&old);
+                self.routes_back();
             }
             return Err(Failure::new(
                 ErrorCode::StateWriteFailed,
@@ -476,9 +593,58 @@ impl Engine {
             routes_and_state_ms = applied.elapsed().as_secs_f64() * 1e3,
             "change committed"
         );
-        self.state = next;
-        self.sync_hairpin();
+        if bridged {
+            self.sync_hairpin();
+        }
         Ok(())
+    }
+
+    /// Writes `next` and makes it the state; on a failed write the state
+    /// stays as it was (`undo` takes a delta back out).
+    fn persist(&mut self, next: Next, undo: Option<&Delta>) -> Result<(), state::StateError> {
+        match next {
+            Next::Whole(state) => {
+                self.store.commit(&self.state, &state)?;
+                self.state = state;
+            }
+            Next::Delta(delta) => {
+                self.state.apply(&delta);
+                if let Err(e) = self.store.commit_delta(&delta, &self.state) {
+                    self.state
+                        .apply(undo.expect("a delta's undo is taken before it"));
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the state's rules back in the firewall after a later step of a
+    /// commit failed: `undo` of a delta, or the whole state.
+    fn firewall_back(&mut self, undo: Option<&Delta>) {
+        let families = self.families();
+        let result = match undo {
+            Some(undo) => {
+                let change = self.rule_change(undo);
+                self.fw_mut().apply_change(&change, &families)
+            }
+            None => {
+                let previous = self.desired(&self.state);
+                self.fw_mut().apply(&previous, &families, Mode::Change)
+            }
+        };
+        if let Err(again) = result {
+            tracing::error!("putting the previous rules back failed too: {again}");
+            self.fw_mut().forget();
+        }
+    }
+
+    /// Puts the state's policy routes back after a later step failed.
+    fn routes_back(&mut self) {
+        let state = self.state.clone();
+        if let Err(e) = self.sync_routes(&state) {
+            tracing::error!("putting policy routes back failed: {e}");
+        }
     }
 
     /// Brings the kernel's policy routes to those of `state`.
@@ -827,12 +993,14 @@ impl Engine {
 
     /// [`Self::check_own_claims`], ignoring the ports of rule `except`.
     fn check_own_claims_except(&self, claims: &[PortClaim], except: RuleId) -> Outcome<()> {
-        for (id, held) in self.held.iter().filter(|(id, _)| **id != except) {
-            for r in held {
-                if let Some(c) = claims.iter().find(|c| reserve::claims_collide(c, &r.claim)) {
-                    let owner = self.state.rule(*id);
-                    return Err(batch::port_taken(c, *id, owner.map(|r| &r.spec)));
-                }
+        for c in claims {
+            let same_port = self.held.at(c.proto, c.bind.port());
+            let taken = same_port
+                .iter()
+                .find(|(id, held)| *id != except && reserve::claims_collide(c, held));
+            if let Some((id, _)) = taken {
+                let owner = self.state.rule(*id);
+                return Err(batch::port_taken(c, *id, owner.map(|r| &r.spec)));
             }
         }
         Ok(())
@@ -863,7 +1031,7 @@ impl Engine {
     /// Serves loopback for the rule (its relay, see `daemon::relay`), once
     /// its rules are in and the state is on disk.
     fn start_listening(&mut self, id: RuleId) -> Outcome<()> {
-        let Some(held) = self.held.get(&id) else {
+        let Some(held) = self.held.get(id) else {
             return Ok(());
         };
         // The rule's current targets (held claims keep those of their bind),
@@ -900,7 +1068,7 @@ impl Engine {
 
     fn release(&mut self, id: RuleId) {
         self.relays.stop(id);
-        self.held.remove(&id);
+        self.held.remove(id);
         self.inactive.remove(&id);
         self.down_reason.remove(&id);
     }
@@ -1044,7 +1212,7 @@ impl Engine {
         if let Err(e) = self.teardown() {
             tracing::error!("removing natmap's rules at shutdown failed: {e}");
         }
-        let ids: Vec<RuleId> = self.held.keys().copied().collect();
+        let ids: Vec<RuleId> = self.held.ids().collect();
         for id in ids {
             self.release(id);
         }

@@ -17,12 +17,12 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::firewall::{Desired, Drift, FirewallDriver, FirewallError, Mode};
+use crate::firewall::{Drift, FirewallDriver, FirewallError};
 use crate::model::Family;
-use crate::state::State;
+use crate::state::{Delta, State};
 
 use super::super::EngineMsg;
-use super::{CommitTiming, Engine, Outcome};
+use super::{CommitTiming, Engine, FirewallWork, Next, Outcome};
 
 /// Why [`Engine::fw`] cannot find the driver: a bug in what the engine
 /// loop lets through while a transaction runs.
@@ -36,7 +36,7 @@ pub type Then = Box<dyn FnOnce(&mut Engine, Outcome<()>) + Send>;
 pub(super) enum InFlight {
     /// A commit: what to finish it with.
     Commit {
-        next: State,
+        next: Next,
         then: Then,
         render: Duration,
     },
@@ -46,9 +46,10 @@ pub(super) enum InFlight {
 
 /// What the firewall thread does with the driver.
 enum Work {
-    /// Bring the kernel to `desired` (one transaction per changed family).
+    /// Bring the kernel to what a commit needs (one transaction per
+    /// changed family).
     Apply {
-        desired: Desired,
+        work: FirewallWork,
         families: Vec<Family>,
     },
     /// Read each family back and compare it with what the driver applied.
@@ -112,9 +113,9 @@ fn run_jobs(jobs: &mpsc::Receiver<Job>) {
     {
         let started = Instant::now();
         let answer_of = match work {
-            Work::Apply { desired, families } => Answer::Applied(guarded(&mut fw, |fw| {
-                fw.apply(&desired, &families, Mode::Change)
-            })),
+            Work::Apply { work, families } => {
+                Answer::Applied(guarded(&mut fw, |fw| work.run(fw, &families)))
+            }
             Work::Drift { families } => Answer::Drift(
                 families
                     .into_iter()
@@ -164,10 +165,20 @@ impl Engine {
     /// when no thread can take the job, it commits on this thread before
     /// returning.
     pub(super) fn commit_off_thread(&mut self, next: State, then: Then) {
+        self.commit_next_off_thread(Next::Whole(next), then);
+    }
+
+    /// [`Engine::commit_off_thread`] of a delta made to the state (rule
+    /// requests): the firewall thread gets only the change.
+    pub(super) fn commit_delta_off_thread(&mut self, delta: Delta, then: Then) {
+        self.commit_next_off_thread(Next::Delta(delta), then);
+    }
+
+    fn commit_next_off_thread(&mut self, next: Next, then: Then) {
         let answer = match self.messages() {
             Some(tx) if self.simulated.is_none() => tx,
             _ => {
-                let outcome = self.commit(next);
+                let outcome = self.commit_next(next);
                 then(self, outcome);
                 return;
             }
@@ -175,7 +186,7 @@ impl Engine {
         let started = Instant::now();
         let job = Job {
             work: Work::Apply {
-                desired: self.desired(&next),
+                work: self.firewall_work(&next),
                 families: self.families(),
             },
             fw: self.fw.take().expect(LENT),
@@ -187,7 +198,7 @@ impl Engine {
             Err(job) => {
                 tracing::warn!("cannot start the firewall thread; applying on the engine thread");
                 self.fw = Some(job.fw);
-                let outcome = self.commit(next);
+                let outcome = self.commit_next(next);
                 then(self, outcome);
             }
         }

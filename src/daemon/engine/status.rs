@@ -251,7 +251,7 @@ impl Engine {
     fn conflicts(&self) -> Vec<String> {
         let mut found = Vec::new();
         let mut claims: Vec<(Proto, u16)> = Vec::new();
-        for held in self.held.values() {
+        for (_, held) in self.held.iter() {
             for r in held {
                 claims.push((r.claim.proto, r.claim.bind.port()));
             }

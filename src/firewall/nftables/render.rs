@@ -374,6 +374,40 @@ pub fn elements<'a>(
     Ok(out)
 }
 
+/// Elements that more than one rule renders, with how many rules beyond the
+/// first render them (two mappings to one target share its forwarding
+/// counter): an element leaves the kernel with the last rule that renders
+/// it.
+pub type Shared = HashMap<Element, u32>;
+
+/// [`elements`], and which of them more than one rule renders.
+pub fn counted<'a>(
+    rules: impl IntoIterator<Item = &'a Rule>,
+    family: Family,
+) -> Result<(Elements, Shared), Unsupported> {
+    let mut out = Elements::new();
+    let mut shared = Shared::new();
+    let mut mine = Elements::new();
+    for rule in rules {
+        render_rule(rule, family, &mut mine)?;
+        for e in std::mem::take(&mut mine) {
+            if out.contains(&e) {
+                *shared.entry(e).or_insert(0) += 1;
+            } else {
+                out.insert(e);
+            }
+        }
+    }
+    Ok((out, shared))
+}
+
+/// The elements one rule renders in `family`.
+pub fn of_rule(rule: &Rule, family: Family) -> Result<Elements, Unsupported> {
+    let mut out = Elements::new();
+    render_rule(rule, family, &mut out)?;
+    Ok(out)
+}
+
 /// [`elements`] and the owner of each counted element (for reading
 /// counters: the per-change path renders no owners).
 pub fn rendered<'a>(
@@ -750,25 +784,27 @@ pub fn teardown(family: Family) -> String {
 /// The element changes from `applied` to `desired`, one transaction;
 /// `None` when they are equal.
 pub fn diff(family: Family, applied: &Elements, desired: &Elements) -> Option<String> {
-    let f = nfproto(family);
-    let mut s = String::new();
-    for (map, e) in applied.difference(desired) {
-        let _ = writeln!(s, "delete element {f} {TABLE} {} {{ {e} }}", map.name());
-    }
-    for (map, e) in desired.difference(applied) {
-        let _ = writeln!(s, "add element {f} {TABLE} {} {{ {e} }}", map.name());
-    }
-    (!s.is_empty()).then_some(s)
+    let gone: Elements = applied.difference(desired).cloned().collect();
+    let new: Elements = desired.difference(applied).cloned().collect();
+    changes_text(family, &gone, &new)
 }
 
 /// The element changes from `applied` to `desired` as netlink set-element
 /// messages: deletes first, so an element whose value changed is replaced.
 pub fn netlink_diff(applied: &Elements, desired: &Elements) -> Vec<netlink::SetChange> {
+    let gone: Elements = applied.difference(desired).cloned().collect();
+    let new: Elements = desired.difference(applied).cloned().collect();
+    netlink_changes(&gone, &new)
+}
+
+/// Deleting `gone` and adding `new` as netlink set-element messages, one
+/// per map: deletes first, so an element whose value changed is replaced.
+pub fn netlink_changes(gone: &Elements, new: &Elements) -> Vec<netlink::SetChange> {
     let mut out: Vec<netlink::SetChange> = Vec::new();
-    for (add, from, to) in [(false, applied, desired), (true, desired, applied)] {
+    for (add, elements) in [(false, gone), (true, new)] {
         for map in Map::ALL {
-            let elements: Vec<netlink::Element> = from
-                .difference(to)
+            let elements: Vec<netlink::Element> = elements
+                .iter()
                 .filter(|(m, _)| *m == map)
                 .map(|(_, e)| e.netlink(map.interval()))
                 .collect();
@@ -782,6 +818,19 @@ pub fn netlink_diff(applied: &Elements, desired: &Elements) -> Vec<netlink::SetC
         }
     }
     out
+}
+
+/// Deleting `gone` and adding `new` as `nft -f` text (dry run).
+pub fn changes_text(family: Family, gone: &Elements, new: &Elements) -> Option<String> {
+    let f = nfproto(family);
+    let mut s = String::new();
+    for (map, e) in gone {
+        let _ = writeln!(s, "delete element {f} {TABLE} {} {{ {e} }}", map.name());
+    }
+    for (map, e) in new {
+        let _ = writeln!(s, "add element {f} {TABLE} {} {{ {e} }}", map.name());
+    }
+    (!s.is_empty()).then_some(s)
 }
 
 #[cfg(test)]

@@ -1088,16 +1088,13 @@ impl Engine {
         let sysctls =
             host::enable_forwarding(ipv6).map_err(|e| Failure::new(ErrorCode::SysctlFailed, e))?;
         if !self.state.forwarding || self.state.forwarding_ipv6 != ipv6 {
+            // Through the one door like any change: the rules do not
+            // differ, so the firewall sends nothing; the state write is the
+            // step that matters.
             let mut next = self.state.clone();
             next.forwarding = true;
             next.forwarding_ipv6 = ipv6;
-            self.store.commit(&self.state, &next).map_err(|e| {
-                Failure::new(
-                    ErrorCode::StateWriteFailed,
-                    format!("cannot save state: {e}"),
-                )
-            })?;
-            self.state = next;
+            self.commit(next)?;
         }
         Ok(Response::ok(ForwardingReport { sysctls }))
     }

@@ -591,6 +591,34 @@ impl Backend {
         )
     }
 
+    /// DNAT lines of natmap's nat chain `NATMAP` and its port shards
+    /// (`NATMAP-T<block>`, `NATMAP-U<block>`): one per mapping.
+    fn count_dnat(&self) -> Option<usize> {
+        let out = output(self.cmd("iptables").args(["-w", "10", "-t", "nat", "-S"])).ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let natmap_chain = |chain: &str| {
+            chain == "NATMAP"
+                || chain.strip_prefix("NATMAP-").is_some_and(|rest| {
+                    rest.len() > 1
+                        && (rest.starts_with('T') || rest.starts_with('U'))
+                        && rest[1..].bytes().all(|b| b.is_ascii_digit())
+                })
+        };
+        Some(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| {
+                    let mut words = l.split_whitespace();
+                    words.next() == Some("-A")
+                        && words.next().is_some_and(natmap_chain)
+                        && l.contains(" -j DNAT")
+                })
+                .count(),
+        )
+    }
+
     fn restore(&self, v6: bool, payload: &str) -> Result<Duration, String> {
         let tool = if v6 {
             "ip6tables-restore"
@@ -628,13 +656,17 @@ impl Variant<'_> {
         }
     }
 
-    /// natmap's mappings in the kernel: rules of nat `NATMAP` (iptables), or
-    /// elements of `ip natmap dnat_addr` (nftables); `None` when absent.
+    /// natmap's mappings in the kernel: DNAT lines of nat `NATMAP` and its
+    /// shards (iptables), or
+    /// elements of `ip natmap dnat_addr` (port ranges) and `dnat_port`
+    /// (single ports, every bench mapping) (nftables); `None` when absent.
     /// Call it inside the namespace.
     fn count(&self) -> Option<usize> {
         match self.fw {
-            Fw::Iptables => self.flavor.count("nat", "NATMAP"),
-            Fw::Nftables => nft_elements("ip", "dnat_addr"),
+            Fw::Iptables => self.flavor.count_dnat(),
+            Fw::Nftables => {
+                Some(nft_elements("ip", "dnat_addr")? + nft_elements("ip", "dnat_port")?)
+            }
         }
     }
 }

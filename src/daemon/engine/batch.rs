@@ -145,7 +145,7 @@ impl Engine {
             .collect();
         if responses.iter().any(|r| r.ok) {
             // The operator acted on the state: the corrupt-file warning was seen.
-            self.state_warning = None;
+            self.persist.warning = None;
         }
         responses
     }
@@ -234,7 +234,7 @@ impl Engine {
         match planned {
             Planned::Done(r) => r,
             Planned::Added { rule, held } => {
-                self.held.insert(rule.id, held);
+                self.ports.held.insert(rule.id, held);
                 if let Err(f) = self.start_listening(rule.id) {
                     self.remove_rule_after_failure(rule.id);
                     return Err(f);
@@ -270,7 +270,7 @@ impl Engine {
     ) -> Outcome<Planned> {
         spec.check_consistent()
             .map_err(|m| Failure::new(ErrorCode::InvalidArgument, m))?;
-        if spec.needs_v6_nat() && !self.v6_nat {
+        if spec.needs_v6_nat() && !self.host.v6_nat {
             return Err(Failure::new(
                 ErrorCode::Ipv6Unavailable,
                 "IPv6 NAT is not available in this kernel (load ip6table_nat); IPv4 rules keep working",

@@ -99,28 +99,67 @@ struct Inactive {
     reason: String,
 }
 
-/// The state owner. Not `Sync`: one thread drives it.
+/// The state owner. Not `Sync`: one thread drives it. Its parts each own
+/// one job; a change goes through one door ([`Engine::commit_next`]) that
+/// composes them.
 pub struct Engine {
+    /// The rules and settings natmap keeps (what `state.json` holds).
     state: State,
-    state_path: PathBuf,
-    /// natmap's packet filter; it keeps its own mirror of what it applied.
-    /// `None` while a transaction runs off this thread ([`offload`]).
-    fw: Option<Box<dyn FirewallDriver>>,
-    /// The driver's name, for answers given while it is out.
-    firewall_name: &'static str,
-    /// Writes every change to `state.json`'s journal (compacting it now and then).
-    store: state::Store,
-    /// Reserved sockets of active rules, indexed by port.
-    held: held::Held,
+    /// Where and how the state is written.
+    persist: Persist,
+    /// natmap's packet filter, and the thread its transactions run on.
+    firewall: FirewallSide,
+    /// Reserved sockets of active rules, and their loopback relays.
+    ports: Ports,
     /// Rules kept in state but not installed, and why.
     inactive: BTreeMap<RuleId, Inactive>,
-    /// Whether IPv6 NAT works here.
-    v6_nat: bool,
+    /// What natmap knows of Docker.
+    docker: DockerView,
+    /// The host as natmap sees it: addresses, IPv6 NAT, routes, bridges.
+    host: HostView,
+    /// Auto-discovery (config, engine watchers, problems).
+    discovery: auto::Discovery,
+    /// While handling a `--dry-run` request: what the change would have done.
+    simulated: Option<DryRunReport>,
+    /// The periodic tick's record: drift repairs, convergence, uptime.
+    upkeep: Upkeep,
+}
+
+/// Where and how the state is written.
+struct Persist {
+    path: PathBuf,
+    /// Writes every change to `state.json`'s journal (compacting it now and then).
+    store: state::Store,
+    /// Set when the state file was corrupt at start (shown by `status`).
+    warning: Option<String>,
+}
+
+/// natmap's packet filter.
+struct FirewallSide {
+    /// The driver; it keeps its own mirror of what it applied. `None`
+    /// while a transaction runs off this thread ([`offload`]).
+    driver: Option<Box<dyn FirewallDriver>>,
+    /// The driver's name, for answers given while it is out.
+    name: &'static str,
+    /// Runs large transactions off this thread ([`offload`]).
+    thread: offload::FirewallThread,
+    /// The commit whose transaction runs there, if one does.
+    in_flight: Option<offload::InFlight>,
+}
+
+/// Reserved sockets of active rules, and the loopback relays beside them.
+struct Ports {
+    /// Reservations, indexed by port.
+    held: held::Held,
     relays: Relays,
+}
+
+/// What natmap knows of Docker.
+struct DockerView {
     /// Docker, while it answers.
-    docker: Option<DockerClient>,
+    client: Option<DockerClient>,
     /// Why Docker is not connected.
-    docker_error: String,
+    error: String,
     /// Docker's answers for the containers an `apply` document names,
     /// looked up off this thread before the document is applied (see
     /// [`Engine::apply_begin`]); empty otherwise.
@@ -130,36 +169,36 @@ pub struct Engine {
     /// The order of container events against Docker's answers, so an
     /// answer older than an event about its mapping is dropped.
     event_order: docker::EventOrder,
-    /// Drift repairs done since start.
-    repairs: u64,
-    /// While handling a `--dry-run` request: what the change would have done.
-    simulated: Option<DryRunReport>,
-    /// When the daemon started.
-    started: std::time::Instant,
-    /// The last drift repair: when and why.
-    last_repair: Option<(std::time::Instant, Vec<String>)>,
-    /// Policy routes natmap has installed.
-    routes: std::collections::BTreeSet<PolicyRouteRule>,
-    /// Periodic ticks so far.
-    ticks: u64,
-    /// Auto-discovery (config, engine watchers, problems).
-    discovery: auto::Discovery,
-    /// Set when the state file was corrupt at start (shown by `status`).
-    state_warning: Option<String>,
+}
+
+/// The host as natmap sees it.
+struct HostView {
+    /// Whether IPv6 NAT works here.
+    v6_nat: bool,
     /// Where the host's addresses come from.
     addresses: AddressSource,
     /// The host's addresses, as last read (every request and tick).
     local: LocalAddresses,
+    /// Policy routes natmap has installed.
+    routes: std::collections::BTreeSet<PolicyRouteRule>,
+    /// br_netfilter and the bridge ports natmap put in hairpin mode.
+    hairpin: hairpin::Hairpin,
+}
+
+/// The periodic tick's record.
+struct Upkeep {
+    /// When the daemon started.
+    started: std::time::Instant,
+    /// Periodic ticks so far.
+    ticks: u64,
+    /// Drift repairs done since start.
+    repairs: u64,
+    /// The last drift repair: when and why.
+    last_repair: Option<(std::time::Instant, Vec<String>)>,
     /// Per family: whether drift repairs take (see `repair`).
     convergence: [repair::Convergence; 2],
     /// When the last drift check ran and how long it held the engine.
     last_drift_check: Option<(std::time::Instant, std::time::Duration)>,
-    /// br_netfilter and the bridge ports natmap put in hairpin mode.
-    hairpin: hairpin::Hairpin,
-    /// Runs large transactions off this thread ([`offload`]).
-    firewall_thread: offload::FirewallThread,
-    /// The commit whose transaction runs there, if one does.
-    in_flight: Option<offload::InFlight>,
 }
 
 /// What a commit makes the next state.
@@ -276,34 +315,46 @@ impl Engine {
         };
         let mut engine = Engine {
             state,
-            state_path,
-            firewall_name: fw.name(),
-            fw: Some(fw),
-            store,
-            held: Default::default(),
+            persist: Persist {
+                path: state_path,
+                store,
+                warning: corrupt,
+            },
+            firewall: FirewallSide {
+                name: fw.name(),
+                driver: Some(fw),
+                thread: Default::default(),
+                in_flight: None,
+            },
+            ports: Ports {
+                held: Default::default(),
+                relays,
+            },
             inactive: BTreeMap::new(),
-            v6_nat: true,
-            relays,
-            docker: None,
-            docker_error: docker::NOT_CONNECTED_YET.into(),
-            prefetched: HashMap::new(),
-            down_reason: BTreeMap::new(),
-            event_order: Default::default(),
-            repairs: 0,
-            simulated: None,
-            started: std::time::Instant::now(),
-            last_repair: None,
-            routes: Default::default(),
-            ticks: 0,
+            docker: DockerView {
+                client: None,
+                error: docker::NOT_CONNECTED_YET.into(),
+                prefetched: HashMap::new(),
+                down_reason: BTreeMap::new(),
+                event_order: Default::default(),
+            },
+            host: HostView {
+                v6_nat: true,
+                addresses,
+                local: addresses.snapshot().unwrap_or_default(),
+                routes: Default::default(),
+                hairpin: Default::default(),
+            },
             discovery: Default::default(),
-            state_warning: corrupt,
-            addresses,
-            local: addresses.snapshot().unwrap_or_default(),
-            convergence: Default::default(),
-            last_drift_check: None,
-            hairpin: Default::default(),
-            firewall_thread: Default::default(),
-            in_flight: None,
+            simulated: None,
+            upkeep: Upkeep {
+                started: std::time::Instant::now(),
+                ticks: 0,
+                repairs: 0,
+                last_repair: None,
+                convergence: Default::default(),
+                last_drift_check: None,
+            },
         };
         engine.read_bridge_netfilter();
         if engine.state.forwarding {
@@ -328,7 +379,7 @@ impl Engine {
             .apply(&Desired::default(), &[Family::V6], Mode::Full)
         {
             tracing::warn!("IPv6 NAT is unavailable, IPv6 rules stay inactive: {e}");
-            self.v6_nat = false;
+            self.host.v6_nat = false;
         }
         self.withhold_unconfirmed_containers();
         let rules = self.state.rules.clone();
@@ -338,7 +389,7 @@ impl Engine {
                 self.inactive.insert(rule.id, waiting);
                 continue;
             }
-            if rule.spec.needs_v6_nat() && !self.v6_nat {
+            if rule.spec.needs_v6_nat() && !self.host.v6_nat {
                 self.inactive.insert(
                     rule.id,
                     Inactive {
@@ -373,7 +424,7 @@ impl Engine {
             tracing::warn!("cannot restore policy routes: {e}");
         }
         tracing::info!(
-            active = self.held.len(),
+            active = self.ports.held.len(),
             inactive = self.inactive.len(),
             "rules restored from state"
         );
@@ -381,7 +432,7 @@ impl Engine {
     }
 
     fn families(&self) -> Vec<Family> {
-        if self.v6_nat {
+        if self.host.v6_nat {
             Family::ALL.to_vec()
         } else {
             vec![Family::V4]
@@ -391,12 +442,12 @@ impl Engine {
     /// The firewall driver. Messages that need it wait while a transaction
     /// runs off this thread (see [`offload`]), so it is always here.
     fn fw(&self) -> &dyn FirewallDriver {
-        self.fw.as_deref().expect(offload::LENT)
+        self.firewall.driver.as_deref().expect(offload::LENT)
     }
 
     /// The firewall driver, to change the kernel (see [`Engine::fw`]).
     fn fw_mut(&mut self) -> &mut dyn FirewallDriver {
-        self.fw.as_deref_mut().expect(offload::LENT)
+        self.firewall.driver.as_deref_mut().expect(offload::LENT)
     }
 
     /// The rules of `state` that are active: what the firewall installs,
@@ -409,7 +460,7 @@ impl Engine {
                 .iter()
                 .filter(|r| !self.inactive.contains_key(&r.id))
                 .cloned(),
-            self.hairpin.netfilter,
+            self.host.hairpin.netfilter,
         )
     }
 
@@ -495,7 +546,7 @@ impl Engine {
         let mut effects = Vec::new();
         if let Some(next) = self.next_with_routes(next) {
             let next = next.as_ref();
-            let (add, del) = route_changes(&self.routes, next);
+            let (add, del) = route_changes(&self.host.routes, next);
             for r in &del {
                 let keep = routes::table_still_used(next, r);
                 effects.extend(host::route_plan(r, false, keep));
@@ -563,7 +614,7 @@ impl Engine {
             Next::Delta(delta) => self.touches(delta, |s| matches!(s, RuleSpec::Docker(_))),
             Next::Whole(_) => true,
         };
-        let routes_before = self.routes.clone();
+        let routes_before = self.host.routes.clone();
         let routed = match self.next_with_routes(&next) {
             Some(state) => self.sync_routes(&state),
             None => Ok(()),
@@ -578,7 +629,7 @@ impl Engine {
         }
         if let Err(e) = self.persist(next, undo.as_ref()) {
             self.firewall_back(undo.as_ref());
-            if self.routes != routes_before {
+            if self.host.routes != routes_before {
                 self.routes_back();
             }
             return Err(Failure::new(
@@ -604,12 +655,12 @@ impl Engine {
     fn persist(&mut self, next: Next, undo: Option<&Delta>) -> Result<(), state::StateError> {
         match next {
             Next::Whole(state) => {
-                self.store.commit(&self.state, &state)?;
+                self.persist.store.commit(&self.state, &state)?;
                 self.state = state;
             }
             Next::Delta(delta) => {
                 self.state.apply(&delta);
-                if let Err(e) = self.store.commit_delta(&delta, &self.state) {
+                if let Err(e) = self.persist.store.commit_delta(&delta, &self.state) {
                     self.state
                         .apply(undo.expect("a delta's undo is taken before it"));
                     return Err(e);
@@ -649,15 +700,15 @@ impl Engine {
 
     /// Brings the kernel's policy routes to those of `state`.
     fn sync_routes(&mut self, state: &State) -> Result<(), String> {
-        let (add, del) = route_changes(&self.routes, state);
+        let (add, del) = route_changes(&self.host.routes, state);
         for r in del {
             // A table another policy route still uses keeps its default route.
             host::route_del(&r, routes::table_still_used(state, &r))?;
-            self.routes.remove(&r);
+            self.host.routes.remove(&r);
         }
         for r in add {
             host::route_add(&r)?;
-            self.routes.insert(r);
+            self.host.routes.insert(r);
         }
         Ok(())
     }
@@ -704,7 +755,7 @@ impl Engine {
         let response = respond(result);
         if change && response.ok {
             // The operator acted on the state: the corrupt-file warning was seen.
-            self.state_warning = None;
+            self.persist.warning = None;
         }
         response
     }
@@ -859,7 +910,7 @@ impl Engine {
                 counters: None,
             };
         }
-        if let Some(iface) = missing_interface(&rule.spec, &self.local) {
+        if let Some(iface) = missing_interface(&rule.spec, &self.host.local) {
             return RuleView {
                 rule: rule.clone(),
                 status: RuleStatus::WaitingForInterface,
@@ -898,7 +949,8 @@ impl Engine {
                 rule: rule.clone(),
                 status: RuleStatus::Down,
                 detail: Some(
-                    self.down_reason
+                    self.docker
+                        .down_reason
                         .get(&rule.id)
                         .cloned()
                         .unwrap_or_else(|| "container is not running".into()),
@@ -943,7 +995,7 @@ impl Engine {
         let mut list = RuleList {
             rules,
             unreadable: Vec::new(),
-            firewall: self.firewall_name.to_owned(),
+            firewall: self.firewall.name.to_owned(),
         };
         self.list_quarantined(filter.as_deref(), &mut list);
         list
@@ -994,7 +1046,7 @@ impl Engine {
     /// [`Self::check_own_claims`], ignoring the ports of rule `except`.
     fn check_own_claims_except(&self, claims: &[PortClaim], except: RuleId) -> Outcome<()> {
         for c in claims {
-            let same_port = self.held.at(c.proto, c.bind.port());
+            let same_port = self.ports.held.at(c.proto, c.bind.port());
             let taken = same_port
                 .iter()
                 .find(|(id, held)| *id != except && reserve::claims_collide(c, held));
@@ -1013,7 +1065,7 @@ impl Engine {
         match reserve::bind_all(&rule.spec.port_claims()) {
             Ok(held) => {
                 self.inactive.remove(&rule.id);
-                self.held.insert(rule.id, held);
+                self.ports.held.insert(rule.id, held);
                 true
             }
             Err(busy) => {
@@ -1031,7 +1083,7 @@ impl Engine {
     /// Serves loopback for the rule (its relay, see `daemon::relay`), once
     /// its rules are in and the state is on disk.
     fn start_listening(&mut self, id: RuleId) -> Outcome<()> {
-        let Some(held) = self.held.get(id) else {
+        let Some(held) = self.ports.held.get(id) else {
             return Ok(());
         };
         // The rule's current targets (held claims keep those of their bind),
@@ -1048,7 +1100,7 @@ impl Engine {
                     .any(|h| h.claim.bind == c.bind && h.claim.proto == c.proto)
             })
             .collect();
-        self.relays.serve(id, &claims, held).map_err(|e| {
+        self.ports.relays.serve(id, &claims, held).map_err(|e| {
             Failure::new(
                 ErrorCode::PortInUse,
                 format!("cannot serve loopback on the ports of rule #{id}: {e}"),
@@ -1067,10 +1119,10 @@ impl Engine {
     }
 
     fn release(&mut self, id: RuleId) {
-        self.relays.stop(id);
-        self.held.remove(id);
+        self.ports.relays.stop(id);
+        self.ports.held.remove(id);
         self.inactive.remove(&id);
-        self.down_reason.remove(&id);
+        self.docker.down_reason.remove(&id);
     }
 
     /// Removes one stored rule: rules, state, reservation, tracked flows.
@@ -1115,7 +1167,7 @@ impl Engine {
     /// A dry run only returns the fragments.
     fn save(&mut self, dry_run: bool) -> Outcome<Response> {
         if !dry_run {
-            self.store.compact(&self.state).map_err(|e| {
+            self.persist.store.compact(&self.state).map_err(|e| {
                 Failure::new(
                     ErrorCode::StateWriteFailed,
                     format!("cannot save state: {e}"),
@@ -1132,7 +1184,7 @@ impl Engine {
             })
             .collect();
         Ok(Response::ok(SaveReport {
-            state_path: self.state_path.display().to_string(),
+            state_path: self.persist.path.display().to_string(),
             rule_count: self.state.rules.len(),
             dry_run,
             fragments,
@@ -1186,7 +1238,7 @@ impl Engine {
                 format!("cannot remove natmap's rules: {e}"),
             ));
         }
-        if let Err(e) = self.store.compact(&next) {
+        if let Err(e) = self.persist.store.compact(&next) {
             self.put_back();
             return Err(Failure::new(
                 ErrorCode::StateWriteFailed,
@@ -1198,7 +1250,7 @@ impl Engine {
             self.release(rule.id);
         }
         forget_all_flows(old.rules.iter().map(|r| &r.spec));
-        self.state_warning = None;
+        self.persist.warning = None;
         tracing::info!(removed, "all rules cleared");
         Ok(Response::ok(ClearReport { removed }))
     }
@@ -1209,12 +1261,12 @@ impl Engine {
         if let Err(e) = self.teardown() {
             tracing::error!("removing natmap's rules at shutdown failed: {e}");
         }
-        let ids: Vec<RuleId> = self.held.ids().collect();
+        let ids: Vec<RuleId> = self.ports.held.ids().collect();
         for id in ids {
             self.release(id);
         }
         // One file for the operator to read, back up or edit while stopped.
-        if let Err(e) = self.store.compact_if_journaled(&self.state) {
+        if let Err(e) = self.persist.store.compact_if_journaled(&self.state) {
             tracing::warn!("cannot fold the state journal into the state file at shutdown (the next start does): {e}");
         }
         tracing::info!("natmap rules removed, ports released; state kept for the next start");

@@ -156,7 +156,7 @@ impl Engine {
     /// the engine loop handles only [`EngineMsg::serves_while_lent`]
     /// messages until [`Engine::firewall_done`].
     pub fn firewall_lent(&self) -> bool {
-        self.fw.is_none()
+        self.firewall.driver.is_none()
     }
 
     /// Commits `next` like [`Engine::commit`], with the firewall step on
@@ -189,15 +189,15 @@ impl Engine {
                 work: self.firewall_work(&next),
                 families: self.families(),
             },
-            fw: self.fw.take().expect(LENT),
+            fw: self.firewall.driver.take().expect(LENT),
             answer,
         };
         let render = started.elapsed();
-        match self.firewall_thread.send(job) {
-            Ok(()) => self.in_flight = Some(InFlight::Commit { next, then, render }),
+        match self.firewall.thread.send(job) {
+            Ok(()) => self.firewall.in_flight = Some(InFlight::Commit { next, then, render }),
             Err(job) => {
                 tracing::warn!("cannot start the firewall thread; applying on the engine thread");
-                self.fw = Some(job.fw);
+                self.firewall.driver = Some(job.fw);
                 let outcome = self.commit_next(next);
                 then(self, outcome);
             }
@@ -216,18 +216,18 @@ impl Engine {
             work: Work::Drift {
                 families: self.families(),
             },
-            fw: self.fw.take().expect(LENT),
+            fw: self.firewall.driver.take().expect(LENT),
             answer,
         };
-        match self.firewall_thread.send(job) {
+        match self.firewall.thread.send(job) {
             Ok(()) => {
-                self.in_flight = Some(InFlight::DriftCheck {
+                self.firewall.in_flight = Some(InFlight::DriftCheck {
                     started: Instant::now(),
                 });
                 true
             }
             Err(job) => {
-                self.fw = Some(job.fw);
+                self.firewall.driver = Some(job.fw);
                 false
             }
         }
@@ -236,8 +236,8 @@ impl Engine {
     /// The firewall thread is done: takes the driver back and finishes the
     /// commit (routes, state, or the rollback) and what waited on it.
     pub fn firewall_done(&mut self, done: FirewallDone) {
-        self.fw = Some(done.fw);
-        match (self.in_flight.take(), done.answer) {
+        self.firewall.driver = Some(done.fw);
+        match (self.firewall.in_flight.take(), done.answer) {
             (Some(InFlight::Commit { next, then, render }), Answer::Applied(result)) => {
                 let timing = CommitTiming {
                     render,
@@ -250,7 +250,7 @@ impl Engine {
                 for (family, drift) in drifts {
                     self.repair_family(family, drift);
                 }
-                self.last_drift_check = Some((started, done.took));
+                self.upkeep.last_drift_check = Some((started, done.took));
             }
             _ => tracing::error!("the firewall thread answered a job nobody waits for"),
         }

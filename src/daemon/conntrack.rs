@@ -5,6 +5,12 @@
 //! `IPCTNL_MSG_CT_DELETE` per entry, named by its original tuple (and zone
 //! and id, so an entry that was replaced in the meantime is left alone).
 //!
+//! The dump carries a kernel-side filter (`CTA_FILTER`, Linux 5.9+) of what
+//! all filters of the family have in common, so unrelated connections are
+//! not copied to the daemon at all; the kernel still walks its whole hash
+//! table (`nf_conntrack_buckets`), which is the floor of a cut. A kernel
+//! that refuses the filter gets a plain dump.
+//!
 //! Built by hand on a `NETLINK_NETFILTER` socket, like the nftables
 //! driver's element batches (`firewall::nftables::netlink`): no C library.
 //! [`super::host::forget_connections`] falls back to the `conntrack`
@@ -26,6 +32,13 @@ const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
 const CTA_ID: u16 = 12;
 const CTA_ZONE: u16 = 18;
+const CTA_FILTER: u16 = 25;
+const CTA_FILTER_ORIG_FLAGS: u16 = 1;
+const CTA_FILTER_REPLY_FLAGS: u16 = 2;
+const CTA_FILTER_F_CTA_IP_SRC: u32 = 1 << 0;
+const CTA_FILTER_F_CTA_IP_DST: u32 = 1 << 1;
+const CTA_FILTER_F_CTA_PROTO_NUM: u32 = 1 << 3;
+const CTA_FILTER_F_CTA_PROTO_DST_PORT: u32 = 1 << 5;
 const CTA_TUPLE_IP: u16 = 1;
 const CTA_TUPLE_PROTO: u16 = 2;
 const CTA_IP_V4_SRC: u16 = 1;
@@ -72,7 +85,7 @@ pub fn cut(filters: &[Flows]) -> io::Result<usize> {
         let mut sock = Socket::open()?;
         let mut selected = Vec::new();
         let mut more = 0usize;
-        sock.dump(family, |e| {
+        let mut each = |e: Entry| {
             if mine.iter().any(|f| selects(f, &e)) {
                 if selected.len() < MAX_CUT {
                     selected.push(e);
@@ -80,7 +93,15 @@ pub fn cut(filters: &[Flows]) -> io::Result<usize> {
                     more += 1;
                 }
             }
-        })?;
+        };
+        let common = Common::of(&mine);
+        if let Err(e) = sock.dump(family, Some(&common), &mut each) {
+            // An older kernel may refuse the filter; the user-space match
+            // alone decides what is cut anyway.
+            tracing::debug!("conntrack dump with a kernel filter failed ({e}); dumping all");
+            sock = Socket::open()?;
+            sock.dump(family, None, &mut each)?;
+        }
         if more > 0 {
             tracing::warn!(
                 "conntrack: {} tracked connections to cut in one go; cut the first {MAX_CUT}, \
@@ -116,6 +137,83 @@ fn selects(f: &Flows, e: &Entry) -> bool {
         && e.reply_src == f.reply_src
         && f.orig_dst.is_none_or(|d| d == e.orig_dst)
         && f.orig_port.is_none_or(|p| e.orig_dport == Some(p))
+}
+
+/// What every filter of one family has in common: the kernel-side filter
+/// of the dump (`None`: the filters differ there, or do not say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Common {
+    proto: Option<Proto>,
+    orig_dst: Option<IpAddr>,
+    orig_port: Option<u16>,
+    reply_src: Option<IpAddr>,
+}
+
+impl Common {
+    fn of(filters: &[&Flows]) -> Common {
+        fn same<T: PartialEq + Copy>(mut all: impl Iterator<Item = Option<T>>) -> Option<T> {
+            let first = all.next()??;
+            all.all(|v| v == Some(first)).then_some(first)
+        }
+        let proto = same(filters.iter().map(|f| Some(f.proto)));
+        Common {
+            proto,
+            orig_dst: same(filters.iter().map(|f| f.orig_dst)),
+            // A port filter needs the protocol in the kernel.
+            orig_port: proto.and(same(filters.iter().map(|f| f.orig_port))),
+            reply_src: same(filters.iter().map(|f| Some(f.reply_src))),
+        }
+    }
+
+    /// `CTA_TUPLE_ORIG`, `CTA_TUPLE_REPLY` and `CTA_FILTER` of a dump request.
+    fn write(&self, b: &mut Vec<u8>) {
+        // IPv4 addresses only: the kernel compares IPv6 addresses of a
+        // filter the wrong way round (`!ipv6_addr_cmp` in
+        // `ctnetlink_filter_match_tuple` leaves out exactly the entries that
+        // match; seen on 6.18), so an IPv6 filter names protocol and port.
+        let v4 = |ip: Option<IpAddr>| match ip {
+            Some(IpAddr::V4(a)) => Some(a),
+            _ => None,
+        };
+        let (mut orig_flags, mut reply_flags) = (0, 0);
+        let mut orig = Vec::new();
+        if let Some(dst) = v4(self.orig_dst) {
+            orig_flags |= CTA_FILTER_F_CTA_IP_DST;
+            let mut a = Vec::new();
+            attr(&mut a, CTA_IP_V4_DST, &dst.octets());
+            attr(&mut orig, CTA_TUPLE_IP | NLA_F_NESTED, &a);
+        }
+        if let Some(proto) = self.proto {
+            orig_flags |= CTA_FILTER_F_CTA_PROTO_NUM;
+            let mut p = Vec::new();
+            attr(&mut p, CTA_PROTO_NUM, &[proto_num(proto)]);
+            if let Some(port) = self.orig_port {
+                orig_flags |= CTA_FILTER_F_CTA_PROTO_DST_PORT;
+                attr(&mut p, CTA_PROTO_DST_PORT, &port.to_be_bytes());
+            }
+            attr(&mut orig, CTA_TUPLE_PROTO | NLA_F_NESTED, &p);
+        }
+        let mut reply = Vec::new();
+        if let Some(src) = v4(self.reply_src) {
+            reply_flags |= CTA_FILTER_F_CTA_IP_SRC;
+            let mut a = Vec::new();
+            attr(&mut a, CTA_IP_V4_SRC, &src.octets());
+            attr(&mut reply, CTA_TUPLE_IP | NLA_F_NESTED, &a);
+        }
+        if orig_flags == 0 && reply_flags == 0 {
+            return;
+        }
+        if orig_flags != 0 {
+            attr(b, CTA_TUPLE_ORIG | NLA_F_NESTED, &orig);
+        }
+        if reply_flags != 0 {
+            attr(b, CTA_TUPLE_REPLY | NLA_F_NESTED, &reply);
+        }
+        let mut f = Vec::new();
+        attr(&mut f, CTA_FILTER_ORIG_FLAGS, &orig_flags.to_ne_bytes());
+        attr(&mut f, CTA_FILTER_REPLY_FLAGS, &reply_flags.to_ne_bytes());
+        attr(b, CTA_FILTER | NLA_F_NESTED, &f);
+    }
 }
 
 /// What a dumped entry is selected by, and what names it in a delete.
@@ -307,8 +405,14 @@ impl Socket {
         Ok(&buf[..n as usize])
     }
 
-    /// Dumps the connection table of `family`, calling `each` per entry.
-    fn dump(&mut self, family: u8, mut each: impl FnMut(Entry)) -> io::Result<()> {
+    /// Dumps the connection table of `family`, calling `each` per entry;
+    /// with `filter`, the kernel leaves out entries it does not match.
+    fn dump(
+        &mut self,
+        family: u8,
+        filter: Option<&Common>,
+        each: &mut impl FnMut(Entry),
+    ) -> io::Result<()> {
         let seq = self.next_seq();
         let mut req = Vec::new();
         message(
@@ -317,7 +421,11 @@ impl Socket {
             NLM_F_REQUEST | NLM_F_DUMP,
             seq,
             family,
-            |_| {},
+            |b| {
+                if let Some(f) = filter {
+                    f.write(b);
+                }
+            },
         );
         self.send(&req)?;
         // A dump part fills at most a page or two; 64 KiB leaves room.
@@ -684,6 +792,81 @@ mod tests {
         let mut del = Vec::new();
         delete_message(&mut del, 1, libc::AF_INET as u8, &plain);
         assert!(!attrs(&del[CT_HDRLEN..]).any(|(t, _)| t == CTA_ZONE));
+    }
+
+    #[test]
+    fn the_kernel_filter_is_what_every_filter_of_the_family_has_in_common() {
+        let a = flows(Proto::Udp, Some("192.0.2.1"), Some(53), "198.51.100.2");
+        let b = flows(Proto::Udp, Some("192.0.2.1"), Some(54), "198.51.100.2");
+        let c = flows(Proto::Tcp, None, Some(53), "198.51.100.2");
+        assert_eq!(
+            Common::of(&[&a]),
+            Common {
+                proto: Some(Proto::Udp),
+                orig_dst: Some("192.0.2.1".parse().unwrap()),
+                orig_port: Some(53),
+                reply_src: Some("198.51.100.2".parse().unwrap()),
+            }
+        );
+        let ab = Common::of(&[&a, &b]);
+        assert_eq!((ab.proto, ab.orig_port), (Some(Proto::Udp), None));
+        assert!(ab.orig_dst.is_some() && ab.reply_src.is_some());
+        // No common protocol: no port either (the kernel needs both).
+        let ac = Common::of(&[&a, &c]);
+        assert_eq!((ac.proto, ac.orig_dst, ac.orig_port), (None, None, None));
+        assert!(ac.reply_src.is_some());
+
+        // Written as the kernel reads it: tuples carrying the flagged parts.
+        let mut req = Vec::new();
+        Common::of(&[&a]).write(&mut req);
+        let got: Vec<(u16, Vec<u8>)> = attrs(&req).map(|(t, p)| (t, p.to_vec())).collect();
+        assert_eq!(
+            got.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
+            [CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_FILTER]
+        );
+        assert_eq!(
+            parse_tuple(&got[0].1),
+            (None, Some("192.0.2.1".parse().unwrap()), Some(17), Some(53))
+        );
+        assert_eq!(
+            parse_tuple(&got[1].1).0,
+            Some("198.51.100.2".parse().unwrap())
+        );
+        let flags: Vec<u32> = attrs(&got[2].1)
+            .map(|(_, p)| u32::from_ne_bytes(p.try_into().unwrap()))
+            .collect();
+        assert_eq!(
+            flags,
+            [
+                CTA_FILTER_F_CTA_IP_DST
+                    | CTA_FILTER_F_CTA_PROTO_NUM
+                    | CTA_FILTER_F_CTA_PROTO_DST_PORT,
+                CTA_FILTER_F_CTA_IP_SRC
+            ]
+        );
+        // IPv6 addresses are left to the user-space match.
+        let v6 = flows(
+            Proto::Tcp,
+            Some("2001:db8:1::1"),
+            Some(443),
+            "2001:db8:2::2",
+        );
+        let mut req = Vec::new();
+        Common::of(&[&v6]).write(&mut req);
+        let kinds: Vec<u16> = attrs(&req).map(|(t, _)| t).collect();
+        assert_eq!(kinds, [CTA_TUPLE_ORIG, CTA_FILTER]);
+        let orig = attrs(&req).next().unwrap().1;
+        assert_eq!(parse_tuple(orig), (None, None, Some(6), Some(443)));
+        // Nothing in common: a plain dump.
+        let none = Common {
+            proto: None,
+            orig_dst: None,
+            orig_port: None,
+            reply_src: None,
+        };
+        let mut req = Vec::new();
+        none.write(&mut req);
+        assert!(req.is_empty());
     }
 
     #[test]

@@ -5,12 +5,14 @@
 //! - `reserve`: sockets that hold forwarded ports.
 //! - `relay`: loopback traffic relayed from reserved sockets to targets.
 //! - `host`: sysctls, routes and conntrack.
+//! - `conntrack`: cutting tracked connections over ctnetlink.
 //! - `bridge`: br_netfilter, the bridge port of a container, hairpin mode.
 //! - `local`: which addresses are this host's right now.
 //! - `fds`: the file-descriptor budget of reservations.
 //! - `metrics`: Prometheus metrics over HTTP (`--metrics-listen`).
 
 pub mod bridge;
+pub mod conntrack;
 pub mod engine;
 pub mod fds;
 pub mod host;

@@ -1316,16 +1316,17 @@ fn forget_flows(spec: &RuleSpec) {
     forget_all_flows([spec]);
 }
 
-/// Cuts conntrack entries of connections the rules forwarded, one
-/// `conntrack` run per distinct filter: a thousand rules of one address
-/// pair cost one run, not a thousand.
+/// Cuts conntrack entries of connections the rules forwarded: one listing
+/// of the kernel's connections per family for all of them
+/// (`host::forget_connections_all`), each distinct filter once.
 fn forget_all_flows<'a>(specs: impl IntoIterator<Item = &'a RuleSpec>) {
     let mut seen = std::collections::HashSet::new();
-    for flows in specs.into_iter().flat_map(flows_of) {
-        if seen.insert(format!("{flows:?}")) {
-            host::forget_connections(flows);
-        }
-    }
+    let flows: Vec<host::Flows> = specs
+        .into_iter()
+        .flat_map(flows_of)
+        .filter(|f| seen.insert(format!("{f:?}")))
+        .collect();
+    host::forget_connections_all(&flows);
 }
 
 /// Up to this many ports, a range mapping's flows are cut port by port.

@@ -157,7 +157,7 @@ impl PortFinder {
                 if wanted.is_empty() {
                     break;
                 }
-                let addrs = self.addresses_behind(&mut nl, bridge_index, port)?;
+                let addrs = self.addresses_of(&mut nl, bridge_index, port)?;
                 let Ok(name) = port.name.parse::<IfName>() else {
                     continue;
                 };
@@ -180,7 +180,7 @@ impl PortFinder {
 
     /// The addresses behind `port` of bridge `bridge_index`: remembered, or
     /// asked of its namespace once.
-    fn addresses_behind(
+    fn addresses_of(
         &mut self,
         nl: &mut Netlink,
         bridge_index: u32,

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bollard::models::{ContainerSummary, Port};
+use bollard::models::{ContainerSummary, EndpointSettings, Port};
 use bollard::query_parameters::{EventsOptions, InspectContainerOptions, ListContainersOptions};
 use bollard::Docker;
 use futures_util::StreamExt;
@@ -289,17 +289,7 @@ fn labeled_container(c: ContainerSummary, label: &str) -> LabeledContainer {
             .labels
             .and_then(|mut l| l.remove(label))
             .unwrap_or_default(),
-        networks: c
-            .network_settings
-            .and_then(|n| n.networks)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(network, ep)| NetworkAddrs {
-                v4: endpoint(ep.ip_address, ep.ip_prefix_len),
-                v6: endpoint(ep.global_ipv6_address, ep.global_ipv6_prefix_len),
-                network,
-            })
-            .collect(),
+        networks: network_addrs(c.network_settings.and_then(|n| n.networks)),
         published: c
             .ports
             .unwrap_or_default()
@@ -307,6 +297,19 @@ fn labeled_container(c: ContainerSummary, label: &str) -> LabeledContainer {
             .filter_map(published_port)
             .collect(),
     }
+}
+
+/// A container's addresses on each of its networks (as listed or inspected).
+fn network_addrs(networks: Option<HashMap<String, EndpointSettings>>) -> Vec<NetworkAddrs> {
+    networks
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(network, ep)| NetworkAddrs {
+            v4: endpoint(ep.ip_address, ep.ip_prefix_len),
+            v6: endpoint(ep.global_ipv6_address, ep.global_ipv6_prefix_len),
+            network,
+        })
+        .collect()
 }
 
 /// A published port as (container port, protocol, host port); none for an
@@ -376,18 +379,7 @@ impl Event {
 }
 
 fn container_info(c: bollard::models::ContainerInspectResponse) -> ContainerInfo {
-    let networks = c
-        .network_settings
-        .and_then(|s| s.networks)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(network, ep)| NetworkAddrs {
-            v4: endpoint(ep.ip_address, ep.ip_prefix_len),
-            v6: endpoint(ep.global_ipv6_address, ep.global_ipv6_prefix_len),
-            network,
-        })
-        .collect::<Vec<_>>();
-    let mut networks = networks;
+    let mut networks = network_addrs(c.network_settings.and_then(|s| s.networks));
     networks.sort_by(|a, b| a.network.cmp(&b.network));
     let network_mode = c
         .host_config

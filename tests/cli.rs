@@ -215,6 +215,8 @@ fn install_uninstall_and_daemon_answer_json_under_json() {
             "daemon",
             "--state",
             state.to_str().unwrap(),
+            backend_flag()[0],
+            backend_flag()[1],
         ],
     );
     assert_eq!(out.status.code(), Some(1), "{out:?}");
@@ -295,6 +297,8 @@ fn dry_run_changes_nothing_for_every_command_and_says_so() {
         "daemon",
         "--state",
         dir.state_path().to_str().unwrap(),
+        backend_flag()[0],
+        backend_flag()[1],
     ]);
     assert!(out.status.success(), "{out:?}");
     let shown = text(&out.stdout);

@@ -429,7 +429,8 @@ fn a_config_with_a_duplicate_key_stops_the_daemon_naming_it() {
             .args(["daemon", "--socket-group", "root", "--state"])
             .arg(dir.state_path())
             .arg("--config")
-            .arg(&config),
+            .arg(&config)
+            .args(backend_flag()),
         Duration::from_secs(20),
     );
     let stderr = String::from_utf8_lossy(&out.stderr);

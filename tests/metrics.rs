@@ -405,6 +405,8 @@ fn a_dry_run_start_says_it_would_serve_metrics_and_serves_nothing() {
         &state,
         "--metrics-listen",
         "127.0.0.1:9477",
+        backend_flag()[0],
+        backend_flag()[1],
     ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(

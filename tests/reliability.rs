@@ -588,7 +588,8 @@ fn full_or_read_only_state_dir_fails_the_change_rolls_back_and_keeps_serving() {
             .arg(d.state_path())
             .arg("--socket")
             .arg(dir.path().join("ro-test.sock"))
-            .args(["--docker-socket", "/nonexistent/docker.sock"]),
+            .args(["--docker-socket", "/nonexistent/docker.sock"])
+            .args(backend_flag()),
         Duration::from_secs(10),
     );
     tmpfs.remount("rw");
@@ -833,6 +834,7 @@ fn without_iptables_the_daemon_refuses_to_start_naming_it() {
             .arg("--socket")
             .arg(dir.socket_path())
             .args(["--docker-socket", "/nonexistent/docker.sock"])
+            .args(backend_flag())
             .env_clear()
             .env("PATH", &empty)
             .env("NO_COLOR", "1"),

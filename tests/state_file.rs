@@ -75,7 +75,8 @@ fn start_refused(ns: &Netns, dir: &Path) -> String {
             .arg("--socket")
             .arg(dir.join("natmap.sock"))
             .args(["--socket-group", "root"])
-            .args(["--docker-socket", "/nonexistent/natmap-test-no-docker.sock"]),
+            .args(["--docker-socket", "/nonexistent/natmap-test-no-docker.sock"])
+            .args(backend_flag()),
         Duration::from_secs(20),
     );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();

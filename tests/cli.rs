@@ -237,7 +237,7 @@ fn dry_run_changes_nothing_for_every_command_and_says_so() {
     let ns = bare_router();
     let d = Daemon::start(&ns);
     dnat(&d, "25");
-    let rules = natmap_rules(&ns, false);
+    let rules = natmap_installed(&ns, false);
     let state = std::fs::read(d.state_path()).unwrap();
 
     // Commands that only read run as usual.
@@ -305,10 +305,10 @@ fn dry_run_changes_nothing_for_every_command_and_says_so() {
     assert!(shown.contains("dry run: nothing was changed"), "{shown}");
     // Port 25: the DNAT line is in the shard of tcp block 0.
     assert!(shown.contains("-A NATMAP-T0 -d 192.0.2.1/32"), "{shown}");
-    assert!(natmap_rules(&fresh, false).is_empty());
+    assert!(natmap_installed(&fresh, false).is_empty());
     assert!(!dir.socket_path().exists());
 
-    assert_eq!(natmap_rules(&ns, false), rules, "no rule changed");
+    assert_eq!(natmap_installed(&ns, false), rules, "no rule changed");
     assert_eq!(
         std::fs::read(d.state_path()).unwrap(),
         state,
@@ -390,7 +390,7 @@ fn docker_rm_by_id_refuses_a_rule_that_is_not_a_docker_mapping() {
     let ns = bare_router();
     let d = Daemon::start(&ns);
     dnat(&d, "25");
-    let rules = natmap_rules(&ns, false);
+    let rules = natmap_installed(&ns, false);
     let (status, v) = d.cli_json_output(&["docker", "rm", "--id", "1"]);
     assert_eq!(status.code(), Some(1), "{v}");
     assert_eq!(v["error"]["code"], "invalid_argument", "{v}");
@@ -399,7 +399,7 @@ fn docker_rm_by_id_refuses_a_rule_that_is_not_a_docker_mapping() {
         message.contains("rule #1 is a dnat rule") && message.contains("dnat … --delete"),
         "{message}"
     );
-    assert_eq!(natmap_rules(&ns, false), rules, "nothing removed");
+    assert_eq!(natmap_installed(&ns, false), rules, "nothing removed");
     assert_eq!(
         d.cli_json(&["ls"])["data"]["rules"]
             .as_array()
@@ -459,7 +459,7 @@ fn the_boot_fragment_restored_twice_changes_nothing_with_and_without_docker() {
         dir.join("natmap.rules").to_str().unwrap(),
     ]);
     let fragment = dir.join("natmap.rules");
-    let expected = natmap_rules(&topo.router, false);
+    let expected = natmap_installed(&topo.router, false);
 
     // The fragment alone, restored twice: the same tables as once.
     let bare = bare_router();
@@ -475,7 +475,7 @@ fn the_boot_fragment_restored_twice_changes_nothing_with_and_without_docker() {
         let out = run_plugin(&plain.router, &dir, "start");
         assert!(out.status.success(), "{out:?}");
     }
-    assert_eq!(natmap_rules(&plain.router, false), expected);
+    assert_eq!(natmap_installed(&plain.router, false), expected);
     let save = iptables_save(&plain.router, false);
     for jump in [
         "-A PREROUTING -j NATMAP",
@@ -508,7 +508,7 @@ fn the_boot_fragment_restored_twice_changes_nothing_with_and_without_docker() {
     start_docker_shaped_chains(&after.router);
     assert!(run_plugin(&after.router, &dir, "start").status.success());
     assert_eq!(docker_lines(&after.router), docker);
-    assert_eq!(natmap_rules(&after.router, false), expected);
+    assert_eq!(natmap_installed(&after.router, false), expected);
     expect_tcp(&after.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
 
     // flush takes natmap's hooks and chains away, and nothing of Docker's.

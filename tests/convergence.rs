@@ -345,7 +345,7 @@ fn a_start_replaces_the_single_chain_layout() {
             .collect();
         assert_eq!(lines, want, "{table} {chain} holds only its jump(s) to T0");
     }
-    let lines = natmap_rules(&ns, false);
+    let lines = natmap_installed(&ns, false);
     assert!(
         lines.iter().all(|l| !l.contains("--dport 25 ")),
         "the old lines are gone: {lines:#?}"

@@ -141,7 +141,7 @@ fn eighty_hostile_connections_neither_lock_clients_out_nor_block_sigterm() {
     let ns = bare_router();
     let mut d = isolated_daemon(&ns);
     d.cli_ok(&dnat_args(EXT, INT, "2525"));
-    assert!(!natmap_lines(&ns, false).is_empty());
+    assert!(!natmap_installed(&ns, false).is_empty());
 
     let stop = Arc::new(AtomicBool::new(false));
     let connects = Arc::new(AtomicUsize::new(0));
@@ -174,7 +174,7 @@ fn eighty_hostile_connections_neither_lock_clients_out_nor_block_sigterm() {
     attacker.join().unwrap();
     let status = status.expect("the daemon did not stop within 5 s of SIGTERM");
     assert!(status.success(), "{status}");
-    assert!(natmap_lines(&ns, false).is_empty(), "rules left behind");
+    assert!(natmap_installed(&ns, false).is_empty(), "rules left behind");
     assert!(
         !chain_exists(&ns, false, "nat", "NATMAP"),
         "chain left behind"
@@ -291,7 +291,7 @@ fn at_the_fd_limit_accept_backs_off_and_changes_get_fd_limit() {
         message.contains("3000") && message.contains("LimitNOFILE"),
         "{message}"
     );
-    assert!(natmap_lines(&ns, false).is_empty(), "rules changed");
+    assert!(natmap_installed(&ns, false).is_empty(), "rules changed");
     assert!(
         state_or_empty(&d.state_path()).rules.is_empty(),
         "state changed"
@@ -359,7 +359,7 @@ fn duplicate_keys_are_refused_on_the_socket_in_documents_and_in_state() {
     let ns = bare_router();
     let mut d = isolated_daemon(&ns);
     d.cli_ok(&dnat_args(EXT, INT, "2525"));
-    let rules = natmap_lines(&ns, false);
+    let rules = natmap_installed(&ns, false);
 
     let mut conn = d.connect();
     conn.send_raw(b"{\"version\":1,\"request\":{\"cmd\":\"ping\",\"cmd\":\"clear\"}}\n")
@@ -376,7 +376,7 @@ fn duplicate_keys_are_refused_on_the_socket_in_documents_and_in_state() {
     .unwrap();
     let answer = conn.read_response().unwrap().unwrap();
     assert_eq!(answer["error"]["code"], "invalid_request", "{answer}");
-    assert_eq!(natmap_lines(&ns, false), rules, "rules changed");
+    assert_eq!(natmap_installed(&ns, false), rules, "rules changed");
     assert_eq!(
         state_or_empty(&d.state_path()).rules.len(),
         1,

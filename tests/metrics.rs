@@ -193,7 +193,7 @@ fn the_connections_gauge_follows_open_connections_and_repairs_are_counted() {
     }
 
     // Someone flushes natmap's chain: the repair shows in the metrics.
-    iptables(&topo.router, false, &["-t", "nat", "-F", "NATMAP"]);
+    flush_natmap_dnat(&topo.router, false);
     let deadline = Instant::now() + Duration::from_secs(10);
     let text = loop {
         let text = scrape(&topo.router, METRICS);

@@ -43,7 +43,7 @@ fn multiport_dnat_forwards_tcp_and_keeps_the_client_address() {
     expect_tcp(&topo.router, v4(ROUTER_EXT_V4, 25), ROUTER_EXT_V4, 25);
 
     assert_eq!(
-        natmap_rules(&topo.router, false),
+        natmap_installed(&topo.router, false),
         [
             "nat -A NATMAP -d 192.0.2.1/32 -p tcp -m multiport --dports 25,465 -m comment --comment \"natmap:dnat:1\" -j DNAT --to-destination 198.51.100.2",
             "nat -A NATMAP-OUTPUT -d 192.0.2.1/32 -p tcp -m multiport --dports 25,465 -m comment --comment \"natmap:dnat:1\" -j DNAT --to-destination 198.51.100.2",
@@ -89,7 +89,7 @@ fn udp_dnat_with_ingress_interface() {
             .ext_if(topo.router_ext_if()),
     );
     expect_udp(&topo.client, v4(ROUTER_EXT_V4, 5353), CLIENT_V4, 5353);
-    let rules = natmap_rules(&topo.router, false);
+    let rules = natmap_installed(&topo.router, false);
     assert_eq!(
         rules[0],
         format!(
@@ -115,8 +115,8 @@ fn ipv6_dnat_and_mixed_families_are_refused() {
     let d = Daemon::start(&topo.router);
     d.cli_ok(&dnat_args("2001:db8:1::1", "2001:db8:2::2", "8080"));
     expect_tcp(&topo.client, v6(ROUTER_EXT_V6, 8080), CLIENT_V6, 8080);
-    assert_eq!(natmap_rules(&topo.router, true).len(), 4);
-    assert!(natmap_rules(&topo.router, false).is_empty());
+    assert_eq!(natmap_installed(&topo.router, true).len(), 4);
+    assert!(natmap_installed(&topo.router, false).is_empty());
 
     let (status, mixed) = d.cli_json_output(&dnat_args("192.0.2.1", "2001:db8:2::2", "8081"));
     assert_eq!(status.code(), Some(1));
@@ -167,7 +167,7 @@ fn snat_rewrites_only_the_given_source_on_the_given_interface() {
     // Another source is left alone.
     expect_tcp(&topo.server2, v4(CLIENT_V4, 7000), SERVER2_V4, 7000);
     assert_eq!(
-        natmap_rules(&topo.router, false),
+        natmap_installed(&topo.router, false),
         [format!(
             "nat -A NATMAP-POSTROUTING -s 198.51.100.2/32 -o {} -m comment --comment \"natmap:snat:1\" -j SNAT --to-source 192.0.2.1",
             topo.router_ext_if()
@@ -187,14 +187,14 @@ fn delete_stops_traffic_releases_ports_and_readd_is_idempotent() {
     let _smtp = TcpEcho::start(&topo.server, v4(SERVER_V4, 25));
     let d = Daemon::start(&topo.router);
     dnat_mail(&d);
-    let before = natmap_rules(&topo.router, false);
+    let before = natmap_installed(&topo.router, false);
     let again = dnat_mail(&d);
     assert_eq!(again["data"]["result"], "already_present", "{again}");
     // Same ports in another order are the same rule.
     let reordered = d.cli_json(&dnat_args("192.0.2.1", "198.51.100.2", "465,25"));
     assert_eq!(reordered["data"]["result"], "already_present");
     assert_eq!(
-        natmap_rules(&topo.router, false),
+        natmap_installed(&topo.router, false),
         before,
         "no duplicate rules"
     );
@@ -210,7 +210,7 @@ fn delete_stops_traffic_releases_ports_and_readd_is_idempotent() {
     let deleted = d.cli_json(&dnat_args("192.0.2.1", "198.51.100.2", "25,465").delete());
     assert_eq!(deleted["data"]["result"], "deleted", "{deleted}");
     expect_no_tcp(&topo.client, v4(ROUTER_EXT_V4, 25));
-    assert!(natmap_rules(&topo.router, false).is_empty());
+    assert!(natmap_installed(&topo.router, false).is_empty());
     assert!(bind(), "port 25 released after delete");
 
     let (status, missing) =
@@ -232,7 +232,7 @@ fn kill9_and_restart_rebuild_exactly_the_same_rules() {
     dnat_mail(&d);
     d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "53").proto("udp"));
     d.cli_ok(&hairpin_args("192.0.2.1", "198.51.100.3", "80"));
-    let rules = natmap_rules(&topo.router, false);
+    let rules = natmap_installed(&topo.router, false);
     let save_before = iptables_save(&topo.router, false);
 
     d.kill9();
@@ -240,7 +240,7 @@ fn kill9_and_restart_rebuild_exactly_the_same_rules() {
     expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
     d.respawn();
     assert_eq!(
-        natmap_rules(&topo.router, false),
+        natmap_installed(&topo.router, false),
         rules,
         "restart with old rules present: no duplicates"
     );
@@ -265,7 +265,7 @@ fn kill9_and_restart_rebuild_exactly_the_same_rules() {
     expect_no_tcp(&topo.client, v4(ROUTER_EXT_V4, 25));
     d.respawn();
     assert_eq!(
-        natmap_rules(&topo.router, false),
+        natmap_installed(&topo.router, false),
         rules,
         "recovery into empty tables"
     );
@@ -296,7 +296,7 @@ fn busy_port_fails_whole_request_and_nothing_is_installed() {
         message.contains(&format!("pid {}", std::process::id())),
         "owner named: {message}"
     );
-    assert!(natmap_rules(&topo.router, false).is_empty());
+    assert!(natmap_installed(&topo.router, false).is_empty());
     assert_eq!(
         state_files(&d.state_path()),
         state_before,
@@ -346,7 +346,7 @@ fn restart_skips_rules_whose_port_was_taken_and_installs_them_when_free() {
     assert!(rules[0]["detail"].as_str().unwrap().contains("8080/tcp"));
     assert_eq!(rules[1]["status"], "active");
     assert!(d.log().contains("rule skipped"), "warning logged");
-    let installed = natmap_rules(&topo.router, false);
+    let installed = natmap_installed(&topo.router, false);
     assert!(
         !installed.iter().any(|r| r.contains("8080")),
         "{installed:?}"
@@ -355,7 +355,7 @@ fn restart_skips_rules_whose_port_was_taken_and_installs_them_when_free() {
 
     drop(squatter);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while natmap_rules(&topo.router, false)
+    while natmap_installed(&topo.router, false)
         .iter()
         .all(|r| !r.contains("8080"))
     {
@@ -585,7 +585,7 @@ fn clear_removes_every_rule_chain_and_reservation() {
     );
     // natmap works again after a clear.
     assert_eq!(dnat_mail(&d)["data"]["result"], "added");
-    assert_eq!(natmap_rules(&topo.router, false).len(), 4);
+    assert_eq!(natmap_installed(&topo.router, false).len(), 4);
     d.assert_clean_log();
 }
 
@@ -667,7 +667,7 @@ fn external_changes_to_natmap_rules_are_repaired() {
     dnat_mail(&d);
     d.cli_ok(&snat_args("198.51.100.0/24", "ext0", "192.0.2.1"));
     d.cli_ok(&hairpin_args("192.0.2.1", "198.51.100.3", "80"));
-    let good = natmap_rules(&topo.router, false);
+    let good = natmap_installed(&topo.router, false);
     // A quiet period first: correct rules are never "repaired".
     std::thread::sleep(std::time::Duration::from_millis(2500));
     assert!(
@@ -695,7 +695,7 @@ fn external_changes_to_natmap_rules_are_repaired() {
             repairs_logged() > i
         });
         eprintln!("repair after {args:?}: {took:?}");
-        assert_eq!(natmap_rules(&topo.router, false), good);
+        assert_eq!(natmap_installed(&topo.router, false), good);
         expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
     }
     // The foreign rule stays, behind natmap's jump.
@@ -722,7 +722,7 @@ fn external_changes_to_natmap_rules_are_repaired() {
         1,
         "the inserted RETURN alone is a routine repair"
     );
-    assert_eq!(natmap_rules(&topo.router, false), good);
+    assert_eq!(natmap_installed(&topo.router, false), good);
     expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
     d.assert_clean_log_except(&["changed from outside"]);
 }
@@ -735,7 +735,7 @@ fn dry_run_changes_nothing_and_shows_the_exact_transaction() {
     let topo = Topology::new();
     let d = Daemon::start(&topo.router);
     d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "25"));
-    let rules_before = natmap_rules(&topo.router, false);
+    let rules_before = natmap_installed(&topo.router, false);
     let state_before = state_files(&d.state_path());
     let add = [
         "--dry-run",
@@ -752,7 +752,7 @@ fn dry_run_changes_nothing_and_shows_the_exact_transaction() {
     let transactions = plan["data"]["transactions"].as_array().unwrap();
     assert_eq!(transactions.len(), 1, "{plan}");
     assert_eq!(
-        natmap_rules(&topo.router, false),
+        natmap_installed(&topo.router, false),
         rules_before,
         "a dry run changes no rule"
     );
@@ -768,7 +768,7 @@ fn dry_run_changes_nothing_and_shows_the_exact_transaction() {
     std::fs::write(&path, transactions[0]["restore"].as_str().unwrap()).unwrap();
     topo.router
         .run_ok(&["iptables-restore", "--noflush", path.to_str().unwrap()]);
-    let by_hand = natmap_rules(&topo.router, false);
+    let by_hand = natmap_installed(&topo.router, false);
     // Undo by hand: the same transaction with every -A turned into -D, and
     // the shards it declared (created: 443 is the first port of tcp block
     // 1) deleted after their lines instead of declared (which flushes).
@@ -790,10 +790,10 @@ fn dry_run_changes_nothing_and_shows_the_exact_transaction() {
     std::fs::write(&path, undo).unwrap();
     topo.router
         .run_ok(&["iptables-restore", "--noflush", path.to_str().unwrap()]);
-    assert_eq!(natmap_rules(&topo.router, false), rules_before);
+    assert_eq!(natmap_installed(&topo.router, false), rules_before);
     let real = d.cli_json(&add[1..]);
     assert_eq!(real["data"]["result"], "added", "{real}");
-    assert_eq!(natmap_rules(&topo.router, false), by_hand);
+    assert_eq!(natmap_installed(&topo.router, false), by_hand);
 
     // Errors are the real errors; read-only commands have no dry run.
     let (status, busy) = d.cli_json_output(&[
@@ -1060,7 +1060,7 @@ fn save_export_fragment_restores_cleanly_and_holds_only_natmap() {
             || line.starts_with("# natmap");
         assert!(ours, "not natmap's: {line}");
     }
-    let expected = natmap_rules(&topo.router, false);
+    let expected = natmap_installed(&topo.router, false);
 
     // A host that restores rules at boot without the daemon (FORWARD DROP).
     let fresh = Topology::new();
@@ -1078,7 +1078,7 @@ fn save_export_fragment_restores_cleanly_and_holds_only_natmap() {
         plugin.display().to_string(),
         "start".to_owned(),
     ]);
-    assert_eq!(natmap_rules(&fresh.router, false), expected);
+    assert_eq!(natmap_installed(&fresh.router, false), expected);
     expect_tcp(&fresh.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
     // When the daemon starts there, its own hooks replace the boot hook.
     let d2 = Daemon::start(&fresh.router);
@@ -1140,7 +1140,7 @@ fn save_export_fragment_restores_cleanly_and_holds_only_natmap() {
         .router
         .run_ok(&["iptables-restore", "--noflush", file.to_str().unwrap()]);
     assert_eq!(docker_lines(&docker), before);
-    assert_eq!(natmap_rules(&docker.router, false), expected);
+    assert_eq!(natmap_installed(&docker.router, false), expected);
     d.assert_clean_log();
 }
 
@@ -1167,7 +1167,7 @@ fn daemon_refuses_to_start_when_dockers_rules_are_in_the_other_backend() {
         "{stderr}"
     );
     assert!(
-        natmap_rules(&topo.router, false).is_empty(),
+        natmap_installed(&topo.router, false).is_empty(),
         "nothing installed"
     );
     topo.router

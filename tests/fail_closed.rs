@@ -491,9 +491,13 @@ fn a_vip_moving_between_two_natmap_routers_moves_the_forward_within_a_second() {
 }
 
 /// Packets natmap's DNAT translated in `ns` (counters of nat `NATMAP`,
-/// hooked from PREROUTING, and of its shards).
+/// hooked from PREROUTING, and of its shards; on the nftables pass, of
+/// the elements of natmap's dnat maps).
 fn counter_of(ns: &Netns) -> u64 {
     use natmap::firewall::iptables::Chain;
+    if testing_nftables() {
+        return nft_dnat_packets(ns, false);
+    }
     let mut ours = false;
     let mut sum = 0;
     for l in iptables(ns, false, &["-t", "nat", "-L", "-v", "-n", "-x"]).lines() {

@@ -48,15 +48,17 @@ pub fn testing_nftables() -> bool {
 }
 
 /// For a test whose body checks something only the iptables backend has:
-/// on the nftables pass prints `skipped on nftables: REASON` and returns
-/// false (the iptables pass runs the body), true otherwise.
+/// on the nftables pass prints `skipped on nftables: NAME: REASON` on the
+/// real stderr (shown without `--nocapture`) and returns false (the
+/// iptables pass runs the body), true otherwise.
 ///
 /// ```ignore
 /// if !common::privileged() || !common::iptables_only("the shard layout") { return; }
 /// ```
 pub fn iptables_only(reason: &str) -> bool {
     if testing_nftables() {
-        println!("skipped on nftables: {reason}");
+        let test = std::thread::current().name().unwrap_or("?").to_owned();
+        let _ = writeln!(std::io::stderr(), "skipped on nftables: {test}: {reason}");
         false
     } else {
         true

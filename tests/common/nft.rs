@@ -117,3 +117,19 @@ pub fn flush_natmap_dnat(ns: &Netns, v6: bool) {
         iptables(ns, v6, &["-t", "nat", "-F", "NATMAP"]);
     }
 }
+
+/// Packets natmap's static dnat maps (`dnat_addr`, `dnat_port`,
+/// `dnat_iif`) counted in `ns`: non-zero once natmap translated a
+/// connection there (each connection counts twice: the guard lookup and
+/// the translation). 0 when the table does not exist.
+pub fn nft_dnat_packets(ns: &Netns, v6: bool) -> u64 {
+    use natmap::firewall::nftables::{exec::element_counters, render::Map};
+    let Some(table) = nft_natmap_table(ns, v6) else {
+        return 0;
+    };
+    element_counters(&table.to_string())
+        .into_iter()
+        .filter(|c| matches!(c.map, Map::Dnat | Map::DnatPort | Map::DnatIf))
+        .map(|c| c.packets)
+        .sum()
+}

@@ -194,18 +194,7 @@ fn bulk_apply_of_a_thousand_rules() {
     }
     let topo = Topology::new();
     let d = Daemon::start(&topo.router);
-    // natmap's dnat lines: nat NATMAP's `-A` lines (its `-N` line aside),
-    // or on the nftables pass the elements of its dnat_port map.
-    let dnat_entries = || {
-        if testing_nftables() {
-            nft_elements(&topo.router, false)
-                .iter()
-                .filter(|e| e.starts_with("dnat_port "))
-                .count()
-        } else {
-            iptables_rules(&topo.router, false, "nat", "NATMAP").len() - 1
-        }
-    };
+    let dnat_entries = || natmap_dnat_entries(&topo.router);
     let rules: Vec<Value> = (20000..21000).map(dnat).collect();
     let f = write_doc(&d, "bulk.json", &json!({"schema_version":1,"rules":rules}));
     let start = std::time::Instant::now();

@@ -133,3 +133,55 @@ pub fn nft_dnat_packets(ns: &Netns, v6: bool) -> u64 {
         .map(|c| c.packets)
         .sum()
 }
+
+/// On the nftables pass: natmap's connmark accept is the first rule of
+/// `DOCKER-USER` in `ns` (iptables or ip6tables for `v6`), once — where
+/// that backend hooks into Docker's FORWARD DROP.
+#[track_caller]
+pub fn assert_nft_accept_first(ns: &Netns, v6: bool) {
+    let lines = iptables_appended_rules(ns, v6, "filter", "DOCKER-USER");
+    let ours = |l: &String| l.contains("--comment natmap-nftables");
+    assert!(
+        lines.first().is_some_and(ours) && lines.iter().filter(|l| ours(l)).count() == 1,
+        "DOCKER-USER: {lines:?}"
+    );
+}
+
+/// A reboot of `ns`'s firewall as natmap finds it at start: on iptables
+/// every chain of nat and filter flushed and deleted; on nftables natmap's
+/// tables gone and `DOCKER-USER` as Docker makes it again (`-j RETURN`
+/// only). The filter FORWARD policy (DROP in a [`Topology`]) stays.
+pub fn reboot_firewall(ns: &Netns) {
+    if testing_nftables() {
+        for family in ["ip", "ip6"] {
+            ns.run_ok(&["nft", "delete", "table", family, "natmap"]);
+        }
+        for v6 in [false, true] {
+            iptables(ns, v6, &["-F", "DOCKER-USER"]);
+            iptables(ns, v6, &["-A", "DOCKER-USER", "-j", "RETURN"]);
+        }
+    } else {
+        for table in ["nat", "filter"] {
+            iptables(ns, false, &["-t", table, "-F"]);
+            iptables(ns, false, &["-t", table, "-X"]);
+        }
+    }
+}
+
+/// natmap's dnat entries in `ns` (IPv4): the `-A` lines of nat `NATMAP`
+/// (one per rule there, shards folded), or on the nftables pass the
+/// elements of its dnat maps (one per port or run of ports).
+pub fn natmap_dnat_entries(ns: &Netns) -> usize {
+    if testing_nftables() {
+        nft_elements(ns, false)
+            .iter()
+            .filter(|e| {
+                ["dnat_port ", "dnat_addr ", "dnat_iif "]
+                    .iter()
+                    .any(|m| e.starts_with(m))
+            })
+            .count()
+    } else {
+        iptables_appended_rules(ns, false, "nat", "NATMAP").len()
+    }
+}

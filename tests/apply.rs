@@ -184,6 +184,10 @@ fn export_then_apply_on_an_empty_daemon_gives_identical_rules() {
         strip(iptables_save(&target.router, true)),
         strip(iptables_save(&source.router, true))
     );
+    assert_eq!(
+        natmap_installed(&target.router, true),
+        natmap_installed(&source.router, true)
+    );
     assert_eq!(d2.cli_ok(&["export"]), exported, "export is stable");
 }
 

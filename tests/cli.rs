@@ -648,6 +648,8 @@ fn a_daemon_that_gives_up_at_start_leaves_no_rules() {
         !save.contains("NATMAP") && !save.contains("DOCKER-USER"),
         "left behind:\n{save}"
     );
+    let left = natmap_left_behind(&second);
+    assert!(left.is_empty(), "left behind: {left:?}");
     assert!(in_netns(&second, || std::net::TcpListener::bind(v4(
         ROUTER_EXT_V4,
         25

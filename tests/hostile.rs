@@ -179,6 +179,8 @@ fn eighty_hostile_connections_neither_lock_clients_out_nor_block_sigterm() {
         !chain_exists(&ns, false, "nat", "NATMAP"),
         "chain left behind"
     );
+    let left = natmap_left_behind(&ns);
+    assert!(left.is_empty(), "left behind: {left:?}");
 
     report(&format!(
         "lock-out: {} hostile connections at a time ({HOSTILE_EACH} pipelining {PIPELINED_PINGS} \

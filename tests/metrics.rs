@@ -341,6 +341,8 @@ fn a_bad_metrics_address_stops_the_start_before_any_rule_is_installed() {
             !chain_exists(&topo.router, false, "nat", "NATMAP"),
             "{args:?} left natmap's chains behind"
         );
+        let left = natmap_left_behind(&topo.router);
+        assert!(left.is_empty(), "{args:?} left behind: {left:?}");
     }
 }
 

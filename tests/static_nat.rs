@@ -476,6 +476,7 @@ fn bad_input_is_refused_and_leaves_rules_and_state_byte_identical() {
     dnat_mail(&d);
     let state_before = state_files(&d.state_path());
     let rules_before = iptables_save(&topo.router, false);
+    let installed_before = natmap_installed(&topo.router, false);
     cli_refuses_bad_arguments(&d);
     socket_refuses_bad_requests(&d);
     assert_eq!(
@@ -492,6 +493,11 @@ fn bad_input_is_refused_and_leaves_rules_and_state_byte_identical() {
     assert_eq!(
         strip(&iptables_save(&topo.router, false)),
         strip(&rules_before),
+        "rules identical"
+    );
+    assert_eq!(
+        natmap_installed(&topo.router, false),
+        installed_before,
         "rules identical"
     );
     d.assert_clean_log();

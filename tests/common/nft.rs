@@ -185,3 +185,35 @@ pub fn natmap_dnat_entries(ns: &Netns) -> usize {
         iptables_appended_rules(ns, false, "nat", "NATMAP").len()
     }
 }
+
+/// What natmap left in `ns` after it stopped or gave up, in the backend's
+/// terms: its chains (`nat NATMAP`, … in either family) on iptables; its
+/// tables and its `DOCKER-USER` accept on nftables. Empty when clean.
+pub fn natmap_left_behind(ns: &Netns) -> Vec<String> {
+    let mut left = Vec::new();
+    for v6 in [false, true] {
+        if testing_nftables() {
+            if nft_natmap_table(ns, v6).is_some() {
+                left.push(format!("table {} natmap", nft_family(v6)));
+            }
+            let save = ns.exec(&[if v6 {
+                "ip6tables-save"
+            } else {
+                "iptables-save"
+            }]);
+            left.extend(
+                String::from_utf8_lossy(&save.stdout)
+                    .lines()
+                    .filter(|l| l.contains("natmap-nftables"))
+                    .map(str::to_owned),
+            );
+        } else {
+            for (table, chain) in NATMAP_TABLE_CHAINS {
+                if chain_exists(ns, v6, table, chain) {
+                    left.push(format!("{} {table} {chain}", iptables_bin(v6)));
+                }
+            }
+        }
+    }
+    left
+}

@@ -787,7 +787,7 @@ fn without_ipv6_nat_ipv6_requests_fail_clearly_and_ipv4_forwards() {
                  \tcase \"$input\" in *'table ip6 natmap {{'*)\n\
                  \t\techo 'Error: Could not process rule: No such file or directory' >&2; exit 1 ;;\n\
                  \tesac\n\
-                 \tprintf '%s\\n' \"$input\" | exec {real} \"$@\"\n\
+                 \tprintf '%s\\n' \"$input\" | {real} \"$@\"; exit $?\n\
                  fi\nexec {real} \"$@\"\n",
                 real = real.display()
             ),

@@ -547,6 +547,7 @@ fn the_plugin_leaves_a_running_daemon_alone() {
         dir.join("natmap.rules").to_str().unwrap(),
     ]);
     let before = tables(&ns);
+    let installed = natmap_installed(&ns, false);
     let out = ns.exec(&[
         "env".to_owned(),
         format!("NATMAP_RULES_DIR={}", dir.display()),
@@ -562,6 +563,7 @@ fn the_plugin_leaves_a_running_daemon_alone() {
         "{out:?}"
     );
     assert_eq!(tables(&ns), before);
+    assert_eq!(natmap_installed(&ns, false), installed);
     d.assert_clean_log();
 }
 

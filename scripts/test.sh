@@ -38,6 +38,9 @@ ensure_cargo
 trap 'return_target_to_sudo_user "${REPO}"' EXIT
 
 export NATMAP_REQUIRE_PRIVILEGED=1
+# The main test step is the iptables pass (the default backend); only
+# test-nftables below sets NATMAP_TEST_BACKEND.
+unset NATMAP_TEST_BACKEND
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
 declare -a summary=()

@@ -473,9 +473,10 @@ impl FirewallDriver for NftablesDriver {
         })
     }
 
-    fn forward_drops(&self, _family: Family) -> bool {
-        // Not read by this backend yet; unknown counts as not dropped.
-        false
+    fn forward_drops(&self, family: Family) -> bool {
+        // natmap's table accepts nothing another filter drops: iptables'
+        // FORWARD policy decides, as on the iptables backend.
+        docker_user::forward_drops(family)
     }
 
     fn docker_published_ports(&self) -> Option<HashSet<(Proto, u16)>> {

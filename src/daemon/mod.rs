@@ -660,6 +660,21 @@ fn lock_state(config: &DaemonConfig) -> Result<fs::File, String> {
     crate::state::lock(&config.state_path).map_err(|e| e.to_string())
 }
 
+/// Fixes glibc's mmap threshold at its default (128 KiB): a client line
+/// near the 4 MiB limit is read into a buffer that large, and glibc would
+/// otherwise raise the threshold when that buffer is freed and keep the
+/// next ones in the heap, so a few hostile clients left the daemon ~8 MiB
+/// larger for good. Above the fixed threshold a buffer is its own mapping,
+/// returned to the kernel when it is freed.
+fn keep_large_buffers_out_of_the_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; called before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 /// Prepares the process for many reservations; call before any thread starts.
 ///
 /// Every reservation is a file descriptor: the soft limit goes up to the
@@ -668,6 +683,7 @@ fn lock_state(config: &DaemonConfig) -> Result<fs::File, String> {
 /// descriptors) waits out an RCU grace period, 7-16 ms each, measured as
 /// half the time of an `apply` of 1000 mappings (docs/performance.md).
 pub fn prepare_fd_table() {
+    keep_large_buffers_out_of_the_heap();
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let Ok((mut soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return;

@@ -66,13 +66,14 @@ pub fn iptables_only(reason: &str) -> bool {
 }
 
 /// `--backend <test_backend()>` unless `args` already holds a `--backend`
-/// (a test that picks its backend keeps its choice).
+/// (a test that picks its backend keeps its choice), or no backend was
+/// asked for (then the daemon's own default is what runs, and is tested).
 pub fn backend_args<S: AsRef<OsStr>>(args: &[S]) -> Vec<String> {
     let chosen = args.iter().any(|a| {
         let a = a.as_ref().to_string_lossy();
         a == "--backend" || a.starts_with("--backend=")
     });
-    if chosen {
+    if chosen || std::env::var_os(TEST_BACKEND_ENV).is_none() {
         Vec::new()
     } else {
         vec!["--backend".to_owned(), test_backend().to_owned()]

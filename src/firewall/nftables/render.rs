@@ -11,7 +11,10 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use std::fmt::Write as _;
 
-use crate::model::{DockerRule, Endpoint, Family, IfName, PortList, Proto, Rule, RuleId, RuleSpec};
+use crate::model::{
+    DnatRule, DockerRule, Endpoint, Family, HairpinRule, IfName, PortList, Proto, Rule, RuleId,
+    RuleSpec, SnatRule,
+};
 
 use super::marks::Marks;
 
@@ -437,85 +440,10 @@ fn render_rule(rule: &Rule, family: Family, out: &mut Elements) -> Result<(), Un
         what: what.to_owned(),
     };
     match &rule.spec {
-        RuleSpec::Dnat(r) => {
-            if r.ext_ip.family() != family {
-                return Ok(());
-            }
-            let ext_if = r.ext_if.as_ref().filter(|i| !i.is_any());
-            let iface = match ext_if {
-                Some(i) => Some(ifname(i).ok_or_else(|| {
-                    unsupported(&format!(
-                        "dnat --ext-if {}: only interface names of letters, digits, _ . - @ and a trailing +",
-                        i.as_str()
-                    ))
-                })?),
-                None => None,
-            };
-            let (ext, int) = (Part::Addr(r.ext_ip.ip()), Part::Addr(r.int_ip.ip()));
-            for ports in ranges(&r.ports) {
-                let p = Part::Proto(r.proto);
-                out.insert(fwd(vec![int.clone(), p.clone(), ports.clone()]));
-                let key = vec![ext.clone(), p, ports];
-                match &iface {
-                    Some(i) => {
-                        let mut k = vec![Part::Iface(i.clone())];
-                        k.extend(key);
-                        out.insert((Map::DnatIf, elem(k, vec![int.clone()])))
-                    }
-                    None => out.insert(dnat(key, int.clone())),
-                };
-            }
-        }
-        RuleSpec::Hairpin(r) => {
-            if r.ext_ip.family() != family {
-                return Ok(());
-            }
-            if r.int_net.family() != family {
-                return Err(unsupported(
-                    "hairpin with an internal network of the other family",
-                ));
-            }
-            let (ext, int) = (Part::Addr(r.ext_ip.ip()), Part::Addr(r.int_ip.ip()));
-            let p = Part::Proto(r.proto);
-            for ports in ranges(&r.ports) {
-                out.insert(dnat(
-                    vec![ext.clone(), p.clone(), ports.clone()],
-                    int.clone(),
-                ));
-                out.insert(fwd(vec![int.clone(), p.clone(), ports.clone()]));
-                out.insert((
-                    Map::Masq,
-                    elem(
-                        vec![network(&r.int_net), int.clone(), p.clone(), ports],
-                        vec![],
-                    ),
-                ));
-            }
-        }
-        RuleSpec::Snat(r) => {
-            if r.ext_ip.family() != family {
-                return Ok(());
-            }
-            if r.source.family() != family {
-                return Err(unsupported("snat of a source of the other family"));
-            }
-            let iface = ifname(&r.ext_if).ok_or_else(|| {
-                unsupported(&format!(
-                    "snat --ext-if {}: only interface names of letters, digits, _ . - @ and a trailing + \
-                     (nft has no wildcard for every interface)",
-                    r.ext_if.as_str()
-                ))
-            })?;
-            let key = vec![Part::Iface(iface), network(&r.source)];
-            out.insert((
-                Map::Snat,
-                elem(key.clone(), vec![Part::Addr(r.ext_ip.ip())]),
-            ));
-            if r.forward {
-                out.insert((Map::SnatFwd, elem(key, vec![])));
-            }
-        }
-        RuleSpec::PolicyRoute(_) => {}
+        RuleSpec::Dnat(r) => render_dnat(r, family, out).map_err(|w| unsupported(&w)),
+        RuleSpec::Hairpin(r) => render_hairpin(r, family, out).map_err(|w| unsupported(&w)),
+        RuleSpec::Snat(r) => render_snat(r, family, out).map_err(|w| unsupported(&w)),
+        RuleSpec::PolicyRoute(_) => Ok(()),
         RuleSpec::Docker(r) => {
             let target = match family {
                 Family::V4 => r.target_v4.as_ref(),
@@ -528,11 +456,93 @@ fn render_rule(rule: &Rule, family: Family, out: &mut Elements) -> Result<(), Un
             // A loopback-only publish is the relay's alone: a DNAT of
             // 127.0.0.1 in the output hook would take the host's own
             // connections away from it (and martian-drop them).
-            if r.loopback_only() {
-                return Ok(());
+            if !r.loopback_only() {
+                render_docker(r, target, family, out);
             }
-            render_docker(r, target, family, out);
+            Ok(())
         }
+    }
+}
+
+/// A `dnat`'s elements: the translation (per ingress interface when it
+/// names one) and the forwarding counter, per run of ports. `Err`: what the
+/// backend cannot express.
+fn render_dnat(r: &DnatRule, family: Family, out: &mut Elements) -> Result<(), String> {
+    if r.ext_ip.family() != family {
+        return Ok(());
+    }
+    let iface = match r.ext_if.as_ref().filter(|i| !i.is_any()) {
+        Some(i) => Some(ifname(i).ok_or_else(|| {
+            format!(
+                "dnat --ext-if {}: only interface names of letters, digits, _ . - @ and a trailing +",
+                i.as_str()
+            )
+        })?),
+        None => None,
+    };
+    let (ext, int) = (Part::Addr(r.ext_ip.ip()), Part::Addr(r.int_ip.ip()));
+    for ports in ranges(&r.ports) {
+        let p = Part::Proto(r.proto);
+        out.insert(fwd(vec![int.clone(), p.clone(), ports.clone()]));
+        let key = vec![ext.clone(), p, ports];
+        match &iface {
+            Some(i) => {
+                let mut k = vec![Part::Iface(i.clone())];
+                k.extend(key);
+                out.insert((Map::DnatIf, elem(k, vec![int.clone()])))
+            }
+            None => out.insert(dnat(key, int.clone())),
+        };
+    }
+    Ok(())
+}
+
+/// A `hairpin`'s elements: a dnat's, and the masquerade of its internal
+/// network's connections to the target.
+fn render_hairpin(r: &HairpinRule, family: Family, out: &mut Elements) -> Result<(), String> {
+    if r.ext_ip.family() != family {
+        return Ok(());
+    }
+    if r.int_net.family() != family {
+        return Err("hairpin with an internal network of the other family".into());
+    }
+    let (ext, int) = (Part::Addr(r.ext_ip.ip()), Part::Addr(r.int_ip.ip()));
+    let p = Part::Proto(r.proto);
+    for ports in ranges(&r.ports) {
+        out.insert(dnat(
+            vec![ext.clone(), p.clone(), ports.clone()],
+            int.clone(),
+        ));
+        out.insert(fwd(vec![int.clone(), p.clone(), ports.clone()]));
+        let masq = vec![network(&r.int_net), int.clone(), p.clone(), ports];
+        out.insert((Map::Masq, elem(masq, vec![])));
+    }
+    Ok(())
+}
+
+/// A `snat`'s elements: the new source by interface and source, and with
+/// `--forward` the mark that lets its connections through `DOCKER-USER`.
+fn render_snat(r: &SnatRule, family: Family, out: &mut Elements) -> Result<(), String> {
+    if r.ext_ip.family() != family {
+        return Ok(());
+    }
+    if r.source.family() != family {
+        return Err("snat of a source of the other family".into());
+    }
+    let iface = ifname(&r.ext_if).ok_or_else(|| {
+        format!(
+            "snat --ext-if {}: only interface names of letters, digits, _ . - @ and a trailing + \
+             (nft has no wildcard for every interface)",
+            r.ext_if.as_str()
+        )
+    })?;
+    let key = vec![Part::Iface(iface), network(&r.source)];
+    out.insert((
+        Map::Snat,
+        elem(key.clone(), vec![Part::Addr(r.ext_ip.ip())]),
+    ));
+    if r.forward {
+        out.insert((Map::SnatFwd, elem(key, vec![])));
     }
     Ok(())
 }
@@ -699,6 +709,8 @@ pub fn table(family: Family, elements: &Elements, marks: &Marks) -> String {
 }
 
 /// The chains of natmap's table: (name, hook, priority, rules).
+// Long because it is the table's whole rule set, hook by hook: read top to
+// bottom, it is the table it renders.
 fn chains(
     family: Family,
     marks: &Marks,

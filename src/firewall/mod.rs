@@ -74,6 +74,13 @@ impl Desired {
         Some(&self.rules[i])
     }
 
+    /// A copy with `change` made (a driver that renders whole: O(N)).
+    pub fn with(&self, change: &RuleChange) -> Desired {
+        let mut next = self.clone();
+        next.change(change);
+        next
+    }
+
     /// Applies `change` in place, keeping id order: a binary search per
     /// rule it names.
     pub fn change(&mut self, change: &RuleChange) {

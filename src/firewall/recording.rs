@@ -83,6 +83,20 @@ fn changed_ids(applied: &[RuleId], change: &RuleChange) -> Vec<RuleId> {
     ids
 }
 
+impl Log {
+    /// Fails the call when a failure was asked for ([`RecordingDriver::fail_next`]).
+    fn injected_failure(&mut self) -> Result<(), FirewallError> {
+        if self.fail_next == 0 {
+            return Ok(());
+        }
+        self.fail_next -= 1;
+        Err(FirewallError::Refused {
+            program: "recording".into(),
+            message: "injected failure".into(),
+        })
+    }
+}
+
 struct NoCounters;
 
 impl ReadCounters for NoCounters {
@@ -107,13 +121,7 @@ impl FirewallDriver for RecordingDriver {
         mode: Mode,
     ) -> Result<(), FirewallError> {
         let mut log = self.log.lock().expect("lock");
-        if log.fail_next > 0 {
-            log.fail_next -= 1;
-            return Err(FirewallError::Refused {
-                program: "recording".into(),
-                message: "injected failure".into(),
-            });
-        }
+        log.injected_failure()?;
         let rules: Vec<RuleId> = desired.rules().iter().map(|r| r.id).collect();
         log.applied.clone_from(&rules);
         log.installed = true;
@@ -131,13 +139,7 @@ impl FirewallDriver for RecordingDriver {
         families: &[Family],
     ) -> Result<(), FirewallError> {
         let mut log = self.log.lock().expect("lock");
-        if log.fail_next > 0 {
-            log.fail_next -= 1;
-            return Err(FirewallError::Refused {
-                program: "recording".into(),
-                message: "injected failure".into(),
-            });
-        }
+        log.injected_failure()?;
         let rules = changed_ids(&log.applied, change);
         log.applied.clone_from(&rules);
         log.installed = true;

@@ -217,8 +217,7 @@ impl FirewallDriver for IptablesDriver {
         change: &RuleChange,
         families: &[Family],
     ) -> Result<(), FirewallError> {
-        let mut next = self.rules.clone();
-        next.change(change);
+        let next = self.rules.with(change);
         self.apply(&next, families, Mode::Change)
     }
 
@@ -227,9 +226,7 @@ impl FirewallDriver for IptablesDriver {
         change: &RuleChange,
         families: &[Family],
     ) -> Result<Vec<(Family, String)>, FirewallError> {
-        let mut next = self.rules.clone();
-        next.change(change);
-        self.preview(&next, families, Mode::Change)
+        self.preview(&self.rules.with(change), families, Mode::Change)
     }
 
     fn forget(&mut self) {

@@ -197,12 +197,11 @@ impl NftablesDriver {
         change: &RuleChange,
         families: &[Family],
     ) -> Result<(), FirewallError> {
-        let mut next = self
+        let next = self
             .applied_rules
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        next.change(change);
+            .with(change);
         self.apply(&next, families, Mode::Full)
     }
 

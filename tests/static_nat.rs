@@ -865,66 +865,38 @@ fn dry_run_changes_nothing_and_shows_the_exact_transaction() {
     // The shown transaction is exactly what the real change does.
     let path = d.dir().join("plan.rules");
     std::fs::write(&path, transactions[0]["restore"].as_str().unwrap()).unwrap();
-    if testing_nftables() {
-        // An `nft -f` batch of element changes: loaded by hand, undone by
-        // hand (every add a delete), then the real change.
+    // Load the shown transaction by hand, undo it by hand, then the real
+    // change must leave exactly what the shown one did.
+    let (load, undo, teardown_mark): (&[&str], String, &str) = if testing_nftables() {
+        // An `nft -f` batch of element changes: every add a delete.
         let shown = transactions[0]["restore"].as_str().unwrap();
         assert!(shown.contains("add element ip natmap "), "{shown}");
-        topo.router.run_ok(&["nft", "-f", path.to_str().unwrap()]);
-        let by_hand = natmap_installed(&topo.router, false);
-        assert_ne!(by_hand, rules_before, "{shown}");
-        let undo: String = shown
+        let undo = shown
             .lines()
             .map(|l| format!("{}\n", l.replacen("add element ", "delete element ", 1)))
             .collect();
-        std::fs::write(&path, undo).unwrap();
-        topo.router.run_ok(&["nft", "-f", path.to_str().unwrap()]);
-        assert_eq!(natmap_installed(&topo.router, false), rules_before);
-        let real = d.cli_json(&add[1..]);
-        assert_eq!(real["data"]["result"], "added", "{real}");
-        assert_eq!(natmap_installed(&topo.router, false), by_hand);
-        let clear = d.cli_json(&["--dry-run", "clear"]);
-        assert!(
-            clear["data"]["transactions"][0]["restore"]
-                .as_str()
-                .unwrap()
-                .contains("delete table ip natmap"),
-            "{clear}"
-        );
-        assert_eq!(
-            d.cli_json(&["ls"])["data"]["rules"]
-                .as_array()
-                .unwrap()
-                .len(),
-            2
-        );
-        d.assert_clean_log();
-        return;
-    }
-    topo.router
-        .run_ok(&["iptables-restore", "--noflush", path.to_str().unwrap()]);
+        (&["nft", "-f"], undo, "delete table ip natmap")
+    } else {
+        // The same transaction with every -A turned into -D, and the
+        // shards it declared (created: 443 is the first port of tcp block
+        // 1) deleted after their lines instead of declared (which flushes).
+        let undo = iptables_undo(transactions[0]["restore"].as_str().unwrap());
+        assert!(undo.contains("-X NATMAP-T1\n"), "{undo}");
+        (&["iptables-restore", "--noflush"], undo, "-X NATMAP")
+    };
+    let run_file = |file: &std::path::Path| {
+        let mut argv: Vec<&str> = load.to_vec();
+        argv.push(file.to_str().unwrap());
+        topo.router.run_ok(&argv);
+    };
+    run_file(&path);
     let by_hand = natmap_installed(&topo.router, false);
-    // Undo by hand: the same transaction with every -A turned into -D, and
-    // the shards it declared (created: 443 is the first port of tcp block
-    // 1) deleted after their lines instead of declared (which flushes).
-    let mut undo = String::new();
-    let mut created = Vec::new();
-    for line in transactions[0]["restore"].as_str().unwrap().lines() {
-        if let Some(decl) = line.strip_prefix(':') {
-            created.push(decl.split_whitespace().next().unwrap().to_owned());
-        } else if line == "COMMIT" {
-            for chain in created.drain(..) {
-                undo.push_str(&format!("-X {chain}\n"));
-            }
-            undo.push_str("COMMIT\n");
-        } else {
-            undo.push_str(&format!("{}\n", line.replacen("-A ", "-D ", 1)));
-        }
-    }
-    assert!(undo.contains("-X NATMAP-T1\n"), "{undo}");
+    assert_ne!(
+        by_hand, rules_before,
+        "the shown transaction changes the rules"
+    );
     std::fs::write(&path, undo).unwrap();
-    topo.router
-        .run_ok(&["iptables-restore", "--noflush", path.to_str().unwrap()]);
+    run_file(&path);
     assert_eq!(natmap_installed(&topo.router, false), rules_before);
     let real = d.cli_json(&add[1..]);
     assert_eq!(real["data"]["result"], "added", "{real}");
@@ -950,7 +922,7 @@ fn dry_run_changes_nothing_and_shows_the_exact_transaction() {
         clear["data"]["transactions"][0]["restore"]
             .as_str()
             .unwrap()
-            .contains("-X NATMAP"),
+            .contains(teardown_mark),
         "{clear}"
     );
     assert_eq!(
@@ -1373,4 +1345,25 @@ fn state_files(path: &std::path::Path) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
         path.file_name().unwrap().to_string_lossy()
     ));
     (std::fs::read(path).ok(), std::fs::read(journal).ok())
+}
+
+/// What undoes an `iptables-restore --noflush` transaction natmap showed:
+/// every `-A` a `-D`, and the chains it declared deleted (`-X`) after
+/// their lines instead of declared.
+fn iptables_undo(shown: &str) -> String {
+    let mut undo = String::new();
+    let mut created = Vec::new();
+    for line in shown.lines() {
+        if let Some(decl) = line.strip_prefix(':') {
+            created.push(decl.split_whitespace().next().unwrap().to_owned());
+        } else if line == "COMMIT" {
+            for chain in created.drain(..) {
+                undo.push_str(&format!("-X {chain}\n"));
+            }
+            undo.push_str("COMMIT\n");
+        } else {
+            undo.push_str(&format!("{}\n", line.replacen("-A ", "-D ", 1)));
+        }
+    }
+    undo
 }

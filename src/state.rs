@@ -493,50 +493,14 @@ pub fn load(path: &Path) -> Result<(Loaded, Store), StateError> {
         Some(text) => match parse_base(path, text)? {
             Ok(state) => Some(state),
             Err(error) => {
-                let moved_to = move_aside(&dir, path, &file_name(path), text)?;
-                let error = match (&use_, found.journal.as_deref()) {
-                    (
-                        JournalUse::Replay { .. } | JournalUse::Stale(_) | JournalUse::Corrupt(_),
-                        Some(j),
-                    ) => {
-                        let j_to = move_aside(&dir, path, &journal_name(path), j)?;
-                        format!("{error} (its journal was moved to {})", j_to.display())
-                    }
-                    _ => error,
-                };
-                return Ok((
-                    Loaded::Corrupt {
-                        state: State::default(),
-                        moved_to,
-                        error,
-                    },
-                    store,
-                ));
+                let loaded = corrupt_base(&dir, path, &found, &use_, text, error)?;
+                return Ok((loaded, store));
             }
         },
     };
     let state = match use_ {
         JournalUse::Corrupt(error) => {
-            // The journal continues state.json: one without the other is
-            // no state natmap acknowledged. Both are kept for the operator.
-            let journal = found.journal.as_deref().unwrap_or_default();
-            let moved_to = move_aside(&dir, path, &journal_name(path), journal)?;
-            let mut error = format!("{}: {error}", journal_name(path).to_string_lossy());
-            if let Some(text) = found.text.as_deref() {
-                let base_to = move_aside(&dir, path, &file_name(path), text)?;
-                error.push_str(&format!(
-                    "; the state file it continues was moved to {}",
-                    base_to.display()
-                ));
-            }
-            return Ok((
-                Loaded::Corrupt {
-                    state: State::default(),
-                    moved_to,
-                    error,
-                },
-                store,
-            ));
+            return Ok((corrupt_journal(&dir, path, &found, error)?, store));
         }
         JournalUse::Replay { records, torn } => {
             if torn {
@@ -550,39 +514,16 @@ pub fn load(path: &Path) -> Result<(Loaded, Store), StateError> {
             return Ok((Loaded::Existing(state), store));
         }
         JournalUse::Stale(records) => {
-            let journal = found.journal.as_deref().unwrap_or_default();
-            let kept = move_aside_as(&dir, path, &journal_name(path), ".stale", journal)?;
-            tracing::warn!(
-                path = %path.display(),
-                kept = %kept.display(),
-                "the state journal does not continue this state file (was the state file \
-                 replaced while natmap was stopped?); its {records} change(s) were NOT applied \
-                 and the journal was moved aside"
-            );
+            stale_journal_aside(&dir, path, &found, records)?;
             base
         }
         JournalUse::FinishCompaction => {
-            let tmp = beside(path, ".journal.tmp");
-            dir.rename(&tmp, &journal_name(path))
-                .and_then(|()| dir.sync())
-                .map_err(io_err("renaming into place", &dir.path().join(&tmp)))?;
-            store.journal = Some(Journal::open(
-                &dir,
-                path,
-                found.journal_tmp.as_deref().unwrap_or_default(),
-                found.text.as_deref(),
-            )?);
+            store.journal = Some(finish_compaction(&dir, path, &found)?);
             base
         }
         JournalUse::Nothing => {
-            if let (Some(text), Some(_)) = (found.journal.as_deref(), base.as_ref()) {
-                // Header only (or nothing committed yet): append to it, if
-                // it continues this state file.
-                if matches!(journal::parse(text), journal::Parsed::Ok { header, torn: false, .. }
-                    if header == journal::Header::for_base(found.text.as_deref()))
-                {
-                    store.journal = Some(Journal::open(&dir, path, text, found.text.as_deref())?);
-                }
+            if base.is_some() {
+                store.journal = continued_journal(&dir, path, &found)?;
             }
             base
         }
@@ -591,6 +532,111 @@ pub fn load(path: &Path) -> Result<(Loaded, Store), StateError> {
         Some(state) => (Loaded::Existing(state), store),
         None => (Loaded::Fresh(State::default()), store),
     })
+}
+
+/// An unreadable `state.json`: it is moved aside, and so is the journal
+/// that continues it (it means nothing without it); the daemon starts
+/// empty and says why.
+fn corrupt_base(
+    dir: &StateDir,
+    path: &Path,
+    found: &Found,
+    use_: &JournalUse,
+    text: &[u8],
+    error: String,
+) -> Result<Loaded, StateError> {
+    let moved_to = move_aside(dir, path, &file_name(path), text)?;
+    let error = match (use_, found.journal.as_deref()) {
+        (JournalUse::Replay { .. } | JournalUse::Stale(_) | JournalUse::Corrupt(_), Some(j)) => {
+            let j_to = move_aside(dir, path, &journal_name(path), j)?;
+            format!("{error} (its journal was moved to {})", j_to.display())
+        }
+        _ => error,
+    };
+    Ok(Loaded::Corrupt {
+        state: State::default(),
+        moved_to,
+        error,
+    })
+}
+
+/// An unreadable journal. The journal continues state.json: one without
+/// the other is no state natmap acknowledged. Both are kept for the
+/// operator, moved aside; the daemon starts empty and says why.
+fn corrupt_journal(
+    dir: &StateDir,
+    path: &Path,
+    found: &Found,
+    error: String,
+) -> Result<Loaded, StateError> {
+    let journal = found.journal.as_deref().unwrap_or_default();
+    let moved_to = move_aside(dir, path, &journal_name(path), journal)?;
+    let mut error = format!("{}: {error}", journal_name(path).to_string_lossy());
+    if let Some(text) = found.text.as_deref() {
+        let base_to = move_aside(dir, path, &file_name(path), text)?;
+        error.push_str(&format!(
+            "; the state file it continues was moved to {}",
+            base_to.display()
+        ));
+    }
+    Ok(Loaded::Corrupt {
+        state: State::default(),
+        moved_to,
+        error,
+    })
+}
+
+/// A journal of another `state.json` (replaced while natmap was stopped,
+/// or already folded into it): not replayed, moved aside as `.stale`.
+fn stale_journal_aside(
+    dir: &StateDir,
+    path: &Path,
+    found: &Found,
+    records: usize,
+) -> Result<(), StateError> {
+    let journal = found.journal.as_deref().unwrap_or_default();
+    let kept = move_aside_as(dir, path, &journal_name(path), ".stale", journal)?;
+    tracing::warn!(
+        path = %path.display(),
+        kept = %kept.display(),
+        "the state journal does not continue this state file (was the state file \
+         replaced while natmap was stopped?); its {records} change(s) were NOT applied \
+         and the journal was moved aside"
+    );
+    Ok(())
+}
+
+/// Finishes a compaction that stopped before its new journal was renamed
+/// into place: that one (header only) becomes the journal.
+fn finish_compaction(dir: &StateDir, path: &Path, found: &Found) -> Result<Journal, StateError> {
+    let tmp = beside(path, ".journal.tmp");
+    dir.rename(&tmp, &journal_name(path))
+        .and_then(|()| dir.sync())
+        .map_err(io_err("renaming into place", &dir.path().join(&tmp)))?;
+    Journal::open(
+        dir,
+        path,
+        found.journal_tmp.as_deref().unwrap_or_default(),
+        found.text.as_deref(),
+    )
+}
+
+/// A journal with a header only (or nothing committed yet): appended to,
+/// if it continues this state file.
+fn continued_journal(
+    dir: &StateDir,
+    path: &Path,
+    found: &Found,
+) -> Result<Option<Journal>, StateError> {
+    let Some(text) = found.journal.as_deref() else {
+        return Ok(None);
+    };
+    if matches!(journal::parse(text), journal::Parsed::Ok { header, torn: false, .. }
+        if header == journal::Header::for_base(found.text.as_deref()))
+    {
+        return Ok(Some(Journal::open(dir, path, text, found.text.as_deref())?));
+    }
+    Ok(None)
 }
 
 fn check_version(path: &Path, found: u64) -> Result<(), StateError> {

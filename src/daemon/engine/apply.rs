@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use tokio::sync::oneshot;
 
-use crate::model::{IfName, Network, PortClaim, Proto, Rule, RuleId, RuleSpec};
+use crate::model::{IfName, Network, PortClaim, Proto, Rule, RuleId, RuleSpec, SnatRule};
 use crate::proto::{
     ApplyReport, ApplyRequest, Document, ErrorCode, Response, RuleStatus, RuleView,
     DOCUMENT_VERSION,
@@ -95,60 +95,70 @@ impl Engine {
     /// answer itself (a dry run, nothing to do, a refusal), or the next
     /// state with the new rules' ports already reserved.
     fn plan_document(&mut self, req: ApplyRequest) -> Outcome<DocumentPlan> {
-        let invalid = |m: String| Failure::new(ErrorCode::InvalidArgument, m);
         let doc = req.document;
         if doc.schema_version != DOCUMENT_VERSION {
-            return Err(invalid(format!(
-                "document schema_version {} is not supported; this natmap reads {DOCUMENT_VERSION}",
-                doc.schema_version
-            )));
+            return Err(Failure::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "document schema_version {} is not supported; this natmap reads {DOCUMENT_VERSION}",
+                    doc.schema_version
+                ),
+            ));
         }
-        // Validate and resolve every rule before touching anything. Matching
-        // uses identity keys in hash maps: documents hold thousands of rules.
-        let mut wanted: Vec<RuleSpec> = Vec::with_capacity(doc.rules.len());
-        let mut wanted_at: HashMap<String, usize> = HashMap::with_capacity(doc.rules.len());
-        let mut seen: HashMap<String, usize> = HashMap::with_capacity(doc.rules.len());
+        let wanted = self.document_rules(doc.rules)?;
+        let sorted = self.sort_document(wanted);
+        self.check_added(&sorted)?;
+        if req.dry_run {
+            return Ok(DocumentPlan::Answer(self.dry_run_report(&sorted)));
+        }
+        let Sorted {
+            kept,
+            removed,
+            added,
+        } = sorted;
+        if added.is_empty() && removed.is_empty() {
+            return Ok(DocumentPlan::Answer(Response::ok(ApplyReport {
+                dry_run: false,
+                added: Vec::new(),
+                removed: Vec::new(),
+                kept: kept.len(),
+            })));
+        }
+        let held_new = reserve_added(&added)?;
+        let (next, new_rules) = self.state_with(&removed, added);
+        Ok(DocumentPlan::Commit(Box::new(DocumentCommit {
+            next,
+            applied: Applied {
+                held_new,
+                new_rules,
+                removed,
+                kept: kept.len(),
+            },
+        })))
+    }
+
+    /// Validates and resolves every rule of a document before anything is
+    /// touched, in document order (the first bad rule is the one named).
+    /// Matching uses identity keys in hash maps: documents hold thousands
+    /// of rules.
+    fn document_rules(&self, rules: Vec<RuleSpec>) -> Outcome<Vec<RuleSpec>> {
+        let mut wanted: Vec<RuleSpec> = Vec::with_capacity(rules.len());
+        let mut seen: HashMap<String, usize> = HashMap::with_capacity(rules.len());
         let mut snat_traffic: HashMap<(Network, IfName), usize> = HashMap::new();
-        for (i, spec) in doc.rules.into_iter().enumerate() {
-            spec.check_consistent()
-                .map_err(|m| invalid(format!("rules[{i}]: {m}")))?;
-            if matches!(&spec, RuleSpec::Docker(d) if d.auto.is_some()) {
-                return Err(invalid(format!(
-                    "rules[{i}]: auto-discovered mappings come from container labels, not documents"
-                )));
-            }
-            if spec.needs_v6_nat() && !self.host.v6_nat {
-                return Err(Failure::new(
-                    ErrorCode::Ipv6Unavailable,
-                    format!("rules[{i}]: IPv6 NAT is not available in this kernel"),
-                ));
-            }
+        for (i, spec) in rules.into_iter().enumerate() {
+            self.check_document_rule(i, &spec)?;
             // Identity keys agree with `same_rule`, so one hash lookup
             // replaces comparing with every earlier rule (a 54,000-rule
             // document took 16 s).
             let key = spec.identity_key();
             if let Some(j) = seen.get(&key) {
-                return Err(invalid(format!(
-                    "rules[{i}] is the same rule as rules[{j}]"
-                )));
+                return Err(Failure::new(
+                    ErrorCode::InvalidArgument,
+                    format!("rules[{i}] is the same rule as rules[{j}]"),
+                ));
             }
             if let RuleSpec::Snat(s) = &spec {
-                // Only the first of two snat rules of the same traffic
-                // matches. Looked up by the traffic (`SnatRule::same_traffic`),
-                // not compared with every earlier rule: 12,000 snat rules
-                // held the engine seconds.
-                let traffic = (s.source, s.ext_if.clone());
-                if let Some(&j) = snat_traffic.get(&traffic) {
-                    return Err(Failure::new(
-                        ErrorCode::RuleConflict,
-                        format!(
-                            "rules[{i}] rewrites the same traffic as rules[{j}] (snat of {} out of {}); \
-                             only the first could ever match",
-                            s.source, s.ext_if
-                        ),
-                    ));
-                }
-                snat_traffic.insert(traffic, i);
+                check_snat_traffic(&mut snat_traffic, i, s)?;
             }
             let spec = match spec {
                 RuleSpec::Docker(d) if !d.external => RuleSpec::Docker(
@@ -158,10 +168,35 @@ impl Engine {
                 other => other,
             };
             seen.insert(key, i);
-            wanted_at.insert(spec.identity_key(), i);
             wanted.push(spec);
         }
-        // Plan.
+        Ok(wanted)
+    }
+
+    /// The checks of one document rule on its own: consistent, not
+    /// auto-discovered, and IPv6 NAT available if it needs it.
+    fn check_document_rule(&self, i: usize, spec: &RuleSpec) -> Outcome<()> {
+        let invalid = |m: String| Failure::new(ErrorCode::InvalidArgument, m);
+        spec.check_consistent()
+            .map_err(|m| invalid(format!("rules[{i}]: {m}")))?;
+        if matches!(spec, RuleSpec::Docker(d) if d.auto.is_some()) {
+            return Err(invalid(format!(
+                "rules[{i}]: auto-discovered mappings come from container labels, not documents"
+            )));
+        }
+        if spec.needs_v6_nat() && !self.host.v6_nat {
+            return Err(Failure::new(
+                ErrorCode::Ipv6Unavailable,
+                format!("rules[{i}]: IPv6 NAT is not available in this kernel"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sorts the current rules into kept and removed by the document's
+    /// rules, and the document's rules not already there into added.
+    fn sort_document(&self, wanted: Vec<RuleSpec>) -> Sorted {
+        let wanted_keys: HashSet<String> = wanted.iter().map(RuleSpec::identity_key).collect();
         let mut kept: Vec<Rule> = Vec::new();
         let mut removed: Vec<Rule> = Vec::new();
         let mut kept_keys: HashSet<String> = HashSet::new();
@@ -171,7 +206,7 @@ impl Engine {
                 continue;
             }
             let key = rule.spec.identity_key();
-            if wanted_at.contains_key(&key) {
+            if wanted_keys.contains(&key) {
                 kept_keys.insert(key);
                 kept.push(rule.clone());
             } else {
@@ -182,40 +217,37 @@ impl Engine {
             .into_iter()
             .filter(|w| !kept_keys.contains(&w.identity_key()))
             .collect();
+        Sorted {
+            kept,
+            removed,
+            added,
+        }
+    }
+
+    /// The checks of the added rules against the rest: their addresses,
+    /// their policy routes, and their ports.
+    fn check_added(&self, sorted: &Sorted) -> Outcome<()> {
         let held = self.ports.held.by_port();
-        for spec in &added {
+        for spec in &sorted.added {
             self.check_addresses_in(spec, held)?;
         }
         // Policy routes sharing a table must agree on the gateway, and
         // tables the operator uses are refused.
-        let mut routes_so_far = super::routes::named_routes(&kept);
-        for spec in &added {
+        let mut routes_so_far = super::routes::named_routes(&sorted.kept);
+        for spec in &sorted.added {
             if let RuleSpec::PolicyRoute(route) = spec {
                 self.check_policy_route(&routes_so_far, route)?;
                 let who = format!("the document's policy route from {}", route.src_ip);
                 routes_so_far.push((who, *route));
             }
         }
-        // New ports must not collide with each other or with kept rules'
-        // ports. Claims collide only on the same protocol and port, so they
-        // are grouped by that.
-        let mut by_port: HashMap<(Proto, u16), Vec<PortClaim>> = HashMap::new();
-        for spec in &added {
-            for c in spec.port_claims() {
-                let same = by_port.entry((c.proto, c.bind.port())).or_default();
-                if let Some(other) = same.iter().find(|o| reserve::claims_collide(o, &c)) {
-                    return Err(Failure::new(
-                        ErrorCode::PortInUse,
-                        format!(
-                            "port {} is forwarded twice in the document (also {})",
-                            reserve::describe(&c),
-                            reserve::describe(other)
-                        ),
-                    ));
-                }
-                same.push(c);
-            }
-        }
+        let by_port = claims_by_port(&sorted.added)?;
+        self.check_kept_ports(&by_port, &sorted.removed)
+    }
+
+    /// Refuses new ports that collide with the ports of a rule the
+    /// document keeps (every held rule but the removed ones).
+    fn check_kept_ports(&self, by_port: &ClaimsByPort, removed: &[Rule]) -> Outcome<()> {
         let removed_ids: HashSet<RuleId> = removed.iter().map(|r| r.id).collect();
         for (id, held) in self
             .ports
@@ -238,47 +270,36 @@ impl Engine {
                 }
             }
         }
-        let view = |rule: &Rule| RuleView {
-            rule: rule.clone(),
-            status: RuleStatus::Active,
-            detail: None,
-            counters: None,
-        };
-        if req.dry_run {
-            return Ok(DocumentPlan::Answer(Response::ok(ApplyReport {
-                dry_run: true,
-                added: added
-                    .iter()
-                    .map(|s| {
-                        view(&Rule {
-                            id: 0,
-                            spec: s.clone(),
-                        })
-                    })
-                    .collect(),
-                removed: removed.iter().map(|r| self.view(r)).collect(),
-                kept: kept.len(),
-            })));
-        }
-        if added.is_empty() && removed.is_empty() {
-            return Ok(DocumentPlan::Answer(Response::ok(ApplyReport {
-                dry_run: false,
-                added: Vec::new(),
-                removed: Vec::new(),
-                kept: kept.len(),
-            })));
-        }
-        // Reserve every new port first (all or nothing); ports of removed
-        // rules are still held, so a document may not move a port from one
-        // rule to another in one step (remove, then add).
-        let claims: Vec<_> = added.iter().flat_map(|s| s.port_claims()).collect();
-        super::super::fds::check(&claims).map_err(|m| Failure::new(ErrorCode::FdLimit, m))?;
-        let mut held_new: Vec<(usize, Vec<Reservation>)> = Vec::new();
-        for (i, spec) in added.iter().enumerate() {
-            let held = reserve::bind_all(&spec.port_claims())
-                .map_err(|busy| Failure::new(ErrorCode::PortInUse, busy.message))?;
-            held_new.push((i, held));
-        }
+        Ok(())
+    }
+
+    /// A dry run's answer: what would be added and removed.
+    fn dry_run_report(&self, sorted: &Sorted) -> Response {
+        let added = sorted
+            .added
+            .iter()
+            .map(|s| RuleView {
+                rule: Rule {
+                    id: 0,
+                    spec: s.clone(),
+                },
+                status: RuleStatus::Active,
+                detail: None,
+                counters: None,
+            })
+            .collect();
+        Response::ok(ApplyReport {
+            dry_run: true,
+            added,
+            removed: sorted.removed.iter().map(|r| self.view(r)).collect(),
+            kept: sorted.kept.len(),
+        })
+    }
+
+    /// The next state: the removed rules out, the added ones in with new
+    /// ids; and the new rules, in the order of `added`.
+    fn state_with(&self, removed: &[Rule], added: Vec<RuleSpec>) -> (State, Vec<Rule>) {
+        let removed_ids: HashSet<RuleId> = removed.iter().map(|r| r.id).collect();
         let mut next = self.state.clone();
         next.rules.retain(|r| !removed_ids.contains(&r.id));
         let mut new_rules = Vec::with_capacity(added.len());
@@ -291,15 +312,7 @@ impl Engine {
             new_rules.push(rule.clone());
             next.rules.push(rule);
         }
-        Ok(DocumentPlan::Commit(Box::new(DocumentCommit {
-            next,
-            applied: Applied {
-                held_new,
-                new_rules,
-                removed,
-                kept: kept.len(),
-            },
-        })))
+        (next, new_rules)
     }
 
     /// After the commit: the new rules' ports listen, the removed rules'
@@ -376,4 +389,81 @@ struct Applied {
     new_rules: Vec<Rule>,
     removed: Vec<Rule>,
     kept: usize,
+}
+
+/// A document's rules against the current ones.
+struct Sorted {
+    /// Current rules the document names too.
+    kept: Vec<Rule>,
+    /// Current rules the document does not name (auto-discovered ones aside).
+    removed: Vec<Rule>,
+    /// The document's rules not among the current ones.
+    added: Vec<RuleSpec>,
+}
+
+/// Claims grouped by protocol and port: claims collide only on the same
+/// protocol and port.
+type ClaimsByPort = HashMap<(Proto, u16), Vec<PortClaim>>;
+
+/// Refuses a snat rule of the same traffic as an earlier one: only the
+/// first of the two matches. Looked up by the traffic
+/// (`SnatRule::same_traffic`), not compared with every earlier rule: 12,000
+/// snat rules held the engine seconds.
+fn check_snat_traffic(
+    seen: &mut HashMap<(Network, IfName), usize>,
+    i: usize,
+    s: &SnatRule,
+) -> Outcome<()> {
+    let traffic = (s.source, s.ext_if.clone());
+    if let Some(&j) = seen.get(&traffic) {
+        return Err(Failure::new(
+            ErrorCode::RuleConflict,
+            format!(
+                "rules[{i}] rewrites the same traffic as rules[{j}] (snat of {} out of {}); \
+                 only the first could ever match",
+                s.source, s.ext_if
+            ),
+        ));
+    }
+    seen.insert(traffic, i);
+    Ok(())
+}
+
+/// The added rules' port claims by protocol and port, refusing a port the
+/// document forwards twice.
+fn claims_by_port(added: &[RuleSpec]) -> Outcome<ClaimsByPort> {
+    let mut by_port: ClaimsByPort = HashMap::new();
+    for spec in added {
+        for c in spec.port_claims() {
+            let same = by_port.entry((c.proto, c.bind.port())).or_default();
+            if let Some(other) = same.iter().find(|o| reserve::claims_collide(o, &c)) {
+                return Err(Failure::new(
+                    ErrorCode::PortInUse,
+                    format!(
+                        "port {} is forwarded twice in the document (also {})",
+                        reserve::describe(&c),
+                        reserve::describe(other)
+                    ),
+                ));
+            }
+            same.push(c);
+        }
+    }
+    Ok(by_port)
+}
+
+/// Reserves every new port first (all or nothing), by the index of its
+/// rule in `added`; ports of removed rules are still held, so a document
+/// may not move a port from one rule to another in one step (remove, then
+/// add).
+fn reserve_added(added: &[RuleSpec]) -> Outcome<Vec<(usize, Vec<Reservation>)>> {
+    let claims: Vec<_> = added.iter().flat_map(|s| s.port_claims()).collect();
+    super::super::fds::check(&claims).map_err(|m| Failure::new(ErrorCode::FdLimit, m))?;
+    let mut held_new: Vec<(usize, Vec<Reservation>)> = Vec::new();
+    for (i, spec) in added.iter().enumerate() {
+        let held = reserve::bind_all(&spec.port_claims())
+            .map_err(|busy| Failure::new(ErrorCode::PortInUse, busy.message))?;
+        held_new.push((i, held));
+    }
+    Ok(held_new)
 }

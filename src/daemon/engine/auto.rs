@@ -15,8 +15,12 @@ use tokio::task::AbortHandle;
 
 use crate::config::{AutoDiscover, Config, EngineConfig};
 use crate::docker::{LabeledContainer, NetworkAddrs};
-use crate::model::{AutoSource, DockerRule, Endpoint, PortList, PortSpec, Rule, RuleId, RuleSpec};
+use crate::model::{
+    AutoSource, DockerRule, Endpoint, HostIp, PortClaim, PortList, PortSpec, Proto, Rule, RuleId,
+    RuleSpec,
+};
 use crate::proto::{ErrorCode, Response};
+use crate::state::State;
 
 use super::super::{reserve, EngineMsg};
 use super::{forget_flows, Engine, Failure, Outcome};
@@ -136,8 +140,24 @@ impl Engine {
         } else {
             Vec::new()
         };
-        // Mappings of engines no longer configured go; remote mappings
-        // follow a changed preserve_src_ip.
+        self.follow_engines(&engines);
+        let Some((runtime, tx)) = self.discovery.spawner.clone() else {
+            return;
+        };
+        let label = self.discovery.config.label.0.clone();
+        for engine in engines {
+            let task = runtime.spawn(super::super::watch_engine(
+                engine,
+                label.clone(),
+                tx.clone(),
+            ));
+            self.discovery.tasks.push(task.abort_handle());
+        }
+    }
+
+    /// Mappings of engines no longer configured go; remote mappings follow
+    /// a changed preserve_src_ip.
+    fn follow_engines(&mut self, engines: &[EngineConfig]) {
         let masquerade = !self.discovery.config.preserve_src_ip;
         let mut next = self.state.clone();
         let mut removed = Vec::new();
@@ -165,34 +185,23 @@ impl Engine {
                 }
             }
         }
-        if !removed.is_empty() || changed {
-            match self.commit(next) {
-                Ok(()) => {
-                    for rule in &removed {
-                        self.release(rule.id);
-                        forget_flows(&rule.spec);
-                        tracing::info!(
-                            rule = rule.id,
-                            "auto mapping removed: its engine is no longer configured"
-                        );
-                    }
-                }
-                Err(f) => {
-                    tracing::error!("cannot apply the new auto-discover config: {}", f.message)
+        if removed.is_empty() && !changed {
+            return;
+        }
+        match self.commit(next) {
+            Ok(()) => {
+                for rule in &removed {
+                    self.release(rule.id);
+                    forget_flows(&rule.spec);
+                    tracing::info!(
+                        rule = rule.id,
+                        "auto mapping removed: its engine is no longer configured"
+                    );
                 }
             }
-        }
-        let Some((runtime, tx)) = self.discovery.spawner.clone() else {
-            return;
-        };
-        let label = self.discovery.config.label.0.clone();
-        for engine in engines {
-            let task = runtime.spawn(super::super::watch_engine(
-                engine,
-                label.clone(),
-                tx.clone(),
-            ));
-            self.discovery.tasks.push(task.abort_handle());
+            Err(f) => {
+                tracing::error!("cannot apply the new auto-discover config: {}", f.message)
+            }
         }
     }
 
@@ -237,22 +246,69 @@ impl Engine {
         else {
             return;
         };
-        if self.discovery.stale.remove(&engine_name).is_some() {
+        self.note_connected(&engine_name, containers.len());
+        let mut problems = Vec::new();
+        let wanted = self.snapshot_wanted(&engine, &containers, &mut problems);
+        let mut plan = self.retarget(&engine_name, &wanted);
+        self.add_wanted(&mut plan, &engine_name, &containers, wanted, &mut problems);
+        self.note_problems(&engine_name, problems);
+        if plan.added.is_empty() && plan.removed.is_empty() && plan.moved.is_empty() {
+            return;
+        }
+        if let Err(f) = self.commit(plan.next) {
+            tracing::error!(engine = %engine_name, "cannot apply auto-discovered mappings: {}", f.message);
+            return;
+        }
+        for (rule, held) in plan.added {
+            if !held.is_empty() {
+                self.ports.held.insert(rule.id, held);
+            }
+            if let Err(f) = self.start_listening(rule.id) {
+                tracing::error!(rule = rule.id, "{}", f.message);
+            }
+            tracing::info!(rule = rule.id, engine = %engine_name, "auto mapping added");
+        }
+        for rule in &plan.removed {
+            self.release(rule.id);
+            forget_flows(&rule.spec);
+            tracing::info!(rule = rule.id, engine = %engine_name, "auto mapping removed");
+        }
+        for (id, old) in plan.moved {
+            self.repointed(id, &old);
+            tracing::info!(rule = id, engine = %engine_name, "auto mapping updated");
+        }
+    }
+
+    /// Marks an engine that sent a snapshot as connected (and no longer
+    /// stale), logging the change.
+    fn note_connected(&mut self, engine_name: &str, containers: usize) {
+        if self.discovery.stale.remove(engine_name).is_some() {
             tracing::info!(engine = %engine_name, "engine answers again; refreshing its mappings");
-        } else if !self.discovery.connected.contains_key(&engine_name) {
+        } else if !self.discovery.connected.contains_key(engine_name) {
             tracing::info!(
                 engine = %engine_name,
-                containers = containers.len(),
+                containers,
                 "auto-discover engine connected"
             );
         }
-        self.discovery.connected.insert(engine_name.clone(), true);
-        let mut problems = Vec::new();
-        let label = self.discovery.config.label.0.clone();
+        self.discovery
+            .connected
+            .insert(engine_name.to_string(), true);
+    }
+
+    /// The mappings a snapshot asks for: its containers' labels, plus the
+    /// known mappings of stopped containers on a remote node.
+    fn snapshot_wanted(
+        &self,
+        engine: &EngineConfig,
+        containers: &[LabeledContainer],
+        problems: &mut Vec<String>,
+    ) -> Vec<DockerRule> {
+        let label = &self.discovery.config.label.0;
         let masquerade = !self.discovery.config.preserve_src_ip;
         let mut wanted: Vec<DockerRule> = Vec::new();
-        for c in &containers {
-            match desired_for(&engine, c, &label, masquerade) {
+        for c in containers {
+            match desired_for(engine, c, label, masquerade) {
                 Ok((rules, notes)) => {
                     wanted.extend(rules);
                     problems.extend(notes);
@@ -260,15 +316,6 @@ impl Engine {
                 Err(e) => problems.push(e),
             }
         }
-        let key = |d: &DockerRule| {
-            (
-                d.name.clone(),
-                d.host_ip,
-                d.host_port,
-                d.port_count,
-                d.proto,
-            )
-        };
         // A stopped container on a remote node publishes no port, so its
         // mapping cannot be derived again: keep the known one, down.
         if engine.is_remote() {
@@ -276,7 +323,10 @@ impl Engine {
                 let RuleSpec::Docker(d) = &rule.spec else {
                     continue;
                 };
-                let ours = d.auto.as_ref().is_some_and(|a| a.engine == engine_name);
+                let ours = d
+                    .auto
+                    .as_ref()
+                    .is_some_and(|a| a.engine == engine.name.as_str());
                 let stopped = containers.iter().any(|c| c.name == d.name && !c.running);
                 if ours && stopped && !wanted.iter().any(|w| key(w) == key(d)) {
                     let mut down = d.clone();
@@ -286,12 +336,17 @@ impl Engine {
                 }
             }
         }
-        let mine = |r: &Rule| matches!(&r.spec, RuleSpec::Docker(d) if d.auto.as_ref().is_some_and(|a| a.engine == engine_name));
+        wanted
+    }
+
+    /// The next state with the engine's mappings that are no longer wanted
+    /// removed and those whose target changed re-pointed; nothing added yet.
+    fn retarget(&self, engine_name: &str, wanted: &[DockerRule]) -> SnapshotPlan {
         let mut next = self.state.clone();
         let mut moved: Vec<(RuleId, RuleSpec)> = Vec::new();
         let mut removed: Vec<Rule> = Vec::new();
         next.rules.retain(|r| {
-            if !mine(r) {
+            if !of_engine(r, engine_name) {
                 return true;
             }
             let RuleSpec::Docker(d) = &r.spec else {
@@ -303,7 +358,7 @@ impl Engine {
             }
             keep
         });
-        for rule in next.rules.iter_mut().filter(|r| mine(r)) {
+        for rule in next.rules.iter_mut().filter(|r| of_engine(r, engine_name)) {
             let before = rule.spec.clone();
             let RuleSpec::Docker(d) = &mut rule.spec else {
                 continue;
@@ -315,9 +370,30 @@ impl Engine {
                 }
             }
         }
-        let mut added: Vec<(Rule, Vec<reserve::Reservation>)> = Vec::new();
+        SnapshotPlan {
+            next,
+            added: Vec::new(),
+            removed,
+            moved,
+        }
+    }
+
+    /// Adds the wanted mappings the plan does not have yet, each with its
+    /// ports reserved; one that cannot be added becomes a problem.
+    fn add_wanted(
+        &self,
+        plan: &mut SnapshotPlan,
+        engine_name: &str,
+        containers: &[LabeledContainer],
+        wanted: Vec<DockerRule>,
+        problems: &mut Vec<String>,
+    ) {
         for w in wanted {
-            if next.rules.iter().any(|r| matches!(&r.spec, RuleSpec::Docker(d) if d.auto.is_some() && key(d) == key(&w) && mine(r))) {
+            let there = plan.next.rules.iter().any(|r| {
+                matches!(&r.spec, RuleSpec::Docker(d) if d.auto.is_some() && key(d) == key(&w))
+                    && of_engine(r, engine_name)
+            });
+            if there {
                 continue;
             }
             let spec = RuleSpec::Docker(w.clone());
@@ -326,46 +402,8 @@ impl Engine {
                 continue;
             }
             let claims = spec.port_claims();
-            let owner = next.rules.iter().find(|r| {
-                r.spec
-                    .port_claims()
-                    .iter()
-                    .any(|o| claims.iter().any(|c| reserve::claims_collide(c, o)))
-            });
-            if let Some(owner) = owner {
-                problems.push(format!(
-                    "conflict: {} ({label}={}) wants host port {}/{}, which {} holds; the \
-                     existing mapping wins, and {} gets the port as soon as it is free",
-                    w.name,
-                    label_of(&containers, &w.name),
-                    w.host_ports(),
-                    w.proto,
-                    holder(owner),
-                    w.name
-                ));
-                continue;
-            }
-            let first = added.iter().find(|(r, _)| {
-                r.spec
-                    .port_claims()
-                    .iter()
-                    .any(|o| claims.iter().any(|c| reserve::claims_collide(c, o)))
-            });
-            if let Some((first, _)) = first {
-                let RuleSpec::Docker(other) = &first.spec else {
-                    continue;
-                };
-                problems.push(format!(
-                    "conflict: {} ({label}={}) and {} ({label}={}) both want host port {}/{} \
-                     on engine {engine_name}; {} has it",
-                    w.name,
-                    label_of(&containers, &w.name),
-                    other.name,
-                    label_of(&containers, &other.name),
-                    w.host_ports(),
-                    w.proto,
-                    other.name
-                ));
+            if let Some(p) = self.port_conflict(plan, engine_name, containers, &w, &claims) {
+                problems.push(p);
                 continue;
             }
             // A stopped local container holds no port (see `hold_while_up`).
@@ -377,21 +415,73 @@ impl Engine {
             match reserved {
                 Ok(held) => {
                     let rule = Rule {
-                        id: next.next_id,
+                        id: plan.next.next_id,
                         spec,
                     };
-                    next.next_id += 1;
-                    next.rules.push(rule.clone());
-                    added.push((rule, held));
+                    plan.next.next_id += 1;
+                    plan.next.rules.push(rule.clone());
+                    plan.added.push((rule, held));
                 }
                 Err(busy) => problems.push(format!("{}: {}", w.name, busy.message)),
             }
         }
+    }
+
+    /// Why `w` cannot have its ports: a rule of the plan holds one (the
+    /// existing mapping wins), or a mapping of this snapshot added before
+    /// it wants one too (the first wins).
+    fn port_conflict(
+        &self,
+        plan: &SnapshotPlan,
+        engine_name: &str,
+        containers: &[LabeledContainer],
+        w: &DockerRule,
+        claims: &[PortClaim],
+    ) -> Option<String> {
+        let label = &self.discovery.config.label.0;
+        let collides = |r: &Rule| {
+            r.spec
+                .port_claims()
+                .iter()
+                .any(|o| claims.iter().any(|c| reserve::claims_collide(c, o)))
+        };
+        if let Some(owner) = plan.next.rules.iter().find(|r| collides(r)) {
+            return Some(format!(
+                "conflict: {} ({label}={}) wants host port {}/{}, which {} holds; the \
+                 existing mapping wins, and {} gets the port as soon as it is free",
+                w.name,
+                label_of(containers, &w.name),
+                w.host_ports(),
+                w.proto,
+                holder(owner),
+                w.name
+            ));
+        }
+        // Every added rule is a Docker mapping.
+        let other = plan.added.iter().find_map(|(r, _)| match &r.spec {
+            RuleSpec::Docker(d) if collides(r) => Some(d),
+            _ => None,
+        })?;
+        Some(format!(
+            "conflict: {} ({label}={}) and {} ({label}={}) both want host port {}/{} \
+             on engine {engine_name}; {} has it",
+            w.name,
+            label_of(containers, &w.name),
+            other.name,
+            label_of(containers, &other.name),
+            w.host_ports(),
+            w.proto,
+            other.name
+        ))
+    }
+
+    /// Keeps a snapshot's problems for `status`, logging the new ones.
+    fn note_problems(&mut self, engine_name: &str, problems: Vec<String>) {
         for p in &problems {
             if !self
                 .discovery
                 .problems
-                .get(&engine_name)
+                .get(engine_name)
                 .is_some_and(|old| old.contains(p))
             {
                 tracing::warn!(engine = %engine_name, "{p}");
@@ -399,32 +489,7 @@ impl Engine {
         }
         self.discovery
             .problems
-            .insert(engine_name.clone(), problems);
-        if added.is_empty() && removed.is_empty() && moved.is_empty() {
-            return;
-        }
-        if let Err(f) = self.commit(next) {
-            tracing::error!(engine = %engine_name, "cannot apply auto-discovered mappings: {}", f.message);
-            return;
-        }
-        for (rule, held) in added {
-            if !held.is_empty() {
-                self.ports.held.insert(rule.id, held);
-            }
-            if let Err(f) = self.start_listening(rule.id) {
-                tracing::error!(rule = rule.id, "{}", f.message);
-            }
-            tracing::info!(rule = rule.id, engine = %engine_name, "auto mapping added");
-        }
-        for rule in &removed {
-            self.release(rule.id);
-            forget_flows(&rule.spec);
-            tracing::info!(rule = rule.id, engine = %engine_name, "auto mapping removed");
-        }
-        for (id, old) in moved {
-            self.repointed(id, &old);
-            tracing::info!(rule = id, engine = %engine_name, "auto mapping updated");
-        }
+            .insert(engine_name.to_string(), problems);
     }
 
     /// Lines for `status`: every engine problem, and stale engines.
@@ -490,6 +555,21 @@ fn desired_for(
     label: &str,
     masquerade: bool,
 ) -> Result<(Vec<DockerRule>, Vec<String>), String> {
+    let specs = label_specs(c, label)?;
+    let mut rules = Vec::new();
+    let mut notes = Vec::new();
+    for spec in specs {
+        let rule = match engine.host_ip {
+            None => Some(local_rule(engine, c, &spec)),
+            Some(node) => remote_rule(engine, node, c, &spec, masquerade, &mut notes),
+        };
+        rules.extend(rule);
+    }
+    Ok((rules, notes))
+}
+
+/// The port specs of a container's label; the container's own ports only.
+fn label_specs(c: &LabeledContainer, label: &str) -> Result<Vec<PortSpec>, String> {
     let mut specs = Vec::new();
     for item in c.label.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let spec: PortSpec = item.parse().map_err(|e| {
@@ -509,90 +589,130 @@ fn desired_for(
     if specs.is_empty() {
         return Err(format!("container {}: label {label} is empty", c.name));
     }
-    let mut rules = Vec::new();
-    let mut notes = Vec::new();
-    for spec in specs {
-        let rule = match engine.host_ip {
-            None => {
-                let net = pick(&c.networks);
-                DockerRule {
-                    name: c.name.clone(),
-                    container_id: Some(c.id.clone()),
-                    network: net.map(|n| n.network.clone()),
-                    host_ip: spec.host_ip,
-                    host_port: spec.host_port,
-                    container_port: spec.target_port,
-                    port_count: spec.port_count,
-                    proto: spec.proto,
-                    external: false,
-                    target_v4: net.and_then(|n| n.v4).filter(|_| c.running),
-                    target_v6: net.and_then(|n| n.v6).filter(|_| c.running),
-                    auto: Some(AutoSource {
-                        engine: engine.name.to_string(),
-                        masquerade: false,
-                    }),
-                    allow_nonlocal: c.allow_nonlocal,
-                }
-            }
-            Some(node) => {
-                let published_as = |private: u16| {
-                    c.published
-                        .iter()
-                        .find(|(p, proto, _)| *p == private && *proto == spec.proto)
-                        .map(|(_, _, public)| *public)
-                };
-                // A range: every port published, at the same offsets.
-                let first = published_as(spec.target_port);
-                let whole = first.filter(|&public| {
-                    (1..spec.port_count).all(|i| {
-                        published_as(spec.target_port.saturating_add(i)) == public.checked_add(i)
-                    })
-                });
-                let Some(public) = whole else {
-                    if c.running {
-                        let ports = PortList::range(
-                            spec.target_port,
-                            spec.target_port
-                                .saturating_add(spec.port_count.saturating_sub(1)),
-                        );
-                        let how = if spec.port_count > 1 {
-                            " as one range of consecutive ports"
-                        } else {
-                            ""
-                        };
-                        notes.push(format!(
-                            "container {}: label port {ports}/{} is not published{how} on node {} (docker run -p); no mapping",
-                            c.name, spec.proto, engine.name
-                        ));
-                    }
-                    continue;
-                };
-                DockerRule {
-                    name: c.name.clone(),
-                    container_id: Some(c.id.clone()),
-                    network: None,
-                    host_ip: spec.host_ip,
-                    host_port: spec.host_port,
-                    container_port: public,
-                    port_count: spec.port_count,
-                    proto: spec.proto,
-                    external: true,
-                    target_v4: c.running.then_some(Endpoint {
-                        ip: node,
-                        subnet: None,
-                    }),
-                    target_v6: None,
-                    auto: Some(AutoSource {
-                        engine: engine.name.to_string(),
-                        masquerade,
-                    }),
-                    allow_nonlocal: c.allow_nonlocal,
-                }
-            }
-        };
-        rules.push(rule);
+    Ok(specs)
+}
+
+/// A label port on a local engine: a mapping to the container's address
+/// (none while it is stopped).
+fn local_rule(engine: &EngineConfig, c: &LabeledContainer, spec: &PortSpec) -> DockerRule {
+    let net = pick(&c.networks);
+    DockerRule {
+        name: c.name.clone(),
+        container_id: Some(c.id.clone()),
+        network: net.map(|n| n.network.clone()),
+        host_ip: spec.host_ip,
+        host_port: spec.host_port,
+        container_port: spec.target_port,
+        port_count: spec.port_count,
+        proto: spec.proto,
+        external: false,
+        target_v4: net.and_then(|n| n.v4).filter(|_| c.running),
+        target_v6: net.and_then(|n| n.v6).filter(|_| c.running),
+        auto: Some(AutoSource {
+            engine: engine.name.to_string(),
+            masquerade: false,
+        }),
+        allow_nonlocal: c.allow_nonlocal,
     }
-    Ok((rules, notes))
+}
+
+/// A label port on a remote node: a mapping to the port the node
+/// publishes it on, or none (with a note while the container runs) when
+/// it is not published.
+fn remote_rule(
+    engine: &EngineConfig,
+    node: HostIp,
+    c: &LabeledContainer,
+    spec: &PortSpec,
+    masquerade: bool,
+    notes: &mut Vec<String>,
+) -> Option<DockerRule> {
+    let published_as = |private: u16| {
+        c.published
+            .iter()
+            .find(|(p, proto, _)| *p == private && *proto == spec.proto)
+            .map(|(_, _, public)| *public)
+    };
+    // A range: every port published, at the same offsets.
+    let first = published_as(spec.target_port);
+    let whole = first.filter(|&public| {
+        (1..spec.port_count)
+            .all(|i| published_as(spec.target_port.saturating_add(i)) == public.checked_add(i))
+    });
+    let Some(public) = whole else {
+        if c.running {
+            notes.push(unpublished_note(engine, c, spec));
+        }
+        return None;
+    };
+    Some(DockerRule {
+        name: c.name.clone(),
+        container_id: Some(c.id.clone()),
+        network: None,
+        host_ip: spec.host_ip,
+        host_port: spec.host_port,
+        container_port: public,
+        port_count: spec.port_count,
+        proto: spec.proto,
+        external: true,
+        target_v4: c.running.then_some(Endpoint {
+            ip: node,
+            subnet: None,
+        }),
+        target_v6: None,
+        auto: Some(AutoSource {
+            engine: engine.name.to_string(),
+            masquerade,
+        }),
+        allow_nonlocal: c.allow_nonlocal,
+    })
+}
+
+/// Why a running container's label port has no mapping on a remote node.
+fn unpublished_note(engine: &EngineConfig, c: &LabeledContainer, spec: &PortSpec) -> String {
+    let ports = PortList::range(
+        spec.target_port,
+        spec.target_port
+            .saturating_add(spec.port_count.saturating_sub(1)),
+    );
+    let how = if spec.port_count > 1 {
+        " as one range of consecutive ports"
+    } else {
+        ""
+    };
+    format!(
+        "container {}: label port {ports}/{} is not published{how} on node {} (docker run -p); no mapping",
+        c.name, spec.proto, engine.name
+    )
+}
+
+/// What a snapshot decided: the next state, and what to do once it is
+/// committed.
+struct SnapshotPlan {
+    next: State,
+    /// New mappings with their reserved ports (none for a stopped local
+    /// container).
+    added: Vec<(Rule, Vec<reserve::Reservation>)>,
+    removed: Vec<Rule>,
+    /// Re-pointed mappings, with their spec before.
+    moved: Vec<(RuleId, RuleSpec)>,
+}
+
+/// What identifies an auto mapping across snapshots: its container, host
+/// address, ports and protocol (not its target, which may move).
+fn key(d: &DockerRule) -> (String, Option<HostIp>, u16, u16, Proto) {
+    (
+        d.name.clone(),
+        d.host_ip,
+        d.host_port,
+        d.port_count,
+        d.proto,
+    )
+}
+
+/// Whether `r` is an auto mapping of the engine `engine_name`.
+fn of_engine(r: &Rule, engine_name: &str) -> bool {
+    matches!(&r.spec, RuleSpec::Docker(d) if d.auto.as_ref().is_some_and(|a| a.engine == engine_name))
 }
 
 #[cfg(test)]

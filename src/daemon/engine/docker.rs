@@ -16,7 +16,8 @@
 use std::collections::HashMap;
 
 use crate::docker::{DockerClient, Event, Lookup};
-use crate::model::{DockerRule, Endpoint, Family, Proto, Rule, RuleId, RuleSpec};
+use crate::model::{DockerRule, Endpoint, Family, HostIp, Proto, Rule, RuleId, RuleSpec};
+use crate::state::State;
 use tokio::sync::oneshot;
 
 use crate::proto::{
@@ -241,49 +242,7 @@ impl Engine {
         let mut next = self.state.clone();
         let mut moved: Vec<(RuleId, RuleSpec)> = Vec::new();
         for answer in answers {
-            // An event about this mapping came after the question: the
-            // answer may predate it (a container that has since stopped
-            // was still running); the event asked again.
-            if self
-                .docker
-                .event_order
-                .event_since(answer.id, answer.asked_after)
-            {
-                continue;
-            }
-            let Some(rule) = next.rules.iter_mut().find(|r| r.id == answer.id) else {
-                continue;
-            };
-            let RuleSpec::Docker(d) = &mut rule.spec else {
-                continue;
-            };
-            // Changed since (withdrawn by an event, re-pointed by a newer
-            // answer): this answer may be older than what natmap knows.
-            if *d != answer.asked {
-                continue;
-            }
-            let seen = match answer.seen {
-                Ok(seen) => seen,
-                Err(e) => {
-                    tracing::warn!(rule = rule.id, "cannot inspect container {}: {e}", d.name);
-                    continue;
-                }
-            };
-            match &seen.reason {
-                Some(reason) => self.docker.down_reason.insert(rule.id, reason.clone()),
-                None => self.docker.down_reason.remove(&rule.id),
-            };
-            let renamed = seen.name.as_ref().is_some_and(|n| *n != d.name);
-            let target = (seen.v4, seen.v6, &seen.id);
-            if renamed || (d.target_v4, d.target_v6, &d.container_id) != target {
-                moved.push((rule.id, RuleSpec::Docker(d.clone())));
-                d.target_v4 = seen.v4;
-                d.target_v6 = seen.v6;
-                d.container_id = seen.id;
-                if let Some(name) = seen.name {
-                    d.name = name;
-                }
-            }
+            moved.extend(self.observe(&mut next, answer));
         }
         if moved.is_empty() {
             return;
@@ -302,6 +261,56 @@ impl Engine {
                 ),
             }
         }
+    }
+
+    /// Applies one answer to `next`: records why the container is down and
+    /// re-points the mapping if its container moved (or was renamed),
+    /// returning the mapping's id and spec before. An answer that may be
+    /// older than what natmap knows changes nothing.
+    fn observe(&mut self, next: &mut State, answer: Observation) -> Option<(RuleId, RuleSpec)> {
+        // An event about this mapping came after the question: the
+        // answer may predate it (a container that has since stopped
+        // was still running); the event asked again.
+        if self
+            .docker
+            .event_order
+            .event_since(answer.id, answer.asked_after)
+        {
+            return None;
+        }
+        let rule = next.rules.iter_mut().find(|r| r.id == answer.id)?;
+        let RuleSpec::Docker(d) = &mut rule.spec else {
+            return None;
+        };
+        // Changed since (withdrawn by an event, re-pointed by a newer
+        // answer): this answer may be older than what natmap knows.
+        if *d != answer.asked {
+            return None;
+        }
+        let seen = match answer.seen {
+            Ok(seen) => seen,
+            Err(e) => {
+                tracing::warn!(rule = rule.id, "cannot inspect container {}: {e}", d.name);
+                return None;
+            }
+        };
+        match &seen.reason {
+            Some(reason) => self.docker.down_reason.insert(rule.id, reason.clone()),
+            None => self.docker.down_reason.remove(&rule.id),
+        };
+        let renamed = seen.name.as_ref().is_some_and(|n| *n != d.name);
+        let target = (seen.v4, seen.v6, &seen.id);
+        if !renamed && (d.target_v4, d.target_v6, &d.container_id) == target {
+            return None;
+        }
+        let before = RuleSpec::Docker(d.clone());
+        d.target_v4 = seen.v4;
+        d.target_v6 = seen.v6;
+        d.container_id = seen.id;
+        if let Some(name) = seen.name {
+            d.name = name;
+        }
+        Some((rule.id, before))
     }
 
     /// `docker add`, answered at once (dry runs; the daemon's loop uses
@@ -673,37 +682,7 @@ impl Engine {
         let RuleSpec::Docker(old) = &rule.spec else {
             unreachable!("find_mapping returns Docker mappings");
         };
-        // A range moves as a whole, to a range of the same length starting
-        // at NEW (`remap web 8160:9160` or `remap web 8160-8161:9160-9161`).
-        if old.port_count > 1 && req.old_port != old.host_port {
-            return Err(Failure::new(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "rule #{} maps the range {}; remap it as a whole from its first port \
-                     ({}:NEW or {}:NEW-LAST, a range of the same length)",
-                    rule.id,
-                    old.host_ports(),
-                    old.host_port,
-                    old.host_ports()
-                ),
-            ));
-        }
-        let new_last = u32::from(req.new_port) + u32::from(old.port_count) - 1;
-        if new_last > 65535 || req.new_port_last.is_some_and(|l| u32::from(l) != new_last) {
-            return Err(Failure::new(
-                ErrorCode::InvalidArgument,
-                format!(
-                    "rule #{} maps {} port(s) ({}); the new host ports must be a range of the \
-                     same length within 1-65535, e.g. {}:{}-{}",
-                    rule.id,
-                    old.port_count,
-                    old.host_ports(),
-                    old.host_ports(),
-                    req.new_port.min(65535 - (old.port_count - 1)),
-                    req.new_port.min(65535 - (old.port_count - 1)) + (old.port_count - 1)
-                ),
-            ));
-        }
+        check_remap(&req, rule.id, old)?;
         if req.old_port == req.new_port {
             return Ok(Response::ok(ChangeResult {
                 result: ChangeKind::AlreadyPresent,
@@ -713,8 +692,24 @@ impl Engine {
         }
         let mut moved = old.clone();
         moved.host_port = req.new_port;
-        let new_spec = RuleSpec::Docker(moved);
-        // Reserve the new port first; on any failure the old mapping stays as it was.
+        let updated = self.move_mapping(rule, RuleSpec::Docker(moved))?;
+        tracing::info!(
+            rule = updated.id,
+            from = req.old_port,
+            to = req.new_port,
+            "mapping remapped"
+        );
+        Ok(Response::ok(ChangeResult {
+            result: ChangeKind::Remapped,
+            rule: self.view(&updated),
+            notes: Vec::new(),
+        }))
+    }
+
+    /// Moves a mapping to new host ports: reserves them first (on any
+    /// failure the old mapping stays as it was), commits, then listens on
+    /// the new ports and cuts the old flows. Returns the mapping as it now is.
+    fn move_mapping(&mut self, rule: Rule, new_spec: RuleSpec) -> Outcome<Rule> {
         let claims = new_spec.port_claims();
         self.check_own_claims_except(&claims, rule.id)?;
         super::super::fds::check(&claims).map_err(|m| Failure::new(ErrorCode::FdLimit, m))?;
@@ -731,19 +726,44 @@ impl Engine {
             tracing::error!(rule = rule.id, "remapped, but {}", f.message);
         }
         forget_flows(&rule.spec);
-        let updated = self.state.rule(rule.id).cloned().unwrap_or(rule);
-        tracing::info!(
-            rule = updated.id,
-            from = req.old_port,
-            to = req.new_port,
-            "mapping remapped"
-        );
-        Ok(Response::ok(ChangeResult {
-            result: ChangeKind::Remapped,
-            rule: self.view(&updated),
-            notes: Vec::new(),
-        }))
+        Ok(self.state.rule(rule.id).cloned().unwrap_or(rule))
     }
+}
+
+/// The checks of a remap against the mapping `old` (rule `id`): a range
+/// moves as a whole, to a range of the same length starting at NEW
+/// (`remap web 8160:9160` or `remap web 8160-8161:9160-9161`).
+fn check_remap(req: &DockerRemapRequest, id: RuleId, old: &DockerRule) -> Outcome<()> {
+    if old.port_count > 1 && req.old_port != old.host_port {
+        return Err(Failure::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "rule #{} maps the range {}; remap it as a whole from its first port \
+                 ({}:NEW or {}:NEW-LAST, a range of the same length)",
+                id,
+                old.host_ports(),
+                old.host_port,
+                old.host_ports()
+            ),
+        ));
+    }
+    let new_last = u32::from(req.new_port) + u32::from(old.port_count) - 1;
+    if new_last > 65535 || req.new_port_last.is_some_and(|l| u32::from(l) != new_last) {
+        return Err(Failure::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "rule #{} maps {} port(s) ({}); the new host ports must be a range of the \
+                 same length within 1-65535, e.g. {}:{}-{}",
+                id,
+                old.port_count,
+                old.host_ports(),
+                old.host_ports(),
+                req.new_port.min(65535 - (old.port_count - 1)),
+                req.new_port.min(65535 - (old.port_count - 1)) + (old.port_count - 1)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether a mapping points at a container natmap follows through Docker
@@ -901,66 +921,75 @@ enum AddPlan {
 
 /// Checks the request's form and builds the mapping it asks for.
 fn add_plan(req: DockerAddRequest) -> Outcome<AddPlan> {
+    Ok(match req.mapping.target_ip {
+        Some(target) => AddPlan::Fixed(fixed_rule(req, target)?),
+        None => AddPlan::Container(container_rule(req)?),
+    })
+}
+
+/// A mapping to a fixed, non-Docker target: the name is only a label.
+fn fixed_rule(req: DockerAddRequest, target: HostIp) -> Outcome<DockerRule> {
     let invalid = |m: &str| Failure::new(ErrorCode::InvalidArgument, m);
     let mapping = req.mapping;
-    Ok(if let Some(target) = mapping.target_ip {
-        // A fixed, non-Docker target: the name is only a label.
-        let Some(label) = req.name else {
+    let Some(label) = req.name else {
+        return Err(invalid(
+            "a HOST_PORT:TARGET_IP:PORT mapping needs --name LABEL",
+        ));
+    };
+    if req.container.is_some() {
+        return Err(invalid(
+            "give either a container or a HOST_PORT:TARGET_IP:PORT mapping, not both",
+        ));
+    }
+    let endpoint = Endpoint {
+        ip: target,
+        subnet: None,
+    };
+    Ok(DockerRule {
+        name: label.to_string(),
+        container_id: None,
+        network: None,
+        host_ip: mapping.host_ip,
+        host_port: mapping.host_port,
+        container_port: mapping.target_port,
+        port_count: mapping.port_count,
+        proto: mapping.proto,
+        external: true,
+        target_v4: (target.family() == Family::V4).then_some(endpoint),
+        target_v6: (target.family() == Family::V6).then_some(endpoint),
+        auto: None,
+        allow_nonlocal: req.allow_nonlocal,
+    })
+}
+
+/// A mapping to a container, by the reference the client gave (looked up
+/// before it is added).
+fn container_rule(req: DockerAddRequest) -> Outcome<DockerRule> {
+    let invalid = |m: &str| Failure::new(ErrorCode::InvalidArgument, m);
+    let mapping = req.mapping;
+    let reference = match (req.container, req.name) {
+        (Some(c), None) | (None, Some(c)) => c,
+        (Some(_), Some(_)) => {
             return Err(invalid(
-                "a HOST_PORT:TARGET_IP:PORT mapping needs --name LABEL",
-            ));
-        };
-        if req.container.is_some() {
-            return Err(invalid(
-                "give either a container or a HOST_PORT:TARGET_IP:PORT mapping, not both",
-            ));
+                "give the container either as an argument or with --name, not both",
+            ))
         }
-        let endpoint = Endpoint {
-            ip: target,
-            subnet: None,
-        };
-        AddPlan::Fixed(DockerRule {
-            name: label.to_string(),
-            container_id: None,
-            network: None,
-            host_ip: mapping.host_ip,
-            host_port: mapping.host_port,
-            container_port: mapping.target_port,
-            port_count: mapping.port_count,
-            proto: mapping.proto,
-            external: true,
-            target_v4: (target.family() == Family::V4).then_some(endpoint),
-            target_v6: (target.family() == Family::V6).then_some(endpoint),
-            auto: None,
-            allow_nonlocal: req.allow_nonlocal,
-        })
-    } else {
-        let reference = match (req.container, req.name) {
-            (Some(c), None) | (None, Some(c)) => c,
-            (Some(_), Some(_)) => {
-                return Err(invalid(
-                    "give the container either as an argument or with --name, not both",
-                ))
-            }
-            (None, None) => {
-                return Err(invalid("name the container: docker add CONTAINER MAPPING"))
-            }
-        };
-        AddPlan::Container(DockerRule {
-            name: reference.to_string(),
-            container_id: None,
-            network: req.network.map(|n| n.to_string()),
-            host_ip: mapping.host_ip,
-            host_port: mapping.host_port,
-            container_port: mapping.target_port,
-            port_count: mapping.port_count,
-            proto: mapping.proto,
-            external: false,
-            target_v4: None,
-            target_v6: None,
-            auto: None,
-            allow_nonlocal: req.allow_nonlocal,
-        })
+        (None, None) => return Err(invalid("name the container: docker add CONTAINER MAPPING")),
+    };
+    Ok(DockerRule {
+        name: reference.to_string(),
+        container_id: None,
+        network: req.network.map(|n| n.to_string()),
+        host_ip: mapping.host_ip,
+        host_port: mapping.host_port,
+        container_port: mapping.target_port,
+        port_count: mapping.port_count,
+        proto: mapping.proto,
+        external: false,
+        target_v4: None,
+        target_v6: None,
+        auto: None,
+        allow_nonlocal: req.allow_nonlocal,
     })
 }
 

@@ -39,7 +39,7 @@ use crate::firewall::iptables::render;
 use crate::firewall::BridgeNetfilter;
 use crate::model::{Family, Network, RuleSpec};
 
-use super::Engine;
+use super::{Engine, Upkeep};
 
 /// The engine's view of bridges and the ports it put in hairpin mode.
 #[derive(Debug, Default)]
@@ -140,90 +140,9 @@ impl Engine {
         let targets = self.container_targets();
         let global = self.host.hairpin.netfilter;
         let h = &mut self.host.hairpin;
-        h.ports.retain(|ip, port| {
-            targets.iter().any(|(t, _, _)| t == ip) && (!verify || port.still_there())
-        });
-        h.problems
-            .retain(|ip, _| targets.iter().any(|(t, _, _)| t == ip));
-        let unknown: Vec<(IpAddr, Network)> = targets
-            .iter()
-            .filter(|(ip, _, _)| !h.ports.contains_key(ip))
-            .map(|(ip, net, _)| (*ip, *net))
-            .collect();
-        if !unknown.is_empty() {
-            match h.finder.find(&unknown) {
-                Ok(found) => {
-                    for (ip, net) in &unknown {
-                        match found.get(ip) {
-                            Some(port) => {
-                                tracing::debug!(container = %ip, "bridge port {port}");
-                                h.problems.remove(ip);
-                                h.ports.insert(*ip, port.clone());
-                            }
-                            None => note_problem(
-                                h,
-                                *ip,
-                                format!("no bridge of this host leads to {ip} (network {net})"),
-                            ),
-                        }
-                    }
-                }
-                Err(e) => {
-                    for (ip, _) in &unknown {
-                        note_problem(h, *ip, format!("cannot find the bridge port of {ip}: {e}"));
-                    }
-                }
-            }
-        }
-        let mut filtered: HashMap<(u32, Family), bool> = HashMap::new();
-        let mut wanted: BTreeMap<u32, BridgePort> = BTreeMap::new();
-        for (ip, _, family) in &targets {
-            let Some(port) = h.ports.get(ip) else {
-                continue;
-            };
-            let needs = *filtered
-                .entry((port.ifindex, *family))
-                .or_insert_with(|| port.filtered(*family, global));
-            if needs {
-                wanted.insert(port.ifindex, port.clone());
-            }
-        }
-        h.on.retain(|i| wanted.contains_key(i) && !verify);
-        for (index, port) in &wanted {
-            if h.on.contains(index) {
-                continue;
-            }
-            match port.hairpin() {
-                // Natmap's, or someone else's: either way it is on.
-                Ok(true) => {}
-                Ok(false) => match port.set_hairpin(true) {
-                    Ok(()) if h.owned.insert(*index, port.clone()).is_some() => {
-                        self.upkeep.repairs += 1;
-                        let reason = format!(
-                            "hairpin mode of bridge port {port} was switched off by something else"
-                        );
-                        tracing::warn!(
-                            repairs = self.upkeep.repairs,
-                            "{reason}; switched on again"
-                        );
-                        self.upkeep.last_repair = Some((std::time::Instant::now(), vec![reason]));
-                    }
-                    Ok(()) => tracing::info!(
-                        "hairpin mode on for bridge port {port}: its container reaches its own \
-                         published ports through the host's address"
-                    ),
-                    Err(e) => {
-                        tracing::warn!("cannot switch hairpin mode on for {port}: {e}");
-                        continue;
-                    }
-                },
-                Err(e) => {
-                    tracing::warn!("cannot read the hairpin mode of {port}: {e}");
-                    continue;
-                }
-            }
-            h.on.insert(*index);
-        }
+        h.look_up(&targets, verify);
+        let wanted = h.wanted(&targets, global);
+        h.switch_on(&wanted, verify, &mut self.upkeep);
         let done: Vec<u32> = h
             .owned
             .keys()
@@ -243,6 +162,116 @@ impl Engine {
         self.host.hairpin.on.clear();
         for (_, port) in std::mem::take(&mut self.host.hairpin.owned) {
             switch_off(&port);
+        }
+    }
+}
+
+impl Hairpin {
+    /// Forgets ports and problems of addresses no longer targeted (and,
+    /// with `verify`, ports that are gone), then finds the ports of the
+    /// targets it has none for.
+    fn look_up(&mut self, targets: &[(IpAddr, Network, Family)], verify: bool) {
+        self.ports.retain(|ip, port| {
+            targets.iter().any(|(t, _, _)| t == ip) && (!verify || port.still_there())
+        });
+        self.problems
+            .retain(|ip, _| targets.iter().any(|(t, _, _)| t == ip));
+        let unknown: Vec<(IpAddr, Network)> = targets
+            .iter()
+            .filter(|(ip, _, _)| !self.ports.contains_key(ip))
+            .map(|(ip, net, _)| (*ip, *net))
+            .collect();
+        if unknown.is_empty() {
+            return;
+        }
+        match self.finder.find(&unknown) {
+            Ok(found) => {
+                for (ip, net) in &unknown {
+                    match found.get(ip) {
+                        Some(port) => {
+                            tracing::debug!(container = %ip, "bridge port {port}");
+                            self.problems.remove(ip);
+                            self.ports.insert(*ip, port.clone());
+                        }
+                        None => note_problem(
+                            self,
+                            *ip,
+                            format!("no bridge of this host leads to {ip} (network {net})"),
+                        ),
+                    }
+                }
+            }
+            Err(e) => {
+                for (ip, _) in &unknown {
+                    note_problem(
+                        self,
+                        *ip,
+                        format!("cannot find the bridge port of {ip}: {e}"),
+                    );
+                }
+            }
+        }
+    }
+
+    /// The ports that need hairpin mode, by interface index: those of
+    /// targets whose family's bridged traffic passes the host's filters.
+    fn wanted(
+        &self,
+        targets: &[(IpAddr, Network, Family)],
+        global: BridgeNetfilter,
+    ) -> BTreeMap<u32, BridgePort> {
+        let mut filtered: HashMap<(u32, Family), bool> = HashMap::new();
+        let mut wanted: BTreeMap<u32, BridgePort> = BTreeMap::new();
+        for (ip, _, family) in targets {
+            let Some(port) = self.ports.get(ip) else {
+                continue;
+            };
+            let needs = *filtered
+                .entry((port.ifindex, *family))
+                .or_insert_with(|| port.filtered(*family, global));
+            if needs {
+                wanted.insert(port.ifindex, port.clone());
+            }
+        }
+        wanted
+    }
+
+    /// Switches hairpin mode on where `wanted` needs it and it is not
+    /// known to be on (with `verify`, looks at every port again); a port
+    /// natmap had switched on and finds off counts as a repair.
+    fn switch_on(&mut self, wanted: &BTreeMap<u32, BridgePort>, verify: bool, upkeep: &mut Upkeep) {
+        self.on.retain(|i| wanted.contains_key(i) && !verify);
+        for (index, port) in wanted {
+            if self.on.contains(index) {
+                continue;
+            }
+            match port.hairpin() {
+                // Natmap's, or someone else's: either way it is on.
+                Ok(true) => {}
+                Ok(false) => match port.set_hairpin(true) {
+                    Ok(()) if self.owned.insert(*index, port.clone()).is_some() => {
+                        upkeep.repairs += 1;
+                        let reason = format!(
+                            "hairpin mode of bridge port {port} was switched off by something else"
+                        );
+                        tracing::warn!(repairs = upkeep.repairs, "{reason}; switched on again");
+                        upkeep.last_repair = Some((std::time::Instant::now(), vec![reason]));
+                    }
+                    Ok(()) => tracing::info!(
+                        "hairpin mode on for bridge port {port}: its container reaches its own \
+                         published ports through the host's address"
+                    ),
+                    Err(e) => {
+                        tracing::warn!("cannot switch hairpin mode on for {port}: {e}");
+                        continue;
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!("cannot read the hairpin mode of {port}: {e}");
+                    continue;
+                }
+            }
+            self.on.insert(*index);
         }
     }
 }

@@ -27,7 +27,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 mod addresses;
 mod apply;
@@ -48,8 +48,8 @@ use crate::model::{
     DnatRule, Family, HairpinRule, PolicyRouteRule, PortClaim, Rule, RuleId, RuleSpec, SnatRule,
 };
 use crate::proto::{
-    ClearReport, DryRunReport, ErrorCode, ForwardingReport, LsRequest, Pong, Request, Response,
-    RuleList, RuleStatus, RuleView, SaveReport, Transaction, UnreadableEntry,
+    ClearReport, DryRunReport, ErrorCode, ForwardingReport, HairpinRequest, LsRequest, Pong,
+    Request, Response, RuleList, RuleStatus, RuleView, SaveReport, Transaction, UnreadableEntry,
 };
 use crate::state::{self, Delta, Loaded, State};
 
@@ -253,6 +253,73 @@ const DOCKER_RESYNC_TICKS: u64 = 15;
 /// The message of the internal failure that stops a dry run at the commit.
 const DRY_RUN_STOP: &str = "dry run: stopped before changing anything";
 
+/// The state to start from, logged; and for a corrupt state file, the
+/// warning `status` shows until the next change.
+fn loaded_state(state_path: &Path, loaded: Loaded) -> (State, Option<String>) {
+    match loaded {
+        Loaded::Fresh(s) => {
+            tracing::info!(path = %state_path.display(), "no state file yet, starting empty");
+            (s, None)
+        }
+        Loaded::Existing(s) => {
+            tracing::info!(path = %state_path.display(), rules = s.rules.len(), "state loaded");
+            for q in &s.quarantined {
+                tracing::error!(
+                    path = %state_path.display(),
+                    entry = q.index,
+                    id = ?q.id,
+                    "state entry QUARANTINED, not installed (kept in the file): {}",
+                    q.reason
+                );
+            }
+            (s, None)
+        }
+        Loaded::Corrupt {
+            state,
+            moved_to,
+            error,
+        } => {
+            tracing::error!(
+                path = %state_path.display(),
+                moved_to = %moved_to.display(),
+                %error,
+                "STATE FILE IS CORRUPT: it was moved aside and natmap starts with NO rules; \
+                 inspect the moved file and re-add the rules"
+            );
+            let warning = format!(
+                "the state file was corrupt at start and was moved to {}; natmap started with no rules \
+                 (inspect it and re-add the rules; the next change clears this warning)",
+                moved_to.display()
+            );
+            (state, Some(warning))
+        }
+    }
+}
+
+/// The internal network of a hairpin request: given, or the host's
+/// connected network of `--int-ip` (a delete matches without it: the host
+/// prefix).
+fn hairpin_int_net(r: &HairpinRequest) -> Outcome<crate::model::Network> {
+    match r.int_net {
+        Some(net) => Ok(net),
+        // A delete matches without the derived network.
+        None if r.delete => {
+            crate::model::Network::new(r.int_ip.ip(), r.int_ip.family().host_prefix())
+                .ok_or_else(|| Failure::new(ErrorCode::Internal, "bad host prefix"))
+        }
+        None => host::connected_network(r.int_ip.ip()).map_err(|e| {
+            Failure::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "cannot find the internal network of --int-ip {}: {e}; \
+                     give it with --int-net CIDR",
+                    r.int_ip
+                ),
+            )
+        }),
+    }
+}
+
 fn family_index(f: Family) -> usize {
     match f {
         Family::V4 => 0,
@@ -273,53 +340,41 @@ impl Engine {
         relays: Relays,
         addresses: AddressSource,
     ) -> Result<Engine, String> {
-        let mut corrupt: Option<String> = None;
         let (loaded, store) = state::load(&state_path).map_err(|e| e.to_string())?;
-        let state = match loaded {
-            Loaded::Fresh(s) => {
-                tracing::info!(path = %state_path.display(), "no state file yet, starting empty");
-                s
-            }
-            Loaded::Existing(s) => {
-                tracing::info!(path = %state_path.display(), rules = s.rules.len(), "state loaded");
-                for q in &s.quarantined {
-                    tracing::error!(
-                        path = %state_path.display(),
-                        entry = q.index,
-                        id = ?q.id,
-                        "state entry QUARANTINED, not installed (kept in the file): {}",
-                        q.reason
-                    );
-                }
-                s
-            }
-            Loaded::Corrupt {
-                state,
-                moved_to,
-                error,
-            } => {
-                tracing::error!(
-                    path = %state_path.display(),
-                    moved_to = %moved_to.display(),
-                    %error,
-                    "STATE FILE IS CORRUPT: it was moved aside and natmap starts with NO rules; \
-                     inspect the moved file and re-add the rules"
-                );
-                corrupt = Some(format!(
-                    "the state file was corrupt at start and was moved to {}; natmap started with no rules \
-                     (inspect it and re-add the rules; the next change clears this warning)",
-                    moved_to.display()
-                ));
-                state
-            }
+        let (state, corrupt) = loaded_state(&state_path, loaded);
+        let persist = Persist {
+            path: state_path,
+            store,
+            warning: corrupt,
         };
-        let mut engine = Engine {
+        let mut engine = Engine::new(state, persist, fw, relays, addresses);
+        engine.read_bridge_netfilter();
+        if engine.state.forwarding {
+            match host::enable_forwarding(engine.state.forwarding_ipv6) {
+                Ok(changes) => {
+                    for c in changes.iter().filter(|c| c.before != c.after) {
+                        tracing::info!(sysctl = %c.name, "forwarding re-enabled from state");
+                    }
+                }
+                Err(e) => tracing::warn!("cannot re-enable forwarding: {e}"),
+            }
+        }
+        engine.recover()?;
+        Ok(engine)
+    }
+
+    /// An engine over `state` with nothing applied, reserved or connected
+    /// yet.
+    fn new(
+        state: State,
+        persist: Persist,
+        fw: Box<dyn FirewallDriver>,
+        relays: Relays,
+        addresses: AddressSource,
+    ) -> Engine {
+        Engine {
             state,
-            persist: Persist {
-                path: state_path,
-                store,
-                warning: corrupt,
-            },
+            persist,
             firewall: FirewallSide {
                 name: fw.name(),
                 driver: Some(fw),
@@ -355,20 +410,7 @@ impl Engine {
                 convergence: Default::default(),
                 last_drift_check: None,
             },
-        };
-        engine.read_bridge_netfilter();
-        if engine.state.forwarding {
-            match host::enable_forwarding(engine.state.forwarding_ipv6) {
-                Ok(changes) => {
-                    for c in changes.iter().filter(|c| c.before != c.after) {
-                        tracing::info!(sysctl = %c.name, "forwarding re-enabled from state");
-                    }
-                }
-                Err(e) => tracing::warn!("cannot re-enable forwarding: {e}"),
-            }
         }
-        engine.recover()?;
-        Ok(engine)
     }
 
     fn recover(&mut self) -> Result<(), String> {
@@ -849,24 +891,7 @@ impl Engine {
                 r.delete,
             ),
             Request::Hairpin(r) => {
-                let int_net = match r.int_net {
-                    Some(net) => net,
-                    // A delete matches without the derived network.
-                    None if r.delete => {
-                        crate::model::Network::new(r.int_ip.ip(), r.int_ip.family().host_prefix())
-                            .ok_or_else(|| Failure::new(ErrorCode::Internal, "bad host prefix"))?
-                    }
-                    None => host::connected_network(r.int_ip.ip()).map_err(|e| {
-                        Failure::new(
-                            ErrorCode::InvalidArgument,
-                            format!(
-                                "cannot find the internal network of --int-ip {}: {e}; \
-                                 give it with --int-net CIDR",
-                                r.int_ip
-                            ),
-                        )
-                    })?,
-                };
+                let int_net = hairpin_int_net(&r)?;
                 (
                     RuleSpec::Hairpin(HairpinRule {
                         ext_ip: r.ext_ip,
@@ -902,73 +927,61 @@ impl Engine {
     }
 
     fn view(&self, rule: &Rule) -> RuleView {
+        let (status, detail) = self.status_of(rule);
+        RuleView {
+            rule: rule.clone(),
+            status,
+            detail,
+            counters: None,
+        }
+    }
+
+    /// A rule's status and why it is not active: set aside at start or
+    /// by a change, waiting for its interface, its Docker engine or
+    /// container away, or its addresses.
+    fn status_of(&self, rule: &Rule) -> (RuleStatus, Option<String>) {
         if let Some(i) = self.inactive.get(&rule.id) {
-            return RuleView {
-                rule: rule.clone(),
-                status: i.status,
-                detail: Some(i.reason.clone()),
-                counters: None,
-            };
+            return (i.status, Some(i.reason.clone()));
         }
         if let Some(iface) = missing_interface(&rule.spec, &self.host.local) {
-            return RuleView {
-                rule: rule.clone(),
-                status: RuleStatus::WaitingForInterface,
-                detail: Some(format!(
+            return (
+                RuleStatus::WaitingForInterface,
+                Some(format!(
                     "{iface} does not exist; the rule is installed and matches once it appears"
                 )),
-                counters: None,
-            };
+            );
         }
         match &rule.spec {
-            RuleSpec::Docker(d) if !d.external && self.is_stale(d).is_some() => RuleView {
-                rule: rule.clone(),
-                status: RuleStatus::Unknown,
-                detail: self.is_stale(d).map(|reason| {
+            RuleSpec::Docker(d) if !d.external && self.is_stale(d).is_some() => (
+                RuleStatus::Unknown,
+                self.is_stale(d).map(|reason| {
                     format!(
                         "engine unreachable ({reason}); no rules until it confirms the container"
                     )
                 }),
-                counters: None,
-            },
-            RuleSpec::Docker(d) if self.is_stale(d).is_some() => RuleView {
-                rule: rule.clone(),
-                status: RuleStatus::Stale,
-                detail: self
-                    .is_stale(d)
+            ),
+            RuleSpec::Docker(d) if self.is_stale(d).is_some() => (
+                RuleStatus::Stale,
+                self.is_stale(d)
                     .map(|reason| format!("engine unreachable, rules kept: {reason}")),
-                counters: None,
-            },
-            RuleSpec::Docker(d) if !d.is_up() && self.unconfirmed(d) => RuleView {
-                rule: rule.clone(),
-                status: RuleStatus::Unknown,
-                detail: Some(self.unconfirmed_reason()),
-                counters: None,
-            },
-            RuleSpec::Docker(d) if !d.is_up() => RuleView {
-                rule: rule.clone(),
-                status: RuleStatus::Down,
-                detail: Some(
+            ),
+            RuleSpec::Docker(d) if !d.is_up() && self.unconfirmed(d) => {
+                (RuleStatus::Unknown, Some(self.unconfirmed_reason()))
+            }
+            RuleSpec::Docker(d) if !d.is_up() => (
+                RuleStatus::Down,
+                Some(
                     self.docker
                         .down_reason
                         .get(&rule.id)
                         .cloned()
                         .unwrap_or_else(|| "container is not running".into()),
                 ),
-                counters: None,
+            ),
+            _ => match self.address_status(rule) {
+                Some((status, why)) => (status, Some(why)),
+                None => (RuleStatus::Active, None),
             },
-            _ => {
-                let (status, detail) = match self.address_status(rule) {
-                    Some((status, why)) => (status, Some(why)),
-                    None => (RuleStatus::Active, None),
-                };
-                RuleView {
-                    rule: rule.clone(),
-                    status,
-                    detail,
-                    counters: None,
-                }
-            }
         }
     }
 

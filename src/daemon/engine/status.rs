@@ -12,66 +12,9 @@ use super::Engine;
 
 impl Engine {
     pub(super) fn status(&self) -> StatusReport {
-        let mut rules: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
-        let mut inactive = 0;
-        for rule in &self.state.rules {
-            let view = self.view(rule);
-            let status = match view.status {
-                RuleStatus::Active => "active",
-                RuleStatus::PortConflict => "port_conflict",
-                RuleStatus::Unavailable => "unavailable",
-                RuleStatus::Down => "down",
-                RuleStatus::Stale => "stale",
-                RuleStatus::WaitingForAddress => "waiting_for_address",
-                RuleStatus::Unknown => "unknown",
-                RuleStatus::Quarantined => "quarantined",
-                RuleStatus::WaitingForInterface => "waiting_for_interface",
-            };
-            // Installed, waiting for its interface: said below, not inactive.
-            if !matches!(
-                view.status,
-                RuleStatus::Active | RuleStatus::WaitingForInterface
-            ) {
-                inactive += 1;
-            }
-            *rules
-                .entry(rule.spec.kind().to_owned())
-                .or_default()
-                .entry(status.to_owned())
-                .or_default() += 1;
-        }
-        let mut problems = Vec::new();
+        let (mut rules, inactive) = self.rule_counts();
         let forwarding = host::ipv4_forwarding();
-        let forwards = self
-            .state
-            .rules
-            .iter()
-            .any(|r| !matches!(r.spec, RuleSpec::Snat(_)));
-        if forwards && forwarding == Some(false) {
-            problems.push(
-                "net.ipv4.ip_forward is 0: forwarded traffic is dropped (run `lab-ops natmap fwd`)"
-                    .into(),
-            );
-        }
-        if inactive > 0 {
-            problems.push(format!(
-                "{inactive} rule(s) are not active (see `lab-ops natmap ls`)"
-            ));
-        }
-        let has_docker_rules = self
-            .state
-            .rules
-            .iter()
-            .any(|r| matches!(&r.spec, RuleSpec::Docker(d) if !d.external));
-        if has_docker_rules && self.docker.client.is_none() {
-            problems.push(format!(
-                "Docker is unreachable ({}); mappings keep their last targets",
-                self.docker.error
-            ));
-        }
-        if let Some(corrupt) = &self.persist.warning {
-            problems.push(corrupt.clone());
-        }
+        let mut problems = self.setup_problems(forwarding, inactive);
         problems.extend(self.quarantine_problems(&mut rules));
         problems.extend(
             self.upkeep
@@ -84,21 +27,7 @@ impl Engine {
         let discovery = self.discovery_problems();
         conflicts.extend(discovery.iter().filter(|p| p.contains("conflict")).cloned());
         problems.extend(discovery.into_iter().filter(|p| !p.contains("conflict")));
-        let mut warnings = Vec::new();
-        if self.discovery.config.enabled && self.discovery.config.preserve_src_ip {
-            let (note, no_replies) = self.preserve_src_ip_check();
-            if no_replies {
-                problems.push(format!(
-                    "preserve_src_ip: no forwarded connection to a remote node saw a reply; \
-                     check the service nodes' policy routes ({note})"
-                ));
-            }
-            warnings.push(note);
-        }
-        warnings.extend(self.waiting_warnings());
-        for (engine, _) in self.discovery.connected.iter().filter(|(_, ok)| **ok) {
-            warnings.push(format!("auto-discover engine {engine} connected"));
-        }
+        let warnings = self.status_warnings(&mut problems);
         if !conflicts.is_empty() {
             problems.push(format!("{} port conflict(s)", conflicts.len()));
         }
@@ -133,6 +62,86 @@ impl Engine {
             warnings,
             open_files,
         }
+    }
+
+    /// The rules counted by kind and status, and how many are not active.
+    fn rule_counts(&self) -> (BTreeMap<String, BTreeMap<String, usize>>, usize) {
+        let mut rules: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+        let mut inactive = 0;
+        for rule in &self.state.rules {
+            let view = self.view(rule);
+            // Installed, waiting for its interface: said below, not inactive.
+            if !matches!(
+                view.status,
+                RuleStatus::Active | RuleStatus::WaitingForInterface
+            ) {
+                inactive += 1;
+            }
+            *rules
+                .entry(rule.spec.kind().to_owned())
+                .or_default()
+                .entry(status_name(&view.status).to_owned())
+                .or_default() += 1;
+        }
+        (rules, inactive)
+    }
+
+    /// Problems of the setup around the rules: forwarding off, rules not
+    /// active, Docker away, a corrupt state file.
+    fn setup_problems(&self, forwarding: Option<bool>, inactive: usize) -> Vec<String> {
+        let mut problems = Vec::new();
+        let forwards = self
+            .state
+            .rules
+            .iter()
+            .any(|r| !matches!(r.spec, RuleSpec::Snat(_)));
+        if forwards && forwarding == Some(false) {
+            problems.push(
+                "net.ipv4.ip_forward is 0: forwarded traffic is dropped (run `lab-ops natmap fwd`)"
+                    .into(),
+            );
+        }
+        if inactive > 0 {
+            problems.push(format!(
+                "{inactive} rule(s) are not active (see `lab-ops natmap ls`)"
+            ));
+        }
+        let has_docker_rules = self
+            .state
+            .rules
+            .iter()
+            .any(|r| matches!(&r.spec, RuleSpec::Docker(d) if !d.external));
+        if has_docker_rules && self.docker.client.is_none() {
+            problems.push(format!(
+                "Docker is unreachable ({}); mappings keep their last targets",
+                self.docker.error
+            ));
+        }
+        if let Some(corrupt) = &self.persist.warning {
+            problems.push(corrupt.clone());
+        }
+        problems
+    }
+
+    /// The warnings of `status`: preserve_src_ip's check (a problem too
+    /// when no reply was seen), rules waiting, engines connected.
+    fn status_warnings(&self, problems: &mut Vec<String>) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.discovery.config.enabled && self.discovery.config.preserve_src_ip {
+            let (note, no_replies) = self.preserve_src_ip_check();
+            if no_replies {
+                problems.push(format!(
+                    "preserve_src_ip: no forwarded connection to a remote node saw a reply; \
+                     check the service nodes' policy routes ({note})"
+                ));
+            }
+            warnings.push(note);
+        }
+        warnings.extend(self.waiting_warnings());
+        for (engine, _) in self.discovery.connected.iter().filter(|(_, ok)| **ok) {
+            warnings.push(format!("auto-discover engine {engine} connected"));
+        }
+        warnings
     }
 
     /// One problem per quarantined state file entry (the first few), and
@@ -331,4 +340,19 @@ fn own_socket_inodes() -> HashSet<String> {
         }
     }
     inodes
+}
+
+/// A rule status as `status` counts it.
+fn status_name(status: &RuleStatus) -> &'static str {
+    match status {
+        RuleStatus::Active => "active",
+        RuleStatus::PortConflict => "port_conflict",
+        RuleStatus::Unavailable => "unavailable",
+        RuleStatus::Down => "down",
+        RuleStatus::Stale => "stale",
+        RuleStatus::WaitingForAddress => "waiting_for_address",
+        RuleStatus::Unknown => "unknown",
+        RuleStatus::Quarantined => "quarantined",
+        RuleStatus::WaitingForInterface => "waiting_for_interface",
+    }
 }

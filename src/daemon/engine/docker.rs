@@ -13,11 +13,11 @@
 //! alone, before any inspect; losing Docker withdraws every container
 //! mapping; and at start they wait for Docker to confirm them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::docker::{DockerClient, Event, Lookup};
 use crate::model::{DockerRule, Endpoint, Family, HostIp, Proto, Rule, RuleId, RuleSpec};
-use crate::state::State;
+use crate::state::Delta;
 use tokio::sync::oneshot;
 
 use crate::proto::{
@@ -112,23 +112,32 @@ impl Engine {
     /// container's own address (not a fixed target or a remote node) now,
     /// without asking Docker, and cuts their flows and relayed connections.
     pub(super) fn withdraw(&mut self, select: impl Fn(&DockerRule) -> bool, why: &str) {
-        let mut next = self.state.clone();
+        let mut delta = Delta {
+            next_id: self.state.next_id,
+            ..Delta::default()
+        };
         let mut withdrawn: Vec<(RuleId, RuleSpec)> = Vec::new();
-        for rule in next.rules.iter_mut() {
-            let RuleSpec::Docker(d) = &mut rule.spec else {
+        for rule in &self.state.rules {
+            let RuleSpec::Docker(d) = &rule.spec else {
                 continue;
             };
             if d.external || !d.is_up() || !select(d) {
                 continue;
             }
-            withdrawn.push((rule.id, RuleSpec::Docker(d.clone())));
-            d.target_v4 = None;
-            d.target_v6 = None;
+            withdrawn.push((rule.id, rule.spec.clone()));
+            delta.put.push(Rule {
+                id: rule.id,
+                spec: RuleSpec::Docker(DockerRule {
+                    target_v4: None,
+                    target_v6: None,
+                    ..d.clone()
+                }),
+            });
         }
         if withdrawn.is_empty() {
             return;
         }
-        if let Err(f) = self.commit(next) {
+        if let Err(f) = self.commit_delta(delta) {
             tracing::error!("cannot withdraw Docker mappings ({why}): {}", f.message);
             return;
         }
@@ -239,15 +248,20 @@ impl Engine {
     /// transaction) and records why the others are down. An answer about a
     /// mapping that changed since it was asked is dropped (a newer one comes).
     pub fn docker_observed(&mut self, answers: Vec<Observation>) {
-        let mut next = self.state.clone();
+        let mut changed: BTreeMap<RuleId, Rule> = BTreeMap::new();
         let mut moved: Vec<(RuleId, RuleSpec)> = Vec::new();
         for answer in answers {
-            moved.extend(self.observe(&mut next, answer));
+            moved.extend(self.observe(&mut changed, answer));
         }
         if moved.is_empty() {
             return;
         }
-        if let Err(f) = self.commit(next) {
+        let delta = Delta {
+            put: changed.into_values().collect(),
+            del: Vec::new(),
+            next_id: self.state.next_id,
+        };
+        if let Err(f) = self.commit_delta(delta) {
             tracing::error!("cannot re-point Docker mappings: {}", f.message);
             return;
         }
@@ -267,7 +281,13 @@ impl Engine {
     /// re-points the mapping if its container moved (or was renamed),
     /// returning the mapping's id and spec before. An answer that may be
     /// older than what natmap knows changes nothing.
-    fn observe(&mut self, next: &mut State, answer: Observation) -> Option<(RuleId, RuleSpec)> {
+    /// Records one answer; a mapping it moves goes into `changed` (the
+    /// batch's rules as they will be), with what it was.
+    fn observe(
+        &mut self,
+        changed: &mut BTreeMap<RuleId, Rule>,
+        answer: Observation,
+    ) -> Option<(RuleId, RuleSpec)> {
         // An event about this mapping came after the question: the
         // answer may predate it (a container that has since stopped
         // was still running); the event asked again.
@@ -278,7 +298,10 @@ impl Engine {
         {
             return None;
         }
-        let rule = next.rules.iter_mut().find(|r| r.id == answer.id)?;
+        let mut rule = match changed.get(&answer.id) {
+            Some(r) => r.clone(),
+            None => self.state.rule(answer.id)?.clone(),
+        };
         let RuleSpec::Docker(d) = &mut rule.spec else {
             return None;
         };
@@ -310,7 +333,9 @@ impl Engine {
         if let Some(name) = seen.name {
             d.name = name;
         }
-        Some((rule.id, before))
+        let id = rule.id;
+        changed.insert(id, rule);
+        Some((id, before))
     }
 
     /// `docker add`, answered at once (dry runs; the daemon's loop uses
@@ -715,11 +740,15 @@ impl Engine {
         super::super::fds::check(&claims).map_err(|m| Failure::new(ErrorCode::FdLimit, m))?;
         let held = reserve::bind_all(&claims)
             .map_err(|busy| Failure::new(ErrorCode::PortInUse, busy.message))?;
-        let mut next = self.state.clone();
-        if let Some(r) = next.rules.iter_mut().find(|r| r.id == rule.id) {
-            r.spec = new_spec;
-        }
-        self.commit(next)?;
+        let delta = Delta {
+            put: vec![Rule {
+                id: rule.id,
+                spec: new_spec,
+            }],
+            del: Vec::new(),
+            next_id: self.state.next_id,
+        };
+        self.commit_delta(delta)?;
         self.ports.relays.stop(rule.id);
         self.ports.held.insert(rule.id, held);
         if let Err(f) = self.start_listening(rule.id) {

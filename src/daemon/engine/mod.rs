@@ -1123,9 +1123,12 @@ impl Engine {
 
     /// Undoes an add whose last step failed: rules and state go back.
     fn remove_rule_after_failure(&mut self, id: RuleId) {
-        let mut next = self.state.clone();
-        next.rules.retain(|r| r.id != id);
-        if let Err(f) = self.commit(next) {
+        let delta = Delta {
+            del: vec![id],
+            next_id: self.state.next_id,
+            ..Delta::default()
+        };
+        if let Err(f) = self.commit_delta(delta) {
             tracing::error!(rule = id, "could not undo a failed add: {}", f.message);
         }
         self.release(id);

@@ -5,8 +5,10 @@
 //!   is the whole program behind `main`.
 //! - [`proto`]: the request/response types shared by client and daemon.
 //! - [`client`]: send one request over the Unix socket, read one response.
-//! - [`daemon`]: socket server, the single state owner ([`daemon::engine`]),
-//!   port reservations and the loopback relay.
+//! - [`daemon`]: socket server, the single state owner ([`daemon::engine`],
+//!   in owned parts: persistence, the firewall side, ports, the Docker view,
+//!   the host view, upkeep), port reservations, the loopback relay, and the
+//!   conntrack cut over ctnetlink.
 //! - [`model`]: typed, validated values (addresses, ports, interfaces, rules).
 //! - [`firewall`]: the firewall driver seam — [`firewall::FirewallDriver`],
 //!   the driver-neutral types the engine speaks ([`firewall::Desired`],
@@ -18,12 +20,18 @@
 //!   in one netlink batch) and a recording one for tests.
 //! - [`config`]: the daemon's TOML config file.
 //! - [`docker`]: the Docker API client (bollard): inspects and events.
-//! - [`state`]: `state.json` and its append-only journal, atomic and durable.
+//! - [`state`]: `state.json` and its append-only journal, atomic and durable;
+//!   [`state::Delta`], a change to the state.
+//! - [`netlink`]: netfilter netlink plumbing (socket, framing, answers) the
+//!   nftables driver and the conntrack cut share.
 //!
-//! The pipeline of every change: validate → reserve ports → new state →
-//! desired rules → the firewall driver (iptables: one
-//! `iptables-restore --noflush` per changed family; nftables: one netlink
-//! batch of map elements) → persist (one journal line) → listen → answer.
+//! The pipeline of every change, through one door (`Engine::commit_next`,
+//! `diagrams/transition.dot`): validate → reserve ports → what comes next (a
+//! [`state::Delta`] for rule requests and Docker events, a whole state for
+//! bulk paths) → the firewall driver ([`firewall::RuleChange`] or
+//! [`firewall::Desired`]; iptables: one `iptables-restore --noflush` per
+//! changed family; nftables: one netlink batch of map elements) → routes →
+//! persist (one journal line) → listen, release, cut flows → answer.
 
 pub mod cli;
 pub mod client;
@@ -32,5 +40,6 @@ pub mod daemon;
 pub mod docker;
 pub mod firewall;
 pub mod model;
+pub mod netlink;
 pub mod proto;
 pub mod state;

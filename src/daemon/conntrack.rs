@@ -18,8 +18,13 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::time::Duration;
+
+use crate::netlink::{
+    attr, attrs, error_of, messages, NLA_F_NESTED, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN,
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+};
 
 use super::host::Flows;
 use crate::model::Proto;
@@ -47,15 +52,7 @@ const CTA_IP_V6_SRC: u16 = 3;
 const CTA_IP_V6_DST: u16 = 4;
 const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_DST_PORT: u16 = 3;
-const NLA_F_NESTED: u16 = 0x8000;
 /// An attribute's type without the nested and byte-order flags.
-const NLA_TYPE_MASK: u16 = 0x3fff;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLMSG_HDRLEN: usize = 16;
 /// `nlmsghdr` plus `nfgenmsg`: where a ctnetlink message's attributes start.
 const CT_HDRLEN: usize = NLMSG_HDRLEN + 4;
 
@@ -233,25 +230,6 @@ struct Entry {
     id: Option<[u8; 4]>,
 }
 
-/// The attributes in `buf`, as (type without flags, payload); stops at the
-/// first malformed one.
-fn attrs(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if buf.len() < 4 {
-            return None;
-        }
-        let len = usize::from(u16::from_ne_bytes([buf[0], buf[1]]));
-        let ty = u16::from_ne_bytes([buf[2], buf[3]]) & NLA_TYPE_MASK;
-        if len < 4 || len > buf.len() {
-            buf = &[];
-            return None;
-        }
-        let payload = &buf[4..len];
-        buf = &buf[align(len).min(buf.len())..];
-        Some((ty, payload))
-    })
-}
-
 /// One direction's tuple: (source, destination, protocol, destination port).
 type Tuple = (Option<IpAddr>, Option<IpAddr>, Option<u8>, Option<u16>);
 
@@ -327,51 +305,10 @@ struct Socket {
 
 impl Socket {
     fn open() -> io::Result<Socket> {
-        // SAFETY: plain socket(2); the result is checked before use.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_NETFILTER,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let timeout = libc::timeval {
-            tv_sec: RECV_TIMEOUT.as_secs() as libc::time_t,
-            tv_usec: RECV_TIMEOUT.subsec_micros() as libc::suseconds_t,
-        };
-        // SAFETY: a valid timeval of the given length on our own socket.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                std::ptr::addr_of!(timeout).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: an all-zero sockaddr_nl is valid (the kernel picks the port id).
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        // SAFETY: `addr` is a valid sockaddr_nl of the given length.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                std::ptr::addr_of!(addr).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Socket { fd, seq: 0 })
+        Ok(Socket {
+            fd: crate::netlink::open_netfilter(Some(RECV_TIMEOUT))?,
+            seq: 0,
+        })
     }
 
     fn next_seq(&mut self) -> u32 {
@@ -380,29 +317,21 @@ impl Socket {
     }
 
     fn send(&self, buf: &[u8]) -> io::Result<()> {
-        // SAFETY: sending an initialised buffer on our own socket.
-        let sent = unsafe { libc::send(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        crate::netlink::send(&self.fd, buf)
     }
 
     /// Receives one datagram into `buf`; a timeout is an error.
     fn recv<'b>(&self, buf: &'b mut [u8]) -> io::Result<&'b [u8]> {
-        // SAFETY: receiving into our own buffer of the given length.
-        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
+        crate::netlink::recv(&self.fd, buf).map_err(|e| {
             if e.kind() == io::ErrorKind::WouldBlock {
-                return Err(io::Error::new(
+                io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("no answer from ctnetlink within {RECV_TIMEOUT:?}"),
-                ));
+                )
+            } else {
+                e
             }
-            return Err(e);
-        }
-        Ok(&buf[..n as usize])
+        })
     }
 
     /// Dumps the connection table of `family`, calling `each` per entry;
@@ -484,38 +413,6 @@ impl Socket {
     }
 }
 
-/// The messages in one datagram, as (type, sequence number, whole message).
-fn messages(mut data: &[u8]) -> io::Result<Vec<(u16, u32, &[u8])>> {
-    let mut out = Vec::new();
-    while data.len() >= NLMSG_HDRLEN {
-        let len = u32::from_ne_bytes(data[0..4].try_into().expect("4 bytes")) as usize;
-        let ty = u16::from_ne_bytes(data[4..6].try_into().expect("2 bytes"));
-        let seq = u32::from_ne_bytes(data[8..12].try_into().expect("4 bytes"));
-        if len < NLMSG_HDRLEN || len > data.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "short netlink message",
-            ));
-        }
-        out.push((ty, seq, &data[..len]));
-        data = &data[align(len).min(data.len())..];
-    }
-    Ok(out)
-}
-
-/// The error an `NLMSG_ERROR` message carries (`Ok` for an acknowledgement).
-fn error_of(msg: &[u8]) -> io::Result<()> {
-    let errno = msg
-        .get(NLMSG_HDRLEN..NLMSG_HDRLEN + 4)
-        .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "short netlink error"))?;
-    if errno == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::from_raw_os_error(-errno))
-    }
-}
-
 /// `IPCTNL_MSG_CT_DELETE` of one entry, acknowledged.
 fn delete_message(buf: &mut Vec<u8>, seq: u32, family: u8, e: &Entry) {
     message(
@@ -536,10 +433,6 @@ fn delete_message(buf: &mut Vec<u8>, seq: u32, family: u8, e: &Entry) {
     );
 }
 
-fn align(n: usize) -> usize {
-    (n + 3) & !3
-}
-
 /// One netlink message with an `nfgenmsg` header (version 0, resource id
 /// 0); `body` writes the attributes.
 fn message(
@@ -550,25 +443,7 @@ fn message(
     family: u8,
     body: impl FnOnce(&mut Vec<u8>),
 ) {
-    let start = buf.len();
-    buf.extend_from_slice(&0u32.to_ne_bytes());
-    buf.extend_from_slice(&ty.to_ne_bytes());
-    buf.extend_from_slice(&flags.to_ne_bytes());
-    buf.extend_from_slice(&seq.to_ne_bytes());
-    buf.extend_from_slice(&0u32.to_ne_bytes());
-    buf.extend_from_slice(&[family, 0, 0, 0]);
-    body(buf);
-    let len = (buf.len() - start) as u32;
-    buf[start..start + 4].copy_from_slice(&len.to_ne_bytes());
-    buf.resize(start + align(len as usize), 0);
-}
-
-fn attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
-    let len = 4 + payload.len();
-    buf.extend_from_slice(&(len as u16).to_ne_bytes());
-    buf.extend_from_slice(&ty.to_ne_bytes());
-    buf.extend_from_slice(payload);
-    buf.resize(buf.len() + (align(len) - len), 0);
+    crate::netlink::message(buf, (ty, flags, seq), family, 0, body);
 }
 
 #[cfg(test)]
@@ -698,7 +573,10 @@ mod tests {
         // The original tuple alone (the reply tuple's attribute cut off).
         let attrs_only = &msg[CT_HDRLEN..];
         let orig_len = u16::from_ne_bytes([attrs_only[0], attrs_only[1]]);
-        assert_eq!(parse_entry(&attrs_only[..align(orig_len.into())]), None);
+        assert_eq!(
+            parse_entry(&attrs_only[..crate::netlink::align(orig_len.into())]),
+            None
+        );
         // A truncated attribute stops the walk rather than reading past it.
         assert_eq!(parse_entry(&attrs_only[..10]), None);
         assert_eq!(parse_entry(&[]), None);

@@ -8,9 +8,12 @@
 //! the whole table (start, recovery, repair) still goes through `nft -f -`.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 use crate::model::Family;
+use crate::netlink::{
+    attr, error_of, messages, nested, NLMSG_ERROR, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST,
+};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
@@ -25,11 +28,6 @@ const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
 const NFTA_SET_ELEM_KEY_END: u16 = 10;
 const NFTA_DATA_VALUE: u16 = 1;
-const NLA_F_NESTED: u16 = 0x8000;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
-const NLM_F_CREATE: u16 = 0x400;
-const NLMSG_ERROR: u16 = 2;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
 
@@ -104,34 +102,10 @@ pub struct Netlink {
 impl Netlink {
     /// Opens and binds the socket.
     pub fn open() -> io::Result<Netlink> {
-        // SAFETY: plain socket(2); the result is checked before use.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_NETFILTER,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: an all-zero sockaddr_nl is valid (the kernel picks the port id).
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        // SAFETY: `addr` is a valid sockaddr_nl of the given length.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                std::ptr::addr_of!(addr).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Netlink { fd, seq: 1 })
+        Ok(Netlink {
+            fd: crate::netlink::open_netfilter(None)?,
+            seq: 1,
+        })
     }
 
     /// Deletes `del` then adds `add` in set `set` of natmap's `table` of
@@ -197,12 +171,7 @@ impl Netlink {
         if acks == 0 {
             return Ok(());
         }
-        // SAFETY: sending an initialised buffer on our own socket.
-        let sent =
-            unsafe { libc::send(self.fd.as_raw_fd(), batch.as_ptr().cast(), batch.len(), 0) };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        crate::netlink::send(&self.fd, &batch)?;
         self.read_acks(acks)
     }
 
@@ -216,38 +185,16 @@ impl Netlink {
     fn read_acks(&self, mut acks: usize) -> io::Result<()> {
         let mut buf = vec![0u8; 65536];
         while acks > 0 {
-            // SAFETY: receiving into our own buffer of the given length.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let mut msgs = &buf[..n as usize];
-            while msgs.len() >= 16 {
-                let len = u32::from_ne_bytes(msgs[0..4].try_into().expect("4 bytes")) as usize;
-                let ty = u16::from_ne_bytes(msgs[4..6].try_into().expect("2 bytes"));
-                if len < 16 || len > msgs.len() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "short netlink message",
-                    ));
-                }
-                if ty == NLMSG_ERROR && len >= 20 {
-                    let errno = i32::from_ne_bytes(msgs[16..20].try_into().expect("4 bytes"));
-                    if errno != 0 {
-                        return Err(io::Error::from_raw_os_error(-errno));
-                    }
+            let data = crate::netlink::recv(&self.fd, &mut buf)?;
+            for (ty, _, msg) in messages(data)? {
+                if ty == NLMSG_ERROR {
+                    error_of(msg)?;
                     acks -= 1;
                 }
-                msgs = &msgs[align(len).min(msgs.len())..];
             }
         }
         Ok(())
     }
-}
-
-fn align(n: usize) -> usize {
-    (n + 3) & !3
 }
 
 fn cstr(s: &str) -> Vec<u8> {
@@ -256,7 +203,8 @@ fn cstr(s: &str) -> Vec<u8> {
     v
 }
 
-/// One netlink message with an nfgenmsg header; `body` writes the attributes.
+/// One netlink message with an nfgenmsg header; `body` writes the
+/// attributes. Batch markers name the nf_tables subsystem as their resource.
 fn message(
     buf: &mut Vec<u8>,
     ty: u16,
@@ -265,42 +213,12 @@ fn message(
     nfproto: u8,
     body: impl FnOnce(&mut Vec<u8>),
 ) {
-    let start = buf.len();
-    buf.extend_from_slice(&0u32.to_ne_bytes());
-    buf.extend_from_slice(&ty.to_ne_bytes());
-    buf.extend_from_slice(&flags.to_ne_bytes());
-    buf.extend_from_slice(&seq.to_ne_bytes());
-    buf.extend_from_slice(&0u32.to_ne_bytes());
-    // nfgenmsg: family, version 0, res_id (the subsystem, for batch markers).
-    buf.push(nfproto);
-    buf.push(0);
     let res_id = if ty == NFNL_MSG_BATCH_BEGIN || ty == NFNL_MSG_BATCH_END {
         NFNL_SUBSYS_NFTABLES
     } else {
         0
     };
-    buf.extend_from_slice(&res_id.to_be_bytes());
-    body(buf);
-    let len = (buf.len() - start) as u32;
-    buf[start..start + 4].copy_from_slice(&len.to_ne_bytes());
-    buf.resize(start + align(len as usize), 0);
-}
-
-fn attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
-    let len = 4 + payload.len();
-    buf.extend_from_slice(&(len as u16).to_ne_bytes());
-    buf.extend_from_slice(&ty.to_ne_bytes());
-    buf.extend_from_slice(payload);
-    buf.resize(buf.len() + (align(len) - len), 0);
-}
-
-fn nested(buf: &mut Vec<u8>, ty: u16, body: impl FnOnce(&mut Vec<u8>)) {
-    let start = buf.len();
-    buf.extend_from_slice(&0u16.to_ne_bytes());
-    buf.extend_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
-    body(buf);
-    let len = (buf.len() - start) as u16;
-    buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+    crate::netlink::message(buf, (ty, flags, seq), nfproto, res_id, body);
 }
 
 #[cfg(test)]

@@ -24,10 +24,15 @@
 //! Counters: every element of the NAT maps and of `fwd_count` carries a
 //! counter; [`NftCounters`] reads them back per rule.
 //!
-//! Not done yet: event subscription for drift (the check reads the table
-//! back), snat on every interface (`--ext-if +`, nft has no wildcard for it).
+//! Drift: [`events`] watches nf_tables notifications and reports changes
+//! of natmap's tables and `DOCKER-USER` made by anyone else; the engine
+//! then runs [`FirewallDriver::drift`] and repairs at once.
+//!
+//! Not done yet: snat on every interface (`--ext-if +`, nft has no
+//! wildcard for it).
 
 pub mod docker_user;
+pub mod events;
 pub mod exec;
 pub mod marks;
 pub mod netlink;

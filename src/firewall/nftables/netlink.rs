@@ -98,6 +98,19 @@ impl Netlink {
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
+        // Its batches are natmap's own, not drift (events.rs).
+        let mut len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+        // SAFETY: `addr` is a valid sockaddr_nl of `len` bytes.
+        let rc = unsafe {
+            libc::getsockname(
+                fd.as_raw_fd(),
+                std::ptr::addr_of_mut!(addr).cast(),
+                &mut len,
+            )
+        };
+        if rc == 0 {
+            super::events::own_socket(addr.nl_pid);
+        }
         Ok(Netlink { fd, seq: 1 })
     }
 
@@ -246,7 +259,7 @@ fn cstr(s: &str) -> Vec<u8> {
 }
 
 /// One netlink message with an nfgenmsg header; `body` writes the attributes.
-fn message(
+pub(super) fn message(
     buf: &mut Vec<u8>,
     ty: u16,
     flags: u16,
@@ -275,7 +288,7 @@ fn message(
     buf.resize(start + align(len as usize), 0);
 }
 
-fn attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
+pub(super) fn attr(buf: &mut Vec<u8>, ty: u16, payload: &[u8]) {
     let len = 4 + payload.len();
     buf.extend_from_slice(&(len as u16).to_ne_bytes());
     buf.extend_from_slice(&ty.to_ne_bytes());

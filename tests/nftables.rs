@@ -1018,3 +1018,234 @@ fn save_export_is_an_nft_fragment_that_serves_without_the_daemon() {
     expect_tcp(&fresh.client, v6(ROUTER_EXT_V6, 80), CLIENT_V6, 80);
     d.assert_clean_log();
 }
+
+/// The periodic drift check while events report changes (issue 13): long
+/// here, so a repair within seconds can only come from the events.
+const SAFETY_NET_SECS: u64 = 60;
+
+/// A daemon on the nftables backend whose periodic drift check runs every
+/// [`SAFETY_NET_SECS`] (from its start), so only nftables events repair
+/// quickly.
+fn daemon_on_events(ns: &Netns, dir: &StateDir) -> Daemon {
+    let mut opts = DaemonOptions::isolated();
+    opts.extra_args
+        .extend(["--backend".into(), "nftables".into()]);
+    opts.env.push((
+        "NATMAP_NFT_SAFETY_NET_SECS".into(),
+        SAFETY_NET_SECS.to_string().into(),
+    ));
+    Daemon::start_with_options(ns, dir, opts)
+}
+
+/// Runs `change` (someone else's command) and waits until `repaired`
+/// holds; the time from the command's end to the repair.
+fn time_repair(what: &str, change: impl FnOnce(), mut repaired: impl FnMut() -> bool) -> Duration {
+    change();
+    let t = Instant::now();
+    wait_for(what, Duration::from_secs(3), &mut repaired);
+    t.elapsed()
+}
+
+/// The log lines that say the watcher saw someone else's change.
+fn outside_change_lines(d: &Daemon) -> usize {
+    d.log()
+        .lines()
+        .filter(|l| l.contains("nftables state changed by pid"))
+        .count()
+}
+
+#[test]
+fn outside_changes_are_repaired_from_events_long_before_the_safety_net() {
+    if !ready() {
+        return;
+    }
+    let topo = Topology::new();
+    open_forward(&topo);
+    let _smtp = TcpEcho::start(&topo.server, v4(SERVER_V4, 25));
+    let _web6 = TcpEcho::start(&topo.server, v6(SERVER_V6, 80));
+    let started = Instant::now();
+    let mut d = daemon_on_events(&topo.router, &StateDir::new());
+    d.allow_log("changed from outside");
+    let (ext, int) = (ROUTER_EXT_V4.to_string(), SERVER_V4.to_string());
+    dnat(&d, dnat_args(&ext, &int, "25,100-200"));
+    dnat(
+        &d,
+        dnat_args(ROUTER_EXT_V6.to_string(), SERVER_V6.to_string(), "80"),
+    );
+    let before = nft_table(&topo.router, "ip").unwrap();
+    let before6 = nft_table(&topo.router, "ip6").unwrap();
+    let back = || nft_table(&topo.router, "ip").as_deref() == Some(before.as_str());
+    expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
+
+    // Someone flushes natmap's table, deletes one mapping's element,
+    // deletes the table: each is put back within 3 s (the check that
+    // lists the table runs every 60 s), and TCP goes through again.
+    let element = format!("{{ {ROUTER_EXT_V4} . tcp . 25 }}");
+    let changes: [(&str, Vec<&str>); 3] = [
+        ("flush table", vec!["nft", "flush", "table", "ip", "natmap"]),
+        (
+            "delete element",
+            vec![
+                "nft",
+                "delete",
+                "element",
+                "ip",
+                "natmap",
+                "dnat_port",
+                &element,
+            ],
+        ),
+        (
+            "delete table",
+            vec!["nft", "delete", "table", "ip", "natmap"],
+        ),
+    ];
+    for (i, (what, argv)) in changes.iter().enumerate() {
+        let took = time_repair(what, || drop(topo.router.run_ok(argv)), back);
+        expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
+        eprintln!(
+            "[nftables] {what}: repaired {:.0} ms after the command",
+            took.as_secs_f64() * 1e3
+        );
+        assert_eq!(
+            outside_change_lines(&d),
+            i + 1,
+            "one report per change:\n{}",
+            d.log()
+        );
+    }
+    // The other family too.
+    let took = time_repair(
+        "the ip6 table repaired",
+        || {
+            drop(
+                topo.router
+                    .run_ok(&["nft", "flush", "table", "ip6", "natmap"]),
+            )
+        },
+        || nft_table(&topo.router, "ip6").as_deref() == Some(before6.as_str()),
+    );
+    eprintln!(
+        "[nftables] flush table ip6: repaired {:.0} ms after the command",
+        took.as_secs_f64() * 1e3
+    );
+    expect_tcp(&topo.client, v6(ROUTER_EXT_V6, 80), CLIENT_V6, 80);
+
+    let status = d.cli_json(&["status"]);
+    assert_eq!(status["data"]["repairs"], 4, "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(SAFETY_NET_SECS - 5),
+        "the test outlasted the safety net: the repairs prove nothing about events"
+    );
+    d.stop();
+    d.assert_clean_log();
+}
+
+#[test]
+fn natmaps_own_changes_trigger_no_check() {
+    if !ready() {
+        return;
+    }
+    let topo = Topology::new();
+    open_forward(&topo);
+    let mut d = daemon_on_events(&topo.router, &StateDir::new());
+    d.allow_log("changed from outside");
+    let (ext, int) = (ROUTER_EXT_V4.to_string(), SERVER_V4.to_string());
+    let mut c = d.connect();
+    for delete in [false, true] {
+        for i in 0..50u16 {
+            let port = (30000 + i).to_string();
+            let r = c
+                .call(&dnat_request(&ext, &int, &port, "tcp", delete))
+                .unwrap();
+            assert_eq!(r["ok"], true, "{r}");
+        }
+    }
+    // A `clear` and a rule after it: natmap's own whole-table rebuild.
+    assert_eq!(d.cli_json(&["clear"])["ok"], true);
+    dnat(&d, dnat_args(&ext, &int, "25"));
+    std::thread::sleep(Duration::from_millis(500));
+    let log = d.log();
+    let own = log
+        .lines()
+        .filter(|l| l.contains("natmap's own nftables change"))
+        .count();
+    assert!(
+        own >= 100,
+        "the watcher saw natmap's 100 batches as its own ({own}):\n{log}"
+    );
+    assert_eq!(outside_change_lines(&d), 0, "{log}");
+    assert!(!log.contains("repaired"), "{log}");
+    assert_eq!(d.cli_json(&["status"])["data"]["repairs"], 0);
+
+    // The watcher does see everybody else: one outside change, one repair.
+    let before = nft_table(&topo.router, "ip").unwrap();
+    topo.router
+        .run_ok(&["nft", "flush", "set", "ip", "natmap", "fwd_port"]);
+    wait_for("the repair", Duration::from_secs(3), || {
+        nft_table(&topo.router, "ip").as_deref() == Some(before.as_str())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(outside_change_lines(&d), 1, "{}", d.log());
+    assert_eq!(d.cli_json(&["status"])["data"]["repairs"], 1);
+    d.stop();
+    d.assert_clean_log();
+}
+
+#[test]
+fn a_deleted_docker_user_accept_is_put_back_from_events() {
+    if !ready() {
+        return;
+    }
+    let topo = Topology::new();
+    let _smtp = TcpEcho::start(&topo.server, v4(SERVER_V4, 25));
+    let _web6 = TcpEcho::start(&topo.server, v6(SERVER_V6, 80));
+    // Docker ≤ 28's FORWARD: policy DROP, DOCKER-USER first.
+    docker_user_chain(&topo.router);
+    let started = Instant::now();
+    let mut d = daemon_on_events(&topo.router, &StateDir::new());
+    dnat(
+        &d,
+        dnat_args(ROUTER_EXT_V4.to_string(), SERVER_V4.to_string(), "25"),
+    );
+    dnat(
+        &d,
+        dnat_args(ROUTER_EXT_V6.to_string(), SERVER_V6.to_string(), "80"),
+    );
+    let accept_first = |v6: bool| {
+        iptables_appended_rules(&topo.router, v6, "filter", "DOCKER-USER")
+            .first()
+            .map(String::as_str)
+            == Some(NATMAP_ACCEPT)
+    };
+    assert!(accept_first(false) && accept_first(true));
+    expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
+
+    for v6 in [false, true] {
+        let took = time_repair(
+            "natmap's DOCKER-USER accept put back",
+            || drop(iptables(&topo.router, v6, &["-D", "DOCKER-USER", "1"])),
+            || accept_first(v6),
+        );
+        eprintln!(
+            "[nftables] DOCKER-USER accept deleted (v6: {v6}): back {:.0} ms after the command",
+            took.as_secs_f64() * 1e3
+        );
+    }
+    expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
+    expect_tcp(&topo.client, v6(ROUTER_EXT_V6, 80), CLIENT_V6, 80);
+
+    // Someone else's rule in DOCKER-USER is reported too, and changes
+    // nothing of natmap's (its accept stays first).
+    iptables(
+        &topo.router,
+        false,
+        &["-A", "DOCKER-USER", "-s", "10.9.9.9", "-j", "DROP"],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(accept_first(false));
+    assert_eq!(d.cli_json(&["status"])["data"]["repairs"], 2);
+    assert!(started.elapsed() < Duration::from_secs(SAFETY_NET_SECS - 5));
+    d.stop();
+    d.assert_clean_log();
+}

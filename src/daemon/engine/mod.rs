@@ -153,6 +153,9 @@ pub struct Engine {
     convergence: [repair::Convergence; 2],
     /// When the last drift check ran and how long it held the engine.
     last_drift_check: Option<(std::time::Instant, std::time::Duration)>,
+    /// Set (true) while a watcher reports changes of natmap's rules
+    /// (nftables events): the periodic drift check is then a safety net.
+    drift_events: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// br_netfilter and the bridge ports natmap put in hairpin mode.
     hairpin: hairpin::Hairpin,
     /// Runs large transactions off this thread ([`offload`]).
@@ -261,6 +264,7 @@ impl Engine {
             local: addresses.snapshot().unwrap_or_default(),
             convergence: Default::default(),
             last_drift_check: None,
+            drift_events: None,
             hairpin: Default::default(),
             firewall_thread: Default::default(),
             in_flight: None,

@@ -1275,54 +1275,66 @@ fn measure_event_to_repair_latency() {
     if !ready() {
         return;
     }
-    let topo = Topology::new();
-    open_forward(&topo);
-    let mut d = daemon_on_events(&topo.router, &StateDir::new());
-    d.allow_log("changed from outside");
-    let (ext, int) = (ROUTER_EXT_V4.to_string(), SERVER_V4.to_string());
-    dnat(&d, dnat_args(&ext, &int, "25,100-200"));
-    let before = nft_table(&topo.router, "ip").unwrap();
-    let rounds = 20;
-    let mut seen = Vec::new();
-    for _ in 0..rounds {
-        topo.router
-            .run_ok(&["nft", "flush", "table", "ip", "natmap"]);
-        let t = Instant::now();
-        while nft_table(&topo.router, "ip").as_deref() != Some(before.as_str()) {
-            assert!(t.elapsed() < Duration::from_secs(3), "no repair");
+    // Besides the two mappings of every round: none, then 1,000 more.
+    for extra in [0u16, 1000] {
+        let topo = Topology::new();
+        open_forward(&topo);
+        let mut d = daemon_on_events(&topo.router, &StateDir::new());
+        d.allow_log("changed from outside");
+        let (ext, int) = (ROUTER_EXT_V4.to_string(), SERVER_V4.to_string());
+        dnat(&d, dnat_args(&ext, &int, "25,100-200"));
+        let mut c = d.connect();
+        for i in 0..extra {
+            let port = (30000 + i).to_string();
+            let r = c
+                .call(&dnat_request(&ext, &int, &port, "tcp", false))
+                .unwrap();
+            assert_eq!(r["ok"], true, "{r}");
         }
-        seen.push(t.elapsed());
-        std::thread::sleep(Duration::from_millis(200));
+        let before = nft_table(&topo.router, "ip").unwrap();
+        let rounds = 20;
+        let mut seen = Vec::new();
+        for _ in 0..rounds {
+            topo.router
+                .run_ok(&["nft", "flush", "table", "ip", "natmap"]);
+            let t = Instant::now();
+            while nft_table(&topo.router, "ip").as_deref() != Some(before.as_str()) {
+                assert!(t.elapsed() < Duration::from_secs(3), "no repair");
+            }
+            seen.push(t.elapsed());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let log = d.log();
+        let times = |needle: &str| -> Vec<f64> {
+            log.lines()
+                .filter(|l| l.contains(needle))
+                .filter_map(log_time)
+                .collect()
+        };
+        let events = times("nftables state changed by pid");
+        let repairs = times("were changed from outside");
+        assert_eq!(events.len(), rounds, "{log}");
+        assert_eq!(repairs.len(), rounds, "{log}");
+        let mut logged: Vec<Duration> = events
+            .iter()
+            .zip(&repairs)
+            .map(|(e, r)| Duration::from_secs_f64((r - e).rem_euclid(86_400.0)))
+            .collect();
+        logged.sort();
+        seen.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let n = 2 + u32::from(extra);
+        println!(
+            "[nftables] N={n}: event -> repaired ({rounds} rounds, daemon log): median {:.1} ms, max {:.1} ms",
+            ms(percentile(&logged, 50.0)),
+            ms(*logged.last().unwrap())
+        );
+        println!(
+            "[nftables] N={n}: flush -> table whole again ({rounds} rounds, nft list polled): median {:.1} ms, max {:.1} ms",
+            ms(percentile(&seen, 50.0)),
+            ms(*seen.last().unwrap())
+        );
+        d.stop();
+        d.assert_clean_log();
     }
-    let log = d.log();
-    let times = |needle: &str| -> Vec<f64> {
-        log.lines()
-            .filter(|l| l.contains(needle))
-            .filter_map(log_time)
-            .collect()
-    };
-    let events = times("nftables state changed by pid");
-    let repairs = times("were changed from outside");
-    assert_eq!(events.len(), rounds, "{log}");
-    assert_eq!(repairs.len(), rounds, "{log}");
-    let mut logged: Vec<Duration> = events
-        .iter()
-        .zip(&repairs)
-        .map(|(e, r)| Duration::from_secs_f64((r - e).rem_euclid(86_400.0)))
-        .collect();
-    logged.sort();
-    seen.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    println!(
-        "[nftables] event -> repaired ({rounds} rounds, daemon log): median {:.1} ms, max {:.1} ms",
-        ms(percentile(&logged, 50.0)),
-        ms(*logged.last().unwrap())
-    );
-    println!(
-        "[nftables] flush -> table whole again ({rounds} rounds, nft list polled): median {:.1} ms, max {:.1} ms",
-        ms(percentile(&seen, 50.0)),
-        ms(*seen.last().unwrap())
-    );
-    d.stop();
-    d.assert_clean_log();
 }

@@ -1244,6 +1244,11 @@ fn a_deleted_docker_user_accept_is_put_back_from_events() {
         false,
         &["-A", "DOCKER-USER", "-s", "10.9.9.9", "-j", "DROP"],
     );
+    wait_for(
+        "the check of the outside rule",
+        Duration::from_secs(3),
+        || outside_change_lines(&d) == 3,
+    );
     std::thread::sleep(Duration::from_millis(300));
     assert!(accept_first(false));
     assert_eq!(d.cli_json(&["status"])["data"]["repairs"], 2);

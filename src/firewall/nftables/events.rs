@@ -317,7 +317,15 @@ impl Watcher {
     /// the thread. `report` gets each change; once it returns false (the
     /// engine is gone) the thread ends.
     pub fn start(report: impl Fn(Change) -> bool + Send + 'static) -> io::Result<Watcher> {
-        let socket = subscribe()?;
+        Watcher::start_with(report, RECEIVE_BUFFER)
+    }
+
+    /// [`Watcher::start`] with a receive buffer of `buffer` bytes.
+    fn start_with(
+        report: impl Fn(Change) -> bool + Send + 'static,
+        buffer: libc::c_int,
+    ) -> io::Result<Watcher> {
+        let socket = subscribe(buffer)?;
         let mut pipe = [0; 2];
         // SAFETY: pipe2 fills the two descriptors on success, checked.
         if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
@@ -359,7 +367,7 @@ impl Drop for Watcher {
 }
 
 /// A `NETLINK_NETFILTER` socket joined to `NFNLGRP_NFTABLES`, non-blocking.
-fn subscribe() -> io::Result<OwnedFd> {
+fn subscribe(buffer: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the result is checked before use.
     let fd = unsafe {
         libc::socket(
@@ -394,8 +402,8 @@ fn subscribe() -> io::Result<OwnedFd> {
         NFNLGRP_NFTABLES as libc::c_int,
     )?;
     // Force (root) past rmem_max; without the privilege, what is allowed.
-    if setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, RECEIVE_BUFFER).is_err() {
-        let _ = setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, RECEIVE_BUFFER);
+    if setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, buffer).is_err() {
+        let _ = setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, buffer);
     }
     Ok(fd)
 }
@@ -661,6 +669,75 @@ mod tests {
         let mut b = Vec::new();
         generation(&mut b, 4, 100, "nft", 5);
         assert!(r.read(&b).is_empty());
+    }
+
+    #[test]
+    fn a_watcher_stops_at_once_when_dropped() {
+        let watcher = match Watcher::start(|_| true) {
+            Ok(w) => w,
+            // Joining the group needs CAP_NET_ADMIN; root must get it.
+            // SAFETY: geteuid(2) has no preconditions.
+            Err(e) if unsafe { libc::geteuid() } != 0 => {
+                eprintln!("not root, no nftables events: {e}");
+                return;
+            }
+            Err(e) => panic!("cannot watch nftables events as root: {e}"),
+        };
+        let running = watcher.running();
+        assert!(running.load(Ordering::SeqCst));
+        let t = Instant::now();
+        drop(watcher);
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        assert!(!running.load(Ordering::SeqCst), "the thread ended");
+    }
+
+    /// An overrun (thousands of notifications into a tiny buffer) reports
+    /// both families, even though the change was not natmap's: the
+    /// watcher cannot know what it lost. In a network namespace of its own
+    /// (this thread's), with `nft`; root only.
+    #[test]
+    fn an_overrun_socket_reports_both_families() {
+        // SAFETY: geteuid(2) has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("not root: no network namespace of our own");
+            return;
+        }
+        let reports = std::thread::spawn(|| {
+            // SAFETY: unshare(2) of this thread's network namespace only.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let sink = seen.clone();
+            let watcher = Watcher::start_with(
+                move |c| {
+                    c.take();
+                    sink.lock().unwrap().push(c.family());
+                    true
+                },
+                4096,
+            )
+            .expect("watch");
+            // Someone else's table: no natmap table is touched.
+            let elements: Vec<String> = (1..=3000).map(|p| p.to_string()).collect();
+            let input = format!(
+                "table ip other {{\n set s {{\n type inet_service\n elements = {{ {} }}\n }}\n}}\n",
+                elements.join(", ")
+            );
+            crate::firewall::run_tool("nft", "nftables", &["-f", "-"], Some(&input))
+                .expect("nft -f - in a fresh namespace");
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while seen.lock().unwrap().len() < 2 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            drop(watcher);
+            let got = seen.lock().unwrap().clone();
+            got
+        })
+        .join()
+        .unwrap();
+        assert!(
+            reports.contains(&Family::V4) && reports.contains(&Family::V6),
+            "{reports:?}"
+        );
     }
 
     #[test]

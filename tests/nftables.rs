@@ -1325,10 +1325,42 @@ fn measure_event_to_repair_latency() {
             .zip(&repairs)
             .map(|(e, r)| Duration::from_secs_f64((r - e).rem_euclid(86_400.0)))
             .collect();
+        // Where it goes: the check (engine turn to the firewall thread's
+        // answer: `nft -j list table`, `iptables -S DOCKER-USER`), then
+        // the repair (`nft -f -` of the whole table) on the engine thread.
+        let (mut check, mut repair) = (Vec::new(), Vec::new());
+        // The repair's line comes before the line of the turn it ends.
+        let (mut event, mut repaired) = (None, None);
+        for line in log.lines() {
+            let Some(t) = log_time(line) else { continue };
+            if line.contains("nftables state changed by pid") {
+                event = Some(t);
+            } else if line.contains("were changed from outside") {
+                repaired = Some(t);
+            } else if line.contains("kind=\"firewall-done\"") {
+                let held: f64 = line
+                    .rsplit("held_ms=")
+                    .next()
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0.0);
+                if let (Some(e), Some(r)) = (event.take(), repaired.take()) {
+                    let start = t - held / 1e3;
+                    check.push(Duration::from_secs_f64((start - e).max(0.0)));
+                    repair.push(Duration::from_secs_f64((r - start).max(0.0)));
+                }
+            }
+        }
+        check.sort();
+        repair.sort();
         logged.sort();
         seen.sort();
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let n = 2 + u32::from(extra);
+        println!(
+            "[nftables] N={n}: of which the check {:.1} ms, the repair {:.1} ms (medians)",
+            ms(percentile(&check, 50.0)),
+            ms(percentile(&repair, 50.0))
+        );
         println!(
             "[nftables] N={n}: event -> repaired ({rounds} rounds, daemon log): median {:.1} ms, max {:.1} ms",
             ms(percentile(&logged, 50.0)),

@@ -255,8 +255,8 @@ fn a_flushed_table_is_repaired_and_a_restart_after_kill9_rebuilds_it_exactly() {
     expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
     // A clean stop takes natmap's tables out.
     again.stop();
-    assert_eq!(nft_table(&topo.router, "ip"), None);
-    assert_eq!(nft_table(&topo.router, "ip6"), None);
+    assert_eq!(nft_table(&topo.router, "ip"), None, "{}", again.log());
+    assert_eq!(nft_table(&topo.router, "ip6"), None, "{}", again.log());
 }
 
 #[test]
@@ -1374,4 +1374,78 @@ fn measure_event_to_repair_latency() {
         d.stop();
         d.assert_clean_log();
     }
+}
+
+#[test]
+fn drift_counts_over_netlink_equal_what_nft_lists() {
+    if !ready() {
+        return;
+    }
+    use natmap::firewall::nftables::{exec::summary_nft, read_summary};
+    use natmap::model::Family;
+    let topo = Topology::new();
+    open_forward(&topo);
+    let mut d = daemon_on_events(&topo.router, &StateDir::new());
+    let (ext, int) = (ROUTER_EXT_V4.to_string(), SERVER_V4.to_string());
+    dnat(&d, dnat_args(&ext, &int, "25,465,1000-1100"));
+    dnat(&d, dnat_args(&ext, &int, "53").proto("udp"));
+    dnat(
+        &d,
+        dnat_args(ROUTER_EXT_V6.to_string(), SERVER_V6.to_string(), "80"),
+    );
+    for (net, ext) in [
+        ("198.51.100.0/24", ROUTER_EXT_V4.to_string()),
+        ("2001:db8:2::/64", ROUTER_EXT_V6.to_string()),
+    ] {
+        let r = d.cli_json(&[
+            "snat",
+            "--int-ip",
+            net,
+            "--ext-if",
+            "ext+",
+            "--ext-ip",
+            &ext,
+            "--forward",
+        ]);
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    // What the driver's drift check reads (netlink) against `nft -j`.
+    let both = |what: &str| {
+        for family in [Family::V4, Family::V6] {
+            let (netlink, nft) = in_netns(&topo.router, || {
+                (read_summary(family).unwrap(), summary_nft(family).unwrap())
+            });
+            assert_eq!(netlink, nft, "{what}, {family}");
+        }
+    };
+    both("as applied");
+    let s = in_netns(&topo.router, || read_summary(Family::V4).unwrap());
+    assert!(
+        s.exists && s.maps["dnat_port"] == 3 && s.maps["dnat_addr"] == 1,
+        "{s:?}"
+    );
+    assert!(s.chains["prerouting"] > 0, "{s:?}");
+    // Someone else's changes, with no daemon to repair them (`kill -9`
+    // leaves the tables): each is counted the same way.
+    d.kill9();
+    let element = format!("{{ {ROUTER_EXT_V4} . tcp . 25 }}");
+    topo.router.run_ok(&[
+        "nft",
+        "delete",
+        "element",
+        "ip",
+        "natmap",
+        "dnat_port",
+        &element,
+    ]);
+    both("an element deleted");
+    let s = in_netns(&topo.router, || read_summary(Family::V4).unwrap());
+    assert_eq!(s.maps["dnat_port"], 2, "{s:?}");
+    topo.router
+        .run_ok(&["nft", "flush", "table", "ip6", "natmap"]);
+    both("a table flushed");
+    topo.router
+        .run_ok(&["nft", "delete", "table", "ip", "natmap"]);
+    both("a table deleted");
+    assert!(!in_netns(&topo.router, || read_summary(Family::V4).unwrap()).exists);
 }

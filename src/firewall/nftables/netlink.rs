@@ -7,6 +7,7 @@
 //! batch here (interval maps of concatenations carry `NFTA_SET_ELEM_KEY_END`);
 //! the whole table (start, recovery, repair) still goes through `nft -f -`.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -30,6 +31,23 @@ const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
 const NLM_F_CREATE: u16 = 0x400;
 const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_DUMP_INTR: u16 = 0x10;
+const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_GETCHAIN: u16 = 4;
+const NFT_MSG_GETRULE: u16 = 7;
+const NFT_MSG_GETSET: u16 = 10;
+const NFT_MSG_GETSETELEM: u16 = 13;
+/// Attribute 1 of table, chain, rule and set messages: the table's name.
+const ATTR_TABLE: u16 = 1;
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_FLAGS: u16 = 3;
+const NFT_SET_ANONYMOUS: u32 = 0x1;
+const NLA_TYPE_MASK: u16 = 0x3fff;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
 
@@ -61,6 +79,9 @@ pub fn push_part(buf: &mut Vec<u8>, part: &[u8]) {
     buf.extend_from_slice(part);
     buf.resize(buf.len() + (4 - part.len() % 4) % 4, 0);
 }
+
+/// Rules per chain and elements per set, by name ([`Netlink::count_table`]).
+pub type TableCounts = (BTreeMap<String, usize>, BTreeMap<String, usize>);
 
 /// A `NETLINK_NETFILTER` socket in the caller's network namespace.
 pub struct Netlink {
@@ -208,6 +229,175 @@ impl Netlink {
         self.read_acks(acks)
     }
 
+    /// Counts what `table` of `family` holds, read over netlink (no
+    /// process, nothing parsed but the counts): rules per chain and
+    /// elements per set or map, by name; `None` when the table does not
+    /// exist. Every set of natmap's table is a hash or a concatenation
+    /// (one kernel element per element, as `nft` lists them).
+    pub fn count_table(&mut self, family: Family, table: &str) -> io::Result<Option<TableCounts>> {
+        let nfproto = nfproto(family);
+        let name = cstr(table);
+        let get = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE;
+        match self.request(
+            get,
+            NLM_F_REQUEST | NLM_F_ACK,
+            nfproto,
+            &[(NFTA_TABLE_NAME, &name)],
+            |_| {},
+        ) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let ours = |body: &[u8]| attr_of(body, ATTR_TABLE) == Some(&name[..]);
+        let mut chains = BTreeMap::new();
+        let chain_dump = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETCHAIN;
+        self.request(
+            chain_dump,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            nfproto,
+            &[(ATTR_TABLE, &name)],
+            |body| {
+                if ours(body) {
+                    if let Some(chain) = attr_of(body, NFTA_CHAIN_NAME) {
+                        chains.entry(string(chain)).or_insert(0);
+                    }
+                }
+            },
+        )?;
+        let rule_dump = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE;
+        self.request(
+            rule_dump,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            nfproto,
+            &[(ATTR_TABLE, &name)],
+            |body| {
+                if ours(body) {
+                    if let Some(chain) = attr_of(body, NFTA_RULE_CHAIN) {
+                        *chains.entry(string(chain)).or_insert(0) += 1;
+                    }
+                }
+            },
+        )?;
+        let mut sets = BTreeMap::new();
+        let set_dump = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSET;
+        self.request(
+            set_dump,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            nfproto,
+            &[(ATTR_TABLE, &name)],
+            |body| {
+                // Anonymous sets (`{ tcp, udp }` in a rule) are the rule's,
+                // not listed by `nft` as sets.
+                let anonymous = attr_of(body, NFTA_SET_FLAGS)
+                    .and_then(|v| v.get(..4))
+                    .is_some_and(|v| {
+                        u32::from_be_bytes(v.try_into().expect("4 bytes")) & NFT_SET_ANONYMOUS != 0
+                    });
+                if ours(body) && !anonymous {
+                    if let Some(set) = attr_of(body, NFTA_SET_NAME) {
+                        sets.insert(string(set), 0usize);
+                    }
+                }
+            },
+        )?;
+        let elem_dump = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM;
+        for (set, count) in sets.iter_mut() {
+            let set_name = cstr(set);
+            self.request(
+                elem_dump,
+                NLM_F_REQUEST | NLM_F_DUMP,
+                nfproto,
+                &[
+                    (NFTA_SET_ELEM_LIST_TABLE, &name),
+                    (NFTA_SET_ELEM_LIST_SET, &set_name),
+                ],
+                |body| {
+                    if let Some(list) = attr_of(body, NFTA_SET_ELEM_LIST_ELEMENTS) {
+                        *count += attrs(list).filter(|&(ty, _)| ty == NFTA_LIST_ELEM).count();
+                    }
+                },
+            )?;
+        }
+        Ok(Some((chains, sets)))
+    }
+
+    /// Sends one request (`attrs` as strings) and reads its answers until
+    /// the acknowledgement (or, for a dump, its end), handing the body of
+    /// every answer after its nfgenmsg to `each`.
+    fn request(
+        &mut self,
+        ty: u16,
+        flags: u16,
+        nfproto: u8,
+        request_attrs: &[(u16, &[u8])],
+        mut each: impl FnMut(&[u8]),
+    ) -> io::Result<()> {
+        let seq = self.next_seq();
+        let mut req = Vec::new();
+        message(&mut req, ty, flags, seq, nfproto, |b| {
+            for (t, v) in request_attrs {
+                attr(b, *t, v);
+            }
+        });
+        // SAFETY: sending an initialised buffer on our own socket.
+        let sent = unsafe { libc::send(self.fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        let mut interrupted = false;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            // SAFETY: receiving into our own buffer of the given length.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut msgs = &buf[..n as usize];
+            while msgs.len() >= 16 {
+                let len = u32::from_ne_bytes(msgs[0..4].try_into().expect("4 bytes")) as usize;
+                let ty = u16::from_ne_bytes(msgs[4..6].try_into().expect("2 bytes"));
+                let msg_flags = u16::from_ne_bytes(msgs[6..8].try_into().expect("2 bytes"));
+                let got = u32::from_ne_bytes(msgs[8..12].try_into().expect("4 bytes"));
+                if len < 16 || len > msgs.len() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "short netlink message",
+                    ));
+                }
+                let body = &msgs[16..len];
+                msgs = &msgs[align(len).min(msgs.len())..];
+                if got != seq {
+                    continue;
+                }
+                if msg_flags & NLM_F_DUMP_INTR != 0 {
+                    // The ruleset changed during the dump: the counts
+                    // may be torn (the caller reads another way).
+                    interrupted = true;
+                }
+                match ty {
+                    NLMSG_ERROR if body.len() >= 4 => {
+                        let errno = i32::from_ne_bytes(body[0..4].try_into().expect("4 bytes"));
+                        if errno != 0 {
+                            return Err(io::Error::from_raw_os_error(-errno));
+                        }
+                        if !dump {
+                            return Ok(());
+                        }
+                    }
+                    NLMSG_DONE if interrupted => {
+                        return Err(io::Error::from_raw_os_error(libc::EINTR))
+                    }
+                    NLMSG_DONE => return Ok(()),
+                    _ if body.len() >= 4 => each(&body[4..]),
+                    _ => {}
+                }
+            }
+        }
+    }
+
     fn next_seq(&mut self) -> u32 {
         self.seq = self.seq.wrapping_add(1);
         self.seq
@@ -246,6 +436,40 @@ impl Netlink {
         }
         Ok(())
     }
+}
+
+fn nfproto(family: Family) -> u8 {
+    match family {
+        Family::V4 => NFPROTO_IPV4,
+        Family::V6 => NFPROTO_IPV6,
+    }
+}
+
+/// The attributes of a message body: (type, payload).
+fn attrs(mut rest: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    std::iter::from_fn(move || {
+        if rest.len() < 4 {
+            return None;
+        }
+        let len = u16::from_ne_bytes(rest[0..2].try_into().expect("2 bytes")) as usize;
+        let ty = u16::from_ne_bytes(rest[2..4].try_into().expect("2 bytes")) & NLA_TYPE_MASK;
+        if len < 4 || len > rest.len() {
+            return None;
+        }
+        let payload = &rest[4..len];
+        rest = &rest[align(len).min(rest.len())..];
+        Some((ty, payload))
+    })
+}
+
+fn attr_of(body: &[u8], want: u16) -> Option<&[u8]> {
+    attrs(body).find(|&(ty, _)| ty == want).map(|(_, v)| v)
+}
+
+/// A string attribute's text, up to its NUL.
+fn string(v: &[u8]) -> String {
+    let v = v.split(|&b| b == 0).next().unwrap_or(v);
+    String::from_utf8_lossy(v).into_owned()
 }
 
 fn align(n: usize) -> usize {

@@ -317,15 +317,14 @@ impl Watcher {
     /// the thread. `report` gets each change; once it returns false (the
     /// engine is gone) the thread ends.
     pub fn start(report: impl Fn(Change) -> bool + Send + 'static) -> io::Result<Watcher> {
-        Watcher::start_with(report, RECEIVE_BUFFER)
+        Watcher::start_on(subscribe(RECEIVE_BUFFER)?, report)
     }
 
-    /// [`Watcher::start`] with a receive buffer of `buffer` bytes.
-    fn start_with(
+    /// [`Watcher::start`] on a socket from [`subscribe`].
+    fn start_on(
+        socket: OwnedFd,
         report: impl Fn(Change) -> bool + Send + 'static,
-        buffer: libc::c_int,
     ) -> io::Result<Watcher> {
-        let socket = subscribe(buffer)?;
         let mut pipe = [0; 2];
         // SAFETY: pipe2 fills the two descriptors on success, checked.
         if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
@@ -705,17 +704,8 @@ mod tests {
         let reports = std::thread::spawn(|| {
             // SAFETY: unshare(2) of this thread's network namespace only.
             assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
-            let seen = Arc::new(Mutex::new(Vec::new()));
-            let sink = seen.clone();
-            let watcher = Watcher::start_with(
-                move |c| {
-                    c.take();
-                    sink.lock().unwrap().push(c.family());
-                    true
-                },
-                4096,
-            )
-            .expect("watch");
+            // The socket overruns before the thread reads anything.
+            let socket = subscribe(4096).expect("subscribe");
             // Someone else's table: no natmap table is touched.
             let elements: Vec<String> = (1..=3000).map(|p| p.to_string()).collect();
             let input = format!(
@@ -724,6 +714,14 @@ mod tests {
             );
             crate::firewall::run_tool("nft", "nftables", &["-f", "-"], Some(&input))
                 .expect("nft -f - in a fresh namespace");
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let sink = seen.clone();
+            let watcher = Watcher::start_on(socket, move |c| {
+                c.take();
+                sink.lock().unwrap().push(c.family());
+                true
+            })
+            .expect("watch");
             let deadline = Instant::now() + Duration::from_secs(2);
             while seen.lock().unwrap().len() < 2 && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));

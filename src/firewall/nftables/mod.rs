@@ -132,6 +132,31 @@ impl NftablesDriver {
         Ok(())
     }
 
+    /// A repair's rebuild: the table with its chains and empty maps
+    /// through `nft -f -`, then every element in one netlink batch. `nft`
+    /// parsing the elements took 0.22 s of a repair at 1,000 mappings
+    /// (the batch takes milliseconds). The table is broken already when
+    /// this runs, so the moment its maps are empty costs nothing; a
+    /// refused batch rebuilds it whole through `nft`.
+    fn rebuild(&mut self, family: Family, wanted: Elements) -> Result<(), FirewallError> {
+        let adds = render::netlink_diff(&Elements::new(), &wanted);
+        if adds.is_empty() {
+            return self.full_apply(family, wanted);
+        }
+        self.exec
+            .run(&render::full(family, &Elements::new(), &self.marks))?;
+        self.table_ok[index(family)] = false;
+        if let Err(e) = self.exec.elements(family, &adds) {
+            tracing::debug!("{family} elements refused in a rebuild ({e}); rebuilding through nft");
+            return self.full_apply(family, wanted);
+        }
+        self.applied[index(family)] = wanted;
+        self.table_ok[index(family)] = true;
+        self.installed = true;
+        self.ensure_accept(family);
+        Ok(())
+    }
+
     /// natmap's accept first in `DOCKER-USER`, where the chain exists. A
     /// failure is logged, not returned: natmap's table serves, and the
     /// drift check tries again.
@@ -303,7 +328,7 @@ impl FirewallDriver for NftablesDriver {
             return self.exec.ensure_accept(family, self.marks.ct).map(drop);
         }
         let wanted = self.applied[index(family)].clone();
-        self.full_apply(family, wanted)
+        self.rebuild(family, wanted)
     }
 
     fn export(&self, family: Family) -> String {

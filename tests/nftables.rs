@@ -1449,3 +1449,44 @@ fn drift_counts_over_netlink_equal_what_nft_lists() {
     both("a table deleted");
     assert!(!in_netns(&topo.router, || read_summary(Family::V4).unwrap()).exists);
 }
+
+#[test]
+fn thousands_of_elements_go_in_one_batch_for_an_apply_and_a_repair() {
+    if !ready() {
+        return;
+    }
+    use natmap::firewall::nftables::read_summary;
+    use natmap::model::Family;
+    let topo = Topology::new();
+    open_forward(&topo);
+    let _echo = TcpEcho::start(&topo.server, v4(SERVER_V4, 12345));
+    let mut d = daemon_on_events(&topo.router, &StateDir::new());
+    d.allow_log("changed from outside");
+    let rules: Vec<serde_json::Value> = (10_000..13_000)
+        .map(|p| {
+            serde_json::json!({"kind":"dnat","ext_ip":ROUTER_EXT_V4.to_string(),
+                "int_ip":SERVER_V4.to_string(),"ports":p.to_string(),"proto":"tcp","ext_if":null})
+        })
+        .collect();
+    let r = d.call(serde_json::json!({"cmd":"apply",
+        "document":{"schema_version":1,"rules":rules}}));
+    assert_eq!(r["ok"], true, "{r}");
+    let count = |map: &str| in_netns(&topo.router, || read_summary(Family::V4).unwrap()).maps[map];
+    assert_eq!(count("dnat_port"), 3000);
+    // 3,000 elements in a set: more than one message's 64 KiB attribute.
+    assert!(!d.log().contains("element change refused"), "{}", d.log());
+    expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 12345), CLIENT_V4, 12345);
+
+    // A repair sends them the same way (no `nft` parsing 6,000 elements).
+    topo.router
+        .run_ok(&["nft", "flush", "map", "ip", "natmap", "dnat_port"]);
+    wait_for("the repair", Duration::from_secs(3), || {
+        d.log().contains("were changed from outside")
+    });
+    assert_eq!(count("dnat_port"), 3000);
+    assert_eq!(count("fwd_port"), 3000);
+    assert!(!d.log().contains("refused in a rebuild"), "{}", d.log());
+    expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 12345), CLIENT_V4, 12345);
+    d.stop();
+    d.assert_clean_log();
+}

@@ -27,6 +27,13 @@ const NFTA_SET_ELEM_DATA: u16 = 2;
 const NFTA_SET_ELEM_KEY_END: u16 = 10;
 const NFTA_DATA_VALUE: u16 = 1;
 const NLA_F_NESTED: u16 = 0x8000;
+/// Elements per message: the largest (an IPv6 interface-bound interval
+/// with its value) takes under 120 bytes, so 256 stay well below the
+/// 64 KiB of a nested attribute.
+const ELEMENTS_PER_MESSAGE: usize = 256;
+/// Room for a whole table's elements in one batch (a repair sends them
+/// all; the kernel grants root more than wmem_max).
+const SEND_BUFFER: libc::c_int = 32 << 20;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
 const NLM_F_CREATE: u16 = 0x400;
@@ -119,6 +126,23 @@ impl Netlink {
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
+        let size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        let send_buffer: libc::c_int = SEND_BUFFER;
+        for option in [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF] {
+            // SAFETY: an int option of the right size on our own socket.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    std::ptr::addr_of!(send_buffer).cast(),
+                    size,
+                )
+            };
+            if rc == 0 {
+                break;
+            }
+        }
         // Its batches are natmap's own, not drift (events.rs).
         let mut len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
         // SAFETY: `addr` is a valid sockaddr_nl of `len` bytes.
@@ -187,26 +211,34 @@ impl Netlink {
             } else {
                 (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK)
             };
-            let seq = self.next_seq();
-            acks += 1;
-            let ty = (NFNL_SUBSYS_NFTABLES << 8) | kind;
-            message(&mut batch, ty, flags, seq, nfproto, |b| {
-                attr(b, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
-                attr(b, NFTA_SET_ELEM_LIST_SET, &cstr(change.set));
-                nested(b, NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
-                    for e in &change.elements {
-                        nested(b, NFTA_LIST_ELEM, |b| {
-                            nested(b, NFTA_SET_ELEM_KEY, |b| attr(b, NFTA_DATA_VALUE, &e.key));
-                            if let Some(end) = &e.key_end {
-                                nested(b, NFTA_SET_ELEM_KEY_END, |b| attr(b, NFTA_DATA_VALUE, end));
-                            }
-                            if let Some(data) = &e.data {
-                                nested(b, NFTA_SET_ELEM_DATA, |b| attr(b, NFTA_DATA_VALUE, data));
-                            }
-                        });
-                    }
+            // An attribute's length is 16 bits: a long list goes in
+            // several messages of the same batch (still one transaction).
+            for chunk in change.elements.chunks(ELEMENTS_PER_MESSAGE) {
+                let seq = self.next_seq();
+                acks += 1;
+                let ty = (NFNL_SUBSYS_NFTABLES << 8) | kind;
+                message(&mut batch, ty, flags, seq, nfproto, |b| {
+                    attr(b, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
+                    attr(b, NFTA_SET_ELEM_LIST_SET, &cstr(change.set));
+                    nested(b, NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
+                        for e in chunk {
+                            nested(b, NFTA_LIST_ELEM, |b| {
+                                nested(b, NFTA_SET_ELEM_KEY, |b| attr(b, NFTA_DATA_VALUE, &e.key));
+                                if let Some(end) = &e.key_end {
+                                    nested(b, NFTA_SET_ELEM_KEY_END, |b| {
+                                        attr(b, NFTA_DATA_VALUE, end)
+                                    });
+                                }
+                                if let Some(data) = &e.data {
+                                    nested(b, NFTA_SET_ELEM_DATA, |b| {
+                                        attr(b, NFTA_DATA_VALUE, data)
+                                    });
+                                }
+                            });
+                        }
+                    });
                 });
-            });
+            }
         }
         let end = self.next_seq();
         message(

@@ -1,5 +1,7 @@
 //! Running `nft`: one `nft -f -` per transaction (the input on stdin, argv
-//! fixed, never a shell) and `nft -j list table` read back with serde_json.
+//! fixed, never a shell) and `nft -j list table` read back with serde_json
+//! (counters; the drift check's counts come over netlink, with this as
+//! the fallback).
 //!
 //! Per change this is one process (~3–4 ms measured here, flat in N); the
 //! netlink path (`NFT_MSG_NEWSETELEM`/`DELSETELEM` in one batch over a

@@ -6,8 +6,10 @@
 //! # Layout
 //! - [`render`]: pure, rules → map elements, the table text, element diffs;
 //! - [`exec`]: running `nft -f -` (stdin, never a shell) for whole tables,
-//!   reading the kernel back with `nft -j list table`, element changes over
-//!   [`netlink`] (no process per change);
+//!   counting the kernel's table for drift and element changes over
+//!   [`netlink`] (no process per change or check; counters still read
+//!   with `nft -j list table`);
+//! - [`events`]: the watcher of nf_tables notifications (drift by events);
 //! - this file: [`NftablesDriver`], the [`FirewallDriver`] over them, and
 //!   its mirror of the elements it applied.
 //!

@@ -591,6 +591,34 @@ impl Backend {
         )
     }
 
+    /// DNAT lines of natmap's nat chain `NATMAP` and its port shards
+    /// (`NATMAP-T<block>`, `NATMAP-U<block>`): one per mapping.
+    fn count_dnat(&self) -> Option<usize> {
+        let out = output(self.cmd("iptables").args(["-w", "10", "-t", "nat", "-S"])).ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let natmap_chain = |chain: &str| {
+            chain == "NATMAP"
+                || chain.strip_prefix("NATMAP-").is_some_and(|rest| {
+                    rest.len() > 1
+                        && (rest.starts_with('T') || rest.starts_with('U'))
+                        && rest[1..].bytes().all(|b| b.is_ascii_digit())
+                })
+        };
+        Some(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| {
+                    let mut words = l.split_whitespace();
+                    words.next() == Some("-A")
+                        && words.next().is_some_and(natmap_chain)
+                        && l.contains(" -j DNAT")
+                })
+                .count(),
+        )
+    }
+
     fn restore(&self, v6: bool, payload: &str) -> Result<Duration, String> {
         let tool = if v6 {
             "ip6tables-restore"
@@ -628,13 +656,17 @@ impl Variant<'_> {
         }
     }
 
-    /// natmap's mappings in the kernel: rules of nat `NATMAP` (iptables), or
-    /// elements of `ip natmap dnat_addr` (nftables); `None` when absent.
+    /// natmap's mappings in the kernel: DNAT lines of nat `NATMAP` and its
+    /// shards (iptables), or
+    /// elements of `ip natmap dnat_addr` (port ranges) and `dnat_port`
+    /// (single ports, every bench mapping) (nftables); `None` when absent.
     /// Call it inside the namespace.
     fn count(&self) -> Option<usize> {
         match self.fw {
-            Fw::Iptables => self.flavor.count("nat", "NATMAP"),
-            Fw::Nftables => nft_elements("ip", "dnat_addr"),
+            Fw::Iptables => self.flavor.count_dnat(),
+            Fw::Nftables => {
+                Some(nft_elements("ip", "dnat_addr")? + nft_elements("ip", "dnat_port")?)
+            }
         }
     }
 }
@@ -2064,8 +2096,10 @@ fn raise_nofile(needed: u64) -> Result<u64, String> {
 /// control connections + 1 + 128, and 2 × 1024 relayed connections), plus
 /// a margin for what it has open at start.
 const FD_KEPT: u64 = 64 + 1 + 128 + 2 * 1024 + 100;
-/// The daemon budgets this many descriptors per reserved port.
-const FD_PER_PORT: u64 = 2;
+/// The daemon budgets this many descriptors per reserved port on an
+/// address other than loopback or the wildcard, as every bench mapping's
+/// (src/daemon/fds.rs: two where the loopback relay serves the port).
+const FD_PER_PORT: u64 = 1;
 
 fn run(opts: &Opts) -> Result<(), String> {
     let start = Instant::now();
@@ -2079,7 +2113,7 @@ fn run(opts: &Opts) -> Result<(), String> {
     });
     // The daemon refuses a change unless FD_PER_PORT descriptors per new
     // port and FD_KEPT stay free under its limit (an `apply` of N into an
-    // empty daemon needs 2N + FD_KEPT). Where the hard limit cannot be
+    // empty daemon needs N + FD_KEPT). Where the hard limit cannot be
     // raised far enough, a larger N is measured at the largest that fits.
     let extra = opts.reps + opts.clients * (opts.adds_per_client + opts.socket_adds_per_client);
     let wanted_max = opts.sizes.iter().copied().max().unwrap_or(0);

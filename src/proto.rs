@@ -477,6 +477,8 @@ pub struct Transaction {
 }
 
 /// `status`: what an operator (or a monitor) needs to know.
+// 14 fields because this is the `status` answer key for key: monitors read
+// these top-level keys, and each is one line of the CLI's status table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusReport {
     /// Daemon version.

@@ -72,7 +72,82 @@ pub struct Quarantined {
     pub reason: String,
 }
 
+/// A change to the rules, as a commit makes it: rules put (added, or
+/// replacing the rule of their id), ids taken out, and the id counter
+/// after it. A request's change is planned as one, so committing it costs
+/// what the change holds, not what the state holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Delta {
+    /// Rules added, or replacing the rule with their id.
+    pub put: Vec<Rule>,
+    /// Ids of rules taken out.
+    pub del: Vec<RuleId>,
+    /// [`State::next_id`] after the change.
+    pub next_id: RuleId,
+}
+
+impl Delta {
+    /// Whether it changes nothing of `state`.
+    pub fn is_empty_on(&self, state: &State) -> bool {
+        self.put.is_empty() && self.del.is_empty() && self.next_id == state.next_id
+    }
+}
+
 impl State {
+    /// Applies `delta` in place, keeping `rules` in id order: a binary
+    /// search per rule it names (a new rule, whose id is the highest, is
+    /// appended).
+    pub fn apply(&mut self, delta: &Delta) {
+        for id in &delta.del {
+            if let Some(i) = self.position(*id) {
+                self.rules.remove(i);
+            }
+        }
+        for rule in &delta.put {
+            match self.rules.binary_search_by_key(&rule.id, |r| r.id) {
+                Ok(i) => self.rules[i] = rule.clone(),
+                Err(_) => match self.position(rule.id) {
+                    Some(i) => self.rules[i] = rule.clone(),
+                    None if self.rules.last().is_none_or(|l| l.id < rule.id) => {
+                        self.rules.push(rule.clone());
+                    }
+                    None => {
+                        let i = self.rules.partition_point(|r| r.id < rule.id);
+                        self.rules.insert(i, rule.clone());
+                    }
+                },
+            }
+        }
+        self.next_id = delta.next_id;
+    }
+
+    /// What undoes `delta` once applied to this state (taken before it):
+    /// the rules it replaced or took out put back, the ones it added taken
+    /// out.
+    pub fn undo_of(&self, delta: &Delta) -> Delta {
+        let mut undo = Delta {
+            next_id: self.next_id,
+            ..Delta::default()
+        };
+        for rule in &delta.put {
+            match self.rule(rule.id) {
+                Some(old) => undo.put.push(old.clone()),
+                None => undo.del.push(rule.id),
+            }
+        }
+        undo.put
+            .extend(delta.del.iter().filter_map(|id| self.rule(*id)).cloned());
+        undo
+    }
+
+    /// The index of the rule with this id (see [`State::rule`]).
+    fn position(&self, id: RuleId) -> Option<usize> {
+        match self.rules.binary_search_by_key(&id, |r| r.id) {
+            Ok(i) => Some(i),
+            Err(_) => self.rules.iter().position(|r| r.id == id),
+        }
+    }
+
     /// The rule with this id: a binary search, since `rules` is in id order
     /// (a bulk `apply` of 8,000 rules looked each one up by a scan). A state
     /// file edited out of order is still searched whole when that misses.
@@ -716,10 +791,26 @@ impl Store {
         if old.quarantined != new.quarantined {
             return self.compact(new);
         }
+        let line = journal::record(old, new);
+        self.append_or_compact(line, new)
+    }
+
+    /// Writes `delta`, which made `new`, as one journal line: its cost
+    /// follows the change's size, not the state's (a compaction now and
+    /// then writes the whole state, when the journal outgrew it).
+    pub fn commit_delta(&mut self, delta: &Delta, new: &State) -> Result<(), StateError> {
+        let line = journal::record_delta(delta, new);
+        self.append_or_compact(line, new)
+    }
+
+    /// Appends `line` (a transaction that made `new`; `None`: nothing
+    /// changed) to the journal, or writes `new` whole when there is no
+    /// journal or the line is larger than half of it would be worth.
+    fn append_or_compact(&mut self, line: Option<Vec<u8>>, new: &State) -> Result<(), StateError> {
         let Some(j) = self.journal.as_mut() else {
             return self.compact(new);
         };
-        let Some(line) = journal::record(old, new) else {
+        let Some(line) = line else {
             return Ok(());
         };
         let limit = j.base_len.max(COMPACT_MIN);
@@ -920,6 +1011,49 @@ mod tests {
             rules: ids.iter().map(|&i| rule(i, 1000 + i as u16)).collect(),
             ..State::default()
         }
+    }
+
+    #[test]
+    fn a_delta_applies_in_id_order_and_its_undo_restores_the_state() {
+        let before = with_rules(&[1, 3, 5]);
+        let delta = Delta {
+            put: vec![rule(3, 2000), rule(7, 2001), rule(4, 2002)],
+            del: vec![1, 9],
+            next_id: 8,
+        };
+        let undo = before.undo_of(&delta);
+        let mut after = before.clone();
+        after.apply(&delta);
+        let ids: Vec<u64> = after.rules.iter().map(|r| r.id).collect();
+        assert_eq!(ids, [3, 4, 5, 7]);
+        assert_eq!(after.rule(3), Some(&rule(3, 2000)));
+        assert_eq!(after.next_id, 8);
+        after.apply(&undo);
+        assert_eq!(after, before);
+    }
+
+    #[test]
+    fn a_delta_is_one_journal_line_and_replays() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let (Loaded::Fresh(mut state), mut store) = load(&path).unwrap() else {
+            panic!("a new state dir")
+        };
+        store.compact(&state).unwrap();
+        let delta = Delta {
+            put: vec![rule(1, 1001)],
+            del: vec![],
+            next_id: 2,
+        };
+        state.apply(&delta);
+        store.commit_delta(&delta, &state).unwrap();
+        let journal = String::from_utf8(journal_of(&path)).unwrap();
+        assert_eq!(
+            journal.lines().count(),
+            2,
+            "header and one record: {journal}"
+        );
+        assert_eq!(loaded(&path).0, state);
     }
 
     fn journal_of(path: &Path) -> Vec<u8> {

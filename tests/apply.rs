@@ -39,14 +39,14 @@ fn apply_adds_removes_keeps_and_is_idempotent() {
         CLIENT_V4,
         8001,
     );
-    let lines1 = natmap_rules(&topo.router, false);
+    let lines1 = natmap_installed(&topo.router, false);
 
     let again = d.cli_json(&["apply", &f1]);
     assert_eq!(again["data"]["added"].as_array().unwrap().len(), 0);
     assert_eq!(again["data"]["removed"].as_array().unwrap().len(), 0);
     assert_eq!(again["data"]["kept"], 3);
     assert_eq!(
-        natmap_rules(&topo.router, false),
+        natmap_installed(&topo.router, false),
         lines1,
         "re-applying changes nothing"
     );
@@ -60,7 +60,7 @@ fn apply_adds_removes_keeps_and_is_idempotent() {
     assert_eq!(plan["data"]["added"][0]["ports"], "8003", "{plan}");
     assert_eq!(plan["data"]["removed"][0]["ports"], "8002", "{plan}");
     assert_eq!(
-        natmap_rules(&topo.router, false),
+        natmap_installed(&topo.router, false),
         lines1,
         "a dry run changes no rule"
     );
@@ -99,7 +99,7 @@ fn bad_documents_change_nothing_and_name_the_problem() {
     let topo = Topology::new();
     let d = Daemon::start(&topo.router);
     d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "9000"));
-    let before = natmap_rules(&topo.router, false);
+    let before = natmap_installed(&topo.router, false);
     let cases = [
         (json!({"schema_version":2,"rules":[]}), "schema_version"),
         (
@@ -125,7 +125,7 @@ fn bad_documents_change_nothing_and_name_the_problem() {
         assert_ne!(status.code(), Some(0), "{doc}");
         let message = out["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains(needle), "{doc}: {out}");
-        assert_eq!(natmap_rules(&topo.router, false), before);
+        assert_eq!(natmap_installed(&topo.router, false), before);
     }
     // A busy port fails the whole document, with nothing half-applied.
     let blocker = in_netns(&topo.router, || {
@@ -138,7 +138,7 @@ fn bad_documents_change_nothing_and_name_the_problem() {
     );
     let (_, out) = d.cli_json_output(&["apply", &f]);
     assert_eq!(out["error"]["code"], "port_in_use", "{out}");
-    assert_eq!(natmap_rules(&topo.router, false), before);
+    assert_eq!(natmap_installed(&topo.router, false), before);
     assert!(in_netns(&topo.router, || std::net::TcpListener::bind(
         "192.0.2.1:9101"
     )
@@ -171,8 +171,8 @@ fn export_then_apply_on_an_empty_daemon_gives_identical_rules() {
     let f = write_doc(&d2, "exported.json", &doc);
     d2.cli_ok(&["apply", &f]);
     assert_eq!(
-        natmap_rules(&target.router, false),
-        natmap_rules(&source.router, false)
+        natmap_installed(&target.router, false),
+        natmap_installed(&source.router, false)
     );
     let strip = |s: String| {
         s.lines()
@@ -184,6 +184,10 @@ fn export_then_apply_on_an_empty_daemon_gives_identical_rules() {
         strip(iptables_save(&target.router, true)),
         strip(iptables_save(&source.router, true))
     );
+    assert_eq!(
+        natmap_installed(&target.router, true),
+        natmap_installed(&source.router, true)
+    );
     assert_eq!(d2.cli_ok(&["export"]), exported, "export is stable");
 }
 
@@ -194,23 +198,18 @@ fn bulk_apply_of_a_thousand_rules() {
     }
     let topo = Topology::new();
     let d = Daemon::start(&topo.router);
+    let dnat_entries = || natmap_dnat_entries(&topo.router);
     let rules: Vec<Value> = (20000..21000).map(dnat).collect();
     let f = write_doc(&d, "bulk.json", &json!({"schema_version":1,"rules":rules}));
     let start = std::time::Instant::now();
     let out = d.cli_json(&["apply", &f]);
     eprintln!("apply of 1000 rules: {:?}", start.elapsed());
     assert_eq!(out["data"]["added"].as_array().unwrap().len(), 1000);
-    assert_eq!(
-        iptables_rules(&topo.router, false, "nat", "NATMAP").len(),
-        1001
-    );
+    assert_eq!(dnat_entries(), 1000);
     let empty = write_doc(&d, "empty.json", &json!({"schema_version":1,"rules":[]}));
     let out = d.cli_json(&["apply", &empty]);
     assert_eq!(out["data"]["removed"].as_array().unwrap().len(), 1000);
-    assert_eq!(
-        iptables_rules(&topo.router, false, "nat", "NATMAP").len(),
-        1
-    );
+    assert_eq!(dnat_entries(), 0);
 }
 
 /// `state.json` and its journal, byte for byte (`None` for a missing one).

@@ -154,7 +154,7 @@ fn a_flushed_chain_forwards_nothing_until_the_repair() {
     d.allow_log("repair");
     d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "8081"));
     expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 8081), CLIENT_V4, 8081);
-    iptables(&topo.router, false, &["-t", "nat", "-F", "NATMAP"]);
+    flush_natmap_dnat(&topo.router, false);
     // Until the repair (≤ one 2 s tick) the port is closed; never proxied
     // by the daemon (the server would then see the router's address).
     let deadline = Instant::now() + Duration::from_secs(4);
@@ -331,7 +331,7 @@ fn a_nonlocal_address_is_refused_unless_allowed_and_then_never_captures() {
     let message = out["error"]["message"].as_str().unwrap();
     assert!(message.contains("203.0.113.5") && message.contains("--allow-nonlocal"));
     assert!(
-        natmap_rules(&topo.router, false).is_empty(),
+        natmap_installed(&topo.router, false).is_empty(),
         "nothing installed"
     );
     // Typed HOST_IP of a docker mapping: the same.
@@ -393,12 +393,12 @@ fn a_rule_whose_address_leaves_is_withdrawn_and_comes_back_with_it() {
     topo.router
         .ip(&["addr", "del", "192.0.2.50/24", "dev", "ext0"]);
     let gone = wait_for(Duration::from_secs(5), || {
-        natmap_rules(&topo.router, false).is_empty()
+        natmap_installed(&topo.router, false).is_empty()
     });
     assert!(
         gone,
         "rules still in place: {:?}",
-        natmap_rules(&topo.router, false)
+        natmap_installed(&topo.router, false)
     );
     let ls = d.cli_json(&["ls"]);
     assert_eq!(
@@ -491,9 +491,13 @@ fn a_vip_moving_between_two_natmap_routers_moves_the_forward_within_a_second() {
 }
 
 /// Packets natmap's DNAT translated in `ns` (counters of nat `NATMAP`,
-/// hooked from PREROUTING, and of its shards).
+/// hooked from PREROUTING, and of its shards; on the nftables pass, of
+/// the elements of natmap's dnat maps).
 fn counter_of(ns: &Netns) -> u64 {
     use natmap::firewall::iptables::Chain;
+    if testing_nftables() {
+        return nft_dnat_packets(ns, false);
+    }
     let mut ours = false;
     let mut sum = 0;
     for l in iptables(ns, false, &["-t", "nat", "-L", "-v", "-n", "-x"]).lines() {

@@ -193,7 +193,7 @@ fn the_connections_gauge_follows_open_connections_and_repairs_are_counted() {
     }
 
     // Someone flushes natmap's chain: the repair shows in the metrics.
-    iptables(&topo.router, false, &["-t", "nat", "-F", "NATMAP"]);
+    flush_natmap_dnat(&topo.router, false);
     let deadline = Instant::now() + Duration::from_secs(10);
     let text = loop {
         let text = scrape(&topo.router, METRICS);
@@ -341,6 +341,8 @@ fn a_bad_metrics_address_stops_the_start_before_any_rule_is_installed() {
             !chain_exists(&topo.router, false, "nat", "NATMAP"),
             "{args:?} left natmap's chains behind"
         );
+        let left = natmap_left_behind(&topo.router);
+        assert!(left.is_empty(), "{args:?} left behind: {left:?}");
     }
 }
 
@@ -405,6 +407,8 @@ fn a_dry_run_start_says_it_would_serve_metrics_and_serves_nothing() {
         &state,
         "--metrics-listen",
         "127.0.0.1:9477",
+        backend_flag()[0],
+        backend_flag()[1],
     ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -86,12 +86,27 @@ fn mail_script_dnat_then_hairpin_upgrades_the_rule_in_place() {
     expect_tcp(&topo.server2, v4(ROUTER_EXT_V4, 25), ROUTER_INT_V4, 25);
     expect_tcp(&topo.server2, v4(ROUTER_EXT_V4, 465), ROUTER_INT_V4, 465);
     expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 465), CLIENT_V4, 465);
-    let installed = natmap_rules(&topo.router, false);
-    assert!(
-        installed.iter().all(|l| l.contains("natmap:hairpin:1")),
-        "{installed:?}"
-    );
-    assert_eq!(installed.len(), 5, "{installed:?}");
+    let installed = natmap_installed(&topo.router, false);
+    if testing_nftables() {
+        // Rule #1's elements and nothing else: each port translated, its
+        // forwarded traffic counted, and masqueraded for internal clients.
+        let mut want = Vec::new();
+        for port in [25, 465] {
+            want.extend([
+                format!("dnat_port 192.0.2.1 . tcp . {port} : 198.51.100.2"),
+                format!("fwd_port 198.51.100.2 . tcp . {port}"),
+                format!("masq_dnat 198.51.100.0/24 . 198.51.100.2 . tcp . {port}"),
+            ]);
+        }
+        want.sort();
+        assert_eq!(installed, want);
+    } else {
+        assert!(
+            installed.iter().all(|l| l.contains("natmap:hairpin:1")),
+            "{installed:?}"
+        );
+        assert_eq!(installed.len(), 5, "{installed:?}");
+    }
 
     // Running the script again: both steps are already done.
     let again = mail(&d, "dnat", "198.51.100.2", MAIL_PORTS, &[]);
@@ -99,7 +114,7 @@ fn mail_script_dnat_then_hairpin_upgrades_the_rule_in_place() {
     assert!(first_note(&again).contains("hairpin rule #1"), "{again}");
     let again = mail(&d, "hairpin", "198.51.100.2", MAIL_PORTS, &[]);
     assert_eq!(again["data"]["result"], "already_present", "{again}");
-    assert_eq!(natmap_rules(&topo.router, false), installed);
+    assert_eq!(natmap_installed(&topo.router, false), installed);
     d.assert_clean_log();
 }
 
@@ -118,7 +133,7 @@ fn hairpin_upgrade_refusals_and_delete() {
     mail(&d, "dnat", "198.51.100.2", MAIL_PORTS, &[]);
     let ext_if = ["--ext-if", topo.router_ext_if()];
     mail(&d, "dnat", "198.51.100.2", "587", &ext_if);
-    let before = natmap_rules(&topo.router, false);
+    let before = natmap_installed(&topo.router, false);
 
     let other = mail(&d, "hairpin", "198.51.100.3", MAIL_PORTS, &[]);
     assert_eq!(other["error"]["code"], "port_in_use", "{other}");
@@ -134,7 +149,7 @@ fn hairpin_upgrade_refusals_and_delete() {
         error_message(&bound).contains("only from interface"),
         "{bound}"
     );
-    assert_eq!(natmap_rules(&topo.router, false), before);
+    assert_eq!(natmap_installed(&topo.router, false), before);
     expect_no_tcp(&topo.server2, v4(ROUTER_EXT_V4, 25));
 
     mail(&d, "hairpin", "198.51.100.2", MAIL_PORTS, &[]);
@@ -224,18 +239,23 @@ fn snat_forward_passes_what_a_drop_policy_stops() {
     // Only the given source is let through.
     expect_no_tcp(&topo.server2, v4(CLIENT_V4, 7000));
     let tag = format!("-m comment --comment \"natmap:snat:{id}\"");
-    assert_eq!(
-        natmap_rules(&topo.router, false),
-        [
+    let want = if testing_nftables() {
+        vec![
+            format!("snat_fwd {ext} . 198.51.100.2"),
+            format!("snat_out {ext} . 198.51.100.2 : 192.0.2.1"),
+        ]
+    } else {
+        vec![
             format!("nat -A NATMAP-POSTROUTING -s 198.51.100.2/32 -o {ext} {tag} -j SNAT --to-source 192.0.2.1"),
             format!("filter -A NATMAP -s 198.51.100.2/32 -o {ext} {tag} -j ACCEPT"),
             format!("filter -A NATMAP -d 198.51.100.2/32 -i {ext} -m conntrack --ctstate RELATED,ESTABLISHED {tag} -j ACCEPT"),
         ]
-    );
+    };
+    assert_eq!(natmap_installed(&topo.router, false), want);
     assert!(status_problems(&d).is_empty());
 
     snat(&d, ext, "192.0.2.1", &["--delete"]);
-    assert!(natmap_rules(&topo.router, false).is_empty());
+    assert!(natmap_installed(&topo.router, false).is_empty());
     expect_no_tcp(&topo.server, v4(CLIENT_V4, 7000));
     d.assert_clean_log();
 }
@@ -255,7 +275,7 @@ fn a_second_snat_of_the_same_traffic_is_a_conflict() {
     topo.router
         .ip(&["addr", "add", "192.0.2.9/24", "dev", ext, "nodad"]);
     snat(&d, ext, "192.0.2.1", &["--forward"]);
-    let before = natmap_rules(&topo.router, false);
+    let before = natmap_installed(&topo.router, false);
 
     let (status, second) =
         d.cli_json_output(&snat_args("198.51.100.2", ext, "192.0.2.9").arg("--forward"));
@@ -277,7 +297,7 @@ fn a_second_snat_of_the_same_traffic_is_a_conflict() {
     assert!(error_message(&applied).contains("rules[1]"), "{applied}");
     let ls = d.cli_json(&["ls"]);
     assert_eq!(ls["data"]["rules"].as_array().unwrap().len(), 1, "{ls}");
-    assert_eq!(natmap_rules(&topo.router, false), before);
+    assert_eq!(natmap_installed(&topo.router, false), before);
     expect_tcp(&topo.server, v4(CLIENT_V4, 7000), ROUTER_EXT_V4, 7000);
     d.assert_clean_log();
 }
@@ -311,9 +331,13 @@ fn snat_to_a_missing_interface_waits_for_it() {
             .any(|w| w.as_str().unwrap().contains("ext1 does not exist")),
         "{status}"
     );
-    assert!(natmap_rules(&topo.router, false)
-        .iter()
-        .any(|l| l.contains("-o ext1") && l.contains("-j SNAT")));
+    assert!(natmap_installed(&topo.router, false).iter().any(|l| {
+        if testing_nftables() {
+            l.starts_with("snat_out ext1 . ")
+        } else {
+            l.contains("-o ext1") && l.contains("-j SNAT")
+        }
+    }));
 
     // The interface appears: a second link to the client's side.
     topo.router.ip(&[
@@ -387,7 +411,7 @@ fn docker_add_of_a_loopback_target_is_refused_naming_the_target() {
         "{message}"
     );
     assert!(d.cli_ok(&["ls"]).contains("no rules"));
-    assert!(natmap_rules(&ns, false).is_empty());
+    assert!(natmap_installed(&ns, false).is_empty());
     assert!(!port_is_held(&ns, "tcp", v4(Ipv4Addr::UNSPECIFIED, 8080)));
     d.assert_clean_log();
 }
@@ -410,17 +434,37 @@ fn an_upgraded_vip_dnat_keeps_its_guard() {
         upgraded["data"]["rule"]["allow_nonlocal"], true,
         "{upgraded}"
     );
-    let dnat_lines: Vec<String> = natmap_rules(&topo.router, false)
-        .into_iter()
-        .filter(|l| l.contains("-j DNAT"))
-        .collect();
-    assert_eq!(dnat_lines.len(), 2, "{dnat_lines:?}");
-    assert!(
-        dnat_lines
-            .iter()
-            .all(|l| l.contains("-m addrtype --dst-type LOCAL")),
-        "{dnat_lines:?}"
-    );
+    if testing_nftables() {
+        // The mapping is an element of the NAT maps, and every rule that
+        // translates through them is guarded by `fib daddr type local`.
+        assert!(
+            natmap_installed(&topo.router, false)
+                .contains(&"dnat_port 192.0.2.1 . tcp . 80 : 198.51.100.2".to_owned()),
+            "{:?}",
+            natmap_installed(&topo.router, false)
+        );
+        let table = topo
+            .router
+            .run_ok(&["nft", "list", "table", "ip", "natmap"]);
+        let dnats: Vec<&str> = table.lines().filter(|l| l.contains("dnat to")).collect();
+        assert!(!dnats.is_empty(), "{table}");
+        assert!(
+            dnats.iter().all(|l| l.contains("fib daddr type local")),
+            "{table}"
+        );
+    } else {
+        let dnat_lines: Vec<String> = natmap_installed(&topo.router, false)
+            .into_iter()
+            .filter(|l| l.contains("-j DNAT"))
+            .collect();
+        assert_eq!(dnat_lines.len(), 2, "{dnat_lines:?}");
+        assert!(
+            dnat_lines
+                .iter()
+                .all(|l| l.contains("-m addrtype --dst-type LOCAL")),
+            "{dnat_lines:?}"
+        );
+    }
     expect_tcp(&topo.server2, v4(ROUTER_EXT_V4, 80), ROUTER_INT_V4, 80);
     d.assert_clean_log();
 }

@@ -455,7 +455,7 @@ fn full_or_read_only_state_dir_fails_the_change_rolls_back_and_keeps_serving() {
     // the first that does not fit fails, and nothing of it stays.
     let mut failed = None;
     for port in 31010..31090u16 {
-        let lines_before = natmap_lines(&topo.router, false);
+        let lines_before = natmap_installed(&topo.router, false);
         let files_before = state_files(&d.state_path());
         let state_before = current_state(&d.state_path());
         let answer = d.call(dnat_request(EXT, INT, &port.to_string(), "tcp", false));
@@ -470,7 +470,7 @@ fn full_or_read_only_state_dir_fails_the_change_rolls_back_and_keeps_serving() {
         let message = answer["error"]["message"].as_str().unwrap();
         assert!(message.contains("No space left"), "{message}");
         assert_eq!(
-            natmap_lines(&topo.router, false),
+            natmap_installed(&topo.router, false),
             lines_before,
             "rules rolled back"
         );
@@ -500,14 +500,14 @@ fn full_or_read_only_state_dir_fails_the_change_rolls_back_and_keeps_serving() {
     // still fit) and keeps the rule and its port.
     let mut delete_failed = false;
     for port in 31003..31008u16 {
-        let lines_before = natmap_lines(&topo.router, false);
+        let lines_before = natmap_installed(&topo.router, false);
         let files_before = state_files(&d.state_path());
         let answer = d.call(dnat_request(EXT, INT, &port.to_string(), "tcp", true));
         if answer["ok"] == true {
             continue;
         }
         assert_eq!(answer["error"]["code"], "state_write_failed", "{answer}");
-        assert_eq!(natmap_lines(&topo.router, false), lines_before);
+        assert_eq!(natmap_installed(&topo.router, false), lines_before);
         assert_eq!(state_files(&d.state_path()), files_before);
         assert!(port_is_held(&topo.router, "tcp", ext_addr(port)));
         delete_failed = true;
@@ -534,7 +534,7 @@ fn full_or_read_only_state_dir_fails_the_change_rolls_back_and_keeps_serving() {
     // existing file, so it still works; what needs a new file there (a
     // compaction: `save`) fails and changes nothing; writable again: it works.
     tmpfs.set_immutable(true);
-    let lines_before = natmap_lines(&topo.router, false);
+    let lines_before = natmap_installed(&topo.router, false);
     let files_before = state_files(&d.state_path());
     let failed = d.call(json!({"cmd": "save"}));
     let ok = d.call(dnat_request(
@@ -559,7 +559,7 @@ fn full_or_read_only_state_dir_fails_the_change_rolls_back_and_keeps_serving() {
         "state.json kept"
     );
     assert_eq!(ok["data"]["result"], "deleted", "{ok}");
-    assert_ne!(natmap_lines(&topo.router, false), lines_before);
+    assert_ne!(natmap_installed(&topo.router, false), lines_before);
     assert!(!port_is_held(&topo.router, "tcp", ext_addr(failed_port)));
     let ports = failed_port.to_string();
     assert!(!current_state(&d.state_path())
@@ -588,7 +588,8 @@ fn full_or_read_only_state_dir_fails_the_change_rolls_back_and_keeps_serving() {
             .arg(d.state_path())
             .arg("--socket")
             .arg(dir.path().join("ro-test.sock"))
-            .args(["--docker-socket", "/nonexistent/docker.sock"]),
+            .args(["--docker-socket", "/nonexistent/docker.sock"])
+            .args(backend_flag()),
         Duration::from_secs(10),
     );
     tmpfs.remount("rw");
@@ -660,7 +661,7 @@ fn legacy_path_dir(dir: &Path) -> OsString {
 
 #[test]
 fn held_xtables_lock_delays_a_change_then_fails_it_cleanly() {
-    if !privileged() {
+    if !privileged() || !iptables_only("the xtables lock is iptables-restore's") {
         return;
     }
     if find_on_path("iptables-legacy-restore").is_none() {
@@ -770,15 +771,39 @@ fn without_ipv6_nat_ipv6_requests_fail_clearly_and_ipv4_forwards() {
     }
     let topo = Topology::new();
     let dir = StateDir::new();
-    // An ip6tables-restore that fails as it does without ip6table_nat.
     let bin = dir.path().join("no-ip6nat-bin");
     fs::create_dir_all(&bin).unwrap();
-    let fake = bin.join("ip6tables-restore");
-    fs::write(
-        &fake,
-        "#!/bin/sh\ncat >/dev/null\necho \"ip6tables-restore v1.8.9 (nf_tables): can't initialize ip6tables table \\`nat': Table does not exist (do you need to insmod?)\" >&2\nexit 1\n",
-    )
-    .unwrap();
+    let fake = if testing_nftables() {
+        // An nft whose batches that declare natmap's ip6 table fail as
+        // the kernel refuses an ip6 nat chain without IPv6 NAT support;
+        // everything else goes to the real nft.
+        let real = find_on_path("nft").expect("nft on PATH");
+        let fake = bin.join("nft");
+        fs::write(
+            &fake,
+            format!(
+                "#!/bin/sh\nif [ \"$1\" = -f ] && [ \"$2\" = - ]; then\n\
+                 \tinput=$(cat)\n\
+                 \tcase \"$input\" in *'table ip6 natmap {{'*)\n\
+                 \t\techo 'Error: Could not process rule: No such file or directory' >&2; exit 1 ;;\n\
+                 \tesac\n\
+                 \tprintf '%s\\n' \"$input\" | {real} \"$@\"; exit $?\n\
+                 fi\nexec {real} \"$@\"\n",
+                real = real.display()
+            ),
+        )
+        .unwrap();
+        fake
+    } else {
+        // An ip6tables-restore that fails as it does without ip6table_nat.
+        let fake = bin.join("ip6tables-restore");
+        fs::write(
+            &fake,
+            "#!/bin/sh\ncat >/dev/null\necho \"ip6tables-restore v1.8.9 (nf_tables): can't initialize ip6tables table \\`nat': Table does not exist (do you need to insmod?)\" >&2\nexit 1\n",
+        )
+        .unwrap();
+        fake
+    };
     fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
     let mut path = bin.into_os_string();
     path.push(":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
@@ -802,8 +827,10 @@ fn without_ipv6_nat_ipv6_requests_fail_clearly_and_ipv4_forwards() {
     let v4out = d.cli_json(&dnat_args(EXT, INT, "33001"));
     assert_eq!(v4out["data"]["result"], "added", "{v4out}");
     expect_tcp(&topo.client, ext_addr(33001), CLIENT_V4, 33001);
-    assert_eq!(natmap_lines(&topo.router, false).len(), 4);
-    assert!(natmap_lines(&topo.router, true).is_empty());
+    // Four lines (iptables); its dnat_port and fwd_port elements (nftables).
+    let lines = if testing_nftables() { 2 } else { 4 };
+    assert_eq!(natmap_installed(&topo.router, false).len(), lines);
+    assert!(natmap_installed(&topo.router, true).is_empty());
     d.assert_clean_log();
 }
 
@@ -833,6 +860,7 @@ fn without_iptables_the_daemon_refuses_to_start_naming_it() {
             .arg("--socket")
             .arg(dir.socket_path())
             .args(["--docker-socket", "/nonexistent/docker.sock"])
+            .args(backend_flag())
             .env_clear()
             .env("PATH", &empty)
             .env("NO_COLOR", "1"),
@@ -844,10 +872,13 @@ fn without_iptables_the_daemon_refuses_to_start_naming_it() {
         !out.status.success(),
         "daemon started without iptables: {stderr}"
     );
-    assert!(
-        stderr.contains("iptables"),
-        "message names iptables: {stderr}"
-    );
+    // The firewall tool of the backend under test: iptables, or nft.
+    let tool = if testing_nftables() {
+        "nft"
+    } else {
+        "iptables"
+    };
+    assert!(stderr.contains(tool), "message names {tool}: {stderr}");
     assert!(took < Duration::from_secs(3), "refused after {took:?}");
     assert!(!dir.socket_path().exists(), "no socket left behind");
     assert!(!dir.state_path().exists(), "no state written");
@@ -1530,7 +1561,7 @@ fn ten_thousand_hostile_lines_get_one_error_each_and_change_nothing() {
 
     assert_eq!(d.call(json!({"cmd": "ping"}))["ok"], true, "still answers");
     for v6 in [false, true] {
-        assert!(natmap_lines(&ns, v6).is_empty(), "a rule was installed");
+        assert!(natmap_installed(&ns, v6).is_empty(), "a rule was installed");
     }
     assert!(
         current_state(&d.state_path()).rules.is_empty(),
@@ -1592,7 +1623,7 @@ fn apply_refuses_docker_rules_that_docker_add_would_refuse() {
             "{bad}: error does not name {field}: {answer}"
         );
         assert!(
-            natmap_lines(&ns, false).is_empty(),
+            natmap_installed(&ns, false).is_empty(),
             "{bad}: rules installed"
         );
         assert!(

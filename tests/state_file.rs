@@ -75,7 +75,8 @@ fn start_refused(ns: &Netns, dir: &Path) -> String {
             .arg("--socket")
             .arg(dir.join("natmap.sock"))
             .args(["--socket-group", "root"])
-            .args(["--docker-socket", "/nonexistent/natmap-test-no-docker.sock"]),
+            .args(["--docker-socket", "/nonexistent/natmap-test-no-docker.sock"])
+            .args(backend_flag()),
         Duration::from_secs(20),
     );
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -122,7 +123,7 @@ fn each_bad_rule_is_quarantined_and_the_good_one_starts() {
         listed(&d, 1, "active");
         expect_tcp(&topo.client, ext_addr(31001), CLIENT_V4, 31001);
         assert!(port_is_held(&topo.router, "tcp", ext_addr(31001)), "{what}");
-        let lines = natmap_lines(&topo.router, false).join("\n");
+        let lines = natmap_installed(&topo.router, false).join("\n");
         assert!(!lines.contains("natmap:dnat:2"), "{what}: {lines}");
         assert!(!lines.contains("natmap:docker:2"), "{what}: {lines}");
         assert!(!lines.contains("--dport 0 "), "{what}: {lines}");

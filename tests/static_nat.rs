@@ -42,8 +42,24 @@ fn multiport_dnat_forwards_tcp_and_keeps_the_client_address() {
     // The router's own traffic to its external address is forwarded too.
     expect_tcp(&topo.router, v4(ROUTER_EXT_V4, 25), ROUTER_EXT_V4, 25);
 
+    if testing_nftables() {
+        // Each port an element of the dnat map and of the forward counters;
+        // natmap's accept first in Docker's DOCKER-USER.
+        assert_eq!(
+            natmap_installed(&topo.router, false),
+            [
+                "dnat_port 192.0.2.1 . tcp . 25 : 198.51.100.2",
+                "dnat_port 192.0.2.1 . tcp . 465 : 198.51.100.2",
+                "fwd_port 198.51.100.2 . tcp . 25",
+                "fwd_port 198.51.100.2 . tcp . 465",
+            ]
+        );
+        assert_nft_accept_first(&topo.router, false);
+        d.assert_clean_log();
+        return;
+    }
     assert_eq!(
-        natmap_rules(&topo.router, false),
+        natmap_installed(&topo.router, false),
         [
             "nat -A NATMAP -d 192.0.2.1/32 -p tcp -m multiport --dports 25,465 -m comment --comment \"natmap:dnat:1\" -j DNAT --to-destination 198.51.100.2",
             "nat -A NATMAP-OUTPUT -d 192.0.2.1/32 -p tcp -m multiport --dports 25,465 -m comment --comment \"natmap:dnat:1\" -j DNAT --to-destination 198.51.100.2",
@@ -89,7 +105,27 @@ fn udp_dnat_with_ingress_interface() {
             .ext_if(topo.router_ext_if()),
     );
     expect_udp(&topo.client, v4(ROUTER_EXT_V4, 5353), CLIENT_V4, 5353);
-    let rules = natmap_rules(&topo.router, false);
+    let rules = natmap_installed(&topo.router, false);
+    if testing_nftables() {
+        // Bound to an interface: only in dnat_iif, which the output chain
+        // (the host's own traffic) never looks up.
+        assert_eq!(
+            rules,
+            [
+                format!(
+                    "dnat_iif {} . 192.0.2.1 . udp . 5353 : 198.51.100.2",
+                    topo.router_ext_if()
+                ),
+                "fwd_port 198.51.100.2 . udp . 5353".to_owned(),
+            ]
+        );
+        let output = topo
+            .router
+            .run_ok(&["nft", "list", "chain", "ip", "natmap", "output"]);
+        assert!(!output.contains("dnat_iif"), "{output}");
+        d.assert_clean_log();
+        return;
+    }
     assert_eq!(
         rules[0],
         format!(
@@ -115,8 +151,18 @@ fn ipv6_dnat_and_mixed_families_are_refused() {
     let d = Daemon::start(&topo.router);
     d.cli_ok(&dnat_args("2001:db8:1::1", "2001:db8:2::2", "8080"));
     expect_tcp(&topo.client, v6(ROUTER_EXT_V6, 8080), CLIENT_V6, 8080);
-    assert_eq!(natmap_rules(&topo.router, true).len(), 4);
-    assert!(natmap_rules(&topo.router, false).is_empty());
+    if testing_nftables() {
+        assert_eq!(
+            natmap_installed(&topo.router, true),
+            [
+                "dnat_port 2001:db8:1::1 . tcp . 8080 : 2001:db8:2::2",
+                "fwd_port 2001:db8:2::2 . tcp . 8080",
+            ]
+        );
+    } else {
+        assert_eq!(natmap_installed(&topo.router, true).len(), 4);
+    }
+    assert!(natmap_installed(&topo.router, false).is_empty());
 
     let (status, mixed) = d.cli_json_output(&dnat_args("192.0.2.1", "2001:db8:2::2", "8081"));
     assert_eq!(status.code(), Some(1));
@@ -166,13 +212,18 @@ fn snat_rewrites_only_the_given_source_on_the_given_interface() {
     expect_tcp(&topo.server, v4(CLIENT_V4, 7000), ROUTER_EXT_V4, 7000);
     // Another source is left alone.
     expect_tcp(&topo.server2, v4(CLIENT_V4, 7000), SERVER2_V4, 7000);
-    assert_eq!(
-        natmap_rules(&topo.router, false),
-        [format!(
+    let want = if testing_nftables() {
+        format!(
+            "snat_out {} . 198.51.100.2 : 192.0.2.1",
+            topo.router_ext_if()
+        )
+    } else {
+        format!(
             "nat -A NATMAP-POSTROUTING -s 198.51.100.2/32 -o {} -m comment --comment \"natmap:snat:1\" -j SNAT --to-source 192.0.2.1",
             topo.router_ext_if()
-        )]
-    );
+        )
+    };
+    assert_eq!(natmap_installed(&topo.router, false), [want]);
     d.cli_ok(&snat_args("198.51.100.2", topo.router_ext_if(), "192.0.2.1").delete());
     expect_tcp(&topo.server, v4(CLIENT_V4, 7000), SERVER_V4, 7000);
     d.assert_clean_log();
@@ -187,14 +238,14 @@ fn delete_stops_traffic_releases_ports_and_readd_is_idempotent() {
     let _smtp = TcpEcho::start(&topo.server, v4(SERVER_V4, 25));
     let d = Daemon::start(&topo.router);
     dnat_mail(&d);
-    let before = natmap_rules(&topo.router, false);
+    let before = natmap_installed(&topo.router, false);
     let again = dnat_mail(&d);
     assert_eq!(again["data"]["result"], "already_present", "{again}");
     // Same ports in another order are the same rule.
     let reordered = d.cli_json(&dnat_args("192.0.2.1", "198.51.100.2", "465,25"));
     assert_eq!(reordered["data"]["result"], "already_present");
     assert_eq!(
-        natmap_rules(&topo.router, false),
+        natmap_installed(&topo.router, false),
         before,
         "no duplicate rules"
     );
@@ -210,7 +261,7 @@ fn delete_stops_traffic_releases_ports_and_readd_is_idempotent() {
     let deleted = d.cli_json(&dnat_args("192.0.2.1", "198.51.100.2", "25,465").delete());
     assert_eq!(deleted["data"]["result"], "deleted", "{deleted}");
     expect_no_tcp(&topo.client, v4(ROUTER_EXT_V4, 25));
-    assert!(natmap_rules(&topo.router, false).is_empty());
+    assert!(natmap_installed(&topo.router, false).is_empty());
     assert!(bind(), "port 25 released after delete");
 
     let (status, missing) =
@@ -232,7 +283,7 @@ fn kill9_and_restart_rebuild_exactly_the_same_rules() {
     dnat_mail(&d);
     d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "53").proto("udp"));
     d.cli_ok(&hairpin_args("192.0.2.1", "198.51.100.3", "80"));
-    let rules = natmap_rules(&topo.router, false);
+    let rules = natmap_installed(&topo.router, false);
     let save_before = iptables_save(&topo.router, false);
 
     d.kill9();
@@ -240,13 +291,17 @@ fn kill9_and_restart_rebuild_exactly_the_same_rules() {
     expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
     d.respawn();
     assert_eq!(
-        natmap_rules(&topo.router, false),
+        natmap_installed(&topo.router, false),
         rules,
         "restart with old rules present: no duplicates"
     );
     let jumps = |s: &str| {
         s.lines()
-            .filter(|l| l.contains("-j NATMAP") || l.contains("-j DOCKER-USER"))
+            .filter(|l| {
+                l.contains("-j NATMAP")
+                    || l.contains("-j DOCKER-USER")
+                    || l.contains("natmap-nftables")
+            })
             .count()
     };
     assert_eq!(
@@ -258,14 +313,11 @@ fn kill9_and_restart_rebuild_exactly_the_same_rules() {
 
     // A reboot: the daemon is gone and the tables are empty.
     d.kill9();
-    for table in ["nat", "filter"] {
-        iptables(&topo.router, false, &["-t", table, "-F"]);
-        iptables(&topo.router, false, &["-t", table, "-X"]);
-    }
+    reboot_firewall(&topo.router);
     expect_no_tcp(&topo.client, v4(ROUTER_EXT_V4, 25));
     d.respawn();
     assert_eq!(
-        natmap_rules(&topo.router, false),
+        natmap_installed(&topo.router, false),
         rules,
         "recovery into empty tables"
     );
@@ -296,7 +348,7 @@ fn busy_port_fails_whole_request_and_nothing_is_installed() {
         message.contains(&format!("pid {}", std::process::id())),
         "owner named: {message}"
     );
-    assert!(natmap_rules(&topo.router, false).is_empty());
+    assert!(natmap_installed(&topo.router, false).is_empty());
     assert_eq!(
         state_files(&d.state_path()),
         state_before,
@@ -346,7 +398,7 @@ fn restart_skips_rules_whose_port_was_taken_and_installs_them_when_free() {
     assert!(rules[0]["detail"].as_str().unwrap().contains("8080/tcp"));
     assert_eq!(rules[1]["status"], "active");
     assert!(d.log().contains("rule skipped"), "warning logged");
-    let installed = natmap_rules(&topo.router, false);
+    let installed = natmap_installed(&topo.router, false);
     assert!(
         !installed.iter().any(|r| r.contains("8080")),
         "{installed:?}"
@@ -355,7 +407,7 @@ fn restart_skips_rules_whose_port_was_taken_and_installs_them_when_free() {
 
     drop(squatter);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while natmap_rules(&topo.router, false)
+    while natmap_installed(&topo.router, false)
         .iter()
         .all(|r| !r.contains("8080"))
     {
@@ -401,10 +453,7 @@ fn twenty_concurrent_clients_all_land_and_survive_a_crash() {
         (1..=20).collect::<Vec<_>>(),
         "every request got its own id"
     );
-    assert_eq!(
-        iptables_rules(&topo.router, false, "nat", "NATMAP").len(),
-        21
-    );
+    assert_eq!(natmap_dnat_entries(&topo.router), 20);
     d.kill9();
     let state = serde_json::to_value(current_state(&d.state_path())).unwrap();
     assert_eq!(
@@ -413,10 +462,7 @@ fn twenty_concurrent_clients_all_land_and_survive_a_crash() {
         "every acknowledged change is on disk"
     );
     d.respawn();
-    assert_eq!(
-        iptables_rules(&topo.router, false, "nat", "NATMAP").len(),
-        21
-    );
+    assert_eq!(natmap_dnat_entries(&topo.router), 20);
     d.assert_clean_log();
 }
 
@@ -430,6 +476,7 @@ fn bad_input_is_refused_and_leaves_rules_and_state_byte_identical() {
     dnat_mail(&d);
     let state_before = state_files(&d.state_path());
     let rules_before = iptables_save(&topo.router, false);
+    let installed_before = natmap_installed(&topo.router, false);
     cli_refuses_bad_arguments(&d);
     socket_refuses_bad_requests(&d);
     assert_eq!(
@@ -446,6 +493,11 @@ fn bad_input_is_refused_and_leaves_rules_and_state_byte_identical() {
     assert_eq!(
         strip(&iptables_save(&topo.router, false)),
         strip(&rules_before),
+        "rules identical"
+    );
+    assert_eq!(
+        natmap_installed(&topo.router, false),
+        installed_before,
         "rules identical"
     );
     d.assert_clean_log();
@@ -566,10 +618,13 @@ fn clear_removes_every_rule_chain_and_reservation() {
     assert_eq!(out["data"]["removed"], 3, "{out}");
     for v6 in [false, true] {
         let save = iptables_save(&topo.router, v6);
+        // natmap's chains (iptables), its DOCKER-USER accept (nftables).
         assert!(
-            !save.contains("NATMAP"),
+            !save.contains("NATMAP") && !save.contains("natmap-nftables"),
             "natmap left something behind:\n{save}"
         );
+        let left = natmap_installed(&topo.router, v6);
+        assert!(left.is_empty(), "natmap left something behind: {left:?}");
     }
     assert!(in_netns(&topo.router, || std::net::TcpListener::bind(v4(
         ROUTER_EXT_V4,
@@ -585,7 +640,7 @@ fn clear_removes_every_rule_chain_and_reservation() {
     );
     // natmap works again after a clear.
     assert_eq!(dnat_mail(&d)["data"]["result"], "added");
-    assert_eq!(natmap_rules(&topo.router, false).len(), 4);
+    assert_eq!(natmap_installed(&topo.router, false).len(), 4);
     d.assert_clean_log();
 }
 
@@ -667,7 +722,7 @@ fn external_changes_to_natmap_rules_are_repaired() {
     dnat_mail(&d);
     d.cli_ok(&snat_args("198.51.100.0/24", "ext0", "192.0.2.1"));
     d.cli_ok(&hairpin_args("192.0.2.1", "198.51.100.3", "80"));
-    let good = natmap_rules(&topo.router, false);
+    let good = natmap_installed(&topo.router, false);
     // A quiet period first: correct rules are never "repaired".
     std::thread::sleep(std::time::Duration::from_millis(2500));
     assert!(
@@ -675,6 +730,10 @@ fn external_changes_to_natmap_rules_are_repaired() {
         "false drift:\n{}",
         d.log()
     );
+    if testing_nftables() {
+        nft_sabotage_is_repaired(&topo, &d, &good);
+        return;
+    }
 
     let sabotage: &[&[&str]] = &[
         &["-t", "nat", "-F", "NATMAP"],
@@ -695,7 +754,7 @@ fn external_changes_to_natmap_rules_are_repaired() {
             repairs_logged() > i
         });
         eprintln!("repair after {args:?}: {took:?}");
-        assert_eq!(natmap_rules(&topo.router, false), good);
+        assert_eq!(natmap_installed(&topo.router, false), good);
         expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
     }
     // The foreign rule stays, behind natmap's jump.
@@ -722,8 +781,48 @@ fn external_changes_to_natmap_rules_are_repaired() {
         1,
         "the inserted RETURN alone is a routine repair"
     );
-    assert_eq!(natmap_rules(&topo.router, false), good);
+    assert_eq!(natmap_installed(&topo.router, false), good);
     expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
+    d.assert_clean_log_except(&["changed from outside"]);
+}
+
+/// [`external_changes_to_natmap_rules_are_repaired`] on the nftables
+/// backend: natmap's map flushed, a chain flushed, its `DOCKER-USER`
+/// accept deleted, its table deleted. Each is put back by the drift check
+/// within 6 s, the elements are the good ones again and traffic is DNATed
+/// (the client's address kept).
+fn nft_sabotage_is_repaired(topo: &Topology, d: &Daemon, good: &[String]) {
+    let repairs = || d.call(serde_json::json!({"cmd": "status"}))["data"]["repairs"].as_u64();
+    let accept = natmap::firewall::nftables::docker_user::rule(
+        natmap::firewall::nftables::marks::Marks::default().ct,
+    );
+    let delete_accept = format!("-D DOCKER-USER {accept}");
+    let sabotage: [Vec<&str>; 4] = [
+        vec!["nft", "flush", "map", "ip", "natmap", "dnat_port"],
+        vec!["nft", "flush", "chain", "ip", "natmap", "prerouting"],
+        ["iptables", "-w", "10"]
+            .into_iter()
+            .chain(delete_accept.split(' '))
+            .collect(),
+        vec!["nft", "delete", "table", "ip", "natmap"],
+    ];
+    for args in sabotage {
+        let before = repairs();
+        topo.router.run_ok(&args);
+        let took = wait_for(&format!("repair after {args:?}"), || {
+            repairs() > before
+                && natmap_installed(&topo.router, false) == good
+                && iptables_appended_rules(&topo.router, false, "filter", "DOCKER-USER")
+                    .first()
+                    .is_some_and(|l| l.contains("natmap-nftables"))
+        });
+        eprintln!("repair after {args:?}: {took:?}");
+        let table = topo
+            .router
+            .run_ok(&["nft", "list", "chain", "ip", "natmap", "prerouting"]);
+        assert!(table.contains("@dnat_port"), "{table}");
+        expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
+    }
     d.assert_clean_log_except(&["changed from outside"]);
 }
 
@@ -735,7 +834,7 @@ fn dry_run_changes_nothing_and_shows_the_exact_transaction() {
     let topo = Topology::new();
     let d = Daemon::start(&topo.router);
     d.cli_ok(&dnat_args("192.0.2.1", "198.51.100.2", "25"));
-    let rules_before = natmap_rules(&topo.router, false);
+    let rules_before = natmap_installed(&topo.router, false);
     let state_before = state_files(&d.state_path());
     let add = [
         "--dry-run",
@@ -752,7 +851,7 @@ fn dry_run_changes_nothing_and_shows_the_exact_transaction() {
     let transactions = plan["data"]["transactions"].as_array().unwrap();
     assert_eq!(transactions.len(), 1, "{plan}");
     assert_eq!(
-        natmap_rules(&topo.router, false),
+        natmap_installed(&topo.router, false),
         rules_before,
         "a dry run changes no rule"
     );
@@ -766,34 +865,42 @@ fn dry_run_changes_nothing_and_shows_the_exact_transaction() {
     // The shown transaction is exactly what the real change does.
     let path = d.dir().join("plan.rules");
     std::fs::write(&path, transactions[0]["restore"].as_str().unwrap()).unwrap();
-    topo.router
-        .run_ok(&["iptables-restore", "--noflush", path.to_str().unwrap()]);
-    let by_hand = natmap_rules(&topo.router, false);
-    // Undo by hand: the same transaction with every -A turned into -D, and
-    // the shards it declared (created: 443 is the first port of tcp block
-    // 1) deleted after their lines instead of declared (which flushes).
-    let mut undo = String::new();
-    let mut created = Vec::new();
-    for line in transactions[0]["restore"].as_str().unwrap().lines() {
-        if let Some(decl) = line.strip_prefix(':') {
-            created.push(decl.split_whitespace().next().unwrap().to_owned());
-        } else if line == "COMMIT" {
-            for chain in created.drain(..) {
-                undo.push_str(&format!("-X {chain}\n"));
-            }
-            undo.push_str("COMMIT\n");
-        } else {
-            undo.push_str(&format!("{}\n", line.replacen("-A ", "-D ", 1)));
-        }
-    }
-    assert!(undo.contains("-X NATMAP-T1\n"), "{undo}");
+    // Load the shown transaction by hand, undo it by hand, then the real
+    // change must leave exactly what the shown one did.
+    let (load, undo, teardown_mark): (&[&str], String, &str) = if testing_nftables() {
+        // An `nft -f` batch of element changes: every add a delete.
+        let shown = transactions[0]["restore"].as_str().unwrap();
+        assert!(shown.contains("add element ip natmap "), "{shown}");
+        let undo = shown
+            .lines()
+            .map(|l| format!("{}\n", l.replacen("add element ", "delete element ", 1)))
+            .collect();
+        (&["nft", "-f"], undo, "delete table ip natmap")
+    } else {
+        // The same transaction with every -A turned into -D, and the
+        // shards it declared (created: 443 is the first port of tcp block
+        // 1) deleted after their lines instead of declared (which flushes).
+        let undo = iptables_undo(transactions[0]["restore"].as_str().unwrap());
+        assert!(undo.contains("-X NATMAP-T1\n"), "{undo}");
+        (&["iptables-restore", "--noflush"], undo, "-X NATMAP")
+    };
+    let run_file = |file: &std::path::Path| {
+        let mut argv: Vec<&str> = load.to_vec();
+        argv.push(file.to_str().unwrap());
+        topo.router.run_ok(&argv);
+    };
+    run_file(&path);
+    let by_hand = natmap_installed(&topo.router, false);
+    assert_ne!(
+        by_hand, rules_before,
+        "the shown transaction changes the rules"
+    );
     std::fs::write(&path, undo).unwrap();
-    topo.router
-        .run_ok(&["iptables-restore", "--noflush", path.to_str().unwrap()]);
-    assert_eq!(natmap_rules(&topo.router, false), rules_before);
+    run_file(&path);
+    assert_eq!(natmap_installed(&topo.router, false), rules_before);
     let real = d.cli_json(&add[1..]);
     assert_eq!(real["data"]["result"], "added", "{real}");
-    assert_eq!(natmap_rules(&topo.router, false), by_hand);
+    assert_eq!(natmap_installed(&topo.router, false), by_hand);
 
     // Errors are the real errors; read-only commands have no dry run.
     let (status, busy) = d.cli_json_output(&[
@@ -815,7 +922,7 @@ fn dry_run_changes_nothing_and_shows_the_exact_transaction() {
         clear["data"]["transactions"][0]["restore"]
             .as_str()
             .unwrap()
-            .contains("-X NATMAP"),
+            .contains(teardown_mark),
         "{clear}"
     );
     assert_eq!(
@@ -840,7 +947,9 @@ fn status_reports_health_and_ls_v_shows_counters() {
     let (status, report) = d.cli_json_output(&["status"]);
     assert_eq!(status.code(), Some(0), "{report}");
     let s = &report["data"];
-    assert_eq!(s["backend"], "nft");
+    // The iptables flavor, or how the nftables backend talks to the kernel.
+    let backend = if testing_nftables() { "netlink" } else { "nft" };
+    assert_eq!(s["backend"], backend);
     assert_eq!(s["ipv6_nat"], true);
     assert_eq!(s["ipv4_forwarding"], true);
     assert_eq!(s["rules"]["dnat"]["active"], 1);
@@ -1039,7 +1148,12 @@ fn policy_route_sends_replies_through_the_given_gateway() {
 
 #[test]
 fn save_export_fragment_restores_cleanly_and_holds_only_natmap() {
-    if !privileged() {
+    if !privileged()
+        || !iptables_only(
+            "the fragment is iptables-restore input (nftables' nft -f fragment: \
+             tests/nftables.rs save_export_is_an_nft_fragment_…)",
+        )
+    {
         return;
     }
     let topo = Topology::new();
@@ -1060,7 +1174,7 @@ fn save_export_fragment_restores_cleanly_and_holds_only_natmap() {
             || line.starts_with("# natmap");
         assert!(ours, "not natmap's: {line}");
     }
-    let expected = natmap_rules(&topo.router, false);
+    let expected = natmap_installed(&topo.router, false);
 
     // A host that restores rules at boot without the daemon (FORWARD DROP).
     let fresh = Topology::new();
@@ -1078,7 +1192,7 @@ fn save_export_fragment_restores_cleanly_and_holds_only_natmap() {
         plugin.display().to_string(),
         "start".to_owned(),
     ]);
-    assert_eq!(natmap_rules(&fresh.router, false), expected);
+    assert_eq!(natmap_installed(&fresh.router, false), expected);
     expect_tcp(&fresh.client, v4(ROUTER_EXT_V4, 25), CLIENT_V4, 25);
     // When the daemon starts there, its own hooks replace the boot hook.
     let d2 = Daemon::start(&fresh.router);
@@ -1140,13 +1254,18 @@ fn save_export_fragment_restores_cleanly_and_holds_only_natmap() {
         .router
         .run_ok(&["iptables-restore", "--noflush", file.to_str().unwrap()]);
     assert_eq!(docker_lines(&docker), before);
-    assert_eq!(natmap_rules(&docker.router, false), expected);
+    assert_eq!(natmap_installed(&docker.router, false), expected);
     d.assert_clean_log();
 }
 
 #[test]
 fn daemon_refuses_to_start_when_dockers_rules_are_in_the_other_backend() {
-    if !privileged() {
+    if !privileged()
+        || !iptables_only(
+            "the iptables flavor check guards natmap's iptables chains; the nftables backend \
+             writes only its DOCKER-USER accept, with the iptables on PATH (operator guide)",
+        )
+    {
         return;
     }
     if find_on_path("iptables-legacy").is_none() {
@@ -1167,7 +1286,7 @@ fn daemon_refuses_to_start_when_dockers_rules_are_in_the_other_backend() {
         "{stderr}"
     );
     assert!(
-        natmap_rules(&topo.router, false).is_empty(),
+        natmap_installed(&topo.router, false).is_empty(),
         "nothing installed"
     );
     topo.router
@@ -1226,4 +1345,25 @@ fn state_files(path: &std::path::Path) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
         path.file_name().unwrap().to_string_lossy()
     ));
     (std::fs::read(path).ok(), std::fs::read(journal).ok())
+}
+
+/// What undoes an `iptables-restore --noflush` transaction natmap showed:
+/// every `-A` a `-D`, and the chains it declared deleted (`-X`) after
+/// their lines instead of declared.
+fn iptables_undo(shown: &str) -> String {
+    let mut undo = String::new();
+    let mut created = Vec::new();
+    for line in shown.lines() {
+        if let Some(decl) = line.strip_prefix(':') {
+            created.push(decl.split_whitespace().next().unwrap().to_owned());
+        } else if line == "COMMIT" {
+            for chain in created.drain(..) {
+                undo.push_str(&format!("-X {chain}\n"));
+            }
+            undo.push_str("COMMIT\n");
+        } else {
+            undo.push_str(&format!("{}\n", line.replacen("-A ", "-D ", 1)));
+        }
+    }
+    undo
 }

@@ -225,21 +225,8 @@ pub fn run_install(args: InstallArgs, dry_run: bool, json: bool) -> Result<ExitC
     let mut out = Steps::new(dry_run, json);
     out.banner("install", &target);
 
-    // 1. The binary. Read through /proc/self/exe: it still works when the
-    // running file was replaced or deleted (then current_exe ends " (deleted)").
-    let (source, shown_source) = match &args.binary {
-        Some(p) => {
-            let meta = fs::metadata(p).wrap_err_with(|| format!("--binary {}", p.display()))?;
-            if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
-                bail!("--binary {}: not an executable file", p.display());
-            }
-            (p.clone(), p.clone())
-        }
-        None => (
-            PathBuf::from("/proc/self/exe"),
-            std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
-        ),
-    };
+    // 1. The binary.
+    let (source, shown_source) = binary_source(args.binary.as_deref())?;
     let binary_changed = out.install_file(
         "binary",
         &target.path(INSTALLED_BINARY),
@@ -280,6 +267,26 @@ pub fn run_install(args: InstallArgs, dry_run: bool, json: bool) -> Result<ExitC
     out.summary("install");
     out.finish("install");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The binary `install` copies and the name it prints for it: `--binary`
+/// (checked to be an executable file), else this program read through
+/// /proc/self/exe, which still works when the running file was replaced or
+/// deleted (then current_exe ends " (deleted)").
+fn binary_source(binary: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
+    Ok(match binary {
+        Some(p) => {
+            let meta = fs::metadata(p).wrap_err_with(|| format!("--binary {}", p.display()))?;
+            if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+                bail!("--binary {}: not an executable file", p.display());
+            }
+            (p.to_owned(), p.to_owned())
+        }
+        None => (
+            PathBuf::from("/proc/self/exe"),
+            std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
+        ),
+    })
 }
 
 /// Runs `uninstall`; `dry_run` and `json` are the global `--dry-run` and `--json`.
@@ -409,6 +416,40 @@ enum FileSource<'a> {
     Bytes(&'a [u8]),
 }
 
+impl FileSource<'_> {
+    /// Whether `dest` already holds exactly these bytes (false when it is missing).
+    fn same_as(&self, dest: &Path) -> io::Result<bool> {
+        match self {
+            FileSource::Copy { from, .. } => same_file_contents(from, dest),
+            FileSource::Bytes(bytes) => match fs::read(dest) {
+                Ok(have) => Ok(have == *bytes),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    /// What the source is, as a step prints it, and its length in bytes.
+    fn describe(&self, step: &str, dry_run: bool) -> Result<(String, u64)> {
+        Ok(match self {
+            FileSource::Copy { from, shown } => {
+                let len = fs::metadata(from)
+                    .wrap_err_with(|| format!("{step}: {}", shown.display()))?
+                    .len();
+                (format!("a copy of {}", shown.display()), len)
+            }
+            FileSource::Bytes(b) => {
+                let what = if dry_run {
+                    "the text below"
+                } else {
+                    "generated text"
+                };
+                (what.to_owned(), b.len() as u64)
+            }
+        })
+    }
+}
+
 /// Prints and performs (or, in a dry run, only prints) the steps, counting
 /// the changes. Under `--json` nothing is printed as it happens: the lines,
 /// the changes and (in a dry run) the files' text make one JSON report at
@@ -523,48 +564,14 @@ impl Steps {
         source: FileSource<'_>,
         mode: u32,
     ) -> Result<bool> {
-        let same = match &source {
-            FileSource::Copy { from, .. } => same_file_contents(from, dest),
-            FileSource::Bytes(bytes) => match fs::read(dest) {
-                Ok(have) => Ok(have == *bytes),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-                Err(e) => Err(e),
-            },
-        }
-        .wrap_err_with(|| format!("{step}: comparing with {}", dest.display()))?;
-        let (what, len) = match &source {
-            FileSource::Copy { from, shown } => {
-                let len = fs::metadata(from)
-                    .wrap_err_with(|| format!("{step}: {}", shown.display()))?
-                    .len();
-                (format!("a copy of {}", shown.display()), len)
-            }
-            FileSource::Bytes(b) => {
-                let what = if self.dry_run {
-                    "the text below"
-                } else {
-                    "generated text"
-                };
-                (what.to_owned(), b.len() as u64)
-            }
-        };
+        let same = source
+            .same_as(dest)
+            .wrap_err_with(|| format!("{step}: comparing with {}", dest.display()))?;
         if same {
-            let have = fs::metadata(dest)?.permissions().mode() & 0o7777;
-            if have == mode {
-                say!(self, "{step}: {} is up to date", dest.display());
-                return Ok(false);
-            }
-            if !self.dry_run {
-                fs::set_permissions(dest, fs::Permissions::from_mode(mode))
-                    .wrap_err_with(|| format!("chmod {}", dest.display()))?;
-            }
-            self.change(
-                step,
-                &format!("{}: mode {have:04o} -> {mode:04o}", dest.display()),
-                &format!("chmod {mode:04o} {} (now {have:04o})", dest.display()),
-            );
+            self.set_mode(step, dest, mode)?;
             return Ok(false);
         }
+        let (what, len) = source.describe(step, self.dry_run)?;
         let verb = if dest.exists() { "replace" } else { "write" };
         if !self.dry_run {
             write_atomic(dest, &source, mode)
@@ -583,18 +590,44 @@ impl Steps {
             ),
         );
         if let FileSource::Bytes(b) = &source {
-            if self.dry_run && self.json {
-                self.files.push(serde_json::json!({
-                    "path": dest.display().to_string(),
-                    "content": String::from_utf8_lossy(b),
-                }));
-            } else if self.dry_run {
-                say!(self, "--- {} ---", dest.display());
-                let _ = io::stdout().write_all(b);
-                say!(self, "--- end of {} ---", dest.display());
-            }
+            self.show_planned_text(dest, b);
         }
         Ok(true)
+    }
+
+    /// Gives `dest`, whose content is already right, `mode` (a chmod when it
+    /// differs, counted as a change).
+    fn set_mode(&mut self, step: &str, dest: &Path, mode: u32) -> Result<()> {
+        let have = fs::metadata(dest)?.permissions().mode() & 0o7777;
+        if have == mode {
+            say!(self, "{step}: {} is up to date", dest.display());
+            return Ok(());
+        }
+        if !self.dry_run {
+            fs::set_permissions(dest, fs::Permissions::from_mode(mode))
+                .wrap_err_with(|| format!("chmod {}", dest.display()))?;
+        }
+        self.change(
+            step,
+            &format!("{}: mode {have:04o} -> {mode:04o}", dest.display()),
+            &format!("chmod {mode:04o} {} (now {have:04o})", dest.display()),
+        );
+        Ok(())
+    }
+
+    /// In a dry run, shows the text that would be written to `dest`: in the
+    /// JSON report under `--json`, else printed between two marker lines.
+    fn show_planned_text(&mut self, dest: &Path, text: &[u8]) {
+        if self.dry_run && self.json {
+            self.files.push(serde_json::json!({
+                "path": dest.display().to_string(),
+                "content": String::from_utf8_lossy(text),
+            }));
+        } else if self.dry_run {
+            say!(self, "--- {} ---", dest.display());
+            let _ = io::stdout().write_all(text);
+            say!(self, "--- end of {} ---", dest.display());
+        }
     }
 
     /// Removes `path` (a whole tree when `recursive`). Returns whether it existed.

@@ -28,6 +28,56 @@ pub fn exit_quietly_on_closed_pipe() {
     }
 }
 
+/// The exit code of a response: 0, or why it failed (the daemon could not
+/// be asked, or it refused).
+fn exit_code(response: &Response) -> u8 {
+    match &response.error {
+        None => 0,
+        Some(e)
+            if matches!(
+                e.code,
+                ErrorCode::DaemonUnreachable | ErrorCode::BadResponse
+            ) =>
+        {
+            EXIT_UNREACHABLE
+        }
+        Some(_) => EXIT_REQUEST_FAILED,
+    }
+}
+
+/// `status`'s rules row: `dnat: 2 active, 1 down; snat: 1 active`, or `none`.
+fn rule_counts(s: &StatusReport) -> String {
+    let rules: Vec<String> = s
+        .rules
+        .iter()
+        .map(|(kind, by)| {
+            let parts: Vec<String> = by
+                .iter()
+                .map(|(st, n)| format!("{n} {}", status_text(st)))
+                .collect();
+            format!("{}: {}", kind.replace('_', "-"), parts.join(", "))
+        })
+        .collect();
+    if rules.is_empty() {
+        "none".to_owned()
+    } else {
+        rules.join("; ")
+    }
+}
+
+/// `status`'s repairs row: how many, and the last one's age and reasons.
+fn repairs(s: &StatusReport) -> String {
+    match &s.last_repair {
+        None => s.repairs.to_string(),
+        Some(l) => format!(
+            "{} (last {}s ago: {})",
+            s.repairs,
+            l.secs_ago,
+            l.reasons.join("; ")
+        ),
+    }
+}
+
 /// Prints one line on stdout.
 pub fn print_line(line: &str) {
     println!("{line}");
@@ -72,45 +122,46 @@ impl Printer {
 
     /// Prints the response to `request` and returns the exit code.
     pub fn print(&self, request: &Request, response: &Response) -> u8 {
-        let code = match &response.error {
-            None => 0,
-            Some(e)
-                if matches!(
-                    e.code,
-                    ErrorCode::DaemonUnreachable | ErrorCode::BadResponse
-                ) =>
-            {
-                EXIT_UNREACHABLE
-            }
-            Some(_) => EXIT_REQUEST_FAILED,
-        };
+        let code = exit_code(response);
+        // Only `status` reports problems; they turn success into EXIT_ATTENTION.
         let attention = matches!(request, Request::Status(_))
             && response
                 .data_json()
                 .get("problems")
                 .and_then(|p| p.as_array())
                 .is_some_and(|p| !p.is_empty());
-        if self.json {
-            let mut response = response.clone();
-            if let Some(serde_json::Value::Object(data)) =
-                response.data.as_mut().map(|d| d.json_mut())
-            {
-                if self.dry_run {
-                    data.insert("dry_run".into(), serde_json::Value::Bool(true));
-                }
-            }
-            print_line(&serde_json::to_string(&response).expect("response serializes"));
-            return if code == 0 && attention {
-                super::EXIT_ATTENTION
-            } else {
-                code
-            };
-        }
-        if let Some(e) = &response.error {
+        let code = if self.json {
+            self.print_json(response);
+            code
+        } else if let Some(e) = &response.error {
             eprintln!("error: {} [{}]", e.message, e.code);
             return code;
+        } else {
+            self.show(request, response.data_json())
+        };
+        if code == 0 && attention {
+            super::EXIT_ATTENTION
+        } else {
+            code
         }
-        let data = response.data_json();
+    }
+
+    /// Prints the response line itself (`--json`), marked `dry_run` under
+    /// `--dry-run`.
+    fn print_json(&self, response: &Response) {
+        let mut response = response.clone();
+        if let Some(serde_json::Value::Object(data)) = response.data.as_mut().map(|d| d.json_mut())
+        {
+            if self.dry_run {
+                data.insert("dry_run".into(), serde_json::Value::Bool(true));
+            }
+        }
+        print_line(&serde_json::to_string(&response).expect("response serializes"));
+    }
+
+    /// Prints the answer to `request` for people; returns the exit code
+    /// (non-zero when the answer is not the type the request expects).
+    fn show(&self, request: &Request, data: serde_json::Value) -> u8 {
         match request {
             Request::Dnat(_)
             | Request::Snat(_)
@@ -119,13 +170,7 @@ impl Printer {
             | Request::DockerAdd(_)
             | Request::DockerRm(_)
             | Request::DockerRemap(_) => self.with(data, |c: ChangeResult| self.change(&c)),
-            Request::Ls(_) => self.with(data, |l: RuleList| {
-                self.list(&l.rules);
-                for u in &l.unreadable {
-                    let id = u.id.map(|id| format!(" (id {id})")).unwrap_or_default();
-                    println!("quarantined{id}: {}", printable(&u.reason));
-                }
-            }),
+            Request::Ls(_) => self.with(data, |l: RuleList| self.rule_list(&l)),
             Request::Fwd(_) => self.with(data, |f: ForwardingReport| self.forwarding(&f)),
             Request::Clear(_) => self.with(data, |c: ClearReport| {
                 println!(
@@ -148,14 +193,7 @@ impl Printer {
                     serde_json::to_string_pretty(&d).expect("document serializes")
                 )
             }),
-            Request::Status(_) => {
-                let code = self.with(data, |s: StatusReport| self.status(&s));
-                if code == 0 && attention {
-                    super::EXIT_ATTENTION
-                } else {
-                    code
-                }
-            }
+            Request::Status(_) => self.with(data, |s: StatusReport| self.status(&s)),
             Request::Reload(_) => self.with(data, |v: serde_json::Value| {
                 println!(
                     "config reloaded; auto-discover: {}, engines: {}",
@@ -166,6 +204,15 @@ impl Printer {
             Request::Ping(_) => self.with(data, |p: Pong| {
                 println!("natmap daemon {} is running", p.daemon_version)
             }),
+        }
+    }
+
+    /// `ls`: the rules' table, then the quarantined entries.
+    fn rule_list(&self, l: &RuleList) {
+        self.list(&l.rules);
+        for u in &l.unreadable {
+            let id = u.id.map(|id| format!(" (id {id})")).unwrap_or_default();
+            println!("quarantined{id}: {}", printable(&u.reason));
         }
     }
 
@@ -309,6 +356,21 @@ impl Printer {
     }
 
     fn status(&self, s: &StatusReport) {
+        println!("{}", self.status_table(s));
+        for w in &s.warnings {
+            println!("note: {w}");
+        }
+        if s.problems.is_empty() {
+            println!("all good");
+        } else {
+            for p in &s.problems {
+                println!("needs attention: {p}");
+            }
+        }
+    }
+
+    /// `status`'s table: one row per check.
+    fn status_table(&self, s: &StatusReport) -> Table {
         let mut table = self.table(&["CHECK", "STATE"]);
         let yes_no = |b: bool| if b { "yes" } else { "no" };
         table.add_row(vec![
@@ -334,37 +396,8 @@ impl Printer {
                 Some(e) => format!("unreachable: {e}"),
             },
         ]);
-        let rules: Vec<String> = s
-            .rules
-            .iter()
-            .map(|(kind, by)| {
-                let parts: Vec<String> = by
-                    .iter()
-                    .map(|(st, n)| format!("{n} {}", status_text(st)))
-                    .collect();
-                format!("{}: {}", kind.replace('_', "-"), parts.join(", "))
-            })
-            .collect();
-        table.add_row(vec![
-            "rules".to_owned(),
-            if rules.is_empty() {
-                "none".to_owned()
-            } else {
-                rules.join("; ")
-            },
-        ]);
-        table.add_row(vec![
-            "repairs".to_owned(),
-            match &s.last_repair {
-                None => s.repairs.to_string(),
-                Some(l) => format!(
-                    "{} (last {}s ago: {})",
-                    s.repairs,
-                    l.secs_ago,
-                    l.reasons.join("; ")
-                ),
-            },
-        ]);
+        table.add_row(vec!["rules".to_owned(), rule_counts(s)]);
+        table.add_row(vec!["repairs".to_owned(), repairs(s)]);
         if let Some(f) = &s.open_files {
             table.add_row(vec![
                 "open files".to_owned(),
@@ -377,17 +410,7 @@ impl Printer {
         for c in &s.conflicts {
             table.add_row(vec!["conflict".to_owned(), c.clone()]);
         }
-        println!("{table}");
-        for w in &s.warnings {
-            println!("note: {w}");
-        }
-        if s.problems.is_empty() {
-            println!("all good");
-        } else {
-            for p in &s.problems {
-                println!("needs attention: {p}");
-            }
-        }
+        table
     }
 
     fn forwarding(&self, f: &ForwardingReport) {

@@ -157,16 +157,7 @@ impl PortFinder {
                 if wanted.is_empty() {
                     break;
                 }
-                let addrs = match self.behind.get(&key(port)) {
-                    Some(a) => a.clone(),
-                    None => {
-                        let a = nl.addresses_behind(port).map_err(|e| {
-                            format!("reading the addresses behind {}: {e}", port.name)
-                        })?;
-                        self.behind.insert(key(port), a.clone());
-                        a
-                    }
-                };
+                let addrs = self.addresses_of(&mut nl, bridge_index, port)?;
                 let Ok(name) = port.name.parse::<IfName>() else {
                     continue;
                 };
@@ -185,6 +176,25 @@ impl PortFinder {
             }
         }
         Ok(found)
+    }
+
+    /// The addresses behind `port` of bridge `bridge_index`: remembered, or
+    /// asked of its namespace once.
+    fn addresses_of(
+        &mut self,
+        nl: &mut Netlink,
+        bridge_index: u32,
+        port: &Link,
+    ) -> Result<Vec<IpAddr>, String> {
+        let key = (bridge_index, port.index, port.name.clone());
+        if let Some(a) = self.behind.get(&key) {
+            return Ok(a.clone());
+        }
+        let a = nl
+            .addresses_behind(port)
+            .map_err(|e| format!("reading the addresses behind {}: {e}", port.name))?;
+        self.behind.insert(key, a.clone());
+        Ok(a)
     }
 }
 
@@ -423,21 +433,12 @@ impl Netlink {
     ) -> io::Result<Vec<(u16, Vec<u8>)>> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
-        let mut msg = Vec::with_capacity(64);
-        msg.extend_from_slice(&[0u8; NLMSG_HDRLEN]);
-        msg.extend_from_slice(header);
-        for (ty, data) in attrs {
-            let len = 4 + data.len();
-            msg.extend_from_slice(&(len as u16).to_ne_bytes());
-            msg.extend_from_slice(&ty.to_ne_bytes());
-            msg.extend_from_slice(data);
-            msg.resize(align4(msg.len()), 0);
-        }
-        let total = msg.len() as u32;
-        msg[0..4].copy_from_slice(&total.to_ne_bytes());
-        msg[4..6].copy_from_slice(&kind.to_ne_bytes());
-        msg[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-        msg[8..12].copy_from_slice(&seq.to_ne_bytes());
+        self.send_to_kernel(&dump_request(kind, seq, header, attrs))?;
+        self.answers_to(seq)
+    }
+
+    /// Sends `msg` to the kernel.
+    fn send_to_kernel(&self, msg: &[u8]) -> io::Result<()> {
         // SAFETY: an all-zero sockaddr_nl is the kernel's address once the
         // family is set.
         let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
@@ -456,6 +457,12 @@ impl Netlink {
         if sent < 0 {
             return Err(io::Error::last_os_error());
         }
+        Ok(())
+    }
+
+    /// Reads the answers to request `seq` until its NLMSG_DONE: (type, body)
+    /// of each; an NLMSG_ERROR with a code is that error.
+    fn answers_to(&self, seq: u32) -> io::Result<Vec<(u16, Vec<u8>)>> {
         let mut out = Vec::new();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -494,6 +501,27 @@ impl Netlink {
             }
         }
     }
+}
+
+/// A netlink dump request: header (length, `kind`, REQUEST|DUMP, `seq`),
+/// the family `header`, then each attribute (type, bytes) padded to 4.
+fn dump_request(kind: u16, seq: u32, header: &[u8], attrs: &[(u16, &[u8])]) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(64);
+    msg.extend_from_slice(&[0u8; NLMSG_HDRLEN]);
+    msg.extend_from_slice(header);
+    for (ty, data) in attrs {
+        let len = 4 + data.len();
+        msg.extend_from_slice(&(len as u16).to_ne_bytes());
+        msg.extend_from_slice(&ty.to_ne_bytes());
+        msg.extend_from_slice(data);
+        msg.resize(align4(msg.len()), 0);
+    }
+    let total = msg.len() as u32;
+    msg[0..4].copy_from_slice(&total.to_ne_bytes());
+    msg[4..6].copy_from_slice(&kind.to_ne_bytes());
+    msg[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    msg[8..12].copy_from_slice(&seq.to_ne_bytes());
+    msg
 }
 
 fn align4(n: usize) -> usize {

@@ -1,11 +1,12 @@
 //! Small host facts and actions: sysctls, the connected network of an
 //! address, and conntrack cleanup. Each runs a fixed program with typed
-//! arguments, never a shell.
+//! arguments, never a shell (conntrack cleanup talks netlink first).
 
 use std::fs;
 use std::net::IpAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::model::{Family, Network, PolicyRouteRule, Proto};
 use crate::proto::SysctlChange;
@@ -124,9 +125,44 @@ pub struct Flows {
 
 /// Deletes conntrack entries of connections that were DNATed to a target
 /// that is no longer forwarded (or moved), so flows (UDP above all) stop
-/// going there. Best effort: logs and carries on when the `conntrack` tool
-/// is missing.
+/// going there: the entries `conntrack -D -f FAMILY -p PROTO [--orig-dst
+/// IP] [--orig-port-dst PORT] --reply-src IP` deletes. Over ctnetlink from
+/// the daemon ([`super::conntrack`]); when that fails (no
+/// `nf_conntrack_netlink`, no permission), by running that `conntrack`
+/// command. Best effort: logs and carries on when neither works.
 pub fn forget_connections(flows: Flows) {
+    forget_connections_all(&[flows]);
+}
+
+/// [`forget_connections`] for several filters at once: one dump of the
+/// connection table per address family among them, whatever their number
+/// (the `conntrack` fallback still runs once per filter).
+pub fn forget_connections_all(all: &[Flows]) {
+    static FELL_BACK: AtomicBool = AtomicBool::new(false);
+    if all.is_empty() {
+        return;
+    }
+    match super::conntrack::cut(all) {
+        Ok(n) => tracing::debug!(
+            "cut {n} tracked connections over netlink ({} filters)",
+            all.len()
+        ),
+        Err(e) => {
+            if !FELL_BACK.swap(true, Ordering::Relaxed) {
+                tracing::debug!(
+                    "cutting tracked connections over netlink failed ({e}); running the \
+                     conntrack program instead"
+                );
+            }
+            for flows in all {
+                forget_by_process(*flows);
+            }
+        }
+    }
+}
+
+/// `conntrack -D` of one filter, as a process.
+fn forget_by_process(flows: Flows) {
     let family = if flows.reply_src.is_ipv4() {
         "ipv4"
     } else {

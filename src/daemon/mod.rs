@@ -5,12 +5,14 @@
 //! - `reserve`: sockets that hold forwarded ports.
 //! - `relay`: loopback traffic relayed from reserved sockets to targets.
 //! - `host`: sysctls, routes and conntrack.
+//! - `conntrack`: cutting tracked connections over ctnetlink.
 //! - `bridge`: br_netfilter, the bridge port of a container, hairpin mode.
 //! - `local`: which addresses are this host's right now.
 //! - `fds`: the file-descriptor budget of reservations.
 //! - `metrics`: Prometheus metrics over HTTP (`--metrics-listen`).
 
 pub mod bridge;
+pub mod conntrack;
 pub mod engine;
 pub mod fds;
 pub mod host;
@@ -172,25 +174,12 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     let fw = firewall::detect(backend, file_config.nftables.marks()).map_err(|e| e.to_string())?;
     // Before any rule is installed: an address that cannot be served stops
     // the start with nothing to undo.
-    let metrics_listener = match metrics_address(&config, &file_config) {
-        Some((addr, source)) => Some(metrics::bind(addr, &source).await?),
-        None => None,
-    };
+    let metrics_listener = bind_metrics(&config, &file_config).await?;
     let latency = metrics::Latency::new();
 
     // Before anything is installed: a daemon that gives up must leave nothing.
     server::refuse_if_answered(&config.socket_path)?;
-    let state_path = config.state_path.clone();
-    fds::set_relayed_connections(file_config.relay.limits().max_connections);
-    let relays = Relays::new(
-        tokio::runtime::Handle::current(),
-        file_config.relay.limits(),
-    );
-    let mut engine = tokio::task::spawn_blocking(move || {
-        Engine::open(state_path, fw, relays, AddressSource::Kernel)
-    })
-    .await
-    .map_err(|e| format!("engine start panicked: {e}"))??;
+    let mut engine = open_engine(&config, &file_config, fw).await?;
     // Under the locks (never another running daemon's rules), and only
     // once this backend serves the state.
     tokio::task::spawn_blocking(move || firewall::remove_other_backends(backend))
@@ -217,33 +206,108 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
             return Err(e);
         }
     };
-    let hangup = tokio::spawn(reload_on_sighup(tx.clone()));
+    let mut tasks = vec![tokio::spawn(reload_on_sighup(tx.clone()))];
+    tasks.extend(
+        metrics_listener.map(|l| tokio::spawn(metrics::serve(l, tx.clone(), latency.clone()))),
+    );
     let stopping = Arc::new(AtomicBool::new(false));
-    let engine_stopping = stopping.clone();
-    let metrics_server =
-        metrics_listener.map(|l| tokio::spawn(metrics::serve(l, tx.clone(), latency.clone())));
-    let engine_thread = std::thread::Builder::new()
+    let engine_thread = spawn_engine_thread(engine, rx, stopping.clone())?;
+    tracing::info!(socket = %config.socket_path.display(), "natmap daemon ready");
+    let first = first_docker(&config.docker_socket, &tx).await;
+    tasks.push(tokio::spawn(watch_docker(
+        config.docker_socket.clone(),
+        tx.clone(),
+        first,
+    )));
+
+    server::serve(listener, tx.clone(), shutdown, latency).await;
+    drop(nft_events);
+    stop(&stopping, tasks, &tx, engine_thread).await;
+    let _ = fs::remove_file(&config.socket_path);
+    tracing::info!("natmap daemon stopped");
+    Ok(())
+}
+
+/// Stops the daemon once the server has stopped: the background tasks,
+/// then the engine, which removes natmap's rules.
+async fn stop(
+    stopping: &AtomicBool,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tx: &mpsc::Sender<EngineMsg>,
+    engine_thread: std::thread::JoinHandle<()>,
+) {
+    // Requests still queued are answered "shutting down" instead of being
+    // handled, so the rules come down within the unit's TimeoutStopSec
+    // however many clients were waiting.
+    stopping.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.abort();
+    }
+    let (done, wait) = oneshot::channel();
+    let _ = tx.send(EngineMsg::Shutdown { done });
+    let _ = wait.await;
+    let _ = engine_thread.join();
+}
+
+/// Binds the metrics listener, if metrics are asked for.
+async fn bind_metrics(
+    config: &DaemonConfig,
+    file_config: &Config,
+) -> Result<Option<tokio::net::TcpListener>, String> {
+    Ok(match metrics_address(config, file_config) {
+        Some((addr, source)) => Some(metrics::bind(addr, &source).await?),
+        None => None,
+    })
+}
+
+/// Opens the engine from the state file, with the config's relay limits
+/// (off the async runtime: it installs the rules and binds the ports).
+async fn open_engine(
+    config: &DaemonConfig,
+    file_config: &Config,
+    fw: Box<dyn firewall::FirewallDriver>,
+) -> Result<Engine, String> {
+    let state_path = config.state_path.clone();
+    fds::set_relayed_connections(file_config.relay.limits().max_connections);
+    let relays = Relays::new(
+        tokio::runtime::Handle::current(),
+        file_config.relay.limits(),
+    );
+    tokio::task::spawn_blocking(move || Engine::open(state_path, fw, relays, AddressSource::Kernel))
+        .await
+        .map_err(|e| format!("engine start panicked: {e}"))?
+}
+
+/// Starts the engine thread.
+fn spawn_engine_thread(
+    engine: Engine,
+    rx: mpsc::Receiver<EngineMsg>,
+    stopping: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, String> {
+    std::thread::Builder::new()
         .name("natmap-engine".into())
         .spawn(move || {
             // A bug must not leave a daemon that accepts requests nobody
             // handles: abort, so the service manager restarts natmap, which
             // rebuilds its rules from the state on disk.
-            let run = std::panic::AssertUnwindSafe(|| engine_loop(engine, rx, &engine_stopping));
+            let run = std::panic::AssertUnwindSafe(|| engine_loop(engine, rx, &stopping));
             if std::panic::catch_unwind(run).is_err() {
                 tracing::error!("the engine panicked; aborting so natmap restarts from its state");
                 std::process::abort();
             }
         })
-        .map_err(|e| format!("cannot start engine thread: {e}"))?;
-    tracing::info!(socket = %config.socket_path.display(), "natmap daemon ready");
-    // One bounded attempt before serving, so the first `docker add` after a
-    // start does not race the connection; the watcher takes over from there.
-    let first = match tokio::time::timeout(
-        FIRST_DOCKER_WAIT,
-        DockerClient::connect(&config.docker_socket),
-    )
-    .await
-    {
+        .map_err(|e| format!("cannot start engine thread: {e}"))
+}
+
+/// One bounded attempt to reach Docker before serving, so the first
+/// `docker add` after a start does not race the connection; the engine
+/// hears the outcome, and the watcher takes over from there with the
+/// client returned.
+async fn first_docker(
+    socket: &std::path::Path,
+    tx: &mpsc::Sender<EngineMsg>,
+) -> Option<DockerClient> {
+    match tokio::time::timeout(FIRST_DOCKER_WAIT, DockerClient::connect(socket)).await {
         Ok(Ok(client)) => {
             let _ = tx.send(EngineMsg::DockerUp(client.clone()));
             Some(client)
@@ -253,32 +317,7 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
             None
         }
         Err(_) => None,
-    };
-    let watcher = tokio::spawn(watch_docker(
-        config.docker_socket.clone(),
-        tx.clone(),
-        first,
-    ));
-
-    server::serve(listener, tx.clone(), shutdown, latency).await;
-    // Requests still queued are answered "shutting down" instead of being
-    // handled, so the rules come down within the unit's TimeoutStopSec
-    // however many clients were waiting.
-    stopping.store(true, Ordering::Relaxed);
-    drop(nft_events);
-    watcher.abort();
-    hangup.abort();
-    if let Some(task) = metrics_server {
-        task.abort();
     }
-
-    let (done, wait) = oneshot::channel();
-    let _ = tx.send(EngineMsg::Shutdown { done });
-    let _ = wait.await;
-    let _ = engine_thread.join();
-    let _ = fs::remove_file(&config.socket_path);
-    tracing::info!("natmap daemon stopped");
-    Ok(())
 }
 
 /// Where to serve metrics, if anywhere, and which setting said so: the
@@ -318,28 +357,15 @@ fn engine_loop(mut engine: Engine, rx: mpsc::Receiver<EngineMsg>, stopping: &Ato
             }
             next_tick = now + TICK;
         }
-        let next = inbox.stashed.take().or_else(|| {
-            if lent {
-                None
-            } else {
-                inbox.waiting.pop_front()
+        let msg = match inbox.next(lent, next_tick.saturating_duration_since(now)) {
+            Ok(Some(msg)) => msg,
+            Ok(None) => continue,
+            // Never while the driver is out: its transaction holds a
+            // sender to answer with.
+            Err(mpsc::RecvError) => {
+                engine.shutdown();
+                return;
             }
-        });
-        let msg = match next {
-            Some(msg) => msg,
-            None => match inbox
-                .rx
-                .recv_timeout(next_tick.saturating_duration_since(now))
-            {
-                Ok(msg) => msg,
-                Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                // Never while the driver is out: its transaction holds a
-                // sender to answer with.
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    engine.shutdown();
-                    return;
-                }
-            },
         };
         if engine.firewall_lent() && !msg.serves_while_lent(stopping.load(Ordering::Relaxed)) {
             inbox.waiting.push_back(msg);
@@ -374,6 +400,25 @@ struct Inbox {
 type QueuedChange = (crate::proto::Request, Peer, oneshot::Sender<Response>);
 
 impl Inbox {
+    /// The next message in order: one read ahead, else (unless the driver
+    /// is `lent`, when they keep waiting) the first waiting, else one from
+    /// the channel within `wait`. None when `wait` passes; an error once
+    /// every sender has gone.
+    fn next(&mut self, lent: bool, wait: Duration) -> Result<Option<EngineMsg>, mpsc::RecvError> {
+        let next = self
+            .stashed
+            .take()
+            .or_else(|| if lent { None } else { self.waiting.pop_front() });
+        if next.is_some() {
+            return Ok(next);
+        }
+        match self.rx.recv_timeout(wait) {
+            Ok(msg) => Ok(Some(msg)),
+            Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(mpsc::RecvError),
+        }
+    }
+
     /// The next message in order if it is a rule change that can join a
     /// batch; anything else stays where it is, first in line.
     fn next_batchable(&mut self) -> Option<QueuedChange> {
@@ -410,42 +455,11 @@ fn handle_message(
     stopping: &AtomicBool,
 ) -> bool {
     match msg {
-        EngineMsg::Request { reply, .. } if stopping.load(Ordering::Relaxed) => {
-            let _ = reply.send(Response::err(
-                crate::proto::ErrorCode::Internal,
-                "the daemon is shutting down",
-            ));
-        }
         EngineMsg::Request {
             request,
             peer,
             reply,
-        } if Engine::batchable(&request) => {
-            // Fold every rule change already queued into one transaction.
-            let mut batch = vec![(request, peer, reply)];
-            while batch.len() < engine::MAX_BATCH {
-                match inbox.next_batchable() {
-                    Some(change) => batch.push(change),
-                    None => break,
-                }
-            }
-            engine.handle_batch_later(batch);
-        }
-        EngineMsg::Request {
-            request: crate::proto::Request::DockerAdd(req),
-            peer,
-            reply,
-        } => engine.docker_add_begin(req, peer, reply),
-        EngineMsg::Request {
-            request: request @ (crate::proto::Request::Apply(_) | crate::proto::Request::DryRun(_)),
-            peer,
-            reply,
-        } => engine.apply_begin(request, peer, reply),
-        EngineMsg::Request {
-            request,
-            peer,
-            reply,
-        } => engine.handle_later(request, peer, reply),
+        } => handle_request(engine, request, peer, reply, inbox, stopping),
         EngineMsg::Shutdown { done } => {
             engine.shutdown();
             let _ = done.send(());
@@ -475,6 +489,45 @@ fn handle_message(
         EngineMsg::FirewallChanged(change) => engine.firewall_changed(&change),
     }
     false
+}
+
+/// Handles one client request: refused while stopping, a rule change with
+/// every change queued behind it as one batch, `docker add` and `apply`
+/// begun (they wait for Docker), anything else answered in its turn.
+fn handle_request(
+    engine: &mut Engine,
+    request: crate::proto::Request,
+    peer: Peer,
+    reply: oneshot::Sender<Response>,
+    inbox: &mut Inbox,
+    stopping: &AtomicBool,
+) {
+    use crate::proto::Request;
+    if stopping.load(Ordering::Relaxed) {
+        let _ = reply.send(Response::err(
+            crate::proto::ErrorCode::Internal,
+            "the daemon is shutting down",
+        ));
+        return;
+    }
+    match request {
+        request if Engine::batchable(&request) => {
+            // Fold every rule change already queued into one transaction.
+            let mut batch = vec![(request, peer, reply)];
+            while batch.len() < engine::MAX_BATCH {
+                match inbox.next_batchable() {
+                    Some(change) => batch.push(change),
+                    None => break,
+                }
+            }
+            engine.handle_batch_later(batch);
+        }
+        Request::DockerAdd(req) => engine.docker_add_begin(req, peer, reply),
+        request @ (Request::Apply(_) | Request::DryRun(_)) => {
+            engine.apply_begin(request, peer, reply)
+        }
+        request => engine.handle_later(request, peer, reply),
+    }
 }
 
 /// Starts the watcher of nf_tables events (nftables backend): changes of
@@ -643,6 +696,21 @@ fn lock_state(config: &DaemonConfig) -> Result<fs::File, String> {
     crate::state::lock(&config.state_path).map_err(|e| e.to_string())
 }
 
+/// Fixes glibc's mmap threshold at its default (128 KiB): a client line
+/// near the 4 MiB limit is read into a buffer that large, and glibc would
+/// otherwise raise the threshold when that buffer is freed and keep the
+/// next ones in the heap, so a few hostile clients left the daemon ~8 MiB
+/// larger for good. Above the fixed threshold a buffer is its own mapping,
+/// returned to the kernel when it is freed.
+fn keep_large_buffers_out_of_the_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; called before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 /// Prepares the process for many reservations; call before any thread starts.
 ///
 /// Every reservation is a file descriptor: the soft limit goes up to the
@@ -651,6 +719,7 @@ fn lock_state(config: &DaemonConfig) -> Result<fs::File, String> {
 /// descriptors) waits out an RCU grace period, 7-16 ms each, measured as
 /// half the time of an `apply` of 1000 mappings (docs/performance.md).
 pub fn prepare_fd_table() {
+    keep_large_buffers_out_of_the_heap();
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let Ok((mut soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return;

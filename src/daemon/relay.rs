@@ -114,58 +114,13 @@ impl Relays {
         let Some(rt) = self.runtime.clone() else {
             return Ok(());
         };
+        // Inside the runtime: sockets are registered with its reactor.
         let _guard = rt.enter();
         let mut handles = Vec::new();
         for claim in claims {
-            let Some(lo) = loopback_of(claim.bind) else {
-                continue;
-            };
-            if claim.target.ip().is_unspecified() {
-                continue;
-            }
-            let to = claim.target;
-            let own = held.iter().find(|r| {
-                claim.proto == Proto::Udp
-                    && claim.bind.ip().is_loopback()
-                    && r.claim.bind == claim.bind
-                    && r.claim.proto == claim.proto
-            });
-            if let Some(reservation) = own {
-                let shared = self.shared();
-                let served = reservation.open_udp_for_relay().and_then(|socket| {
-                    let socket = Arc::new(UdpSocket::from_std(socket)?);
-                    // Dropped with the task (polled or not) when the relay
-                    // stops: the port answers nothing again.
-                    let refilter = Refilter(socket.clone());
-                    Ok(rt.spawn(async move {
-                        let _refilter = refilter;
-                        relay_udp(socket, to, shared).await
-                    }))
-                });
-                match served {
-                    Ok(handle) => handles.push(handle),
-                    Err(e) => {
-                        self.tasks.insert(id, handles);
-                        self.stop(id);
-                        return Err(e);
-                    }
-                }
-                continue;
-            }
-            let bound = reserve::bind_loopback(claim.proto, lo).and_then(|socket| {
-                Ok(match socket {
-                    LoopbackSocket::Tcp(l) => {
-                        let relay = relay_tcp(TcpListener::from_std(l)?, to, self.shared());
-                        rt.spawn(relay)
-                    }
-                    LoopbackSocket::Udp(s) => {
-                        let relay = relay_udp(Arc::new(UdpSocket::from_std(s)?), to, self.shared());
-                        rt.spawn(relay)
-                    }
-                })
-            });
-            match bound {
-                Ok(handle) => handles.push(handle),
+            match self.relay_claim(&rt, claim, held) {
+                Ok(Some(handle)) => handles.push(handle),
+                Ok(None) => {}
                 Err(e) => {
                     self.tasks.insert(id, handles);
                     self.stop(id);
@@ -175,6 +130,51 @@ impl Relays {
         }
         self.tasks.insert(id, handles);
         Ok(())
+    }
+
+    /// Starts the relay of one claim, if it covers a loopback address and
+    /// has a target: through its own reservation (a UDP port reserved on a
+    /// loopback address), else on a loopback socket of its own.
+    fn relay_claim(
+        &self,
+        rt: &Handle,
+        claim: &PortClaim,
+        held: &[reserve::Reservation],
+    ) -> std::io::Result<Option<JoinHandle<()>>> {
+        let Some(lo) = loopback_of(claim.bind) else {
+            return Ok(None);
+        };
+        if claim.target.ip().is_unspecified() {
+            return Ok(None);
+        }
+        let to = claim.target;
+        let own = held.iter().find(|r| {
+            claim.proto == Proto::Udp
+                && claim.bind.ip().is_loopback()
+                && r.claim.bind == claim.bind
+                && r.claim.proto == claim.proto
+        });
+        if let Some(reservation) = own {
+            let shared = self.shared();
+            let socket = Arc::new(UdpSocket::from_std(reservation.open_udp_for_relay()?)?);
+            // Dropped with the task (polled or not) when the relay
+            // stops: the port answers nothing again.
+            let refilter = Refilter(socket.clone());
+            return Ok(Some(rt.spawn(async move {
+                let _refilter = refilter;
+                relay_udp(socket, to, shared).await
+            })));
+        }
+        Ok(Some(match reserve::bind_loopback(claim.proto, lo)? {
+            LoopbackSocket::Tcp(l) => {
+                let relay = relay_tcp(TcpListener::from_std(l)?, to, self.shared());
+                rt.spawn(relay)
+            }
+            LoopbackSocket::Udp(s) => {
+                let relay = relay_udp(Arc::new(UdpSocket::from_std(s)?), to, self.shared());
+                rt.spawn(relay)
+            }
+        }))
     }
 
     /// Stops the rule's relay and cuts its connections. Returns once its

@@ -161,13 +161,7 @@ async fn connection(
     engine: mpsc::Sender<EngineMsg>,
     latency: Latency,
 ) -> std::io::Result<()> {
-    let peer = stream
-        .peer_cred()
-        .map(|c| Peer {
-            uid: c.uid(),
-            pid: c.pid(),
-        })
-        .unwrap_or_default();
+    let peer = peer_of(&stream);
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut unread = 0;
@@ -183,16 +177,7 @@ async fn connection(
             send(&slot, &mut write, &response).await?;
             return Ok(());
         }
-        let response = match parse_request(&line) {
-            Ok(request) => {
-                drop(line);
-                let (command, asked) = (request.name(), std::time::Instant::now());
-                let response = ask_engine(&engine, request, peer).await;
-                latency.observe(command, asked.elapsed());
-                response
-            }
-            Err(response) => response,
-        };
+        let response = answer(line, &engine, peer, &latency).await;
         // Answers the client may not have read, this one included: counted
         // before writing, as right after it even a prompt reader is behind.
         unread = if unread_bytes(&write) > 0 {
@@ -214,6 +199,38 @@ async fn connection(
             }
             unread = 0;
         }
+    }
+}
+
+/// Who is at the other end of `stream` (nobody in particular if the
+/// kernel cannot tell).
+fn peer_of(stream: &UnixStream) -> Peer {
+    stream
+        .peer_cred()
+        .map(|c| Peer {
+            uid: c.uid(),
+            pid: c.pid(),
+        })
+        .unwrap_or_default()
+}
+
+/// The answer to one request line: the engine's, timed per command, or the
+/// parse error's.
+async fn answer(
+    line: Vec<u8>,
+    engine: &mpsc::Sender<EngineMsg>,
+    peer: Peer,
+    latency: &Latency,
+) -> Response {
+    match parse_request(&line) {
+        Ok(request) => {
+            drop(line);
+            let (command, asked) = (request.name(), std::time::Instant::now());
+            let response = ask_engine(engine, request, peer).await;
+            latency.observe(command, asked.elapsed());
+            response
+        }
+        Err(response) => response,
     }
 }
 

@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bollard::models::{ContainerSummary, EndpointSettings, Port};
 use bollard::query_parameters::{EventsOptions, InspectContainerOptions, ListContainersOptions};
 use bollard::Docker;
 use futures_util::StreamExt;
@@ -189,57 +190,7 @@ impl DockerClient {
             .map_err(|e| format!("Docker: {e}"))?;
         Ok(list
             .into_iter()
-            .map(|c| {
-                let networks: Vec<NetworkAddrs> = c
-                    .network_settings
-                    .and_then(|n| n.networks)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(network, ep)| NetworkAddrs {
-                        v4: endpoint(ep.ip_address, ep.ip_prefix_len),
-                        v6: endpoint(ep.global_ipv6_address, ep.global_ipv6_prefix_len),
-                        network,
-                    })
-                    .collect();
-                let published = c
-                    .ports
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter_map(|p| {
-                        let proto = match p.typ.map(|t| t.to_string()).as_deref() {
-                            Some("udp") => crate::model::Proto::Udp,
-                            Some("tcp") | None => crate::model::Proto::Tcp,
-                            Some(_) => return None,
-                        };
-                        // Only IPv4 (or wildcard) bindings: host_ip is the node's address.
-                        if p.ip.as_deref().is_some_and(|ip| ip.contains(':')) {
-                            return None;
-                        }
-                        Some((p.private_port, proto, p.public_port?))
-                    })
-                    .collect();
-                LabeledContainer {
-                    id: c.id.unwrap_or_default(),
-                    name: c
-                        .names
-                        .and_then(|n| n.into_iter().next())
-                        .unwrap_or_default()
-                        .trim_start_matches('/')
-                        .to_owned(),
-                    running: c.state.map(|s| s.to_string() == "running").unwrap_or(false),
-                    allow_nonlocal: c
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get(&format!("{label}.allow_nonlocal")))
-                        .is_some_and(|v| v == "true"),
-                    label: c
-                        .labels
-                        .and_then(|mut l| l.remove(label))
-                        .unwrap_or_default(),
-                    networks,
-                    published,
-                }
-            })
+            .map(|c| labeled_container(c, label))
             .collect())
     }
 
@@ -318,6 +269,64 @@ impl DockerClient {
     }
 }
 
+/// A listed container carrying `label`, as auto-discovery reads it.
+fn labeled_container(c: ContainerSummary, label: &str) -> LabeledContainer {
+    LabeledContainer {
+        id: c.id.unwrap_or_default(),
+        name: c
+            .names
+            .and_then(|n| n.into_iter().next())
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_owned(),
+        running: c.state.map(|s| s.to_string() == "running").unwrap_or(false),
+        allow_nonlocal: c
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(&format!("{label}.allow_nonlocal")))
+            .is_some_and(|v| v == "true"),
+        label: c
+            .labels
+            .and_then(|mut l| l.remove(label))
+            .unwrap_or_default(),
+        networks: network_addrs(c.network_settings.and_then(|n| n.networks)),
+        published: c
+            .ports
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(published_port)
+            .collect(),
+    }
+}
+
+/// A container's addresses on each of its networks (as listed or inspected).
+fn network_addrs(networks: Option<HashMap<String, EndpointSettings>>) -> Vec<NetworkAddrs> {
+    networks
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(network, ep)| NetworkAddrs {
+            v4: endpoint(ep.ip_address, ep.ip_prefix_len),
+            v6: endpoint(ep.global_ipv6_address, ep.global_ipv6_prefix_len),
+            network,
+        })
+        .collect()
+}
+
+/// A published port as (container port, protocol, host port); none for an
+/// unknown protocol, an IPv6 binding (host_ip is the node's address, and
+/// only IPv4 or wildcard bindings count) or a port not published.
+fn published_port(p: Port) -> Option<(u16, crate::model::Proto, u16)> {
+    let proto = match p.typ.map(|t| t.to_string()).as_deref() {
+        Some("udp") => crate::model::Proto::Udp,
+        Some("tcp") | None => crate::model::Proto::Tcp,
+        Some(_) => return None,
+    };
+    if p.ip.as_deref().is_some_and(|ip| ip.contains(':')) {
+        return None;
+    }
+    Some((p.private_port, proto, p.public_port?))
+}
+
 /// A container carrying the auto-discover label.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LabeledContainer {
@@ -370,18 +379,7 @@ impl Event {
 }
 
 fn container_info(c: bollard::models::ContainerInspectResponse) -> ContainerInfo {
-    let networks = c
-        .network_settings
-        .and_then(|s| s.networks)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(network, ep)| NetworkAddrs {
-            v4: endpoint(ep.ip_address, ep.ip_prefix_len),
-            v6: endpoint(ep.global_ipv6_address, ep.global_ipv6_prefix_len),
-            network,
-        })
-        .collect::<Vec<_>>();
-    let mut networks = networks;
+    let mut networks = network_addrs(c.network_settings.and_then(|s| s.networks));
     networks.sort_by(|a, b| a.network.cmp(&b.network));
     let network_mode = c
         .host_config

@@ -67,6 +67,54 @@ impl Desired {
     pub fn bridges(&self) -> BridgeNetfilter {
         self.bridges
     }
+
+    /// The rule with this id (a binary search).
+    pub fn rule(&self, id: RuleId) -> Option<&Rule> {
+        let i = self.rules.binary_search_by_key(&id, |r| r.id).ok()?;
+        Some(&self.rules[i])
+    }
+
+    /// A copy with `change` made (a driver that renders whole: O(N)).
+    pub fn with(&self, change: &RuleChange) -> Desired {
+        let mut next = self.clone();
+        next.change(change);
+        next
+    }
+
+    /// Applies `change` in place, keeping id order: a binary search per
+    /// rule it names.
+    pub fn change(&mut self, change: &RuleChange) {
+        for id in &change.remove {
+            if let Ok(i) = self.rules.binary_search_by_key(id, |r| r.id) {
+                self.rules.remove(i);
+            }
+        }
+        for rule in &change.put {
+            match self.rules.binary_search_by_key(&rule.id, |r| r.id) {
+                Ok(i) => self.rules[i] = rule.clone(),
+                Err(i) => self.rules.insert(i, rule.clone()),
+            }
+        }
+    }
+}
+
+/// A change to the rules a driver applied: what one request changes, so a
+/// driver whose kernel interface allows it (nftables: map elements) works
+/// in proportion to the change, not to every rule natmap has.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuleChange {
+    /// Rules that become active, or replace the active rule of their id.
+    pub put: Vec<Rule>,
+    /// Ids of rules no longer active (an id the driver does not have is
+    /// ignored).
+    pub remove: Vec<RuleId>,
+}
+
+impl RuleChange {
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.put.is_empty() && self.remove.is_empty()
+    }
 }
 
 /// Whether frames crossing a bridge pass the host's iptables (br_netfilter:
@@ -187,6 +235,23 @@ pub trait FirewallDriver: Send {
         families: &[Family],
         mode: Mode,
     ) -> Result<(), FirewallError>;
+
+    /// Brings natmap's rules of `families` from what the driver applied to
+    /// that with `change` made (all or nothing, like [`Self::apply`]). The
+    /// request path: a driver that can works in proportion to the change.
+    fn apply_change(
+        &mut self,
+        change: &RuleChange,
+        families: &[Family],
+    ) -> Result<(), FirewallError>;
+
+    /// What [`Self::apply_change`] would send, per family that would
+    /// change, without sending it (dry run).
+    fn preview_change(
+        &self,
+        change: &RuleChange,
+        families: &[Family],
+    ) -> Result<Vec<(Family, String)>, FirewallError>;
 
     /// Forgets what it knows of the kernel, so the next apply is a full
     /// one (after a rollback that failed too).

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use crate::model::{Family, Proto, RuleId};
 use crate::proto::Counters;
 
-use super::{Desired, Drift, FirewallDriver, FirewallError, Mode, ReadCounters};
+use super::{Desired, Drift, FirewallDriver, FirewallError, Mode, ReadCounters, RuleChange};
 
 /// One call that would have changed the kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +22,18 @@ pub enum Call {
         /// The mode asked for.
         mode: Mode,
         /// The desired rules' ids, in order.
+        rules: Vec<RuleId>,
+    },
+    /// [`FirewallDriver::apply_change`]: the families, the ids the change
+    /// put and removed, and the ids of the rules applied after it.
+    Change {
+        /// The families asked for.
+        families: Vec<Family>,
+        /// Ids of the rules put.
+        put: Vec<RuleId>,
+        /// Ids removed.
+        remove: Vec<RuleId>,
+        /// The applied rules' ids after the change, in order.
         rules: Vec<RuleId>,
     },
     /// [`FirewallDriver::teardown`] of these families.
@@ -56,6 +68,35 @@ impl RecordingDriver {
     }
 }
 
+/// The ids of `applied` with `change` made, in order.
+fn changed_ids(applied: &[RuleId], change: &RuleChange) -> Vec<RuleId> {
+    let mut ids: Vec<RuleId> = applied
+        .iter()
+        .copied()
+        .filter(|id| !change.remove.contains(id))
+        .collect();
+    for rule in &change.put {
+        if let Err(i) = ids.binary_search(&rule.id) {
+            ids.insert(i, rule.id);
+        }
+    }
+    ids
+}
+
+impl Log {
+    /// Fails the call when a failure was asked for ([`RecordingDriver::fail_next`]).
+    fn injected_failure(&mut self) -> Result<(), FirewallError> {
+        if self.fail_next == 0 {
+            return Ok(());
+        }
+        self.fail_next -= 1;
+        Err(FirewallError::Refused {
+            program: "recording".into(),
+            message: "injected failure".into(),
+        })
+    }
+}
+
 struct NoCounters;
 
 impl ReadCounters for NoCounters {
@@ -80,13 +121,7 @@ impl FirewallDriver for RecordingDriver {
         mode: Mode,
     ) -> Result<(), FirewallError> {
         let mut log = self.log.lock().expect("lock");
-        if log.fail_next > 0 {
-            log.fail_next -= 1;
-            return Err(FirewallError::Refused {
-                program: "recording".into(),
-                message: "injected failure".into(),
-            });
-        }
+        log.injected_failure()?;
         let rules: Vec<RuleId> = desired.rules().iter().map(|r| r.id).collect();
         log.applied.clone_from(&rules);
         log.installed = true;
@@ -96,6 +131,40 @@ impl FirewallDriver for RecordingDriver {
             rules,
         });
         Ok(())
+    }
+
+    fn apply_change(
+        &mut self,
+        change: &RuleChange,
+        families: &[Family],
+    ) -> Result<(), FirewallError> {
+        let mut log = self.log.lock().expect("lock");
+        log.injected_failure()?;
+        let rules = changed_ids(&log.applied, change);
+        log.applied.clone_from(&rules);
+        log.installed = true;
+        log.calls.push(Call::Change {
+            families: families.to_vec(),
+            put: change.put.iter().map(|r| r.id).collect(),
+            remove: change.remove.clone(),
+            rules,
+        });
+        Ok(())
+    }
+
+    fn preview_change(
+        &self,
+        change: &RuleChange,
+        families: &[Family],
+    ) -> Result<Vec<(Family, String)>, FirewallError> {
+        if change.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = changed_ids(&self.log.lock().expect("lock").applied, change);
+        Ok(families
+            .iter()
+            .map(|f| (*f, format!("rules {ids:?}\n")))
+            .collect())
     }
 
     fn forget(&mut self) {}

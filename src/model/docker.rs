@@ -300,6 +300,9 @@ pub struct Endpoint {
 }
 
 /// A published port of a container (or of a fixed non-Docker target).
+// 13 fields because this is the stored form of a mapping, key for key
+// (state.json, the journal, `apply` documents): grouping them would change
+// that format, and `deny_unknown_fields` rules out `#[serde(flatten)]` parts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DockerRule {
@@ -492,6 +495,7 @@ mod tests {
         assert_eq!(s.host_ip, None);
     }
 
+    // Long because it is one table of cases, one per accepted form.
     #[test]
     fn port_ranges_parse_as_docker_run_p_takes_them() {
         for (text, host_ip, host, target, count, proto, shown) in [

@@ -4,15 +4,15 @@
 mod addr;
 mod docker;
 mod ifname;
+mod l4;
 mod ports;
-mod proto;
 mod rule;
 
 pub use addr::{CanonicalIp, Family, HostIp, Network};
 pub use docker::{AutoSource, ContainerRef, DockerRule, Endpoint, PortSpec, MAX_RANGE_PORTS};
 pub use ifname::{IfName, IFNAME_MAX};
+pub use l4::Proto;
 pub use ports::{parse_port, PortDirection, PortList, PortRange, MAX_PORTS_PER_RULE};
-pub use proto::Proto;
 pub use rule::{
     DnatRule, HairpinRule, PolicyRouteRule, PortClaim, Rule, RuleId, RuleSpec, SnatRule,
 };

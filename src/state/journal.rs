@@ -121,6 +121,26 @@ pub(super) fn record(old: &State, new: &State) -> Option<Vec<u8>> {
     Some(line)
 }
 
+/// The line recording `delta`, which made `new`, newline included, or
+/// `None` when it changes nothing.
+pub(super) fn record_delta(delta: &super::Delta, new: &State) -> Option<Vec<u8>> {
+    if delta.put.is_empty() && delta.del.is_empty() {
+        // Ids are only taken by rules put: a delta without rules changed
+        // nothing the journal keeps.
+        return None;
+    }
+    let out = RecordOut {
+        next_id: new.next_id,
+        forwarding: new.forwarding,
+        forwarding_ipv6: new.forwarding_ipv6,
+        put: delta.put.iter().collect(),
+        del: delta.del.clone(),
+    };
+    let mut line = serde_json::to_vec(&out).expect("record serializes");
+    line.push(b'\n');
+    Some(line)
+}
+
 /// Rules of `new` that are not in `old` as they are, and ids of `old` that
 /// `new` lacks. Both lists are in id order in the engine, so one merge walk
 /// finds them (a hash lookup when they are not).

@@ -647,6 +647,7 @@ pub fn daemon_must_exit(
         .args(["--socket-group", "root"])
         .args(["--docker-socket", "/nonexistent/natmap-test-no-docker.sock"])
         .args(extra)
+        .args(backend_args(extra))
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(out.try_clone().expect("clone fd"))

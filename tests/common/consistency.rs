@@ -76,9 +76,29 @@ pub fn state_dnat_keys(
 /// `natmap:dnat:<id>` comment names a stored rule and every stored rule has
 /// at least one line, each hook has exactly one jump, `ls` lists exactly
 /// the stored rules as active, and every forwarded port is held.
+///
+/// On the nftables pass ([`testing_nftables`]; `iptables` and `ip6tables`
+/// are not read then) the kernel part is natmap's tables: their elements
+/// equal the state's rendering ([`rendered_elements`]), so every stored
+/// rule has its elements and nothing else is there.
 #[track_caller]
 pub fn assert_kernel_matches_state(ns: &Netns, d: &Daemon, iptables: &str, ip6tables: &str) {
     let state = state_or_empty(&d.state_path());
+    if testing_nftables() {
+        let (want4, want6) = rendered_elements(&state);
+        assert_eq!(
+            nft_elements(ns, false),
+            want4,
+            "ip natmap differs from the state's rendering"
+        );
+        assert_eq!(
+            nft_elements(ns, true),
+            want6,
+            "ip6 natmap differs from the state's rendering"
+        );
+        assert_listed_and_held(ns, d, &state);
+        return;
+    }
     let (want4, want6) = rendered_lines(&state);
     // iptables -S quotes the comment; the rendering does not (natmap's
     // comments have no spaces): compare without the quotes, as the daemon does.
@@ -132,6 +152,14 @@ pub fn assert_kernel_matches_state(ns: &Netns, d: &Daemon, iptables: &str, ip6ta
         }
     }
 
+    assert_listed_and_held(ns, d, &state);
+}
+
+/// `ls` lists exactly the stored rules, all active, and every forwarded
+/// port of `state` is held by the daemon.
+#[track_caller]
+fn assert_listed_and_held(ns: &Netns, d: &Daemon, state: &natmap::state::State) {
+    let ids: std::collections::BTreeSet<u64> = state.rules.iter().map(|r| r.id).collect();
     let ls = d.call(serde_json::json!({"cmd": "ls"}));
     let listed: Vec<&serde_json::Value> = ls["data"]["rules"]
         .as_array()
@@ -144,7 +172,7 @@ pub fn assert_kernel_matches_state(ns: &Netns, d: &Daemon, iptables: &str, ip6ta
     for r in &listed {
         assert_eq!(r["status"], "active", "{r}");
     }
-    for ((port, proto), id) in state_dnat_keys(&state) {
+    for ((port, proto), id) in state_dnat_keys(state) {
         assert!(
             port_is_held(ns, &proto, SocketAddr::new(IpAddr::V4(ROUTER_EXT_V4), port)),
             "port {port}/{proto} of rule #{id} is not held by the daemon"

@@ -23,10 +23,73 @@ pub const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`Daemon::stop`] waits for the daemon to exit after SIGTERM.
 pub const DAEMON_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The environment variable that picks the firewall backend of every
+/// daemon the tests start: `iptables` (the default when unset) or
+/// `nftables`. `scripts/test.sh` runs the namespace-only tests once more
+/// with `NATMAP_TEST_BACKEND=nftables`.
+pub const TEST_BACKEND_ENV: &str = "NATMAP_TEST_BACKEND";
+
+/// The backend this test run's daemons use: [`TEST_BACKEND_ENV`]'s value,
+/// `"iptables"` when unset. Panics on any other value, naming the accepted
+/// ones.
+pub fn test_backend() -> &'static str {
+    match std::env::var(TEST_BACKEND_ENV) {
+        Err(std::env::VarError::NotPresent) => "iptables",
+        Ok(v) if v == "iptables" => "iptables",
+        Ok(v) if v == "nftables" => "nftables",
+        Ok(v) => panic!("{TEST_BACKEND_ENV}={v:?}: accepted values are iptables and nftables"),
+        Err(e) => panic!("{TEST_BACKEND_ENV}: {e}; accepted values are iptables and nftables"),
+    }
+}
+
+/// True when this run's daemons use the nftables backend ([`test_backend`]).
+pub fn testing_nftables() -> bool {
+    test_backend() == "nftables"
+}
+
+/// For a test whose body checks something only the iptables backend has:
+/// on the nftables pass prints `skipped on nftables: NAME: REASON` on the
+/// real stderr (shown without `--nocapture`) and returns false (the
+/// iptables pass runs the body), true otherwise.
+///
+/// ```ignore
+/// if !common::privileged() || !common::iptables_only("the shard layout") { return; }
+/// ```
+pub fn iptables_only(reason: &str) -> bool {
+    if testing_nftables() {
+        let test = std::thread::current().name().unwrap_or("?").to_owned();
+        let _ = writeln!(std::io::stderr(), "skipped on nftables: {test}: {reason}");
+        false
+    } else {
+        true
+    }
+}
+
+/// `--backend <test_backend()>` unless `args` already holds a `--backend`
+/// (a test that picks its backend keeps its choice), or no backend was
+/// asked for (then the daemon's own default is what runs, and is tested).
+pub fn backend_args<S: AsRef<OsStr>>(args: &[S]) -> Vec<String> {
+    let chosen = args.iter().any(|a| {
+        let a = a.as_ref().to_string_lossy();
+        a == "--backend" || a.starts_with("--backend=")
+    });
+    if chosen || std::env::var_os(TEST_BACKEND_ENV).is_none() {
+        Vec::new()
+    } else {
+        vec!["--backend".to_owned(), test_backend().to_owned()]
+    }
+}
+
+/// `["--backend", test_backend()]`, for a test that spells a daemon's
+/// command line itself.
+pub fn backend_flag() -> [&'static str; 2] {
+    ["--backend", test_backend()]
+}
+
 /// The command line of a daemon that a test runs to completion itself
 /// rather than through [`Daemon`] (one that must refuse to start), for
 /// [`Netns::exec`]: `lab-ops natmap --socket SOCKET daemon --state STATE
-/// --socket-group root`.
+/// --socket-group root --backend BACKEND` ([`test_backend`]).
 pub fn daemon_argv(socket: &Path, state: &Path) -> Vec<String> {
     let (socket, state) = (socket.display().to_string(), state.display().to_string());
     let argv = [
@@ -39,6 +102,8 @@ pub fn daemon_argv(socket: &Path, state: &Path) -> Vec<String> {
         &state,
         "--socket-group",
         "root",
+        backend_flag()[0],
+        backend_flag()[1],
     ];
     argv.map(str::to_owned).to_vec()
 }
@@ -207,6 +272,7 @@ impl Daemon {
             .arg("--socket-group")
             .arg(self.opts.socket_group.as_deref().unwrap_or("root"))
             .args(&self.extra_args)
+            .args(backend_args(&self.extra_args))
             .env("NO_COLOR", "1")
             .env("RUST_BACKTRACE", "1")
             .envs(self.opts.env.iter().map(|(k, v)| (k, v)));

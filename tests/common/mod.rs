@@ -40,6 +40,7 @@
 //! | `topology` | the per-test network and its addresses |
 //! | `traffic` | echo servers, probes, the `expect_*` assertions |
 //! | `iptables` | reading iptables, natmap's chains |
+//! | `nft` | reading natmap's nftables tables; what natmap installed on either backend |
 //! | `daemon` | the daemon process: state dir, start, restart, stop |
 //! | `cli` | the natmap CLI against a daemon, [`RuleArgs`] |
 //! | `socket` | the control socket spoken raw |
@@ -66,6 +67,7 @@ mod iptables;
 mod ledger;
 mod load;
 mod netns;
+mod nft;
 mod privileges;
 mod socket;
 mod topology;
@@ -81,6 +83,7 @@ pub use iptables::*;
 pub use ledger::*;
 pub use load::*;
 pub use netns::*;
+pub use nft::*;
 pub use privileges::*;
 pub use socket::*;
 pub use topology::*;

@@ -53,7 +53,9 @@ pub const HOST_IF: &str = "eth0";
 /// * Router: `net.ipv4.ip_forward=1`, `net.ipv6.conf.all.forwarding=1`,
 ///   filter `FORWARD` policy `DROP` in iptables and ip6tables (like a Docker
 ///   host): nothing is forwarded until a rule (natmap's, or the test's)
-///   accepts it.
+///   accepts it. On the nftables pass (`NATMAP_TEST_BACKEND=nftables`) the
+///   router also has Docker's `DOCKER-USER` chain (`-j RETURN`, jumped
+///   first from `FORWARD`), where that backend puts its one accept.
 /// * The internal side is a bridge (`br0`) holding the router's internal
 ///   addresses, so server2 can reach the router's *external* address
 ///   (hairpin) while server and server2 talk to each other directly at L2.
@@ -139,6 +141,19 @@ impl Topology {
         topo.set_bridge_netfilter(false);
         for v6 in [false, true] {
             iptables(r, v6, &["-P", "FORWARD", "DROP"]);
+            if testing_nftables() {
+                // The nftables backend never creates DOCKER-USER (its one
+                // iptables rule goes into Docker's chain where it exists;
+                // operator guide, "Beside Docker 20–28"): the router is a
+                // Docker host then, with the chain Docker makes.
+                for args in [
+                    &["-N", "DOCKER-USER"][..],
+                    &["-A", "DOCKER-USER", "-j", "RETURN"],
+                    &["-A", "FORWARD", "-j", "DOCKER-USER"],
+                ] {
+                    iptables(r, v6, args);
+                }
+            }
         }
 
         for (host, v4, v6, gw4, gw6) in [

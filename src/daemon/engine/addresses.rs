@@ -7,23 +7,21 @@
 //! (at boot before the network is up, or later) is withdrawn and shown
 //! `waiting for address`, and comes back when the address does.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
-use crate::model::{PortClaim, Proto, Rule, RuleId, RuleSpec};
+use crate::model::{Rule, RuleId, RuleSpec};
 use crate::proto::{ErrorCode, RuleStatus};
 
 use super::super::reserve;
 use super::{Engine, Failure, Inactive, Outcome};
 
-/// Reserved ports by protocol and port ([`Engine::held_by_port`]).
-pub(super) type HeldByPort = HashMap<(Proto, u16), Vec<(RuleId, PortClaim)>>;
+use super::held::HeldByPort;
 
 impl Engine {
     /// Reads the host's addresses again (every request and tick).
     pub(super) fn refresh_addresses(&mut self) {
-        if let Some(now) = self.addresses.snapshot() {
-            self.local = now;
+        if let Some(now) = self.host.addresses.snapshot() {
+            self.host.local = now;
         }
     }
 
@@ -31,27 +29,13 @@ impl Engine {
     /// `--allow-nonlocal`), or whose target is one of natmap's own reserved
     /// ports (the relay would forward to itself).
     pub(super) fn check_addresses(&self, spec: &RuleSpec) -> Outcome<()> {
-        self.check_addresses_in(spec, &self.held_by_port())
-    }
-
-    /// natmap's reserved ports by protocol and port, in rule order, so
-    /// checking many rules (an `apply` document) looks up each target's
-    /// port instead of scanning every reservation per rule.
-    pub(super) fn held_by_port(&self) -> HeldByPort {
-        let mut index = HeldByPort::new();
-        for (id, held) in &self.held {
-            for r in held {
-                let key = (r.claim.proto, r.claim.bind.port());
-                index.entry(key).or_default().push((*id, r.claim));
-            }
-        }
-        index
+        self.check_addresses_in(spec, self.ports.held.by_port())
     }
 
     /// [`Engine::check_addresses`] against a prepared [`Engine::held_by_port`].
     pub(super) fn check_addresses_in(&self, spec: &RuleSpec, held: &HeldByPort) -> Outcome<()> {
         if let Some((ip, false)) = spec.ingress_address() {
-            if !self.local.contains(ip) {
+            if !self.host.local.contains(ip) {
                 return Err(Failure::new(
                     ErrorCode::AddressNotLocal,
                     not_local_message(spec, ip),
@@ -99,7 +83,7 @@ impl Engine {
             && target.is_ipv4() == bind.is_ipv4()
             && (target.ip() == bind.ip()
                 || (bind.ip().is_unspecified()
-                    && (target.ip().is_loopback() || self.local.contains(target.ip()))))
+                    && (target.ip().is_loopback() || self.host.local.contains(target.ip()))))
     }
 
     /// The status of a rule whose address may be missing: `None` when its
@@ -108,7 +92,7 @@ impl Engine {
         let (ip, true) = rule.spec.ingress_address()? else {
             return None;
         };
-        (!self.local.contains(ip)).then(|| {
+        (!self.host.local.contains(ip)).then(|| {
             (
                 RuleStatus::WaitingForAddress,
                 format!("{ip} is not on this host now; the rule matches once it is"),
@@ -119,7 +103,7 @@ impl Engine {
     /// At start: whether the rule must wait for its address.
     pub(super) fn missing_address(&self, rule: &Rule) -> Option<Inactive> {
         match rule.spec.ingress_address() {
-            Some((ip, false)) if !self.local.contains(ip) => Some(waiting(ip)),
+            Some((ip, false)) if !self.host.local.contains(ip) => Some(waiting(ip)),
             _ => None,
         }
     }
@@ -172,8 +156,8 @@ impl Engine {
                 .inactive
                 .get(&rule.id)
                 .is_some_and(|i| i.status == RuleStatus::WaitingForAddress);
-            match (self.local.contains(ip), waiting) {
-                (false, false) if self.held.contains_key(&rule.id) => lost.push((rule.id, ip)),
+            match (self.host.local.contains(ip), waiting) {
+                (false, false) if self.ports.held.contains(rule.id) => lost.push((rule.id, ip)),
                 (true, true) => back.push(rule.id),
                 _ => {}
             }

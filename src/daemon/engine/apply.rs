@@ -84,7 +84,7 @@ impl Engine {
                 let response = respond(outcome.map(|()| engine.document_applied(applied)));
                 if response.ok {
                     // The operator acted on the state: the corrupt-file warning was seen.
-                    engine.state_warning = None;
+                    engine.persist.warning = None;
                 }
                 let _ = reply.send(response);
             }),
@@ -117,7 +117,7 @@ impl Engine {
                     "rules[{i}]: auto-discovered mappings come from container labels, not documents"
                 )));
             }
-            if spec.needs_v6_nat() && !self.v6_nat {
+            if spec.needs_v6_nat() && !self.host.v6_nat {
                 return Err(Failure::new(
                     ErrorCode::Ipv6Unavailable,
                     format!("rules[{i}]: IPv6 NAT is not available in this kernel"),
@@ -182,9 +182,9 @@ impl Engine {
             .into_iter()
             .filter(|w| !kept_keys.contains(&w.identity_key()))
             .collect();
-        let held = self.held_by_port();
+        let held = self.ports.held.by_port();
         for spec in &added {
-            self.check_addresses_in(spec, &held)?;
+            self.check_addresses_in(spec, held)?;
         }
         // Policy routes sharing a table must agree on the gateway, and
         // tables the operator uses are refused.
@@ -217,7 +217,12 @@ impl Engine {
             }
         }
         let removed_ids: HashSet<RuleId> = removed.iter().map(|r| r.id).collect();
-        for (id, held) in self.held.iter().filter(|(id, _)| !removed_ids.contains(id)) {
+        for (id, held) in self
+            .ports
+            .held
+            .iter()
+            .filter(|(id, _)| !removed_ids.contains(id))
+        {
             for r in held {
                 let same = by_port.get(&(r.claim.proto, r.claim.bind.port()));
                 if let Some(c) =
@@ -266,8 +271,8 @@ impl Engine {
         // Reserve every new port first (all or nothing); ports of removed
         // rules are still held, so a document may not move a port from one
         // rule to another in one step (remove, then add).
-        let new_ports = added.iter().map(|s| s.port_claims().len()).sum();
-        super::super::fds::check(new_ports).map_err(|m| Failure::new(ErrorCode::FdLimit, m))?;
+        let claims: Vec<_> = added.iter().flat_map(|s| s.port_claims()).collect();
+        super::super::fds::check(&claims).map_err(|m| Failure::new(ErrorCode::FdLimit, m))?;
         let mut held_new: Vec<(usize, Vec<Reservation>)> = Vec::new();
         for (i, spec) in added.iter().enumerate() {
             let held = reserve::bind_all(&spec.port_claims())
@@ -309,7 +314,7 @@ impl Engine {
         let started = std::time::Instant::now();
         for (i, held) in held_new {
             let id = new_rules[i].id;
-            self.held.insert(id, held);
+            self.ports.held.insert(id, held);
             if let Err(f) = self.start_listening(id) {
                 tracing::error!(rule = id, "applied, but {}", f.message);
             }

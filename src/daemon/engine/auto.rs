@@ -409,7 +409,7 @@ impl Engine {
         }
         for (rule, held) in added {
             if !held.is_empty() {
-                self.held.insert(rule.id, held);
+                self.ports.held.insert(rule.id, held);
             }
             if let Err(f) = self.start_listening(rule.id) {
                 tracing::error!(rule = rule.id, "{}", f.message);

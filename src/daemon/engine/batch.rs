@@ -5,11 +5,13 @@
 //! not per request (kube-proxy's min-sync-period idea, without the delay:
 //! a batch is whatever queued while the previous one was being applied).
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use tokio::sync::oneshot;
 
 use crate::model::{DnatRule, HairpinRule, PortClaim, Rule, RuleId, RuleSpec, SnatRule};
 use crate::proto::{ChangeKind, ChangeResult, ErrorCode, Request, Response};
-use crate::state::State;
+use crate::state::{Delta, State};
 
 use super::super::reserve::{self, Reservation};
 use super::{forget_flows, Engine, Failure, Outcome, Peer};
@@ -99,7 +101,7 @@ impl Engine {
             then(engine, outcomes);
         };
         match next {
-            Some(next) => self.commit_off_thread(next, Box::new(finish)),
+            Some(delta) => self.commit_delta_off_thread(delta, Box::new(finish)),
             None => finish(self, Ok(())),
         }
     }
@@ -143,7 +145,7 @@ impl Engine {
             .collect();
         if responses.iter().any(|r| r.ok) {
             // The operator acted on the state: the corrupt-file warning was seen.
-            self.state_warning = None;
+            self.persist.warning = None;
         }
         responses
     }
@@ -155,16 +157,17 @@ impl Engine {
         let (next, plans) = self.plan_changes(changes);
         let planned = started.elapsed();
         let committed = match next {
-            Some(next) => self.commit(next),
+            Some(delta) => self.commit_delta(delta),
             None => Ok(()),
         };
         self.finish_changes(plans, committed, planned)
     }
 
-    /// Plans every change on one copy of the state: the next state (`None`
-    /// when nothing changes) and each change's plan.
-    fn plan_changes(&self, changes: Vec<Change>) -> (Option<State>, Vec<Planned>) {
-        let mut next = self.state.clone();
+    /// Plans every change over the state without copying it ([`Working`]):
+    /// the batch's [`Delta`] (`None` when nothing changes) and each change's
+    /// plan.
+    fn plan_changes(&self, changes: Vec<Change>) -> (Option<Delta>, Vec<Planned>) {
+        let mut next = Working::new(&self.state);
         let mut plans: Vec<Planned> = Vec::with_capacity(changes.len());
         for change in changes {
             let planned = match change {
@@ -172,7 +175,7 @@ impl Engine {
                     .plan_add(&mut next, &plans, spec)
                     .unwrap_or_else(|f| Planned::Done(Err(f))),
                 Change::Delete(spec) => plan_delete(&mut next, &spec),
-                Change::DeleteId(id) => take_rule(&mut next, |r| r.id == id).map_or_else(
+                Change::DeleteId(id) => next.take(|r| r.id == id).map_or_else(
                     || {
                         Planned::Done(Err(Failure::new(
                             ErrorCode::NotFound,
@@ -185,7 +188,7 @@ impl Engine {
             plans.push(planned);
         }
         let changed = plans.iter().any(|p| !matches!(p, Planned::Done(_)));
-        (changed.then_some(next), plans)
+        (changed.then(|| next.into_delta()), plans)
     }
 
     /// Each change's answer once the batch's commit has its outcome: a
@@ -231,7 +234,7 @@ impl Engine {
         match planned {
             Planned::Done(r) => r,
             Planned::Added { rule, held } => {
-                self.held.insert(rule.id, held);
+                self.ports.held.insert(rule.id, held);
                 if let Err(f) = self.start_listening(rule.id) {
                     self.remove_rule_after_failure(rule.id);
                     return Err(f);
@@ -259,21 +262,26 @@ impl Engine {
         }
     }
 
-    fn plan_add(&self, next: &mut State, pending: &[Planned], spec: RuleSpec) -> Outcome<Planned> {
+    fn plan_add(
+        &self,
+        next: &mut Working,
+        pending: &[Planned],
+        spec: RuleSpec,
+    ) -> Outcome<Planned> {
         spec.check_consistent()
             .map_err(|m| Failure::new(ErrorCode::InvalidArgument, m))?;
-        if spec.needs_v6_nat() && !self.v6_nat {
+        if spec.needs_v6_nat() && !self.host.v6_nat {
             return Err(Failure::new(
                 ErrorCode::Ipv6Unavailable,
                 "IPv6 NAT is not available in this kernel (load ip6table_nat); IPv4 rules keep working",
             ));
         }
-        if let Some(existing) = next.rules.iter().find(|r| r.spec.same_rule(&spec)) {
+        if let Some(existing) = next.rules().find(|r| r.spec.same_rule(&spec)) {
             return Ok(self.already_present(existing, self.change_notes(&spec)));
         }
         self.check_addresses(&spec)?;
         if let RuleSpec::PolicyRoute(route) = &spec {
-            self.check_policy_route(&super::routes::named_routes(&next.rules), route)?;
+            self.check_policy_route(&super::routes::named_routes(next.rules()), route)?;
         }
         if let Some(planned) = self.plan_overlap(next, &spec)? {
             return Ok(planned);
@@ -290,7 +298,7 @@ impl Engine {
                 }
             }
         }
-        super::super::fds::check(claims.len()).map_err(|m| Failure::new(ErrorCode::FdLimit, m))?;
+        super::super::fds::check(&claims).map_err(|m| Failure::new(ErrorCode::FdLimit, m))?;
         let held = reserve::bind_all(&claims)
             .map_err(|busy| Failure::new(ErrorCode::PortInUse, busy.message))?;
         let rule = Rule {
@@ -298,7 +306,7 @@ impl Engine {
             spec,
         };
         next.next_id += 1;
-        next.rules.push(rule.clone());
+        next.put(rule.clone());
         Ok(Planned::Added { rule, held })
     }
 }
@@ -317,12 +325,11 @@ impl Engine {
     /// the `dnat` of exactly its ports and target; a `dnat` that a `hairpin`
     /// already includes is present; a second `snat` of the same traffic is
     /// a conflict. `None`: no such overlap, plan the add as usual.
-    fn plan_overlap(&self, next: &mut State, spec: &RuleSpec) -> Outcome<Option<Planned>> {
+    fn plan_overlap(&self, next: &mut Working, spec: &RuleSpec) -> Outcome<Option<Planned>> {
         match spec {
             RuleSpec::Hairpin(h) => upgrade_dnat(next, h),
             RuleSpec::Dnat(d) => Ok(next
-                .rules
-                .iter()
+                .rules()
                 .find(|r| matches!(&r.spec, RuleSpec::Hairpin(h) if h.includes(d)))
                 .map(|r| {
                     let note = format!(
@@ -389,17 +396,17 @@ pub(super) fn snat_dropped_note(s: &SnatRule) -> String {
 /// ports that would upgrade it, because turning the whole rule into a
 /// hairpin would masquerade ports the operator did not name, and splitting
 /// it would change ids. Another target: left to the port check (a conflict).
-fn upgrade_dnat(next: &mut State, h: &HairpinRule) -> Outcome<Option<Planned>> {
+fn upgrade_dnat(next: &mut Working, h: &HairpinRule) -> Outcome<Option<Planned>> {
     let same_host = |d: &DnatRule| {
         d.ext_ip == h.ext_ip
             && d.int_ip == h.int_ip
             && d.proto == h.proto
             && d.ports.overlaps(&h.ports)
     };
-    let Some(rule) = next
-        .rules
-        .iter_mut()
+    let Some(mut rule) = next
+        .rules()
         .find(|r| matches!(&r.spec, RuleSpec::Dnat(d) if same_host(d)))
+        .cloned()
     else {
         return Ok(None);
     };
@@ -433,14 +440,15 @@ fn upgrade_dnat(next: &mut State, h: &HairpinRule) -> Outcome<Option<Planned>> {
         allow_nonlocal,
         ..h.clone()
     });
-    Ok(Some(Planned::Upgraded(rule.clone())))
+    next.put(rule.clone());
+    Ok(Some(Planned::Upgraded(rule)))
 }
 
 /// Of two `snat` rules for the same source out of the same interface only
 /// the first ever matches: a second one (another address, or the same one
 /// with `--forward` changed) is refused, naming the first.
-fn snat_conflict(next: &State, s: &SnatRule) -> Outcome<()> {
-    let Some((id, first)) = next.rules.iter().find_map(|r| match &r.spec {
+fn snat_conflict(next: &Working, s: &SnatRule) -> Outcome<()> {
+    let Some((id, first)) = next.rules().find_map(|r| match &r.spec {
         RuleSpec::Snat(o) if o.same_traffic(s) => Some((r.id, o)),
         _ => None,
     }) else {
@@ -468,15 +476,15 @@ fn snat_conflict(next: &State, s: &SnatRule) -> Outcome<()> {
 /// Takes out the rule a `--delete` names. A `snat` is named by its source,
 /// interface and address (`--forward` is one of its settings, not part of
 /// its name). A `dnat --delete` of a dnat that became a hairpin says so.
-fn plan_delete(next: &mut State, spec: &RuleSpec) -> Planned {
+fn plan_delete(next: &mut Working, spec: &RuleSpec) -> Planned {
     let names = |r: &Rule| match (&r.spec, spec) {
         (RuleSpec::Snat(a), RuleSpec::Snat(b)) => a.same_traffic(b) && a.ext_ip == b.ext_ip,
         (other, _) => other.same_rule(spec),
     };
-    if let Some(rule) = take_rule(next, names) {
+    if let Some(rule) = next.take(names) {
         return Planned::Deleted(rule);
     }
-    let hairpin = next.rules.iter().find_map(|r| match (&r.spec, spec) {
+    let hairpin = next.rules().find_map(|r| match (&r.spec, spec) {
         (RuleSpec::Hairpin(h), RuleSpec::Dnat(d)) if h.includes(d) => Some(r.id),
         _ => None,
     });
@@ -511,7 +519,59 @@ pub(super) fn port_taken(claim: &PortClaim, id: RuleId, owner: Option<&RuleSpec>
     )
 }
 
-fn take_rule(state: &mut State, pick: impl Fn(&Rule) -> bool) -> Option<Rule> {
-    let i = state.rules.iter().position(pick)?;
-    Some(state.rules.remove(i))
+/// The state as a batch's changes planned so far leave it, without a copy
+/// of it: the engine's state, the rules the batch put and the ids it took
+/// out. What a batch costs thus follows the batch, not the state (the
+/// lookups still read every rule, without copying one).
+struct Working<'a> {
+    base: &'a State,
+    put: BTreeMap<RuleId, Rule>,
+    del: BTreeSet<RuleId>,
+    next_id: RuleId,
+}
+
+impl<'a> Working<'a> {
+    fn new(base: &'a State) -> Working<'a> {
+        Working {
+            base,
+            put: BTreeMap::new(),
+            del: BTreeSet::new(),
+            next_id: base.next_id,
+        }
+    }
+
+    /// The rules as the batch leaves them: the state's, except those
+    /// replaced or taken out, then those put.
+    fn rules(&self) -> impl Iterator<Item = &Rule> {
+        self.base
+            .rules
+            .iter()
+            .filter(|r| !self.del.contains(&r.id) && !self.put.contains_key(&r.id))
+            .chain(self.put.values())
+    }
+
+    /// Adds `rule`, or replaces the rule of its id.
+    fn put(&mut self, rule: Rule) {
+        self.del.remove(&rule.id);
+        self.put.insert(rule.id, rule);
+    }
+
+    /// Takes out the first rule `pick` picks.
+    fn take(&mut self, pick: impl Fn(&Rule) -> bool) -> Option<Rule> {
+        let rule = self.rules().find(|r| pick(r))?.clone();
+        self.put.remove(&rule.id);
+        if self.base.rule(rule.id).is_some() {
+            self.del.insert(rule.id);
+        }
+        Some(rule)
+    }
+
+    /// What the batch changes.
+    fn into_delta(self) -> Delta {
+        Delta {
+            put: self.put.into_values().collect(),
+            del: self.del.into_iter().collect(),
+            next_id: self.next_id,
+        }
+    }
 }

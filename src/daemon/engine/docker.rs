@@ -52,43 +52,43 @@ impl Engine {
     /// Docker answers (again): remember the client and re-check every mapping.
     pub fn docker_connected(&mut self, client: DockerClient) {
         tracing::info!(endpoint = %client.endpoint, "connected to Docker");
-        self.docker = Some(client);
+        self.docker.client = Some(client);
         self.refresh_docker(|_| true);
     }
 
     /// Docker went away: nothing confirms any container now, so every
     /// container mapping is withdrawn until Docker answers again.
     pub fn docker_lost(&mut self, reason: String) {
-        if self.docker.is_some() {
+        if self.docker.client.is_some() {
             tracing::warn!(
                 "lost Docker: {reason}; container mappings are withdrawn until Docker confirms them again"
             );
-        } else if self.docker_error == NOT_CONNECTED_YET {
+        } else if self.docker.error == NOT_CONNECTED_YET {
             tracing::info!(
                 "Docker is not reachable ({reason}); static rules work, and Docker commands answer \
                  docker_unavailable until it is back (natmap keeps trying)"
             );
         }
-        self.docker = None;
-        self.docker_error = reason;
+        self.docker.client = None;
+        self.docker.error = reason;
         self.withdraw(follows_container, "Docker is unreachable");
     }
 
     /// Why a container mapping is not confirmed (for `ls`).
     pub(super) fn unconfirmed_reason(&self) -> String {
-        if self.docker_error == NOT_CONNECTED_YET {
+        if self.docker.error == NOT_CONNECTED_YET {
             "waiting for Docker to confirm the container; no rules until it does".to_owned()
         } else {
             format!(
                 "Docker unreachable ({}); no rules until Docker confirms the container",
-                self.docker_error
+                self.docker.error
             )
         }
     }
 
     /// Whether the mapping is down because Docker cannot confirm it.
     pub(super) fn unconfirmed(&self, rule: &DockerRule) -> bool {
-        follows_container(rule) && self.docker.is_none()
+        follows_container(rule) && self.docker.client.is_none()
     }
 
     /// At start: container mappings are not rendered before Docker confirms
@@ -132,7 +132,7 @@ impl Engine {
             return;
         }
         for (id, old) in withdrawn {
-            self.down_reason.insert(
+            self.docker.down_reason.insert(
                 id,
                 format!("{why}; waiting for Docker to confirm the container"),
             );
@@ -160,7 +160,7 @@ impl Engine {
             .filter(|r| matches!(&r.spec, RuleSpec::Docker(d) if concerns(d)))
             .map(|r| r.id)
             .collect();
-        self.event_order.event_about(&concerned);
+        self.docker.event_order.event_about(&concerned);
         if ends_confirmation(&event.action) {
             let why = format!("container {}", event.action);
             self.withdraw(concerns, &why);
@@ -169,13 +169,13 @@ impl Engine {
     }
 
     fn docker_client(&self) -> Outcome<DockerClient> {
-        self.docker.clone().ok_or_else(|| {
+        self.docker.client.clone().ok_or_else(|| {
             Failure::new(
                 ErrorCode::DockerUnavailable,
                 format!(
                     "Docker is not reachable ({}); static rules keep working. Start Docker \
                      (systemctl start docker) and retry; natmap reconnects by itself",
-                    self.docker_error
+                    self.docker.error
                 ),
             )
         })
@@ -187,7 +187,7 @@ impl Engine {
     /// most `INSPECTS_AT_ONCE` inspects run at a time, and a slow Docker
     /// never holds the engine: other clients are served meanwhile.
     pub fn refresh_docker(&mut self, select: impl Fn(&DockerRule) -> bool) {
-        let Some(client) = self.docker.clone() else {
+        let Some(client) = self.docker.client.clone() else {
             return;
         };
         let Some(tx) = self.messages() else {
@@ -206,7 +206,7 @@ impl Engine {
         if asked.is_empty() {
             return;
         }
-        let asked_after = self.event_order.now();
+        let asked_after = self.docker.event_order.now();
         let runtime = client.runtime().clone();
         runtime.spawn(async move {
             let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(INSPECTS_AT_ONCE));
@@ -244,7 +244,11 @@ impl Engine {
             // An event about this mapping came after the question: the
             // answer may predate it (a container that has since stopped
             // was still running); the event asked again.
-            if self.event_order.event_since(answer.id, answer.asked_after) {
+            if self
+                .docker
+                .event_order
+                .event_since(answer.id, answer.asked_after)
+            {
                 continue;
             }
             let Some(rule) = next.rules.iter_mut().find(|r| r.id == answer.id) else {
@@ -266,8 +270,8 @@ impl Engine {
                 }
             };
             match &seen.reason {
-                Some(reason) => self.down_reason.insert(rule.id, reason.clone()),
-                None => self.down_reason.remove(&rule.id),
+                Some(reason) => self.docker.down_reason.insert(rule.id, reason.clone()),
+                None => self.docker.down_reason.remove(&rule.id),
             };
             let renamed = seen.name.as_ref().is_some_and(|n| *n != d.name);
             let target = (seen.v4, seen.v6, &seen.id);
@@ -294,7 +298,7 @@ impl Engine {
                 None => tracing::info!(
                     rule = id,
                     "mapping down: {}",
-                    self.down_reason.get(&id).map_or("", |s| s)
+                    self.docker.down_reason.get(&id).map_or("", |s| s)
                 ),
             }
         }
@@ -383,7 +387,7 @@ impl Engine {
                     let outcome = outcomes.pop().expect("one change, one outcome");
                     if outcome.is_ok() {
                         engine.note_stopped_container(&name);
-                        engine.state_warning = None;
+                        engine.persist.warning = None;
                     }
                     let _ = reply.send(respond(outcome));
                 },
@@ -396,7 +400,7 @@ impl Engine {
     /// fetched off this thread, or now when there are none (dry runs
     /// nested in tests, a daemon without a message channel).
     pub(super) fn resolve_container(&self, rule: DockerRule) -> Outcome<DockerRule> {
-        let lookup = match self.prefetched.get(&rule.name) {
+        let lookup = match self.docker.prefetched.get(&rule.name) {
             Some(answer) => answer.clone(),
             None => self.docker_client()?.inspect_blocking(&rule.name),
         };
@@ -416,7 +420,7 @@ impl Engine {
         reply: oneshot::Sender<Response>,
     ) {
         let refs = containers_named(&request);
-        let (Some(client), Some(tx)) = (self.docker.clone(), self.messages()) else {
+        let (Some(client), Some(tx)) = (self.docker.client.clone(), self.messages()) else {
             self.handle_later(request, peer, reply);
             return;
         };
@@ -460,9 +464,9 @@ impl Engine {
             lookups,
             reply,
         } = pending;
-        self.prefetched = lookups;
+        self.docker.prefetched = lookups;
         self.handle_later(request, peer, reply);
-        self.prefetched.clear();
+        self.docker.prefetched.clear();
     }
 
     /// Adds a resolved Docker mapping (the same path as every rule change).
@@ -485,7 +489,8 @@ impl Engine {
         {
             if let RuleSpec::Docker(d) = &rule.spec {
                 if !d.is_up() && !d.external {
-                    self.down_reason
+                    self.docker
+                        .down_reason
                         .insert(rule.id, format!("container {name} is not running"));
                 }
             }
@@ -517,11 +522,11 @@ impl Engine {
     fn hold_while_up(&mut self, rule: &Rule) {
         let up = matches!(&rule.spec, RuleSpec::Docker(d) if d.is_up());
         if !up {
-            self.relays.stop(rule.id);
-            self.held.remove(&rule.id);
+            self.ports.relays.stop(rule.id);
+            self.ports.held.remove(rule.id);
             return;
         }
-        if self.held.contains_key(&rule.id) {
+        if self.ports.held.contains(rule.id) {
             return;
         }
         if !self.reserve_or_wait(rule) {
@@ -612,7 +617,7 @@ impl Engine {
                 move |engine: &mut Engine, mut outcomes: Vec<Outcome<Response>>| {
                     let response = respond(outcomes.pop().expect("one change, one outcome"));
                     if response.ok {
-                        engine.state_warning = None;
+                        engine.persist.warning = None;
                     }
                     let _ = reply.send(response);
                 },
@@ -712,7 +717,7 @@ impl Engine {
         // Reserve the new port first; on any failure the old mapping stays as it was.
         let claims = new_spec.port_claims();
         self.check_own_claims_except(&claims, rule.id)?;
-        super::super::fds::check(claims.len()).map_err(|m| Failure::new(ErrorCode::FdLimit, m))?;
+        super::super::fds::check(&claims).map_err(|m| Failure::new(ErrorCode::FdLimit, m))?;
         let held = reserve::bind_all(&claims)
             .map_err(|busy| Failure::new(ErrorCode::PortInUse, busy.message))?;
         let mut next = self.state.clone();
@@ -720,8 +725,8 @@ impl Engine {
             r.spec = new_spec;
         }
         self.commit(next)?;
-        self.relays.stop(rule.id);
-        self.held.insert(rule.id, held);
+        self.ports.relays.stop(rule.id);
+        self.ports.held.insert(rule.id, held);
         if let Err(f) = self.start_listening(rule.id) {
             tracing::error!(rule = rule.id, "remapped, but {}", f.message);
         }

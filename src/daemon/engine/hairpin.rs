@@ -62,13 +62,13 @@ pub(super) struct Hairpin {
 
 impl Engine {
     fn asks_kernel(&self) -> bool {
-        matches!(self.addresses, AddressSource::Kernel)
+        matches!(self.host.addresses, AddressSource::Kernel)
     }
 
     /// Reads br_netfilter's switches (at start, before the first rendering).
     pub(super) fn read_bridge_netfilter(&mut self) {
         if self.asks_kernel() {
-            self.hairpin.netfilter = bridge::netfilter();
+            self.host.hairpin.netfilter = bridge::netfilter();
         }
     }
 
@@ -79,14 +79,14 @@ impl Engine {
             return;
         }
         let now = bridge::netfilter();
-        if now != self.hairpin.netfilter {
+        if now != self.host.hairpin.netfilter {
             tracing::info!(
                 iptables = now.iptables,
                 ip6tables = now.ip6tables,
                 "bridge netfilter changed (net.bridge.bridge-nf-call-ip*tables); \
                  container mappings follow"
             );
-            self.hairpin.netfilter = now;
+            self.host.hairpin.netfilter = now;
             let desired = self.desired(&self.state);
             if let Err(e) = self.apply(&desired) {
                 tracing::error!("cannot follow the bridge netfilter change: {e}");
@@ -138,8 +138,8 @@ impl Engine {
             return;
         }
         let targets = self.container_targets();
-        let global = self.hairpin.netfilter;
-        let h = &mut self.hairpin;
+        let global = self.host.hairpin.netfilter;
+        let h = &mut self.host.hairpin;
         h.ports.retain(|ip, port| {
             targets.iter().any(|(t, _, _)| t == ip) && (!verify || port.still_there())
         });
@@ -198,12 +198,15 @@ impl Engine {
                 Ok(true) => {}
                 Ok(false) => match port.set_hairpin(true) {
                     Ok(()) if h.owned.insert(*index, port.clone()).is_some() => {
-                        self.repairs += 1;
+                        self.upkeep.repairs += 1;
                         let reason = format!(
                             "hairpin mode of bridge port {port} was switched off by something else"
                         );
-                        tracing::warn!(repairs = self.repairs, "{reason}; switched on again");
-                        self.last_repair = Some((std::time::Instant::now(), vec![reason]));
+                        tracing::warn!(
+                            repairs = self.upkeep.repairs,
+                            "{reason}; switched on again"
+                        );
+                        self.upkeep.last_repair = Some((std::time::Instant::now(), vec![reason]));
                     }
                     Ok(()) => tracing::info!(
                         "hairpin mode on for bridge port {port}: its container reaches its own \
@@ -237,8 +240,8 @@ impl Engine {
     /// At teardown (`clear`, shutdown): every port natmap switched on is
     /// switched off again.
     pub(super) fn release_hairpin(&mut self) {
-        self.hairpin.on.clear();
-        for (_, port) in std::mem::take(&mut self.hairpin.owned) {
+        self.host.hairpin.on.clear();
+        for (_, port) in std::mem::take(&mut self.host.hairpin.owned) {
             switch_off(&port);
         }
     }

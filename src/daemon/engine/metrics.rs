@@ -60,11 +60,12 @@ impl Engine {
         let snapshot = MetricsSnapshot {
             rules: list.rules,
             unreadable: list.unreadable.len(),
-            docker_reachable: self.docker.is_some(),
-            repairs: self.repairs,
+            docker_reachable: self.docker.client.is_some(),
+            repairs: self.upkeep.repairs,
             // The engine keeps a monotonic instant; a wall-clock time is
             // what a dashboard can show.
             last_repair: self
+                .upkeep
                 .last_repair
                 .as_ref()
                 .and_then(|(at, _)| now.checked_sub(at.elapsed())),

@@ -35,6 +35,7 @@ mod auto;
 mod batch;
 mod docker;
 mod hairpin;
+mod held;
 mod metrics;
 mod offload;
 mod repair;
@@ -42,7 +43,7 @@ mod routes;
 mod status;
 
 use crate::docker::DockerClient;
-use crate::firewall::{Desired, FirewallDriver, FirewallError, Mode};
+use crate::firewall::{Desired, FirewallDriver, FirewallError, Mode, RuleChange};
 use crate::model::{
     DnatRule, Family, HairpinRule, PolicyRouteRule, PortClaim, Rule, RuleId, RuleSpec, SnatRule,
 };
@@ -50,12 +51,12 @@ use crate::proto::{
     ClearReport, DryRunReport, ErrorCode, ForwardingReport, LsRequest, Pong, Request, Response,
     RuleList, RuleStatus, RuleView, SaveReport, Transaction, UnreadableEntry,
 };
-use crate::state::{self, Loaded, State};
+use crate::state::{self, Delta, Loaded, State};
 
 use super::host;
 use super::local::{AddressSource, LocalAddresses};
 use super::relay::Relays;
-use super::reserve::{self, Reservation};
+use super::reserve;
 use batch::Change;
 pub use batch::MAX_BATCH;
 pub use docker::{Observation, PendingAdd, PendingApply};
@@ -98,28 +99,67 @@ struct Inactive {
     reason: String,
 }
 
-/// The state owner. Not `Sync`: one thread drives it.
+/// The state owner. Not `Sync`: one thread drives it. Its parts each own
+/// one job; a change goes through one door ([`Engine::commit_next`]) that
+/// composes them.
 pub struct Engine {
+    /// The rules and settings natmap keeps (what `state.json` holds).
     state: State,
-    state_path: PathBuf,
-    /// natmap's packet filter; it keeps its own mirror of what it applied.
-    /// `None` while a transaction runs off this thread ([`offload`]).
-    fw: Option<Box<dyn FirewallDriver>>,
-    /// The driver's name, for answers given while it is out.
-    firewall_name: &'static str,
-    /// Writes every change to `state.json`'s journal (compacting it now and then).
-    store: state::Store,
-    /// Reserved sockets of active rules.
-    held: BTreeMap<RuleId, Vec<Reservation>>,
+    /// Where and how the state is written.
+    persist: Persist,
+    /// natmap's packet filter, and the thread its transactions run on.
+    firewall: FirewallSide,
+    /// Reserved sockets of active rules, and their loopback relays.
+    ports: Ports,
     /// Rules kept in state but not installed, and why.
     inactive: BTreeMap<RuleId, Inactive>,
-    /// Whether IPv6 NAT works here.
-    v6_nat: bool,
+    /// What natmap knows of Docker.
+    docker: DockerView,
+    /// The host as natmap sees it: addresses, IPv6 NAT, routes, bridges.
+    host: HostView,
+    /// Auto-discovery (config, engine watchers, problems).
+    discovery: auto::Discovery,
+    /// While handling a `--dry-run` request: what the change would have done.
+    simulated: Option<DryRunReport>,
+    /// The periodic tick's record: drift repairs, convergence, uptime.
+    upkeep: Upkeep,
+}
+
+/// Where and how the state is written.
+struct Persist {
+    path: PathBuf,
+    /// Writes every change to `state.json`'s journal (compacting it now and then).
+    store: state::Store,
+    /// Set when the state file was corrupt at start (shown by `status`).
+    warning: Option<String>,
+}
+
+/// natmap's packet filter.
+struct FirewallSide {
+    /// The driver; it keeps its own mirror of what it applied. `None`
+    /// while a transaction runs off this thread ([`offload`]).
+    driver: Option<Box<dyn FirewallDriver>>,
+    /// The driver's name, for answers given while it is out.
+    name: &'static str,
+    /// Runs large transactions off this thread ([`offload`]).
+    thread: offload::FirewallThread,
+    /// The commit whose transaction runs there, if one does.
+    in_flight: Option<offload::InFlight>,
+}
+
+/// Reserved sockets of active rules, and the loopback relays beside them.
+struct Ports {
+    /// Reservations, indexed by port.
+    held: held::Held,
     relays: Relays,
+}
+
+/// What natmap knows of Docker.
+struct DockerView {
     /// Docker, while it answers.
-    docker: Option<DockerClient>,
+    client: Option<DockerClient>,
     /// Why Docker is not connected.
-    docker_error: String,
+    error: String,
     /// Docker's answers for the containers an `apply` document names,
     /// looked up off this thread before the document is applied (see
     /// [`Engine::apply_begin`]); empty otherwise.
@@ -129,26 +169,32 @@ pub struct Engine {
     /// The order of container events against Docker's answers, so an
     /// answer older than an event about its mapping is dropped.
     event_order: docker::EventOrder,
-    /// Drift repairs done since start.
-    repairs: u64,
-    /// While handling a `--dry-run` request: what the change would have done.
-    simulated: Option<DryRunReport>,
-    /// When the daemon started.
-    started: std::time::Instant,
-    /// The last drift repair: when and why.
-    last_repair: Option<(std::time::Instant, Vec<String>)>,
-    /// Policy routes natmap has installed.
-    routes: std::collections::BTreeSet<PolicyRouteRule>,
-    /// Periodic ticks so far.
-    ticks: u64,
-    /// Auto-discovery (config, engine watchers, problems).
-    discovery: auto::Discovery,
-    /// Set when the state file was corrupt at start (shown by `status`).
-    state_warning: Option<String>,
+}
+
+/// The host as natmap sees it.
+struct HostView {
+    /// Whether IPv6 NAT works here.
+    v6_nat: bool,
     /// Where the host's addresses come from.
     addresses: AddressSource,
     /// The host's addresses, as last read (every request and tick).
     local: LocalAddresses,
+    /// Policy routes natmap has installed.
+    routes: std::collections::BTreeSet<PolicyRouteRule>,
+    /// br_netfilter and the bridge ports natmap put in hairpin mode.
+    hairpin: hairpin::Hairpin,
+}
+
+/// The periodic tick's record.
+struct Upkeep {
+    /// When the daemon started.
+    started: std::time::Instant,
+    /// Periodic ticks so far.
+    ticks: u64,
+    /// Drift repairs done since start.
+    repairs: u64,
+    /// The last drift repair: when and why.
+    last_repair: Option<(std::time::Instant, Vec<String>)>,
     /// Per family: whether drift repairs take (see `repair`).
     convergence: [repair::Convergence; 2],
     /// When the last drift check ran and how long it held the engine.
@@ -156,12 +202,45 @@ pub struct Engine {
     /// Set (true) while a watcher reports changes of natmap's rules
     /// (nftables events): the periodic drift check is then a safety net.
     drift_events: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
-    /// br_netfilter and the bridge ports natmap put in hairpin mode.
-    hairpin: hairpin::Hairpin,
-    /// Runs large transactions off this thread ([`offload`]).
-    firewall_thread: offload::FirewallThread,
-    /// The commit whose transaction runs there, if one does.
-    in_flight: Option<offload::InFlight>,
+}
+
+/// What a commit makes the next state.
+pub(super) enum Next {
+    /// A whole state: start, `apply` documents, Docker, auto-discovery,
+    /// repairs; the firewall diffs the whole desired set.
+    Whole(State),
+    /// A change to the state: rule requests, whose cost follows the change.
+    Delta(Delta),
+}
+
+/// What the firewall driver does for a commit.
+pub(super) enum FirewallWork {
+    /// Bring the kernel to the whole desired set.
+    Whole(Desired),
+    /// Make this change to what the driver applied.
+    Change(RuleChange),
+}
+
+impl FirewallWork {
+    /// Does it, for `families`.
+    fn run(&self, fw: &mut dyn FirewallDriver, families: &[Family]) -> Result<(), FirewallError> {
+        match self {
+            FirewallWork::Whole(desired) => fw.apply(desired, families, Mode::Change),
+            FirewallWork::Change(change) => fw.apply_change(change, families),
+        }
+    }
+
+    /// What it would send, without sending it (dry run).
+    fn preview(
+        &self,
+        fw: &dyn FirewallDriver,
+        families: &[Family],
+    ) -> Result<Vec<(Family, String)>, FirewallError> {
+        match self {
+            FirewallWork::Whole(desired) => fw.preview(desired, families, Mode::Change),
+            FirewallWork::Change(change) => fw.preview_change(change, families),
+        }
+    }
 }
 
 /// Where a commit's time went before its state write.
@@ -239,35 +318,47 @@ impl Engine {
         };
         let mut engine = Engine {
             state,
-            state_path,
-            firewall_name: fw.name(),
-            fw: Some(fw),
-            store,
-            held: BTreeMap::new(),
+            persist: Persist {
+                path: state_path,
+                store,
+                warning: corrupt,
+            },
+            firewall: FirewallSide {
+                name: fw.name(),
+                driver: Some(fw),
+                thread: Default::default(),
+                in_flight: None,
+            },
+            ports: Ports {
+                held: Default::default(),
+                relays,
+            },
             inactive: BTreeMap::new(),
-            v6_nat: true,
-            relays,
-            docker: None,
-            docker_error: docker::NOT_CONNECTED_YET.into(),
-            prefetched: HashMap::new(),
-            down_reason: BTreeMap::new(),
-            event_order: Default::default(),
-            repairs: 0,
-            simulated: None,
-            started: std::time::Instant::now(),
-            last_repair: None,
-            routes: Default::default(),
-            ticks: 0,
+            docker: DockerView {
+                client: None,
+                error: docker::NOT_CONNECTED_YET.into(),
+                prefetched: HashMap::new(),
+                down_reason: BTreeMap::new(),
+                event_order: Default::default(),
+            },
+            host: HostView {
+                v6_nat: true,
+                addresses,
+                local: addresses.snapshot().unwrap_or_default(),
+                routes: Default::default(),
+                hairpin: Default::default(),
+            },
             discovery: Default::default(),
-            state_warning: corrupt,
-            addresses,
-            local: addresses.snapshot().unwrap_or_default(),
-            convergence: Default::default(),
-            last_drift_check: None,
-            drift_events: None,
-            hairpin: Default::default(),
-            firewall_thread: Default::default(),
-            in_flight: None,
+            simulated: None,
+            upkeep: Upkeep {
+                started: std::time::Instant::now(),
+                ticks: 0,
+                repairs: 0,
+                last_repair: None,
+                convergence: Default::default(),
+                last_drift_check: None,
+                drift_events: None,
+            },
         };
         engine.read_bridge_netfilter();
         if engine.state.forwarding {
@@ -292,7 +383,7 @@ impl Engine {
             .apply(&Desired::default(), &[Family::V6], Mode::Full)
         {
             tracing::warn!("IPv6 NAT is unavailable, IPv6 rules stay inactive: {e}");
-            self.v6_nat = false;
+            self.host.v6_nat = false;
         }
         self.withhold_unconfirmed_containers();
         let rules = self.state.rules.clone();
@@ -302,7 +393,7 @@ impl Engine {
                 self.inactive.insert(rule.id, waiting);
                 continue;
             }
-            if rule.spec.needs_v6_nat() && !self.v6_nat {
+            if rule.spec.needs_v6_nat() && !self.host.v6_nat {
                 self.inactive.insert(
                     rule.id,
                     Inactive {
@@ -337,7 +428,7 @@ impl Engine {
             tracing::warn!("cannot restore policy routes: {e}");
         }
         tracing::info!(
-            active = self.held.len(),
+            active = self.ports.held.len(),
             inactive = self.inactive.len(),
             "rules restored from state"
         );
@@ -345,7 +436,7 @@ impl Engine {
     }
 
     fn families(&self) -> Vec<Family> {
-        if self.v6_nat {
+        if self.host.v6_nat {
             Family::ALL.to_vec()
         } else {
             vec![Family::V4]
@@ -355,12 +446,12 @@ impl Engine {
     /// The firewall driver. Messages that need it wait while a transaction
     /// runs off this thread (see [`offload`]), so it is always here.
     fn fw(&self) -> &dyn FirewallDriver {
-        self.fw.as_deref().expect(offload::LENT)
+        self.firewall.driver.as_deref().expect(offload::LENT)
     }
 
     /// The firewall driver, to change the kernel (see [`Engine::fw`]).
     fn fw_mut(&mut self) -> &mut dyn FirewallDriver {
-        self.fw.as_deref_mut().expect(offload::LENT)
+        self.firewall.driver.as_deref_mut().expect(offload::LENT)
     }
 
     /// The rules of `state` that are active: what the firewall installs,
@@ -373,7 +464,7 @@ impl Engine {
                 .iter()
                 .filter(|r| !self.inactive.contains_key(&r.id))
                 .cloned(),
-            self.hairpin.netfilter,
+            self.host.hairpin.netfilter,
         )
     }
 
@@ -387,13 +478,27 @@ impl Engine {
     /// Applies `next` and persists it; on a failed write puts the previous
     /// rules back. On success `next` becomes the state.
     fn commit(&mut self, next: State) -> Outcome<()> {
+        self.commit_next(Next::Whole(next))
+    }
+
+    /// Commits `delta`, made to the state: the request path, whose work
+    /// follows the change, not the number of rules.
+    fn commit_delta(&mut self, delta: Delta) -> Outcome<()> {
+        self.commit_next(Next::Delta(delta))
+    }
+
+    /// The one door of every change on this thread: the firewall, then
+    /// routes and the state write ([`Engine::after_firewall`]); a dry run
+    /// stops before the firewall with what it would send.
+    fn commit_next(&mut self, next: Next) -> Outcome<()> {
         let started = std::time::Instant::now();
-        let desired = self.desired(&next);
+        let work = self.firewall_work(&next);
         if self.simulated.is_some() {
-            return self.simulate(&desired, &next);
+            return self.simulate(&work, &next);
         }
         let rendered = std::time::Instant::now();
-        let applied = self.apply(&desired);
+        let families = self.families();
+        let applied = work.run(self.fw_mut(), &families);
         let timing = CommitTiming {
             render: rendered - started,
             firewall: rendered.elapsed(),
@@ -401,12 +506,38 @@ impl Engine {
         self.after_firewall(next, applied, timing)
     }
 
+    /// What the firewall must do for `next`: the whole desired set, or the
+    /// change a delta makes to it.
+    fn firewall_work(&self, next: &Next) -> FirewallWork {
+        match next {
+            Next::Whole(state) => FirewallWork::Whole(self.desired(state)),
+            Next::Delta(delta) => FirewallWork::Change(self.rule_change(delta)),
+        }
+    }
+
+    /// `delta` as a change of the active rules: a rule kept inactive (its
+    /// address is missing, its port busy) is not installed.
+    fn rule_change(&self, delta: &Delta) -> RuleChange {
+        let mut change = RuleChange {
+            remove: delta.del.clone(),
+            ..RuleChange::default()
+        };
+        for rule in &delta.put {
+            if self.inactive.contains_key(&rule.id) {
+                change.remove.push(rule.id);
+            } else {
+                change.put.push(rule.clone());
+            }
+        }
+        change
+    }
+
     /// A dry run ends at the commit: records the transactions and the route
     /// effects, and unwinds like a failure, so reservations taken on the way
     /// are released.
-    fn simulate(&mut self, desired: &Desired, next: &State) -> Outcome<()> {
+    fn simulate(&mut self, work: &FirewallWork, next: &Next) -> Outcome<()> {
         // A change preview reads nothing, so it cannot fail.
-        let plans = self.fw().preview(desired, &Family::ALL, Mode::Change);
+        let plans = work.preview(self.fw(), &Family::ALL);
         let transactions: Vec<Transaction> = plans
             .unwrap_or_default()
             .into_iter()
@@ -416,17 +547,51 @@ impl Engine {
                 restore,
             })
             .collect();
-        let (add, del) = route_changes(&self.routes, next);
+        let mut effects = Vec::new();
+        if let Some(next) = self.next_with_routes(next) {
+            let next = next.as_ref();
+            let (add, del) = route_changes(&self.host.routes, next);
+            for r in &del {
+                let keep = routes::table_still_used(next, r);
+                effects.extend(host::route_plan(r, false, keep));
+            }
+            for r in &add {
+                effects.extend(host::route_plan(r, true, false));
+            }
+        }
         let report = self.simulated.as_mut().expect("a dry run is simulated");
         report.transactions.extend(transactions);
-        for r in &del {
-            let keep = routes::table_still_used(next, r);
-            report.effects.extend(host::route_plan(r, false, keep));
-        }
-        for r in &add {
-            report.effects.extend(host::route_plan(r, true, false));
-        }
+        report.effects.extend(effects);
         Err(Failure::new(ErrorCode::Internal, DRY_RUN_STOP))
+    }
+
+    /// The state `next` makes, when its policy routes may differ from the
+    /// state's (a delta that names no policy route leaves them, and needs
+    /// no copy of the state).
+    fn next_with_routes<'a>(&self, next: &'a Next) -> Option<std::borrow::Cow<'a, State>> {
+        match next {
+            Next::Whole(state) => Some(std::borrow::Cow::Borrowed(state)),
+            Next::Delta(delta)
+                if self.touches(delta, |s| matches!(s, RuleSpec::PolicyRoute(_))) =>
+            {
+                let mut state = self.state.clone();
+                state.apply(delta);
+                Some(std::borrow::Cow::Owned(state))
+            }
+            Next::Delta(_) => None,
+        }
+    }
+
+    /// Whether `delta` puts, replaces or takes out a rule `kind` picks.
+    fn touches(&self, delta: &Delta, kind: impl Fn(&RuleSpec) -> bool) -> bool {
+        delta.put.iter().any(|r| kind(&r.spec))
+            || delta
+                .put
+                .iter()
+                .map(|r| r.id)
+                .chain(delta.del.iter().copied())
+                .filter_map(|id| self.state.rule(id))
+                .any(|r| kind(&r.spec))
     }
 
     /// The rest of a commit once the firewall has (or has not) taken
@@ -434,7 +599,7 @@ impl Engine {
     /// previous rules and routes back.
     fn after_firewall(
         &mut self,
-        next: State,
+        next: Next,
         applied: Result<(), FirewallError>,
         timing: CommitTiming,
     ) -> Outcome<()> {
@@ -445,28 +610,31 @@ impl Engine {
             )
         })?;
         let applied = std::time::Instant::now();
-        let routes_before = self.routes.clone();
-        if let Err(e) = self.sync_routes(&next) {
-            let previous = self.desired(&self.state);
-            let _ = self.apply(&previous);
-            let old = self.state.clone();
-            let _ = self.sync_routes(&old);
+        let undo = match &next {
+            Next::Delta(delta) => Some(self.state.undo_of(delta)),
+            Next::Whole(_) => None,
+        };
+        let bridged = match &next {
+            Next::Delta(delta) => self.touches(delta, |s| matches!(s, RuleSpec::Docker(_))),
+            Next::Whole(_) => true,
+        };
+        let routes_before = self.host.routes.clone();
+        let routed = match self.next_with_routes(&next) {
+            Some(state) => self.sync_routes(&state),
+            None => Ok(()),
+        };
+        if let Err(e) = routed {
+            self.firewall_back(undo.as_ref());
+            self.routes_back();
             return Err(Failure::new(
                 ErrorCode::ApplyFailed,
                 format!("routing refused the change, nothing was changed: {e}"),
             ));
         }
-        if let Err(e) = self.store.commit(&self.state, &next) {
-            let previous = self.desired(&self.state);
-            if let Err(again) = self.apply(&previous) {
-                tracing::error!(
-                    "rolling back rules after a failed state write failed too: {again}"
-                );
-                self.fw_mut().forget();
-            }
-            if self.routes != routes_before {
-                let old = self.state.clone();
-                let _ = self.sync_routes(&old);
+        if let Err(e) = self.persist(next, undo.as_ref()) {
+            self.firewall_back(undo.as_ref());
+            if self.host.routes != routes_before {
+                self.routes_back();
             }
             return Err(Failure::new(
                 ErrorCode::StateWriteFailed,
@@ -480,22 +648,71 @@ impl Engine {
             routes_and_state_ms = applied.elapsed().as_secs_f64() * 1e3,
             "change committed"
         );
-        self.state = next;
-        self.sync_hairpin();
+        if bridged {
+            self.sync_hairpin();
+        }
         Ok(())
+    }
+
+    /// Writes `next` and makes it the state; on a failed write the state
+    /// stays as it was (`undo` takes a delta back out).
+    fn persist(&mut self, next: Next, undo: Option<&Delta>) -> Result<(), state::StateError> {
+        match next {
+            Next::Whole(state) => {
+                self.persist.store.commit(&self.state, &state)?;
+                self.state = state;
+            }
+            Next::Delta(delta) => {
+                self.state.apply(&delta);
+                if let Err(e) = self.persist.store.commit_delta(&delta, &self.state) {
+                    self.state
+                        .apply(undo.expect("a delta's undo is taken before it"));
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the state's rules back in the firewall after a later step of a
+    /// commit failed: `undo` of a delta, or the whole state.
+    fn firewall_back(&mut self, undo: Option<&Delta>) {
+        let families = self.families();
+        let result = match undo {
+            Some(undo) => {
+                let change = self.rule_change(undo);
+                self.fw_mut().apply_change(&change, &families)
+            }
+            None => {
+                let previous = self.desired(&self.state);
+                self.fw_mut().apply(&previous, &families, Mode::Change)
+            }
+        };
+        if let Err(again) = result {
+            tracing::error!("putting the previous rules back failed too: {again}");
+            self.fw_mut().forget();
+        }
+    }
+
+    /// Puts the state's policy routes back after a later step failed.
+    fn routes_back(&mut self) {
+        let state = self.state.clone();
+        if let Err(e) = self.sync_routes(&state) {
+            tracing::error!("putting policy routes back failed: {e}");
+        }
     }
 
     /// Brings the kernel's policy routes to those of `state`.
     fn sync_routes(&mut self, state: &State) -> Result<(), String> {
-        let (add, del) = route_changes(&self.routes, state);
+        let (add, del) = route_changes(&self.host.routes, state);
         for r in del {
             // A table another policy route still uses keeps its default route.
             host::route_del(&r, routes::table_still_used(state, &r))?;
-            self.routes.remove(&r);
+            self.host.routes.remove(&r);
         }
         for r in add {
             host::route_add(&r)?;
-            self.routes.insert(r);
+            self.host.routes.insert(r);
         }
         Ok(())
     }
@@ -542,7 +759,7 @@ impl Engine {
         let response = respond(result);
         if change && response.ok {
             // The operator acted on the state: the corrupt-file warning was seen.
-            self.state_warning = None;
+            self.persist.warning = None;
         }
         response
     }
@@ -697,7 +914,7 @@ impl Engine {
                 counters: None,
             };
         }
-        if let Some(iface) = missing_interface(&rule.spec, &self.local) {
+        if let Some(iface) = missing_interface(&rule.spec, &self.host.local) {
             return RuleView {
                 rule: rule.clone(),
                 status: RuleStatus::WaitingForInterface,
@@ -736,7 +953,8 @@ impl Engine {
                 rule: rule.clone(),
                 status: RuleStatus::Down,
                 detail: Some(
-                    self.down_reason
+                    self.docker
+                        .down_reason
                         .get(&rule.id)
                         .cloned()
                         .unwrap_or_else(|| "container is not running".into()),
@@ -781,7 +999,7 @@ impl Engine {
         let mut list = RuleList {
             rules,
             unreadable: Vec::new(),
-            firewall: self.firewall_name.to_owned(),
+            firewall: self.firewall.name.to_owned(),
         };
         self.list_quarantined(filter.as_deref(), &mut list);
         list
@@ -831,12 +1049,14 @@ impl Engine {
 
     /// [`Self::check_own_claims`], ignoring the ports of rule `except`.
     fn check_own_claims_except(&self, claims: &[PortClaim], except: RuleId) -> Outcome<()> {
-        for (id, held) in self.held.iter().filter(|(id, _)| **id != except) {
-            for r in held {
-                if let Some(c) = claims.iter().find(|c| reserve::claims_collide(c, &r.claim)) {
-                    let owner = self.state.rule(*id);
-                    return Err(batch::port_taken(c, *id, owner.map(|r| &r.spec)));
-                }
+        for c in claims {
+            let same_port = self.ports.held.at(c.proto, c.bind.port());
+            let taken = same_port
+                .iter()
+                .find(|(id, held)| *id != except && reserve::claims_collide(c, held));
+            if let Some((id, _)) = taken {
+                let owner = self.state.rule(*id);
+                return Err(batch::port_taken(c, *id, owner.map(|r| &r.spec)));
             }
         }
         Ok(())
@@ -849,7 +1069,7 @@ impl Engine {
         match reserve::bind_all(&rule.spec.port_claims()) {
             Ok(held) => {
                 self.inactive.remove(&rule.id);
-                self.held.insert(rule.id, held);
+                self.ports.held.insert(rule.id, held);
                 true
             }
             Err(busy) => {
@@ -867,7 +1087,7 @@ impl Engine {
     /// Serves loopback for the rule (its relay, see `daemon::relay`), once
     /// its rules are in and the state is on disk.
     fn start_listening(&mut self, id: RuleId) -> Outcome<()> {
-        let Some(held) = self.held.get(&id) else {
+        let Some(held) = self.ports.held.get(id) else {
             return Ok(());
         };
         // The rule's current targets (held claims keep those of their bind),
@@ -884,7 +1104,7 @@ impl Engine {
                     .any(|h| h.claim.bind == c.bind && h.claim.proto == c.proto)
             })
             .collect();
-        self.relays.serve(id, &claims, held).map_err(|e| {
+        self.ports.relays.serve(id, &claims, held).map_err(|e| {
             Failure::new(
                 ErrorCode::PortInUse,
                 format!("cannot serve loopback on the ports of rule #{id}: {e}"),
@@ -903,10 +1123,10 @@ impl Engine {
     }
 
     fn release(&mut self, id: RuleId) {
-        self.relays.stop(id);
-        self.held.remove(&id);
+        self.ports.relays.stop(id);
+        self.ports.held.remove(id);
         self.inactive.remove(&id);
-        self.down_reason.remove(&id);
+        self.docker.down_reason.remove(&id);
     }
 
     /// Removes one stored rule: rules, state, reservation, tracked flows.
@@ -924,16 +1144,13 @@ impl Engine {
         let sysctls =
             host::enable_forwarding(ipv6).map_err(|e| Failure::new(ErrorCode::SysctlFailed, e))?;
         if !self.state.forwarding || self.state.forwarding_ipv6 != ipv6 {
+            // Through the one door like any change: the rules do not
+            // differ, so the firewall sends nothing; the state write is the
+            // step that matters.
             let mut next = self.state.clone();
             next.forwarding = true;
             next.forwarding_ipv6 = ipv6;
-            self.store.commit(&self.state, &next).map_err(|e| {
-                Failure::new(
-                    ErrorCode::StateWriteFailed,
-                    format!("cannot save state: {e}"),
-                )
-            })?;
-            self.state = next;
+            self.commit(next)?;
         }
         Ok(Response::ok(ForwardingReport { sysctls }))
     }
@@ -954,7 +1171,7 @@ impl Engine {
     /// A dry run only returns the fragments.
     fn save(&mut self, dry_run: bool) -> Outcome<Response> {
         if !dry_run {
-            self.store.compact(&self.state).map_err(|e| {
+            self.persist.store.compact(&self.state).map_err(|e| {
                 Failure::new(
                     ErrorCode::StateWriteFailed,
                     format!("cannot save state: {e}"),
@@ -971,7 +1188,7 @@ impl Engine {
             })
             .collect();
         Ok(Response::ok(SaveReport {
-            state_path: self.state_path.display().to_string(),
+            state_path: self.persist.path.display().to_string(),
             rule_count: self.state.rules.len(),
             dry_run,
             fragments,
@@ -1025,7 +1242,7 @@ impl Engine {
                 format!("cannot remove natmap's rules: {e}"),
             ));
         }
-        if let Err(e) = self.store.compact(&next) {
+        if let Err(e) = self.persist.store.compact(&next) {
             self.put_back();
             return Err(Failure::new(
                 ErrorCode::StateWriteFailed,
@@ -1037,7 +1254,7 @@ impl Engine {
             self.release(rule.id);
         }
         forget_all_flows(old.rules.iter().map(|r| &r.spec));
-        self.state_warning = None;
+        self.persist.warning = None;
         tracing::info!(removed, "all rules cleared");
         Ok(Response::ok(ClearReport { removed }))
     }
@@ -1048,12 +1265,12 @@ impl Engine {
         if let Err(e) = self.teardown() {
             tracing::error!("removing natmap's rules at shutdown failed: {e}");
         }
-        let ids: Vec<RuleId> = self.held.keys().copied().collect();
+        let ids: Vec<RuleId> = self.ports.held.ids().collect();
         for id in ids {
             self.release(id);
         }
         // One file for the operator to read, back up or edit while stopped.
-        if let Err(e) = self.store.compact_if_journaled(&self.state) {
+        if let Err(e) = self.persist.store.compact_if_journaled(&self.state) {
             tracing::warn!("cannot fold the state journal into the state file at shutdown (the next start does): {e}");
         }
         tracing::info!("natmap rules removed, ports released; state kept for the next start");
@@ -1103,16 +1320,17 @@ fn forget_flows(spec: &RuleSpec) {
     forget_all_flows([spec]);
 }
 
-/// Cuts conntrack entries of connections the rules forwarded, one
-/// `conntrack` run per distinct filter: a thousand rules of one address
-/// pair cost one run, not a thousand.
+/// Cuts conntrack entries of connections the rules forwarded: one listing
+/// of the kernel's connections per family for all of them
+/// (`host::forget_connections_all`), each distinct filter once.
 fn forget_all_flows<'a>(specs: impl IntoIterator<Item = &'a RuleSpec>) {
     let mut seen = std::collections::HashSet::new();
-    for flows in specs.into_iter().flat_map(flows_of) {
-        if seen.insert(format!("{flows:?}")) {
-            host::forget_connections(flows);
-        }
-    }
+    let flows: Vec<host::Flows> = specs
+        .into_iter()
+        .flat_map(flows_of)
+        .filter(|f| seen.insert(format!("{f:?}")))
+        .collect();
+    host::forget_connections_all(&flows);
 }
 
 /// Up to this many ports, a range mapping's flows are cut port by port.

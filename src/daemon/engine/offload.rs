@@ -17,12 +17,12 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::firewall::{Desired, Drift, FirewallDriver, FirewallError, Mode};
+use crate::firewall::{Drift, FirewallDriver, FirewallError};
 use crate::model::Family;
-use crate::state::State;
+use crate::state::{Delta, State};
 
 use super::super::EngineMsg;
-use super::{CommitTiming, Engine, Outcome};
+use super::{CommitTiming, Engine, FirewallWork, Next, Outcome};
 
 /// Why [`Engine::fw`] cannot find the driver: a bug in what the engine
 /// loop lets through while a transaction runs.
@@ -36,7 +36,7 @@ pub type Then = Box<dyn FnOnce(&mut Engine, Outcome<()>) + Send>;
 pub(super) enum InFlight {
     /// A commit: what to finish it with.
     Commit {
-        next: State,
+        next: Next,
         then: Then,
         render: Duration,
     },
@@ -46,9 +46,10 @@ pub(super) enum InFlight {
 
 /// What the firewall thread does with the driver.
 enum Work {
-    /// Bring the kernel to `desired` (one transaction per changed family).
+    /// Bring the kernel to what a commit needs (one transaction per
+    /// changed family).
     Apply {
-        desired: Desired,
+        work: FirewallWork,
         families: Vec<Family>,
     },
     /// Read each family back and compare it with what the driver applied.
@@ -112,9 +113,9 @@ fn run_jobs(jobs: &mpsc::Receiver<Job>) {
     {
         let started = Instant::now();
         let answer_of = match work {
-            Work::Apply { desired, families } => Answer::Applied(guarded(&mut fw, |fw| {
-                fw.apply(&desired, &families, Mode::Change)
-            })),
+            Work::Apply { work, families } => {
+                Answer::Applied(guarded(&mut fw, |fw| work.run(fw, &families)))
+            }
             Work::Drift { families } => Answer::Drift(
                 families
                     .into_iter()
@@ -155,7 +156,7 @@ impl Engine {
     /// the engine loop handles only [`EngineMsg::serves_while_lent`]
     /// messages until [`Engine::firewall_done`].
     pub fn firewall_lent(&self) -> bool {
-        self.fw.is_none()
+        self.firewall.driver.is_none()
     }
 
     /// Commits `next` like [`Engine::commit`], with the firewall step on
@@ -164,10 +165,20 @@ impl Engine {
     /// when no thread can take the job, it commits on this thread before
     /// returning.
     pub(super) fn commit_off_thread(&mut self, next: State, then: Then) {
+        self.commit_next_off_thread(Next::Whole(next), then);
+    }
+
+    /// [`Engine::commit_off_thread`] of a delta made to the state (rule
+    /// requests): the firewall thread gets only the change.
+    pub(super) fn commit_delta_off_thread(&mut self, delta: Delta, then: Then) {
+        self.commit_next_off_thread(Next::Delta(delta), then);
+    }
+
+    fn commit_next_off_thread(&mut self, next: Next, then: Then) {
         let answer = match self.messages() {
             Some(tx) if self.simulated.is_none() => tx,
             _ => {
-                let outcome = self.commit(next);
+                let outcome = self.commit_next(next);
                 then(self, outcome);
                 return;
             }
@@ -175,19 +186,19 @@ impl Engine {
         let started = Instant::now();
         let job = Job {
             work: Work::Apply {
-                desired: self.desired(&next),
+                work: self.firewall_work(&next),
                 families: self.families(),
             },
-            fw: self.fw.take().expect(LENT),
+            fw: self.firewall.driver.take().expect(LENT),
             answer,
         };
         let render = started.elapsed();
-        match self.firewall_thread.send(job) {
-            Ok(()) => self.in_flight = Some(InFlight::Commit { next, then, render }),
+        match self.firewall.thread.send(job) {
+            Ok(()) => self.firewall.in_flight = Some(InFlight::Commit { next, then, render }),
             Err(job) => {
                 tracing::warn!("cannot start the firewall thread; applying on the engine thread");
-                self.fw = Some(job.fw);
-                let outcome = self.commit(next);
+                self.firewall.driver = Some(job.fw);
+                let outcome = self.commit_next(next);
                 then(self, outcome);
             }
         }
@@ -203,18 +214,18 @@ impl Engine {
         };
         let job = Job {
             work: Work::Drift { families },
-            fw: self.fw.take().expect(LENT),
+            fw: self.firewall.driver.take().expect(LENT),
             answer,
         };
-        match self.firewall_thread.send(job) {
+        match self.firewall.thread.send(job) {
             Ok(()) => {
-                self.in_flight = Some(InFlight::DriftCheck {
+                self.firewall.in_flight = Some(InFlight::DriftCheck {
                     started: Instant::now(),
                 });
                 true
             }
             Err(job) => {
-                self.fw = Some(job.fw);
+                self.firewall.driver = Some(job.fw);
                 false
             }
         }
@@ -223,8 +234,8 @@ impl Engine {
     /// The firewall thread is done: takes the driver back and finishes the
     /// commit (routes, state, or the rollback) and what waited on it.
     pub fn firewall_done(&mut self, done: FirewallDone) {
-        self.fw = Some(done.fw);
-        match (self.in_flight.take(), done.answer) {
+        self.firewall.driver = Some(done.fw);
+        match (self.firewall.in_flight.take(), done.answer) {
             (Some(InFlight::Commit { next, then, render }), Answer::Applied(result)) => {
                 let timing = CommitTiming {
                     render,
@@ -237,7 +248,7 @@ impl Engine {
                 for (family, drift) in drifts {
                     self.repair_family(family, drift);
                 }
-                self.last_drift_check = Some((started, done.took));
+                self.upkeep.last_drift_check = Some((started, done.took));
             }
             _ => tracing::error!("the firewall thread answered a job nobody waits for"),
         }

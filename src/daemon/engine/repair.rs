@@ -48,16 +48,16 @@ impl Engine {
     /// and install rules whose ports were busy and are free now.
     pub fn tick(&mut self) {
         // A safety net for Docker events lost in a reconnect window.
-        self.ticks += 1;
-        if self.ticks % DOCKER_RESYNC_TICKS == 0 {
+        self.upkeep.ticks += 1;
+        if self.upkeep.ticks % DOCKER_RESYNC_TICKS == 0 {
             self.refresh_docker(|_| true);
         }
         if self.state.forwarding && host::ipv4_forwarding() == Some(false) {
             tracing::warn!(
                 "net.ipv4.ip_forward was reset to 0 by something else; setting it back to 1"
             );
-            self.repairs += 1;
-            self.last_repair = Some((
+            self.upkeep.repairs += 1;
+            self.upkeep.last_repair = Some((
                 std::time::Instant::now(),
                 vec!["net.ipv4.ip_forward was reset to 0".into()],
             ));
@@ -78,20 +78,20 @@ impl Engine {
     /// Puts back policy routes someone removed (`ip rule del`, or a link
     /// going down, which drops the table's default route).
     fn repair_routes(&mut self) {
-        let routes: Vec<PolicyRouteRule> = self.routes.iter().copied().collect();
+        let routes: Vec<PolicyRouteRule> = self.host.routes.iter().copied().collect();
         for route in routes {
             if host::route_present(&route) {
                 continue;
             }
             match host::route_add(&route) {
                 Ok(()) => {
-                    self.repairs += 1;
+                    self.upkeep.repairs += 1;
                     let reason = format!(
                         "policy route from {} table {} was removed",
                         route.src_ip, route.table
                     );
-                    tracing::warn!(repairs = self.repairs, "{reason}; repaired");
-                    self.last_repair = Some((std::time::Instant::now(), vec![reason]));
+                    tracing::warn!(repairs = self.upkeep.repairs, "{reason}; repaired");
+                    self.upkeep.last_repair = Some((std::time::Instant::now(), vec![reason]));
                 }
                 Err(e) => tracing::warn!("cannot repair policy route from {}: {e}", route.src_ip),
             }
@@ -110,10 +110,11 @@ impl Engine {
         // happen; the tick's check is only a safety net for what events
         // cannot show (an iptables-legacy DOCKER-USER, a watcher that died).
         let events = self
+            .upkeep
             .drift_events
             .as_ref()
             .is_some_and(|running| running.load(std::sync::atomic::Ordering::SeqCst));
-        if let (true, Some((at, _))) = (events, self.last_drift_check) {
+        if let (true, Some((at, _))) = (events, self.upkeep.last_drift_check) {
             if at.elapsed() < crate::firewall::nftables::events::safety_net() {
                 return;
             }
@@ -122,7 +123,7 @@ impl Engine {
         // the ruleset (0.7 s at 20,000 rules on iptables-nft). Spacing the
         // checks by a multiple of their cost keeps them to a small share
         // of the engine's time, so requests rarely wait behind one.
-        if let Some((at, cost)) = self.last_drift_check {
+        if let Some((at, cost)) = self.upkeep.last_drift_check {
             if cost >= SPACED_DRIFT_CHECK && at.elapsed() < cost * DRIFT_CHECK_SPACING {
                 return;
             }
@@ -141,7 +142,7 @@ impl Engine {
             let drift = self.fw_mut().drift(family);
             self.repair_family(family, drift);
         }
-        self.last_drift_check = Some((start, start.elapsed()));
+        self.upkeep.last_drift_check = Some((start, start.elapsed()));
     }
 
     /// Drift is reported by events from now on (`running` while the
@@ -149,8 +150,9 @@ impl Engine {
     /// [`safety_net`](crate::firewall::nftables::events::safety_net),
     /// counted from now (the rules were just applied whole).
     pub fn drift_by_events(&mut self, running: std::sync::Arc<std::sync::atomic::AtomicBool>) {
-        self.drift_events = Some(running);
-        self.last_drift_check
+        self.upkeep.drift_events = Some(running);
+        self.upkeep
+            .last_drift_check
             .get_or_insert((std::time::Instant::now(), std::time::Duration::ZERO));
     }
 
@@ -181,10 +183,10 @@ impl Engine {
         };
         let i = family_index(family);
         if drift.reasons.is_empty() {
-            self.convergence[i] = Convergence::default();
+            self.upkeep.convergence[i] = Convergence::default();
             return;
         }
-        let conv = &mut self.convergence[i];
+        let conv = &mut self.upkeep.convergence[i];
         if conv.after_repair.as_ref() != Some(&drift.fingerprint) {
             // Something changed since natmap's last repair (or this is the
             // first drift): a fresh start.
@@ -198,19 +200,19 @@ impl Engine {
             return;
         }
         let reasons = drift.reasons;
-        self.repairs += 1;
-        self.last_repair = Some((std::time::Instant::now(), reasons.clone()));
+        self.upkeep.repairs += 1;
+        self.upkeep.last_repair = Some((std::time::Instant::now(), reasons.clone()));
         if drift.hooks_displaced_only {
             // Docker inserts its rules above natmap's hooks on every
             // network it creates: routine, and put back, so no warning.
             tracing::info!(
-                repairs = self.repairs,
+                repairs = self.upkeep.repairs,
                 "another program put rules above natmap's {family} hooks ({}); moved them back to first",
                 reasons.join("; ")
             );
         } else {
             tracing::warn!(
-                repairs = self.repairs,
+                repairs = self.upkeep.repairs,
                 "natmap's {family} rules were changed from outside ({}); repaired",
                 reasons.join("; ")
             );
@@ -227,7 +229,7 @@ impl Engine {
         let Ok(after) = self.fw_mut().drift(family) else {
             return;
         };
-        let conv = &mut self.convergence[family_index(family)];
+        let conv = &mut self.upkeep.convergence[family_index(family)];
         if after.reasons.is_empty() {
             *conv = Convergence::default();
             return;
@@ -268,7 +270,7 @@ impl Engine {
             let desired = self.desired(&self.state);
             match self.apply(&desired) {
                 Ok(()) => {
-                    self.held.insert(id, held);
+                    self.ports.held.insert(id, held);
                     if let Err(f) = self.start_listening(id) {
                         tracing::warn!(rule = id, "{}", f.message);
                     } else {

@@ -63,18 +63,19 @@ impl Engine {
             .rules
             .iter()
             .any(|r| matches!(&r.spec, RuleSpec::Docker(d) if !d.external));
-        if has_docker_rules && self.docker.is_none() {
+        if has_docker_rules && self.docker.client.is_none() {
             problems.push(format!(
                 "Docker is unreachable ({}); mappings keep their last targets",
-                self.docker_error
+                self.docker.error
             ));
         }
-        if let Some(corrupt) = &self.state_warning {
+        if let Some(corrupt) = &self.persist.warning {
             problems.push(corrupt.clone());
         }
         problems.extend(self.quarantine_problems(&mut rules));
         problems.extend(
-            self.convergence
+            self.upkeep
+                .convergence
                 .iter()
                 .filter_map(|c| c.problem().map(str::to_owned)),
         );
@@ -104,21 +105,29 @@ impl Engine {
         let open_files = open_files(&mut problems);
         StatusReport {
             daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
-            uptime_secs: self.started.elapsed().as_secs(),
+            uptime_secs: self.upkeep.started.elapsed().as_secs(),
             backend: self.fw().backend(),
             firewall: self.fw().name().to_owned(),
-            ipv6_nat: self.v6_nat,
+            ipv6_nat: self.host.v6_nat,
             ipv4_forwarding: forwarding,
             docker: DockerStatus {
-                reachable: self.docker.is_some(),
-                error: self.docker.is_none().then(|| self.docker_error.clone()),
+                reachable: self.docker.client.is_some(),
+                error: self
+                    .docker
+                    .client
+                    .is_none()
+                    .then(|| self.docker.error.clone()),
             },
             rules,
-            repairs: self.repairs,
-            last_repair: self.last_repair.as_ref().map(|(at, reasons)| LastRepair {
-                secs_ago: at.elapsed().as_secs(),
-                reasons: reasons.clone(),
-            }),
+            repairs: self.upkeep.repairs,
+            last_repair: self
+                .upkeep
+                .last_repair
+                .as_ref()
+                .map(|(at, reasons)| LastRepair {
+                    secs_ago: at.elapsed().as_secs(),
+                    reasons: reasons.clone(),
+                }),
             conflicts,
             problems,
             warnings,
@@ -251,7 +260,7 @@ impl Engine {
     fn conflicts(&self) -> Vec<String> {
         let mut found = Vec::new();
         let mut claims: Vec<(Proto, u16)> = Vec::new();
-        for held in self.held.values() {
+        for (_, held) in self.ports.held.iter() {
             for r in held {
                 claims.push((r.claim.proto, r.claim.bind.port()));
             }

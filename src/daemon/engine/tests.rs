@@ -45,6 +45,9 @@ fn applies(fw: &RecordingDriver) -> Vec<(Vec<Family>, Mode, Vec<u64>)> {
                 mode,
                 rules,
             } => Some((families, mode, rules)),
+            Call::Change {
+                families, rules, ..
+            } => Some((families, Mode::Change, rules)),
             Call::Teardown(_) => None,
         })
         .collect()
@@ -72,6 +75,27 @@ fn a_change_sends_one_incremental_transaction() {
     let last = sent.last().unwrap();
     assert_eq!(last.1, Mode::Change, "an incremental apply: {last:?}");
     assert_eq!(last.2, [1], "with the new rule: {last:?}");
+    // The driver got the change alone, not the whole set to diff: its
+    // work follows the change (issue 13, flat in N).
+    assert!(
+        matches!(fw.calls().last(), Some(Call::Change { put, remove, .. }) if put == &[1] && remove.is_empty()),
+        "{:?}",
+        fw.calls().last()
+    );
+    let response = engine.handle(dnat(47012), Peer::default());
+    assert!(response.ok, "{response:?}");
+    let mut delete = dnat(47011);
+    if let Request::Dnat(d) = &mut delete {
+        d.delete = true;
+    }
+    let response = engine.handle(delete, Peer::default());
+    assert!(response.ok, "{response:?}");
+    assert!(
+        matches!(fw.calls().last(), Some(Call::Change { put, remove, rules, .. })
+            if put.is_empty() && remove == &[1] && rules == &[2]),
+        "a delete removes its id alone: {:?}",
+        fw.calls().last()
+    );
 }
 
 #[test]

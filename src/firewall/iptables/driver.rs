@@ -7,7 +7,9 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use crate::firewall::{Desired, Drift, FirewallDriver, FirewallError, Mode, ReadCounters};
+use crate::firewall::{
+    Desired, Drift, FirewallDriver, FirewallError, Mode, ReadCounters, RuleChange,
+};
 use crate::model::{Family, Proto};
 
 use super::counters::{docker_published_ports, SaveCounters};
@@ -22,6 +24,9 @@ pub struct IptablesDriver {
     flavor: Option<IptablesFlavor>,
     /// What the kernel holds in natmap's chains, as far as natmap knows.
     applied: Ruleset,
+    /// The rules `applied` was rendered from, for a [`RuleChange`] to be
+    /// made to.
+    rules: Desired,
     /// Per family: hooks verified in place since the last full apply.
     hooks_ok: [bool; 2],
     /// Per family: natmap created DOCKER-USER (Docker had not), so teardown
@@ -55,6 +60,7 @@ impl IptablesDriver {
             exec,
             flavor: None,
             applied: Ruleset::default(),
+            rules: Desired::default(),
             hooks_ok: [false; 2],
             own_docker_user: [false; 2],
             installed: false,
@@ -135,7 +141,7 @@ impl IptablesDriver {
 
     /// One transaction per family that differs. If a later family fails,
     /// the earlier ones are put back.
-    fn apply_change(
+    fn apply_rendered(
         &mut self,
         desired: &Ruleset,
         families: &[Family],
@@ -184,21 +190,43 @@ impl FirewallDriver for IptablesDriver {
         families: &[Family],
         mode: Mode,
     ) -> Result<(), FirewallError> {
-        let desired = render::desired_on(desired.rules(), desired.bridges());
+        let rendered = render::desired_on(desired.rules(), desired.bridges());
         match mode {
-            Mode::Change => self.apply_change(&desired, families),
+            Mode::Change => self.apply_rendered(&rendered, families)?,
             Mode::Full => {
                 for &family in families {
                     if self.hooks_ok[index(family)]
-                        && self.applied.family(family) == desired.family(family)
+                        && self.applied.family(family) == rendered.family(family)
                     {
                         continue;
                     }
-                    self.full_apply(family, &desired)?;
+                    self.full_apply(family, &rendered)?;
                 }
-                Ok(())
             }
         }
+        self.rules.clone_from(desired);
+        Ok(())
+    }
+
+    /// The change made to the rules last applied, rendered whole: natmap's
+    /// chains are diffed per shard, and `iptables-restore` reads the whole
+    /// table for any change anyway, so rendering only the change would not
+    /// make this backend's change flat in N.
+    fn apply_change(
+        &mut self,
+        change: &RuleChange,
+        families: &[Family],
+    ) -> Result<(), FirewallError> {
+        let next = self.rules.with(change);
+        self.apply(&next, families, Mode::Change)
+    }
+
+    fn preview_change(
+        &self,
+        change: &RuleChange,
+        families: &[Family],
+    ) -> Result<Vec<(Family, String)>, FirewallError> {
+        self.preview(&self.rules.with(change), families, Mode::Change)
     }
 
     fn forget(&mut self) {
@@ -247,6 +275,7 @@ impl FirewallDriver for IptablesDriver {
             }
             self.own_docker_user[index(family)] = false;
             *self.applied.family_mut(family) = Default::default();
+            self.rules = Desired::default();
             self.hooks_ok[index(family)] = false;
         }
         self.installed = false;

@@ -214,6 +214,62 @@ fn masquerade_lines(
         .collect()
 }
 
+/// A Docker mapping's DNATs as (protocol and port match, DNAT target): one
+/// for a range that keeps its ports, else one per port pair.
+fn docker_dnats(r: &DockerRule, target: &Endpoint) -> Vec<(String, String)> {
+    let p = r.proto.as_str();
+    if r.port_count > 1 && r.host_port == r.container_port {
+        let dport = r
+            .host_ports()
+            .match_args(p, PortDirection::Destination)
+            .concat();
+        return vec![(format!("-p {p} {dport}"), target.ip.to_string())];
+    }
+    r.port_pairs()
+        .map(|(host, container)| {
+            let to = match target.ip.ip() {
+                IpAddr::V4(_) => format!("{}:{container}", target.ip),
+                IpAddr::V6(_) => format!("[{}]:{container}", target.ip),
+            };
+            (format!("-p {p} -m {p} --dport {host}"), to)
+        })
+        .collect()
+}
+
+/// One DNAT of a Docker mapping as (the PREROUTING line, the OUTPUT line):
+/// on its host address, or on any local address (OUTPUT leaving loopback
+/// to the relay).
+fn docker_dnat_lines(
+    r: &DockerRule,
+    target: &Endpoint,
+    dport: &str,
+    to: &str,
+    tag: &str,
+) -> (String, String) {
+    match &r.host_ip {
+        Some(h) => {
+            let line = format!(
+                "-d {} {dport} {} -j DNAT --to-destination {to}",
+                h.as_match(),
+                local_guard(r.allow_nonlocal, tag)
+            );
+            (line.clone(), line)
+        }
+        None => {
+            let loopback = match target.ip.family() {
+                Family::V4 => "127.0.0.0/8",
+                Family::V6 => "::1/128",
+            };
+            (
+                format!("{dport} -m addrtype --dst-type LOCAL {tag} -j DNAT --to-destination {to}"),
+                format!(
+                    "! -d {loopback} {dport} -m addrtype --dst-type LOCAL {tag} -j DNAT --to-destination {to}"
+                ),
+            )
+        }
+    }
+}
+
 /// A published container port: traffic for the host port on the given host
 /// address, or on any local address (`addrtype LOCAL`, as Docker does), goes
 /// to the container port. The host's own traffic to loopback is left to the
@@ -246,49 +302,9 @@ fn render_docker(
     out: &mut FamilyRules,
 ) {
     let p = r.proto.as_str();
-    let host_ports = r.host_ports();
     let container_ports = r.container_ports();
-    let dnats: Vec<(String, String)> = if r.port_count > 1 && r.host_port == r.container_port {
-        let dport = host_ports
-            .match_args(p, PortDirection::Destination)
-            .concat();
-        vec![(format!("-p {p} {dport}"), target.ip.to_string())]
-    } else {
-        r.port_pairs()
-            .map(|(host, container)| {
-                let to = match target.ip.ip() {
-                    IpAddr::V4(_) => format!("{}:{container}", target.ip),
-                    IpAddr::V6(_) => format!("[{}]:{container}", target.ip),
-                };
-                (format!("-p {p} -m {p} --dport {host}"), to)
-            })
-            .collect()
-    };
-    for (dport, to) in dnats {
-        let (inbound, local) = match &r.host_ip {
-            Some(h) => {
-                let line = format!(
-                    "-d {} {dport} {} -j DNAT --to-destination {to}",
-                    h.as_match(),
-                    local_guard(r.allow_nonlocal, tag)
-                );
-                (line.clone(), line)
-            }
-            None => {
-                let loopback = match target.ip.family() {
-                    Family::V4 => "127.0.0.0/8",
-                    Family::V6 => "::1/128",
-                };
-                (
-                    format!(
-                        "{dport} -m addrtype --dst-type LOCAL {tag} -j DNAT --to-destination {to}"
-                    ),
-                    format!(
-                        "! -d {loopback} {dport} -m addrtype --dst-type LOCAL {tag} -j DNAT --to-destination {to}"
-                    ),
-                )
-            }
-        };
+    for (dport, to) in docker_dnats(r, target) {
+        let (inbound, local) = docker_dnat_lines(r, target, &dport, &to, tag);
         out.push(Chain::NatPrerouting, inbound);
         out.push(Chain::NatOutput, local);
     }

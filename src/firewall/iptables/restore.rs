@@ -298,6 +298,41 @@ pub fn diff(applied: &FamilyRules, desired: &FamilyRules) -> Option<String> {
 }
 
 fn chain_diff(out: &mut String, name: &str, applied: &[Cow<'_, str>], desired: &[Cow<'_, str>]) {
+    let kept = delete_unwanted(out, name, applied, desired);
+    // `kept` is a subsequence of `desired` only if the order agrees; if a
+    // kept line is out of order, delete and re-insert the lines from the
+    // first disagreement on (rare: ids only grow, so new lines go last).
+    let (k, mut inserts) = missing_around(&kept, desired);
+    let mut len = kept.len();
+    if k < kept.len() {
+        // Order disagrees: fall back to delete-all-kept-after-k and insert.
+        for line in &kept[k..] {
+            let _ = writeln!(out, "-D {name} {line}");
+        }
+        len = k;
+        inserts = missing_around(&kept[..k], desired).1;
+    }
+    for (pos, line) in inserts {
+        // Appending is cheaper than inserting at a position (iptables-nft
+        // need not look up the rule at that position), and new rules, whose
+        // ids are the highest, always go last.
+        if pos == len {
+            let _ = writeln!(out, "-A {name} {line}");
+        } else {
+            let _ = writeln!(out, "-I {name} {} {line}", pos + 1);
+        }
+        len += 1;
+    }
+}
+
+/// Writes a `-D` for each applied line that `desired` has no (further)
+/// copy of, and returns the applied lines that stay, in order.
+fn delete_unwanted<'a>(
+    out: &mut String,
+    name: &str,
+    applied: &'a [Cow<'_, str>],
+    desired: &[Cow<'_, str>],
+) -> Vec<&'a str> {
     use std::collections::HashMap;
     // Multiset of desired lines, to tell which applied lines stay.
     let mut wanted: HashMap<&str, usize> = HashMap::new();
@@ -316,9 +351,15 @@ fn chain_diff(out: &mut String, name: &str, applied: &[Cow<'_, str>], desired: &
             }
         }
     }
-    // `kept` is a subsequence of `desired` only if the order agrees; if a
-    // kept line is out of order, delete and re-insert the lines from the
-    // first disagreement on (rare: ids only grow, so new lines go last).
+    kept
+}
+
+/// Walks `desired` matching `kept` in order: how many of `kept` matched,
+/// and the desired lines (with their positions) to insert around them.
+fn missing_around<'a>(
+    kept: &[&str],
+    desired: &'a [Cow<'_, str>],
+) -> (usize, Vec<(usize, &'a str)>) {
     let mut k = 0;
     let mut inserts: Vec<(usize, &str)> = Vec::new();
     for (pos, line) in desired.iter().enumerate() {
@@ -328,33 +369,5 @@ fn chain_diff(out: &mut String, name: &str, applied: &[Cow<'_, str>], desired: &
             inserts.push((pos, line.as_ref()));
         }
     }
-    let mut len = kept.len();
-    if k < kept.len() {
-        // Order disagrees: fall back to delete-all-kept-after-k and insert.
-        for line in &kept[k..] {
-            let _ = writeln!(out, "-D {name} {line}");
-        }
-        len = k;
-        let kept_set: Vec<&str> = kept[..k].to_vec();
-        inserts.clear();
-        let mut j = 0;
-        for (pos, line) in desired.iter().enumerate() {
-            if j < kept_set.len() && kept_set[j] == line.as_ref() {
-                j += 1;
-            } else {
-                inserts.push((pos, line.as_ref()));
-            }
-        }
-    }
-    for (pos, line) in inserts {
-        // Appending is cheaper than inserting at a position (iptables-nft
-        // need not look up the rule at that position), and new rules, whose
-        // ids are the highest, always go last.
-        if pos == len {
-            let _ = writeln!(out, "-A {name} {line}");
-        } else {
-            let _ = writeln!(out, "-I {name} {} {line}", pos + 1);
-        }
-        len += 1;
-    }
+    (k, inserts)
 }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{Chain, FamilyRules, DOCKER_USER};
+use super::{Chain, FamilyRules, KernelChain, DOCKER_USER};
 
 /// One table of an `iptables-save` dump.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -149,12 +149,19 @@ impl SavedTables {
     /// [`SavedTables::drift`], each reason marked `true` when it is a hook
     /// that is no longer first (and nothing else about it is wrong).
     fn drift_kinds(&self, expected: &FamilyRules) -> Vec<(bool, String)> {
+        let mut reasons = self.chain_drift(&expected.kernel());
+        reasons.extend(self.hook_drift());
+        reasons
+    }
+
+    /// How natmap's chains (parents and shards) differ from `kernel`, what
+    /// they should be: missing, different, or a shard left over.
+    fn chain_drift(&self, kernel: &[KernelChain<'_>]) -> Vec<(bool, String)> {
         let mut reasons: Vec<(bool, String)> = Vec::new();
-        let kernel = expected.kernel();
         // Missing shards are one reason per parent: after `iptables -X`
         // of a table they are all gone at once.
         let mut missing: BTreeMap<(&str, &str), (usize, String)> = BTreeMap::new();
-        for kc in &kernel {
+        for kc in kernel {
             let (table, name) = (kc.table, kc.name.as_str());
             if !self.has_chain(table, name) {
                 if kc.parent {
@@ -185,6 +192,14 @@ impl SavedTables {
                 }
             }
         }
+        reasons
+    }
+
+    /// How the hooks into natmap's chains differ from one first jump each
+    /// (marked `true` when a single jump is only no longer first), and
+    /// FORWARD's jump to DOCKER-USER.
+    fn hook_drift(&self) -> Vec<(bool, String)> {
+        let mut reasons: Vec<(bool, String)> = Vec::new();
         for chain in Chain::ALL {
             let (table, name) = (chain.table(), chain.name());
             if !self.has_chain(table, name) {

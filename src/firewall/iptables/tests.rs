@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use crate::model::{DnatRule, Family, HairpinRule, Rule, RuleSpec, SnatRule};
 
 use super::saved::SavedTables;
-use super::{render, restore};
+use super::{render, restore, FamilyRules};
 
 fn golden(name: &str, actual: &str) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -163,6 +163,40 @@ fn teardown_removes_only_natmap() {
     assert!(!text.contains(":DOCKER"));
 }
 
+/// What iptables-save shows after a full apply of `rules` (IPv4): natmap's
+/// parents and shards, their hooks, Docker's DOCKER-USER; comments quoted
+/// as iptables-nft quotes them.
+fn applied_save(rules: &FamilyRules) -> String {
+    let kernel = rules.kernel();
+    let mut after = String::from(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n",
+    );
+    let dump = |after: &mut String, table: &str| {
+        for kc in kernel.iter().filter(|c| c.table == table) {
+            after.push_str(&format!(":{} - [0:0]\n", kc.name));
+        }
+        for kc in kernel.iter().filter(|c| c.table == table) {
+            for line in &kc.lines {
+                // iptables-nft quotes comments; parsing must not care.
+                after.push_str(&format!(
+                    "-A {} {}\n",
+                    kc.name,
+                    line.replace("natmap:dnat:1", "\"natmap:dnat:1\"")
+                ));
+            }
+        }
+    };
+    dump(&mut after, "nat");
+    after.push_str("-A PREROUTING -j NATMAP\n-A OUTPUT -j NATMAP-OUTPUT\n-A POSTROUTING -j NATMAP-POSTROUTING\n");
+    after.push_str("COMMIT\n*filter\n:FORWARD DROP [0:0]\n:DOCKER-USER - [0:0]\n");
+    dump(&mut after, "filter");
+    after.push_str(
+        "-A FORWARD -j DOCKER-USER\n-A DOCKER-USER -j NATMAP\n-A DOCKER-USER -j RETURN\n",
+    );
+    after.push_str("COMMIT\n");
+    after
+}
+
 #[test]
 fn drift_is_detected_and_an_applied_state_has_none() {
     let set = render::desired(&sample_rules()[..1]);
@@ -194,33 +228,7 @@ fn drift_is_detected_and_an_applied_state_has_none() {
 
     // What iptables-save shows after the full apply has no drift: the
     // parents hold their jumps to the shards, the shards the lines.
-    let kernel = rules.kernel();
-    let mut after = String::from(
-        "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n",
-    );
-    let dump = |after: &mut String, table: &str| {
-        for kc in kernel.iter().filter(|c| c.table == table) {
-            after.push_str(&format!(":{} - [0:0]\n", kc.name));
-        }
-        for kc in kernel.iter().filter(|c| c.table == table) {
-            for line in &kc.lines {
-                // iptables-nft quotes comments; parsing must not care.
-                after.push_str(&format!(
-                    "-A {} {}\n",
-                    kc.name,
-                    line.replace("natmap:dnat:1", "\"natmap:dnat:1\"")
-                ));
-            }
-        }
-    };
-    dump(&mut after, "nat");
-    after.push_str("-A PREROUTING -j NATMAP\n-A OUTPUT -j NATMAP-OUTPUT\n-A POSTROUTING -j NATMAP-POSTROUTING\n");
-    after.push_str("COMMIT\n*filter\n:FORWARD DROP [0:0]\n:DOCKER-USER - [0:0]\n");
-    dump(&mut after, "filter");
-    after.push_str(
-        "-A FORWARD -j DOCKER-USER\n-A DOCKER-USER -j NATMAP\n-A DOCKER-USER -j RETURN\n",
-    );
-    after.push_str("COMMIT\n");
+    let after = applied_save(rules);
     assert!(after.contains("-A NATMAP-T0 -d 203.0.113.10/32"), "{after}");
     assert_eq!(
         SavedTables::parse(&after).drift(rules),

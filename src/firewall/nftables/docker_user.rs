@@ -107,6 +107,21 @@ pub fn ensure(family: Family, mark: Mark) -> Result<bool, FirewallError> {
     }
 }
 
+/// Whether iptables' filter `FORWARD` of `family` drops what no rule
+/// accepts (policy DROP, no blanket `-j ACCEPT`), as the iptables backend
+/// reads it: forwarded traffic natmap does not mark (a `snat` without
+/// `--forward`) meets that DROP whatever natmap's table does. Unknown (no
+/// iptables, no table) counts as not dropped.
+pub fn forward_drops(family: Family) -> bool {
+    run(family, &["-w", WAIT, "-S", "FORWARD"]).is_ok_and(|text| forward_drops_in(&text))
+}
+
+/// [`forward_drops`] on `iptables -S FORWARD` output.
+pub fn forward_drops_in(text: &str) -> bool {
+    let mut lines = text.lines().map(str::trim);
+    lines.clone().any(|l| l == "-P FORWARD DROP") && !lines.any(|l| l == "-A FORWARD -j ACCEPT")
+}
+
 /// Takes natmap's accept (any mark) out of `DOCKER-USER` of `family`.
 pub fn remove(family: Family) -> Result<(), FirewallError> {
     // The mark does not matter: every line with natmap's comment goes.
@@ -137,6 +152,21 @@ mod tests {
     use super::*;
 
     const MARK: Mark = Mark::new(0x1000_0000, 0x1000_0000);
+
+    #[test]
+    fn forward_drops_on_a_drop_policy_without_a_blanket_accept() {
+        let docker = "-P FORWARD DROP\n-A FORWARD -j DOCKER-USER\n-A FORWARD -j DOCKER-FORWARD\n";
+        assert!(forward_drops_in(docker));
+        assert!(!forward_drops_in(&format!(
+            "{docker}-A FORWARD -j ACCEPT\n"
+        )));
+        assert!(!forward_drops_in("-P FORWARD ACCEPT\n"));
+        // A narrower accept still leaves the rest dropped.
+        assert!(forward_drops_in(
+            "-P FORWARD DROP\n-A FORWARD -s 198.51.100.2/32 -j ACCEPT\n"
+        ));
+        assert!(!forward_drops_in(""));
+    }
 
     #[test]
     fn the_accept_must_be_first_and_alone() {

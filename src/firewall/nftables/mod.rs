@@ -43,14 +43,16 @@ pub mod render;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use crate::firewall::{Desired, Drift, FirewallDriver, FirewallError, Mode, ReadCounters};
+use crate::firewall::{
+    Desired, Drift, FirewallDriver, FirewallError, Mode, ReadCounters, RuleChange,
+};
 use crate::model::{Family, Proto, RuleId};
 use crate::proto::Counters;
 
 use docker_user::Accept;
 use exec::{Nft, NftExecutor, TableSummary};
 use marks::Marks;
-use render::Elements;
+use render::{Element, Elements, Shared};
 
 fn index(f: Family) -> usize {
     match f {
@@ -65,6 +67,9 @@ pub struct NftablesDriver {
     marks: Marks,
     /// Per family: the elements the kernel holds, as far as natmap knows.
     applied: [Elements; 2],
+    /// Per family: the applied elements more than one rule renders, so a
+    /// [`RuleChange`] knows which of its rule's elements stay.
+    shared: [Shared; 2],
     /// The rules last applied, for the counter reader to find which rule
     /// each counted element counts for (rendered when counters are read,
     /// not on every change).
@@ -91,6 +96,7 @@ impl NftablesDriver {
             exec,
             marks,
             applied: [Elements::new(), Elements::new()],
+            shared: [Shared::new(), Shared::new()],
             applied_rules: Arc::default(),
             table_ok: [false; 2],
             table_drift: [false; 2],
@@ -116,13 +122,94 @@ impl NftablesDriver {
     }
 
     fn desired(desired: &Desired, family: Family) -> Result<Elements, FirewallError> {
-        render::elements(desired.rules(), family).map_err(|u| {
-            FirewallError::Incompatible(format!(
-                "rule {}: {} (not supported by the nftables backend yet; run the daemon with \
-                 --backend iptables)",
-                u.id, u.what
-            ))
-        })
+        render::elements(desired.rules(), family).map_err(incompatible)
+    }
+
+    /// What `change` does to `family`'s elements, given the rules applied.
+    fn plan(
+        &self,
+        rules: &Desired,
+        change: &RuleChange,
+        family: Family,
+    ) -> Result<ElementPlan, FirewallError> {
+        let i = index(family);
+        // How many more (or fewer) rules render each element afterwards.
+        let mut delta: HashMap<Element, i64> = HashMap::new();
+        let replaced = change.put.iter().map(|r| r.id);
+        for id in change.remove.iter().copied().chain(replaced) {
+            if let Some(old) = rules.rule(id) {
+                for e in render::of_rule(old, family).map_err(incompatible)? {
+                    *delta.entry(e).or_insert(0) -= 1;
+                }
+            }
+        }
+        for rule in &change.put {
+            for e in render::of_rule(rule, family).map_err(incompatible)? {
+                *delta.entry(e).or_insert(0) += 1;
+            }
+        }
+        let mut plan = ElementPlan {
+            family,
+            gone: Elements::new(),
+            new: Elements::new(),
+            counts: Vec::new(),
+        };
+        for (e, d) in delta {
+            if d == 0 {
+                continue;
+            }
+            let now = if self.applied[i].contains(&e) {
+                1 + i64::from(self.shared[i].get(&e).copied().unwrap_or(0))
+            } else {
+                0
+            };
+            let after = (now + d).max(0);
+            if now == 0 && after > 0 {
+                plan.new.insert(e.clone());
+            }
+            if now > 0 && after == 0 {
+                plan.gone.insert(e.clone());
+            }
+            plan.counts
+                .push((e, u32::try_from(after).unwrap_or(u32::MAX)));
+        }
+        Ok(plan)
+    }
+
+    /// Records a plan the kernel took.
+    fn took(&mut self, plan: ElementPlan) {
+        let i = index(plan.family);
+        for (e, count) in plan.counts {
+            match count {
+                0 => {
+                    self.applied[i].remove(&e);
+                    self.shared[i].remove(&e);
+                }
+                1 => {
+                    self.shared[i].remove(&e);
+                    self.applied[i].insert(e);
+                }
+                n => {
+                    self.applied[i].insert(e.clone());
+                    self.shared[i].insert(e, n - 1);
+                }
+            }
+        }
+    }
+
+    /// `change` made to the rules applied, installed as a whole table per
+    /// family (a table that is not known good, or refused an element change).
+    fn apply_whole(
+        &mut self,
+        change: &RuleChange,
+        families: &[Family],
+    ) -> Result<(), FirewallError> {
+        let next = self
+            .applied_rules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .with(change);
+        self.apply(&next, families, Mode::Full)
     }
 
     fn full_apply(&mut self, family: Family, wanted: Elements) -> Result<(), FirewallError> {
@@ -218,22 +305,25 @@ impl FirewallDriver for NftablesDriver {
         // Every family is rendered first: an unsupported rule changes nothing.
         let mut wanted = Vec::new();
         for &family in families {
-            wanted.push((family, Self::desired(desired, family)?));
+            let counted = render::counted(desired.rules(), family).map_err(incompatible)?;
+            wanted.push((family, counted));
         }
-        let mut done: Vec<(Family, Elements, bool)> = Vec::new();
-        for (family, elements) in wanted {
+        let mut done: Vec<(Family, Elements, Shared)> = Vec::new();
+        for (family, (elements, shared)) in wanted {
             let i = index(family);
             if self.table_ok[i] && self.applied[i] == elements {
+                self.shared[i] = shared;
                 continue;
             }
-            let before = (family, self.applied[i].clone(), self.table_ok[i]);
+            let before = (family, self.applied[i].clone(), self.shared[i].clone());
             let result = if self.table_ok[i] && mode == Mode::Change {
                 self.change(family, elements)
             } else {
                 self.full_apply(family, elements)
             };
             if let Err(e) = result {
-                for (f, previous, _) in done.into_iter().rev() {
+                for (f, previous, shared) in done.into_iter().rev() {
+                    self.shared[index(f)] = shared;
                     if let Err(again) = self.full_apply(f, previous) {
                         tracing::error!("rollback of {f} nftables table failed: {again}");
                         self.table_ok[index(f)] = false;
@@ -241,11 +331,79 @@ impl FirewallDriver for NftablesDriver {
                 }
                 return Err(e);
             }
+            self.shared[i] = shared;
             done.push(before);
         }
         let mut rules = self.applied_rules.lock().unwrap_or_else(|p| p.into_inner());
         rules.clone_from(desired);
         Ok(())
+    }
+
+    fn apply_change(
+        &mut self,
+        change: &RuleChange,
+        families: &[Family],
+    ) -> Result<(), FirewallError> {
+        if families.iter().any(|f| !self.table_ok[index(*f)]) {
+            return self.apply_whole(change, families);
+        }
+        // Every family is planned first: an unsupported rule changes nothing.
+        let plans = {
+            let rules = self.applied_rules.lock().unwrap_or_else(|p| p.into_inner());
+            families
+                .iter()
+                .map(|&f| self.plan(&rules, change, f))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        let mut done: Vec<&ElementPlan> = Vec::new();
+        for plan in &plans {
+            if plan.gone.is_empty() && plan.new.is_empty() {
+                continue;
+            }
+            let sent = self
+                .exec
+                .elements(plan.family, &render::netlink_changes(&plan.gone, &plan.new));
+            if let Err(e) = sent {
+                for p in done.into_iter().rev() {
+                    let back = render::netlink_changes(&p.new, &p.gone);
+                    if let Err(again) = self.exec.elements(p.family, &back) {
+                        tracing::error!(
+                            "rollback of {} nftables elements failed: {again}",
+                            p.family
+                        );
+                        self.table_ok[index(p.family)] = false;
+                    }
+                }
+                tracing::warn!(
+                    "nftables {} element change refused ({e}); rebuilding natmap's table",
+                    plan.family
+                );
+                return self.apply_whole(change, families);
+            }
+            done.push(plan);
+        }
+        for plan in plans {
+            self.took(plan);
+        }
+        self.applied_rules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .change(change);
+        Ok(())
+    }
+
+    fn preview_change(
+        &self,
+        change: &RuleChange,
+        families: &[Family],
+    ) -> Result<Vec<(Family, String)>, FirewallError> {
+        let rules = self.applied_rules.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for &family in families {
+            let plan = self.plan(&rules, change, family)?;
+            out.extend(render::changes_text(family, &plan.gone, &plan.new).map(|t| (family, t)));
+        }
+        Ok(out)
     }
 
     fn forget(&mut self) {
@@ -280,11 +438,14 @@ impl FirewallDriver for NftablesDriver {
         for &family in families {
             self.exec.run(&render::teardown(family))?;
             self.applied[index(family)].clear();
+            self.shared[index(family)].clear();
             self.table_ok[index(family)] = false;
             if let Err(e) = self.exec.remove_accept(family) {
                 tracing::warn!("cannot take natmap's accept out of {family} DOCKER-USER: {e}");
             }
         }
+        // The engine tears down every family it uses: no rule is applied.
+        *self.applied_rules.lock().unwrap_or_else(|p| p.into_inner()) = Desired::default();
         self.installed = false;
         Ok(())
     }
@@ -343,14 +504,36 @@ impl FirewallDriver for NftablesDriver {
         })
     }
 
-    fn forward_drops(&self, _family: Family) -> bool {
-        // Not read by this backend yet; unknown counts as not dropped.
-        false
+    fn forward_drops(&self, family: Family) -> bool {
+        // natmap's table accepts nothing another filter drops: iptables'
+        // FORWARD policy decides, as on the iptables backend.
+        docker_user::forward_drops(family)
     }
 
     fn docker_published_ports(&self) -> Option<HashSet<(Proto, u16)>> {
         None
     }
+}
+
+/// What a [`RuleChange`] does to one family's elements.
+struct ElementPlan {
+    family: Family,
+    /// Elements no rule renders any more.
+    gone: Elements,
+    /// Elements no rule rendered before.
+    new: Elements,
+    /// Every element whose number of rendering rules changes, with the new
+    /// number.
+    counts: Vec<(Element, u32)>,
+}
+
+/// An unsupported rule as the driver's error.
+fn incompatible(u: render::Unsupported) -> FirewallError {
+    FirewallError::Incompatible(format!(
+        "rule {}: {} (not supported by the nftables backend yet; run the daemon with \
+         --backend iptables)",
+        u.id, u.what
+    ))
 }
 
 /// Per-rule counters from the element counters of natmap's tables: one
@@ -523,6 +706,98 @@ mod tests {
             *rec.batches.lock().unwrap(),
             1,
             "the map and its counter: one batch"
+        );
+    }
+
+    /// `dnat` of `port` on `ext` to 198.51.100.2, port kept.
+    fn dnat_on(id: u64, ext: &str, port: u16) -> Rule {
+        let mut rule = dnat(id, port);
+        if let RuleSpec::Dnat(d) = &mut rule.spec {
+            d.ext_ip = ext.parse().unwrap();
+        }
+        rule
+    }
+
+    fn change(put: Vec<Rule>, remove: Vec<u64>) -> RuleChange {
+        RuleChange { put, remove }
+    }
+
+    #[test]
+    fn a_rule_change_sends_its_own_elements_and_keeps_the_mirror_whole() {
+        let (mut d, rec) = started();
+        let before = rec.sent.lock().unwrap().len();
+        // Two mappings to one target port share its forwarding counter.
+        d.apply_change(&change(vec![dnat_on(1, "192.0.2.1", 25)], vec![]), &ALL)
+            .unwrap();
+        d.apply_change(&change(vec![dnat_on(2, "192.0.2.7", 25)], vec![]), &ALL)
+            .unwrap();
+        let sent = rec.sent.lock().unwrap()[before..].to_vec();
+        assert_eq!(
+            sent,
+            [
+                "netlink ipv4 add dnat_port x1",
+                "netlink ipv4 add fwd_port x1",
+                "netlink ipv4 add dnat_port x1",
+            ],
+            "the second mapping adds its dnat element only: the counter is there"
+        );
+        // Taking the first out leaves the counter the second still renders.
+        d.apply_change(&change(vec![], vec![1]), &ALL).unwrap();
+        assert_eq!(
+            rec.sent.lock().unwrap().last().unwrap(),
+            "netlink ipv4 delete dnat_port x1"
+        );
+        // The last one takes it with it.
+        d.apply_change(&change(vec![], vec![2]), &ALL).unwrap();
+        let sent = rec.sent.lock().unwrap();
+        assert_eq!(
+            sent[sent.len() - 2..],
+            [
+                "netlink ipv4 delete dnat_port x1",
+                "netlink ipv4 delete fwd_port x1"
+            ]
+        );
+        drop(sent);
+        // What the changes left is what a whole apply of no rules finds.
+        assert!(d.applied[0].is_empty() && d.shared[0].is_empty());
+        let n = rec.sent.lock().unwrap().len();
+        d.apply(&Desired::default(), &ALL, Mode::Change).unwrap();
+        assert_eq!(rec.sent.lock().unwrap().len(), n, "nothing left to send");
+    }
+
+    #[test]
+    fn a_replaced_rule_swaps_its_elements_and_a_refused_change_rebuilds() {
+        let (mut d, rec) = started();
+        d.apply_change(&change(vec![dnat(1, 25)], vec![]), &ALL)
+            .unwrap();
+        let moved = dnat_on(1, "192.0.2.9", 25);
+        d.apply_change(&change(vec![moved.clone()], vec![]), &ALL)
+            .unwrap();
+        assert_eq!(
+            *rec.sent.lock().unwrap().last().unwrap(),
+            "netlink ipv4 add dnat_port x1",
+            "the old element out, the new one in: {:?}",
+            rec.sent.lock().unwrap()
+        );
+        let mirror = d.applied_rules.lock().unwrap().clone();
+        assert_eq!(mirror.rules(), std::slice::from_ref(&moved));
+        // Refused (someone changed the table): rebuilt whole, with the change.
+        *rec.fail_next.lock().unwrap() = 1;
+        d.apply_change(&change(vec![dnat(2, 26)], vec![]), &ALL)
+            .unwrap();
+        let last = rec.sent.lock().unwrap().last().unwrap().clone();
+        assert!(last.starts_with("add table ip natmap\n"), "{last}");
+        assert!(
+            last.contains("192.0.2.9 . tcp . 25") && last.contains("192.0.2.1 . tcp . 26"),
+            "{last}"
+        );
+        let preview = d.preview_change(&change(vec![], vec![2]), &ALL).unwrap();
+        assert_eq!(preview.len(), 1, "{preview:?}");
+        assert!(
+            preview[0]
+                .1
+                .starts_with("delete element ip natmap dnat_port"),
+            "{preview:?}"
         );
     }
 

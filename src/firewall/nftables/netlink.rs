@@ -81,6 +81,40 @@ pub struct SetChange {
     pub elements: Vec<Element>,
 }
 
+/// One `NEWSETELEM` (created, acknowledged) or `DELSETELEM` message of
+/// `elements` (some of `change`'s), with sequence number and family `(seq, nfproto)`.
+fn element_message(
+    batch: &mut Vec<u8>,
+    change: &SetChange,
+    elements: &[Element],
+    (seq, nfproto): (u32, u8),
+    table: &str,
+) {
+    let (kind, flags) = if change.add {
+        (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE)
+    } else {
+        (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK)
+    };
+    let ty = (NFNL_SUBSYS_NFTABLES << 8) | kind;
+    message(batch, ty, flags, seq, nfproto, |b| {
+        attr(b, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
+        attr(b, NFTA_SET_ELEM_LIST_SET, &cstr(change.set));
+        nested(b, NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
+            for e in elements {
+                nested(b, NFTA_LIST_ELEM, |b| {
+                    nested(b, NFTA_SET_ELEM_KEY, |b| attr(b, NFTA_DATA_VALUE, &e.key));
+                    if let Some(end) = &e.key_end {
+                        nested(b, NFTA_SET_ELEM_KEY_END, |b| attr(b, NFTA_DATA_VALUE, end));
+                    }
+                    if let Some(data) = &e.data {
+                        nested(b, NFTA_SET_ELEM_DATA, |b| attr(b, NFTA_DATA_VALUE, data));
+                    }
+                });
+            }
+        });
+    });
+}
+
 /// Appends one concatenation part, padded to a 4-byte register.
 pub fn push_part(buf: &mut Vec<u8>, part: &[u8]) {
     buf.extend_from_slice(part);
@@ -206,38 +240,12 @@ impl Netlink {
             if change.elements.is_empty() {
                 continue;
             }
-            let (kind, flags) = if change.add {
-                (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE)
-            } else {
-                (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK)
-            };
             // An attribute's length is 16 bits: a long list goes in
             // several messages of the same batch (still one transaction).
             for chunk in change.elements.chunks(ELEMENTS_PER_MESSAGE) {
                 let seq = self.next_seq();
                 acks += 1;
-                let ty = (NFNL_SUBSYS_NFTABLES << 8) | kind;
-                message(&mut batch, ty, flags, seq, nfproto, |b| {
-                    attr(b, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
-                    attr(b, NFTA_SET_ELEM_LIST_SET, &cstr(change.set));
-                    nested(b, NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
-                        for e in chunk {
-                            nested(b, NFTA_LIST_ELEM, |b| {
-                                nested(b, NFTA_SET_ELEM_KEY, |b| attr(b, NFTA_DATA_VALUE, &e.key));
-                                if let Some(end) = &e.key_end {
-                                    nested(b, NFTA_SET_ELEM_KEY_END, |b| {
-                                        attr(b, NFTA_DATA_VALUE, end)
-                                    });
-                                }
-                                if let Some(data) = &e.data {
-                                    nested(b, NFTA_SET_ELEM_DATA, |b| {
-                                        attr(b, NFTA_DATA_VALUE, data)
-                                    });
-                                }
-                            });
-                        }
-                    });
-                });
+                element_message(&mut batch, change, chunk, (seq, nfproto), table);
             }
         }
         let end = self.next_seq();

@@ -11,7 +11,10 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use std::fmt::Write as _;
 
-use crate::model::{DockerRule, Endpoint, Family, IfName, PortList, Proto, Rule, RuleId, RuleSpec};
+use crate::model::{
+    DnatRule, DockerRule, Endpoint, Family, HairpinRule, IfName, PortList, Proto, Rule, RuleId,
+    RuleSpec, SnatRule,
+};
 
 use super::marks::Marks;
 
@@ -374,6 +377,40 @@ pub fn elements<'a>(
     Ok(out)
 }
 
+/// Elements that more than one rule renders, with how many rules beyond the
+/// first render them (two mappings to one target share its forwarding
+/// counter): an element leaves the kernel with the last rule that renders
+/// it.
+pub type Shared = HashMap<Element, u32>;
+
+/// [`elements`], and which of them more than one rule renders.
+pub fn counted<'a>(
+    rules: impl IntoIterator<Item = &'a Rule>,
+    family: Family,
+) -> Result<(Elements, Shared), Unsupported> {
+    let mut out = Elements::new();
+    let mut shared = Shared::new();
+    let mut mine = Elements::new();
+    for rule in rules {
+        render_rule(rule, family, &mut mine)?;
+        for e in std::mem::take(&mut mine) {
+            if out.contains(&e) {
+                *shared.entry(e).or_insert(0) += 1;
+            } else {
+                out.insert(e);
+            }
+        }
+    }
+    Ok((out, shared))
+}
+
+/// The elements one rule renders in `family`.
+pub fn of_rule(rule: &Rule, family: Family) -> Result<Elements, Unsupported> {
+    let mut out = Elements::new();
+    render_rule(rule, family, &mut out)?;
+    Ok(out)
+}
+
 /// [`elements`] and the owner of each counted element (for reading
 /// counters: the per-change path renders no owners).
 pub fn rendered<'a>(
@@ -403,85 +440,10 @@ fn render_rule(rule: &Rule, family: Family, out: &mut Elements) -> Result<(), Un
         what: what.to_owned(),
     };
     match &rule.spec {
-        RuleSpec::Dnat(r) => {
-            if r.ext_ip.family() != family {
-                return Ok(());
-            }
-            let ext_if = r.ext_if.as_ref().filter(|i| !i.is_any());
-            let iface = match ext_if {
-                Some(i) => Some(ifname(i).ok_or_else(|| {
-                    unsupported(&format!(
-                        "dnat --ext-if {}: only interface names of letters, digits, _ . - @ and a trailing +",
-                        i.as_str()
-                    ))
-                })?),
-                None => None,
-            };
-            let (ext, int) = (Part::Addr(r.ext_ip.ip()), Part::Addr(r.int_ip.ip()));
-            for ports in ranges(&r.ports) {
-                let p = Part::Proto(r.proto);
-                out.insert(fwd(vec![int.clone(), p.clone(), ports.clone()]));
-                let key = vec![ext.clone(), p, ports];
-                match &iface {
-                    Some(i) => {
-                        let mut k = vec![Part::Iface(i.clone())];
-                        k.extend(key);
-                        out.insert((Map::DnatIf, elem(k, vec![int.clone()])))
-                    }
-                    None => out.insert(dnat(key, int.clone())),
-                };
-            }
-        }
-        RuleSpec::Hairpin(r) => {
-            if r.ext_ip.family() != family {
-                return Ok(());
-            }
-            if r.int_net.family() != family {
-                return Err(unsupported(
-                    "hairpin with an internal network of the other family",
-                ));
-            }
-            let (ext, int) = (Part::Addr(r.ext_ip.ip()), Part::Addr(r.int_ip.ip()));
-            let p = Part::Proto(r.proto);
-            for ports in ranges(&r.ports) {
-                out.insert(dnat(
-                    vec![ext.clone(), p.clone(), ports.clone()],
-                    int.clone(),
-                ));
-                out.insert(fwd(vec![int.clone(), p.clone(), ports.clone()]));
-                out.insert((
-                    Map::Masq,
-                    elem(
-                        vec![network(&r.int_net), int.clone(), p.clone(), ports],
-                        vec![],
-                    ),
-                ));
-            }
-        }
-        RuleSpec::Snat(r) => {
-            if r.ext_ip.family() != family {
-                return Ok(());
-            }
-            if r.source.family() != family {
-                return Err(unsupported("snat of a source of the other family"));
-            }
-            let iface = ifname(&r.ext_if).ok_or_else(|| {
-                unsupported(&format!(
-                    "snat --ext-if {}: only interface names of letters, digits, _ . - @ and a trailing + \
-                     (nft has no wildcard for every interface)",
-                    r.ext_if.as_str()
-                ))
-            })?;
-            let key = vec![Part::Iface(iface), network(&r.source)];
-            out.insert((
-                Map::Snat,
-                elem(key.clone(), vec![Part::Addr(r.ext_ip.ip())]),
-            ));
-            if r.forward {
-                out.insert((Map::SnatFwd, elem(key, vec![])));
-            }
-        }
-        RuleSpec::PolicyRoute(_) => {}
+        RuleSpec::Dnat(r) => render_dnat(r, family, out).map_err(|w| unsupported(&w)),
+        RuleSpec::Hairpin(r) => render_hairpin(r, family, out).map_err(|w| unsupported(&w)),
+        RuleSpec::Snat(r) => render_snat(r, family, out).map_err(|w| unsupported(&w)),
+        RuleSpec::PolicyRoute(_) => Ok(()),
         RuleSpec::Docker(r) => {
             let target = match family {
                 Family::V4 => r.target_v4.as_ref(),
@@ -494,11 +456,93 @@ fn render_rule(rule: &Rule, family: Family, out: &mut Elements) -> Result<(), Un
             // A loopback-only publish is the relay's alone: a DNAT of
             // 127.0.0.1 in the output hook would take the host's own
             // connections away from it (and martian-drop them).
-            if r.loopback_only() {
-                return Ok(());
+            if !r.loopback_only() {
+                render_docker(r, target, family, out);
             }
-            render_docker(r, target, family, out);
+            Ok(())
         }
+    }
+}
+
+/// A `dnat`'s elements: the translation (per ingress interface when it
+/// names one) and the forwarding counter, per run of ports. `Err`: what the
+/// backend cannot express.
+fn render_dnat(r: &DnatRule, family: Family, out: &mut Elements) -> Result<(), String> {
+    if r.ext_ip.family() != family {
+        return Ok(());
+    }
+    let iface = match r.ext_if.as_ref().filter(|i| !i.is_any()) {
+        Some(i) => Some(ifname(i).ok_or_else(|| {
+            format!(
+                "dnat --ext-if {}: only interface names of letters, digits, _ . - @ and a trailing +",
+                i.as_str()
+            )
+        })?),
+        None => None,
+    };
+    let (ext, int) = (Part::Addr(r.ext_ip.ip()), Part::Addr(r.int_ip.ip()));
+    for ports in ranges(&r.ports) {
+        let p = Part::Proto(r.proto);
+        out.insert(fwd(vec![int.clone(), p.clone(), ports.clone()]));
+        let key = vec![ext.clone(), p, ports];
+        match &iface {
+            Some(i) => {
+                let mut k = vec![Part::Iface(i.clone())];
+                k.extend(key);
+                out.insert((Map::DnatIf, elem(k, vec![int.clone()])))
+            }
+            None => out.insert(dnat(key, int.clone())),
+        };
+    }
+    Ok(())
+}
+
+/// A `hairpin`'s elements: a dnat's, and the masquerade of its internal
+/// network's connections to the target.
+fn render_hairpin(r: &HairpinRule, family: Family, out: &mut Elements) -> Result<(), String> {
+    if r.ext_ip.family() != family {
+        return Ok(());
+    }
+    if r.int_net.family() != family {
+        return Err("hairpin with an internal network of the other family".into());
+    }
+    let (ext, int) = (Part::Addr(r.ext_ip.ip()), Part::Addr(r.int_ip.ip()));
+    let p = Part::Proto(r.proto);
+    for ports in ranges(&r.ports) {
+        out.insert(dnat(
+            vec![ext.clone(), p.clone(), ports.clone()],
+            int.clone(),
+        ));
+        out.insert(fwd(vec![int.clone(), p.clone(), ports.clone()]));
+        let masq = vec![network(&r.int_net), int.clone(), p.clone(), ports];
+        out.insert((Map::Masq, elem(masq, vec![])));
+    }
+    Ok(())
+}
+
+/// A `snat`'s elements: the new source by interface and source, and with
+/// `--forward` the mark that lets its connections through `DOCKER-USER`.
+fn render_snat(r: &SnatRule, family: Family, out: &mut Elements) -> Result<(), String> {
+    if r.ext_ip.family() != family {
+        return Ok(());
+    }
+    if r.source.family() != family {
+        return Err("snat of a source of the other family".into());
+    }
+    let iface = ifname(&r.ext_if).ok_or_else(|| {
+        format!(
+            "snat --ext-if {}: only interface names of letters, digits, _ . - @ and a trailing + \
+             (nft has no wildcard for every interface)",
+            r.ext_if.as_str()
+        )
+    })?;
+    let key = vec![Part::Iface(iface), network(&r.source)];
+    out.insert((
+        Map::Snat,
+        elem(key.clone(), vec![Part::Addr(r.ext_ip.ip())]),
+    ));
+    if r.forward {
+        out.insert((Map::SnatFwd, elem(key, vec![])));
     }
     Ok(())
 }
@@ -665,6 +709,8 @@ pub fn table(family: Family, elements: &Elements, marks: &Marks) -> String {
 }
 
 /// The chains of natmap's table: (name, hook, priority, rules).
+// Long because it is the table's whole rule set, hook by hook: read top to
+// bottom, it is the table it renders.
 fn chains(
     family: Family,
     marks: &Marks,
@@ -750,25 +796,27 @@ pub fn teardown(family: Family) -> String {
 /// The element changes from `applied` to `desired`, one transaction;
 /// `None` when they are equal.
 pub fn diff(family: Family, applied: &Elements, desired: &Elements) -> Option<String> {
-    let f = nfproto(family);
-    let mut s = String::new();
-    for (map, e) in applied.difference(desired) {
-        let _ = writeln!(s, "delete element {f} {TABLE} {} {{ {e} }}", map.name());
-    }
-    for (map, e) in desired.difference(applied) {
-        let _ = writeln!(s, "add element {f} {TABLE} {} {{ {e} }}", map.name());
-    }
-    (!s.is_empty()).then_some(s)
+    let gone: Elements = applied.difference(desired).cloned().collect();
+    let new: Elements = desired.difference(applied).cloned().collect();
+    changes_text(family, &gone, &new)
 }
 
 /// The element changes from `applied` to `desired` as netlink set-element
 /// messages: deletes first, so an element whose value changed is replaced.
 pub fn netlink_diff(applied: &Elements, desired: &Elements) -> Vec<netlink::SetChange> {
+    let gone: Elements = applied.difference(desired).cloned().collect();
+    let new: Elements = desired.difference(applied).cloned().collect();
+    netlink_changes(&gone, &new)
+}
+
+/// Deleting `gone` and adding `new` as netlink set-element messages, one
+/// per map: deletes first, so an element whose value changed is replaced.
+pub fn netlink_changes(gone: &Elements, new: &Elements) -> Vec<netlink::SetChange> {
     let mut out: Vec<netlink::SetChange> = Vec::new();
-    for (add, from, to) in [(false, applied, desired), (true, desired, applied)] {
+    for (add, elements) in [(false, gone), (true, new)] {
         for map in Map::ALL {
-            let elements: Vec<netlink::Element> = from
-                .difference(to)
+            let elements: Vec<netlink::Element> = elements
+                .iter()
                 .filter(|(m, _)| *m == map)
                 .map(|(_, e)| e.netlink(map.interval()))
                 .collect();
@@ -782,6 +830,19 @@ pub fn netlink_diff(applied: &Elements, desired: &Elements) -> Vec<netlink::SetC
         }
     }
     out
+}
+
+/// Deleting `gone` and adding `new` as `nft -f` text (dry run).
+pub fn changes_text(family: Family, gone: &Elements, new: &Elements) -> Option<String> {
+    let f = nfproto(family);
+    let mut s = String::new();
+    for (map, e) in gone {
+        let _ = writeln!(s, "delete element {f} {TABLE} {} {{ {e} }}", map.name());
+    }
+    for (map, e) in new {
+        let _ = writeln!(s, "add element {f} {TABLE} {} {{ {e} }}", map.name());
+    }
+    (!s.is_empty()).then_some(s)
 }
 
 #[cfg(test)]

@@ -1,4 +1,6 @@
-//! Transport protocol of a forwarded port.
+//! Transport (layer 4) protocol of a forwarded port: TCP or UDP. Named
+//! `l4`, not `proto`, so it is not mistaken for the wire protocol
+//! (`crate::proto`).
 
 use std::fmt;
 use std::str::FromStr;

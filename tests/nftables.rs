@@ -1026,8 +1026,8 @@ fn save_export_is_an_nft_fragment_that_serves_without_the_daemon() {
 const SAFETY_NET_SECS: u64 = 60;
 
 /// A daemon on the nftables backend whose periodic drift check runs every
-/// [`SAFETY_NET_SECS`] (from its start), so only nftables events repair
-/// quickly.
+/// [`SAFETY_NET_SECS`] after its first, so only nftables events repair
+/// quickly; returned once that first check is behind it.
 fn daemon_on_events(ns: &Netns, dir: &StateDir) -> Daemon {
     let mut opts = DaemonOptions::isolated();
     opts.extra_args
@@ -1036,7 +1036,11 @@ fn daemon_on_events(ns: &Netns, dir: &StateDir) -> Daemon {
         "NATMAP_NFT_SAFETY_NET_SECS".into(),
         SAFETY_NET_SECS.to_string().into(),
     ));
-    Daemon::start_with_options(ns, dir, opts)
+    let d = Daemon::start_with_options(ns, dir, opts);
+    // The tick checks once 2 s after start (did the start take?), then
+    // every SAFETY_NET_SECS: past that first check, only events repair.
+    std::thread::sleep(Duration::from_millis(2500));
+    d
 }
 
 /// Runs `change` (someone else's command) and waits until `repaired`

@@ -109,12 +109,20 @@ impl Engine {
         // With events (nftables), the kernel reports changes as they
         // happen; the tick's check is only a safety net for what events
         // cannot show (an iptables-legacy DOCKER-USER, a watcher that died).
+        // Except: the first check after start (did the start take?), and
+        // while a repair did not take (natmap's own rewrites send no
+        // events, and "cannot converge" needs the checks in a row).
         let events = self
             .upkeep
             .drift_events
             .as_ref()
             .is_some_and(|running| running.load(std::sync::atomic::Ordering::SeqCst));
-        if let (true, Some((at, _))) = (events, self.upkeep.last_drift_check) {
+        let converging = self
+            .upkeep
+            .convergence
+            .iter()
+            .any(|c| c.streak > 0 && c.stuck.is_none());
+        if let (true, false, Some((at, _))) = (events, converging, self.upkeep.last_drift_check) {
             if at.elapsed() < crate::firewall::nftables::events::safety_net() {
                 return;
             }
@@ -146,14 +154,10 @@ impl Engine {
     }
 
     /// Drift is reported by events from now on (`running` while the
-    /// watcher runs): the tick's check runs only every
-    /// [`safety_net`](crate::firewall::nftables::events::safety_net),
-    /// counted from now (the rules were just applied whole).
+    /// watcher runs): after the first tick's check, the tick's check runs
+    /// only every [`safety_net`](crate::firewall::nftables::events::safety_net).
     pub fn drift_by_events(&mut self, running: std::sync::Arc<std::sync::atomic::AtomicBool>) {
         self.upkeep.drift_events = Some(running);
-        self.upkeep
-            .last_drift_check
-            .get_or_insert((std::time::Instant::now(), std::time::Duration::ZERO));
     }
 
     /// Someone else changed natmap's nftables state of a family: the

@@ -79,6 +79,65 @@ pub fn open_netfilter(recv_timeout: Option<Duration>) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Sets an `int` socket option.
+pub fn set_int_option(
+    fd: &OwnedFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: an int option of the right size on our own socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            std::ptr::addr_of!(value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes reads and writes on `fd` return at once instead of waiting.
+pub fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: fcntl on our own descriptor; the flags are read, then extended.
+    let rc = unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 {
+            flags
+        } else {
+            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK)
+        }
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The port id the kernel gave `fd` (what its messages carry as sender).
+pub fn port_id(fd: &OwnedFd) -> io::Result<u32> {
+    // SAFETY: an all-zero sockaddr_nl is valid; getsockname fills it.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+    // SAFETY: `addr` is a valid sockaddr_nl of `len` bytes.
+    let rc = unsafe {
+        libc::getsockname(
+            fd.as_raw_fd(),
+            std::ptr::addr_of_mut!(addr).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(addr.nl_pid)
+}
+
 /// Sends `buf` as one datagram.
 pub fn send(fd: &OwnedFd, buf: &[u8]) -> io::Result<()> {
     // SAFETY: sending an initialised buffer on our own socket.

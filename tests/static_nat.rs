@@ -889,6 +889,12 @@ fn dry_run_changes_nothing_and_shows_the_exact_transaction() {
         argv.push(file.to_str().unwrap());
         topo.router.run_ok(&argv);
     };
+    // The daemon is held (SIGSTOP) meanwhile: these are outside changes
+    // to natmap's rules, which it would repair (at once on nftables, from
+    // events) before the undo.
+    use nix::sys::signal::{kill, Signal};
+    let pid = nix::unistd::Pid::from_raw(d.pid().expect("running") as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
     run_file(&path);
     let by_hand = natmap_installed(&topo.router, false);
     assert_ne!(
@@ -898,6 +904,7 @@ fn dry_run_changes_nothing_and_shows_the_exact_transaction() {
     std::fs::write(&path, undo).unwrap();
     run_file(&path);
     assert_eq!(natmap_installed(&topo.router, false), rules_before);
+    kill(pid, Signal::SIGCONT).unwrap();
     let real = d.cli_json(&add[1..]);
     assert_eq!(real["data"]["result"], "added", "{real}");
     assert_eq!(natmap_installed(&topo.router, false), by_hand);

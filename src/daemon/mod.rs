@@ -114,6 +114,9 @@ pub(crate) enum EngineMsg {
     },
     /// The firewall thread finished a transaction (engine::offload).
     FirewallDone(Box<engine::FirewallDone>),
+    /// Someone else changed natmap's nftables state of a family
+    /// (firewall::nftables::events): check it and repair now.
+    FirewallChanged(firewall::nftables::events::Change),
 }
 
 impl EngineMsg {
@@ -133,6 +136,7 @@ impl EngineMsg {
             EngineMsg::Reload => "reload",
             EngineMsg::Metrics { .. } => "metrics",
             EngineMsg::FirewallDone(_) => "firewall-done",
+            EngineMsg::FirewallChanged(_) => "firewall-changed",
         }
     }
 
@@ -152,6 +156,8 @@ impl EngineMsg {
             },
             EngineMsg::ApplyResolved(pending) => pending.is_dry_run(),
             EngineMsg::FirewallDone(_) => true,
+            // The check needs the driver: it runs once the driver is back.
+            EngineMsg::FirewallChanged(_) => false,
             _ => false,
         }
     }
@@ -186,6 +192,10 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
         tokio::runtime::Handle::current(),
         tx.clone(),
     );
+    let nft_events = match backend {
+        firewall::Backend::Nftables => watch_nftables(&mut engine, tx.clone()),
+        firewall::Backend::Iptables => None,
+    };
 
     let listener = match server::bind(&config.socket_path, &config.socket_group) {
         Ok(l) => l,
@@ -211,6 +221,7 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
     )));
 
     server::serve(listener, tx.clone(), shutdown, latency).await;
+    drop(nft_events);
     stop(&stopping, tasks, &tx, engine_thread).await;
     let _ = fs::remove_file(&config.socket_path);
     tracing::info!("natmap daemon stopped");
@@ -475,6 +486,7 @@ fn handle_message(
             let _ = reply.send(Box::new(engine.metrics_snapshot()));
         }
         EngineMsg::FirewallDone(done) => engine.firewall_done(*done),
+        EngineMsg::FirewallChanged(change) => engine.firewall_changed(&change),
     }
     false
 }
@@ -515,6 +527,30 @@ fn handle_request(
             engine.apply_begin(request, peer, reply)
         }
         request => engine.handle_later(request, peer, reply),
+    }
+}
+
+/// Starts the watcher of nf_tables events (nftables backend): changes of
+/// natmap's tables or its `DOCKER-USER` accept by anyone else become
+/// [`EngineMsg::FirewallChanged`], and the periodic drift check becomes a
+/// slow safety net. Without it (no socket), the check stays on every tick.
+fn watch_nftables(
+    engine: &mut Engine,
+    tx: mpsc::Sender<EngineMsg>,
+) -> Option<firewall::nftables::events::Watcher> {
+    use firewall::nftables::events::Watcher;
+    match Watcher::start(move |change| tx.send(EngineMsg::FirewallChanged(change)).is_ok()) {
+        Ok(watcher) => {
+            engine.drift_by_events(watcher.running());
+            Some(watcher)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "cannot watch nftables events ({e}); natmap's rules are checked every {} s instead",
+                TICK.as_secs()
+            );
+            None
+        }
     }
 }
 

@@ -441,6 +441,8 @@ pub(crate) fn run_tool(
                 "cannot run it: {e} (is the {package} package installed?)"
             ))
         })?;
+    // Its nftables changes are natmap's own, not drift.
+    nftables::events::spawned(child.id());
     if let Some(input) = stdin {
         let mut pipe = child.stdin.take().expect("stdin was piped");
         pipe.write_all(input.as_bytes())

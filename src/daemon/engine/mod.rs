@@ -199,6 +199,9 @@ struct Upkeep {
     convergence: [repair::Convergence; 2],
     /// When the last drift check ran and how long it held the engine.
     last_drift_check: Option<(std::time::Instant, std::time::Duration)>,
+    /// Set (true) while a watcher reports changes of natmap's rules
+    /// (nftables events): the periodic drift check is then a safety net.
+    drift_events: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// What a commit makes the next state.
@@ -409,6 +412,7 @@ impl Engine {
                 last_repair: None,
                 convergence: Default::default(),
                 last_drift_check: None,
+                drift_events: None,
             },
         }
     }

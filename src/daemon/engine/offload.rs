@@ -204,18 +204,16 @@ impl Engine {
         }
     }
 
-    /// Starts the drift check of every family on the firewall thread; the
+    /// Starts the drift check of `families` on the firewall thread; the
     /// engine repairs what differs when the answer comes
     /// ([`Engine::firewall_done`]). False when it cannot (no daemon around
     /// it, no thread): the caller checks on this thread.
-    pub(super) fn drift_check_off_thread(&mut self) -> bool {
+    pub(super) fn drift_check_off_thread(&mut self, families: Vec<Family>) -> bool {
         let Some(answer) = self.messages() else {
             return false;
         };
         let job = Job {
-            work: Work::Drift {
-                families: self.families(),
-            },
+            work: Work::Drift { families },
             fw: self.firewall.driver.take().expect(LENT),
             answer,
         };

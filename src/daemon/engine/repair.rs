@@ -106,6 +106,27 @@ impl Engine {
         if !self.fw().installed() {
             return;
         }
+        // With events (nftables), the kernel reports changes as they
+        // happen; the tick's check is only a safety net for what events
+        // cannot show (an iptables-legacy DOCKER-USER, a watcher that died).
+        // Except: the first check after start (did the start take?), and
+        // while a repair did not take (natmap's own rewrites send no
+        // events, and "cannot converge" needs the checks in a row).
+        let events = self
+            .upkeep
+            .drift_events
+            .as_ref()
+            .is_some_and(|running| running.load(std::sync::atomic::Ordering::SeqCst));
+        let converging = self
+            .upkeep
+            .convergence
+            .iter()
+            .any(|c| c.streak > 0 && c.stuck.is_none());
+        if let (true, false, Some((at, _))) = (events, converging, self.upkeep.last_drift_check) {
+            if at.elapsed() < crate::firewall::nftables::events::safety_net() {
+                return;
+            }
+        }
         // A drift check reads the family's tables, which grows with
         // the ruleset (0.7 s at 20,000 rules on iptables-nft). Spacing the
         // checks by a multiple of their cost keeps them to a small share
@@ -115,16 +136,40 @@ impl Engine {
                 return;
             }
         }
-        // Off this thread when it can: requests are answered meanwhile.
-        if self.drift_check_off_thread() {
+        self.check_drift(self.families());
+    }
+
+    /// Checks `families` and repairs what differs: off this thread when it
+    /// can (requests are answered meanwhile).
+    fn check_drift(&mut self, families: Vec<Family>) {
+        if self.drift_check_off_thread(families.clone()) {
             return;
         }
         let start = std::time::Instant::now();
-        for family in self.families() {
+        for family in families {
             let drift = self.fw_mut().drift(family);
             self.repair_family(family, drift);
         }
         self.upkeep.last_drift_check = Some((start, start.elapsed()));
+    }
+
+    /// Drift is reported by events from now on (`running` while the
+    /// watcher runs): after the first tick's check, the tick's check runs
+    /// only every [`safety_net`](crate::firewall::nftables::events::safety_net).
+    pub fn drift_by_events(&mut self, running: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        self.upkeep.drift_events = Some(running);
+    }
+
+    /// Someone else changed natmap's nftables state of a family: the
+    /// tick's check and repair, now (not spaced: events come only when
+    /// something changed, and a burst is one report).
+    pub fn firewall_changed(&mut self, change: &crate::firewall::nftables::events::Change) {
+        change.take();
+        let family = change.family();
+        if !self.fw().installed() || !self.families().contains(&family) {
+            return;
+        }
+        self.check_drift(vec![family]);
     }
 
     /// Repairs `family` if the drift check found natmap's rules changed.

@@ -6,8 +6,10 @@
 //! # Layout
 //! - [`render`]: pure, rules → map elements, the table text, element diffs;
 //! - [`exec`]: running `nft -f -` (stdin, never a shell) for whole tables,
-//!   reading the kernel back with `nft -j list table`, element changes over
-//!   [`netlink`] (no process per change);
+//!   counting the kernel's table for drift and element changes over
+//!   [`netlink`] (no process per change or check; counters still read
+//!   with `nft -j list table`);
+//! - [`events`]: the watcher of nf_tables notifications (drift by events);
 //! - this file: [`NftablesDriver`], the [`FirewallDriver`] over them, and
 //!   its mirror of the elements it applied.
 //!
@@ -24,10 +26,15 @@
 //! Counters: every element of the NAT maps and of `fwd_count` carries a
 //! counter; [`NftCounters`] reads them back per rule.
 //!
-//! Not done yet: event subscription for drift (the check reads the table
-//! back), snat on every interface (`--ext-if +`, nft has no wildcard for it).
+//! Drift: [`events`] watches nf_tables notifications and reports changes
+//! of natmap's tables and `DOCKER-USER` made by anyone else; the engine
+//! then runs [`FirewallDriver::drift`] and repairs at once.
+//!
+//! Not done yet: snat on every interface (`--ext-if +`, nft has no
+//! wildcard for it).
 
 pub mod docker_user;
+pub mod events;
 pub mod exec;
 pub mod marks;
 pub mod netlink;
@@ -207,6 +214,31 @@ impl NftablesDriver {
 
     fn full_apply(&mut self, family: Family, wanted: Elements) -> Result<(), FirewallError> {
         self.exec.run(&render::full(family, &wanted, &self.marks))?;
+        self.applied[index(family)] = wanted;
+        self.table_ok[index(family)] = true;
+        self.installed = true;
+        self.ensure_accept(family);
+        Ok(())
+    }
+
+    /// A repair's rebuild: the table with its chains and empty maps
+    /// through `nft -f -`, then every element in one netlink batch. `nft`
+    /// parsing the elements took 0.22 s of a repair at 1,000 mappings
+    /// (the batch takes milliseconds). The table is broken already when
+    /// this runs, so the moment its maps are empty costs nothing; a
+    /// refused batch rebuilds it whole through `nft`.
+    fn rebuild(&mut self, family: Family, wanted: Elements) -> Result<(), FirewallError> {
+        let adds = render::netlink_diff(&Elements::new(), &wanted);
+        if adds.is_empty() {
+            return self.full_apply(family, wanted);
+        }
+        self.exec
+            .run(&render::full(family, &Elements::new(), &self.marks))?;
+        self.table_ok[index(family)] = false;
+        if let Err(e) = self.exec.elements(family, &adds) {
+            tracing::debug!("{family} elements refused in a rebuild ({e}); rebuilding through nft");
+            return self.full_apply(family, wanted);
+        }
         self.applied[index(family)] = wanted;
         self.table_ok[index(family)] = true;
         self.installed = true;
@@ -459,7 +491,7 @@ impl FirewallDriver for NftablesDriver {
             return self.exec.ensure_accept(family, self.marks.ct).map(drop);
         }
         let wanted = self.applied[index(family)].clone();
-        self.full_apply(family, wanted)
+        self.rebuild(family, wanted)
     }
 
     fn export(&self, family: Family) -> String {

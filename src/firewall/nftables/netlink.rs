@@ -7,12 +7,15 @@
 //! batch here (interval maps of concatenations carry `NFTA_SET_ELEM_KEY_END`);
 //! the whole table (start, recovery, repair) still goes through `nft -f -`.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::OwnedFd;
 
 use crate::model::Family;
+pub(super) use crate::netlink::attr;
 use crate::netlink::{
-    attr, error_of, messages, nested, NLMSG_ERROR, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST,
+    attrs, error_of, messages, nested, NLMSG_DONE, NLMSG_ERROR, NLM_F_ACK, NLM_F_CREATE,
+    NLM_F_DUMP, NLM_F_REQUEST,
 };
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
@@ -28,6 +31,27 @@ const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
 const NFTA_SET_ELEM_KEY_END: u16 = 10;
 const NFTA_DATA_VALUE: u16 = 1;
+/// Elements per message: the largest (an IPv6 interface-bound interval
+/// with its value) takes under 120 bytes, so 256 stay well below the
+/// 64 KiB of a nested attribute.
+const ELEMENTS_PER_MESSAGE: usize = 256;
+/// Room for a whole table's elements in one batch (a repair sends them
+/// all; the kernel grants root more than wmem_max).
+const SEND_BUFFER: libc::c_int = 32 << 20;
+const NLM_F_DUMP_INTR: u16 = 0x10;
+const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_GETCHAIN: u16 = 4;
+const NFT_MSG_GETRULE: u16 = 7;
+const NFT_MSG_GETSET: u16 = 10;
+const NFT_MSG_GETSETELEM: u16 = 13;
+/// Attribute 1 of table, chain, rule and set messages: the table's name.
+const ATTR_TABLE: u16 = 1;
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_FLAGS: u16 = 3;
+const NFT_SET_ANONYMOUS: u32 = 0x1;
 const NFPROTO_IPV4: u8 = 2;
 const NFPROTO_IPV6: u8 = 10;
 
@@ -55,10 +79,11 @@ pub struct SetChange {
 }
 
 /// One `NEWSETELEM` (created, acknowledged) or `DELSETELEM` message of
-/// `change`'s elements, with sequence number and family `(seq, nfproto)`.
+/// `elements` (some of `change`'s), with sequence number and family `(seq, nfproto)`.
 fn element_message(
     batch: &mut Vec<u8>,
     change: &SetChange,
+    elements: &[Element],
     (seq, nfproto): (u32, u8),
     table: &str,
 ) {
@@ -72,7 +97,7 @@ fn element_message(
         attr(b, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
         attr(b, NFTA_SET_ELEM_LIST_SET, &cstr(change.set));
         nested(b, NFTA_SET_ELEM_LIST_ELEMENTS, |b| {
-            for e in &change.elements {
+            for e in elements {
                 nested(b, NFTA_LIST_ELEM, |b| {
                     nested(b, NFTA_SET_ELEM_KEY, |b| attr(b, NFTA_DATA_VALUE, &e.key));
                     if let Some(end) = &e.key_end {
@@ -93,6 +118,9 @@ pub fn push_part(buf: &mut Vec<u8>, part: &[u8]) {
     buf.resize(buf.len() + (4 - part.len() % 4) % 4, 0);
 }
 
+/// Rules per chain and elements per set, by name ([`Netlink::count_table`]).
+pub type TableCounts = (BTreeMap<String, usize>, BTreeMap<String, usize>);
+
 /// A `NETLINK_NETFILTER` socket in the caller's network namespace.
 pub struct Netlink {
     fd: OwnedFd,
@@ -102,10 +130,19 @@ pub struct Netlink {
 impl Netlink {
     /// Opens and binds the socket.
     pub fn open() -> io::Result<Netlink> {
-        Ok(Netlink {
-            fd: crate::netlink::open_netfilter(None)?,
-            seq: 1,
-        })
+        let fd = crate::netlink::open_netfilter(None)?;
+        // Room for a whole table's elements (root may pass wmem_max).
+        if crate::netlink::set_int_option(&fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, SEND_BUFFER)
+            .is_err()
+        {
+            let _ =
+                crate::netlink::set_int_option(&fd, libc::SOL_SOCKET, libc::SO_SNDBUF, SEND_BUFFER);
+        }
+        // Its batches are natmap's own, not drift (events.rs).
+        if let Ok(port) = crate::netlink::port_id(&fd) {
+            super::events::own_socket(port);
+        }
+        Ok(Netlink { fd, seq: 1 })
     }
 
     /// Deletes `del` then adds `add` in set `set` of natmap's `table` of
@@ -155,9 +192,13 @@ impl Netlink {
             if change.elements.is_empty() {
                 continue;
             }
-            let seq = self.next_seq();
-            acks += 1;
-            element_message(&mut batch, change, (seq, nfproto), table);
+            // An attribute's length is 16 bits: a long list goes in
+            // several messages of the same batch (still one transaction).
+            for chunk in change.elements.chunks(ELEMENTS_PER_MESSAGE) {
+                let seq = self.next_seq();
+                acks += 1;
+                element_message(&mut batch, change, chunk, (seq, nfproto), table);
+            }
         }
         let end = self.next_seq();
         message(
@@ -173,6 +214,165 @@ impl Netlink {
         }
         crate::netlink::send(&self.fd, &batch)?;
         self.read_acks(acks)
+    }
+
+    /// Counts what `table` of `family` holds, read over netlink (no
+    /// process, nothing parsed but the counts): rules per chain and
+    /// elements per set or map, by name; `None` when the table does not
+    /// exist. Every set of natmap's table is a hash or a concatenation
+    /// (one kernel element per element, as `nft` lists them).
+    pub fn count_table(&mut self, family: Family, table: &str) -> io::Result<Option<TableCounts>> {
+        let nfproto = nfproto(family);
+        let name = cstr(table);
+        let get = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE;
+        match self.request(
+            get,
+            NLM_F_REQUEST | NLM_F_ACK,
+            nfproto,
+            &[(NFTA_TABLE_NAME, &name)],
+            |_| {},
+        ) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let ours = |body: &[u8]| attr_of(body, ATTR_TABLE) == Some(&name[..]);
+        let mut chains = BTreeMap::new();
+        let chain_dump = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETCHAIN;
+        self.request(
+            chain_dump,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            nfproto,
+            &[(ATTR_TABLE, &name)],
+            |body| {
+                if ours(body) {
+                    if let Some(chain) = attr_of(body, NFTA_CHAIN_NAME) {
+                        chains.entry(string(chain)).or_insert(0);
+                    }
+                }
+            },
+        )?;
+        let rule_dump = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE;
+        self.request(
+            rule_dump,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            nfproto,
+            &[(ATTR_TABLE, &name)],
+            |body| {
+                if ours(body) {
+                    if let Some(chain) = attr_of(body, NFTA_RULE_CHAIN) {
+                        *chains.entry(string(chain)).or_insert(0) += 1;
+                    }
+                }
+            },
+        )?;
+        let mut sets = BTreeMap::new();
+        let set_dump = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSET;
+        self.request(
+            set_dump,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            nfproto,
+            &[(ATTR_TABLE, &name)],
+            |body| {
+                // Anonymous sets (`{ tcp, udp }` in a rule) are the rule's,
+                // not listed by `nft` as sets.
+                let anonymous = attr_of(body, NFTA_SET_FLAGS)
+                    .and_then(|v| v.get(..4))
+                    .is_some_and(|v| {
+                        u32::from_be_bytes(v.try_into().expect("4 bytes")) & NFT_SET_ANONYMOUS != 0
+                    });
+                if ours(body) && !anonymous {
+                    if let Some(set) = attr_of(body, NFTA_SET_NAME) {
+                        sets.insert(string(set), 0usize);
+                    }
+                }
+            },
+        )?;
+        let elem_dump = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM;
+        for (set, count) in sets.iter_mut() {
+            let set_name = cstr(set);
+            self.request(
+                elem_dump,
+                NLM_F_REQUEST | NLM_F_DUMP,
+                nfproto,
+                &[
+                    (NFTA_SET_ELEM_LIST_TABLE, &name),
+                    (NFTA_SET_ELEM_LIST_SET, &set_name),
+                ],
+                |body| {
+                    if let Some(list) = attr_of(body, NFTA_SET_ELEM_LIST_ELEMENTS) {
+                        *count += attrs(list).filter(|&(ty, _)| ty == NFTA_LIST_ELEM).count();
+                    }
+                },
+            )?;
+        }
+        Ok(Some((chains, sets)))
+    }
+
+    /// Sends one request (`attrs` as strings) and reads its answers until
+    /// the acknowledgement (or, for a dump, its end), handing the body of
+    /// every answer after its nfgenmsg to `each`.
+    fn request(
+        &mut self,
+        ty: u16,
+        flags: u16,
+        nfproto: u8,
+        request_attrs: &[(u16, &[u8])],
+        mut each: impl FnMut(&[u8]),
+    ) -> io::Result<()> {
+        let seq = self.next_seq();
+        let mut req = Vec::new();
+        message(&mut req, ty, flags, seq, nfproto, |b| {
+            for (t, v) in request_attrs {
+                attr(b, *t, v);
+            }
+        });
+        crate::netlink::send(&self.fd, &req)?;
+        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        let mut interrupted = false;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let mut msgs = crate::netlink::recv(&self.fd, &mut buf)?;
+            while msgs.len() >= 16 {
+                let len = u32::from_ne_bytes(msgs[0..4].try_into().expect("4 bytes")) as usize;
+                let ty = u16::from_ne_bytes(msgs[4..6].try_into().expect("2 bytes"));
+                let msg_flags = u16::from_ne_bytes(msgs[6..8].try_into().expect("2 bytes"));
+                let got = u32::from_ne_bytes(msgs[8..12].try_into().expect("4 bytes"));
+                if len < 16 || len > msgs.len() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "short netlink message",
+                    ));
+                }
+                let body = &msgs[16..len];
+                msgs = &msgs[crate::netlink::align(len).min(msgs.len())..];
+                if got != seq {
+                    continue;
+                }
+                if msg_flags & NLM_F_DUMP_INTR != 0 {
+                    // The ruleset changed during the dump: the counts
+                    // may be torn (the caller reads another way).
+                    interrupted = true;
+                }
+                match ty {
+                    NLMSG_ERROR if body.len() >= 4 => {
+                        let errno = i32::from_ne_bytes(body[0..4].try_into().expect("4 bytes"));
+                        if errno != 0 {
+                            return Err(io::Error::from_raw_os_error(-errno));
+                        }
+                        if !dump {
+                            return Ok(());
+                        }
+                    }
+                    NLMSG_DONE if interrupted => {
+                        return Err(io::Error::from_raw_os_error(libc::EINTR))
+                    }
+                    NLMSG_DONE => return Ok(()),
+                    _ if body.len() >= 4 => each(&body[4..]),
+                    _ => {}
+                }
+            }
+        }
     }
 
     fn next_seq(&mut self) -> u32 {
@@ -197,6 +397,23 @@ impl Netlink {
     }
 }
 
+fn nfproto(family: Family) -> u8 {
+    match family {
+        Family::V4 => NFPROTO_IPV4,
+        Family::V6 => NFPROTO_IPV6,
+    }
+}
+
+fn attr_of(body: &[u8], want: u16) -> Option<&[u8]> {
+    attrs(body).find(|&(ty, _)| ty == want).map(|(_, v)| v)
+}
+
+/// A string attribute's text, up to its NUL.
+fn string(v: &[u8]) -> String {
+    let v = v.split(|&b| b == 0).next().unwrap_or(v);
+    String::from_utf8_lossy(v).into_owned()
+}
+
 fn cstr(s: &str) -> Vec<u8> {
     let mut v = s.as_bytes().to_vec();
     v.push(0);
@@ -205,7 +422,7 @@ fn cstr(s: &str) -> Vec<u8> {
 
 /// One netlink message with an nfgenmsg header; `body` writes the
 /// attributes. Batch markers name the nf_tables subsystem as their resource.
-fn message(
+pub(super) fn message(
     buf: &mut Vec<u8>,
     ty: u16,
     flags: u16,

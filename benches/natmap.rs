@@ -592,10 +592,17 @@ impl Backend {
     }
 
     /// DNAT lines of natmap's nat chain `NATMAP` and its port shards
-    /// (`NATMAP-T<block>`, `NATMAP-U<block>`): one per mapping.
+    /// (`NATMAP-T<block>`, `NATMAP-U<block>`): one per mapping; `None`
+    /// when there is no `NATMAP` chain.
     fn count_dnat(&self) -> Option<usize> {
         let out = output(self.cmd("iptables").args(["-w", "10", "-t", "nat", "-S"])).ok()?;
         if !out.status.success() {
+            return None;
+        }
+        if !String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l == "-N NATMAP")
+        {
             return None;
         }
         let natmap_chain = |chain: &str| {

@@ -1291,6 +1291,8 @@ fn natmap_phase(ctx: &Ctx, v: &Variant, n: usize, run: &mut Run) -> Result<(), S
                     timed_ok(Command::new("nft").args(["-j", "list", "table", "ip", "natmap"]))
                 }),
             );
+            // A single port: natmap's hash map of single-port mappings
+            // (`dnat_addr` holds port ranges, as intervals).
             let elem = format!("{{ {EXT_IP} . tcp . {PROBE_PORT} : {INT_IP} }}");
             let mut add = Vec::new();
             let mut del = Vec::new();
@@ -1300,7 +1302,7 @@ fn natmap_phase(ctx: &Ctx, v: &Variant, n: usize, run: &mut Run) -> Result<(), S
                     "element",
                     "ip",
                     "natmap",
-                    "dnat_addr",
+                    "dnat_port",
                     elem.as_str(),
                 ]));
                 let r = timed_ok(Command::new("nft").args([
@@ -1308,7 +1310,7 @@ fn natmap_phase(ctx: &Ctx, v: &Variant, n: usize, run: &mut Run) -> Result<(), S
                     "element",
                     "ip",
                     "natmap",
-                    "dnat_addr",
+                    "dnat_port",
                     elem.as_str(),
                 ]));
                 match (a, r) {

@@ -9,9 +9,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use tokio::sync::oneshot;
 
-use crate::model::{DnatRule, HairpinRule, PortClaim, Rule, RuleId, RuleSpec, SnatRule};
+use crate::model::{DnatRule, HairpinRule, PortClaim, Proto, Rule, RuleId, RuleSpec, SnatRule};
 use crate::proto::{ChangeKind, ChangeResult, ErrorCode, Request, Response};
 use crate::state::{Delta, State};
+
+use super::identity::Identities;
 
 use super::super::reserve::{self, Reservation};
 use super::{forget_flows, Engine, Failure, Outcome, Peer};
@@ -167,7 +169,7 @@ impl Engine {
     /// the batch's [`Delta`] (`None` when nothing changes) and each change's
     /// plan.
     fn plan_changes(&self, changes: Vec<Change>) -> (Option<Delta>, Vec<Planned>) {
-        let mut next = Working::new(&self.state);
+        let mut next = Working::new(&self.state, &self.identities);
         let mut plans: Vec<Planned> = Vec::with_capacity(changes.len());
         for change in changes {
             let planned = match change {
@@ -175,7 +177,7 @@ impl Engine {
                     .plan_add(&mut next, &plans, spec)
                     .unwrap_or_else(|f| Planned::Done(Err(f))),
                 Change::Delete(spec) => plan_delete(&mut next, &spec),
-                Change::DeleteId(id) => next.take(|r| r.id == id).map_or_else(
+                Change::DeleteId(id) => next.take_id(id).map_or_else(
                     || {
                         Planned::Done(Err(Failure::new(
                             ErrorCode::NotFound,
@@ -276,7 +278,7 @@ impl Engine {
                 "IPv6 NAT is not available in this kernel (load ip6table_nat); IPv4 rules keep working",
             ));
         }
-        if let Some(existing) = next.rules().find(|r| r.spec.same_rule(&spec)) {
+        if let Some(existing) = next.find_same(&spec) {
             return Ok(self.already_present(existing, self.change_notes(&spec)));
         }
         self.check_addresses(&spec)?;
@@ -327,9 +329,13 @@ impl Engine {
     /// a conflict. `None`: no such overlap, plan the add as usual.
     fn plan_overlap(&self, next: &mut Working, spec: &RuleSpec) -> Outcome<Option<Planned>> {
         match spec {
-            RuleSpec::Hairpin(h) => upgrade_dnat(next, h),
-            RuleSpec::Dnat(d) => Ok(next
-                .rules()
+            RuleSpec::Hairpin(h) => {
+                let near = self.near(next, h.proto, h.ports.iter());
+                upgrade_dnat(next, &near, h)
+            }
+            RuleSpec::Dnat(d) => Ok(self
+                .near(next, d.proto, d.ports.iter().take(1))
+                .into_iter()
                 .find(|r| matches!(&r.spec, RuleSpec::Hairpin(h) if h.includes(d)))
                 .map(|r| {
                     let note = format!(
@@ -337,7 +343,7 @@ impl Engine {
                          the dnat); nothing was added",
                         r.id, d.int_ip
                     );
-                    self.already_present(r, vec![note])
+                    self.already_present(&r, vec![note])
                 })),
             RuleSpec::Snat(s) => snat_conflict(next, s).map(|()| None),
             _ => Ok(None),
@@ -396,15 +402,15 @@ pub(super) fn snat_dropped_note(s: &SnatRule) -> String {
 /// ports that would upgrade it, because turning the whole rule into a
 /// hairpin would masquerade ports the operator did not name, and splitting
 /// it would change ids. Another target: left to the port check (a conflict).
-fn upgrade_dnat(next: &mut Working, h: &HairpinRule) -> Outcome<Option<Planned>> {
+fn upgrade_dnat(next: &mut Working, near: &[Rule], h: &HairpinRule) -> Outcome<Option<Planned>> {
     let same_host = |d: &DnatRule| {
         d.ext_ip == h.ext_ip
             && d.int_ip == h.int_ip
             && d.proto == h.proto
             && d.ports.overlaps(&h.ports)
     };
-    let Some(mut rule) = next
-        .rules()
+    let Some(mut rule) = near
+        .iter()
         .find(|r| matches!(&r.spec, RuleSpec::Dnat(d) if same_host(d)))
         .cloned()
     else {
@@ -477,11 +483,13 @@ fn snat_conflict(next: &Working, s: &SnatRule) -> Outcome<()> {
 /// interface and address (`--forward` is one of its settings, not part of
 /// its name). A `dnat --delete` of a dnat that became a hairpin says so.
 fn plan_delete(next: &mut Working, spec: &RuleSpec) -> Planned {
-    let names = |r: &Rule| match (&r.spec, spec) {
-        (RuleSpec::Snat(a), RuleSpec::Snat(b)) => a.same_traffic(b) && a.ext_ip == b.ext_ip,
-        (other, _) => other.same_rule(spec),
+    let taken = match spec {
+        RuleSpec::Snat(b) => next.take(
+            |r| matches!(&r.spec, RuleSpec::Snat(a) if a.same_traffic(b) && a.ext_ip == b.ext_ip),
+        ),
+        _ => next.take_same(spec),
     };
-    if let Some(rule) = next.take(names) {
+    if let Some(rule) = taken {
         return Planned::Deleted(rule);
     }
     let hairpin = next.rules().find_map(|r| match (&r.spec, spec) {
@@ -519,21 +527,42 @@ pub(super) fn port_taken(claim: &PortClaim, id: RuleId, owner: Option<&RuleSpec>
     )
 }
 
+impl Engine {
+    /// The rules (as the batch leaves them) that may overlap a rule of
+    /// `proto` on `ports`: those holding one of the ports, those not
+    /// installed (a rule waiting for its address holds nothing), and the
+    /// batch's own. Lookups in the port index, not a scan of every rule.
+    fn near(&self, next: &Working, proto: Proto, ports: impl Iterator<Item = u16>) -> Vec<Rule> {
+        let mut ids: BTreeSet<RuleId> = BTreeSet::new();
+        for port in ports {
+            ids.extend(self.ports.held.at(proto, port).iter().map(|(id, _)| *id));
+        }
+        ids.extend(self.inactive.keys().copied());
+        ids.extend(next.put.keys().copied());
+        ids.into_iter()
+            .filter_map(|id| next.rule(id).cloned())
+            .collect()
+    }
+}
+
 /// The state as a batch's changes planned so far leave it, without a copy
 /// of it: the engine's state, the rules the batch put and the ids it took
 /// out. What a batch costs thus follows the batch, not the state (the
 /// lookups still read every rule, without copying one).
 struct Working<'a> {
     base: &'a State,
+    /// `base`'s rules by identity.
+    identities: &'a Identities,
     put: BTreeMap<RuleId, Rule>,
     del: BTreeSet<RuleId>,
     next_id: RuleId,
 }
 
 impl<'a> Working<'a> {
-    fn new(base: &'a State) -> Working<'a> {
+    fn new(base: &'a State, identities: &'a Identities) -> Working<'a> {
         Working {
             base,
+            identities,
             put: BTreeMap::new(),
             del: BTreeSet::new(),
             next_id: base.next_id,
@@ -556,7 +585,48 @@ impl<'a> Working<'a> {
         self.put.insert(rule.id, rule);
     }
 
-    /// Takes out the first rule `pick` picks.
+    /// The rule with this id as the batch leaves it.
+    fn rule(&self, id: RuleId) -> Option<&Rule> {
+        if let Some(r) = self.put.get(&id) {
+            return Some(r);
+        }
+        if self.del.contains(&id) {
+            return None;
+        }
+        self.base.rule(id)
+    }
+
+    /// The rule that is the same rule as `spec` ([`RuleSpec::same_rule`]):
+    /// among the batch's, then by identity among the state's (a lookup).
+    fn find_same(&self, spec: &RuleSpec) -> Option<&Rule> {
+        if let Some(r) = self.put.values().find(|r| r.spec.same_rule(spec)) {
+            return Some(r);
+        }
+        let id = self.identities.get(spec)?;
+        if self.put.contains_key(&id) {
+            return None;
+        }
+        self.rule(id).filter(|r| r.spec.same_rule(spec))
+    }
+
+    /// Takes out the same rule as `spec`.
+    fn take_same(&mut self, spec: &RuleSpec) -> Option<Rule> {
+        let id = self.find_same(spec)?.id;
+        self.take_id(id)
+    }
+
+    /// Takes out the rule with this id.
+    fn take_id(&mut self, id: RuleId) -> Option<Rule> {
+        let rule = self.rule(id)?.clone();
+        self.put.remove(&id);
+        if self.base.rule(id).is_some() {
+            self.del.insert(id);
+        }
+        Some(rule)
+    }
+
+    /// Takes out the first rule `pick` picks (a scan: for what has no
+    /// index, `snat` by its traffic).
     fn take(&mut self, pick: impl Fn(&Rule) -> bool) -> Option<Rule> {
         let rule = self.rules().find(|r| pick(r))?.clone();
         self.put.remove(&rule.id);

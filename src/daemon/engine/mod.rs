@@ -36,6 +36,7 @@ mod batch;
 mod docker;
 mod hairpin;
 mod held;
+mod identity;
 mod metrics;
 mod offload;
 mod repair;
@@ -105,6 +106,8 @@ struct Inactive {
 pub struct Engine {
     /// The rules and settings natmap keeps (what `state.json` holds).
     state: State,
+    /// The state's rules by identity, kept with it (a lookup per request).
+    identities: identity::Identities,
     /// Where and how the state is written.
     persist: Persist,
     /// natmap's packet filter, and the thread its transactions run on.
@@ -376,6 +379,7 @@ impl Engine {
         addresses: AddressSource,
     ) -> Engine {
         Engine {
+            identities: identity::Identities::of(&state),
             state,
             persist,
             firewall: FirewallSide {
@@ -702,13 +706,16 @@ impl Engine {
         match next {
             Next::Whole(state) => {
                 self.persist.store.commit(&self.state, &state)?;
+                self.identities = identity::Identities::of(&state);
                 self.state = state;
             }
             Next::Delta(delta) => {
+                self.identities.apply(&self.state, &delta);
                 self.state.apply(&delta);
                 if let Err(e) = self.persist.store.commit_delta(&delta, &self.state) {
-                    self.state
-                        .apply(undo.expect("a delta's undo is taken before it"));
+                    let undo = undo.expect("a delta's undo is taken before it");
+                    self.identities.apply(&self.state, undo);
+                    self.state.apply(undo);
                     return Err(e);
                 }
             }
@@ -1265,6 +1272,7 @@ impl Engine {
                 format!("cannot save state, the rules were put back: {e}"),
             ));
         }
+        self.identities = identity::Identities::default();
         let old = std::mem::replace(&mut self.state, next);
         for rule in &old.rules {
             self.release(rule.id);

@@ -292,3 +292,43 @@ fn a_range_is_reserved_removed_and_moved_as_a_whole() {
     assert!(rm.ok, "{rm:?}");
     assert!(port_free(base + 2) && port_free(base + 3));
 }
+
+/// A duplicate is found by identity, not by a scan: the index follows
+/// every add, delete and failed change, and sees the batch's own adds.
+#[test]
+fn duplicates_are_found_by_identity_through_adds_deletes_and_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut engine, fw) = engine(&dir);
+    let peer = Peer::default();
+    let result = |r: &crate::proto::Response| r.data_json()["result"].clone();
+    let delete = |port| {
+        let mut d = dnat(port);
+        if let Request::Dnat(d) = &mut d {
+            d.delete = true;
+        }
+        d
+    };
+    assert_eq!(result(&engine.handle(dnat(47031), peer)), "added");
+    assert_eq!(result(&engine.handle(dnat(47031), peer)), "already_present");
+    assert_eq!(result(&engine.handle(delete(47031), peer)), "deleted");
+    assert_eq!(result(&engine.handle(dnat(47031), peer)), "added");
+    // A duplicate in the same batch as its original.
+    let answers = engine.handle_batch(vec![
+        (delete(47031), peer),
+        (dnat(47032), peer),
+        (dnat(47032), peer),
+    ]);
+    let results: Vec<_> = answers.iter().map(result).collect();
+    assert_eq!(results, ["deleted", "added", "already_present"]);
+    assert_eq!(result(&engine.handle(dnat(47031), peer)), "added");
+    // A failed firewall change leaves the index as the state: the rule it
+    // would have added is not there, so the next add adds it.
+    fw.fail_next(1);
+    assert!(engine.handle(dnat(47033), peer).error.is_some());
+    assert_eq!(result(&engine.handle(dnat(47033), peer)), "added");
+    assert_eq!(result(&engine.handle(dnat(47033), peer)), "already_present");
+    assert_eq!(
+        result(&engine.handle(delete(47099), peer)),
+        serde_json::Value::Null
+    );
+}

@@ -914,6 +914,23 @@ pub enum RuleStatus {
     WaitingForInterface,
 }
 
+impl RuleStatus {
+    /// Its name on the wire (`status`, `ls --json`, metrics labels).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleStatus::Active => "active",
+            RuleStatus::PortConflict => "port_conflict",
+            RuleStatus::Unavailable => "unavailable",
+            RuleStatus::Down => "down",
+            RuleStatus::Stale => "stale",
+            RuleStatus::WaitingForAddress => "waiting_for_address",
+            RuleStatus::Unknown => "unknown",
+            RuleStatus::Quarantined => "quarantined",
+            RuleStatus::WaitingForInterface => "waiting_for_interface",
+        }
+    }
+}
+
 /// What a change did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -776,22 +776,7 @@ fn snat_with_an_interface_wildcard_rewrites_the_source_and_forward_accepts_it() 
     let d = daemon(&topo.router, &StateDir::new(), "nftables");
     // Before: forwarded, not rewritten — and dropped in FORWARD.
     expect_no_tcp(&topo.server, v4(CLIENT_V4, 7000));
-    for (net, ext) in [
-        ("198.51.100.0/24", ROUTER_EXT_V4.to_string()),
-        ("2001:db8:2::/64", ROUTER_EXT_V6.to_string()),
-    ] {
-        let r = d.cli_json(&[
-            "snat",
-            "--int-ip",
-            net,
-            "--ext-if",
-            "ext+",
-            "--ext-ip",
-            &ext,
-            "--forward",
-        ]);
-        assert_eq!(r["ok"], true, "{r}");
-    }
+    snat_forward_both_families(&d);
     // The client sees the router's external address; the replies pass
     // FORWARD on natmap's connection mark.
     expect_tcp(&topo.server, v4(CLIENT_V4, 7000), ROUTER_EXT_V4, 7000);
@@ -1397,22 +1382,7 @@ fn drift_counts_over_netlink_equal_what_nft_lists() {
         &d,
         dnat_args(ROUTER_EXT_V6.to_string(), SERVER_V6.to_string(), "80"),
     );
-    for (net, ext) in [
-        ("198.51.100.0/24", ROUTER_EXT_V4.to_string()),
-        ("2001:db8:2::/64", ROUTER_EXT_V6.to_string()),
-    ] {
-        let r = d.cli_json(&[
-            "snat",
-            "--int-ip",
-            net,
-            "--ext-if",
-            "ext+",
-            "--ext-ip",
-            &ext,
-            "--forward",
-        ]);
-        assert_eq!(r["ok"], true, "{r}");
-    }
+    snat_forward_both_families(&d);
     // What the driver's drift check reads (netlink) against `nft -j`.
     let both = |what: &str| {
         for family in [Family::V4, Family::V6] {
@@ -1493,4 +1463,25 @@ fn thousands_of_elements_go_in_one_batch_for_an_apply_and_a_repair() {
     expect_tcp(&topo.client, v4(ROUTER_EXT_V4, 12345), CLIENT_V4, 12345);
     d.stop();
     d.assert_clean_log();
+}
+
+/// `snat --forward` of the server's networks (both families) out of the
+/// router's `ext+` interfaces to its external addresses.
+fn snat_forward_both_families(d: &Daemon) {
+    for (net, ext) in [
+        ("198.51.100.0/24", ROUTER_EXT_V4.to_string()),
+        ("2001:db8:2::/64", ROUTER_EXT_V6.to_string()),
+    ] {
+        let r = d.cli_json(&[
+            "snat",
+            "--int-ip",
+            net,
+            "--ext-if",
+            "ext+",
+            "--ext-ip",
+            &ext,
+            "--forward",
+        ]);
+        assert_eq!(r["ok"], true, "{r}");
+    }
 }

@@ -80,7 +80,7 @@ impl Engine {
             *rules
                 .entry(rule.spec.kind().to_owned())
                 .or_default()
-                .entry(status_name(&view.status).to_owned())
+                .entry(view.status.as_str().to_owned())
                 .or_default() += 1;
         }
         (rules, inactive)
@@ -340,19 +340,4 @@ fn own_socket_inodes() -> HashSet<String> {
         }
     }
     inodes
-}
-
-/// A rule status as `status` counts it.
-fn status_name(status: &RuleStatus) -> &'static str {
-    match status {
-        RuleStatus::Active => "active",
-        RuleStatus::PortConflict => "port_conflict",
-        RuleStatus::Unavailable => "unavailable",
-        RuleStatus::Down => "down",
-        RuleStatus::Stale => "stale",
-        RuleStatus::WaitingForAddress => "waiting_for_address",
-        RuleStatus::Unknown => "unknown",
-        RuleStatus::Quarantined => "quarantined",
-        RuleStatus::WaitingForInterface => "waiting_for_interface",
-    }
 }

@@ -50,21 +50,6 @@ const STATUSES: [RuleStatus; 9] = [
     RuleStatus::WaitingForInterface,
 ];
 
-/// The name `status` and `ls --json` use.
-fn status_name(s: RuleStatus) -> &'static str {
-    match s {
-        RuleStatus::Active => "active",
-        RuleStatus::PortConflict => "port_conflict",
-        RuleStatus::Unavailable => "unavailable",
-        RuleStatus::Down => "down",
-        RuleStatus::Stale => "stale",
-        RuleStatus::WaitingForAddress => "waiting_for_address",
-        RuleStatus::Unknown => "unknown",
-        RuleStatus::Quarantined => "quarantined",
-        RuleStatus::WaitingForInterface => "waiting_for_interface",
-    }
-}
-
 fn host_ports(ip: IpAddr, ports: &PortList) -> String {
     match ip {
         IpAddr::V4(v4) => format!("{v4}:{ports}"),
@@ -168,10 +153,9 @@ fn register_rules(
 
 /// Rules by status, repairs, Docker.
 fn register_daemon(registry: &mut Registry, snapshot: &MetricsSnapshot) {
-    let mut by_status: BTreeMap<&str, i64> =
-        STATUSES.iter().map(|s| (status_name(*s), 0)).collect();
+    let mut by_status: BTreeMap<&str, i64> = STATUSES.iter().map(|s| (s.as_str(), 0)).collect();
     for view in &snapshot.rules {
-        *by_status.entry(status_name(view.status)).or_default() += 1;
+        *by_status.entry(view.status.as_str()).or_default() += 1;
     }
     // As `status` counts them: entries that are not even rules are
     // quarantined too.
@@ -230,6 +214,13 @@ pub(super) fn encode(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_status_is_named_as_the_wire_names_it() {
+        for status in STATUSES {
+            assert_eq!(serde_json::to_value(status).unwrap(), status.as_str());
+        }
+    }
     use crate::model::Rule;
     use crate::proto::Counters;
 

@@ -107,6 +107,9 @@ pub struct Engine {
     /// The rules and settings natmap keeps (what `state.json` holds).
     state: State,
     /// The state's rules by identity, kept with it (a lookup per request).
+    /// An eleventh field beside the state rather than inside `State`: the
+    /// state is the file's plain data, built and edited in many places; the
+    /// index changes only where the engine changes the state (`persist`).
     identities: identity::Identities,
     /// Where and how the state is written.
     persist: Persist,

@@ -22,7 +22,7 @@ use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use crate::netlink::{
-    attr, attrs, error_of, messages, NLA_F_NESTED, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN,
+    attr, attrs, error_of, messages, nested, NLA_F_NESTED, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN,
     NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
 };
 
@@ -176,26 +176,28 @@ impl Common {
         let mut orig = Vec::new();
         if let Some(dst) = v4(self.orig_dst) {
             orig_flags |= CTA_FILTER_F_CTA_IP_DST;
-            let mut a = Vec::new();
-            attr(&mut a, CTA_IP_V4_DST, &dst.octets());
-            attr(&mut orig, CTA_TUPLE_IP | NLA_F_NESTED, &a);
+            nested(&mut orig, CTA_TUPLE_IP, |a| {
+                attr(a, CTA_IP_V4_DST, &dst.octets())
+            });
         }
         if let Some(proto) = self.proto {
             orig_flags |= CTA_FILTER_F_CTA_PROTO_NUM;
-            let mut p = Vec::new();
-            attr(&mut p, CTA_PROTO_NUM, &[proto_num(proto)]);
-            if let Some(port) = self.orig_port {
+            if self.orig_port.is_some() {
                 orig_flags |= CTA_FILTER_F_CTA_PROTO_DST_PORT;
-                attr(&mut p, CTA_PROTO_DST_PORT, &port.to_be_bytes());
             }
-            attr(&mut orig, CTA_TUPLE_PROTO | NLA_F_NESTED, &p);
+            nested(&mut orig, CTA_TUPLE_PROTO, |p| {
+                attr(p, CTA_PROTO_NUM, &[proto_num(proto)]);
+                if let Some(port) = self.orig_port {
+                    attr(p, CTA_PROTO_DST_PORT, &port.to_be_bytes());
+                }
+            });
         }
         let mut reply = Vec::new();
         if let Some(src) = v4(self.reply_src) {
             reply_flags |= CTA_FILTER_F_CTA_IP_SRC;
-            let mut a = Vec::new();
-            attr(&mut a, CTA_IP_V4_SRC, &src.octets());
-            attr(&mut reply, CTA_TUPLE_IP | NLA_F_NESTED, &a);
+            nested(&mut reply, CTA_TUPLE_IP, |a| {
+                attr(a, CTA_IP_V4_SRC, &src.octets())
+            });
         }
         if orig_flags == 0 && reply_flags == 0 {
             return;
@@ -206,10 +208,10 @@ impl Common {
         if reply_flags != 0 {
             attr(b, CTA_TUPLE_REPLY | NLA_F_NESTED, &reply);
         }
-        let mut f = Vec::new();
-        attr(&mut f, CTA_FILTER_ORIG_FLAGS, &orig_flags.to_ne_bytes());
-        attr(&mut f, CTA_FILTER_REPLY_FLAGS, &reply_flags.to_ne_bytes());
-        attr(b, CTA_FILTER | NLA_F_NESTED, &f);
+        nested(b, CTA_FILTER, |f| {
+            attr(f, CTA_FILTER_ORIG_FLAGS, &orig_flags.to_ne_bytes());
+            attr(f, CTA_FILTER_REPLY_FLAGS, &reply_flags.to_ne_bytes());
+        });
     }
 }
 
@@ -449,12 +451,6 @@ fn message(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn nested(buf: &mut Vec<u8>, ty: u16, body: impl FnOnce(&mut Vec<u8>)) {
-        let mut inner = Vec::new();
-        body(&mut inner);
-        attr(buf, ty | NLA_F_NESTED, &inner);
-    }
 
     /// A tuple as the kernel dumps it: addresses, then protocol and ports.
     fn tuple(buf: &mut Vec<u8>, src: IpAddr, dst: IpAddr, proto: u8, sport: u16, dport: u16) {
